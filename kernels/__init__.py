@@ -1,0 +1,32 @@
+"""Attention and RoPE for phi4_jax: pure-JAX references, Pallas TPU and GPU kernels, and their dispatch.
+
+Public entry points (the project's contract):
+
+- `flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, implementation=None,
+  interpret=False)`
+- `apply_rope(x, positions, *, theta, implementation=None, interpret=False)`
+
+This package never imports `phi4_jax`: the model depends on the kernels, not the reverse.
+"""
+
+from kernels.attention_reference import attention_blockwise, attention_naive
+from kernels.dispatch import (
+    AttentionConfigError,
+    apply_rope,
+    default_implementation,
+    flash_attention,
+)
+from kernels.decode_attention import decode_attention, decode_attention_reference
+from kernels.rope_reference import apply_rope_reference
+
+__all__ = [
+    "AttentionConfigError",
+    "apply_rope",
+    "apply_rope_reference",
+    "attention_blockwise",
+    "attention_naive",
+    "decode_attention",
+    "decode_attention_reference",
+    "default_implementation",
+    "flash_attention",
+]

@@ -1,0 +1,252 @@
+"""The Phi-4 decoder (Phi3ForCausalLM architecture) in Flax NNX.
+
+Parameters live in `Phi4ForCausalLM` as `nnx.Param`s, each tagged with `logical_axes` (the names the
+sharding rules map to mesh axes). The decoder layers are stored stacked, with a leading ``layers`` axis,
+and run under `jax.lax.scan`, so compile time does not grow with depth.
+
+The math is written as pure functions over a plain parameter dict (`forward`, `decoder_layer`, ...) that
+the module's `__call__` wraps; training, generation and the converter use the same functions.
+
+Parameter tree (shapes; PyTorch's [out, in] Linear weights are stored here as [in, out]):
+
+    embed        [vocab, embed]
+    layers/attn_norm   [L, embed]               layers/mlp_norm   [L, embed]
+    layers/q_proj      [L, embed, q_heads, head_dim]
+    layers/k_proj      [L, embed, kv_heads, head_dim]
+    layers/v_proj      [L, embed, kv_heads, head_dim]
+    layers/o_proj      [L, q_heads, head_dim, embed]
+    layers/gate_proj   [L, embed, mlp]   layers/up_proj [L, embed, mlp]   layers/down_proj [L, mlp, embed]
+    final_norm   [embed]
+    lm_head      [embed, vocab]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+import kernels
+from phi4_jax import sharding
+from phi4_jax.config import Phi4Config
+
+Params = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- parameter description
+
+def param_specs(config: Phi4Config) -> dict[str, Any]:
+    """Shape and logical axes of every parameter, before any exists: {name: (shape, axes)} (nested)."""
+    c = config
+    L, d, f, v = c.num_layers, c.hidden_size, c.intermediate_size, c.vocab_size
+    return {
+        "embed": ((v, d), ("vocab", "embed")),
+        "layers": {
+            "attn_norm": ((L, d), ("layers", "norm")),
+            "q_proj": ((L, d, c.num_heads, c.head_dim), ("layers", "embed", "q_heads", "head_dim")),
+            "k_proj": ((L, d, c.num_kv_heads, c.head_dim), ("layers", "embed", "kv_heads", "head_dim")),
+            "v_proj": ((L, d, c.num_kv_heads, c.head_dim), ("layers", "embed", "kv_heads", "head_dim")),
+            "o_proj": ((L, c.num_heads, c.head_dim, d), ("layers", "q_heads", "head_dim", "embed")),
+            "mlp_norm": ((L, d), ("layers", "norm")),
+            "gate_proj": ((L, d, f), ("layers", "embed", "mlp")),
+            "up_proj": ((L, d, f), ("layers", "embed", "mlp")),
+            "down_proj": ((L, f, d), ("layers", "mlp", "embed")),
+        },
+        "final_norm": ((d,), ("norm",)),
+        "lm_head": ((d, v), ("embed", "vocab")),
+    }
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple)
+
+
+def logical_axes_tree(config: Phi4Config) -> dict[str, Any]:
+    """{name: logical axes} with the same nesting as the parameters."""
+    return jax.tree.map(lambda spec: spec[1], param_specs(config), is_leaf=_is_spec)
+
+
+def init_param(key, shape, axes, dtype):
+    """Phi-3 style init: N(0, 0.02) for matrices, ones for norm weights."""
+    if axes[-1] == "norm":
+        return jnp.ones(shape, dtype)
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+# ----------------------------------------------------------------------------- the math (pure functions)
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm as transformers computes it: normalize in fp32, cast back, then scale."""
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return normed.astype(x.dtype) * weight.astype(x.dtype)
+
+
+def attention_projections(layer: Params, h, config: Phi4Config):
+    """q [B, S, Hq, D], k and v [B, S, Hkv, D] from the normed hidden state h [B, S, E] (no RoPE yet)."""
+    cd = _dtype(config.compute_dtype)
+    with jax.named_scope("qkv_proj"):
+        q = jnp.einsum("bse,ehd->bshd", h, layer["q_proj"].astype(cd))
+        k = jnp.einsum("bse,ehd->bshd", h, layer["k_proj"].astype(cd))
+        v = jnp.einsum("bse,ehd->bshd", h, layer["v_proj"].astype(cd))
+    q = sharding.constrain(q, ("batch", "seq", "q_heads", "head_dim"))
+    k = sharding.constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
+    v = sharding.constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
+    return q, k, v
+
+
+def attention_output(layer: Params, attn, config: Phi4Config):
+    cd = _dtype(config.compute_dtype)
+    with jax.named_scope("o_proj"):
+        return jnp.einsum("bshd,hde->bse", attn, layer["o_proj"].astype(cd))
+
+
+def mlp(layer: Params, h, config: Phi4Config):
+    """SwiGLU: down(silu(gate(h)) * up(h))."""
+    cd = _dtype(config.compute_dtype)
+    with jax.named_scope("mlp"):
+        gate = jnp.einsum("bse,ef->bsf", h, layer["gate_proj"].astype(cd))
+        up = jnp.einsum("bse,ef->bsf", h, layer["up_proj"].astype(cd))
+        act = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+        return jnp.einsum("bsf,fe->bse", act, layer["down_proj"].astype(cd))
+
+
+def decoder_layer(layer: Params, x, positions, segment_ids, config: Phi4Config):
+    """One pre-norm block: x + attn(norm(x)), then + mlp(norm(.)). x [B, S, E] in the compute dtype."""
+    with jax.named_scope("attention"):
+        h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+        q, k, v = attention_projections(layer, h, config)
+        q = kernels.apply_rope(q, positions, theta=config.rope_theta)
+        k = kernels.apply_rope(k, positions, theta=config.rope_theta)
+        attn = kernels.flash_attention(q, k, v, causal=True, segment_ids=segment_ids,
+                                       implementation=config.attention_impl)
+        attn = checkpoint_name(attn, "attention_out")
+        x = x + attention_output(layer, attn, config)
+    x = sharding.constrain(x, ("batch", "seq", "embed"))
+    h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
+    x = x + mlp(layer, h, config)
+    return sharding.constrain(x, ("batch", "seq", "embed"))
+
+
+def remat_policy(name: str):
+    """The jax.checkpoint policy for a config's `remat_policy` (None = no remat)."""
+    cp = jax.checkpoint_policies
+    return {
+        "none": None,
+        "full": cp.nothing_saveable,
+        "dots": cp.checkpoint_dots,
+        "dots_no_batch": cp.dots_with_no_batch_dims_saveable,
+        "attention_out": cp.save_only_these_names("attention_out"),
+    }[name]
+
+
+def default_positions(input_ids):
+    b, s = input_ids.shape
+    return jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
+
+
+def hidden_states(params: Params, input_ids, config: Phi4Config, positions=None, segment_ids=None):
+    """Final normed hidden states [B, S, E] (compute dtype): everything but the lm_head."""
+    if positions is None:
+        positions = default_positions(input_ids)
+    cd = _dtype(config.compute_dtype)
+    with jax.named_scope("embed"):
+        x = jnp.take(params["embed"], input_ids, axis=0).astype(cd)
+    x = sharding.constrain(x, ("batch", "seq", "embed"))
+
+    def body(carry, layer):
+        return decoder_layer(layer, carry, positions, segment_ids, config), None
+
+    policy = remat_policy(config.remat_policy)
+    if config.remat_policy != "none":
+        body = jax.checkpoint(body, policy=policy, prevent_cse=not config.scan_layers)
+    layers = params["layers"]
+    if config.scan_layers:
+        x, _ = jax.lax.scan(body, x, layers)
+    else:
+        for i in range(config.num_layers):
+            x, _ = body(x, jax.tree.map(lambda w: w[i], layers))
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps)
+
+
+def logits_from_hidden(params: Params, h, config: Phi4Config):
+    """lm_head: [..., E] -> float32 logits [..., vocab]."""
+    cd = _dtype(config.compute_dtype)
+    with jax.named_scope("lm_head"):
+        return jnp.einsum("...e,ev->...v", h, params["lm_head"].astype(cd),
+                          preferred_element_type=jnp.float32)
+
+
+def forward(params: Params, input_ids, config: Phi4Config, positions=None, segment_ids=None):
+    """input_ids [B, S] int -> float32 logits [B, S, vocab]."""
+    h = hidden_states(params, input_ids, config, positions, segment_ids)
+    return logits_from_hidden(params, h, config)
+
+
+# ----------------------------------------------------------------------------- the Flax NNX module
+
+def _params_of(module: nnx.Module) -> Params:
+    return nnx.to_pure_dict(nnx.state(module, nnx.Param))
+
+
+class Phi4ForCausalLM(nnx.Module):
+    """Phi-4 causal LM. `model(input_ids, positions=None, segment_ids=None)` -> float32 logits."""
+
+    def __init__(self, config: Phi4Config, *, rngs: nnx.Rngs | None = None):
+        self.config = config
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        dtype = _dtype(config.param_dtype)
+        specs = param_specs(config)
+
+        def make(spec):
+            shape, axes = spec
+            return nnx.Param(init_param(rngs.params(), shape, axes, dtype), logical_axes=axes)
+
+        self.embed = make(specs["embed"])
+        self.layers = nnx.Dict({name: make(spec) for name, spec in specs["layers"].items()})
+        self.final_norm = make(specs["final_norm"])
+        self.lm_head = make(specs["lm_head"])
+
+    @property
+    def params(self) -> Params:
+        """The parameters as a plain nested dict of arrays (the layout in the module docstring)."""
+        return _params_of(self)
+
+    def __call__(self, input_ids, *, positions=None, segment_ids=None):
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+        for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
+            if arr is not None and jnp.shape(arr) != input_ids.shape:
+                raise ValueError(f"{name} must have the shape of input_ids {input_ids.shape}, got {jnp.shape(arr)}")
+        return _forward_jit(self.params, input_ids, self.config,
+                            None if positions is None else jnp.asarray(positions, jnp.int32),
+                            None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32))
+
+
+_forward_jit = jax.jit(forward, static_argnums=(2,))
+
+
+def abstract_model(config: Phi4Config) -> Phi4ForCausalLM:
+    """The model with `jax.ShapeDtypeStruct` leaves: describes every parameter, allocates nothing."""
+    return nnx.eval_shape(lambda: Phi4ForCausalLM(config, rngs=nnx.Rngs(0)))
+
+
+def model_from_params(config: Phi4Config, params: Params) -> Phi4ForCausalLM:
+    """Builds the module around existing parameter arrays (no random init is materialized)."""
+    model = abstract_model(config)
+    expected = jax.tree.map(lambda s: (tuple(s.shape)), _params_of(model))
+    got = jax.tree.map(lambda a: tuple(a.shape), params)
+    if expected != got:
+        raise ValueError(f"parameter shapes do not match the config: expected {expected}, got {got}")
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    return model
