@@ -156,13 +156,20 @@ class Phi4Config:
         kind = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
         if kind != "default":
             raise ConfigError(f"rope_parameters.rope_type {kind!r} is not supported; phi-4 uses 'default'")
-        partial = hf.get("partial_rotary_factor", rope_parameters.get("partial_rotary_factor", 1.0))
-        if partial is not None and float(partial) != 1.0:
+
+        def rope_field(key, default):
+            # Top level (transformers 4 / phi-4's config.json) or rope_parameters (transformers 5); null = unset.
+            found = {v for v in (hf.get(key), rope_parameters.get(key)) if v is not None}
+            if len(found) > 1:
+                raise ConfigError(f"conflicting {key}: {hf[key]} at the top level but "
+                                  f"{rope_parameters[key]} in rope_parameters")
+            return found.pop() if found else default
+
+        partial = rope_field("partial_rotary_factor", 1.0)
+        if float(partial) != 1.0:
             raise ConfigError(
                 f"partial_rotary_factor {partial} is not supported: phi-4 rotates all head dimensions")
-        theta = hf.get("rope_theta", rope_parameters.get("rope_theta"))
-        if theta is None:
-            theta = 10000.0  # transformers' Phi3Config default
+        theta = rope_field("rope_theta", 10000.0)  # default: transformers' Phi3Config default
         if hf.get("sliding_window") is not None:
             raise ConfigError(
                 f"sliding_window={hf['sliding_window']} is not supported: phi-4 uses full causal attention "
