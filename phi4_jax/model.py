@@ -221,14 +221,39 @@ class Phi4ForCausalLM(nnx.Module):
 
     def __call__(self, input_ids, *, positions=None, segment_ids=None):
         input_ids = jnp.asarray(input_ids)
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
-        for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
-            if arr is not None and jnp.shape(arr) != input_ids.shape:
-                raise ValueError(f"{name} must have the shape of input_ids {input_ids.shape}, got {jnp.shape(arr)}")
+        check_inputs(input_ids, self.config, positions, segment_ids)
         return _forward_jit(self.params, input_ids, self.config,
                             None if positions is None else jnp.asarray(positions, jnp.int32),
                             None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32))
+
+
+class ModelInputError(ValueError):
+    """Model inputs of the wrong shape, dtype or range."""
+
+
+def check_inputs(input_ids, config: Phi4Config, positions=None, segment_ids=None) -> None:
+    """Raises ModelInputError for inputs the model cannot run on.
+
+    Token ids are range-checked when concrete (out-of-range ids would otherwise give NaN logits silently).
+    """
+    if input_ids.ndim != 2:
+        raise ModelInputError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+    if 0 in input_ids.shape:
+        raise ModelInputError(f"input_ids must not be empty, got shape {input_ids.shape}")
+    for name, arr in (("input_ids", input_ids), ("positions", positions), ("segment_ids", segment_ids)):
+        if arr is None:
+            continue
+        if jnp.shape(arr) != input_ids.shape:
+            raise ModelInputError(
+                f"{name} must have the shape of input_ids {input_ids.shape}, got {jnp.shape(arr)}")
+        dtype = jnp.asarray(arr).dtype
+        if not jnp.issubdtype(dtype, jnp.integer):
+            raise ModelInputError(f"{name} must be integers, got dtype {dtype}")
+    if not isinstance(input_ids, jax.core.Tracer) and getattr(input_ids, "is_fully_addressable", True):
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ModelInputError(f"token id {bad} is out of range [0, {config.vocab_size})")
 
 
 _forward_jit = jax.jit(forward, static_argnums=(2,))

@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""Peak memory and throughput of convert_weights.py on a synthetic phi-4-width checkpoint (not part of CI).
+
+Builds a bf16 Phi3ForCausalLM checkpoint with phi-4's widths (hidden 5120, intermediate 17920, 40/10 heads,
+vocab 100352) and a few layers (3 layers: about 4.1 GB; the largest tensors, embed_tokens and lm_head, are
+1.03 GB each), as sharded safetensors with an index like microsoft/phi-4. Tensor contents are a repeated
+block of random finite bf16 values, so building it takes seconds. Then it runs the real CLI both ways in
+child processes, taking each child's peak RSS from the kernel (`os.wait4` rusage: the high-water mark of
+resident memory, sampled by the kernel, not by polling), checks that the round trip is bit-exact tensor by
+tensor, and appends the numbers (date, machine, command) to the "Weight conversion" section of BENCHMARKS.md.
+
+    python bench/convert_memory.py [--layers 3] [--workdir /tmp] [--compression zstd|none] [--no-record]
+
+Peak RSS includes the Python interpreter plus imported JAX / Orbax / TensorStore, so the script also measures
+a child that only imports those, and reports (peak - baseline) / largest tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from phi4_jax.config import Phi4Config  # noqa: E402
+from phi4_jax.hf_mapping import hf_tensor_shapes  # noqa: E402
+
+BLOCK_BYTES = 64 << 20
+
+
+def phi4_width_config(layers: int) -> Phi4Config:
+    return Phi4Config(num_layers=layers, param_dtype="bfloat16")
+
+
+def random_bf16_block(nbytes: int, seed: int = 0) -> np.ndarray:
+    """Random finite bf16 values of magnitude ~1e-3..1e-1 (sign, mantissa random; exponent bounded)."""
+    bits = np.random.default_rng(seed).integers(0, 1 << 16, size=nbytes // 2, dtype=np.uint16)
+    exponent = (bits >> 7) & 0x7                      # 3 random exponent bits ...
+    bits = (bits & 0x807F) | ((exponent + 117) << 7)  # ... around 2^-10 .. 2^-3
+    return bits.view(ml_dtypes.bfloat16)
+
+
+def write_synthetic_checkpoint(dst: Path, config: Phi4Config, shard_bytes: int = 2 << 30) -> tuple[int, int]:
+    """Writes config.json + sharded bf16 safetensors + index. Returns (total bytes, largest tensor bytes)."""
+    from phi4_jax.convert import _plan_shards, _safetensors_header
+
+    dst.mkdir(parents=True)
+    hf = config.to_hf_dict(torch_dtype="bfloat16")
+    (dst / "config.json").write_text(json.dumps(hf, indent=2))
+    items = list(hf_tensor_shapes(config).items())
+    shards = _plan_shards(items, 2, shard_bytes)
+    block = random_bf16_block(BLOCK_BYTES).view(np.uint8)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map, total, largest, rotate = {}, 0, 0, 0
+    dtype = np.dtype(ml_dtypes.bfloat16)
+    for fname, entries in zip(names, shards):
+        with open(dst / fname, "wb") as f:
+            f.write(_safetensors_header(entries, dtype))
+            for name, shape in entries:
+                nbytes = math.prod(shape) * 2
+                written = 0
+                while written < nbytes:
+                    start = (rotate * 4096) % (BLOCK_BYTES // 2)  # shift so tensors differ
+                    rotate += 1
+                    piece = block[start: start + min(nbytes - written, BLOCK_BYTES - start)]
+                    f.write(memoryview(piece))
+                    written += piece.size
+                weight_map[name] = fname
+                total += nbytes
+                largest = max(largest, nbytes)
+    (dst / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return total, largest
+
+
+def run_measured(cmd: list[str]) -> tuple[float, int, int]:
+    """Runs cmd as a child; returns (wall seconds, peak RSS bytes, exit code)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - start, usage.ru_maxrss * 1024, proc.returncode
+
+
+def verify_round_trip(src: Path, back: Path) -> int:
+    """Tensor-by-tensor byte comparison of two HF dirs (bounded memory). Returns the number of tensors."""
+    from phi4_jax.convert import find_hf_checkpoint
+
+    _, _, a = find_hf_checkpoint(src)
+    _, _, b = find_hf_checkpoint(back)
+    if a.keys() != b.keys():
+        raise SystemExit(f"round trip changed the tensor set: {sorted(set(a) ^ set(b))[:5]}")
+    for name in a:
+        x, y = a[name].read(), b[name].read()
+        if x.dtype != y.dtype or x.shape != y.shape or not np.array_equal(x.view(np.uint16), y.view(np.uint16)):
+            raise SystemExit(f"round trip is not bit-exact for {name}")
+    return len(a)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
+
+
+BEGIN, END = "<!-- weight-conversion:begin -->", "<!-- weight-conversion:end -->"
+INTRO = ("`python bench/convert_memory.py [--layers N]`: peak RSS and throughput of `convert_weights.py`, both "
+         "directions, on a synthetic phi-4-width bf16 checkpoint (hidden 5120, intermediate 17920, 40/10 heads, "
+         "vocab 100352; N layers) stored as sharded safetensors with an index. Peak RSS is each child process's "
+         "kernel high-water mark (`os.wait4` rusage). Streaming means peak memory is a small multiple of the "
+         "largest tensor (embed_tokens / lm_head: 1.03 GB in bf16), not of the model (29.3 GB for phi-4), and "
+         "barely grows with the number of layers. The synthetic values have random sign and mantissa but only "
+         "3 random exponent bits, so zstd shrinks them by about 25% (real weights compress differently); throughput on this "
+         "shared 2-core machine is I/O- and contention-bound, not a property of the converter.")
+
+
+def record(entry_lines: list[str], path: Path = ROOT / "BENCHMARKS.md") -> None:
+    """Appends an entry to the 'Weight conversion' section (between its markers) of BENCHMARKS.md."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    entry = "\n".join(entry_lines).rstrip("\n") + "\n"
+    if BEGIN not in text or END not in text:
+        text = text.rstrip("\n") + f"\n\n## Weight conversion\n\n{BEGIN}\n{INTRO}\n\n{END}\n"
+    head, tail = text.split(END, 1)
+    text = head.rstrip("\n") + "\n\n" + entry + END + tail
+    path.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--workdir", default=tempfile.gettempdir())
+    parser.add_argument("--compression", choices=["zstd", "none"], default="zstd")
+    parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+    parser.add_argument("--keep", action="store_true", help="keep the synthetic files")
+    args = parser.parse_args()
+
+    config = phi4_width_config(args.layers)
+    work = Path(tempfile.mkdtemp(prefix="phi4_convert_bench_", dir=args.workdir))
+    try:
+        src, ours, back = work / "hf", work / "ours", work / "back"
+        t0 = time.perf_counter()
+        total, largest = write_synthetic_checkpoint(src, config)
+        print(f"synthetic checkpoint: {total / 1e9:.2f} GB, largest tensor {largest / 1e9:.2f} GB, "
+              f"written in {time.perf_counter() - t0:.1f} s", flush=True)
+
+        _, baseline, _ = run_measured([sys.executable, "-c",
+                                       "import phi4_jax.convert, phi4_jax.model, orbax.checkpoint, tensorstore"])
+        cli = [sys.executable, "convert_weights.py"]
+        to_ours = cli + [str(src), str(ours), "--compression", args.compression]
+        to_hf = cli + ["--to-hf", str(ours), str(back)]
+        results = []
+        for label, cmd in (("HF -> orbax", to_ours), ("orbax -> HF (--to-hf)", to_hf)):
+            wall, peak, code = run_measured(cmd)
+            if code != 0:
+                raise SystemExit(f"{label} failed with exit code {code}")
+            results.append((label, wall, peak))
+            print(f"{label}: {wall:.1f} s, {total / wall / 1e6:.0f} MB/s, peak RSS {peak / 2**30:.2f} GiB", flush=True)
+        n = verify_round_trip(src, back)
+        print(f"round trip bit-exact over {n} tensors")
+        ours_size = sum(f.stat().st_size for f in ours.rglob("*") if f.is_file())
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"### {when}: {args.layers}-layer phi-4-width bf16 checkpoint, {total / 1e9:.2f} GB",
+        "",
+        f"- machine: {machine()}",
+        f"- command: `python bench/convert_memory.py --layers {args.layers} --compression {args.compression}` "
+        f"(runs `convert_weights.py SRC DST --compression {args.compression}` and `convert_weights.py --to-hf`)",
+        f"- largest tensor {largest / 2**30:.2f} GiB; interpreter + imports baseline RSS {baseline / 2**30:.2f} GiB; "
+        f"orbax checkpoint on disk {ours_size / 1e9:.2f} GB",
+        "",
+        "| direction | wall s | throughput MB/s | peak RSS GiB | (peak - baseline) / largest tensor |",
+        "|---|---|---|---|---|",
+    ]
+    for label, wall, peak in results:
+        lines.append(f"| {label} | {wall:.1f} | {total / wall / 1e6:.0f} | {peak / 2**30:.2f} | "
+                     f"{(peak - baseline) / largest:.2f} |")
+    lines.append("")
+    lines.append(f"Round trip verified bit-exact over all {n} tensors. Model size / largest tensor = "
+                 f"{total / largest:.1f}; for phi-4 (29.3 GB) it is 28.4, so a peak that is a small multiple "
+                 "of the largest tensor stays far below the model size.")
+    print("\n".join(lines))
+    if not args.no_record:
+        record(lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,420 @@
+"""This project's model checkpoint on disk, and `load_model`.
+
+A checkpoint directory holds
+
+    config.json   the Hugging Face style config (`Phi4Config.to_hf_dict`) plus a ``"phi4_jax"`` entry
+                  (format version, stored parameter dtype, source dtype, params subdirectory);
+    params/       an Orbax PyTree checkpoint of the nested parameter dict (layout: `phi4_jax.model`),
+                  stacked ``[layers, ...]`` tensors, one zarr (v2) array per parameter, no OCDBT.
+
+The converter writes ``params/`` tensor by tensor with TensorStore (`ParamArrayWriter`), in exactly the layout
+Orbax's own array handler uses, then writes Orbax's ``_METADATA``; so ``ocp.PyTreeCheckpointer`` /
+``ocp.StandardCheckpointer`` restore it, and `load_model` restores it with Orbax, optionally straight onto
+shardings. Reading goes through Orbax's metadata, so any Orbax PyTree checkpoint of the same tree
+(e.g. one saved by training with OCDBT / zarr3) can be read the same way.
+
+Whole checkpoints are written into a hidden temporary directory beside the destination and renamed into
+place at the end (`atomic_directory`), so a crash never leaves something that looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from phi4_jax.config import ConfigError, Phi4Config
+
+FORMAT_VERSION = 1
+PARAMS_DIR = "params"
+CONFIG_FILE = "config.json"
+META_KEY = "phi4_jax"
+CHUNK_TARGET_BYTES = 64 << 20  # zarr chunks of at most ~64 MB: bounded write buffers, parallel (de)compression
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory that is missing, incomplete or corrupt, or an output that cannot be written."""
+
+
+# ----------------------------------------------------------------------------- atomic output directories
+
+@contextlib.contextmanager
+def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a fresh temporary directory beside `dst`; on success renames it to `dst`, on any error deletes it.
+
+    Refuses an existing non-empty `dst` unless `overwrite`. With `overwrite` the old directory is moved aside
+    first and deleted only after the new one is in place.
+    """
+    dst = Path(dst).absolute()
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"output {str(dst)!r} exists and is not a directory")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise CheckpointError(f"output directory {str(dst)!r} is not empty (pass --overwrite to replace it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if dst.exists():
+            if any(dst.iterdir()):
+                old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(dst, old)
+            else:
+                dst.rmdir()
+        os.rename(tmp, dst)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- writing params/ (streaming)
+
+def _param_name(path: tuple[str, ...]) -> str:
+    return ".".join(path)  # Orbax names a parameter's directory by its key path joined with "."
+
+
+def chunk_shape(shape: tuple[int, ...], itemsize: int, *, stacked: bool, split_axis: int) -> tuple[int, ...]:
+    """Chunks of at most ~CHUNK_TARGET_BYTES: one layer per chunk for stacked params, split along `split_axis`."""
+    chunk = list(shape)
+    if stacked:
+        chunk[0] = 1
+    if split_axis < len(chunk):
+        nbytes = math.prod(chunk) * itemsize
+        parts = max(1, math.ceil(nbytes / CHUNK_TARGET_BYTES))
+        chunk[split_axis] = max(1, math.ceil(chunk[split_axis] / parts))
+    return tuple(chunk)
+
+
+def split_axis(path: tuple[str, ...]) -> int:
+    """The axis along which a parameter's chunks are cut. lm_head [embed, vocab] is cut along vocab, so a
+    block of Hugging Face lm_head rows (vocab entries) is exactly one chunk, in both directions."""
+    return 1 if path[0] == "layers" or tuple(path) == ("lm_head",) else 0
+
+
+class ParamArrayWriter:
+    """Creates the zarr arrays of an Orbax PyTree checkpoint and writes them piece by piece.
+
+    `specs` is {key path: (shape, numpy dtype)}. Call `write(path, value, index)` as pieces arrive (a layer
+    of a stacked parameter, a block of a whole one), then `finish()` to flush files to disk and write Orbax's
+    metadata. Nothing is kept in memory between writes. `chunks[path]` is each array's chunk shape: writes
+    aligned to whole chunks never read anything back.
+    """
+
+    def __init__(self, params_dir: str | os.PathLike, specs: dict[tuple[str, ...], tuple[tuple[int, ...], Any]],
+                 *, compression: str | None = "zstd"):
+        import tensorstore as ts
+
+        self.dir = Path(params_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.specs = specs
+        self.chunks: dict[tuple[str, ...], tuple[int, ...]] = {}
+        self._arrays = {}
+        if compression not in ("zstd", None, "none"):
+            raise CheckpointError(f"unknown compression {compression!r}: use 'zstd' or 'none'")
+        compressor = {"id": "zstd", "level": 1} if compression == "zstd" else None
+        # No fsync per chunk (slow, serializes compression and I/O); `finish` fsyncs every file once.
+        context = ts.Context({"file_io_sync": False})
+        for path, (shape, dtype) in specs.items():
+            dtype = np.dtype(dtype)
+            chunks = chunk_shape(shape, dtype.itemsize, stacked=path[0] == "layers", split_axis=split_axis(path))
+            self.chunks[path] = chunks
+            spec = {
+                "driver": "zarr",
+                "kvstore": {"driver": "file", "path": str(self.dir / _param_name(path))},
+                "metadata": {"shape": list(shape), "chunks": list(chunks),
+                             "compressor": compressor, "dimension_separator": "."},
+            }
+            self._arrays[path] = ts.open(spec, create=True, delete_existing=True, context=context,
+                                         dtype=ts.dtype(dtype.name)).result()
+
+    def write(self, path: tuple[str, ...], value: np.ndarray, index: tuple = ()) -> None:
+        """Writes `value` into array `path` at `index` (a tuple of ints / slices; () = the whole array)."""
+        arr = self._arrays[path]
+        value = np.asarray(value)
+        if value.dtype != arr.dtype.numpy_dtype:
+            value = value.astype(arr.dtype.numpy_dtype)
+        arr[index].write(value).result()
+
+    def finish(self) -> None:
+        _fsync_tree(self.dir)
+        write_pytree_metadata(self.dir, list(self.specs))
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def write_pytree_metadata(params_dir: str | os.PathLike, paths: list[tuple[str, ...]]) -> None:
+    """Writes the Orbax PyTree ``_METADATA`` (and ``_CHECKPOINT_METADATA``) for zarr2, non-OCDBT arrays.
+
+    Every leaf is recorded as a NumPy array: restoring without a target gives NumPy arrays, and restoring
+    with `jax.ShapeDtypeStruct` targets (with shardings) gives `jax.Array`s placed straight onto devices.
+    """
+    params_dir = Path(params_dir)
+    tree = {}
+    for path in paths:
+        tree[str(tuple(path))] = {
+            "key_metadata": [{"key": k, "key_type": 2} for k in path],  # 2 = dict key
+            "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False},
+        }
+    meta = {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
+            "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+    (params_dir / "_METADATA").write_text(json.dumps(meta))
+    now = time.time_ns()
+    ckpt_meta = {"item_handlers": "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler",
+                 "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": now,
+                 "commit_timestamp_nsecs": now, "custom_metadata": {}}
+    (params_dir / "_CHECKPOINT_METADATA").write_text(json.dumps(ckpt_meta))
+
+
+def write_checkpoint_config(ckpt_dir: str | os.PathLike, config: Phi4Config, *, param_dtype: str,
+                            source_dtype: str | None = None) -> None:
+    hf = config.to_hf_dict(torch_dtype=param_dtype)
+    hf[META_KEY] = {"format_version": FORMAT_VERSION, "params_dir": PARAMS_DIR, "param_dtype": param_dtype,
+                    "source_dtype": source_dtype or param_dtype}
+    (Path(ckpt_dir) / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_checkpoint_config(path: str | os.PathLike, **runtime: Any) -> tuple[Phi4Config, dict]:
+    """(config, the ``phi4_jax`` metadata dict) of a checkpoint directory. `runtime` sets runtime fields."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint path {str(path)!r} is not a directory")
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{str(path)!r} is not a phi4_jax checkpoint: no {CONFIG_FILE}")
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{str(cfg_file)!r} is not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{str(cfg_file)!r} does not hold a JSON object")
+    meta = hf.get(META_KEY)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{str(cfg_file)!r} has no {META_KEY!r} entry: not written by phi4_jax "
+                              "(convert a Hugging Face checkpoint with convert_weights.py first)")
+    try:
+        stored_dtype = meta.get("param_dtype", "float32")
+        config = Phi4Config.from_hf_dict(hf, **{"param_dtype": stored_dtype, **runtime})
+    except ConfigError as e:
+        raise CheckpointError(f"{str(cfg_file)!r}: {e}") from None
+    return config, meta
+
+
+def params_directory(path: str | os.PathLike) -> Path:
+    """The Orbax params directory of a checkpoint, checked to exist and to hold Orbax metadata."""
+    _, meta = read_checkpoint_config(path)
+    params_dir = Path(path) / meta.get("params_dir", PARAMS_DIR)
+    if not params_dir.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} has no parameters: {str(params_dir)!r} is missing")
+    if not (params_dir / "_METADATA").is_file():
+        raise CheckpointError(f"{str(params_dir)!r} is not a complete Orbax checkpoint (no _METADATA)")
+    return params_dir
+
+
+def _orbax_tree_metadata(params_dir: Path) -> dict:
+    """{key path tuple: orbax ArrayMetadata} of an Orbax PyTree checkpoint."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    try:
+        meta = ocp.PyTreeCheckpointer().metadata(params_dir)
+    except Exception as e:  # orbax raises assorted types for unreadable metadata
+        raise CheckpointError(f"cannot read Orbax metadata of {str(params_dir)!r}: {e}") from None
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(getattr(k, "key", getattr(k, "name", k)) for k in kp): leaf for kp, leaf in flat}
+
+
+def check_params_metadata(params_dir: Path, config: Phi4Config) -> dict:
+    """Compares the stored parameter shapes to the config; returns {path: ArrayMetadata}."""
+    from phi4_jax.model import param_specs
+    import jax
+
+    expected = {}
+    for kp, spec in jax.tree_util.tree_flatten_with_path(
+            param_specs(config), is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
+            and isinstance(x[1], tuple))[0]:
+        expected[tuple(k.key for k in kp)] = tuple(spec[0])
+    stored = _orbax_tree_metadata(params_dir)
+    missing = sorted(set(expected) - set(stored))
+    extra = sorted(set(stored) - set(expected))
+    if missing:
+        raise CheckpointError(f"checkpoint {str(params_dir)!r} is missing parameter {'/'.join(missing[0])!r}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if extra:
+        raise CheckpointError(f"checkpoint {str(params_dir)!r} has unexpected parameter {'/'.join(extra[0])!r}")
+    for path, shape in expected.items():
+        got = tuple(stored[path].shape)
+        if got != shape:
+            raise CheckpointError(f"parameter {'/'.join(path)!r} in {str(params_dir)!r} has shape {got}, "
+                                  f"the config needs {shape}")
+    return stored
+
+
+def check_chunk_files(params_dir: Path, paths) -> None:
+    """For zarr v2 arrays without OCDBT (what the converter writes): every data chunk file is present.
+
+    (Orbax would also fail on a missing chunk, but with a long TensorStore message; this names the file.)
+    """
+    import itertools
+
+    for path in paths:
+        array_dir = Path(params_dir) / _param_name(path)
+        zarray = array_dir / ".zarray"
+        if not zarray.is_file():
+            if (Path(params_dir) / "manifest.ocdbt").exists() or (array_dir / "zarr.json").exists():
+                return  # another Orbax layout (OCDBT / zarr3): leave the checks to Orbax
+            raise CheckpointError(f"parameter {'/'.join(path)!r} is missing from {str(params_dir)!r} "
+                                  f"(no {_param_name(path)}/.zarray)")
+        try:
+            meta = json.loads(zarray.read_text())
+            shape, chunks = meta["shape"], meta["chunks"]
+            sep = meta.get("dimension_separator", ".")
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"corrupt array metadata {str(zarray)!r}") from None
+        present = set(os.listdir(array_dir))
+        grid = [range(math.ceil(n / c)) if n else range(0) for n, c in zip(shape, chunks)]
+        for index in itertools.product(*grid):
+            key = sep.join(map(str, index)) if index else "0"
+            if key not in present:
+                raise CheckpointError(f"corrupt or incomplete checkpoint: data file {_param_name(path)}/{key} "
+                                      f"is missing from {str(params_dir)!r}")
+
+
+def open_param_arrays(params_dir: str | os.PathLike, paths) -> dict:
+    """{path: TensorStore array} opened lazily for reading (slices read on demand; any Orbax layout)."""
+    import orbax.checkpoint as ocp
+    import tensorstore as ts
+    from etils import epath
+
+    params_dir = Path(params_dir)
+    meta = json.loads((params_dir / "_METADATA").read_text())
+    use_zarr3 = bool(meta.get("use_zarr3", False))
+    use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(params_dir))
+    arrays = {}
+    context = ts.Context()
+    for path in paths:
+        info = ocp.type_handlers.ParamInfo(name=_param_name(path), parent_dir=epath.Path(params_dir),
+                                           use_zarr3=use_zarr3, ts_context=context)
+        spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
+        try:
+            arrays[path] = ts.open(spec, open=True, read=True).result()
+        except Exception as e:
+            raise CheckpointError(f"cannot open parameter {'/'.join(path)!r} in {str(params_dir)!r}: "
+                                  f"{str(e).splitlines()[0]}") from None
+    return arrays
+
+
+# ----------------------------------------------------------------------------- load_model
+
+ShardingSpec = Any  # pytree of jax.sharding.Sharding, or callable(path, shape, logical_axes) -> Sharding
+
+
+def _resolve_dtype(dtype) -> str | None:
+    if dtype is None:
+        return None
+    import jax.numpy as jnp
+
+    name = jnp.dtype(dtype).name
+    if name not in ("float32", "bfloat16", "float16"):
+        raise CheckpointError(f"unsupported parameter dtype {name!r}: use float32, bfloat16 or float16")
+    return name
+
+
+def _target_shardings(config: Phi4Config, sharding: ShardingSpec):
+    """A pytree of shardings matching `param_specs`."""
+    import jax
+    from phi4_jax.model import param_specs
+
+    specs = param_specs(config)
+    is_spec = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple)  # noqa: E731
+    if sharding is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda s: device, specs, is_leaf=is_spec)
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda s: sharding, specs, is_leaf=is_spec)
+    if callable(sharding):
+        return jax.tree_util.tree_map_with_path(
+            lambda kp, s: sharding(tuple(k.key for k in kp), s[0], s[1]), specs, is_leaf=is_spec)
+    return sharding
+
+
+def restore_params(path: str | os.PathLike, config: Phi4Config | None = None, *, dtype=None,
+                   sharding: ShardingSpec = None) -> dict:
+    """Restores the nested params dict of a checkpoint with Orbax, cast to `dtype` (None: as stored), placed
+    on `sharding` (None: the first device; a Sharding for all; a pytree; or callable(path, shape, axes))."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    if config is None:
+        config, _ = read_checkpoint_config(path)
+    params_dir = params_directory(path)
+    stored = check_params_metadata(params_dir, config)
+    check_chunk_files(params_dir, stored)
+    shardings = _target_shardings(config, sharding)
+    dtype_name = _resolve_dtype(dtype)
+
+    def target(kp, shard):
+        key = tuple(k.key for k in kp)
+        leaf_dtype = dtype_name or stored[key].dtype
+        return jax.ShapeDtypeStruct(tuple(stored[key].shape), leaf_dtype, sharding=shard)
+
+    try:
+        abstract = jax.tree_util.tree_map_with_path(target, shardings)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"sharding does not match the parameter tree: {e}") from None
+    try:
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+        return ocp.PyTreeCheckpointer().restore(
+            params_dir, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
+    except Exception as e:  # tensorstore / orbax errors for missing or corrupt array files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"corrupt or incomplete checkpoint {str(params_dir)!r}: {first}") from None
+
+
+def load_model(path: str | os.PathLike, dtype=None, *, sharding: ShardingSpec = None,
+               compute_dtype=None, **config_overrides: Any):
+    """Loads a converted checkpoint as a `Phi4ForCausalLM`.
+
+    `dtype` casts the parameters (e.g. ``jnp.bfloat16`` for inference; None keeps the stored dtype).
+    `compute_dtype` defaults to the parameter dtype (float32 params compute in float32, so fp32 parity with
+    transformers holds; bf16 params compute in bf16). `sharding`: see `restore_params`. Other keyword
+    arguments override runtime config fields (e.g. ``attention_impl="xla"``, ``remat_policy="none"``).
+    """
+    from phi4_jax.model import model_from_params
+
+    dtype_name = _resolve_dtype(dtype)
+    stored_config, meta = read_checkpoint_config(path)
+    param_dtype = dtype_name or meta.get("param_dtype", stored_config.param_dtype)
+    compute = _resolve_dtype(compute_dtype) or param_dtype
+    runtime = {"param_dtype": param_dtype, "compute_dtype": compute}
+    runtime.update(config_overrides)
+    try:
+        config = stored_config.replace(**runtime)
+    except ConfigError as e:
+        raise CheckpointError(f"bad config override: {e}") from None
+    params = restore_params(path, config, dtype=param_dtype, sharding=sharding)
+    return model_from_params(config, params)
