@@ -1,0 +1,129 @@
+"""Training checkpoints with Orbax's CheckpointManager: train state + data iterator, async, keep-K, resume.
+
+Layout: ``WORKDIR/checkpoints/<step>/{state,data}``: `state` is the train state pytree (params, optimizer
+state, step; each host writes its shards), `data` is each host's grain iterator state (JSON). Orbax
+writes a step into a temporary directory and renames it when complete, so a crash mid-save never leaves
+a partial checkpoint that resume would pick up.
+
+`init_params_from` starts a run from a converted (`convert_weights.py`) or previous-stage checkpoint:
+parameters only, restored straight into the run's shardings, in float32 master precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from phi4_jax.config import Phi4Config
+
+# Fields a run may change relative to the checkpoint it starts from (midtraining raises rope_theta and
+# the context length; runtime fields do not change the math).
+CHANGEABLE_FIELDS = {"rope_theta", "max_position_embeddings", "param_dtype", "compute_dtype",
+                     "remat_policy", "attention_impl", "scan_layers"}
+
+
+class TrainCheckpointError(RuntimeError):
+    """A checkpoint that cannot be used to start or resume this run."""
+
+
+class TrainCheckpointer:
+    """Saves every `save_every` steps (async), keeps the newest `keep`, restores the newest."""
+
+    def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.save_every = int(save_every)
+        # The interval is applied here (Orbax's own policy would also save the first step of every run).
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
+        """Saves if `step` is a multiple of `save_every` (or `force`); returns whether a save started.
+
+        The data iterator's state is captured now; array data is copied off the devices before this
+        returns and written in the background when async (so the state may be donated afterwards)."""
+        if not force and step % self.save_every:
+            return False
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=grain.checkpoint.CheckpointSave(data_iterator))
+        return self.manager.save(step, args=args, force=True)
+
+    def restore(self, abstract_state, data_iterator, step: int | None = None):
+        """(state, step) from the newest (or given) checkpoint; `data_iterator` is restored in place."""
+        step = self.manager.latest_step() if step is None else step
+        if step is None:
+            raise TrainCheckpointError(f"no checkpoint in {self.directory}")
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                  data=grain.checkpoint.CheckpointRestore(data_iterator))
+        try:
+            restored = self.manager.restore(step, args=args)
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise TrainCheckpointError(
+                f"checkpoint step {step} in {self.directory} does not match this run's model/optimizer: "
+                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        return restored["state"], step
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def init_params_from(path: str, config: Phi4Config, param_shardings, abstract_state=None):
+    """Parameters to start a run from, placed on `param_shardings` in `config.param_dtype`.
+
+    `path` is either a previous stage's train.py workdir (its newest checkpoint is restored with
+    `abstract_state`, the same optimizer's train state, and only the parameters are kept) or a model
+    checkpoint written by `convert_weights.py` (architecture checked field by field; `rope_theta` and
+    `max_position_embeddings` may differ, as in midtraining).
+    """
+    from phi4_jax import checkpoint as model_checkpoint
+
+    if not os.path.isdir(path):
+        raise TrainCheckpointError(f"train.init_from: {path!r} is not a directory")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        if abstract_state is None:
+            raise TrainCheckpointError("init_from a train.py workdir needs the run's abstract train state")
+        previous = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(path, "checkpoints")), item_names=("state", "data"),
+            options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, max_to_keep=None))
+        try:
+            step = previous.latest_step()
+            if step is None:
+                raise TrainCheckpointError(f"train.init_from: {path!r} has no checkpoint yet")
+            try:
+                restored = previous.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+            except (ValueError, KeyError, FileNotFoundError) as e:
+                raise TrainCheckpointError(
+                    f"train.init_from: step {step} of {path!r} does not match this model/optimizer: "
+                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        finally:
+            previous.close()
+        return restored["state"]["params"]
+    try:
+        stored, _ = model_checkpoint.read_checkpoint_config(path)
+    except Exception as e:  # noqa: BLE001 - any failure reading it means it cannot start the run
+        raise TrainCheckpointError(f"train.init_from: cannot read checkpoint {path!r}: {e}") from None
+    mismatched = [f.name for f in dataclasses.fields(config)
+                  if f.name not in CHANGEABLE_FIELDS and getattr(stored, f.name) != getattr(config, f.name)]
+    if mismatched:
+        detail = ", ".join(f"{n}: checkpoint {getattr(stored, n)!r} vs run {getattr(config, n)!r}"
+                           for n in mismatched)
+        raise TrainCheckpointError(f"train.init_from {path!r} has a different architecture ({detail})")
+    try:
+        params = model_checkpoint.restore_params(path, config, dtype=config.param_dtype,
+                                                 sharding=param_shardings)
+    except Exception as e:  # noqa: BLE001
+        raise TrainCheckpointError(f"train.init_from: cannot restore parameters from {path!r}: {e}") from None
+    return jax.tree.map(lambda p, sh: jax.device_put(p, sh), params, param_shardings)

@@ -1,0 +1,278 @@
+"""Training configuration as data: a TOML file (optionally `extends` another) plus `--set a.b=v` overrides.
+
+Sections (all optional; unknown keys are errors):
+
+    extends = "other.toml"          # path relative to this file; this file's keys override it
+    [model]      preset = "demo" and any `Phi4Config` field (rope_theta, remat_policy, vocab_size, ...)
+    [mesh]       data / fsdp / context / tensor (+ dcn_*) sizes, -1 = fill; distributed = "auto"
+    [optimizer]  lr, warmup_steps, decay_steps, end_lr_ratio, weight_decay, b1, b2, eps, clip_norm
+    [train]      steps, global_batch, seq_len, micro_batches, loss_chunk, seed, log_every, init_from
+    [data]       tokenizer, shuffle_seed, sources = [{name, type, weight, path, generator, text_key}]
+    [checkpoint] save_every, keep, async_save
+    [demo]       sample_prompts, max_new_tokens, plot
+
+`load_train_config` returns a validated `TrainConfig`; every problem is a `TrainConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import tomllib
+from typing import Any
+
+from phi4_jax.config import ConfigError, Phi4Config, get_preset
+from phi4_jax.sharding import MeshConfig, MeshError
+
+SOURCE_TYPES = ("jsonl", "text", "parquet", "npy", "demo")
+TOKENIZERS = ("phi4", "demo_compact")
+
+
+class TrainConfigError(ValueError):
+    """A training configuration that is malformed or inconsistent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 3e-4               # peak learning rate (phi-4 pretraining)
+    warmup_steps: int = 2000
+    decay_steps: int | None = None  # linear decay length after warm-up; None = until train.steps
+    end_lr_ratio: float = 0.0      # final lr = lr * end_lr_ratio
+    weight_decay: float = 0.1      # decoupled (AdamW); not applied to norm weights
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0  # global-norm gradient clipping; None = off
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainLoopConfig:
+    steps: int = 1000
+    global_batch: int = 8          # sequences per optimizer step (all hosts)
+    seq_len: int = 4096
+    micro_batches: int = 1         # gradient accumulation: the global batch is split into this many
+    loss_chunk: int = 1024         # tokens per chunk of the fp32 lm_head + loss (memory bound at long seq)
+    seed: int = 0
+    log_every: int = 1
+    init_from: str | None = None   # a converted / previous-stage checkpoint dir to start from (params only)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    name: str
+    type: str
+    weight: float
+    path: str | None = None        # file or glob (jsonl, text, parquet, npy)
+    generator: str | None = None   # demo sources: a generator in phi4_jax.demo_data
+    text_key: str = "text"         # jsonl / parquet column holding the text
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    tokenizer: str = "phi4"        # "phi4" (the 100352-token vocabulary) or "demo_compact"
+    shuffle_seed: int = 0
+    sources: tuple[SourceConfig, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    save_every: int = 1000
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    sample_prompts: tuple[str, ...] = ()
+    max_new_tokens: int = 32
+    plot: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: Phi4Config
+    mesh: MeshConfig
+    distributed: str
+    optimizer: OptimizerConfig
+    train: TrainLoopConfig
+    data: DataConfig
+    checkpoint: CheckpointConfig
+    demo: DemoConfig
+    raw: dict                      # the merged dict this was built from (saved with the run)
+
+    @property
+    def micro_batch(self) -> int:
+        return self.train.global_batch // self.train.micro_batches
+
+
+# ----------------------------------------------------------------------------- loading and overrides
+
+def _read_toml(path: str, seen=()) -> dict:
+    path = os.path.abspath(path)
+    if path in seen:
+        raise TrainConfigError(f"config 'extends' cycle through {path}")
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise TrainConfigError(f"config file {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise TrainConfigError(f"config file {path!r} is not valid TOML: {e}") from None
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    base_path = os.path.join(os.path.dirname(path), base)
+    return deep_merge(_read_toml(base_path, seen + (path,)), data)
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'optimizer.lr=1e-4' -> (['optimizer', 'lr'], 0.0001); values are TOML literals, else strings."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise TrainConfigError(f"override {item!r} must look like SECTION.KEY=VALUE (e.g. optimizer.lr=1e-4)")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise TrainConfigError(f"override {item!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_train_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
+    data = _read_toml(path) if path else {}
+    return build_train_config(apply_overrides(data, list(overrides)))
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _section(cls, data: dict, name: str):
+    if not isinstance(data, dict):
+        raise TrainConfigError(f"[{name}] must be a table, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise TrainConfigError(f"unknown key(s) in [{name}]: {sorted(unknown)}; known: {sorted(fields)}")
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise TrainConfigError(f"[{name}]: {e}") from None
+
+
+def _positive_int(value, where):
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise TrainConfigError(f"{where} must be a positive integer, got {value!r}")
+
+
+def build_train_config(data: dict) -> TrainConfig:
+    data = copy.deepcopy(data)
+    known = {"model", "mesh", "optimizer", "train", "data", "checkpoint", "demo"}
+    unknown = set(data) - known
+    if unknown:
+        raise TrainConfigError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(known)}")
+
+    model_d = dict(data.get("model", {}))
+    preset = model_d.pop("preset", "demo")
+    try:
+        model = get_preset(preset, **model_d)
+    except (ConfigError, TypeError) as e:
+        raise TrainConfigError(f"[model]: {e}") from None
+
+    mesh_d = dict(data.get("mesh", {}))
+    distributed = mesh_d.pop("distributed", "auto")
+    if distributed not in ("auto", "always", "never"):
+        raise TrainConfigError(f"mesh.distributed must be 'auto', 'always' or 'never', got {distributed!r}")
+    try:
+        mesh = MeshConfig.from_dict(mesh_d)
+    except MeshError as e:
+        raise TrainConfigError(f"[mesh]: {e}") from None
+
+    opt = _section(OptimizerConfig, data.get("optimizer", {}), "optimizer")
+    loop = _section(TrainLoopConfig, data.get("train", {}), "train")
+    ckpt = _section(CheckpointConfig, data.get("checkpoint", {}), "checkpoint")
+    demo_d = dict(data.get("demo", {}))
+    if "sample_prompts" in demo_d:
+        demo_d["sample_prompts"] = tuple(demo_d["sample_prompts"])
+    demo = _section(DemoConfig, demo_d, "demo")
+
+    data_d = dict(data.get("data", {}))
+    sources = data_d.pop("sources", [])
+    if not isinstance(sources, list):
+        raise TrainConfigError("data.sources must be a list of tables ([[data.sources]])")
+    srcs = tuple(_section(SourceConfig, s, f"data.sources[{i}]") for i, s in enumerate(sources))
+    data_cfg = _section(DataConfig, {**data_d, "sources": srcs}, "data")
+
+    # ---- value checks
+    if not opt.lr > 0:
+        raise TrainConfigError(f"optimizer.lr must be positive, got {opt.lr}")
+    if opt.warmup_steps < 0:
+        raise TrainConfigError(f"optimizer.warmup_steps must be >= 0, got {opt.warmup_steps}")
+    if opt.decay_steps is not None:
+        _positive_int(opt.decay_steps, "optimizer.decay_steps")
+    if not 0 <= opt.end_lr_ratio <= 1:
+        raise TrainConfigError(f"optimizer.end_lr_ratio must be in [0, 1], got {opt.end_lr_ratio}")
+    if opt.weight_decay < 0:
+        raise TrainConfigError(f"optimizer.weight_decay must be >= 0, got {opt.weight_decay}")
+    if opt.clip_norm is not None and not opt.clip_norm > 0:
+        raise TrainConfigError(f"optimizer.clip_norm must be positive (or absent), got {opt.clip_norm}")
+    for name in ("steps", "global_batch", "seq_len", "micro_batches", "loss_chunk", "log_every"):
+        _positive_int(getattr(loop, name), f"train.{name}")
+    if loop.global_batch % loop.micro_batches:
+        raise TrainConfigError(f"train.global_batch ({loop.global_batch}) must be divisible by "
+                               f"train.micro_batches ({loop.micro_batches})")
+    if loop.seq_len % min(loop.loss_chunk, loop.seq_len):
+        raise TrainConfigError(f"train.seq_len ({loop.seq_len}) must be divisible by train.loss_chunk "
+                               f"({loop.loss_chunk})")
+    if loop.seq_len > model.max_position_embeddings:
+        raise TrainConfigError(f"train.seq_len ({loop.seq_len}) exceeds model.max_position_embeddings "
+                               f"({model.max_position_embeddings})")
+    _positive_int(ckpt.save_every, "checkpoint.save_every")
+    _positive_int(ckpt.keep, "checkpoint.keep")
+    _positive_int(demo.max_new_tokens, "demo.max_new_tokens")
+    if data_cfg.tokenizer not in TOKENIZERS:
+        raise TrainConfigError(f"data.tokenizer must be one of {TOKENIZERS}, got {data_cfg.tokenizer!r}")
+    if not srcs:
+        raise TrainConfigError("data.sources is empty: add at least one [[data.sources]] table")
+    names = [s.name for s in srcs]
+    if len(set(names)) != len(names):
+        raise TrainConfigError(f"data.sources names must be unique, got {names}")
+    for s in srcs:
+        if s.type not in SOURCE_TYPES:
+            raise TrainConfigError(f"data source {s.name!r}: type must be one of {SOURCE_TYPES}, got {s.type!r}")
+        if not (isinstance(s.weight, (int, float)) and s.weight > 0):
+            raise TrainConfigError(f"data source {s.name!r}: weight must be positive, got {s.weight!r}")
+        if s.type == "demo" and not s.generator:
+            raise TrainConfigError(f"data source {s.name!r}: type 'demo' needs a 'generator'")
+        if s.type != "demo" and not s.path:
+            raise TrainConfigError(f"data source {s.name!r}: type {s.type!r} needs a 'path'")
+
+    return TrainConfig(model=model, mesh=mesh, distributed=distributed, optimizer=opt, train=loop,
+                       data=data_cfg, checkpoint=ckpt, demo=demo, raw=data)
+
+
+def config_json(cfg: TrainConfig) -> str:
+    """The resolved configuration (as saved in the run directory)."""
+    return json.dumps(cfg.raw, indent=2, sort_keys=True, default=str)

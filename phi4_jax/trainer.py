@@ -1,0 +1,202 @@
+"""The training loop: mesh, data, state (fresh, converted, or resumed), jitted steps, metrics, checkpoints.
+
+`train(cfg, workdir)` is what `python train.py` runs, from the CPU demo to a multi-host pod:
+
+- resumes from the newest checkpoint in WORKDIR/checkpoints (params, optimizer, step, data iterator),
+  else starts from `train.init_from` (a converted or previous-stage checkpoint), else from a fresh init;
+- appends one JSON object per logged step to WORKDIR/metrics.jsonl (step, loss, grad_norm, lr, tokens,
+  tokens_per_s, mfu when the device's peak is known, seconds);
+- saves every `checkpoint.save_every` steps (async) and at the end; on SIGTERM it saves and returns;
+- a non-finite loss raises `NonFiniteLossError` naming the step; nothing is saved after the last good step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+
+from phi4_jax import sharding
+from phi4_jax.data import DataError, batch_iterator, make_tokenizer
+from phi4_jax.optimizer import make_optimizer
+from phi4_jax.train_checkpoint import TrainCheckpointer, init_params_from
+from phi4_jax.train_config import TrainConfig, TrainConfigError, config_json
+from phi4_jax.training import (abstract_train_state, create_train_state, make_train_step, mfu,
+                               peak_flops_per_device, train_state_shardings, training_flops_per_token)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped and the last good checkpoint is kept."""
+
+
+class _SigtermFlag:
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _global_batch(local: dict, batch_sharding) -> dict:
+    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def setup(cfg: TrainConfig, mesh=None):
+    """Mesh, tokenizer, optimizer, shardings and the jitted step for a config (validated against each other)."""
+    sharding.maybe_initialize_distributed(cfg.distributed)
+    mesh = mesh if mesh is not None else sharding.build_mesh(cfg.mesh)
+    model_cfg = cfg.model
+    sharding.validate_model_mesh(model_cfg, mesh)
+    sharding.validate_batch_mesh(mesh, cfg.micro_batch, cfg.train.seq_len, what="micro-batch",
+                                 hint=f"; micro-batch = train.global_batch {cfg.train.global_batch} / "
+                                      f"train.micro_batches {cfg.train.micro_batches}")
+    tokenizer = make_tokenizer(cfg.data)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise TrainConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
+                               f"{model_cfg.vocab_size}")
+    tx, schedule = make_optimizer(cfg.optimizer, model_cfg, cfg.train.steps)
+    shardings = train_state_shardings(mesh, model_cfg, tx)
+    step_fn = make_train_step(model_cfg, tx, schedule, micro_batches=cfg.train.micro_batches,
+                              loss_chunk=cfg.train.loss_chunk, mesh=mesh, shardings=shardings)
+    return mesh, tokenizer, tx, shardings, step_fn
+
+
+def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, mesh=None):
+    """Runs (or resumes) training to `cfg.train.steps`; returns {"state", "tokenizer", "last_step", ...}.
+
+    `mesh`: a prebuilt `jax.sharding.Mesh` (e.g. over a subset of devices) instead of `cfg.mesh`.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    mesh, tokenizer, tx, shardings, step_fn = setup(cfg, mesh)
+    model_cfg, loop = cfg.model, cfg.train
+    is_main = jax.process_index() == 0
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config_json(cfg))
+
+    data_it = batch_iterator(cfg.data, tokenizer, model_cfg.vocab_size, loop.seq_len, loop.global_batch)
+    ckpt = TrainCheckpointer(workdir, save_every=cfg.checkpoint.save_every, keep=cfg.checkpoint.keep,
+                             async_save=cfg.checkpoint.async_save)
+    start = ckpt.latest_step()
+    if start is not None:
+        state, start = ckpt.restore(abstract_train_state(model_cfg, tx, shardings), data_it)
+        log(f"resumed from {ckpt.directory} at step {start}")
+    elif loop.init_from:
+        params = init_params_from(loop.init_from, model_cfg, shardings.params,
+                                  abstract_train_state(model_cfg, tx, shardings))
+        state = create_train_state(model_cfg, tx, shardings, None, params=params)
+        start = 0
+        log(f"initialized parameters from {loop.init_from}")
+    else:
+        state = create_train_state(model_cfg, tx, shardings, jax.random.key(loop.seed))
+        start = 0
+
+    flops_per_token = training_flops_per_token(model_cfg, loop.seq_len)
+    peak = peak_flops_per_device()
+    n_devices = mesh.size
+    tokens_per_step = loop.global_batch * loop.seq_len
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    last_saved = start
+    bar = None
+    if progress and is_main and start < loop.steps:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=loop.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    step = start
+    stopped_by_sigterm = False
+    try:
+        with _SigtermFlag() as sigterm, open(metrics_path, "a") as metrics_file:
+            while step < loop.steps:
+                try:
+                    local = next(data_it)
+                except StopIteration:
+                    raise DataError("the data pipeline ran out of batches") from None
+                batch = _global_batch(local, shardings.batch)
+                t0 = time.perf_counter()
+                state, metrics = step_fn(state, batch)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                seconds = time.perf_counter() - t0
+                step += 1
+                if not math.isfinite(metrics["loss"]):
+                    ckpt.wait()
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({metrics['loss']}) at step {step}; stopping. The last good "
+                        f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+                if ckpt.save(step, state, data_it):
+                    last_saved = step
+                tokens_per_s = tokens_per_step / seconds
+                record = {"step": step, **metrics, "tokens_per_s": tokens_per_s,
+                          "mfu": mfu(flops_per_token, tokens_per_s, n_devices, peak), "seconds": seconds}
+                if is_main and (step % loop.log_every == 0 or step == loop.steps):
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                if sigterm.raised:
+                    stopped_by_sigterm = True
+                    log(f"SIGTERM: saving step {step} and stopping")
+                    break
+            if step != last_saved:
+                ckpt.save(step, state, data_it, force=True)
+    finally:
+        if bar is not None:
+            bar.close()
+        ckpt.close()
+    return {"state": state, "tokenizer": tokenizer, "last_step": step, "mesh": mesh,
+            "stopped_by_sigterm": stopped_by_sigterm, "metrics_path": metrics_path}
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curve(metrics_path: str, png_path: str) -> str:
+    """Writes the loss curve of a metrics.jsonl to a PNG (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path
+
+
+def sample_continuations(state, model_cfg, tokenizer, prompts, max_new_tokens: int) -> list[str]:
+    """Greedy continuations of text prompts from the trained parameters (stops at <|endoftext|>)."""
+    from phi4_jax.generation import generate
+    from phi4_jax.model import model_from_params
+
+    params = jax.device_get(state["params"])
+    model = model_from_params(model_cfg, params)
+    ids = [tokenizer.encode(p) for p in prompts]
+    outs = generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.0,
+                    stop_tokens=[tokenizer.endoftext_id])
+    return [tokenizer.decode(o) for o in outs]

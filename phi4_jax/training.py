@@ -1,0 +1,185 @@
+"""The train state and the jitted (pjit) train step.
+
+Train state: a plain pytree ``{"step": int32[], "params": fp32 master weights, "opt_state": optax state}``.
+Parameters are created directly with their shardings (jit with out_shardings), so a 14B model is never
+materialized on one device. The step casts weights to the compute dtype inside the model (bf16 compute,
+fp32 master weights, fp32 loss), accumulates gradients over micro-batches with `lax.scan`, and is jitted
+with explicit in/out shardings and a donated state.
+
+Gradient accumulation is exact: each micro-batch contributes the gradient of its *summed* token loss, and
+the total is divided once by the number of trained tokens of the whole global batch, so k micro-batches give
+the same update as one big batch (up to float rounding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from phi4_jax import sharding
+from phi4_jax.config import Phi4Config
+from phi4_jax.loss import loss_sum_and_count
+from phi4_jax.model import init_param, logical_axes_tree, param_specs
+
+BATCH_KEYS = ("input_ids", "segment_ids", "positions")
+BATCH_AXES = ("batch", "seq")
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple)
+
+
+def init_params(config: Phi4Config, key):
+    """Fresh parameters (Phi-3 style init) as a nested dict, in `config.param_dtype`."""
+    specs = param_specs(config)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    keys = jax.random.split(key, len(leaves))
+    dtype = jnp.dtype(config.param_dtype)
+    return jax.tree.unflatten(treedef, [init_param(k, shape, axes, dtype)
+                                        for k, (shape, axes) in zip(keys, leaves)])
+
+
+def new_train_state(params, tx):
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    state: Any      # tree of NamedSharding matching the train state
+    batch: Any      # NamedSharding of every [batch, seq] batch array
+    params: Any
+    replicated: Any
+
+
+def train_state_shardings(mesh, config: Phi4Config, tx, rules=None) -> StepShardings:
+    """Declared shardings: params from the rules table, optimizer moments like their params, scalars replicated."""
+    rules = rules or sharding.TRAINING_RULES
+    param_sh = sharding.tree_shardings(mesh, logical_axes_tree(config), rules)
+    rep = sharding.replicated(mesh)
+    abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s[0], jnp.dtype(config.param_dtype)),
+                                   param_specs(config), is_leaf=_is_spec)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, param_sh,
+                                   transform_non_params=lambda _: rep)
+    state = {"step": rep, "params": param_sh, "opt_state": opt_sh}
+    return StepShardings(state=state, batch=sharding.named_sharding(mesh, BATCH_AXES, rules),
+                         params=param_sh, replicated=rep)
+
+
+def abstract_train_state(config: Phi4Config, tx, shardings: StepShardings | None = None):
+    """The train state as ShapeDtypeStructs (with shardings when given): for AOT compile and restore."""
+    abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s[0], jnp.dtype(config.param_dtype)),
+                                   param_specs(config), is_leaf=_is_spec)
+    abstract = jax.eval_shape(lambda p: new_train_state(p, tx), abstract_params)
+    if shardings is None:
+        return abstract
+    return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        abstract, shardings.state)
+
+
+def create_train_state(config: Phi4Config, tx, shardings: StepShardings, key, params=None):
+    """A train state created already sharded (fresh init unless `params` are given)."""
+    if params is None:
+        fn = jax.jit(lambda k: new_train_state(init_params(config, k), tx),
+                     out_shardings=shardings.state)
+        return fn(key)
+    params = jax.tree.map(lambda p, sh: jax.device_put(jnp.asarray(p, config.param_dtype), sh),
+                          params, shardings.params)
+    fn = jax.jit(lambda p: new_train_state(p, tx), in_shardings=(shardings.params,),
+                 out_shardings=shardings.state)
+    return fn(params)
+
+
+def make_train_step(config: Phi4Config, tx, schedule: Callable, *, micro_batches: int, loss_chunk: int,
+                    mesh, shardings: StepShardings, rules=None, donate: bool = True):
+    """jit(step)(state, batch) -> (state, metrics). batch: {input_ids, segment_ids, positions} [G, S] int32.
+
+    metrics (float32 scalars): loss (mean over trained tokens), grad_norm (before clipping), lr (of this
+    step), tokens (number of trained tokens).
+    """
+    rules = rules or sharding.TRAINING_RULES
+    k = int(micro_batches)
+
+    def grad_of(params, batch):
+        def f(p):
+            total, count = loss_sum_and_count(p, batch, config, loss_chunk)
+            return total, count
+        (total, count), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return total, count, grads
+
+    def step(state, batch):
+        with sharding.activation_sharding(mesh, rules):
+            params = state["params"]
+            if k == 1:
+                total, count, grads = grad_of(params, batch)
+            else:
+                def split(x):
+                    g, s = x.shape
+                    # micro-batch m = rows m, m+k, m+2k, ...: each keeps its share of every data shard
+                    x = jnp.swapaxes(x.reshape(g // k, k, s), 0, 1)
+                    return sharding.constrain(x, (None, "batch", "seq"))
+                micro = {name: split(batch[name]) for name in BATCH_KEYS}
+
+                def body(carry, mb):
+                    tot, cnt, acc = carry
+                    t, c, g = grad_of(params, mb)
+                    return (tot + t, cnt + c, jax.tree.map(jnp.add, acc, g)), None
+
+                zeros = jax.tree.map(jnp.zeros_like, params)
+                (total, count, grads), _ = jax.lax.scan(
+                    body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros), micro)
+            denom = jnp.maximum(count, 1.0)
+            grads = jax.tree.map(lambda g: g / denom, grads)
+            grads = jax.lax.with_sharding_constraint(grads, shardings.params)
+            grad_norm = optax.tree.norm(grads)
+            updates, opt_state = tx.update(grads, state["opt_state"], params)
+            new_params = optax.apply_updates(params, updates)
+            metrics = {"loss": total / denom, "grad_norm": grad_norm,
+                       "lr": jnp.asarray(schedule(state["step"]), jnp.float32), "tokens": count}
+            new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+            return new_state, metrics
+
+    batch_sh = {name: shardings.batch for name in BATCH_KEYS}
+    return jax.jit(step, in_shardings=(shardings.state, batch_sh),
+                   out_shardings=(shardings.state, shardings.replicated),
+                   donate_argnums=(0,) if donate else ())
+
+
+# ----------------------------------------------------------------------------- FLOPs and MFU
+
+def training_flops_per_token(config: Phi4Config, seq_len: int) -> float:
+    """Model FLOPs per trained token (forward + backward = 3x forward, no remat recompute counted).
+
+    Matmuls: 6 * (parameters used in matmuls: all but the embedding lookup). Causal attention: the
+    QK^T and PV products average seq_len/2 keys per query: 2 products * 2 FLOPs * Hq * D * S/2 per layer
+    forward, times 3 for training = 6 * L * Hq * D * S.
+    """
+    matmul_params = config.num_params - config.vocab_size * config.hidden_size
+    attention = 6.0 * config.num_layers * config.num_heads * config.head_dim * seq_len
+    return 6.0 * matmul_params + attention
+
+
+# Dense bf16 peak FLOP/s per device (vendor figures), by substring of `device.device_kind`.
+PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12,
+    "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v6": 918e12, "TPU v4": 275e12,
+}
+
+
+def peak_flops_per_device(device=None) -> float | None:
+    device = device or jax.devices()[0]
+    kind = getattr(device, "device_kind", "") or ""
+    for name, flops in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return flops
+    return None
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, n_devices: int, peak: float | None) -> float | None:
+    if not peak:
+        return None
+    return flops_per_token * tokens_per_s / (peak * n_devices)

@@ -1,0 +1,189 @@
+"""The training loop and CLI: exact resume after SIGTERM, non-finite loss, config errors, the demo.
+
+Runs in-process on the 8 simulated CPU devices of tests/conftest.py (the demo mesh fsdp=-1 fills them).
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+
+import numpy as np
+import pytest
+
+from phi4_jax import trainer
+from phi4_jax.train_config import TrainConfigError, load_train_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train as train_cli  # noqa: E402
+
+DEMO = os.path.join(ROOT, "configs", "demo.toml")
+SMALL = ["model.num_layers=1", "model.hidden_size=64", "model.intermediate_size=128", "model.num_heads=2",
+         "model.num_kv_heads=1", "model.head_dim=32", "train.global_batch=8", "train.seq_len=64",
+         "train.loss_chunk=32", "train.steps=6", "checkpoint.save_every=2", "checkpoint.keep=5",
+         "optimizer.warmup_steps=2"]
+
+
+def _one_device():
+    import jax
+
+    from phi4_jax import sharding
+    return sharding.build_mesh("fsdp=1", devices=jax.devices()[:1])
+
+
+def _losses(workdir):
+    return [(r["step"], r["loss"]) for r in trainer.read_metrics(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def _wrap_step(monkeypatch, after_call):
+    """Wraps the jitted train step so `after_call(n, state, metrics)` runs after the n-th call."""
+    real = trainer.make_train_step
+
+    def make(*args, **kwargs):
+        step = real(*args, **kwargs)
+        calls = [0]
+
+        def wrapped(state, batch):
+            state, metrics = step(state, batch)
+            calls[0] += 1
+            return state, after_call(calls[0], metrics)
+
+        return wrapped
+
+    monkeypatch.setattr(trainer, "make_train_step", make)
+
+
+def test_resume_after_sigterm_reproduces_uninterrupted_run(tmp_path, monkeypatch):
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("SIGTERM handlers need the main thread")
+    cfg = load_train_config(DEMO, SMALL)
+    mesh = _one_device()
+    full = trainer.train(cfg, str(tmp_path / "full"), progress=False, mesh=mesh)
+    assert full["last_step"] == 6 and not full["stopped_by_sigterm"]
+
+    def sigterm_at_3(n, metrics):
+        if n == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    with monkeypatch.context() as m:
+        _wrap_step(m, sigterm_at_3)
+        cut = trainer.train(cfg, str(tmp_path / "cut"), progress=False, mesh=mesh)
+    assert cut["stopped_by_sigterm"] and cut["last_step"] == 3
+    assert sorted(int(d) for d in os.listdir(tmp_path / "cut" / "checkpoints") if d.isdigit()) == [2, 3]
+    resumed = trainer.train(cfg, str(tmp_path / "cut"), progress=False, mesh=mesh)
+    assert resumed["last_step"] == 6
+    want, got = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
+    assert [s for s, _ in got] == [1, 2, 3, 4, 5, 6]
+    assert got == want  # bit-exact: same params, optimizer state and data position after resume
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = load_train_config(DEMO, SMALL)
+
+    def nan_at_3(n, metrics):
+        return {**metrics, "loss": metrics["loss"] * math.nan} if n == 3 else metrics
+
+    _wrap_step(monkeypatch, nan_at_3)
+    with pytest.raises(trainer.NonFiniteLossError, match=r"at step 3.*last good checkpoint is step 2"):
+        trainer.train(cfg, str(tmp_path), progress=False, mesh=_one_device())
+    saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    assert saved == [2]  # the interval save; nothing from the bad step on
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optimizer.lr=-1"], "optimizer.lr must be positive"),
+    (["train.global_batch=10", "train.micro_batches=4"], "divisible by train.micro_batches"),
+    (["model.preset='phi5'"], "unknown model preset 'phi5'"),
+    (["model.num_kv_heads=3"], "multiple of num_kv_heads"),
+    (["train.seq_len=4096"], "exceeds model.max_position_embeddings"),
+    (["optimizer.learning_rate=1e-4"], r"unknown key\(s\) in \[optimizer\]: \['learning_rate'\]"),
+    (["trian.steps=3"], r"unknown config section\(s\) \['trian'\]"),
+    (["mesh.fsdp=0"], "positive integer or -1"),
+    (["data.sources=[]"], "data.sources is empty"),
+    (["train.steps"], "must look like SECTION.KEY=VALUE"),
+])
+def test_bad_configs_give_clear_errors(overrides, message):
+    with pytest.raises(TrainConfigError, match=message):
+        load_train_config(DEMO, overrides)
+
+
+def test_cli_reports_bad_config_and_mesh(tmp_path, capsys):
+    assert train_cli.main(["--config", str(tmp_path / "nope.toml"), "--workdir", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    # 8 devices cannot form a tensor=3 mesh; tensor=4 does not divide the demo's 2 KV heads
+    assert train_cli.main(["--workdir", str(tmp_path), "--set", "mesh.tensor=3"]) == 2
+    assert "not divisible by the fixed axes" in capsys.readouterr().err
+    assert train_cli.main(["--workdir", str(tmp_path), "--set", "mesh.tensor=4", "--set", "mesh.fsdp=2"]) == 2
+    assert "does not divide num_kv_heads=2" in capsys.readouterr().err
+    assert train_cli.main(["--workdir", str(tmp_path), "--set", "train.global_batch=4"]) == 2
+    assert "micro-batch size 4 is not divisible by the data-parallel mesh axes" in capsys.readouterr().err
+
+
+def test_demo_cli_loss_falls_and_samples(tmp_path, capsys):
+    workdir = str(tmp_path / "demo")
+    args = ["--workdir", workdir, "--steps", "30", "--save-every", "15", "--no-progress",
+            "--set", "demo.max_new_tokens=8"]
+    assert train_cli.main(args) == 0
+    out = capsys.readouterr().out
+    records = trainer.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    assert [r["step"] for r in records] == list(range(1, 31))
+    losses = np.array([r["loss"] for r in records])
+    assert losses[0] > np.log(200) - 1.0        # starts near uniform over the ~220-token vocabulary
+    assert losses[-5:].mean() < losses[0] - 2.0  # and visibly falls
+    assert all(k in records[-1] for k in ("grad_norm", "lr", "tokens_per_s"))
+    assert os.path.getsize(os.path.join(workdir, "loss.png")) > 1000
+    assert "samples (greedy):" in out and "'Once upon a time, Lily had a' ->" in out
+    # running again resumes from the newest checkpoint: nothing left to do, no new metrics
+    assert train_cli.main(args) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert len(trainer.read_metrics(os.path.join(workdir, "metrics.jsonl"))) == 30
+    assert json.load(open(os.path.join(workdir, "config.json")))["train"]["steps"] == 30
+
+
+def test_converted_checkpoint_starts_a_run(tmp_path, capsys):
+    """A Hugging Face-layout checkpoint -> convert_weights' converter -> train.init_from."""
+    import jax
+    from safetensors.numpy import save_file
+
+    from phi4_jax.convert import hf_to_checkpoint
+    from phi4_jax.hf_mapping import hf_state_dict_from_params
+    from phi4_jax.train_checkpoint import TrainCheckpointError, init_params_from
+    from phi4_jax.training import init_params, train_state_shardings
+    from phi4_jax.optimizer import make_optimizer
+    from phi4_jax import sharding
+
+    cfg = load_train_config(DEMO, SMALL + ["train.steps=1", "model.rope_theta=5000.0"])
+    stored_config = cfg.model.replace(rope_theta=10000.0)  # midtraining-style change of the RoPE base
+    params = jax.device_get(init_params(stored_config, jax.random.key(7)))
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    save_file({k: np.ascontiguousarray(v) for k, v in hf_state_dict_from_params(params, stored_config).items()},
+              str(hf_dir / "model.safetensors"))
+    (hf_dir / "config.json").write_text(json.dumps(stored_config.to_hf_dict(torch_dtype="float32")))
+    converted = tmp_path / "converted"
+    hf_to_checkpoint(hf_dir, converted, progress=False)
+
+    mesh = sharding.build_mesh(cfg.mesh)
+    tx, _ = make_optimizer(cfg.optimizer, cfg.model, 1)
+    sh = train_state_shardings(mesh, cfg.model, tx)
+    loaded = init_params_from(str(converted), cfg.model, sh.params)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(jax.device_get(loaded))):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(TrainCheckpointError, match="different architecture.*num_layers"):
+        init_params_from(str(converted), cfg.model.replace(num_layers=2), sh.params)
+
+    # a run starts from it, and a later stage can start from that run's workdir (midtraining from pretraining)
+    logs = []
+    cfg_run = load_train_config(DEMO, SMALL + ["train.steps=1", "model.rope_theta=5000.0",
+                                               f"train.init_from={converted}"])
+    run = trainer.train(cfg_run, str(tmp_path / "run"), progress=False, log=logs.append, mesh=_one_device())
+    assert f"initialized parameters from {converted}" in logs
+    from phi4_jax.training import abstract_train_state
+    stage2 = init_params_from(str(tmp_path / "run"), cfg.model, sh.params, abstract_train_state(cfg.model, tx, sh))
+    for a, b in zip(jax.tree.leaves(jax.device_get(run["state"]["params"])), jax.tree.leaves(jax.device_get(stage2))):
+        np.testing.assert_array_equal(a, b)
