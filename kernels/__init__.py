@@ -5,6 +5,8 @@ Public entry points (the project's contract):
 - `flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, implementation=None,
   interpret=False)`
 - `apply_rope(x, positions, *, theta, implementation=None, interpret=False)`
+- `flash_attention_rope(q, k, v, positions, *, theta, ...)`: RoPE on q/k then attention (fused on TPU)
+- `decode_attention(q, k_cache, v_cache, lengths, ...)`: a few new queries against a KV cache
 
 This package never imports `phi4_jax`: the model depends on the kernels, not the reverse.
 """
@@ -15,6 +17,7 @@ from kernels.dispatch import (
     apply_rope,
     default_implementation,
     flash_attention,
+    flash_attention_rope,
 )
 from kernels.decode_attention import decode_attention, decode_attention_reference
 from kernels.rope_reference import apply_rope_reference
@@ -29,4 +32,5 @@ __all__ = [
     "decode_attention_reference",
     "default_implementation",
     "flash_attention",
+    "flash_attention_rope",
 ]

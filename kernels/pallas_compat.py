@@ -1,0 +1,108 @@
+"""Small shared helpers for the Pallas kernels: interpret-mode parameters, backend checks, lane rolls, RoPE tiles.
+
+Kept in one place so version differences of `jax.experimental.pallas` (checked with JAX 0.10.2) are handled once.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels.dispatch import AttentionConfigError
+
+
+class PallasUnavailableError(AttentionConfigError):
+    """A Pallas kernel was asked to run where it cannot (no matching accelerator and no interpret mode)."""
+
+
+def on_tpu() -> bool:
+    """True when compiling for a TPU: the default backend is one, or an abstract mesh with a TPU abstract
+    device is active (`jax.sharding.use_abstract_mesh`, used to lower for TPU from a CPU host)."""
+    abstract_device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    if abstract_device is not None:
+        return abstract_device.platform == "tpu"
+    return jax.default_backend() == "tpu"
+
+
+def tpu_target(device_kind: str = "TPU v5p", num_cores: int = 1):
+    """Context manager to lower Mosaic TPU kernels from a host without a TPU (e.g. `jax.export` with
+    platforms=["tpu"]): an abstract mesh whose abstract device is the given TPU."""
+    device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=num_cores, platform="tpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    return jax.sharding.use_abstract_mesh(mesh)
+
+
+def tpu_interpret_params(interpret, *, detect_races: bool = False):
+    """Maps the public `interpret` flag to what `pl.pallas_call(interpret=...)` needs for a Mosaic TPU kernel.
+
+    False -> False (compile with Mosaic; a TPU must be present); True -> `pltpu.InterpretParams()` (the TPU
+    interpreter, which simulates VMEM, DMAs and semaphores on CPU); an `InterpretParams` is passed through.
+    """
+    if isinstance(interpret, pltpu.InterpretParams):
+        return interpret
+    if interpret:
+        return pltpu.InterpretParams(detect_races=detect_races)
+    if not on_tpu():
+        raise PallasUnavailableError(
+            f"the Mosaic TPU kernel needs a TPU backend (found {jax.default_backend()!r}); "
+            "pass interpret=True to run it on CPU")
+    return False
+
+
+def races_found() -> bool | None:
+    """Whether the TPU interpreter's race detector (InterpretParams(detect_races=True)) reported a race in the
+    kernels run since `pltpu.reset_tpu_interpret_mode_state()`; None if no interpreted kernel has run."""
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret  # private, 0.10.x
+
+    state = getattr(tpu_interpret, "races", None)
+    return None if state is None else bool(state.races_found)
+
+
+def lane_roll(x, shift: int, *, tpu: bool):
+    """jnp.roll(x, shift, axis=-1) with a non-negative static shift; `pltpu.roll` (a native lane rotate) on TPU."""
+    shift = shift % x.shape[-1]
+    if shift == 0:
+        return x
+    if tpu:
+        return pltpu.roll(x, shift, x.ndim - 1)
+    return jnp.roll(x, shift, axis=-1)
+
+
+def rotate_half_lanes(x, head_dim: int, *, tpu: bool):
+    """NeoX rotate_half applied per head to a tile whose last axis holds whole heads of `head_dim` lanes.
+
+    For each head [x1, x2] -> [-x2, x1], built from lane rolls (no lane slicing, which Mosaic handles poorly
+    for half-vreg offsets).
+    """
+    half = head_dim // 2
+    width = x.shape[-1]
+    lane = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    first_half = (lane % head_dim) < half
+    from_right = lane_roll(x, width - half, tpu=tpu)  # lane j <- x[j + half]
+    if width == head_dim:
+        return jnp.where(first_half, -from_right, from_right)
+    from_left = lane_roll(x, half, tpu=tpu)           # lane j <- x[j - half]
+    return jnp.where(first_half, -from_right, from_left)
+
+
+def rope_cos_sin(positions_col, inv_freq_row, *, inverse: bool = False):
+    """cos and sin [rows, D] of angles positions [rows, 1] (int) * inv_freq [1, D] (float32, concat(f, f)).
+
+    `inverse=True` negates sin: the rotation by -angle, which is RoPE's backward.
+    """
+    angles = positions_col.astype(jnp.float32) * inv_freq_row
+    sin = jnp.sin(angles)
+    return jnp.cos(angles), (-sin if inverse else sin)
+
+
+def rotate_with(x, cos, sin, head_dim: int, *, tpu: bool):
+    """x [rows, D] rotated by cos/sin [rows, D] in float32 (NeoX rotate-half); returns float32."""
+    xf = x.astype(jnp.float32)
+    return xf * cos + rotate_half_lanes(xf, head_dim, tpu=tpu) * sin
+
+
+def rope_tile(x, positions_col, inv_freq_row, head_dim: int, *, inverse: bool = False, tpu: bool):
+    """Rotates one head's tile x [rows, head_dim] (float32 math) by angles positions * inv_freq."""
+    cos, sin = rope_cos_sin(positions_col, inv_freq_row, inverse=inverse)
+    return rotate_with(x, cos, sin, head_dim, tpu=tpu)
