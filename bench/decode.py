@@ -1,0 +1,219 @@
+"""Decode speed on this machine: phi4_jax.generate against transformers' generate (KV cache), same model.
+
+    python bench/decode.py                       # ~87M-parameter phi-4-shaped model, fp32 both sides
+    python bench/decode.py --write BENCHMARKS.md # also append the results to the "Decode" section
+
+One random Phi3ForCausalLM is built in transformers and converted in memory, so both sides run the same
+weights in float32. transformers runs at each of `--hf-threads` torch thread counts (on a loaded machine,
+torch's OpenMP threads can be far slower with more threads) and the fastest is compared. For batch 1 and
+batch 8 (equal-length prompts), after a warm-up call, each side generates 1 token (prefill + first token)
+and N tokens with stop tokens off (every sequence runs to N), the sides alternating so that machine load
+hits all alike; with t_1 and t_N the medians, decode tokens/s = batch * (N - 1) / (t_N - t_1) and prefill
+tokens/s = batch * prompt_len / t_1. Time to first token is also measured on the very first call, which
+for phi4_jax includes compiling the prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+SIZES = {  # name: (hidden, layers, heads, kv_heads, intermediate, vocab)
+    "87m": (384, 6, 6, 2, 1152, 100352),
+    "tiny": (64, 2, 4, 2, 160, 4096),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="87m")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (median is reported)")
+    p.add_argument("--hf-threads", default=f"1,{os.cpu_count()}",
+                   help="torch thread counts to measure; the fastest is compared (XLA uses all cores)")
+    p.add_argument("--write", metavar="BENCHMARKS_MD", default=None,
+                   help="append the results to this file's 'Decode' section")
+    return p.parse_args(argv)
+
+
+def build_models(size: str):
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from phi4_jax.config import Phi4Config
+    from phi4_jax.hf_mapping import params_from_hf_state_dict
+    from phi4_jax.model import model_from_params
+
+    hidden, layers, heads, kv, inter, vocab = SIZES[size]
+    hf_config = Phi3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                           num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                           bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.05)
+    torch.manual_seed(0)
+    hf = Phi3ForCausalLM(hf_config).eval()
+    config = Phi4Config.from_hf_dict(hf_config.to_dict(), param_dtype="float32", compute_dtype="float32",
+                                     remat_policy="none")
+    state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    ours = model_from_params(config, jax.tree.map(jnp.asarray, params_from_hf_state_dict(state, config)))
+    return hf, ours, config
+
+
+def ours_runner(model, prompts):
+    import phi4_jax
+
+    def run(n):
+        out = phi4_jax.generate(model, prompts, max_new_tokens=n, stop_tokens=[])
+        assert all(len(o) == n for o in out)
+    return run
+
+
+def hf_runner(model, prompts, threads: int):
+    import torch
+
+    ids = torch.tensor(prompts)
+    mask = torch.ones_like(ids)
+
+    def run(n):
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 use_cache=True, pad_token_id=0)
+        assert out.shape[1] == ids.shape[1] + n
+    return run
+
+
+def seconds(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def bench_pair(runners: dict, new_tokens: int, repeats: int) -> dict:
+    """{name: (first call incl. compile, median t_1, median t_N)}; the sides alternate, so load hits both alike."""
+    cold = {name: seconds(run, 1) for name, run in runners.items()}
+    for run in runners.values():
+        run(new_tokens)  # warm-up (phi4_jax: compiles the decode loop)
+    t1 = {name: [] for name in runners}
+    tn = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            t1[name].append(seconds(run, 1))
+            tn[name].append(seconds(run, new_tokens))
+    return {name: (cold[name], statistics.median(t1[name]), statistics.median(tn[name])) for name in runners}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            cpu = names[0]
+    except OSError:
+        pass
+    load = ", load average {:.1f} / {:.1f} / {:.1f} (1 / 5 / 15 min) at the end".format(*os.getloadavg())
+    return f"{cpu}, {os.cpu_count()} cores visible, {platform.system()} {platform.release()}{load}"
+
+
+DECODE_INTRO = """`bench/decode.py`: decode tokens/s of `phi4_jax.generate` (KV cache, on-device `lax.while_loop`) against
+transformers' `generate` (its KV cache), same random phi-4-shaped model and weights, float32 on both sides, same
+machine and run; batch 1 and 8 after a warm-up; also prefill tokens/s and time to first token (phi4_jax's first
+call includes compiling the prefill). Goal on CPU: decode at least 2x transformers. Each run appends a table below.
+On a GPU (not available to this work so far), the 14B-shaped decode against the memory-bandwidth bound belongs
+to the [evidence] issue."""
+
+
+def update_section(path: str, heading: str, key: str, *, intro: str = "", append: str | None = None,
+                   replace: str | None = None) -> None:
+    """Edits the `<!-- key:begin -->...<!-- key:end -->` block of BENCHMARKS.md's `## heading` section.
+
+    `append` adds text at the end of the block, `replace` replaces the block's body; the section (heading,
+    `intro`, markers) is created at the end of the file if absent. Other sections are left untouched.
+    """
+    content = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
+    if begin not in content or end not in content:
+        content = content.rstrip("\n") + f"\n\n## {heading}\n\n{begin}\n{intro.strip()}\n{end}\n"
+    head, rest = content.split(begin, 1)
+    body, tail = rest.split(end, 1)
+    if replace is not None:
+        body = "\n" + replace.strip() + "\n"
+    if append is not None:
+        body = body.rstrip("\n") + "\n\n" + append.strip() + "\n"
+    with open(path, "w") as f:
+        f.write(head + begin + body + end + tail)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import numpy as np
+    import torch
+
+    import jax
+
+    hf, ours, config = build_models(args.size)
+    n_params = config.num_params
+    rng = np.random.default_rng(0)
+    hf_threads = [int(t) for t in args.hf_threads.split(",")]
+    rows = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        prompts = rng.integers(3, config.vocab_size, (batch, args.prompt_len)).tolist()
+        runners = {"ours": ours_runner(ours, prompts)}
+        runners.update({th: hf_runner(hf, prompts, th) for th in hf_threads})
+        times = bench_pair(runners, args.new_tokens, args.repeats)
+        decode = {name: batch * (args.new_tokens - 1) / (tn - t1) for name, (_, t1, tn) in times.items()}
+        best = max(hf_threads, key=lambda th: decode[th])
+        (o_cold, o_1, _), (h_cold, h_1, _) = times["ours"], times[best]
+        o_dec, h_dec = decode["ours"], decode[best]
+        others = ", ".join(f"{decode[th]:.1f} with {th} threads" for th in hf_threads if th != best)
+        rows.append((batch, o_dec, h_dec, best, others, batch * args.prompt_len / o_1,
+                     batch * args.prompt_len / h_1, o_cold, o_1, h_cold, h_1))
+        print(f"batch {batch}: decode {o_dec:.1f} vs {h_dec:.1f} tokens/s ({o_dec / h_dec:.2f}x; transformers "
+              f"{best} threads; {others or '-'}); prefill {rows[-1][5]:.0f} vs {rows[-1][6]:.0f} tokens/s; "
+              f"first token {o_cold:.2f}s cold / {o_1 * 1e3:.0f} ms warm vs {h_cold:.2f}s / {h_1 * 1e3:.0f} ms",
+              flush=True)
+
+    command = "python bench/decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [
+        f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, `{command.strip()}`",
+        "",
+        f"Machine: {machine()}; jax {jax.__version__} ({jax.default_backend()}, XLA's default threads), "
+        f"torch {torch.__version__} (measured with {args.hf_threads} threads; the table compares the fastest, "
+        f"the others are listed). Model: random phi-4-shaped Phi3ForCausalLM, {n_params / 1e6:.0f}M parameters "
+        f"(hidden {config.hidden_size}, {config.num_layers} layers, {config.num_heads}/{config.num_kv_heads} "
+        f"heads, vocab {config.vocab_size}), float32 on both sides; prompt {args.prompt_len} tokens, "
+        f"{args.new_tokens} new tokens, greedy, median of {args.repeats}.",
+        "",
+        "| batch | phi4_jax decode tok/s | transformers decode tok/s (best threads; others) | speed-up "
+        "| phi4_jax prefill tok/s "
+        "| transformers prefill tok/s | phi4_jax first token: cold (incl. compile) / warm "
+        "| transformers first token: first call / warm |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b, od, hd, best, others, op, hp, oc, o1, hc, h1 in rows:
+        lines.append(f"| {b} | {od:.1f} | {hd:.1f} ({best} threads; {others or '-'}) | **{od / hd:.2f}x** "
+                     f"| {op:.0f} | {hp:.0f} | "
+                     f"{oc:.2f} s / {o1 * 1e3:.0f} ms | {hc:.2f} s / {h1 * 1e3:.0f} ms |")
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        update_section(args.write, "Decode", "decode", intro=DECODE_INTRO, append=text)
+        print(f"appended to {args.write}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,537 @@
+"""Text generation for Phi-4: a KV cache, a prefill, a jitted decode step, sampling, and `generate`.
+
+KV cache layout (`KVCache`):
+
+    k, v      [layers, batch, capacity, kv_heads, head_dim]   logical axes CACHE_AXES
+    lengths   [batch] int32                                   valid slots per sequence
+
+Sequence b occupies slots 0 .. lengths[b]-1 and the token in slot s sits at position s (prompts are
+right-padded, so RoPE positions need no offsets). The cache is GQA-sized (kv_heads, e.g. 10 for phi-4,
+not 40 query heads) and stored in the compute dtype (bf16 or fp32) unless asked otherwise. With a mesh
+and a rules table, the cache is laid out by `sharding.logical_to_spec(CACHE_AXES, rules)` and every
+activation follows the same rules.
+
+Flow of `generate`:
+
+1. prompts are right-padded to a bucketed length P (a power of two) and the batch to a power of two;
+2. `prefill` runs the prompt through the layers with `kernels.flash_attention` (causal, into an empty
+   cache), writes all keys/values in one update, and samples each sequence's first token from the
+   logits at its last prompt token;
+3. `decode_step` feeds one token per sequence, writes its key/value at slot lengths[b], attends with
+   `kernels.decode_attention`, and samples the next token. Without a streaming callback, the whole
+   decode loop is one jitted `lax.while_loop` on the device (cache donated) that stops when every
+   sequence has hit a stop token or its budget; with a callback, a host loop dispatches one jitted,
+   cache-donating step per token and hands the new tokens to the callback.
+
+Shapes are bucketed (batch, prompt length, cache capacity, output length, number of stop tokens), so a
+new prompt length or token count does not recompile. The layer math is the model's own pure functions
+(`rms_norm`, `attention_projections`, `attention_output`, `mlp`, `logits_from_hidden`, `apply_rope`).
+
+Context: a prompt of max_position_embeddings tokens or more raises `ContextLengthError`; a sequence whose
+prompt plus max_new_tokens would overflow the context stops when the context is full.
+
+Sampling: greedy (temperature 0) or softmax(logits / temperature), optionally restricted to the top_k
+tokens and/or the nucleus of mass top_p. Sequence b draws its token t with key `fold_in(key_b, t)`;
+key_b comes from `seed` (see `sequence_keys`), so results are reproducible, and with one seed per
+prompt a prompt's tokens do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import functools
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kernels
+from phi4_jax import sharding
+from phi4_jax.config import Phi4Config
+from phi4_jax.model import attention_output, attention_projections, logits_from_hidden, mlp, rms_norm
+
+CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+ENDOFTEXT_ID = 100257  # phi-4's <|endoftext|>; <|im_end|> is config.eos_token_id (100265)
+_NO_TOKEN = -1  # placeholder in output buffers after a sequence has finished
+_MIN_PROMPT_BUCKET = 32
+_MIN_NEW_BUCKET = 16
+_MIN_STOP_BUCKET = 4
+
+
+class GenerationError(ValueError):
+    """Invalid arguments to generation (prompts, sampling settings, token ids)."""
+
+
+class ContextLengthError(GenerationError):
+    """A prompt that does not fit the model's context window."""
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer; see the module docstring for the layout."""
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+
+
+# ----------------------------------------------------------------------------- shapes and sharding
+
+def bucket(n: int, minimum: int, cap: int | None = None) -> int:
+    """The smallest power of two >= max(n, minimum), but at most cap (when cap >= n)."""
+    size = max(int(minimum), 1)
+    while size < n:
+        size *= 2
+    if cap is not None and n <= cap:
+        size = min(size, cap)
+    return size
+
+
+def _hashable_rules(rules) -> tuple | None:
+    if rules is None:
+        return None
+    items = dict(rules).items()
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in items))
+
+
+class _Sharding(NamedTuple):
+    """Static (hashable) mesh + rules for jitted functions; None means a single device."""
+    mesh: Any
+    rules: tuple
+
+    def context(self):
+        return sharding.activation_sharding(self.mesh, dict(self.rules))
+
+
+def _sharding_context(shard: _Sharding | None):
+    if shard is None:
+        return contextlib.nullcontext()
+    return shard.context()
+
+
+def cache_sharding(mesh, rules):
+    """The NamedSharding of the cache's k/v under a mesh and rules table."""
+    return jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(CACHE_AXES, dict(rules)))
+
+
+def cache_bytes(config: Phi4Config, batch: int, capacity: int, dtype=None) -> int:
+    """Bytes of a KV cache: 2 (k and v) x layers x batch x capacity x kv_heads x head_dim x itemsize."""
+    itemsize = jnp.dtype(dtype or config.compute_dtype).itemsize
+    return 2 * config.num_layers * batch * capacity * config.num_kv_heads * config.head_dim * itemsize
+
+
+def init_cache(config: Phi4Config, batch: int, capacity: int, dtype=None) -> KVCache:
+    """An empty cache (call inside jit / an activation_sharding context to get it sharded)."""
+    shape = (config.num_layers, batch, capacity, config.num_kv_heads, config.head_dim)
+    dtype = jnp.dtype(dtype or config.compute_dtype)
+    k = sharding.constrain(jnp.zeros(shape, dtype), CACHE_AXES)
+    v = sharding.constrain(jnp.zeros(shape, dtype), CACHE_AXES)
+    return KVCache(k, v, jnp.zeros((batch,), jnp.int32))
+
+
+# ----------------------------------------------------------------------------- forward with a cache
+
+def _embed(params, tokens, config: Phi4Config):
+    x = jnp.take(params["embed"], tokens, axis=0).astype(jnp.dtype(config.compute_dtype))
+    return sharding.constrain(x, ("batch", "seq", "embed"))
+
+
+def _mlp_block(layer, x, config: Phi4Config):
+    h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
+    x = x + mlp(layer, h, config)
+    return sharding.constrain(x, ("batch", "seq", "embed"))
+
+
+def prefill(params, tokens, lengths, config: Phi4Config, capacity: int, cache_dtype=None):
+    """Runs right-padded prompts tokens [B, P] (true lengths [B]) into a fresh cache of `capacity` slots.
+
+    Returns (cache with lengths = `lengths`, float32 logits [B, vocab] at each prompt's last token).
+    """
+    b, p = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None], (b, p))
+    cache = init_cache(config, b, capacity, cache_dtype)
+    x = _embed(params, tokens, config)
+
+    def body(x, layer):
+        with jax.named_scope("attention"):
+            h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+            q, k, v = attention_projections(layer, h, config)
+            q = kernels.apply_rope(q, positions, theta=config.rope_theta)
+            k = kernels.apply_rope(k, positions, theta=config.rope_theta)
+            k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+            # Into an empty cache: plain causal attention over the prompt. Padding sits after every
+            # real token, so causality alone keeps it out of real tokens' attention.
+            attn = kernels.flash_attention(q.astype(k.dtype), k, v, causal=True,
+                                           implementation=config.attention_impl)
+            x = x + attention_output(layer, attn.astype(x.dtype), config)
+        return _mlp_block(layer, x, config), (k, v)
+
+    x, (ks, vs) = jax.lax.scan(body, x, params["layers"])      # ks [L, B, P, Hkv, D]
+    k_cache = jax.lax.dynamic_update_slice(cache.k, ks, (0, 0, 0, 0, 0))
+    v_cache = jax.lax.dynamic_update_slice(cache.v, vs, (0, 0, 0, 0, 0))
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]   # [B, E]
+    h = rms_norm(last, params["final_norm"], config.rms_norm_eps)
+    cache = KVCache(sharding.constrain(k_cache, CACHE_AXES), sharding.constrain(v_cache, CACHE_AXES),
+                    lengths.astype(jnp.int32))
+    return cache, logits_from_hidden(params, h, config)
+
+
+def decode_step(params, cache: KVCache, tokens, config: Phi4Config, active=None):
+    """Feeds tokens [B] (one per sequence) at positions cache.lengths; returns (cache, logits [B, vocab]).
+
+    Sequences with active[b] False (finished) do not advance: their slot is overwritten, never attended.
+    """
+    b = tokens.shape[0]
+    slots = cache.lengths                                   # where the new key/value goes
+    advance = jnp.ones((b,), jnp.int32) if active is None else active.astype(jnp.int32)
+    lengths = slots + advance
+    positions = slots[:, None]
+    x = _embed(params, tokens[:, None], config)             # [B, 1, E]
+    batch_index = jnp.arange(b)
+
+    def body(carry, xs):
+        x, k_all, v_all = carry
+        layer, i = xs
+        with jax.named_scope("attention"):
+            h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+            q, k, v = attention_projections(layer, h, config)
+            q = kernels.apply_rope(q, positions, theta=config.rope_theta)
+            k = kernels.apply_rope(k, positions, theta=config.rope_theta)
+            k_all = k_all.at[i, batch_index, slots].set(k[:, 0].astype(k_all.dtype))
+            v_all = v_all.at[i, batch_index, slots].set(v[:, 0].astype(v_all.dtype))
+            attn = kernels.decode_attention(q.astype(k_all.dtype), k_all[i], v_all[i], lengths)
+            x = x + attention_output(layer, attn.astype(x.dtype), config)
+        return (_mlp_block(layer, x, config), k_all, v_all), None
+
+    layer_index = jnp.arange(config.num_layers)
+    (x, k_all, v_all), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params["layers"], layer_index))
+    h = rms_norm(x[:, 0], params["final_norm"], config.rms_norm_eps)
+    cache = KVCache(sharding.constrain(k_all, CACHE_AXES), sharding.constrain(v_all, CACHE_AXES), lengths)
+    return cache, logits_from_hidden(params, h, config)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+class Sampler(NamedTuple):
+    """Static sampling choices (part of the compiled program); temperature and top_p values are dynamic."""
+    greedy: bool
+    top_k: int | None
+    use_top_p: bool
+
+
+def sample(logits, keys, step, sampler: Sampler, temperature, top_p):
+    """Next token per sequence from float32 logits [B, V]; keys [B] (typed PRNG keys), step scalar."""
+    if sampler.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+    if sampler.top_k is None and not sampler.use_top_p:
+        return jax.vmap(jax.random.categorical)(step_keys, logits).astype(jnp.int32)
+    k = logits.shape[-1] if sampler.top_k is None else min(sampler.top_k, logits.shape[-1])
+    values, ids = jax.lax.top_k(logits, k)                  # descending
+    if sampler.use_top_p:
+        probs = jax.nn.softmax(values, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
+        values = jnp.where(mass_before < top_p, values, -jnp.inf)
+    choice = jax.vmap(jax.random.categorical)(step_keys, values)
+    return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def _seed_array(seed: int | Sequence[int], n: int, batch: int) -> tuple[np.ndarray, bool]:
+    """(uint32 seeds [batch], whether they are per prompt) from `generate`'s `seed` argument."""
+    if isinstance(seed, (int, np.integer)):
+        return np.full((batch,), int(seed) % 2**32, np.uint32), False
+    try:
+        seeds = [int(s) for s in seed]
+    except (TypeError, ValueError):
+        raise GenerationError(f"seed must be an int or a list of ints (one per prompt), got {seed!r}") from None
+    if len(seeds) != n:
+        raise GenerationError(f"seed has {len(seeds)} entries but there are {n} prompts")
+    return np.array(seeds + [0] * (batch - n), np.int64).astype(np.uint32), True
+
+
+def keys_from_seeds(seeds, per_prompt: bool):
+    """Per-sequence PRNG keys [B]: `key(seeds[b])` per prompt, else `fold_in(key(seeds[b]), b)` (one shared seed)."""
+    keys = jax.vmap(jax.random.key)(seeds)
+    if per_prompt:
+        return keys
+    return jax.vmap(jax.random.fold_in)(keys, jnp.arange(seeds.shape[0], dtype=jnp.uint32))
+
+
+def sequence_keys(seed: int | Sequence[int], n: int):
+    """The PRNG keys `generate` gives n prompts for `seed` (an int, or one int per prompt)."""
+    seeds, per_prompt = _seed_array(seed, n, n)
+    return keys_from_seeds(jnp.asarray(seeds), per_prompt)
+
+
+# ----------------------------------------------------------------------------- jitted programs
+
+def _is_stop(tokens, stop_tokens):
+    return jnp.any(tokens[:, None] == stop_tokens[None, :], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "capacity", "cache_dtype", "sampler", "shard",
+                                             "per_prompt_seeds"))
+def _prefill_and_sample(params, tokens, lengths, seeds, budget, stop_tokens, temperature, top_p, *,
+                        config, capacity, cache_dtype, sampler, shard, per_prompt_seeds):
+    with _sharding_context(shard):
+        keys = keys_from_seeds(seeds, per_prompt_seeds)
+        cache, logits = prefill(params, tokens, lengths, config, capacity, cache_dtype)
+        first = sample(logits, keys, 0, sampler, temperature, top_p)
+        first = jnp.where(budget > 0, first, _NO_TOKEN)
+        done = (budget <= 1) | _is_stop(first, stop_tokens)
+        return cache, first, done, keys
+
+
+def _decode_body(params, cache, token, done, count, budget, keys, stop_tokens, temperature, top_p,
+                 config, sampler):
+    """One decode step for all sequences; `count` = tokens generated so far (the step index)."""
+    cache, logits = decode_step(params, cache, jnp.maximum(token, 0), config, active=~done)
+    new = sample(logits, keys, count, sampler, temperature, top_p)
+    new = jnp.where(done, _NO_TOKEN, new)
+    done = done | _is_stop(new, stop_tokens) | (count + 1 >= budget)
+    return cache, new, done
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampler", "shard", "out_len"),
+                   donate_argnames=("cache",))
+def _decode_loop(params, cache, first, done, budget, keys, stop_tokens, temperature, top_p, *,
+                 config, sampler, shard, out_len):
+    """Decodes on the device until every sequence is done; returns ([B, out_len] tokens, final cache)."""
+    with _sharding_context(shard):
+        b = first.shape[0]
+        out = jnp.full((b, out_len), _NO_TOKEN, jnp.int32).at[:, 0].set(first)
+
+        def cond(state):
+            _, _, done, count, _ = state
+            return (count < out_len) & ~jnp.all(done)
+
+        def body(state):
+            cache, token, done, count, out = state
+            cache, new, done = _decode_body(params, cache, token, done, count, budget, keys, stop_tokens,
+                                            temperature, top_p, config, sampler)
+            out = jax.lax.dynamic_update_slice(out, new[:, None], (0, count))
+            return cache, new, done, count + 1, out
+
+        state = (cache, first, done, jnp.int32(1), out)
+        cache, _, _, _, out = jax.lax.while_loop(cond, body, state)
+        return out, cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampler", "shard"), donate_argnames=("cache",))
+def _decode_one(params, cache, token, done, count, budget, keys, stop_tokens, temperature, top_p, *,
+                config, sampler, shard):
+    with _sharding_context(shard):
+        return _decode_body(params, cache, token, done, count, budget, keys, stop_tokens, temperature,
+                            top_p, config, sampler)
+
+
+# ----------------------------------------------------------------------------- the public API
+
+def default_stop_tokens(config: Phi4Config) -> list[int]:
+    """phi-4's <|im_end|> (config.eos_token_id) and <|endoftext|> (100257), where the vocab has them."""
+    stops = [config.eos_token_id, ENDOFTEXT_ID]
+    return sorted({t for t in stops if 0 <= t < config.vocab_size})
+
+
+def _validate_prompts(prompts, config: Phi4Config) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise GenerationError("prompts must be a non-empty list of token-id lists")
+    out = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (Sequence, np.ndarray)):
+            raise GenerationError(f"prompt {i} must be a list of token ids, got {type(prompt).__name__}")
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise GenerationError(f"prompt {i} is empty; it needs at least one token")
+        bad = [t for t in ids if not 0 <= t < config.vocab_size]
+        if bad:
+            raise GenerationError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {config.vocab_size})")
+        if len(ids) >= config.max_position_embeddings:
+            raise ContextLengthError(
+                f"prompt {i} has {len(ids)} tokens but the context window is {config.max_position_embeddings} "
+                "(max_position_embeddings), leaving no room for a new token; shorten the prompt")
+        out.append(ids)
+    return out
+
+
+def _validate_sampling(max_new_tokens, temperature, top_k, top_p):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating)) or not temperature >= 0:
+        raise GenerationError(f"temperature must be a number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise GenerationError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float, np.floating)) or not 0 < top_p <= 1):
+        raise GenerationError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def _model_params_config(model):
+    try:
+        return model.params, model.config
+    except AttributeError:
+        raise GenerationError(
+            f"model must be a phi4_jax model (with .params and .config), got {type(model).__name__}") from None
+
+
+def generate(model, prompts, *, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=0,
+             stop_tokens=None, callback: Callable[[list[int | None]], None] | None = None,
+             mesh=None, rules=None, cache_dtype=None) -> list[list[int]]:
+    """Generates continuations of token-id prompts; returns the new tokens of each prompt.
+
+    Args:
+      model: a phi4_jax model (`phi4_jax.load_model`, `model_from_params`, `Phi4ForCausalLM`).
+      prompts: list of token-id lists, any lengths (each shorter than the context window).
+      max_new_tokens: at most this many new tokens per prompt (fewer if the context window fills up).
+      temperature: 0 = greedy; else sample from softmax(logits / temperature).
+      top_k, top_p: restrict sampling to the k most likely tokens / the smallest set of mass top_p.
+      seed: int (sequence b uses key fold_in(key(seed), b)) or one int per prompt.
+      stop_tokens: ids that end a sequence (included in its output); default `default_stop_tokens`.
+      callback: called after each step with one entry per prompt: its new token, or None once finished.
+        Streaming runs a host loop (one dispatch per token); without it the loop runs on the device.
+      mesh, rules: a jax Mesh and logical-axis rules table to shard the cache and activations by.
+      cache_dtype: KV cache dtype (default: the model's compute dtype).
+
+    Raises GenerationError for bad arguments, ContextLengthError for a prompt that cannot fit.
+    """
+    params, config = _model_params_config(model)
+    prompts = _validate_prompts(prompts, config)
+    _validate_sampling(max_new_tokens, temperature, top_k, top_p)
+    if stop_tokens is None:
+        stop_tokens = default_stop_tokens(config)
+    stop_tokens = [int(t) for t in stop_tokens]
+    if (mesh is None) != (rules is None):
+        raise GenerationError("pass both mesh and rules (or neither) to shard generation")
+    shard = None if mesh is None else _Sharding(mesh, _hashable_rules(rules))
+    cache_dtype_name = None
+    if cache_dtype is not None:
+        try:
+            cache_dtype_name = jnp.dtype(cache_dtype).name
+        except TypeError:
+            cache_dtype_name = None
+        if cache_dtype_name not in ("float32", "bfloat16", "float16"):
+            raise GenerationError(f"cache_dtype must be float32, bfloat16 or float16, got {cache_dtype!r}")
+
+    n = len(prompts)
+    limit = config.max_position_embeddings
+    prompt_lens = [len(p) for p in prompts]
+    budgets = [min(int(max_new_tokens), limit - length) for length in prompt_lens]
+    batch = bucket(n, 1)
+    longest = max(prompt_lens)
+    capacity = bucket(min(longest + int(max_new_tokens), limit), _MIN_PROMPT_BUCKET, cap=limit)
+    prompt_len = min(bucket(longest, _MIN_PROMPT_BUCKET), capacity)
+    out_len = bucket(max(budgets), _MIN_NEW_BUCKET)
+
+    tokens = np.zeros((batch, prompt_len), np.int32)
+    lengths = np.ones((batch,), np.int32)          # padding rows: one token, budget 0 (done at once)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+        lengths[i] = len(p)
+    budget = np.zeros((batch,), np.int32)
+    budget[:n] = budgets
+    stops = np.full((bucket(len(stop_tokens), _MIN_STOP_BUCKET),), _NO_TOKEN, np.int32)
+    stops[:len(stop_tokens)] = stop_tokens
+    seeds, per_prompt_seeds = _seed_array(seed, n, batch)
+
+    greedy = float(temperature) == 0.0
+    sampler = Sampler(greedy=greedy, top_k=None if greedy else (None if top_k is None else int(top_k)),
+                      use_top_p=not greedy and top_p is not None and float(top_p) < 1.0)
+    temp = np.float32(1.0 if greedy else temperature)
+    top_p_value = np.float32(1.0 if top_p is None else top_p)
+
+    cache, first, done, keys = _prefill_and_sample(
+        params, tokens, lengths, seeds, budget, stops, temp, top_p_value,
+        config=config, capacity=capacity, cache_dtype=cache_dtype_name,
+        sampler=sampler, shard=shard, per_prompt_seeds=per_prompt_seeds)
+
+    if max(budgets) <= 1:  # the prefill's token is all there is: no decode program needed
+        out = np.asarray(first)[:, None]
+        if callback is not None:
+            callback([int(t) if t != _NO_TOKEN else None for t in out[:n, 0]])
+    elif callback is None:
+        out, cache = _decode_loop(params, cache, first, done, budget, keys, stops, temp, top_p_value,
+                                  config=config, sampler=sampler, shard=shard, out_len=out_len)
+        out = np.asarray(out)
+    else:
+        columns = []
+        token = first
+        count = 1
+        while True:
+            column, finished = np.asarray(token), bool(np.all(np.asarray(done)))
+            columns.append(column)
+            callback([int(t) if t != _NO_TOKEN else None for t in column[:n]])
+            if finished or count >= out_len:
+                break
+            cache, token, done = _decode_one(params, cache, token, done, np.int32(count), budget, keys, stops,
+                                             temp, top_p_value, config=config, sampler=sampler, shard=shard)
+            count += 1
+        out = np.stack(columns, axis=1)
+    return [_trim(out[i], budgets[i]) for i in range(n)]
+
+
+def _trim(row: np.ndarray, budget: int) -> list[int]:
+    result = []
+    for t in row[:budget]:
+        if t == _NO_TOKEN:
+            break
+        result.append(int(t))
+    return result
+
+
+# ----------------------------------------------------------------------------- text level
+
+class TextStreamer:
+    """Turns a stream of token ids into text pieces; a UTF-8 character split across tokens waits for the rest."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None], skip_tokens: Sequence[int] = ()):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.skip = set(int(t) for t in skip_tokens)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def put(self, token: int | None) -> None:
+        if token is None or int(token) in self.skip:
+            return
+        text = self.decoder.decode(self.tokenizer.decode_bytes([int(token)]))
+        if text:
+            self.on_text(text)
+
+    def flush(self) -> None:
+        text = self.decoder.decode(b"", final=True)
+        if text:
+            self.on_text(text)
+
+
+def chat(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 512, on_text=None, **kwargs) -> str:
+    """One assistant reply to chat `messages` ([{"role", "content"}, ...]) in the phi-4 chat format.
+
+    Applies the chat template with the generation prompt, generates (kwargs go to `generate`), and
+    returns the decoded reply without the closing stop token. `on_text(piece)` streams the reply text.
+    """
+    prompt = tokenizer.encode_chat(messages, add_generation_prompt=True)
+    if kwargs.get("stop_tokens") is None:  # the chat format ends answers with <|im_end|>, whatever the config says
+        kwargs["stop_tokens"] = sorted(set(default_stop_tokens(model.config)) | set(getattr(tokenizer, "stop_ids", ())))
+    return generate_text_from_ids(model, tokenizer, prompt, max_new_tokens=max_new_tokens, on_text=on_text,
+                                  **kwargs)
+
+
+def generate_text_from_ids(model, tokenizer, prompt: list[int], *, max_new_tokens: int, on_text=None,
+                           **kwargs) -> str:
+    """Generates from one token-id prompt and returns the decoded new text (stop tokens removed)."""
+    stops = kwargs.get("stop_tokens")
+    stops = default_stop_tokens(model.config) if stops is None else stops
+    kwargs["stop_tokens"] = stops
+    callback = None
+    if on_text is not None:
+        streamer = TextStreamer(tokenizer, on_text, skip_tokens=stops)
+        callback = lambda column: streamer.put(column[0])  # noqa: E731
+    new = generate(model, [prompt], max_new_tokens=max_new_tokens, callback=callback, **kwargs)[0]
+    if on_text is not None:
+        streamer.flush()
+    return tokenizer.decode([t for t in new if t not in set(stops)])
+
+
+def generate_text(model, tokenizer, text: str, *, max_new_tokens: int, **kwargs) -> str:
+    """Plain text completion (no chat template): encodes `text`, generates, decodes the new text."""
+    prompt = tokenizer.encode(text, allowed_special="all")
+    return generate_text_from_ids(model, tokenizer, prompt, max_new_tokens=max_new_tokens, **kwargs)

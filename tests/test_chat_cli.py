@@ -1,0 +1,110 @@
+"""`python -m phi4_jax.chat` end to end, through the real CLI in a subprocess, on a tiny converted checkpoint.
+
+The tiny model has phi-4's vocabulary size (100352) and special token ids, so the real tokenizer and chat
+format apply; its hidden size is tiny so it converts and compiles quickly. Its answers are random text, so
+the test compares the CLI's streamed answer with `phi4_jax.generation.chat` run in-process.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import phi4_jax
+from phi4_jax import generation
+
+from hf_models import make_tiny_phi3_model, save_phi3_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONIOENCODING": "utf-8", "JAX_PLATFORMS": "cpu"}
+SYSTEM = "You are a terse assistant."
+
+
+def make_chat_checkpoint(root):
+    """A tiny random Phi3ForCausalLM with phi-4's vocab and token ids, converted with convert_weights.py."""
+    hf = make_tiny_phi3_model(seed=5, hidden=32, heads=4, kv_heads=2, layers=2, intermediate=64, vocab=100352)
+    hf.config.bos_token_id, hf.config.eos_token_id, hf.config.pad_token_id = 100257, 100265, 100349
+    hf_dir = save_phi3_dir(hf, root / "hf", fmt="safetensors")
+    dst = root / "ckpt"
+    proc = subprocess.run([sys.executable, "convert_weights.py", str(hf_dir), str(dst)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((dst / "config.json").read_text())["eos_token_id"] == 100265
+    return dst
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_chat_checkpoint(tmp_path_factory.mktemp("chat"))
+
+
+def run_chat(*args, stdin=""):
+    """Runs the CLI; stdout/stderr decoded as UTF-8 without newline translation (answers may hold a \\r)."""
+    proc = subprocess.run([sys.executable, "-m", "phi4_jax.chat", *args], cwd=ROOT, env=ENV,
+                          input=stdin.encode(), capture_output=True, timeout=300)
+    proc.stdout, proc.stderr = proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
+    return proc
+
+
+def test_prompt_answers_once_and_matches_in_process_chat(checkpoint):
+    proc = run_chat("--checkpoint", str(checkpoint), "--system", SYSTEM, "--prompt", "Hello! Who are you?",
+                    "--max-new-tokens", "24")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = phi4_jax.load_model(checkpoint)
+    tokenizer = phi4_jax.Tokenizer()
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello! Who are you?"}]
+    expected = generation.chat(model, tokenizer, messages, max_new_tokens=24)
+    assert expected  # a random model still says something
+    assert proc.stdout == expected
+    assert "tokens/s" in proc.stderr
+
+
+def test_interactive_multi_turn_exits_cleanly_on_eof(checkpoint):
+    proc = run_chat("--checkpoint", str(checkpoint), "--max-new-tokens", "8", stdin="Hi there\n\nTell me more\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("tokens/s") == 2  # two answers, then Ctrl-D (EOF) ends the chat
+    assert proc.stdout.count("> ") == 4  # prompts: two messages, one empty line (skipped), then EOF
+
+
+def test_bad_checkpoint_path_is_a_clear_error(tmp_path):
+    proc = run_chat("--checkpoint", str(tmp_path / "nope"), "--prompt", "hi")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: checkpoint directory {str(tmp_path / 'nope')!r} does not exist "
+        "(convert one with: python convert_weights.py HF_DIR DST_DIR)"]
+    (tmp_path / "empty").mkdir()
+    proc = run_chat("--checkpoint", str(tmp_path / "empty"), "--prompt", "hi")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("error: cannot load checkpoint")
+
+
+def test_conversation_drops_oldest_turns_to_fit():
+    from phi4_jax.chat import ChatError, Conversation
+
+    tokenizer = phi4_jax.Tokenizer()
+    conv = Conversation(tokenizer, "sys", max_context=30)
+    first = conv.prompt_for("one two three four five")
+    assert len(first) == len(tokenizer.encode_chat([{"role": "system", "content": "sys"},
+                                                    {"role": "user", "content": "one two three four five"}]))
+    conv.add_answer("six seven eight nine ten")
+    ids = conv.prompt_for("eleven twelve")  # the whole history (33 tokens) no longer fits in 30
+    assert conv.turns == [{"role": "user", "content": "eleven twelve"}]
+    assert ids == tokenizer.encode_chat([{"role": "system", "content": "sys"}] + conv.turns)
+    with pytest.raises(ChatError, match="message too long"):
+        conv.prompt_for("word " * 100)
+
+
+def test_text_streamer_holds_back_split_utf8_characters():
+    tokenizer = phi4_jax.Tokenizer()
+    text = "naïve café: 日本語のテキスト 🙂🚀 done"
+    ids = tokenizer.encode(text)
+    assert any("\ufffd" in tokenizer.decode([t]) for t in ids)  # some tokens are partial characters
+    pieces = []
+    streamer = generation.TextStreamer(tokenizer, pieces.append, skip_tokens=tokenizer.stop_ids)
+    for t in ids + [tokenizer.im_end_id, None]:
+        streamer.put(t)
+    streamer.flush()
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)

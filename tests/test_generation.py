@@ -1,0 +1,257 @@
+"""Generation: greedy parity with transformers' generate, batching, the KV cache, sampling, stops, limits.
+
+One tiny random Phi3ForCausalLM is saved by transformers, converted with the real `convert_weights.py` CLI,
+and loaded with `phi4_jax.load_model` (module-scoped, so every compiled program is reused).
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import phi4_jax
+from phi4_jax import generation
+from phi4_jax.generation import ContextLengthError, GenerationError, Sampler
+from phi4_jax.model import forward, model_from_params
+
+from hf_models import make_tiny_phi3_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EOS = 2  # the tiny HF config's eos_token_id
+PROMPT_LENGTHS = (3, 29, 300, 70)  # one over 256: RoPE and the cache at real offsets
+NEW_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """(our model, the transformers model) for one tiny random checkpoint converted through the CLI."""
+    root = tmp_path_factory.mktemp("gen")
+    hf_dir, hf_model = make_tiny_phi3_dir(root / "hf", fmt="safetensors", seed=3)
+    dst = root / "ckpt"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "convert_weights.py"), str(hf_dir), str(dst)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = phi4_jax.load_model(dst, dtype=jnp.float32)
+    assert model.config.compute_dtype == "float32"
+    return model, hf_model
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(7)
+    return [rng.integers(3, 311, n).tolist() for n in PROMPT_LENGTHS]
+
+
+@pytest.fixture(scope="module")
+def greedy_batched(converted, prompts):
+    model, _ = converted
+    return phi4_jax.generate(model, prompts, max_new_tokens=NEW_TOKENS, stop_tokens=[])
+
+
+def hf_greedy(hf_model, prompt, n, eos=None):
+    import torch
+
+    hf_model.generation_config.eos_token_id = eos
+    hf_model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_matches_transformers_generate(converted, prompts, greedy_batched):
+    _, hf_model = converted
+    for prompt, ours in zip(prompts, greedy_batched):
+        assert len(ours) == NEW_TOKENS
+        assert ours == hf_greedy(hf_model, prompt, NEW_TOKENS), f"prompt of {len(prompt)} tokens differs"
+    assert len(set(map(tuple, greedy_batched))) == len(prompts)
+
+
+def test_greedy_stops_like_transformers(converted, prompts, greedy_batched):
+    """Stop at a token the model actually emits: same tokens, same place as transformers with that eos."""
+    model, hf_model = converted
+    stop = greedy_batched[2][10]
+    ours = phi4_jax.generate(model, prompts[2:3], max_new_tokens=NEW_TOKENS, stop_tokens=[stop])[0]
+    assert ours[-1] == stop and len(ours) <= 11
+    assert ours == hf_greedy(hf_model, prompts[2], NEW_TOKENS, eos=stop)
+
+
+def test_batched_equals_one_by_one(converted, prompts, greedy_batched):
+    model, _ = converted
+    for prompt, batched in zip(prompts, greedy_batched):
+        assert phi4_jax.generate(model, [prompt], max_new_tokens=NEW_TOKENS, stop_tokens=[])[0] == batched
+    kw = dict(max_new_tokens=12, temperature=0.8, top_k=3, stop_tokens=[])
+    sampled = phi4_jax.generate(model, prompts[:2], seed=[11, 12], **kw)
+    assert sampled == [phi4_jax.generate(model, [p], seed=[s], **kw)[0] for p, s in zip(prompts[:2], (11, 12))]
+
+
+def test_cached_decode_equals_full_recompute(converted, prompts):
+    """Prefill + decode steps through the cache give the logits of model.forward on the whole sequence."""
+    model, _ = converted
+    params, config = model.params, model.config
+    batch = [prompts[0], prompts[1]]
+    steps = 6
+    lengths = np.array([len(p) for p in batch], np.int32)
+    tokens = np.zeros((2, 32), np.int32)
+    for i, p in enumerate(batch):
+        tokens[i, :len(p)] = p
+    prefill = jax.jit(generation.prefill, static_argnums=(3, 4))
+    step = jax.jit(generation.decode_step, static_argnums=(3,))
+    cache, logits = prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), config, 64)
+    assert cache.k.shape == (config.num_layers, 2, 64, config.num_kv_heads, config.head_dim)
+    seqs = [list(p) for p in batch]
+    cached_logits = [logits]
+    for _ in range(steps):
+        nxt = np.asarray(jnp.argmax(cached_logits[-1], -1))
+        for s, t in zip(seqs, nxt):
+            s.append(int(t))
+        cache, logits = step(params, cache, jnp.asarray(nxt, jnp.int32), config)
+        cached_logits.append(logits)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), lengths + steps)
+    for b, seq in enumerate(seqs):
+        full = np.asarray(forward(params, jnp.asarray([seq]), config))[0]
+        for j in range(steps + 1):
+            pos = len(batch[b]) - 1 + j
+            np.testing.assert_allclose(np.asarray(cached_logits[j][b]), full[pos], rtol=1e-4, atol=1e-4)
+
+
+def test_seeded_sampling_is_reproducible(converted, prompts):
+    model, _ = converted
+    kw = dict(max_new_tokens=16, temperature=1.0, stop_tokens=[])
+    a = phi4_jax.generate(model, prompts[:2], seed=5, top_k=3, **kw)
+    assert a == phi4_jax.generate(model, prompts[:2], seed=5, top_k=3, **kw)
+    assert a != phi4_jax.generate(model, prompts[:2], seed=6, top_k=3, **kw)
+    # top_k=1 leaves only the argmax: sampling at any temperature is greedy
+    greedy = phi4_jax.generate(model, prompts[:2], max_new_tokens=16, stop_tokens=[])
+    assert phi4_jax.generate(model, prompts[:2], seed=1, top_k=1, **kw) == greedy
+
+
+def _allowed(logits, top_k, top_p):
+    order = np.argsort(-logits, kind="stable")
+    keep = order[:top_k] if top_k else order
+    if top_p is not None:
+        vals = logits[keep] - logits[keep].max()
+        probs = np.exp(vals) / np.exp(vals).sum()
+        before = np.cumsum(probs) - probs
+        keep = keep[before < top_p]
+    return set(keep.tolist())
+
+
+@pytest.mark.parametrize("top_k,top_p", [(7, None), (None, 0.6), (12, 0.5)])
+def test_top_k_top_p_never_emit_excluded_tokens(top_k, top_p):
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(4, 64)) * 2.0, jnp.float32)
+    keys = generation.sequence_keys(0, 4)
+    sampler = Sampler(greedy=False, top_k=top_k, use_top_p=top_p is not None)
+    draw = jax.jit(jax.vmap(lambda s: generation.sample(logits, keys, s, sampler, 1.0,
+                                                        1.0 if top_p is None else top_p)))
+    drawn = np.asarray(draw(jnp.arange(400)))  # [steps, B]
+    for b in range(4):
+        allowed = _allowed(np.asarray(logits[b]), top_k, top_p)
+        seen = set(drawn[:, b].tolist())
+        assert seen <= allowed, f"sequence {b} drew excluded tokens {sorted(seen - allowed)}"
+        assert len(seen) >= min(2, len(allowed))
+
+
+def test_generated_samples_stay_in_top_k_of_the_model(converted, prompts, greedy_batched):
+    model, _ = converted
+    outs = phi4_jax.generate(model, prompts[:2], max_new_tokens=16, temperature=1.5, top_k=3, seed=2,
+                             stop_tokens=[])
+    for prompt, new in zip(prompts[:2], outs):
+        logits = np.asarray(model(jnp.asarray([prompt + new])))[0]
+        for j, token in enumerate(new):
+            assert token in np.argsort(-logits[len(prompt) - 1 + j])[:3]
+    assert any(o != g[:16] for o, g in zip(outs, greedy_batched))  # it did sample, not just take the argmax
+
+
+def test_stop_tokens_end_sequences_independently(converted, prompts, greedy_batched):
+    model, _ = converted
+    stop = greedy_batched[0][5]
+    expected = []
+    for seq in greedy_batched:
+        expected.append(seq[:seq.index(stop) + 1] if stop in seq else seq)
+    assert len({len(e) for e in expected}) > 1  # some sequences stop, at different places or not at all
+    assert phi4_jax.generate(model, prompts, max_new_tokens=NEW_TOKENS, stop_tokens=[stop, 10**6]) == expected
+
+
+def test_streaming_callback_matches_and_reports_each_step(converted, prompts, greedy_batched):
+    model, _ = converted
+    stop = greedy_batched[0][5]
+    columns = []
+    out = phi4_jax.generate(model, prompts, max_new_tokens=NEW_TOKENS, stop_tokens=[stop], callback=columns.append)
+    assert out == phi4_jax.generate(model, prompts, max_new_tokens=NEW_TOKENS, stop_tokens=[stop])
+    for b, seq in enumerate(out):
+        streamed = [c[b] for c in columns]
+        assert streamed[:len(seq)] == seq and all(t is None for t in streamed[len(seq):])
+
+
+def test_no_recompile_across_prompt_lengths_and_token_counts(converted):
+    model, _ = converted
+    rng = np.random.default_rng(1)
+    phi4_jax.generate(model, [rng.integers(3, 311, 40).tolist()], max_new_tokens=5, stop_tokens=[])
+    sizes = (generation._prefill_and_sample._cache_size(), generation._decode_loop._cache_size())
+    for n, new in ((33, 9), (50, 12), (60, 4)):  # same buckets: prompt 64, cache 64, output 16
+        phi4_jax.generate(model, [rng.integers(3, 311, n).tolist()], max_new_tokens=new, stop_tokens=[])
+    assert (generation._prefill_and_sample._cache_size(), generation._decode_loop._cache_size()) == sizes
+
+
+def test_context_limit(converted, prompts):
+    model, _ = converted
+    small = model_from_params(model.config.replace(max_position_embeddings=64), model.params)
+    with pytest.raises(ContextLengthError, match="context window is 64"):
+        phi4_jax.generate(small, [prompts[0], list(range(3, 67))], max_new_tokens=4, stop_tokens=[])
+    out = phi4_jax.generate(small, [list(range(3, 63)), prompts[0]], max_new_tokens=10, stop_tokens=[])
+    assert [len(o) for o in out] == [4, 10]  # the long prompt stops when the context is full
+
+
+def test_bad_arguments_get_clear_errors(converted):
+    model, _ = converted
+    cases = [
+        (dict(prompts=[]), "non-empty"),
+        (dict(prompts=[[]]), "empty"),
+        (dict(prompts=[[1, 400]]), "outside the vocabulary"),
+        (dict(prompts="hello"), "list"),
+        (dict(prompts=[[1]], max_new_tokens=0), "max_new_tokens"),
+        (dict(prompts=[[1]], temperature=-1.0), "temperature"),
+        (dict(prompts=[[1]], top_k=0), "top_k"),
+        (dict(prompts=[[1]], top_p=1.5), "top_p"),
+        (dict(prompts=[[1], [2]], seed=[1]), "seed"),
+        (dict(prompts=[[1]], cache_dtype="int8"), "cache_dtype"),
+    ]
+    for kwargs, match in cases:
+        kwargs.setdefault("max_new_tokens", 4)
+        with pytest.raises(GenerationError, match=match):
+            phi4_jax.generate(model, **kwargs)
+
+
+def test_default_stop_tokens():
+    assert generation.default_stop_tokens(phi4_jax.get_preset("phi4-14b")) == [100257, 100265]
+    assert generation.default_stop_tokens(phi4_jax.get_preset("tiny")) == []
+
+
+def test_sharded_generation_matches_and_shards_the_cache(converted, prompts, greedy_batched):
+    """On a 2-device mesh (kv heads split over 'tensor'), the cache is sharded and tokens are unchanged."""
+    from jax.sharding import Mesh, NamedSharding
+
+    from phi4_jax import sharding
+    from phi4_jax.model import logical_axes_tree
+
+    model, _ = converted
+    if len(jax.devices()) < 2:
+        pytest.skip("needs 2 devices (tests/conftest.py simulates 8 CPU devices)")
+    mesh = Mesh(np.array(jax.devices()[:2]), ("tensor",))
+    rules = {"kv_heads": "tensor", "q_heads": "tensor", "mlp": "tensor"}
+    params = jax.tree.map(lambda p, axes: jax.device_put(p, NamedSharding(mesh, sharding.logical_to_spec(axes, rules))),
+                          model.params, logical_axes_tree(model.config),
+                          is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x))
+    sharded_model = model_from_params(model.config, params)
+    out = phi4_jax.generate(sharded_model, prompts[:2], max_new_tokens=12, stop_tokens=[], mesh=mesh, rules=rules)
+    assert out == [g[:12] for g in greedy_batched[:2]]
+    with sharding.activation_sharding(mesh, rules):
+        cache = jax.jit(lambda: generation.init_cache(model.config, 2, 32))()
+    expected = NamedSharding(mesh, sharding.logical_to_spec(generation.CACHE_AXES, rules))
+    assert cache.k.sharding.is_equivalent_to(expected, cache.k.ndim)
+    assert cache.k.addressable_shards[0].data.shape[3] == model.config.num_kv_heads // 2
