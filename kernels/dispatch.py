@@ -6,7 +6,8 @@ Implementations of `flash_attention`:
 - ``"pallas_gpu"``: `kernels.flash_attention_gpu` (Mosaic GPU, Hopper; the default on H100/H200).
 - ``"cudnn"``: `jax.nn.dot_product_attention(implementation="cudnn")`; it has no segment ids.
 
-`interpret=True` runs a Pallas implementation in interpret mode, so it works on a CPU.
+`flash_attention_rope` is RoPE on q and k followed by attention; with "pallas_tpu" the rotation is fused into
+the kernel's tile loads. `interpret=True` runs a Pallas implementation in interpret mode, so it works on a CPU.
 Inputs are validated here so a bad shape or dtype gets an error naming the constraint, not a backend crash.
 """
 
@@ -109,6 +110,30 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, im
     module = _kernel_module("flash_attention_gpu")
     return module.flash_attention_gpu(q, k, v, causal=causal, segment_ids=segment_ids,
                                       sm_scale=sm_scale, interpret=interpret)
+
+
+def flash_attention_rope(q, k, v, positions, *, theta, causal=True, segment_ids=None, sm_scale=None,
+                         implementation=None, interpret=False):
+    """Attention of RoPE-rotated q and k: the same result as `apply_rope` on q and k, then `flash_attention`.
+
+    positions [B, S] int, theta the RoPE base; other arguments as in `flash_attention`. With "pallas_tpu" the
+    rotation is fused into the kernel's q/k tile loads (forward and backward, so rotated q/k never go
+    through HBM); the other implementations rotate with the XLA reference first, then attend.
+    """
+    _check_attention_inputs(q, k, v, segment_ids)
+    if positions.shape != q.shape[:2] or not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise AttentionConfigError(
+            f"positions must be integer [batch, seq] = {q.shape[:2]}, got {positions.dtype}{list(positions.shape)}")
+    if implementation is None:
+        implementation = default_implementation()
+    if implementation == "pallas_tpu":
+        module = _kernel_module("flash_attention_tpu")
+        return module.flash_attention_tpu(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale,
+                                          interpret=interpret, rope=(positions, theta))
+    q = apply_rope_reference(q, positions, theta=theta)
+    k = apply_rope_reference(k, positions, theta=theta)
+    return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale,
+                           implementation=implementation, interpret=interpret)
 
 
 def apply_rope(x, positions, *, theta, implementation=None, interpret=False):

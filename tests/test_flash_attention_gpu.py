@@ -1,0 +1,189 @@
+"""Mosaic GPU flash attention (kernels/flash_attention_gpu.py) against the pure-JAX reference, on CPU.
+
+The kernels run in Mosaic GPU interpret mode, which simulates SMEM, TMA copies, barriers and the
+warpgroup threads, so the pipeline (producer/consumer barriers, ring-slot reuse), indexing, masking,
+online softmax, LSE and the dq / dk-dv kernels are all exercised here. Two things only run on a GPU:
+register layouts (the interpreter has no layout casts) and the wgmma instructions themselves (the
+interpreter takes neither transposed nor register operands, so those products run as dot_general there);
+`test_wgmma_path_needs_gpu` names that gap.
+
+Tolerances: bf16 inputs are compared with an fp32 reference on the same (bf16-rounded) inputs.
+Outputs: absolute 2e-2 (values are O(1)); gradients: 2e-2 absolute plus 2e-2 relative to the largest
+reference gradient entry (bf16 probabilities and dS feed the matmuls, as in any bf16 flash attention).
+Interpretation is slow, so shapes are tiny and each case runs its three kernels once.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels
+from kernels import mosaic_gpu_interpret
+from kernel_mode import interpret_for
+from kernels.attention_reference import attention_naive
+from kernels.flash_attention_gpu import flash_attention_gpu
+
+# Interpret mode on CPU; compiled on a Hopper GPU under PHI4_KERNEL_TESTS_ON_DEVICE=1 (bench/gpu_suite.py).
+INTERPRET = interpret_for("gpu")
+
+pytestmark = pytest.mark.skipif(INTERPRET and not mosaic_gpu_interpret.is_available(),
+                                reason="this JAX has no Mosaic GPU interpret mode")
+
+OUT_ATOL = 2e-2
+GRAD_TOL = 2e-2
+
+
+def _inputs(seed, b, s, hq, hkv, d, dtype=jnp.bfloat16):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(ks[0], (b, s, hq, d), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (b, s, hkv, d), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (b, s, hkv, d), jnp.float32).astype(dtype)
+    dout = jax.random.normal(ks[3], (b, s, hq, d), jnp.float32)
+    return q, k, v, dout
+
+
+def _packed_segments(b, s, seed, pad_tail):
+    """Random packed documents 1..3 in order per row, the last `pad_tail` tokens padding (segment 0)."""
+    rng = np.random.default_rng(seed)
+    seg = np.zeros((b, s), np.int32)
+    for i in range(b):
+        cuts = np.sort(rng.choice(np.arange(1, s - pad_tail), size=2, replace=False))
+        seg[i, :cuts[0]] = 1
+        seg[i, cuts[0]:cuts[1]] = 2
+        seg[i, cuts[1]:s - pad_tail] = 3
+    return jnp.asarray(seg)
+
+
+def _f32(x):
+    return x.astype(jnp.float32)
+
+
+def _check(attn, q, k, v, dout, *, causal, segment_ids, grads=True):
+    """Kernel output (and q/k/v gradients) vs attention_naive in fp32 on the same inputs."""
+    ref = lambda q, k, v: attention_naive(q, k, v, causal=causal, segment_ids=segment_ids)
+    ref_out, ref_vjp = jax.vjp(ref, _f32(q), _f32(k), _f32(v))
+    if not grads:
+        out = attn(q, k, v)
+        assert out.dtype == q.dtype and out.shape == q.shape
+        chex.assert_trees_all_close(_f32(out), ref_out, atol=OUT_ATOL, rtol=0)
+        return
+    out, vjp = jax.vjp(attn, q, k, v)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    chex.assert_trees_all_close(_f32(out), ref_out, atol=OUT_ATOL, rtol=0)
+    got = vjp(dout.astype(out.dtype))
+    want = ref_vjp(dout)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert g.dtype == q.dtype and g.shape == w.shape, name
+        scale = float(jnp.max(jnp.abs(w)))
+        chex.assert_trees_all_close(_f32(g), w, atol=GRAD_TOL + GRAD_TOL * scale, rtol=0,
+                                    custom_message=f"{name} differs from the reference")
+
+
+def test_gqa2_causal_forward_through_dispatch():
+    """GQA 2, causal, head_dim 64, on the block grid, via kernels.flash_attention(implementation='pallas_gpu')
+    (forward; the GQA 1 and 4 tests below check gradients)."""
+    q, k, v, dout = _inputs(0, 1, 128, 2, 1, 64)
+    attn = lambda q, k, v: kernels.flash_attention(q, k, v, causal=True, implementation="pallas_gpu",
+                                                   interpret=INTERPRET)
+    _check(attn, q, k, v, dout, causal=True, segment_ids=None, grads=False)
+
+
+def test_head_dim_128_noncausal_mha():
+    """GQA 1 (plain multi-head), not causal, head_dim 128 (phi-4's), default blocks (forward 64 x 128,
+    backward 64 x 64)."""
+    q, k, v, dout = _inputs(1, 1, 128, 1, 1, 128)
+    attn = lambda q, k, v: flash_attention_gpu(q, k, v, causal=False, interpret=INTERPRET)
+    _check(attn, q, k, v, dout, causal=False, segment_ids=None)
+
+
+def test_gqa4_causal_segments_padding_off_grid():
+    """GQA 4, causal, packed segments with padding, length 120 (padded to 128 inside). The dk/dv kernel
+    streams 4 q heads x 2 q blocks through 2 ring slots (slot reuse in the backward)."""
+    s = 120
+    q, k, v, dout = _inputs(2, 1, s, 4, 1, 64)
+    seg = _packed_segments(1, s, seed=2, pad_tail=9)
+    attn = lambda q, k, v: flash_attention_gpu(q, k, v, causal=True, segment_ids=seg, interpret=INTERPRET,
+                                               block_q=64, block_kv=64)
+    _check(attn, q, k, v, dout, causal=True, segment_ids=seg)
+
+
+def test_batch2_noncausal_segments_off_grid():
+    """Batch 2, not causal, packed segments with padding (per-row layouts), length 100 (off the grid)."""
+    s = 100
+    q, k, v, dout = _inputs(3, 2, s, 1, 1, 64)
+    seg = _packed_segments(2, s, seed=3, pad_tail=5)
+    attn = lambda q, k, v: flash_attention_gpu(q, k, v, causal=False, segment_ids=seg, interpret=INTERPRET,
+                                               block_q=64, block_kv=64)
+    _check(attn, q, k, v, dout, causal=False, segment_ids=seg)
+
+
+def test_forward_race_free_three_stages_segments():
+    """The interpreter's happens-before race detector over the forward pipeline: 2 compute warpgroups +
+    the producer, causal, packed segments (key-segment buffers ride the ring too), 4 kv steps through a
+    3-slot ring. (Removing the producer's wait on the 'consumed' barrier makes this detector report
+    races: checked while writing this test.)"""
+    s = 256
+    q, k, v, dout = _inputs(4, 1, s, 1, 1, 64)
+    seg = jnp.asarray(np.repeat(np.array([[1, 2, 0]], np.int32), [100, 150, 6], axis=1))
+    mosaic_gpu_interpret.reset_state()
+    attn = lambda q, k, v: flash_attention_gpu(q, k, v, causal=True, segment_ids=seg, block_q=64,
+                                               block_kv=64, num_stages=3, interpret={"detect_races": True})
+    _check(attn, q, k, v, dout, causal=True, segment_ids=seg, grads=False)
+    assert not mosaic_gpu_interpret.races_found()
+
+
+@pytest.mark.parametrize("use_jit", [True, False])
+def test_float32_inputs_one_warpgroup_forward(use_jit):
+    """float32 inputs (jit and eager): matmul operands are bf16 by design (see the module docstring),
+    the output is float32. Also the num_compute_wgs=1 configuration."""
+    q, k, v, dout = _inputs(5, 1, 128, 1, 1, 64, dtype=jnp.float32)
+    attn = lambda q, k, v: flash_attention_gpu(q, k, v, causal=False, interpret=INTERPRET, block_kv=64,
+                                               num_compute_wgs=1)
+    _check(jax.jit(attn) if use_jit else attn, q, k, v, dout, causal=False, segment_ids=None, grads=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(block_q=48), "block_q must be a positive multiple of 64"),
+    (dict(block_kv_bwd=256), "block_kv_bwd (256) is a per-warpgroup register tile"),
+    (dict(num_stages=1), "num_stages must be >= 2"),
+    (dict(rope=(None, 10000.0)), "fused RoPE"),
+])
+def test_bad_options_raise_config_error(kwargs, message):
+    q, k, v, _ = _inputs(0, 1, 64, 2, 1, 64)
+    with pytest.raises(kernels.AttentionConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        flash_attention_gpu(q, k, v, causal=True, interpret=INTERPRET, **kwargs)
+
+
+def test_bad_shapes_raise_config_error():
+    q, k, v, _ = _inputs(0, 1, 64, 2, 1, 96)
+    with pytest.raises(kernels.AttentionConfigError, match="head_dim must be a multiple of 64"):
+        flash_attention_gpu(q, k, v, causal=True, interpret=INTERPRET)
+    q, k, v, _ = _inputs(0, 1, 64, 3, 2, 64)
+    with pytest.raises(kernels.AttentionConfigError, match="multiple of kv heads"):
+        flash_attention_gpu(q, k, v, causal=True, interpret=INTERPRET)
+
+
+def test_needs_gpu_without_interpret():
+    if jax.devices()[0].platform == "gpu":
+        pytest.skip("a GPU is present: the compiled path is what runs")
+    q, k, v, _ = _inputs(0, 1, 64, 2, 1, 64)
+    with pytest.raises(kernels.AttentionConfigError, match="needs a Hopper GPU"):
+        flash_attention_gpu(q, k, v, causal=True)
+
+
+def test_wgmma_path_needs_gpu():
+    """The compiled kernel (register layouts, real wgmma with transposed / register operands, run_state
+    accumulators) can only be checked on a Hopper GPU: this test runs there and is skipped elsewhere."""
+    dev = jax.devices()[0]
+    if dev.platform != "gpu" or not any(n in dev.device_kind for n in ("H100", "H200", "H800", "GH200")):
+        pytest.skip("needs a Hopper GPU: the Mosaic GPU interpreter cannot run wgmma with transposed or "
+                    "register operands, layout casts or run_state, so the compiled path is untested here")
+    q, k, v, dout = _inputs(6, 2, 1000, 8, 2, 128)
+    seg = _packed_segments(2, 1000, seed=6, pad_tail=17)
+    for causal in (True, False):
+        attn = lambda q, k, v: flash_attention_gpu(q, k, v, causal=causal, segment_ids=seg)
+        _check(attn, q, k, v, dout, causal=causal, segment_ids=seg)
