@@ -16,6 +16,10 @@ import kernels
 from kernels import attention_naive, decode_attention_reference
 from kernels.decode_attention import DecodeAttentionError, decode_attention, decode_attention_pallas
 from kernels.pallas_compat import tpu_target
+from kernel_mode import interpret_for
+
+# Interpret mode on CPU; compiled on the device under PHI4_KERNEL_TESTS_ON_DEVICE=1 (bench/gpu_suite.py).
+INTERPRET = interpret_for("any")
 
 
 def _inputs(seed, b, t, hq, hkv, d, cache_len):
@@ -53,7 +57,7 @@ def _full_attention_rows(q, k_cache, v_cache, lengths, seed):
 def test_kernel_matches_reference_and_full_attention(t, hq, hkv, d, lengths, block_k, num_splits):
     lengths = jnp.asarray(lengths, jnp.int32)
     q, k_cache, v_cache = _inputs(0, len(lengths), t, hq, hkv, d, 256)
-    out = decode_attention_pallas(q, k_cache, v_cache, lengths, interpret=True, block_k=block_k,
+    out = decode_attention_pallas(q, k_cache, v_cache, lengths, interpret=INTERPRET, block_k=block_k,
                                   num_splits=num_splits)
     chex.assert_trees_all_close(out, decode_attention_reference(q, k_cache, v_cache, lengths),
                                 atol=1e-5, rtol=1e-5)
@@ -68,7 +72,7 @@ class DispatchTest(chex.TestCase):
         lengths = jnp.asarray([17, 128], jnp.int32)
         bf = [x.astype(jnp.bfloat16) for x in (q, k_cache, v_cache)]
         fn = self.variant(lambda q, kc, vc, lengths: kernels.decode_attention(
-            q, kc, vc, lengths, implementation="pallas", interpret=True))
+            q, kc, vc, lengths, implementation="pallas", interpret=INTERPRET))
         out = fn(*bf, lengths)
         assert out.dtype == jnp.bfloat16
         chex.assert_trees_all_close(out.astype(jnp.float32),
@@ -99,7 +103,7 @@ def test_bad_inputs_are_refused_clearly(q_shape, cache_shape, lengths, kwargs, m
 def test_cache_not_a_multiple_of_block_is_refused():
     q, k_cache, v_cache = _inputs(3, 1, 1, 2, 1, 64, 100)
     with pytest.raises(DecodeAttentionError, match="multiple of block_k"):
-        decode_attention_pallas(q, k_cache, v_cache, jnp.asarray([50], jnp.int32), interpret=True, block_k=64)
+        decode_attention_pallas(q, k_cache, v_cache, jnp.asarray([50], jnp.int32), interpret=INTERPRET, block_k=64)
 
 
 def test_kernel_lowers_for_a_real_tpu_and_refuses_narrow_heads_there():

@@ -27,6 +27,10 @@ from kernels import AttentionConfigError, attention_naive
 from kernels.flash_attention_tpu import flash_attention_tpu
 from kernels.pallas_compat import races_found, tpu_target
 from kernels.rope_reference import apply_rope_reference
+from kernel_mode import interpret_for
+
+# Interpret mode on CPU; compiled on a TPU under PHI4_KERNEL_TESTS_ON_DEVICE=1.
+INTERPRET = interpret_for("tpu")
 from jax.experimental.pallas import tpu as pltpu
 
 BLOCKS = dict(block_q=128, block_k=128)
@@ -98,7 +102,7 @@ def test_fp32_forward_and_gradients_match_reference(b, s, hq, hkv, d, causal, pa
     def ours(q, k, v):
         if mode == "dispatch":
             return kernels.flash_attention(q, k, v, causal=causal, segment_ids=seg, implementation="pallas_tpu",
-                                           interpret=True)
+                                           interpret=INTERPRET)
         return flash_attention_tpu(q, k, v, causal=causal, segment_ids=seg, interpret=interpret, **BLOCKS)
 
     def ref(q, k, v):
@@ -120,7 +124,7 @@ def test_bf16_against_fp32_reference():
     bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
 
     def ours(q, k, v):
-        return flash_attention_tpu(q, k, v, causal=True, segment_ids=seg, interpret=True, **BLOCKS)
+        return flash_attention_tpu(q, k, v, causal=True, segment_ids=seg, interpret=INTERPRET, **BLOCKS)
 
     def ref(q, k, v):
         return attention_naive(q, k, v, causal=True, segment_ids=seg)
@@ -144,7 +148,7 @@ def test_fused_rope_equals_rope_then_attention():
     pos = _positions(seg) + jnp.array([[0], [9000]], jnp.int32)   # large offsets: fp32 angles matter
 
     def fused(q, k, v):
-        return flash_attention_tpu(q, k, v, causal=True, segment_ids=seg, interpret=True,
+        return flash_attention_tpu(q, k, v, causal=True, segment_ids=seg, interpret=INTERPRET,
                                    rope=(pos, THETA), **BLOCKS)
 
     def unfused(q, k, v):
@@ -158,7 +162,7 @@ def test_fused_rope_equals_rope_then_attention():
 
     # The public entry point: fused kernel for pallas_tpu, RoPE-then-attention for xla; both agree.
     via_dispatch = kernels.flash_attention_rope(q, k, v, pos, theta=THETA, segment_ids=seg,
-                                                implementation="pallas_tpu", interpret=True)
+                                                implementation="pallas_tpu", interpret=INTERPRET)
     via_xla = kernels.flash_attention_rope(q, k, v, pos, theta=THETA, segment_ids=seg, implementation="xla")
     chex.assert_trees_all_close(via_dispatch, out_ref, atol=1e-4, rtol=1e-4)
     chex.assert_trees_all_close(via_xla, out_ref, atol=1e-4, rtol=1e-4)
@@ -178,7 +182,7 @@ class JitAndNoJitTest(chex.TestCase):
         q, k, v, _ = _inputs(8, 1, 72, 2, 1, 64)
         seg = jnp.asarray(np.r_[np.ones(40), 2 * np.ones(24), np.zeros(8)][None].astype(np.int32))
         fn = self.variant(lambda q, k, v, seg: flash_attention_tpu(
-            q, k, v, causal=True, segment_ids=seg, interpret=True, **BLOCKS))
+            q, k, v, causal=True, segment_ids=seg, interpret=INTERPRET, **BLOCKS))
         chex.assert_trees_all_close(fn(q, k, v, seg), attention_naive(q, k, v, causal=True, segment_ids=seg),
                                     atol=1e-4, rtol=1e-4)
 
@@ -196,14 +200,14 @@ class JitAndNoJitTest(chex.TestCase):
 def test_unsupported_configurations_are_refused_clearly(kwargs, shape, dtype, match):
     x = jnp.zeros(shape, dtype)
     with pytest.raises(AttentionConfigError, match=match):
-        flash_attention_tpu(x, x, x, interpret=True, **kwargs)
+        flash_attention_tpu(x, x, x, interpret=INTERPRET, **kwargs)
 
 
 def test_fused_rope_needs_full_lane_head_dim():
     x = jnp.zeros((1, 16, 2, 64))
     pos = jnp.zeros((1, 16), jnp.int32)
     with pytest.raises(AttentionConfigError, match="multiple of 128"):
-        kernels.flash_attention_rope(x, x, x, pos, theta=THETA, implementation="pallas_tpu", interpret=True)
+        kernels.flash_attention_rope(x, x, x, pos, theta=THETA, implementation="pallas_tpu", interpret=INTERPRET)
 
 
 def test_kernels_lower_for_a_real_tpu():

@@ -1,6 +1,6 @@
 """The Pallas RoPE kernels (single tensor and fused q+k) against the pure-JAX reference, values and gradients.
 
-Run on CPU with `interpret=True`. Tolerances: float32 kernel vs float32 reference, both computing fp32 angles
+Run on CPU with `interpret=True`; compiled on the device under PHI4_KERNEL_TESTS_ON_DEVICE=1. Tolerances: float32 kernel vs float32 reference, both computing fp32 angles
 from the same integer positions: atol = rtol = 1e-5 (observed ~5e-7). bfloat16: the kernel and the reference
 both rotate in float32 and round once, so they agree within one bf16 ulp of values of magnitude <~4
 (atol 3e-2, rtol 1e-2).
@@ -16,6 +16,10 @@ import kernels
 from kernels import AttentionConfigError, apply_rope_reference
 from kernels.pallas_compat import tpu_target
 from kernels.rope_pallas import apply_rope_pallas, apply_rope_qk_pallas
+from kernel_mode import interpret_for
+
+# Interpret mode on CPU; compiled on the device under PHI4_KERNEL_TESTS_ON_DEVICE=1 (bench/gpu_suite.py).
+INTERPRET = interpret_for("any")
 
 THETA = 250000.0  # phi-4's base: at 16K positions, bf16 angles would be visibly wrong
 
@@ -42,7 +46,7 @@ class RopeValuesTest(chex.TestCase):
         # ~1e-3, and XLA's jitted pow for inv_freq can differ from the eager one by an ulp, so jit vs eager
         # legitimately differ by ~1e-3 there. Within one mode kernel and reference agree to rounding.
         fn = self.variant(lambda x, pos: (
-            kernels.apply_rope(x, pos, theta=THETA, implementation="pallas", interpret=True),
+            kernels.apply_rope(x, pos, theta=THETA, implementation="pallas", interpret=INTERPRET),
             apply_rope_reference(x, pos, theta=THETA)))
         out, ref = fn(x, pos)
         chex.assert_trees_all_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -51,7 +55,7 @@ class RopeValuesTest(chex.TestCase):
 def test_matches_reference_bf16():
     x = jax.random.normal(jax.random.PRNGKey(2), (1, 70, 2, 128)).astype(jnp.bfloat16)
     pos = _positions(1, 70, 3)
-    out = apply_rope_pallas(x, pos, theta=THETA, interpret=True, block_s=32)
+    out = apply_rope_pallas(x, pos, theta=THETA, interpret=INTERPRET, block_s=32)
     assert out.dtype == jnp.bfloat16
     chex.assert_trees_all_close(out.astype(jnp.float32), apply_rope_reference(x, pos, theta=THETA).astype(
         jnp.float32), atol=3e-2, rtol=1e-2)
@@ -68,7 +72,7 @@ def test_fused_qk_matches_reference_values_and_gradients():
         return jnp.sum(jnp.sin(rq) * jnp.arange(64)) + jnp.sum(rk * rk * jnp.cos(jnp.arange(64)))
 
     def ours(q, k):
-        return apply_rope_qk_pallas(q, k, pos, theta=THETA, interpret=True, block_s=16)
+        return apply_rope_qk_pallas(q, k, pos, theta=THETA, interpret=INTERPRET, block_s=16)
 
     def ref(q, k):
         return apply_rope_reference(q, pos, theta=THETA), apply_rope_reference(k, pos, theta=THETA)
@@ -89,7 +93,7 @@ def test_fused_qk_matches_reference_values_and_gradients():
 )
 def test_bad_inputs_are_refused_clearly(shape, positions, match):
     with pytest.raises(AttentionConfigError, match=match):
-        apply_rope_pallas(jnp.zeros(shape), positions, theta=THETA, interpret=True)
+        apply_rope_pallas(jnp.zeros(shape), positions, theta=THETA, interpret=INTERPRET)
 
 
 def test_fused_qk_kernel_lowers_for_a_real_tpu():
