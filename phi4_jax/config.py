@@ -50,6 +50,8 @@ class Phi4Config:
     remat_policy: str = "full"        # one of REMAT_POLICIES; applied to each scanned decoder layer
     attention_impl: str | None = None  # kernels.flash_attention implementation; None = best for backend
     scan_layers: bool = True          # scan over layers (compile time independent of depth)
+    fuse_rope: bool = True            # RoPE fused into the attention kernel (kernels.flash_attention_rope)
+    kernel_interpret: bool = False    # run Pallas attention kernels in interpret mode (CPU testing)
 
     def __post_init__(self):
         self.validate()

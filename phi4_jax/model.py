@@ -123,10 +123,18 @@ def decoder_layer(layer: Params, x, positions, segment_ids, config: Phi4Config):
     with jax.named_scope("attention"):
         h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
         q, k, v = attention_projections(layer, h, config)
-        q = kernels.apply_rope(q, positions, theta=config.rope_theta)
-        k = kernels.apply_rope(k, positions, theta=config.rope_theta)
-        attn = kernels.flash_attention(q, k, v, causal=True, segment_ids=segment_ids,
-                                       implementation=config.attention_impl)
+        if config.fuse_rope:
+            # RoPE inside the attention kernel's q/k tile loads where the backend's kernel supports it
+            # (identical math: the XLA path rotates first, then attends).
+            attn = kernels.flash_attention_rope(q, k, v, positions, theta=config.rope_theta, causal=True,
+                                                segment_ids=segment_ids, implementation=config.attention_impl,
+                                                interpret=config.kernel_interpret)
+        else:
+            q = kernels.apply_rope(q, positions, theta=config.rope_theta)
+            k = kernels.apply_rope(k, positions, theta=config.rope_theta)
+            attn = kernels.flash_attention(q, k, v, causal=True, segment_ids=segment_ids,
+                                           implementation=config.attention_impl,
+                                           interpret=config.kernel_interpret)
         attn = checkpoint_name(attn, "attention_out")
         x = x + attention_output(layer, attn, config)
     x = sharding.constrain(x, ("batch", "seq", "embed"))

@@ -50,7 +50,8 @@ def arch(config):
 
 def runtime(config):
     return {name: getattr(config, name)
-            for name in ("param_dtype", "compute_dtype", "remat_policy", "attention_impl", "scan_layers")}
+            for name in ("param_dtype", "compute_dtype", "remat_policy", "attention_impl", "scan_layers",
+                         "fuse_rope", "kernel_interpret")}
 
 
 # ----------------------------------------------------------------------------- the phi-4 preset
