@@ -27,10 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-SIZES = {  # name: (hidden, layers, heads, kv_heads, intermediate, vocab)
-    "87m": (384, 6, 6, 2, 1152, 100352),
-    "tiny": (64, 2, 4, 2, 160, 4096),
-}
+from bench.random_models import SIZES, random_model_pair  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -45,30 +42,6 @@ def parse_args(argv=None):
     p.add_argument("--write", metavar="BENCHMARKS_MD", default=None,
                    help="append the results to this file's 'Decode' section")
     return p.parse_args(argv)
-
-
-def build_models(size: str):
-    import jax
-    import jax.numpy as jnp
-    import torch
-    from transformers import Phi3Config, Phi3ForCausalLM
-
-    from phi4_jax.config import Phi4Config
-    from phi4_jax.hf_mapping import params_from_hf_state_dict
-    from phi4_jax.model import model_from_params
-
-    hidden, layers, heads, kv, inter, vocab = SIZES[size]
-    hf_config = Phi3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                           num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
-                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                           bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.05)
-    torch.manual_seed(0)
-    hf = Phi3ForCausalLM(hf_config).eval()
-    config = Phi4Config.from_hf_dict(hf_config.to_dict(), param_dtype="float32", compute_dtype="float32",
-                                     remat_policy="none")
-    state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    ours = model_from_params(config, jax.tree.map(jnp.asarray, params_from_hf_state_dict(state, config)))
-    return hf, ours, config
 
 
 def ours_runner(model, prompts):
@@ -164,7 +137,10 @@ def main(argv=None) -> int:
 
     import jax
 
-    hf, ours, config = build_models(args.size)
+    from phi4_jax.model import model_from_params
+
+    hf, params, config = random_model_pair(args.size)
+    ours = model_from_params(config, params)
     n_params = config.num_params
     rng = np.random.default_rng(0)
     hf_threads = [int(t) for t in args.hf_threads.split(",")]

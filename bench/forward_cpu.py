@@ -35,39 +35,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-SIZES = {  # name: (hidden, layers, heads, kv_heads, intermediate, vocab)
-    "87m": (384, 6, 6, 2, 1152, 100352),
-    "tiny": (64, 2, 4, 2, 160, 1024),
-}
+from bench.random_models import SIZES, random_model_pair  # noqa: E402
+
 SECTION_KEY = "cpu-forward-convert"
 SECTION_HEADING = "Forward pass and conversion on CPU (vs transformers)"
 SECTION_INTRO = """`bench/forward_cpu.py`: full forward pass (logits over the whole sequence) of phi4_jax (jit) against
 transformers' `Phi3ForCausalLM`, same random phi-4-shaped float32 weights, same machine and run; and checkpoint
 conversion (`convert_weights.py`) against transformers' `from_pretrained` + `save_pretrained`, each in a fresh
 process. Each run appends a table below."""
-
-
-def build_models(size: str):
-    import jax
-    import jax.numpy as jnp
-    import torch
-    from transformers import Phi3Config, Phi3ForCausalLM
-
-    from phi4_jax.config import Phi4Config
-    from phi4_jax.hf_mapping import params_from_hf_state_dict
-
-    hidden, layers, heads, kv, inter, vocab = SIZES[size]
-    hf_config = Phi3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                           num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
-                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                           bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.05)
-    torch.manual_seed(0)
-    hf = Phi3ForCausalLM(hf_config).eval()
-    config = Phi4Config.from_hf_dict(hf_config.to_dict(), param_dtype="float32", compute_dtype="float32",
-                                     remat_policy="none")
-    state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    params = jax.tree.map(jnp.asarray, params_from_hf_state_dict(state, config))
-    return hf, params, config
 
 
 def bench_forward(hf, params, config, batches, seq, repeats) -> list[dict]:
@@ -240,7 +215,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     machine_description = machine()
-    hf, params, config = build_models(args.size)
+    hf, params, config = random_model_pair(args.size)
     forward_rows = bench_forward(hf, params, config, args.batches, args.seq, args.repeats)
     conversion_rows = []
     if not args.no_conversion:
