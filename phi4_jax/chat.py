@@ -6,7 +6,10 @@ multi-turn chat in the phi-4 chat format, an optional system prompt (`--system`)
 (on stderr). `--prompt "..."` answers once and exits, so it can be scripted. Ctrl-D or Ctrl-C at the
 prompt exits; Ctrl-C during an answer stops that answer.
 
-When the conversation outgrows the context, the oldest turns (never the system prompt) are dropped.
+The KV cache is kept between turns (`phi4_jax.generation.ChatSession`): each answer prefills only the
+new tokens (the previous answer's tail and the new user message), not the whole conversation. When the
+conversation outgrows the context, the oldest turns (never the system prompt) are dropped and the cache
+is rebuilt from the trimmed conversation.
 """
 
 from __future__ import annotations
@@ -97,12 +100,36 @@ class Conversation:
             self.turns.pop()
 
 
-def answer(model, tokenizer, prompt_ids: list[int], args, max_context: int, out=None) -> tuple[str, dict]:
-    """Streams one answer to `out` (stdout); returns (text, stats: tokens, seconds, tokens/s, time to first token)."""
-    from phi4_jax.generation import TextStreamer, default_stop_tokens, generate
+def chat_stop_tokens(model, tokenizer) -> list[int]:
+    """The ids that end an answer: the config's and the tokenizer's (<|im_end|>, <|endoftext|>)."""
+    from phi4_jax.generation import default_stop_tokens
+
+    return sorted(set(default_stop_tokens(model.config)) | set(tokenizer.stop_ids))
+
+
+def new_session(model, tokenizer, args, max_context: int):
+    """A `ChatSession` (KV cache kept between turns) with the command line's sampling settings."""
+    from phi4_jax.generation import ChatSession, GenerationError
+
+    try:
+        return ChatSession(model, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                           stop_tokens=chat_stop_tokens(model, tokenizer), max_context=max_context)
+    except GenerationError as e:
+        raise ChatError(str(e)) from None
+
+
+def answer(model, tokenizer, prompt_ids: list[int], args, max_context: int, out=None,
+           session=None) -> tuple[str, dict]:
+    """Streams one answer to `out` (stdout); returns (text, stats: tokens, seconds, tokens/s, time to first token).
+
+    With a `session` (see `new_session`) the KV cache of earlier turns is reused; without one the whole
+    prompt is prefilled (`generate`). Time to first token includes the prefill; tokens/s counts the
+    tokens after the first over the time after it.
+    """
+    from phi4_jax.generation import TextStreamer, generate
 
     out = out or sys.stdout
-    stops = sorted(set(default_stop_tokens(model.config)) | set(tokenizer.stop_ids))  # <|im_end|>, <|endoftext|>
+    stops = chat_stop_tokens(model, tokenizer)
 
     def write(piece):
         out.write(piece)
@@ -118,8 +145,11 @@ def answer(model, tokenizer, prompt_ids: list[int], args, max_context: int, out=
         streamer.put(column[0])
 
     budget = min(args.max_new_tokens, max_context - len(prompt_ids))
-    new = generate(model, [prompt_ids], max_new_tokens=budget, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, stop_tokens=stops, callback=callback)[0]
+    if session is not None:
+        new = session.generate(prompt_ids, max_new_tokens=budget, callback=callback)
+    else:
+        new = generate(model, [prompt_ids], max_new_tokens=budget, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, seed=args.seed, stop_tokens=stops, callback=callback)[0]
     streamer.flush()
     seconds = time.perf_counter() - start
     text = tokenizer.decode([t for t in new if t not in set(stops)])
@@ -138,10 +168,11 @@ def run(args) -> int:
     model, tokenizer = load(args.checkpoint, args.dtype)
     max_context = min(args.max_context, model.config.max_position_embeddings)
     conversation = Conversation(tokenizer, args.system, max_context)
+    session = new_session(model, tokenizer, args, max_context)
 
     if args.prompt is not None:
         ids = conversation.prompt_for(args.prompt)
-        _, stats = answer(model, tokenizer, ids, args, max_context)
+        _, stats = answer(model, tokenizer, ids, args, max_context, session=session)
         _report(stats)
         return 0
 
@@ -161,7 +192,7 @@ def run(args) -> int:
             print(f"error: {e}", file=sys.stderr)
             continue
         try:
-            text, stats = answer(model, tokenizer, ids, args, max_context)
+            text, stats = answer(model, tokenizer, ids, args, max_context, session=session)
         except KeyboardInterrupt:
             conversation.drop_last_user()
             print("\n[answer interrupted]", file=sys.stderr)

@@ -17,15 +17,20 @@ Flow of `generate`:
 2. `prefill` runs the prompt through the layers with `kernels.flash_attention` (causal, into an empty
    cache), writes all keys/values in one update, and samples each sequence's first token from the
    logits at its last prompt token;
-3. `decode_step` feeds one token per sequence, writes its key/value at slot lengths[b], attends with
-   `kernels.decode_attention`, and samples the next token. Without a streaming callback, the whole
-   decode loop is one jitted `lax.while_loop` on the device (cache donated) that stops when every
+3. `decode_step` (`extend` with one token) feeds one token per sequence, writes its key/value at slot
+   lengths[b], attends with `kernels.decode_attention`, and samples the next token. Without a streaming
+   callback, the whole decode loop is one jitted `lax.while_loop` on the device (cache donated) that stops when every
    sequence has hit a stop token or its budget; with a callback, a host loop dispatches one jitted,
    cache-donating step per token and hands the new tokens to the callback.
 
 Shapes are bucketed (batch, prompt length, cache capacity, output length, number of stop tokens), so a
 new prompt length or token count does not recompile. The layer math is the model's own pure functions
 (`rms_norm`, `attention_projections`, `attention_output`, `mlp`, `logits_from_hidden`, `apply_rope`).
+
+Multi-turn: `ChatSession` keeps the cache between calls. A new turn keeps the longest cached prefix of
+the conversation and feeds only the rest with `extend` (T new tokens per sequence at positions offset by
+the cached length, causal among themselves, in bucketed chunks), then decodes as above; it rebuilds the
+cache with `prefill` when little of it is reusable (e.g. after the oldest turns were dropped).
 
 Context: a prompt of max_position_embeddings tokens or more raises `ContextLengthError`; a sequence whose
 prompt plus max_new_tokens would overflow the context stops when the context is full.
@@ -176,18 +181,22 @@ def prefill(params, tokens, lengths, config: Phi4Config, capacity: int, cache_dt
     return cache, logits_from_hidden(params, h, config)
 
 
-def decode_step(params, cache: KVCache, tokens, config: Phi4Config, active=None):
-    """Feeds tokens [B] (one per sequence) at positions cache.lengths; returns (cache, logits [B, vocab]).
+def extend(params, cache: KVCache, tokens, n_new, config: Phi4Config):
+    """Feeds new tokens [B, T] after each sequence's cached ones; returns (cache, logits [B, vocab]).
 
-    Sequences with active[b] False (finished) do not advance: their slot is overwritten, never attended.
+    Sequence b has n_new[b] real new tokens, right-padded to T. Token t sits at slot and position
+    cache.lengths[b] + t. The keys/values of all T tokens are written (padding lands past the new length,
+    where it is never attended and later overwritten; writes past the capacity are dropped) and the new
+    queries attend with `kernels.decode_attention` (causal among themselves). The returned cache has
+    lengths + n_new; the float32 logits are those at each sequence's last real new token (meaningless
+    for a sequence with n_new[b] = 0, which does not advance).
     """
-    b = tokens.shape[0]
-    slots = cache.lengths                                   # where the new key/value goes
-    advance = jnp.ones((b,), jnp.int32) if active is None else active.astype(jnp.int32)
-    lengths = slots + advance
-    positions = slots[:, None]
-    x = _embed(params, tokens[:, None], config)             # [B, 1, E]
-    batch_index = jnp.arange(b)
+    b, t = tokens.shape
+    start = cache.lengths
+    slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]    # [B, T] slot = position
+    attend_lengths = start + t                                         # query t sits at start + t
+    x = _embed(params, tokens, config)                                # [B, T, E]
+    batch_index = jnp.arange(b)[:, None]
 
     def body(carry, xs):
         x, k_all, v_all = carry
@@ -195,19 +204,32 @@ def decode_step(params, cache: KVCache, tokens, config: Phi4Config, active=None)
         with jax.named_scope("attention"):
             h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
             q, k, v = attention_projections(layer, h, config)
-            q = kernels.apply_rope(q, positions, theta=config.rope_theta)
-            k = kernels.apply_rope(k, positions, theta=config.rope_theta)
-            k_all = k_all.at[i, batch_index, slots].set(k[:, 0].astype(k_all.dtype))
-            v_all = v_all.at[i, batch_index, slots].set(v[:, 0].astype(v_all.dtype))
-            attn = kernels.decode_attention(q.astype(k_all.dtype), k_all[i], v_all[i], lengths)
+            q = kernels.apply_rope(q, slots, theta=config.rope_theta)
+            k = kernels.apply_rope(k, slots, theta=config.rope_theta)
+            k_all = k_all.at[i, batch_index, slots].set(k.astype(k_all.dtype), mode="drop")
+            v_all = v_all.at[i, batch_index, slots].set(v.astype(v_all.dtype), mode="drop")
+            attn = kernels.decode_attention(q.astype(k_all.dtype), k_all[i], v_all[i], attend_lengths)
             x = x + attention_output(layer, attn.astype(x.dtype), config)
         return (_mlp_block(layer, x, config), k_all, v_all), None
 
     layer_index = jnp.arange(config.num_layers)
     (x, k_all, v_all), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params["layers"], layer_index))
-    h = rms_norm(x[:, 0], params["final_norm"], config.rms_norm_eps)
-    cache = KVCache(sharding.constrain(k_all, CACHE_AXES), sharding.constrain(v_all, CACHE_AXES), lengths)
+    n_new = n_new.astype(jnp.int32)
+    last = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]   # [B, E]
+    h = rms_norm(last, params["final_norm"], config.rms_norm_eps)
+    cache = KVCache(sharding.constrain(k_all, CACHE_AXES), sharding.constrain(v_all, CACHE_AXES), start + n_new)
     return cache, logits_from_hidden(params, h, config)
+
+
+def decode_step(params, cache: KVCache, tokens, config: Phi4Config, active=None):
+    """Feeds tokens [B] (one per sequence) at positions cache.lengths; returns (cache, logits [B, vocab]).
+
+    `extend` with one new token. Sequences with active[b] False (finished) do not advance: their slot is
+    overwritten, never attended.
+    """
+    b = tokens.shape[0]
+    n_new = jnp.ones((b,), jnp.int32) if active is None else active.astype(jnp.int32)
+    return extend(params, cache, tokens[:, None], n_new, config)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -278,10 +300,50 @@ def _prefill_and_sample(params, tokens, lengths, seeds, budget, stop_tokens, tem
     with _sharding_context(shard):
         keys = keys_from_seeds(seeds, per_prompt_seeds)
         cache, logits = prefill(params, tokens, lengths, config, capacity, cache_dtype)
-        first = sample(logits, keys, 0, sampler, temperature, top_p)
-        first = jnp.where(budget > 0, first, _NO_TOKEN)
-        done = (budget <= 1) | _is_stop(first, stop_tokens)
+        first, done = _sample_first(logits, keys, budget, stop_tokens, temperature, top_p, sampler)
         return cache, first, done, keys
+
+
+def _sample_first(logits, keys, budget, stop_tokens, temperature, top_p, sampler):
+    """(first new token, done) per sequence from the logits after a prefill or an extension."""
+    first = sample(logits, keys, 0, sampler, temperature, top_p)
+    first = jnp.where(budget > 0, first, _NO_TOKEN)
+    return first, (budget <= 1) | _is_stop(first, stop_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "capacity", "cache_dtype", "sampler", "shard"))
+def _prefill_and_sample_keys(params, tokens, lengths, keys, budget, stop_tokens, temperature, top_p, *,
+                             config, capacity, cache_dtype, sampler, shard):
+    """`_prefill_and_sample` with the PRNG keys given (a `ChatSession` rebuilding its cache)."""
+    with _sharding_context(shard):
+        cache, logits = prefill(params, tokens, lengths, config, capacity, cache_dtype)
+        first, done = _sample_first(logits, keys, budget, stop_tokens, temperature, top_p, sampler)
+        return cache, first, done
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampler", "shard"), donate_argnames=("cache",))
+def _extend_and_sample(params, cache, tokens, n_new, keys, budget, stop_tokens, temperature, top_p, *,
+                       config, sampler, shard):
+    """`extend` the cache by right-padded tokens [B, T] and sample each sequence's first new token."""
+    with _sharding_context(shard):
+        cache, logits = extend(params, cache, tokens, n_new, config)
+        first, done = _sample_first(logits, keys, budget, stop_tokens, temperature, top_p, sampler)
+        return cache, first, done
+
+
+@functools.partial(jax.jit, static_argnames=("capacity", "shard"))
+def _grow_cache(cache, *, capacity, shard):
+    """The cache copied into a larger one of `capacity` slots (same contents and lengths)."""
+    with _sharding_context(shard):
+        shape = cache.k.shape[:2] + (capacity,) + cache.k.shape[3:]
+        k = jax.lax.dynamic_update_slice(jnp.zeros(shape, cache.k.dtype), cache.k, (0, 0, 0, 0, 0))
+        v = jax.lax.dynamic_update_slice(jnp.zeros(shape, cache.v.dtype), cache.v, (0, 0, 0, 0, 0))
+        return KVCache(sharding.constrain(k, CACHE_AXES), sharding.constrain(v, CACHE_AXES), cache.lengths)
+
+
+@jax.jit
+def _advance_keys(keys):
+    return jax.vmap(lambda k: jax.random.split(k)[1])(keys)
 
 
 def _decode_body(params, cache, token, done, count, budget, keys, stop_tokens, temperature, top_p,
@@ -375,6 +437,40 @@ def _model_params_config(model):
             f"model must be a phi4_jax model (with .params and .config), got {type(model).__name__}") from None
 
 
+class _RunOptions(NamedTuple):
+    """Validated settings shared by `generate` and `ChatSession`."""
+    stops: np.ndarray          # stop ids padded with _NO_TOKEN to a bucketed length
+    shard: _Sharding | None
+    cache_dtype: str | None
+    sampler: Sampler
+    temp: np.float32
+    top_p: np.float32
+
+
+def _run_options(config, temperature, top_k, top_p, stop_tokens, mesh, rules, cache_dtype) -> _RunOptions:
+    if stop_tokens is None:
+        stop_tokens = default_stop_tokens(config)
+    stop_tokens = [int(t) for t in stop_tokens]
+    if (mesh is None) != (rules is None):
+        raise GenerationError("pass both mesh and rules (or neither) to shard generation")
+    shard = None if mesh is None else _Sharding(mesh, _hashable_rules(rules))
+    cache_dtype_name = None
+    if cache_dtype is not None:
+        try:
+            cache_dtype_name = jnp.dtype(cache_dtype).name
+        except TypeError:
+            cache_dtype_name = None
+        if cache_dtype_name not in ("float32", "bfloat16", "float16"):
+            raise GenerationError(f"cache_dtype must be float32, bfloat16 or float16, got {cache_dtype!r}")
+    stops = np.full((bucket(len(stop_tokens), _MIN_STOP_BUCKET),), _NO_TOKEN, np.int32)
+    stops[:len(stop_tokens)] = stop_tokens
+    greedy = float(temperature) == 0.0
+    sampler = Sampler(greedy=greedy, top_k=None if greedy else (None if top_k is None else int(top_k)),
+                      use_top_p=not greedy and top_p is not None and float(top_p) < 1.0)
+    return _RunOptions(stops, shard, cache_dtype_name, sampler,
+                       np.float32(1.0 if greedy else temperature), np.float32(1.0 if top_p is None else top_p))
+
+
 def generate(model, prompts, *, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=0,
              stop_tokens=None, callback: Callable[[list[int | None]], None] | None = None,
              mesh=None, rules=None, cache_dtype=None) -> list[list[int]]:
@@ -398,20 +494,8 @@ def generate(model, prompts, *, max_new_tokens, temperature=0.0, top_k=None, top
     params, config = _model_params_config(model)
     prompts = _validate_prompts(prompts, config)
     _validate_sampling(max_new_tokens, temperature, top_k, top_p)
-    if stop_tokens is None:
-        stop_tokens = default_stop_tokens(config)
-    stop_tokens = [int(t) for t in stop_tokens]
-    if (mesh is None) != (rules is None):
-        raise GenerationError("pass both mesh and rules (or neither) to shard generation")
-    shard = None if mesh is None else _Sharding(mesh, _hashable_rules(rules))
-    cache_dtype_name = None
-    if cache_dtype is not None:
-        try:
-            cache_dtype_name = jnp.dtype(cache_dtype).name
-        except TypeError:
-            cache_dtype_name = None
-        if cache_dtype_name not in ("float32", "bfloat16", "float16"):
-            raise GenerationError(f"cache_dtype must be float32, bfloat16 or float16, got {cache_dtype!r}")
+    opts = _run_options(config, temperature, top_k, top_p, stop_tokens, mesh, rules, cache_dtype)
+    shard, sampler, stops, temp, top_p_value = opts.shard, opts.sampler, opts.stops, opts.temp, opts.top_p
 
     n = len(prompts)
     limit = config.max_position_embeddings
@@ -430,44 +514,48 @@ def generate(model, prompts, *, max_new_tokens, temperature=0.0, top_k=None, top
         lengths[i] = len(p)
     budget = np.zeros((batch,), np.int32)
     budget[:n] = budgets
-    stops = np.full((bucket(len(stop_tokens), _MIN_STOP_BUCKET),), _NO_TOKEN, np.int32)
-    stops[:len(stop_tokens)] = stop_tokens
     seeds, per_prompt_seeds = _seed_array(seed, n, batch)
-
-    greedy = float(temperature) == 0.0
-    sampler = Sampler(greedy=greedy, top_k=None if greedy else (None if top_k is None else int(top_k)),
-                      use_top_p=not greedy and top_p is not None and float(top_p) < 1.0)
-    temp = np.float32(1.0 if greedy else temperature)
-    top_p_value = np.float32(1.0 if top_p is None else top_p)
 
     cache, first, done, keys = _prefill_and_sample(
         params, tokens, lengths, seeds, budget, stops, temp, top_p_value,
-        config=config, capacity=capacity, cache_dtype=cache_dtype_name,
+        config=config, capacity=capacity, cache_dtype=opts.cache_dtype,
         sampler=sampler, shard=shard, per_prompt_seeds=per_prompt_seeds)
 
-    if max(budgets) <= 1:  # the prefill's token is all there is: no decode program needed
+    out, _ = _run_decode(params, cache, first, done, budget, keys, stops, temp, top_p_value, n=n,
+                         out_len=out_len, callback=callback, config=config, sampler=sampler, shard=shard)
+    return [_trim(out[i], budgets[i]) for i in range(n)]
+
+
+def _run_decode(params, cache, first, done, budget, keys, stops, temp, top_p_value, *, n, out_len, callback,
+                config, sampler, shard):
+    """Decodes after a prefill/extension; returns (tokens [B, <= out_len] numpy, final cache).
+
+    Without a callback the loop runs on the device (`_decode_loop`), with one it is a host loop of
+    `_decode_one` steps that passes each step's tokens (first n sequences, None once finished) to it.
+    When the first token is all the budget allows, no decode program runs and the cache is returned as is.
+    """
+    if int(np.max(np.asarray(budget))) <= 1:  # the prefill's token is all there is: no decode program needed
         out = np.asarray(first)[:, None]
         if callback is not None:
             callback([int(t) if t != _NO_TOKEN else None for t in out[:n, 0]])
-    elif callback is None:
+        return out, cache
+    if callback is None:
         out, cache = _decode_loop(params, cache, first, done, budget, keys, stops, temp, top_p_value,
                                   config=config, sampler=sampler, shard=shard, out_len=out_len)
-        out = np.asarray(out)
-    else:
-        columns = []
-        token = first
-        count = 1
-        while True:
-            column, finished = np.asarray(token), bool(np.all(np.asarray(done)))
-            columns.append(column)
-            callback([int(t) if t != _NO_TOKEN else None for t in column[:n]])
-            if finished or count >= out_len:
-                break
-            cache, token, done = _decode_one(params, cache, token, done, np.int32(count), budget, keys, stops,
-                                             temp, top_p_value, config=config, sampler=sampler, shard=shard)
-            count += 1
-        out = np.stack(columns, axis=1)
-    return [_trim(out[i], budgets[i]) for i in range(n)]
+        return np.asarray(out), cache
+    columns = []
+    token = first
+    count = 1
+    while True:
+        column, finished = np.asarray(token), bool(np.all(np.asarray(done)))
+        columns.append(column)
+        callback([int(t) if t != _NO_TOKEN else None for t in column[:n]])
+        if finished or count >= out_len:
+            break
+        cache, token, done = _decode_one(params, cache, token, done, np.int32(count), budget, keys, stops,
+                                         temp, top_p_value, config=config, sampler=sampler, shard=shard)
+        count += 1
+    return np.stack(columns, axis=1), cache
 
 
 def _trim(row: np.ndarray, budget: int) -> list[int]:
@@ -477,6 +565,134 @@ def _trim(row: np.ndarray, budget: int) -> list[int]:
             break
         result.append(int(t))
     return result
+
+
+# ----------------------------------------------------------------------------- multi-turn sessions
+
+_MAX_EXTEND_CHUNK = 512  # new tokens per `extend` call (bounds the [new, capacity] attention scores)
+
+
+class ChatSession:
+    """Multi-turn generation for one conversation that keeps its KV cache between turns.
+
+    `generate(prompt, ...)` takes the whole conversation so far as token ids (e.g. the chat template
+    applied to every message) and returns the new tokens, like `generate(model, [prompt], ...)`, but
+    prefills only what the cache does not already hold:
+
+    - the longest common prefix of `prompt` and the cached tokens is kept (the cache's length is rewound
+      to it, so a re-tokenized earlier answer that differs from the generated ids is recomputed from the
+      first differing token on), and the rest is fed with `extend` at positions offset by that prefix, in
+      chunks of at most 512 tokens, each padded to a power of two (>= 32): new-token counts in one bucket
+      share one compiled program;
+    - the cache is rebuilt with a full `prefill` of `prompt` when there is none yet or when the reusable
+      prefix is shorter than the rest (e.g. after the caller dropped the oldest turns to fit the context);
+    - the cache capacity is bucketed as in `generate` (a power of two, at most max_context) and grows by
+      copying when the conversation outgrows it;
+    - decoding then runs exactly as in `generate` (on the device, or a host loop with `callback`).
+
+    Greedy answers equal `generate`'s full re-prefill (up to float rounding in the logits). After a turn
+    the cache holds the prompt and every generated token but the last (sampled, never fed); `tokens` is
+    prompt + generated tokens, and `extend(new_tokens, ...)` continues from it. `last_turn` says how the
+    turn was prefilled: {"reused", "prefilled", "rebuilt", "generated"}.
+
+    PRNG: the first turn samples with the key `generate(..., seed=seed)` gives a single prompt; the key
+    is split after every turn, so later turns draw fresh but reproducible randomness. If a turn raises
+    (e.g. KeyboardInterrupt from the callback), the cache is dropped and the next turn rebuilds it.
+    """
+
+    def __init__(self, model, *, temperature=0.0, top_k=None, top_p=None, seed: int = 0, stop_tokens=None,
+                 max_context: int | None = None, mesh=None, rules=None, cache_dtype=None):
+        self.params, self.config = _model_params_config(model)
+        _validate_sampling(1, temperature, top_k, top_p)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise GenerationError(f"seed must be an int, got {seed!r}")
+        limit = self.config.max_position_embeddings
+        if max_context is None:
+            max_context = limit
+        if isinstance(max_context, bool) or not isinstance(max_context, (int, np.integer)) or max_context < 2:
+            raise GenerationError(f"max_context must be an integer >= 2, got {max_context!r}")
+        self.max_context = min(int(max_context), limit)
+        self._opts = _run_options(self.config, temperature, top_k, top_p, stop_tokens, mesh, rules, cache_dtype)
+        self._keys = sequence_keys(int(seed), 1)
+        self._cache: KVCache | None = None
+        self._cached: list[int] = []       # the ids whose keys/values are in the cache, in slot order
+        self.tokens: list[int] = []
+        self.last_turn: dict | None = None
+
+    @property
+    def cached_length(self) -> int:
+        """How many tokens the cache holds."""
+        return len(self._cached)
+
+    def reset(self) -> None:
+        """Forgets the conversation and its cache (the PRNG key is kept)."""
+        self._cache, self._cached, self.tokens = None, [], []
+
+    def extend(self, new_tokens: Sequence[int], *, max_new_tokens: int, callback=None) -> list[int]:
+        """Appends new_tokens to `tokens` (the conversation so far) and generates; see `generate`."""
+        return self.generate(self.tokens + [int(t) for t in new_tokens], max_new_tokens=max_new_tokens,
+                             callback=callback)
+
+    def generate(self, prompt: Sequence[int], *, max_new_tokens: int,
+                 callback: Callable[[list[int | None]], None] | None = None) -> list[int]:
+        """New tokens after `prompt` (the whole conversation as ids), reusing the cache; callback as in `generate`.
+
+        Raises ContextLengthError when the prompt leaves no room for a new token within max_context.
+        """
+        prompt = _validate_prompts([prompt], self.config)[0]
+        _validate_sampling(max_new_tokens, 0.0, None, None)
+        if len(prompt) >= self.max_context:
+            raise ContextLengthError(f"the prompt has {len(prompt)} tokens but the context holds {self.max_context} "
+                                     "(max_context), leaving no room for a new token; shorten the conversation")
+        n_budget = min(int(max_new_tokens), self.max_context - len(prompt))
+        capacity = bucket(min(len(prompt) + int(max_new_tokens), self.max_context), _MIN_PROMPT_BUCKET,
+                          cap=self.max_context)
+        keep = 0
+        for cached, new in zip(self._cached, prompt[:-1]):   # at least one token must be fed
+            if cached != new:
+                break
+            keep += 1
+        rebuild = self._cache is None or keep < len(prompt) - keep
+        o, params, config = self._opts, self.params, self.config
+        budget = np.array([n_budget], np.int32)
+        cache, self._cache, self._cached = self._cache, None, []   # dropped unless the turn completes
+        try:
+            if rebuild:
+                del cache
+                tokens = np.zeros((1, min(bucket(len(prompt), _MIN_PROMPT_BUCKET), capacity)), np.int32)
+                tokens[0, :len(prompt)] = prompt
+                cache, first, done = _prefill_and_sample_keys(
+                    params, tokens, np.array([len(prompt)], np.int32), self._keys, budget, o.stops, o.temp,
+                    o.top_p, config=config, capacity=capacity, cache_dtype=o.cache_dtype, sampler=o.sampler,
+                    shard=o.shard)
+                keep = 0
+            else:
+                if cache.k.shape[2] < capacity:
+                    cache = _grow_cache(cache, capacity=capacity, shard=o.shard)
+                cache = cache._replace(lengths=jnp.asarray(np.array([keep], np.int32)))
+                rest = prompt[keep:]
+                for start in range(0, len(rest), _MAX_EXTEND_CHUNK):
+                    chunk = rest[start:start + _MAX_EXTEND_CHUNK]
+                    width = min(bucket(len(chunk), _MIN_PROMPT_BUCKET, cap=_MAX_EXTEND_CHUNK), cache.k.shape[2])
+                    tokens = np.zeros((1, width), np.int32)
+                    tokens[0, :len(chunk)] = chunk
+                    cache, first, done = _extend_and_sample(
+                        params, cache, tokens, np.array([len(chunk)], np.int32), self._keys, budget, o.stops,
+                        o.temp, o.top_p, config=config, sampler=o.sampler, shard=o.shard)
+            out, cache = _run_decode(params, cache, first, done, budget, self._keys, o.stops, o.temp, o.top_p,
+                                     n=1, out_len=bucket(n_budget, _MIN_NEW_BUCKET), callback=callback,
+                                     config=config, sampler=o.sampler, shard=o.shard)
+            new = _trim(out[0], n_budget)
+            cached_length = int(np.asarray(cache.lengths)[0])
+        except BaseException:
+            self.tokens = []
+            raise
+        self.tokens = prompt + new
+        self._cache, self._cached = cache, self.tokens[:cached_length]
+        self._keys = _advance_keys(self._keys)
+        self.last_turn = {"reused": keep, "prefilled": len(prompt) - keep, "rebuilt": rebuild,
+                          "generated": len(new)}
+        return new
 
 
 # ----------------------------------------------------------------------------- text level

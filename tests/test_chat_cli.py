@@ -5,6 +5,7 @@ format apply; its hidden size is tiny so it converts and compiles quickly. Its a
 the test compares the CLI's streamed answer with `phi4_jax.generation.chat` run in-process.
 """
 
+import io
 import json
 import os
 import subprocess
@@ -48,12 +49,16 @@ def run_chat(*args, stdin=""):
     return proc
 
 
-def test_prompt_answers_once_and_matches_in_process_chat(checkpoint):
+@pytest.fixture(scope="module")
+def chat_model(checkpoint):
+    return phi4_jax.load_model(checkpoint), phi4_jax.Tokenizer()
+
+
+def test_prompt_answers_once_and_matches_in_process_chat(checkpoint, chat_model):
     proc = run_chat("--checkpoint", str(checkpoint), "--system", SYSTEM, "--prompt", "Hello! Who are you?",
                     "--max-new-tokens", "24")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    model = phi4_jax.load_model(checkpoint)
-    tokenizer = phi4_jax.Tokenizer()
+    model, tokenizer = chat_model
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello! Who are you?"}]
     expected = generation.chat(model, tokenizer, messages, max_new_tokens=24)
     assert expected  # a random model still says something
@@ -61,11 +66,57 @@ def test_prompt_answers_once_and_matches_in_process_chat(checkpoint):
     assert "tokens/s" in proc.stderr
 
 
-def test_interactive_multi_turn_exits_cleanly_on_eof(checkpoint):
+def full_reprefill_answers(model, tokenizer, argv, messages, max_context):
+    """Answers to successive user messages, each re-prefilling the whole (trimmed) conversation."""
+    from phi4_jax.chat import Conversation, answer, parse_args
+
+    args = parse_args(argv)
+    conversation = Conversation(tokenizer, args.system, max_context)
+    texts = []
+    for message in messages:
+        text, _ = answer(model, tokenizer, conversation.prompt_for(message), args, max_context, out=io.StringIO())
+        conversation.add_answer(text)
+        texts.append(text)
+    return texts
+
+
+def test_interactive_multi_turn_exits_cleanly_on_eof(checkpoint, chat_model):
+    """Two turns through the CLI (cache kept between them) stream the answers of a full re-prefill per turn."""
     proc = run_chat("--checkpoint", str(checkpoint), "--max-new-tokens", "8", stdin="Hi there\n\nTell me more\n")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("tokens/s") == 2  # two answers, then Ctrl-D (EOF) ends the chat
     assert proc.stdout.count("> ") == 4  # prompts: two messages, one empty line (skipped), then EOF
+    first, second = full_reprefill_answers(*chat_model, ["--checkpoint", str(checkpoint), "--max-new-tokens", "8"],
+                                           ["Hi there", "Tell me more"], 16384)
+    assert first and second
+    assert proc.stdout == "\n> " + first + "\n> \n> " + second + "\n> "
+
+
+def test_cached_session_equals_full_reprefill_when_turns_are_dropped(checkpoint, chat_model):
+    """In-process chat turns with a small --max-context: the cached session reuses the cache while the
+    conversation fits, rebuilds it when the oldest turns are dropped, and answers like a full re-prefill."""
+    from phi4_jax.chat import Conversation, answer, new_session, parse_args
+
+    model, tokenizer = chat_model
+    max_context = 72
+    argv = ["--checkpoint", str(checkpoint), "--system", SYSTEM, "--max-new-tokens", "10",
+            "--max-context", str(max_context)]
+    messages = ["Hello there, how are you?", "Tell me more about it.", "And then what happened next?",
+                "Thanks!"]
+    expected = full_reprefill_answers(model, tokenizer, argv, messages, max_context)
+    args = parse_args(argv)
+    conversation = Conversation(tokenizer, args.system, max_context)
+    session = new_session(model, tokenizer, args, max_context)
+    turns = []
+    for message, want in zip(messages, expected):
+        ids = conversation.prompt_for(message)
+        text, stats = answer(model, tokenizer, ids, args, max_context, out=io.StringIO(), session=session)
+        conversation.add_answer(text)
+        assert text == want
+        assert stats["tokens"] >= 1 and stats["time_to_first_token"] <= stats["seconds"]
+        turns.append(dict(session.last_turn, history=len(conversation.turns)))
+    assert any(not t["rebuilt"] and t["reused"] > 0 for t in turns[1:]), turns  # the cache was reused ...
+    assert any(t["rebuilt"] for t in turns[1:]), turns                          # ... and rebuilt after a trim
 
 
 def test_bad_checkpoint_path_is_a_clear_error(tmp_path):

@@ -255,3 +255,111 @@ def test_sharded_generation_matches_and_shards_the_cache(converted, prompts, gre
     expected = NamedSharding(mesh, sharding.logical_to_spec(generation.CACHE_AXES, rules))
     assert cache.k.sharding.is_equivalent_to(expected, cache.k.ndim)
     assert cache.k.addressable_shards[0].data.shape[3] == model.config.num_kv_heads // 2
+
+
+# ----------------------------------------------------------------------------- multi-turn: ChatSession / extend
+
+def test_extended_cache_logits_equal_full_forward(converted):
+    """`extend` by several tokens (padded, different counts per sequence, 0 included) after a prefill and
+    after another extension gives model.forward's logits at each sequence's last token."""
+    model, _ = converted
+    params, config = model.params, model.config
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(3, 311, 120).tolist() for _ in range(2)]
+    lengths = [9, 30]
+    tokens = np.zeros((2, 32), np.int32)
+    for i, n in enumerate(lengths):
+        tokens[i, :n] = seqs[i][:n]
+    prefill = jax.jit(generation.prefill, static_argnums=(3, 4))
+    extend = jax.jit(generation.extend, static_argnums=(4,))
+    full = np.asarray(forward(params, jnp.asarray(seqs), config))  # causal: position p sees seq[:p + 1] only
+    cache, _ = prefill(params, jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32), config, 128)
+    for counts, width in (((23, 2), 32), ((0, 41), 64), ((17, 5), 32)):
+        new = np.zeros((2, width), np.int32)
+        for i, c in enumerate(counts):
+            new[i, :c] = seqs[i][lengths[i]:lengths[i] + c]
+        cache, logits = extend(params, cache, jnp.asarray(new), jnp.asarray(counts, jnp.int32), config)
+        lengths = [n + c for n, c in zip(lengths, counts)]
+        np.testing.assert_array_equal(np.asarray(cache.lengths), lengths)
+        for i, c in enumerate(counts):
+            if c:
+                np.testing.assert_allclose(np.asarray(logits[i]), full[i, lengths[i] - 1], rtol=1e-4, atol=1e-4)
+
+
+def test_chat_session_three_turns_equal_full_reprefill(converted):
+    """Greedy turns through one ChatSession (cache kept, only new tokens prefilled, capacity grown) give
+    exactly the tokens of `generate` re-prefilling the whole conversation each turn."""
+    model, _ = converted
+    rng = np.random.default_rng(4)
+    session = generation.ChatSession(model, stop_tokens=[])
+    conversation = rng.integers(3, 311, 20).tolist()
+    for turn, (user, new) in enumerate(((0, 12), (9, 20), (35, 7))):
+        conversation = conversation + rng.integers(3, 311, user).tolist()
+        expected = phi4_jax.generate(model, [conversation], max_new_tokens=new, stop_tokens=[])[0]
+        if turn == 2:  # extend() continues from session.tokens
+            got = session.extend(conversation[len(session.tokens):], max_new_tokens=new)
+        else:
+            got = session.generate(conversation, max_new_tokens=new)
+        assert got == expected, f"turn {turn} differs"
+        if turn:
+            assert not session.last_turn["rebuilt"]
+            assert session.last_turn["reused"] == len(conversation) - user - 1  # all but the last answer token
+            assert session.last_turn["prefilled"] == user + 1
+        conversation = conversation + got
+        assert session.tokens == conversation
+        assert session.cached_length == len(conversation) - 1 == int(session._cache.lengths[0])
+    assert session._cache.k.shape[2] == 128  # grew 32 -> 64 -> 128 as the conversation did
+
+
+def test_chat_session_rebuilds_after_trimming_and_on_divergence(converted):
+    """A conversation whose start was dropped (little reusable) is re-prefilled; one that diverges late is
+    rewound to the common prefix. Both equal `generate`, and a stop token ends a turn like in `generate`."""
+    model, _ = converted
+    rng = np.random.default_rng(5)
+    session = generation.ChatSession(model, stop_tokens=[])
+    system, old, user = (rng.integers(3, 311, n).tolist() for n in (6, 40, 10))
+    first = session.generate(system + old, max_new_tokens=10)
+    trimmed = system + user                        # the old turn dropped: only the system part is reusable
+    out = session.generate(trimmed, max_new_tokens=10)
+    assert out == phi4_jax.generate(model, [trimmed], max_new_tokens=10, stop_tokens=[])[0]
+    assert session.last_turn["rebuilt"] and session.last_turn["reused"] == 0
+    diverged = trimmed + out[:4] + [(out[4] % 300) + 3] + rng.integers(3, 311, 3).tolist()
+    out2 = session.generate(diverged, max_new_tokens=10)
+    assert out2 == phi4_jax.generate(model, [diverged], max_new_tokens=10, stop_tokens=[])[0]
+    assert not session.last_turn["rebuilt"] and session.last_turn["reused"] == len(trimmed) + 4
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(column):
+        raise Interrupted  # like Ctrl-C while an answer streams: the (donated) cache is dropped
+    with pytest.raises(Interrupted):
+        session.generate(diverged + out2, max_new_tokens=10, callback=interrupt)
+    assert session.cached_length == 0 and session.tokens == []
+    streamed = []
+    assert session.generate(diverged, max_new_tokens=10, callback=lambda column: streamed.append(column[0])) == out2
+    assert session.last_turn["rebuilt"] and streamed == out2
+    stopper = generation.ChatSession(model, stop_tokens=[first[3]])
+    assert stopper.generate(system + old, max_new_tokens=10) == first[:first.index(first[3]) + 1]
+    with pytest.raises(ContextLengthError, match="max_context"):
+        generation.ChatSession(model, max_context=16).generate(list(range(3, 19)), max_new_tokens=2)
+
+
+def test_chat_session_no_recompile_across_turns(converted):
+    """Turns of different lengths within one bucket (extension width 32, capacity 128, output 16) reuse
+    the compiled extension, prefill and decode programs."""
+    model, _ = converted
+    rng = np.random.default_rng(6)
+
+    def conversation(first, turns):
+        session = generation.ChatSession(model, stop_tokens=[])
+        session.generate(rng.integers(3, 311, first).tolist(), max_new_tokens=6)
+        for user, new in turns:
+            session.extend(rng.integers(3, 311, user).tolist(), max_new_tokens=new)
+            assert not session.last_turn["rebuilt"]
+
+    programs = (generation._extend_and_sample, generation._prefill_and_sample_keys, generation._decode_loop)
+    conversation(70, [(10, 6), (10, 6)])
+    sizes = [p._cache_size() for p in programs]
+    conversation(65, [(3, 9), (17, 4), (1, 12)])
+    assert [p._cache_size() for p in programs] == sizes
