@@ -6,8 +6,9 @@ Implementations of `flash_attention`:
 - ``"pallas_gpu"``: `kernels.flash_attention_gpu` (Mosaic GPU, Hopper; the default on H100/H200).
 - ``"cudnn"``: `jax.nn.dot_product_attention(implementation="cudnn")`; it has no segment ids.
 
-`flash_attention_rope` is RoPE on q and k followed by attention; with "pallas_tpu" the rotation is fused into
-the kernel's tile loads. `interpret=True` runs a Pallas implementation in interpret mode, so it works on a CPU.
+`flash_attention_rope` is RoPE on q and k followed by attention; with "pallas_tpu" and "pallas_gpu" the rotation
+is fused into the kernel's tile loads. `interpret=True` runs a Pallas implementation in interpret mode, so it works
+on a CPU.
 Inputs are validated here so a bad shape or dtype gets an error naming the constraint, not a backend crash.
 """
 
@@ -116,8 +117,8 @@ def flash_attention_rope(q, k, v, positions, *, theta, causal=True, segment_ids=
                          implementation=None, interpret=False):
     """Attention of RoPE-rotated q and k: the same result as `apply_rope` on q and k, then `flash_attention`.
 
-    positions [B, S] int, theta the RoPE base; other arguments as in `flash_attention`. With "pallas_tpu" the
-    rotation is fused into the kernel's q/k tile loads (forward and backward, so rotated q/k never go
+    positions [B, S] int, theta the RoPE base; other arguments as in `flash_attention`. With "pallas_tpu" or
+    "pallas_gpu" the rotation is fused into the kernel's q/k tile loads (forward and backward, so rotated q/k never go
     through HBM); the other implementations rotate with the XLA reference first, then attend.
     """
     _check_attention_inputs(q, k, v, segment_ids)
@@ -129,6 +130,10 @@ def flash_attention_rope(q, k, v, positions, *, theta, causal=True, segment_ids=
     if implementation == "pallas_tpu":
         module = _kernel_module("flash_attention_tpu")
         return module.flash_attention_tpu(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale,
+                                          interpret=interpret, rope=(positions, theta))
+    if implementation == "pallas_gpu":
+        module = _kernel_module("flash_attention_gpu")
+        return module.flash_attention_gpu(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale,
                                           interpret=interpret, rope=(positions, theta))
     q = apply_rope_reference(q, positions, theta=theta)
     k = apply_rope_reference(k, positions, theta=theta)

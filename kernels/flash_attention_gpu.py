@@ -23,7 +23,21 @@ Dtypes: bf16 and fp16 run natively. float32 inputs are deliberately cast to bf16
 takes 16-bit operands here; softmax, LSE and all accumulation stay fp32) and results are cast back to
 float32: expect bf16-level error for fp32 inputs.
 
-Fused RoPE (`rope=`) is not implemented in this kernel yet: passing it raises AttentionConfigError.
+Fused RoPE (`rope=(positions, theta)`): q and k tiles are rotated in SMEM right after their TMA load
+(NeoX rotate-half on the two column halves of the tile, fp32 angles `position * inv_freq` from integer
+positions, inv_freq computed by `kernels.rope_reference.rope_inv_freq`), in the forward, dq and dk/dv
+kernels. A tile private to one warpgroup (its q rows; its K rows in dk/dv) is rotated by that warpgroup;
+a ring tile shared by the compute warpgroups (K in forward/dq, Q in dk/dv) is rotated once per load,
+64-row chunk c by warpgroup c % num_compute_wgs, and a per-slot "rotated" barrier (one arrival per
+warpgroup) orders those writes before any warpgroup's wgmma reads the slot. dq and dk are rotated back
+(by -angle) in SMEM before they are stored, so gradients are with respect to the un-rotated q and k.
+Angles are range-reduced to [-pi, pi] before sin/cos (the approx-math `sin.approx` is only accurate
+there). With RoPE the SMEM tiles use a 64-byte swizzle when head_dim / 2 is not a multiple of 64
+elements (head_dim 64 or 192), so each half is a whole number of swizzle tiles. float32 inputs are the
+exception: XLA rotates them in fp32 before their bf16 cast (see "Dtypes"), because rotating the bf16
+copies in the kernel would round q and k twice.
+So far checked in the interpreter only: the compiled form (WGMMA-layout loads and stores of the tile
+halves, sin/cos and the extra barriers) has not yet been compiled or run on a GPU.
 
 Runs on CPU in Mosaic GPU interpret mode with `interpret=True` (see `kernels.mosaic_gpu_interpret`).
 The interpreter simulates SMEM, TMA, barriers and warpgroup threads, but it has no register layouts and
@@ -47,6 +61,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import mosaic_gpu_interpret
+from kernels.rope_reference import apply_rope_reference, rope_inv_freq
 
 # --------------------------------------------------------------------------------- API compatibility
 # Everything version-dependent about the Mosaic GPU Pallas API lives here.
@@ -96,10 +111,9 @@ def _load_vector(smem_ref, layout, interpret):
     return plgpu.load(smem_ref, (), layout=layout)
 
 
-def _tile_smem(shape, dtype):
-    """SMEM buffer whose last dim is the head dim, tiled and 128-byte swizzled for TMA and wgmma."""
+def _tile_smem(shape, dtype, swizzle=128):
+    """SMEM buffer whose last dim is the head dim, tiled and swizzled (128 bytes unless told) for TMA and wgmma."""
     itemsize = jnp.dtype(dtype).itemsize
-    swizzle = 128
     transforms = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
     return plgpu.SMEM(shape, dtype, transforms=transforms)
 
@@ -212,14 +226,101 @@ class _Cfg:
     num_compute_wgs: int
     interpret: bool
     interpret_options: tuple = ()  # InterpretGPUParams fields, as sorted (name, value) pairs
+    rope: bool = False  # fused RoPE: positions and inv_freq are extra kernel inputs
 
     @property
     def c(self):  # scores -> base-2 softmax units
         return self.scale * _LOG2E
 
+    @property
+    def swizzle(self):
+        """Swizzle (bytes) of the q/k/v/do tiles: 128, or 64 with RoPE when a head-dim half is not a whole
+        number of 128-byte (64-element) swizzle tiles, so both halves can be sliced out of the tile."""
+        if self.rope and (self.head_dim // 2) % 64:
+            return 64
+        return 128
+
 
 def _round_up(x, m):
     return -(-x // m) * m
+
+
+# ------------------------------------------------------------------------------------------- RoPE
+
+_ROPE_CHUNK = 64  # rows rotated at once: one warpgroup's WGMMA-layout row tile
+# 2*pi split so that turns * _TWO_PI_HI is exact (8 significant bits) for |turns| < 2**16.
+_TWO_PI_HI = 6.28125
+_TWO_PI_LO = 2 * math.pi - _TWO_PI_HI
+
+
+def _cos_sin(angles):
+    """cos and sin of fp32 angles, range-reduced to [-pi, pi] first (Cody-Waite with a 2-term 2*pi):
+    under approx math these are `cos/sin.approx.f32`, accurate only near zero."""
+    turns = lax.round(angles * (1.0 / (2 * math.pi)))
+    reduced = (angles - turns * _TWO_PI_HI) - turns * _TWO_PI_LO
+    return jnp.cos(reduced), jnp.sin(reduced)
+
+
+def _rope_rows(cfg, tile_ref, pos_ref, freq_ref, *, inverse):
+    """Rotates tile_ref [64, D] (16-bit SMEM) in place: NeoX rotate-half by angles pos_ref [64] (int32 SMEM)
+    times freq_ref [D/2] (fp32 SMEM), in fp32; `inverse` rotates by -angle (RoPE's backward)."""
+    rows, half = tile_ref.shape[0], cfg.head_dim // 2
+    pos = _load_vector(pos_ref, _layout_rows(), cfg.interpret).astype(jnp.float32)
+    freq = _load_vector(freq_ref, _layout_cols(), cfg.interpret)
+    shape = (rows, half)
+    cos, sin = _cos_sin(lax.broadcast_in_dim(pos, shape, [0]) * lax.broadcast_in_dim(freq, shape, [1]))
+    if inverse:
+        sin = -sin
+    lo_ref, hi_ref = tile_ref.at[:, pl.ds(0, half)], tile_ref.at[:, pl.ds(half, half)]
+    lo, hi = lo_ref[...].astype(jnp.float32), hi_ref[...].astype(jnp.float32)
+    lo_ref[...] = (lo * cos - hi * sin).astype(tile_ref.dtype)
+    hi_ref[...] = (hi * cos + lo * sin).astype(tile_ref.dtype)
+
+
+def _rope_own_tile(cfg, tile_ref, pos_ref, freq_ref, *, inverse=False):
+    """Rotates a tile [rows, D] that only this warpgroup uses, then makes it visible to its wgmma / TMA."""
+    for c in range(tile_ref.shape[0] // _ROPE_CHUNK):
+        chunk = pl.ds(c * _ROPE_CHUNK, _ROPE_CHUNK)
+        _rope_rows(cfg, tile_ref.at[chunk], pos_ref.at[chunk], freq_ref, inverse=inverse)
+    plgpu.commit_smem()
+
+
+def _rope_shared_tile(cfg, wg, tile_ref, pos_ref, freq_ref, rotated):
+    """Rotates a ring tile [rows, D] read by every compute warpgroup: 64-row chunk c by warpgroup
+    c % num_compute_wgs; then each warpgroup arrives on `rotated` (one arrival per warpgroup) and waits
+    for all of them, so no wgmma reads the tile before every chunk is rotated. Every compute warpgroup
+    must call this once per load of the slot (drained steps too), which keeps barrier phases in step."""
+    nwg = cfg.num_compute_wgs
+    for c in range(tile_ref.shape[0] // _ROPE_CHUNK):
+        chunk = pl.ds(c * _ROPE_CHUNK, _ROPE_CHUNK)
+        rotate = functools.partial(_rope_rows, cfg, tile_ref.at[chunk], pos_ref.at[chunk], freq_ref,
+                                   inverse=False)
+        if nwg == 1:
+            rotate()
+        else:
+            pl.when(wg == c % nwg)(rotate)
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(rotated)
+    plgpu.barrier_wait(rotated)
+
+
+def _rope_scratch(cfg, q_rows, k_rows, q_slots, k_slots):
+    """Extra scratch for fused RoPE: SMEM (q positions [q_slots, q_rows], k positions [k_slots, k_rows],
+    inv_freq per warpgroup [nwg, D/2]) and barriers (ring positions loaded, ring tile rotated, and each
+    warpgroup's own position / inv_freq loads)."""
+    nwg, st = cfg.num_compute_wgs, cfg.num_stages
+    smem = (_vector_smem((q_slots, q_rows), jnp.int32), _vector_smem((k_slots, k_rows), jnp.int32),
+            _vector_smem((nwg, cfg.head_dim // 2), jnp.float32))
+    return [smem, (_barriers(st), _barriers(st, arrivals=nwg), _barriers(2 * nwg))]
+
+
+def _load_own_rope_inputs(cfg, wg, batch, rows, pos_ref, freq_ref, pos_smem, freq_smem, own):
+    """TMA this warpgroup's positions (rows `rows`) and inv_freq into its SMEM and wait for them."""
+    nwg = cfg.num_compute_wgs
+    plgpu.copy_gmem_to_smem(pos_ref.at[batch, rows], pos_smem, own.at[wg])
+    plgpu.copy_gmem_to_smem(freq_ref, freq_smem, own.at[nwg + wg])
+    plgpu.barrier_wait(own.at[wg])
+    plgpu.barrier_wait(own.at[nwg + wg])
 
 
 # ------------------------------------------------------------------------------------------ masks
@@ -270,8 +371,9 @@ def _kv_step_counts(cfg, q_tile, wg, block_q, block_kv):
 
 
 def _kv_producer(cfg, n_cta, batch, kv_head, k_ref, v_ref, seg_ref, k_smem, v_smem, kseg_smem,
-                 loaded, consumed, block_kv):
-    """Producer warpgroup: TMA K/V (and key segment ids) blocks 0..n_cta-1 into the SMEM ring."""
+                 loaded, consumed, block_kv, rope_pos=None):
+    """Producer warpgroup: TMA K/V (and key segment ids; with RoPE, `rope_pos` = (positions ref, key
+    positions SMEM ring, its loaded barriers)) blocks 0..n_cta-1 into the SMEM ring."""
     k_loaded, v_loaded, s_loaded = loaded
 
     def body(step, _):
@@ -286,6 +388,9 @@ def _kv_producer(cfg, n_cta, batch, kv_head, k_ref, v_ref, seg_ref, k_smem, v_sm
         plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_smem.at[slot], v_loaded.at[slot])
         if seg_ref is not None:
             plgpu.copy_gmem_to_smem(seg_ref.at[batch, rows], kseg_smem.at[slot], s_loaded.at[slot])
+        if rope_pos is not None:
+            pos_ref, kpos_smem, p_loaded = rope_pos
+            plgpu.copy_gmem_to_smem(pos_ref.at[batch, rows], kpos_smem.at[slot], p_loaded.at[slot])
         return _
 
     lax.fori_loop(0, n_cta, body, None)
@@ -300,16 +405,32 @@ def _await_last_releases(cfg, n_steps, consumed):
     lax.fori_loop(jnp.maximum(n_steps - cfg.num_stages, 0), n_steps, body, None)
 
 
+# ------------------------------------------------------------------------------------------ kernel refs
+
+def _split_refs(cfg, refs, n_inputs, n_outputs):
+    """Kernel refs -> (inputs, seg_ref, (pos_ref, freq_ref) or None, outputs, scratch, rope scratch or None).
+
+    Inputs are the `n_inputs` fixed arrays, then segment ids (if any), then positions and inv_freq (RoPE);
+    the RoPE scratch (`_rope_scratch`) comes last."""
+    n_in = n_inputs + cfg.has_segments + 2 * cfg.rope
+    ins, outs, scratch = refs[:n_inputs], refs[n_in:n_in + n_outputs], refs[n_in + n_outputs:]
+    seg_ref = refs[n_inputs] if cfg.has_segments else None
+    rope_in = refs[n_in - 2:n_in] if cfg.rope else None
+    rope_scratch = None
+    if cfg.rope:
+        scratch, rope_scratch = scratch[:-2], scratch[-2:]
+    return ins, seg_ref, rope_in, outs, scratch, rope_scratch
+
+
 # ------------------------------------------------------------------------------------------ forward
 
 def _forward_kernel(cfg: _Cfg, dtype):
     bq, bkv, d, nwg = cfg.block_q, cfg.block_kv, cfg.head_dim, cfg.num_compute_wgs
 
     def kernel(*refs):
-        if cfg.has_segments:
-            q_ref, k_ref, v_ref, seg_ref, out_ref, lse_ref, smem, loaded, consumed, own = refs
-        else:
-            (q_ref, k_ref, v_ref, out_ref, lse_ref, smem, loaded, consumed, own), seg_ref = refs, None
+        (q_ref, k_ref, v_ref), seg_ref, rope_in, (out_ref, lse_ref), scratch, rope_scratch = _split_refs(
+            cfg, refs, 3, 2)
+        smem, loaded, consumed, own = scratch
         q_smem, k_smem, v_smem, lse_smem, qseg_smem, kseg_smem = smem
         k_loaded, v_loaded, s_loaded = loaded
         batch, q_head, q_tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tiles")
@@ -329,11 +450,24 @@ def _forward_kernel(cfg: _Cfg, dtype):
                 plgpu.copy_gmem_to_smem(seg_ref.at[batch, rows], qseg_smem.at[wg], own.at[nwg + wg])
                 plgpu.barrier_wait(own.at[nwg + wg])
                 q_seg = _load_vector(qseg_smem.at[wg], _layout_rows(), cfg.interpret)
+            if cfg.rope:
+                (pos_ref, freq_ref), ((qpos_smem, kpos_smem, freq_smem), (p_loaded, rotated, rope_own)) = (
+                    rope_in, rope_scratch)
+                _load_own_rope_inputs(cfg, wg, batch, rows, pos_ref, freq_ref, qpos_smem.at[wg],
+                                      freq_smem.at[wg], rope_own)
+                _rope_own_tile(cfg, my_q, qpos_smem.at[wg], freq_smem.at[wg])
+
+            def rotate_k(slot):
+                if cfg.rope:
+                    plgpu.barrier_wait(p_loaded.at[slot])
+                    _rope_shared_tile(cfg, wg, k_smem.at[slot], kpos_smem.at[slot], freq_smem.at[wg],
+                                      rotated.at[slot])
 
             def step(kv_step, carry, masked):
                 acc, m_i, l_i = carry
                 slot = _irem(kv_step, cfg.num_stages)
                 plgpu.barrier_wait(k_loaded.at[slot])
+                rotate_k(slot)
                 s = _matmul_into((bq, bkv), my_q, k_smem.at[slot], transpose_b=True, interpret=cfg.interpret) * cfg.c
                 if masked:
                     k_seg = None
@@ -353,9 +487,11 @@ def _forward_kernel(cfg: _Cfg, dtype):
                 return acc, m_new, l_i
 
             def drain(kv_step, _):
-                # Blocks the other warpgroup needs but causality hides from this one: release the slot.
+                # Blocks the other warpgroup needs but causality hides from this one: release the slot
+                # (after rotating this warpgroup's share of the K tile, which the other one reads).
                 slot = _irem(kv_step, cfg.num_stages)
                 plgpu.barrier_wait(k_loaded.at[slot])
+                rotate_k(slot)
                 plgpu.barrier_wait(v_loaded.at[slot])
                 if seg_ref is not None:
                     plgpu.barrier_wait(s_loaded.at[slot])
@@ -382,30 +518,39 @@ def _forward_kernel(cfg: _Cfg, dtype):
         def _produce():
             _rebalance_registers(producer=True)
             n_cta = _kv_step_counts(cfg, q_tile, 0, bq, bkv)[0]
+            rope_pos = None
+            if cfg.rope:
+                rope_pos = (rope_in[0], rope_scratch[0][1], rope_scratch[1][0])
             _kv_producer(cfg, n_cta, batch, kv_head, k_ref, v_ref, seg_ref, k_smem, v_smem, kseg_smem,
-                         loaded, consumed, bkv)
+                         loaded, consumed, bkv, rope_pos)
 
     return kernel
 
 
-def _forward_call(cfg: _Cfg, q, k, v, seg):
+def _extra_args(cfg, seg, pos, freq):
+    return ((seg,) if cfg.has_segments else ()) + ((pos, freq) if cfg.rope else ())
+
+
+def _forward_call(cfg: _Cfg, q, k, v, seg, pos, freq):
     b, sp, hq, d = q.shape
     bq, bkv, nwg, st = cfg.block_q, cfg.block_kv, cfg.num_compute_wgs, cfg.num_stages
+    tile = functools.partial(_tile_smem, swizzle=cfg.swizzle)
     scratch = [
-        (_tile_smem((nwg, bq, d), q.dtype), _tile_smem((st, bkv, d), q.dtype),
-         _tile_smem((st, bkv, d), q.dtype), _vector_smem((nwg, bq), jnp.float32),
+        (tile((nwg, bq, d), q.dtype), tile((st, bkv, d), q.dtype),
+         tile((st, bkv, d), q.dtype), _vector_smem((nwg, bq), jnp.float32),
          _vector_smem((nwg, bq), jnp.int32), _vector_smem((st, bkv), jnp.int32)),
         (_barriers(st), _barriers(st), _barriers(st)),  # k / v / key-segment loaded, per slot
         _barriers(st, arrivals=nwg),                     # slot consumed by every compute warpgroup
         _barriers(2 * nwg),                              # each warpgroup's own q / q-segment load
     ]
+    if cfg.rope:
+        scratch += _rope_scratch(cfg, bq, bkv, nwg, st)
     out_type = (jax.ShapeDtypeStruct((b, sp, hq, d), q.dtype), jax.ShapeDtypeStruct((b, hq, sp), jnp.float32))
     call = _run_kernel(_forward_kernel(cfg, q.dtype), out_type=out_type, scratch=scratch,
                        grid=(hq, sp // (nwg * bq), b), grid_names=("heads", "q_tiles", "batch"),
                        num_threads=nwg + 1, interpret=cfg.interpret,
                        interpret_options=cfg.interpret_options, name="flash_attention_fwd")
-    args = (q, k, v) + ((seg,) if cfg.has_segments else ())
-    return call(*args)
+    return call(q, k, v, *_extra_args(cfg, seg, pos, freq))
 
 
 # ----------------------------------------------------------------------------------------- backward dq
@@ -414,12 +559,9 @@ def _dq_kernel(cfg: _Cfg, dtype):
     bq, bkv, d, nwg = cfg.block_q_bwd, cfg.block_kv_bwd, cfg.head_dim, cfg.num_compute_wgs
 
     def kernel(*refs):
-        if cfg.has_segments:
-            (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, dq_ref,
-             smem, loaded, consumed, own) = refs
-        else:
-            (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, loaded, consumed, own) = refs
-            seg_ref = None
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), seg_ref, rope_in, (dq_ref,), scratch, rope_scratch = (
+            _split_refs(cfg, refs, 6, 1))
+        smem, loaded, consumed, own = scratch
         q_smem, do_smem, lse_smem, delta_smem, qseg_smem, k_smem, v_smem, kseg_smem = smem
         k_loaded, v_loaded, s_loaded = loaded
         batch, q_head, q_tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tiles")
@@ -444,10 +586,23 @@ def _dq_kernel(cfg: _Cfg, dtype):
             lse = _load_vector(lse_smem.at[wg], _layout_rows(), cfg.interpret)
             delta = _load_vector(delta_smem.at[wg], _layout_rows(), cfg.interpret)
             q_seg = _load_vector(qseg_smem.at[wg], _layout_rows(), cfg.interpret) if seg_ref is not None else None
+            if cfg.rope:
+                (pos_ref, freq_ref), ((qpos_smem, kpos_smem, freq_smem), (p_loaded, rotated, rope_own)) = (
+                    rope_in, rope_scratch)
+                _load_own_rope_inputs(cfg, wg, batch, rows, pos_ref, freq_ref, qpos_smem.at[wg],
+                                      freq_smem.at[wg], rope_own)
+                _rope_own_tile(cfg, my_q, qpos_smem.at[wg], freq_smem.at[wg])
+
+            def rotate_k(slot):
+                if cfg.rope:
+                    plgpu.barrier_wait(p_loaded.at[slot])
+                    _rope_shared_tile(cfg, wg, k_smem.at[slot], kpos_smem.at[slot], freq_smem.at[wg],
+                                      rotated.at[slot])
 
             def step(kv_step, dq, masked):
                 slot = _irem(kv_step, cfg.num_stages)
                 plgpu.barrier_wait(k_loaded.at[slot])
+                rotate_k(slot)
                 s = _matmul_into((bq, bkv), my_q, k_smem.at[slot], transpose_b=True, interpret=cfg.interpret) * cfg.c
                 p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
                 if seg_ref is not None:
@@ -468,6 +623,7 @@ def _dq_kernel(cfg: _Cfg, dtype):
             def drain(kv_step, _):
                 slot = _irem(kv_step, cfg.num_stages)
                 plgpu.barrier_wait(k_loaded.at[slot])
+                rotate_k(slot)
                 plgpu.barrier_wait(v_loaded.at[slot])
                 if seg_ref is not None:
                     plgpu.barrier_wait(s_loaded.at[slot])
@@ -480,6 +636,8 @@ def _dq_kernel(cfg: _Cfg, dtype):
             lax.fori_loop(n_wg, n_cta, drain, None)
             my_q[...] = (dq * cfg.scale).astype(dtype)
             plgpu.commit_smem()
+            if cfg.rope:  # the gradient w.r.t. the rotated q, rotated back: w.r.t. q
+                _rope_own_tile(cfg, my_q, qpos_smem.at[wg], freq_smem.at[wg], inverse=True)
             plgpu.copy_smem_to_gmem(my_q, dq_ref.at[batch, rows, q_head])
             plgpu.wait_smem_to_gmem(0)
 
@@ -487,30 +645,35 @@ def _dq_kernel(cfg: _Cfg, dtype):
         def _produce():
             _rebalance_registers(producer=True)
             n_cta = _kv_step_counts(cfg, q_tile, 0, bq, bkv)[0]
+            rope_pos = None
+            if cfg.rope:
+                rope_pos = (rope_in[0], rope_scratch[0][1], rope_scratch[1][0])
             _kv_producer(cfg, n_cta, batch, kv_head, k_ref, v_ref, seg_ref, k_smem, v_smem, kseg_smem,
-                         loaded, consumed, bkv)
+                         loaded, consumed, bkv, rope_pos)
 
     return kernel
 
 
-def _dq_call(cfg: _Cfg, q, k, v, do, lse, delta, seg):
+def _dq_call(cfg: _Cfg, q, k, v, do, lse, delta, seg, pos, freq):
     b, sp, hq, d = q.shape
     bq, bkv, nwg, st = cfg.block_q_bwd, cfg.block_kv_bwd, cfg.num_compute_wgs, cfg.num_stages
+    tile = functools.partial(_tile_smem, swizzle=cfg.swizzle)
     scratch = [
-        (_tile_smem((nwg, bq, d), q.dtype), _tile_smem((nwg, bq, d), q.dtype),
+        (tile((nwg, bq, d), q.dtype), tile((nwg, bq, d), q.dtype),
          _vector_smem((nwg, bq), jnp.float32), _vector_smem((nwg, bq), jnp.float32),
          _vector_smem((nwg, bq), jnp.int32),
-         _tile_smem((st, bkv, d), q.dtype), _tile_smem((st, bkv, d), q.dtype), _vector_smem((st, bkv), jnp.int32)),
+         tile((st, bkv, d), q.dtype), tile((st, bkv, d), q.dtype), _vector_smem((st, bkv), jnp.int32)),
         (_barriers(st), _barriers(st), _barriers(st)),
         _barriers(st, arrivals=nwg),
         _barriers(5 * nwg),
     ]
+    if cfg.rope:
+        scratch += _rope_scratch(cfg, bq, bkv, nwg, st)
     call = _run_kernel(_dq_kernel(cfg, q.dtype), out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
                        scratch=scratch, grid=(hq, sp // (nwg * bq), b), grid_names=("heads", "q_tiles", "batch"),
                        num_threads=nwg + 1, interpret=cfg.interpret,
                        interpret_options=cfg.interpret_options, name="flash_attention_bwd_dq")
-    args = (q, k, v, do, lse, delta) + ((seg,) if cfg.has_segments else ())
-    return call(*args)
+    return call(q, k, v, do, lse, delta, *_extra_args(cfg, seg, pos, freq))
 
 
 # --------------------------------------------------------------------------------------- backward dk/dv
@@ -544,12 +707,9 @@ def _dkv_kernel(cfg: _Cfg, dtype):
     bq, bkv, d, nwg, g = cfg.block_q_bwd, cfg.block_kv_bwd, cfg.head_dim, cfg.num_compute_wgs, cfg.group
 
     def kernel(*refs):
-        if cfg.has_segments:
-            (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, dk_ref, dv_ref,
-             smem, loaded, consumed, own) = refs
-        else:
-            (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, smem, loaded, consumed, own) = refs
-            seg_ref = None
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), seg_ref, rope_in, (dk_ref, dv_ref), scratch, rope_scratch = (
+            _split_refs(cfg, refs, 6, 2))
+        smem, loaded, consumed, own = scratch
         k_smem, v_smem, kseg_smem, q_smem, do_smem, lse_smem, delta_smem, qseg_smem = smem
         batch, kv_head, kv_tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("kv_tiles")
         wg = lax.axis_index("wg")
@@ -569,10 +729,20 @@ def _dkv_kernel(cfg: _Cfg, dtype):
             for i in range(len(copies)):
                 plgpu.barrier_wait(own.at[i * nwg + wg])
             k_seg = _load_vector(kseg_smem.at[wg], _layout_rows(), cfg.interpret) if seg_ref is not None else None
+            if cfg.rope:
+                (pos_ref, freq_ref), ((qpos_smem, kpos_smem, freq_smem), (p_loaded, rotated, rope_own)) = (
+                    rope_in, rope_scratch)
+                _load_own_rope_inputs(cfg, wg, batch, rows, pos_ref, freq_ref, kpos_smem.at[wg],
+                                      freq_smem.at[wg], rope_own)
+                _rope_own_tile(cfg, my_k, kpos_smem.at[wg], freq_smem.at[wg])
 
             def wait_loaded(slot):
                 for bar in loaded:
                     plgpu.barrier_wait(bar.at[slot])
+                if cfg.rope:  # this warpgroup's share of the q tile, which every warpgroup reads
+                    plgpu.barrier_wait(p_loaded.at[slot])
+                    _rope_shared_tile(cfg, wg, q_smem.at[slot], qpos_smem.at[slot], freq_smem.at[wg],
+                                      rotated.at[slot])
 
             def step(i, carry, head, masked):
                 dk, dv = carry
@@ -614,6 +784,8 @@ def _dkv_kernel(cfg: _Cfg, dtype):
             my_k[...] = (dk * cfg.scale).astype(dtype)
             my_v[...] = dv.astype(dtype)
             plgpu.commit_smem()
+            if cfg.rope:  # the gradient w.r.t. the rotated k, rotated back: w.r.t. k
+                _rope_own_tile(cfg, my_k, kpos_smem.at[wg], freq_smem.at[wg], inverse=True)
             plgpu.copy_smem_to_gmem(my_k, dk_ref.at[batch, rows, kv_head], commit_group=False)
             plgpu.copy_smem_to_gmem(my_v, dv_ref.at[batch, rows, kv_head], commit_group=False)
             plgpu.commit_smem_to_gmem_group()
@@ -643,6 +815,9 @@ def _dkv_kernel(cfg: _Cfg, dtype):
                                         delta_loaded.at[slot])
                 if seg_ref is not None:
                     plgpu.copy_gmem_to_smem(seg_ref.at[batch, rows], qseg_smem.at[slot], loaded[4].at[slot])
+                if cfg.rope:
+                    plgpu.copy_gmem_to_smem(rope_in[0].at[batch, rows], rope_scratch[0][0].at[slot],
+                                            rope_scratch[1][0].at[slot])
                 return _
 
             lax.fori_loop(0, g * steps_per_head, body, None)
@@ -651,47 +826,49 @@ def _dkv_kernel(cfg: _Cfg, dtype):
     return kernel
 
 
-def _dkv_call(cfg: _Cfg, q, k, v, do, lse, delta, seg):
+def _dkv_call(cfg: _Cfg, q, k, v, do, lse, delta, seg, pos, freq):
     b, sp, hkv, d = k.shape
     bq, bkv, nwg, st = cfg.block_q_bwd, cfg.block_kv_bwd, cfg.num_compute_wgs, cfg.num_stages
     n_loaded = 5 if cfg.has_segments else 4
+    tile = functools.partial(_tile_smem, swizzle=cfg.swizzle)
     scratch = [
-        (_tile_smem((nwg, bkv, d), k.dtype), _tile_smem((nwg, bkv, d), k.dtype), _vector_smem((nwg, bkv), jnp.int32),
-         _tile_smem((st, bq, d), q.dtype), _tile_smem((st, bq, d), q.dtype),
+        (tile((nwg, bkv, d), k.dtype), tile((nwg, bkv, d), k.dtype), _vector_smem((nwg, bkv), jnp.int32),
+         tile((st, bq, d), q.dtype), tile((st, bq, d), q.dtype),
          _vector_smem((st, bq), jnp.float32), _vector_smem((st, bq), jnp.float32),
          _vector_smem((st, bq), jnp.int32)),
         tuple(_barriers(st) for _ in range(n_loaded)),
         _barriers(st, arrivals=nwg),
         _barriers(3 * nwg),
     ]
+    if cfg.rope:  # q positions ride the ring; k positions are per warpgroup
+        scratch += _rope_scratch(cfg, bq, bkv, st, nwg)
     out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
     call = _run_kernel(_dkv_kernel(cfg, q.dtype), out_type=out_type, scratch=scratch,
                        grid=(hkv, sp // (nwg * bkv), b), grid_names=("heads", "kv_tiles", "batch"),
                        num_threads=nwg + 1, interpret=cfg.interpret,
                        interpret_options=cfg.interpret_options, name="flash_attention_bwd_dkv")
-    args = (q, k, v, do, lse, delta) + ((seg,) if cfg.has_segments else ())
-    return call(*args)
+    return call(q, k, v, do, lse, delta, *_extra_args(cfg, seg, pos, freq))
 
 
 # --------------------------------------------------------------------------------- custom VJP wrapper
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, seg, cfg):
-    return _forward_call(cfg, q, k, v, seg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, seg, pos, freq, cfg):
+    return _forward_call(cfg, q, k, v, seg, pos, freq)[0]
 
 
-def _flash_fwd(q, k, v, seg, cfg):
-    out, lse = _forward_call(cfg, q, k, v, seg)
-    return out, (q, k, v, seg, out, lse)
+def _flash_fwd(q, k, v, seg, pos, freq, cfg):
+    out, lse = _forward_call(cfg, q, k, v, seg, pos, freq)
+    return out, (q, k, v, seg, pos, freq, out, lse)
 
 
 def _flash_bwd(cfg, residuals, dout):
-    q, k, v, seg, out, lse = residuals
+    q, k, v, seg, pos, freq, out, lse = residuals
     delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), dout.astype(jnp.float32))
     dout = dout.astype(q.dtype)
-    dq = _dq_call(cfg, q, k, v, dout, lse, delta, seg)
-    dk, dv = _dkv_call(cfg, q, k, v, dout, lse, delta, seg)
-    return dq, dk, dv, None
+    dq = _dq_call(cfg, q, k, v, dout, lse, delta, seg, pos, freq)
+    dk, dv = _dkv_call(cfg, q, k, v, dout, lse, delta, seg, pos, freq)
+    return dq, dk, dv, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -709,9 +886,6 @@ def _is_hopper(device) -> bool:
 def _validate(q, k, v, segment_ids, *, block_q, block_kv, block_q_bwd, block_kv_bwd, num_stages,
               num_compute_wgs, rope):
     err = _config_error()
-    if rope is not None:
-        raise err("pallas_gpu: fused RoPE (rope=...) is not implemented in the Mosaic GPU kernel yet; "
-                  "apply kernels.apply_rope to q and k first")
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise err(f"pallas_gpu: q, k, v must be [batch, seq, heads, head_dim], got {q.shape}, {k.shape}, {v.shape}")
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[1] != q.shape[1] or k.shape[3] != q.shape[3]:
@@ -741,12 +915,25 @@ def _validate(q, k, v, segment_ids, *, block_q, block_kv, block_q_bwd, block_kv_
             raise err(f"pallas_gpu: segment_ids must be [batch, seq] = {q.shape[:2]}, got {segment_ids.shape}")
         if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
             raise err(f"pallas_gpu: segment_ids must be integers, got {segment_ids.dtype}")
+    if rope is not None:
+        if not (isinstance(rope, tuple) and len(rope) == 2):
+            raise err(f"pallas_gpu: rope must be a (positions, theta) tuple, got {type(rope).__name__}")
+        positions, theta = rope
+        shape, dtype = getattr(positions, "shape", None), getattr(positions, "dtype", None)
+        if shape != q.shape[:2] or dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+            raise err(f"pallas_gpu: rope positions must be integer [batch, seq] = {q.shape[:2]}, got "
+                      f"{dtype}{list(shape or ())}")
+        if not float(theta) > 0:
+            raise err(f"pallas_gpu: rope theta must be positive, got {theta}")
 
 
 def flash_attention_gpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, interpret=False,
                         block_q=64, block_kv=128, block_q_bwd=64, block_kv_bwd=64, num_stages=2,
                         num_compute_wgs=2, rope=None):
     """Flash attention on Hopper (Mosaic GPU): q [B,S,Hq,D], k/v [B,S,Hkv,D] -> [B,S,Hq,D]; differentiable.
+
+    `rope=(positions [B, S] int, theta)` rotates q and k inside the kernels (see the module docstring):
+    the result equals `kernels.apply_rope` on q and k followed by attention.
 
     Blocks: the forward gives each of `num_compute_wgs` warpgroups `block_q` query rows and streams
     `block_kv` keys per step through `num_stages` SMEM slots; the backward uses `block_q_bwd` /
@@ -766,6 +953,11 @@ def flash_attention_gpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
     b, s, hq, d = q.shape
     in_dtype = q.dtype
     if in_dtype == jnp.float32:
+        if rope is not None:
+            # Rotating the bf16 copies in the kernel would round q and k to bf16 twice (before and after the
+            # rotation), which measurably loosens fp32 models; rotate in fp32 first, as the unfused path does.
+            q, k = (apply_rope_reference(x, rope[0], theta=float(rope[1])) for x in (q, k))
+            rope = None
         q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
     multiple = math.lcm(num_compute_wgs * block_q, block_kv, num_compute_wgs * block_q_bwd,
                         num_compute_wgs * block_kv_bwd, block_q_bwd, block_kv_bwd)
@@ -775,8 +967,15 @@ def flash_attention_gpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
                scale=float(d ** -0.5 if sm_scale is None else sm_scale),
                block_q=block_q, block_kv=block_kv, block_q_bwd=block_q_bwd, block_kv_bwd=block_kv_bwd,
                num_stages=num_stages, num_compute_wgs=num_compute_wgs, interpret=bool(interpret),
-               interpret_options=tuple(sorted(interpret.items())) if isinstance(interpret, dict) else ())
-    seg = None
+               interpret_options=tuple(sorted(interpret.items())) if isinstance(interpret, dict) else (),
+               rope=rope is not None)
+    seg = pos = freq = None
+    if rope is not None:
+        positions, theta = rope
+        pos = positions.astype(jnp.int32)
+        if sp != s:
+            pos = jnp.pad(pos, [(0, 0), (0, sp - s)])
+        freq = rope_inv_freq(d, float(theta))
     if sp != s:
         pad = [(0, 0), (0, sp - s), (0, 0), (0, 0)]
         q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
@@ -784,5 +983,5 @@ def flash_attention_gpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
         seg = segment_ids.astype(jnp.int32)
         if sp != s:
             seg = jnp.pad(seg, [(0, 0), (0, sp - s)], constant_values=-1)
-    out = _flash(q, k, v, seg, cfg)
+    out = _flash(q, k, v, seg, pos, freq, cfg)
     return out[:, :s].astype(in_dtype)

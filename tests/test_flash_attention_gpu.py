@@ -11,9 +11,15 @@ Tolerances: bf16 inputs are compared with an fp32 reference on the same (bf16-ro
 Outputs: absolute 2e-2 (values are O(1)); gradients: 2e-2 absolute plus 2e-2 relative to the largest
 reference gradient entry (bf16 probabilities and dS feed the matmuls, as in any bf16 flash attention).
 Interpretation is slow, so shapes are tiny and each case runs its three kernels once.
+
+Fused RoPE (`rope=(positions, theta)`) is compared with `apply_rope_reference` on q and k followed by
+`attention_naive` in fp32 (the reference rotates in fp32 and rounds the rotated q/k to bf16, as the kernel
+does in SMEM), with the same bf16 tolerances as above; gradients are w.r.t. the un-rotated q and k.
 """
 
 from __future__ import annotations
+
+import re
 
 import chex
 import jax
@@ -26,6 +32,7 @@ from kernels import mosaic_gpu_interpret
 from kernel_mode import interpret_for
 from kernels.attention_reference import attention_naive
 from kernels.flash_attention_gpu import flash_attention_gpu
+from kernels.rope_reference import apply_rope_reference
 
 # Interpret mode on CPU; compiled on a Hopper GPU under PHI4_KERNEL_TESTS_ON_DEVICE=1 (bench/gpu_suite.py).
 INTERPRET = interpret_for("gpu")
@@ -62,9 +69,28 @@ def _f32(x):
     return x.astype(jnp.float32)
 
 
-def _check(attn, q, k, v, dout, *, causal, segment_ids, grads=True):
-    """Kernel output (and q/k/v gradients) vs attention_naive in fp32 on the same inputs."""
-    ref = lambda q, k, v: attention_naive(q, k, v, causal=causal, segment_ids=segment_ids)
+def _positions_per_document(seg, offset):
+    """Positions restarting at `offset` at each document start (a change of segment id), as for packed data."""
+    seg = np.asarray(seg)
+    pos = np.zeros(seg.shape, np.int32)
+    for row in range(seg.shape[0]):
+        start = 0
+        for i in range(seg.shape[1]):
+            if i and seg[row, i] != seg[row, i - 1]:
+                start = i
+            pos[row, i] = offset + i - start
+    return jnp.asarray(pos)
+
+
+def _check(attn, q, k, v, dout, *, causal, segment_ids, grads=True, rope=None):
+    """Kernel output (and q/k/v gradients) vs attention_naive in fp32 on the same inputs; with
+    rope=(positions, theta), of q and k rotated by apply_rope_reference first."""
+    def ref(q, k, v):
+        if rope is not None:
+            q, k = (_f32(apply_rope_reference(x.astype(q_dtype), rope[0], theta=rope[1])) for x in (q, k))
+        return attention_naive(q, k, v, causal=causal, segment_ids=segment_ids)
+
+    q_dtype = q.dtype
     ref_out, ref_vjp = jax.vjp(ref, _f32(q), _f32(k), _f32(v))
     if not grads:
         out = attn(q, k, v)
@@ -150,12 +176,67 @@ def test_float32_inputs_one_warpgroup_forward(use_jit):
     (dict(block_q=48), "block_q must be a positive multiple of 64"),
     (dict(block_kv_bwd=256), "block_kv_bwd (256) is a per-warpgroup register tile"),
     (dict(num_stages=1), "num_stages must be >= 2"),
-    (dict(rope=(None, 10000.0)), "fused RoPE"),
+    (dict(rope=(None, 10000.0)), "rope positions must be integer [batch, seq] = (1, 64), got None[]"),
+    (dict(rope=(jnp.zeros((1, 64), jnp.float32), 1e4)), "rope positions must be integer"),
+    (dict(rope=(jnp.zeros((1, 64), jnp.int32), 0.0)), "rope theta must be positive"),
+    (dict(rope=jnp.zeros((1, 64), jnp.int32)), "rope must be a (positions, theta) tuple"),
 ])
 def test_bad_options_raise_config_error(kwargs, message):
     q, k, v, _ = _inputs(0, 1, 64, 2, 1, 64)
-    with pytest.raises(kernels.AttentionConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(kernels.AttentionConfigError, match=re.escape(message)):
         flash_attention_gpu(q, k, v, causal=True, interpret=INTERPRET, **kwargs)
+
+
+def test_fused_rope_gqa2_causal_packed_documents_off_grid():
+    """Fused RoPE, theta 250000, GQA 2, causal, packed segments with padding, positions restarting per
+    document at offset 3000 (so angles need the kernel's range reduction), length 120 (padded inside),
+    head_dim 64 (the 64-byte swizzle case); forward and dq, dk, dv. The dk/dv kernel rotates q tiles
+    streamed through the ring (2 q heads x 2 q blocks, slot reuse) and rotates dk back."""
+    s = 120
+    q, k, v, dout = _inputs(7, 1, s, 2, 1, 64)
+    seg = _packed_segments(1, s, seed=7, pad_tail=9)
+    rope = (_positions_per_document(seg, offset=3000), 250000.0)
+    attn = lambda q, k, v: flash_attention_gpu(q, k, v, causal=True, segment_ids=seg, interpret=INTERPRET,
+                                               block_q=64, block_kv=64, rope=rope)
+    _check(attn, q, k, v, dout, causal=True, segment_ids=seg, rope=rope)
+
+
+def test_fused_rope_head_dim_128_gqa2_through_dispatch():
+    """Fused RoPE via kernels.flash_attention_rope(implementation='pallas_gpu'): head_dim 128 (phi-4's),
+    GQA 2, causal, theta 250000, positions offset by 7000, default blocks: the
+    forward's 128-row K tiles are rotated half by each compute warpgroup before either reads them (and the
+    dq kernel's 64-row K tiles by one of them); forward and gradients."""
+    s = 128
+    q, k, v, dout = _inputs(8, 1, s, 2, 1, 128)
+    positions = jnp.arange(s, dtype=jnp.int32)[None] + 7000
+    attn = lambda q, k, v: kernels.flash_attention_rope(q, k, v, positions, theta=250000.0, causal=True,
+                                                        implementation="pallas_gpu", interpret=INTERPRET)
+    _check(attn, q, k, v, dout, causal=True, segment_ids=None, rope=(positions, 250000.0))
+
+
+def test_fused_rope_race_free_forward_and_backward():
+    """The interpreter's race detector over all three kernels with fused RoPE: the compute warpgroups
+    rotate their chunks of each shared ring tile in place (forward: 128-row K tiles, one chunk each; dq:
+    64-row K tiles and dk/dv: 64-row q tiles, rotated by warpgroup 0 while warpgroup 1 waits), ordered by
+    the per-slot 'rotated' barrier before the other warpgroup reads and before the producer refills the
+    slot. Not causal, so every step is computed by both warpgroups."""
+    s = 128
+    q, k, v, dout = _inputs(9, 1, s, 1, 1, 64)
+    rope = (jnp.arange(s, dtype=jnp.int32)[None] + 11, 10000.0)
+    mosaic_gpu_interpret.reset_state()
+    attn = lambda q, k, v: flash_attention_gpu(q, k, v, causal=False, block_q=64, block_kv=128,
+                                               interpret={"detect_races": True}, rope=rope)
+    _check(attn, q, k, v, dout, causal=False, segment_ids=None, rope=rope)
+    assert not mosaic_gpu_interpret.races_found()
+
+
+def test_fused_rope_float32_inputs_forward():
+    """float32 inputs with rope=: rotated in fp32 before the bf16 cast (not in the kernel, which would round
+    q and k twice); the output matches the fp32 reference at the bf16 level."""
+    q, k, v, dout = _inputs(10, 1, 128, 2, 1, 64, dtype=jnp.float32)
+    rope = (jnp.arange(128, dtype=jnp.int32)[None] + 500, 250000.0)
+    attn = lambda q, k, v: flash_attention_gpu(q, k, v, causal=True, interpret=INTERPRET, rope=rope)
+    _check(attn, q, k, v, dout, causal=True, segment_ids=None, grads=False, rope=rope)
 
 
 def test_bad_shapes_raise_config_error():
