@@ -22,7 +22,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -34,10 +33,13 @@ import ml_dtypes
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
+from bench.machine_info import describe_machine  # noqa: E402
 from phi4_jax.config import Phi4Config  # noqa: E402
 from phi4_jax.hf_mapping import hf_tensor_shapes  # noqa: E402
+
 
 BLOCK_BYTES = 64 << 20
 
@@ -111,19 +113,6 @@ def verify_round_trip(src: Path, back: Path) -> int:
     return len(a)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
-
-
 BEGIN, END = "<!-- weight-conversion:begin -->", "<!-- weight-conversion:end -->"
 INTRO = ("`python bench/convert_memory.py [--layers N]`: peak RSS and throughput of `convert_weights.py`, both "
          "directions, on a synthetic phi-4-width bf16 checkpoint (hidden 5120, intermediate 17920, 40/10 heads, "
@@ -187,7 +176,7 @@ def main() -> int:
     lines = [
         f"### {when}: {args.layers}-layer phi-4-width bf16 checkpoint, {total / 1e9:.2f} GB",
         "",
-        f"- machine: {machine()}",
+        f"- machine: {describe_machine(with_load=False)}",
         f"- command: `python bench/convert_memory.py --layers {args.layers} --compression {args.compression}` "
         f"(runs `convert_weights.py SRC DST --compression {args.compression}` and `convert_weights.py --to-hf`)",
         f"- largest tensor {largest / 2**30:.2f} GiB; interpreter + imports baseline RSS {baseline / 2**30:.2f} GiB; "

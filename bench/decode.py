@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from bench.machine_info import describe_machine  # noqa: E402
 from bench.random_models import SIZES, random_model_pair  # noqa: E402
 
 
@@ -86,19 +86,6 @@ def bench_pair(runners: dict, new_tokens: int, repeats: int) -> dict:
             t1[name].append(seconds(run, 1))
             tn[name].append(seconds(run, new_tokens))
     return {name: (cold[name], statistics.median(t1[name]), statistics.median(tn[name])) for name in runners}
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            cpu = names[0]
-    except OSError:
-        pass
-    load = ", load average {:.1f} / {:.1f} / {:.1f} (1 / 5 / 15 min) at the end".format(*os.getloadavg())
-    return f"{cpu}, {os.cpu_count()} cores visible, {platform.system()} {platform.release()}{load}"
 
 
 DECODE_INTRO = """`bench/decode.py`: decode tokens/s of `phi4_jax.generate` (KV cache, on-device `lax.while_loop`) against
@@ -166,7 +153,7 @@ def main(argv=None) -> int:
     lines = [
         f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, `{command.strip()}`",
         "",
-        f"Machine: {machine()}; jax {jax.__version__} ({jax.default_backend()}, XLA's default threads), "
+        f"Machine: {describe_machine(with_load=True)}; jax {jax.__version__} ({jax.default_backend()}, XLA's default threads), "
         f"torch {torch.__version__} (measured with {args.hf_threads} threads; the table compares the fastest, "
         f"the others are listed). Model: random phi-4-shaped Phi3ForCausalLM, {n_params / 1e6:.0f}M parameters "
         f"(hidden {config.hidden_size}, {config.num_layers} layers, {config.num_heads}/{config.num_kv_heads} "

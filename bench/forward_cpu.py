@@ -23,7 +23,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -35,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from bench.machine_info import describe_machine  # noqa: E402
 from bench.random_models import SIZES, random_model_pair  # noqa: E402
 
 SECTION_KEY = "cpu-forward-convert"
@@ -150,19 +150,6 @@ def bench_conversion(hf, repeats: int, workdir: str) -> list[dict]:
     return rows
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            cpu = names[0]
-    except OSError:
-        pass
-    load = ", load average %.1f at start" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-    return f"{cpu}, {os.cpu_count()} cores visible, {platform.system()} {platform.release()}{load}"
-
-
 def to_markdown(result: dict) -> str:
     m = result["meta"]
     lines = [f"### {m['date']}, `{m['command']}`", "",
@@ -214,7 +201,7 @@ def main(argv=None) -> int:
     import transformers
 
     torch.set_num_threads(args.threads)
-    machine_description = machine()
+    machine_description = describe_machine(with_load=True)
     hf, params, config = random_model_pair(args.size)
     forward_rows = bench_forward(hf, params, config, args.batches, args.seq, args.repeats)
     conversion_rows = []
