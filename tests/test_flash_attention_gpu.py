@@ -126,6 +126,15 @@ def test_head_dim_128_noncausal_mha():
     _check(attn, q, k, v, dout, causal=False, segment_ids=None)
 
 
+def test_gqa8_causal_gradients():
+    """GQA 8 (phi-4 has 4; Llama-style models go to 8): one kv head serves eight query heads, so the dk/dv
+    kernel sums eight heads' contributions. Causal, head_dim 64, off the block grid (S=72), forward and
+    gradients."""
+    q, k, v, dout = _inputs(8, 1, 72, 8, 1, 64)
+    attn = lambda q, k, v: flash_attention_gpu(q, k, v, causal=True, interpret=INTERPRET, block_kv=64)
+    _check(attn, q, k, v, dout, causal=True, segment_ids=None)
+
+
 def test_gqa4_causal_segments_padding_off_grid():
     """GQA 4, causal, packed segments with padding, length 120 (padded to 128 inside). The dk/dv kernel
     streams 4 q heads x 2 q blocks through 2 ring slots (slot reuse in the backward)."""
