@@ -24,8 +24,8 @@ Flow of `generate`:
    cache-donating step per token and hands the new tokens to the callback.
 
 Shapes are bucketed (batch, prompt length, cache capacity, output length, number of stop tokens), so a
-new prompt length or token count does not recompile. The layer math is the model's own pure functions
-(`rms_norm`, `attention_projections`, `attention_output`, `mlp`, `logits_from_hidden`, `apply_rope`).
+new prompt length or token count does not recompile. The layer math is the model's own: each layer is
+`model.decoder_block` with an attention over the cache plugged in, then `rms_norm` and `logits_from_hidden`.
 
 Multi-turn: `ChatSession` keeps the cache between calls. A new turn keeps the longest cached prefix of
 the conversation and feeds only the rest with `extend` (T new tokens per sequence at positions offset by
@@ -55,7 +55,7 @@ import numpy as np
 import kernels
 from phi4_jax import sharding
 from phi4_jax.config import Phi4Config
-from phi4_jax.model import attention_output, attention_projections, logits_from_hidden, mlp, rms_norm
+from phi4_jax.model import decoder_block, embed_tokens, logits_from_hidden, rms_norm
 
 CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
 ENDOFTEXT_ID = 100257  # phi-4's <|endoftext|>; <|im_end|> is config.eos_token_id (100265)
@@ -136,17 +136,6 @@ def init_cache(config: Phi4Config, batch: int, capacity: int, dtype=None) -> KVC
 
 # ----------------------------------------------------------------------------- forward with a cache
 
-def _embed(params, tokens, config: Phi4Config):
-    x = jnp.take(params["embed"], tokens, axis=0).astype(jnp.dtype(config.compute_dtype))
-    return sharding.constrain(x, ("batch", "seq", "embed"))
-
-
-def _mlp_block(layer, x, config: Phi4Config):
-    h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
-    x = x + mlp(layer, h, config)
-    return sharding.constrain(x, ("batch", "seq", "embed"))
-
-
 def prefill(params, tokens, lengths, config: Phi4Config, capacity: int, cache_dtype=None):
     """Runs right-padded prompts tokens [B, P] (true lengths [B]) into a fresh cache of `capacity` slots.
 
@@ -155,21 +144,20 @@ def prefill(params, tokens, lengths, config: Phi4Config, capacity: int, cache_dt
     b, p = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None], (b, p))
     cache = init_cache(config, b, capacity, cache_dtype)
-    x = _embed(params, tokens, config)
+    x = embed_tokens(params, tokens, config)
+
+    def attend(q, k, v):
+        q = kernels.apply_rope(q, positions, theta=config.rope_theta)
+        k = kernels.apply_rope(k, positions, theta=config.rope_theta)
+        k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+        # Into an empty cache: plain causal attention over the prompt. Padding sits after every
+        # real token, so causality alone keeps it out of real tokens' attention.
+        attn = kernels.flash_attention(q.astype(k.dtype), k, v, causal=True, implementation=config.attention_impl,
+                                       interpret=config.kernel_interpret)
+        return attn, (k, v)
 
     def body(x, layer):
-        with jax.named_scope("attention"):
-            h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-            q, k, v = attention_projections(layer, h, config)
-            q = kernels.apply_rope(q, positions, theta=config.rope_theta)
-            k = kernels.apply_rope(k, positions, theta=config.rope_theta)
-            k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
-            # Into an empty cache: plain causal attention over the prompt. Padding sits after every
-            # real token, so causality alone keeps it out of real tokens' attention.
-            attn = kernels.flash_attention(q.astype(k.dtype), k, v, causal=True,
-                                           implementation=config.attention_impl)
-            x = x + attention_output(layer, attn.astype(x.dtype), config)
-        return _mlp_block(layer, x, config), (k, v)
+        return decoder_block(layer, x, config, attend)
 
     x, (ks, vs) = jax.lax.scan(body, x, params["layers"])      # ks [L, B, P, Hkv, D]
     k_cache = jax.lax.dynamic_update_slice(cache.k, ks, (0, 0, 0, 0, 0))
@@ -195,22 +183,23 @@ def extend(params, cache: KVCache, tokens, n_new, config: Phi4Config):
     start = cache.lengths
     slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]    # [B, T] slot = position
     attend_lengths = start + t                                         # query t sits at start + t
-    x = _embed(params, tokens, config)                                # [B, T, E]
+    x = embed_tokens(params, tokens, config)                                # [B, T, E]
     batch_index = jnp.arange(b)[:, None]
 
     def body(carry, xs):
         x, k_all, v_all = carry
         layer, i = xs
-        with jax.named_scope("attention"):
-            h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-            q, k, v = attention_projections(layer, h, config)
+
+        def attend(q, k, v):
             q = kernels.apply_rope(q, slots, theta=config.rope_theta)
             k = kernels.apply_rope(k, slots, theta=config.rope_theta)
-            k_all = k_all.at[i, batch_index, slots].set(k.astype(k_all.dtype), mode="drop")
-            v_all = v_all.at[i, batch_index, slots].set(v.astype(v_all.dtype), mode="drop")
-            attn = kernels.decode_attention(q.astype(k_all.dtype), k_all[i], v_all[i], attend_lengths)
-            x = x + attention_output(layer, attn.astype(x.dtype), config)
-        return (_mlp_block(layer, x, config), k_all, v_all), None
+            k_new = k_all.at[i, batch_index, slots].set(k.astype(k_all.dtype), mode="drop")
+            v_new = v_all.at[i, batch_index, slots].set(v.astype(v_all.dtype), mode="drop")
+            attn = kernels.decode_attention(q.astype(k_new.dtype), k_new[i], v_new[i], attend_lengths)
+            return attn, (k_new, v_new)
+
+        x, (k_all, v_all) = decoder_block(layer, x, config, attend)
+        return (x, k_all, v_all), None
 
     layer_index = jnp.arange(config.num_layers)
     (x, k_all, v_all), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params["layers"], layer_index))
@@ -281,6 +270,9 @@ def keys_from_seeds(seeds, per_prompt: bool):
     return jax.vmap(jax.random.fold_in)(keys, jnp.arange(seeds.shape[0], dtype=jnp.uint32))
 
 
+_keys_from_seeds = jax.jit(keys_from_seeds, static_argnums=1)
+
+
 def sequence_keys(seed: int | Sequence[int], n: int):
     """The PRNG keys `generate` gives n prompts for `seed` (an int, or one int per prompt)."""
     seeds, per_prompt = _seed_array(seed, n, n)
@@ -293,17 +285,6 @@ def _is_stop(tokens, stop_tokens):
     return jnp.any(tokens[:, None] == stop_tokens[None, :], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "capacity", "cache_dtype", "sampler", "shard",
-                                             "per_prompt_seeds"))
-def _prefill_and_sample(params, tokens, lengths, seeds, budget, stop_tokens, temperature, top_p, *,
-                        config, capacity, cache_dtype, sampler, shard, per_prompt_seeds):
-    with _sharding_context(shard):
-        keys = keys_from_seeds(seeds, per_prompt_seeds)
-        cache, logits = prefill(params, tokens, lengths, config, capacity, cache_dtype)
-        first, done = _sample_first(logits, keys, budget, stop_tokens, temperature, top_p, sampler)
-        return cache, first, done, keys
-
-
 def _sample_first(logits, keys, budget, stop_tokens, temperature, top_p, sampler):
     """(first new token, done) per sequence from the logits after a prefill or an extension."""
     first = sample(logits, keys, 0, sampler, temperature, top_p)
@@ -312,9 +293,9 @@ def _sample_first(logits, keys, budget, stop_tokens, temperature, top_p, sampler
 
 
 @functools.partial(jax.jit, static_argnames=("config", "capacity", "cache_dtype", "sampler", "shard"))
-def _prefill_and_sample_keys(params, tokens, lengths, keys, budget, stop_tokens, temperature, top_p, *,
-                             config, capacity, cache_dtype, sampler, shard):
-    """`_prefill_and_sample` with the PRNG keys given (a `ChatSession` rebuilding its cache)."""
+def _prefill_and_sample(params, tokens, lengths, keys, budget, stop_tokens, temperature, top_p, *,
+                        config, capacity, cache_dtype, sampler, shard):
+    """`prefill` right-padded prompts into a fresh cache and sample each sequence's first new token."""
     with _sharding_context(shard):
         cache, logits = prefill(params, tokens, lengths, config, capacity, cache_dtype)
         first, done = _sample_first(logits, keys, budget, stop_tokens, temperature, top_p, sampler)
@@ -515,11 +496,11 @@ def generate(model, prompts, *, max_new_tokens, temperature=0.0, top_k=None, top
     budget = np.zeros((batch,), np.int32)
     budget[:n] = budgets
     seeds, per_prompt_seeds = _seed_array(seed, n, batch)
+    keys = _keys_from_seeds(seeds, per_prompt_seeds)
 
-    cache, first, done, keys = _prefill_and_sample(
-        params, tokens, lengths, seeds, budget, stops, temp, top_p_value,
-        config=config, capacity=capacity, cache_dtype=opts.cache_dtype,
-        sampler=sampler, shard=shard, per_prompt_seeds=per_prompt_seeds)
+    cache, first, done = _prefill_and_sample(
+        params, tokens, lengths, keys, budget, stops, temp, top_p_value,
+        config=config, capacity=capacity, cache_dtype=opts.cache_dtype, sampler=sampler, shard=shard)
 
     out, _ = _run_decode(params, cache, first, done, budget, keys, stops, temp, top_p_value, n=n,
                          out_len=out_len, callback=callback, config=config, sampler=sampler, shard=shard)
@@ -661,7 +642,7 @@ class ChatSession:
                 del cache
                 tokens = np.zeros((1, min(bucket(len(prompt), _MIN_PROMPT_BUCKET), capacity)), np.int32)
                 tokens[0, :len(prompt)] = prompt
-                cache, first, done = _prefill_and_sample_keys(
+                cache, first, done = _prefill_and_sample(
                     params, tokens, np.array([len(prompt)], np.int32), self._keys, budget, o.stops, o.temp,
                     o.top_p, config=config, capacity=capacity, cache_dtype=o.cache_dtype, sampler=o.sampler,
                     shard=o.shard)

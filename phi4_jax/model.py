@@ -118,29 +118,43 @@ def mlp(layer: Params, h, config: Phi4Config):
         return jnp.einsum("bsf,fe->bse", act, layer["down_proj"].astype(cd))
 
 
-def decoder_layer(layer: Params, x, positions, segment_ids, config: Phi4Config):
-    """One pre-norm block: x + attn(norm(x)), then + mlp(norm(.)). x [B, S, E] in the compute dtype."""
+def self_attention(q, k, v, positions, segment_ids, config: Phi4Config):
+    """Causal attention of un-rotated q/k over the sequence itself, RoPE at `positions` included."""
+    if config.fuse_rope:
+        # RoPE inside the attention kernel's q/k tile loads where the backend's kernel supports it
+        # (identical math: the XLA path rotates first, then attends).
+        return kernels.flash_attention_rope(q, k, v, positions, theta=config.rope_theta, causal=True,
+                                            segment_ids=segment_ids, implementation=config.attention_impl,
+                                            interpret=config.kernel_interpret)
+    q = kernels.apply_rope(q, positions, theta=config.rope_theta)
+    k = kernels.apply_rope(k, positions, theta=config.rope_theta)
+    return kernels.flash_attention(q, k, v, causal=True, segment_ids=segment_ids,
+                                   implementation=config.attention_impl, interpret=config.kernel_interpret)
+
+
+def decoder_block(layer: Params, x, config: Phi4Config, attend):
+    """One pre-norm block: x + attn(norm(x)), then + mlp(norm(.)); x [B, S, E] in the compute dtype.
+
+    `attend(q, k, v) -> (attn [B, S, Hq, D], aux)` gets the un-rotated projections (applying RoPE is its job,
+    so a kernel can fuse it): `self_attention` for a plain forward, attention over a KV cache for generation,
+    whose cache updates come back as `aux`. Returns (x, aux).
+    """
     with jax.named_scope("attention"):
         h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
         q, k, v = attention_projections(layer, h, config)
-        if config.fuse_rope:
-            # RoPE inside the attention kernel's q/k tile loads where the backend's kernel supports it
-            # (identical math: the XLA path rotates first, then attends).
-            attn = kernels.flash_attention_rope(q, k, v, positions, theta=config.rope_theta, causal=True,
-                                                segment_ids=segment_ids, implementation=config.attention_impl,
-                                                interpret=config.kernel_interpret)
-        else:
-            q = kernels.apply_rope(q, positions, theta=config.rope_theta)
-            k = kernels.apply_rope(k, positions, theta=config.rope_theta)
-            attn = kernels.flash_attention(q, k, v, causal=True, segment_ids=segment_ids,
-                                           implementation=config.attention_impl,
-                                           interpret=config.kernel_interpret)
-        attn = checkpoint_name(attn, "attention_out")
+        attn, aux = attend(q, k, v)
+        attn = checkpoint_name(attn.astype(x.dtype), "attention_out")
         x = x + attention_output(layer, attn, config)
     x = sharding.constrain(x, ("batch", "seq", "embed"))
     h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
     x = x + mlp(layer, h, config)
-    return sharding.constrain(x, ("batch", "seq", "embed"))
+    return sharding.constrain(x, ("batch", "seq", "embed")), aux
+
+
+def decoder_layer(layer: Params, x, positions, segment_ids, config: Phi4Config):
+    """`decoder_block` attending over the sequence itself (packed documents kept apart by segment_ids)."""
+    attend = lambda q, k, v: (self_attention(q, k, v, positions, segment_ids, config), None)  # noqa: E731
+    return decoder_block(layer, x, config, attend)[0]
 
 
 def remat_policy(name: str):
@@ -160,14 +174,18 @@ def default_positions(input_ids):
     return jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
 
 
+def embed_tokens(params: Params, input_ids, config: Phi4Config):
+    """Token embeddings [B, S, E] in the compute dtype."""
+    with jax.named_scope("embed"):
+        x = jnp.take(params["embed"], input_ids, axis=0).astype(_dtype(config.compute_dtype))
+    return sharding.constrain(x, ("batch", "seq", "embed"))
+
+
 def hidden_states(params: Params, input_ids, config: Phi4Config, positions=None, segment_ids=None):
     """Final normed hidden states [B, S, E] (compute dtype): everything but the lm_head."""
     if positions is None:
         positions = default_positions(input_ids)
-    cd = _dtype(config.compute_dtype)
-    with jax.named_scope("embed"):
-        x = jnp.take(params["embed"], input_ids, axis=0).astype(cd)
-    x = sharding.constrain(x, ("batch", "seq", "embed"))
+    x = embed_tokens(params, input_ids, config)
 
     def body(carry, layer):
         return decoder_layer(layer, carry, positions, segment_ids, config), None

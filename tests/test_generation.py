@@ -358,7 +358,7 @@ def test_chat_session_no_recompile_across_turns(converted):
             session.extend(rng.integers(3, 311, user).tolist(), max_new_tokens=new)
             assert not session.last_turn["rebuilt"]
 
-    programs = (generation._extend_and_sample, generation._prefill_and_sample_keys, generation._decode_loop)
+    programs = (generation._extend_and_sample, generation._prefill_and_sample, generation._decode_loop)
     conversation(70, [(10, 6), (10, 6)])
     sizes = [p._cache_size() for p in programs]
     conversation(65, [(3, 9), (17, 4), (1, 12)])
