@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from phi4_jax.config import DTYPES
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -22,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dst", help="output directory (must not exist or be empty, unless --overwrite)")
     parser.add_argument("--to-hf", action="store_true",
                         help="convert a phi4_jax checkpoint back to Hugging Face safetensors")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="output parameter dtype (default: keep the source dtype)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--max-shard-size", default="5GB",

@@ -126,7 +126,7 @@ def decode_attention_pallas(q, k_cache, v_cache, lengths, *, sm_scale=None, inte
     padded_rows = -(-rows // 8) * 8
     # [B, T, Hkv, G, D] -> [B, Hkv, G * T, D]: the group's queries become the rows of one tile.
     qr = q.reshape(b, t, hkv, group, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, rows, d)
-    if padded_rows != rows:   # extra rows repeat query t = row % T; they are dropped after the kernel
+    if padded_rows != rows:   # zero rows pad the tile to a multiple of 8; they are dropped after the kernel
         qr = jnp.pad(qr, [(0, 0), (0, 0), (0, padded_rows - rows), (0, 0)])
     k_flat = k_cache.reshape(b, c, hkv * d)    # free view: head h is lane block h of width D
     v_flat = v_cache.reshape(b, c, hkv * d)

@@ -61,6 +61,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import mosaic_gpu_interpret
+from kernels.attention_reference import MASK_VALUE
 from kernels.rope_reference import apply_rope_reference, rope_inv_freq
 
 # --------------------------------------------------------------------------------- API compatibility
@@ -70,7 +71,6 @@ _KERNEL_PARAMS = inspect.signature(plgpu.kernel).parameters
 _LOG2E = math.log2(math.e)
 # Finite "minus infinity" (base-2 score units): a block in which a row sees no key then contributes
 # exp2(0) = 1 per key, and the first visible key erases it (exp2(MASK - m) == 0), as in the reference.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def _layout_wgmma():
@@ -475,7 +475,7 @@ def _forward_kernel(cfg: _Cfg, dtype):
                         plgpu.barrier_wait(s_loaded.at[slot])
                         k_seg = _load_vector(kseg_smem.at[slot], _layout_cols(), cfg.interpret)
                     mask = _mask_rows_q(cfg, (bq, bkv), q_base, kv_step * bkv, q_seg, k_seg)
-                    s = jnp.where(mask, s, _MASK_VALUE)
+                    s = jnp.where(mask, s, MASK_VALUE)
                 m_new = jnp.maximum(m_i, s.max(axis=1))
                 alpha = jnp.exp2(m_i - m_new)
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))

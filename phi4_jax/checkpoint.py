@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from phi4_jax.config import ConfigError, Phi4Config
+from phi4_jax.config import DTYPES, ConfigError, Phi4Config
 
 FORMAT_VERSION = 1
 PARAMS_DIR = "params"
@@ -250,14 +250,9 @@ def _orbax_tree_metadata(params_dir: Path) -> dict:
 
 def check_params_metadata(params_dir: Path, config: Phi4Config) -> dict:
     """Compares the stored parameter shapes to the config; returns {path: ArrayMetadata}."""
-    from phi4_jax.model import param_specs
-    import jax
+    from phi4_jax.model import flat_param_specs
 
-    expected = {}
-    for kp, spec in jax.tree_util.tree_flatten_with_path(
-            param_specs(config), is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
-            and isinstance(x[1], tuple))[0]:
-        expected[tuple(k.key for k in kp)] = tuple(spec[0])
+    expected = {path: shape for path, (shape, _) in flat_param_specs(config).items()}
     stored = _orbax_tree_metadata(params_dir)
     missing = sorted(set(expected) - set(stored))
     extra = sorted(set(stored) - set(expected))
@@ -339,18 +334,18 @@ def _resolve_dtype(dtype) -> str | None:
     import jax.numpy as jnp
 
     name = jnp.dtype(dtype).name
-    if name not in ("float32", "bfloat16", "float16"):
-        raise CheckpointError(f"unsupported parameter dtype {name!r}: use float32, bfloat16 or float16")
+    if name not in DTYPES:
+        raise CheckpointError(f"unsupported parameter dtype {name!r}: use one of {', '.join(DTYPES)}")
     return name
 
 
 def _target_shardings(config: Phi4Config, sharding: ShardingSpec):
     """A pytree of shardings matching `param_specs`."""
     import jax
+    from phi4_jax.model import is_param_spec as is_spec
     from phi4_jax.model import param_specs
 
     specs = param_specs(config)
-    is_spec = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple)  # noqa: E731
     if sharding is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.tree.map(lambda s: device, specs, is_leaf=is_spec)

@@ -20,6 +20,9 @@ import os
 from typing import Any
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_out")
+# Fields of Phi4Config that choose how the model runs, not what it computes (the rest is the architecture).
+RUNTIME_FIELDS = ("param_dtype", "compute_dtype", "remat_policy", "attention_impl", "scan_layers", "fuse_rope",
+                  "kernel_interpret")
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "pallas_gpu", "pallas_tpu", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 

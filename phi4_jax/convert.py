@@ -44,10 +44,6 @@ SAFETENSORS_DTYPES = {"F32": DTYPES["float32"], "BF16": DTYPES["bfloat16"], "F16
 SAFETENSORS_CODES = {v.name: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
-def _dtype_name(dtype) -> str:
-    return np.dtype(dtype).name
-
-
 def parse_dtype(name: str | None):
     """'float32' | 'bfloat16' | 'float16' | None -> numpy dtype or None."""
     if name is None:
@@ -315,7 +311,7 @@ def _check_free_space(directory: Path, needed: int) -> None:
 def hf_to_checkpoint(src, dst, *, dtype: str | None = None, overwrite: bool = False,
                      compression: str | None = "zstd", progress: bool = True) -> Path:
     """Converts a HF Phi3ForCausalLM directory into a phi4_jax checkpoint at `dst` (streaming, atomic)."""
-    from phi4_jax.model import param_specs
+    from phi4_jax.model import flat_param_specs
 
     out_dtype = parse_dtype(dtype)
     _check_distinct(src, dst)
@@ -327,10 +323,7 @@ def hf_to_checkpoint(src, dst, *, dtype: str | None = None, overwrite: bool = Fa
     param_dtype = out_dtype if out_dtype is not None else next(iter(tensors.values())).dtype
     config = config.replace(param_dtype=param_dtype.name)
 
-    is_spec = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple)  # noqa: E731
-    import jax
-    specs = {tuple(k.key for k in kp): (tuple(s[0]), param_dtype)
-             for kp, s in jax.tree_util.tree_flatten_with_path(param_specs(config), is_leaf=is_spec)[0]}
+    specs = {path: (shape, param_dtype) for path, (shape, _) in flat_param_specs(config).items()}
     total_out = sum(math.prod(s) for s, _ in specs.values()) * param_dtype.itemsize
     dst = Path(dst).absolute()
     _check_free_space(dst.parent, total_out)

@@ -54,7 +54,7 @@ import numpy as np
 
 import kernels
 from phi4_jax import sharding
-from phi4_jax.config import Phi4Config
+from phi4_jax.config import DTYPES, Phi4Config
 from phi4_jax.model import decoder_block, embed_tokens, logits_from_hidden, rms_norm
 
 CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
@@ -441,8 +441,8 @@ def _run_options(config, temperature, top_k, top_p, stop_tokens, mesh, rules, ca
             cache_dtype_name = jnp.dtype(cache_dtype).name
         except TypeError:
             cache_dtype_name = None
-        if cache_dtype_name not in ("float32", "bfloat16", "float16"):
-            raise GenerationError(f"cache_dtype must be float32, bfloat16 or float16, got {cache_dtype!r}")
+        if cache_dtype_name not in DTYPES:
+            raise GenerationError(f"cache_dtype must be one of {', '.join(DTYPES)}, got {cache_dtype!r}")
     stops = np.full((bucket(len(stop_tokens), _MIN_STOP_BUCKET),), _NO_TOKEN, np.int32)
     stops[:len(stop_tokens)] = stop_tokens
     greedy = float(temperature) == 0.0

@@ -60,13 +60,20 @@ def param_specs(config: Phi4Config) -> dict[str, Any]:
     }
 
 
-def _is_spec(x) -> bool:
+def is_param_spec(x) -> bool:
+    """Whether x is one (shape, logical axes) leaf of `param_specs` (for tree functions' is_leaf)."""
     return isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple)
+
+
+def flat_param_specs(config: Phi4Config) -> dict[tuple[str, ...], tuple[tuple[int, ...], tuple[str, ...]]]:
+    """`param_specs` flattened: {("layers", "q_proj"): (shape, axes), ...}."""
+    leaves = jax.tree_util.tree_flatten_with_path(param_specs(config), is_leaf=is_param_spec)[0]
+    return {tuple(k.key for k in kp): (tuple(spec[0]), spec[1]) for kp, spec in leaves}
 
 
 def logical_axes_tree(config: Phi4Config) -> dict[str, Any]:
     """{name: logical axes} with the same nesting as the parameters."""
-    return jax.tree.map(lambda spec: spec[1], param_specs(config), is_leaf=_is_spec)
+    return jax.tree.map(lambda spec: spec[1], param_specs(config), is_leaf=is_param_spec)
 
 
 def init_param(key, shape, axes, dtype):

@@ -134,9 +134,7 @@ class MeshConfig:
             except ValueError:
                 raise MeshError(f"mesh size for {name.strip()!r} must be an integer, got {value!r}") from None
         if "fsdp" not in d and any(v == -1 for v in d.values()):
-            d["fsdp"] = 1
-        elif "fsdp" not in d:
-            d.setdefault("fsdp", -1)
+            d["fsdp"] = 1  # another axis fills; fsdp would otherwise default to filling too
         return cls.from_dict(d)
 
     def ici_shape(self, n_devices: int) -> tuple[int, ...]:

@@ -18,13 +18,11 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from phi4_jax.config import Phi4Config
+from phi4_jax.config import RUNTIME_FIELDS, Phi4Config
 
 # Fields a run may change relative to the checkpoint it starts from (midtraining raises rope_theta and
 # the context length; runtime fields do not change the math).
-CHANGEABLE_FIELDS = {"rope_theta", "max_position_embeddings", "param_dtype", "compute_dtype",
-                     "remat_policy", "attention_impl", "scan_layers", "fuse_rope",
-                     "kernel_interpret"}
+CHANGEABLE_FIELDS = {"rope_theta", "max_position_embeddings", *RUNTIME_FIELDS}
 
 
 class TrainCheckpointError(RuntimeError):

@@ -23,20 +23,16 @@ import optax
 from phi4_jax import sharding
 from phi4_jax.config import Phi4Config
 from phi4_jax.loss import loss_sum_and_count
-from phi4_jax.model import init_param, logical_axes_tree, param_specs
+from phi4_jax.model import init_param, is_param_spec, logical_axes_tree, param_specs
 
 BATCH_KEYS = ("input_ids", "segment_ids", "positions")
 BATCH_AXES = ("batch", "seq")
 
 
-def _is_spec(x) -> bool:
-    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple)
-
-
 def init_params(config: Phi4Config, key):
     """Fresh parameters (Phi-3 style init) as a nested dict, in `config.param_dtype`."""
     specs = param_specs(config)
-    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=is_param_spec)
     keys = jax.random.split(key, len(leaves))
     dtype = jnp.dtype(config.param_dtype)
     return jax.tree.unflatten(treedef, [init_param(k, shape, axes, dtype)
@@ -61,7 +57,7 @@ def train_state_shardings(mesh, config: Phi4Config, tx, rules=None) -> StepShard
     param_sh = sharding.tree_shardings(mesh, logical_axes_tree(config), rules)
     rep = sharding.replicated(mesh)
     abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s[0], jnp.dtype(config.param_dtype)),
-                                   param_specs(config), is_leaf=_is_spec)
+                                   param_specs(config), is_leaf=is_param_spec)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, param_sh,
                                    transform_non_params=lambda _: rep)
@@ -73,7 +69,7 @@ def train_state_shardings(mesh, config: Phi4Config, tx, rules=None) -> StepShard
 def abstract_train_state(config: Phi4Config, tx, shardings: StepShardings | None = None):
     """The train state as ShapeDtypeStructs (with shardings when given): for AOT compile and restore."""
     abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s[0], jnp.dtype(config.param_dtype)),
-                                   param_specs(config), is_leaf=_is_spec)
+                                   param_specs(config), is_leaf=is_param_spec)
     abstract = jax.eval_shape(lambda p: new_train_state(p, tx), abstract_params)
     if shardings is None:
         return abstract

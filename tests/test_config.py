@@ -1,6 +1,7 @@
 """Phi4Config: the phi-4 preset against PHI4.md, Hugging Face config.json in both styles, refusals."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -247,3 +248,12 @@ def test_presets_and_dict_round_trip():
         assert c.head_dim % 2 == 0 and c.num_heads % c.num_kv_heads == 0
     with pytest.raises(ConfigError, match="unknown config field"):
         Phi4Config.from_dict({"hidden": 3})
+
+
+def test_every_field_is_architecture_or_runtime():
+    # init_from lets runtime fields differ from the checkpoint's; a new field must be classified.
+    from phi4_jax.config import RUNTIME_FIELDS
+    fields = {f.name for f in dataclasses.fields(Phi4Config)}
+    assert set(ARCH_FIELDS).isdisjoint(RUNTIME_FIELDS)
+    assert set(ARCH_FIELDS) | set(RUNTIME_FIELDS) == fields
+    assert set(runtime(get_preset("tiny"))) == set(RUNTIME_FIELDS)
