@@ -36,17 +36,13 @@ from tqdm import tqdm  # noqa: E402
 from bench.roofline import copy_bandwidth  # noqa: E402
 from phi4_jax.config import get_preset  # noqa: E402
 from phi4_jax.generation import KVCache, decode_step  # noqa: E402
-from phi4_jax.model import param_specs  # noqa: E402
-
-
-def _is_spec(x) -> bool:
-    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple)
+from phi4_jax.model import is_param_spec, param_specs  # noqa: E402
 
 
 def random_params(config, seed: int = 0):
     """bf16 parameters N(0, 0.02) (norm weights 1 + N(0, 0.02)), generated on the device by one jitted call."""
     specs = param_specs(config)
-    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=is_param_spec)
     dtype = jnp.dtype(config.param_dtype)
 
     def make(key):

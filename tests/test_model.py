@@ -246,7 +246,7 @@ def test_every_param_has_logical_axes_of_its_rank(which, fp32):
         config = get_preset("phi4-14b")
         module = M.abstract_model(config)
     flat = _flat_params(module)
-    specs = jax.tree_util.tree_flatten_with_path(M.param_specs(config), is_leaf=M._is_spec)[0]
+    specs = M.flat_param_specs(config)
     assert len(flat) == len(specs) == 12  # embed, final_norm, lm_head and 9 stacked layer tensors
     seen = 0
     for path, var in flat:
