@@ -37,8 +37,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.machine_info import describe_machine  # noqa: E402
-from phi4_jax.config import Phi4Config  # noqa: E402
-from phi4_jax.hf_mapping import hf_tensor_shapes  # noqa: E402
+from phi4_jax.model.config import Phi4Config  # noqa: E402
+from phi4_jax.checkpoint.hf_mapping import hf_tensor_shapes  # noqa: E402
 
 
 BLOCK_BYTES = 64 << 20
@@ -58,7 +58,7 @@ def random_bf16_block(nbytes: int, seed: int = 0) -> np.ndarray:
 
 def write_synthetic_checkpoint(dst: Path, config: Phi4Config, shard_bytes: int = 2 << 30) -> tuple[int, int]:
     """Writes config.json + sharded bf16 safetensors + index. Returns (total bytes, largest tensor bytes)."""
-    from phi4_jax.convert import _plan_shards, _safetensors_header
+    from phi4_jax.checkpoint.hf_convert import _plan_shards, _safetensors_header
 
     dst.mkdir(parents=True)
     hf = config.to_hf_dict(torch_dtype="bfloat16")
@@ -100,7 +100,7 @@ def run_measured(cmd: list[str]) -> tuple[float, int, int]:
 
 def verify_round_trip(src: Path, back: Path) -> int:
     """Tensor-by-tensor byte comparison of two HF dirs (bounded memory). Returns the number of tensors."""
-    from phi4_jax.convert import find_hf_checkpoint
+    from phi4_jax.checkpoint.hf_files import find_hf_checkpoint
 
     _, _, a = find_hf_checkpoint(src)
     _, _, b = find_hf_checkpoint(back)
@@ -154,7 +154,7 @@ def main() -> int:
               f"written in {time.perf_counter() - t0:.1f} s", flush=True)
 
         _, baseline, _ = run_measured([sys.executable, "-c",
-                                       "import phi4_jax.convert, phi4_jax.model, orbax.checkpoint, tensorstore"])
+                                       "import phi4_jax.checkpoint.hf_convert, phi4_jax.model.decoder, orbax.checkpoint, tensorstore"])
         cli = [sys.executable, "convert_weights.py"]
         to_ours = cli + [str(src), str(ours), "--compression", args.compression]
         to_hf = cli + ["--to-hf", str(ours), str(back)]

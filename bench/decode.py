@@ -124,7 +124,7 @@ def main(argv=None) -> int:
 
     import jax
 
-    from phi4_jax.model import model_from_params
+    from phi4_jax.model.decoder import model_from_params
 
     hf, params, config = random_model_pair(args.size)
     ours = model_from_params(config, params)

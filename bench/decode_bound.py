@@ -3,7 +3,7 @@
     python bench/decode_bound.py --json OUT.json            # on an H100/H200: phi4-14b shapes, batch 1 and 8
     python bench/decode_bound.py --smoke --json OUT.json    # tiny model on CPU, same code path
 
-The step timed is the project's own `phi4_jax.generation.decode_step` (jitted, cache donated), with the
+The step timed is the project's own `phi4_jax.inference.kv_cache.decode_step` (jitted, cache donated), with the
 greedy next token fed back on the device, so no host round trip sits between steps. The cache starts
 filled with `--context` random keys/values per sequence (no prefill needed, never zeros); then `--warmup`
 steps, then `--repeats` runs of `--steps` steps, each run dispatched back to back and synchronized once.
@@ -34,9 +34,9 @@ import jax.numpy as jnp  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from bench.roofline import copy_bandwidth  # noqa: E402
-from phi4_jax.config import get_preset  # noqa: E402
-from phi4_jax.generation import KVCache, decode_step  # noqa: E402
-from phi4_jax.model import is_param_spec, param_specs  # noqa: E402
+from phi4_jax.model.config import get_preset  # noqa: E402
+from phi4_jax.inference.kv_cache import KVCache, decode_step  # noqa: E402
+from phi4_jax.model.decoder import is_param_spec, param_specs  # noqa: E402
 
 
 def random_params(config, seed: int = 0):

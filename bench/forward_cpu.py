@@ -4,7 +4,7 @@
     python bench/forward_cpu.py --write BENCHMARKS.md     # also record the tables in BENCHMARKS.md
     python bench/forward_cpu.py --size tiny --json OUT    # seconds; checks the script end to end
 
-Forward: one random transformers `Phi3ForCausalLM` is converted in memory (`phi4_jax.hf_mapping`), so
+Forward: one random transformers `Phi3ForCausalLM` is converted in memory (`phi4_jax.checkpoint.hf_mapping`), so
 both sides hold the same float32 weights. For each batch, after a warm-up call (phi4_jax: the jit compile,
 timed separately), the median of `--repeats` full forward passes (logits over the whole sequence) is
 taken, the sides alternating so machine load hits both alike. The logits are compared too (max |diff|),
@@ -50,7 +50,7 @@ def bench_forward(hf, params, config, batches, seq, repeats) -> list[dict]:
     import numpy as np
     import torch
 
-    from phi4_jax.model import forward
+    from phi4_jax.model.decoder import forward
 
     ours_fn = jax.jit(lambda p, ids: forward(p, ids, config))
     rows = []

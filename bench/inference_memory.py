@@ -30,8 +30,8 @@ def _temporaries(config, batch: int, context: int) -> tuple[int, int]:
     import jax
     import jax.numpy as jnp
 
-    from phi4_jax import generation
-    from phi4_jax.model import abstract_model
+    from phi4_jax.inference import kv_cache as generation
+    from phi4_jax.model.decoder import abstract_model
 
     params = abstract_model(config).params
     cache = jax.eval_shape(lambda: generation.init_cache(config, batch, context))
@@ -48,9 +48,9 @@ def measure(preset: str, context: int, batch: int, dtype: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from phi4_jax import generation
-    from phi4_jax.config import get_preset
-    from phi4_jax.model import abstract_model
+    from phi4_jax.inference import kv_cache as generation
+    from phi4_jax.model.config import get_preset
+    from phi4_jax.model.decoder import abstract_model
 
     config = get_preset(preset, param_dtype=dtype, compute_dtype=dtype, remat_policy="none")
     params = abstract_model(config).params          # ShapeDtypeStructs via eval_shape; nothing allocated

@@ -4,7 +4,7 @@
     python bench/train_mfu.py --smoke --json OUT.json            # tiny model on CPU, same code path
     python bench/train_mfu.py --candidates dots:4 none:2 --peak-tflops 989.4
 
-The train step is the project's own (`phi4_jax.training.make_train_step`: fp32 master weights, bf16
+The train step is the project's own (`phi4_jax.train.step.make_train_step`: fp32 master weights, bf16
 compute, AdamW, chunked fp32 loss) on a one-device mesh, fed random token ids (one document per row).
 Each candidate "REMAT:BATCH" is compiled ahead of time; the first whose compiled peak memory fits the
 device's memory limit is run (on a CPU, the first). After `--warmup` steps, `--steps` steps are timed one by
@@ -12,10 +12,10 @@ one (each ended by `block_until_ready`) and the median step time is used:
 
     MFU = model FLOPs per step / (median step time * peak FLOP/s of the device)
 
-Model FLOPs per token (`phi4_jax.training.training_flops_per_token`) = 6 x matmul parameters + causal
+Model FLOPs per token (`phi4_jax.train.mfu.training_flops_per_token`) = 6 x matmul parameters + causal
 attention 6 * L * Hq * D * S; remat recomputation is not counted (it is overhead, not model work).
 Peak: `--peak-tflops`, else the device kind (H100/H200 SXM bf16 dense 989.4 TFLOP/s, H100 PCIe 756,
-H100 NVL 835.5; others from `phi4_jax.training.PEAK_FLOPS`); unknown (a CPU) leaves MFU empty.
+H100 NVL 835.5; others from `phi4_jax.train.mfu.PEAK_FLOPS`); unknown (a CPU) leaves MFU empty.
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from phi4_jax import sharding  # noqa: E402
-from phi4_jax.config import get_preset  # noqa: E402
-from phi4_jax.optimizer import make_optimizer  # noqa: E402
-from phi4_jax.train_config import OptimizerConfig  # noqa: E402
-from phi4_jax.training import (BATCH_KEYS, abstract_train_state, create_train_state,  # noqa: E402
-                               make_train_step, peak_flops_per_device, train_state_shardings,
-                               training_flops_per_token)
+from phi4_jax.model import sharding  # noqa: E402
+from phi4_jax.model.config import get_preset  # noqa: E402
+from phi4_jax.train.optimizer import make_optimizer  # noqa: E402
+from phi4_jax.train.config import OptimizerConfig  # noqa: E402
+from phi4_jax.train.mfu import peak_flops_per_device, training_flops_per_token  # noqa: E402
+from phi4_jax.train.step import (BATCH_KEYS, abstract_train_state, create_train_state,  # noqa: E402
+                                 make_train_step, train_state_shardings)
 
 # Dense bf16 tensor-core peaks (NVIDIA data sheets), most specific name first.
 GPU_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835.5e12), ("H200", 989.4e12), ("H100", 989.4e12),

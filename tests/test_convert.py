@@ -69,12 +69,12 @@ def no_leftovers(parent: Path, name: str) -> bool:
 
 
 def restored_params(path):
-    from phi4_jax.checkpoint import restore_params
+    from phi4_jax.checkpoint.load import restore_params
     return restore_params(path)
 
 
 def expected_params(state: dict[str, np.ndarray], config, dtype=None):
-    from phi4_jax.hf_mapping import params_from_hf_state_dict
+    from phi4_jax.checkpoint.hf_mapping import params_from_hf_state_dict
     return params_from_hf_state_dict(state, config, dtype=dtype)
 
 
@@ -126,7 +126,7 @@ def test_each_format_converts_to_the_expected_params(work, fmt):
         run_cli(src, work / f"fmt_{fmt}_ours")
     else:
         assert cli_main(src, work / f"fmt_{fmt}_ours") == 0
-    from phi4_jax.checkpoint import read_checkpoint_config
+    from phi4_jax.checkpoint.store import read_checkpoint_config
     config, meta = read_checkpoint_config(work / f"fmt_{fmt}_ours")
     assert meta["param_dtype"] == "float32" and config.num_kv_heads == 4
     assert config.rope_theta == (250000.0 if fmt.startswith("bin") else 10000.0)
@@ -141,7 +141,7 @@ def test_checkpoint_layout_and_plain_orbax_restore(fp32_ours, fp32_hf):
     assert hf_cfg["phi4_jax"]["param_dtype"] == "float32"
     # Orbax on its own (no phi4_jax code) restores the tree: it is a real Orbax checkpoint.
     restored = ocp.StandardCheckpointer().restore(fp32_ours / "params")
-    from phi4_jax.checkpoint import read_checkpoint_config
+    from phi4_jax.checkpoint.store import read_checkpoint_config
     config, _ = read_checkpoint_config(fp32_ours)
     assert_trees_equal(restored, expected_params(model_state(fp32_hf[1]), config))
     assert restored["layers"]["q_proj"].shape == (2, 72, 6, 12)
@@ -169,7 +169,7 @@ def test_restore_onto_a_mesh(fp32_ours, fp32_hf):
     assert seen[("layers", "q_proj")] == ("layers", "embed", "q_heads", "head_dim")
     q = model.layers["q_proj"][...]
     assert q.sharding == NamedSharding(mesh, PartitionSpec(None, "fsdp", None, None))
-    from phi4_jax.checkpoint import read_checkpoint_config
+    from phi4_jax.checkpoint.store import read_checkpoint_config
     config, _ = read_checkpoint_config(fp32_ours)
     want = expected_params(model_state(fp32_hf[1]), config)
     assert np.array_equal(np.asarray(q), want["layers"]["q_proj"])
@@ -204,17 +204,18 @@ def test_round_trip_fp32_sharded_is_bit_exact_and_loads_in_transformers(work, fp
 def test_multi_chunk_streaming_round_trip(work, fp32_hf, monkeypatch):
     """With tiny chunks, every array spans many chunks and embed / lm_head stream in many row blocks
     (the path a real 1 GB embedding takes); the result is still exact both ways."""
-    from phi4_jax import checkpoint, convert
-    from phi4_jax.checkpoint import read_checkpoint_config
+    from phi4_jax.checkpoint import store as checkpoint
+    from phi4_jax.checkpoint import hf_convert
+    from phi4_jax.checkpoint.store import read_checkpoint_config
 
     monkeypatch.setattr(checkpoint, "CHUNK_TARGET_BYTES", 4096)
-    convert.hf_to_checkpoint(fp32_hf[0], work / "ours_chunked", progress=False)
+    hf_convert.hf_to_checkpoint(fp32_hf[0], work / "ours_chunked", progress=False)
     zarray = json.loads((work / "ours_chunked" / "params" / "lm_head" / ".zarray").read_text())
     assert zarray["shape"] == [72, 311] and zarray["chunks"][0] == 72 and zarray["chunks"][1] < 311
     assert json.loads((work / "ours_chunked" / "params" / "embed" / ".zarray").read_text())["chunks"][0] < 311
     config, _ = read_checkpoint_config(work / "ours_chunked")
     assert_trees_equal(restored_params(work / "ours_chunked"), expected_params(model_state(fp32_hf[1]), config))
-    convert.checkpoint_to_hf(work / "ours_chunked", work / "back_chunked", progress=False)
+    hf_convert.checkpoint_to_hf(work / "ours_chunked", work / "back_chunked", progress=False)
     _assert_hf_dirs_equal(model_state(fp32_hf[1]), work / "back_chunked")
 
 
@@ -239,7 +240,7 @@ def test_round_trip_bf16_is_bit_exact(work, bf16_hf):
 # ----------------------------------------------------------------------------- --dtype
 
 def test_dtype_option_casts_both_directions(work, fp32_hf, fp32_ours, bf16_hf):
-    from phi4_jax.checkpoint import read_checkpoint_config
+    from phi4_jax.checkpoint.store import read_checkpoint_config
 
     # fp32 source -> bf16 checkpoint: values are the round-to-nearest-even casts of the source.
     assert cli_main(fp32_hf[0], work / "ours_fp32_as_bf16", "--dtype", "bfloat16") == 0
@@ -418,20 +419,20 @@ def test_refuses_non_empty_destination_unless_overwrite(work, capsys, single_fp3
 
 def test_failure_midway_leaves_nothing(work, single_fp32, monkeypatch):
     """An error after some tensors were written leaves neither the destination nor a temp dir."""
-    from phi4_jax import convert
+    from phi4_jax.checkpoint import hf_convert, hf_files
 
     calls = []
-    real = convert._convert_tensor
+    real = hf_convert._convert_tensor
 
     def flaky(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
-            raise convert.ConversionError("simulated failure while writing")
+            raise hf_files.ConversionError("simulated failure while writing")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(convert, "_convert_tensor", flaky)
-    with pytest.raises(convert.ConversionError, match="simulated"):
-        convert.hf_to_checkpoint(single_fp32, work / "out_midway", progress=False)
+    monkeypatch.setattr(hf_convert, "_convert_tensor", flaky)
+    with pytest.raises(hf_files.ConversionError, match="simulated"):
+        hf_convert.hf_to_checkpoint(single_fp32, work / "out_midway", progress=False)
     assert len(calls) == 3 and no_leftovers(work, "out_midway")
 
 
@@ -443,7 +444,7 @@ def test_cli_subprocess_error_is_one_line(work, single_fp32):
 
 def test_load_model_errors(work, fp32_ours):
     from phi4_jax import load_model
-    from phi4_jax.checkpoint import CheckpointError
+    from phi4_jax.checkpoint.store import CheckpointError
 
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(work / "no_such_checkpoint")

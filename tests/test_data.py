@@ -5,8 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from phi4_jax import data, demo_data
-from phi4_jax.train_config import DataConfig, SourceConfig
+from phi4_jax.data import tokenizing
+from phi4_jax.special_tokens import ENDOFTEXT_ID, PAD_ID
+from phi4_jax.data import sources
+from phi4_jax.data import pipeline
+from phi4_jax.data import demo as demo_data
+from phi4_jax.train.config import DataConfig, SourceConfig
 
 WEIGHTS = {"arithmetic": 40, "facts": 15, "stories": 15, "code": 20, "lessons": 10}
 DEMO = DataConfig(tokenizer="demo_compact", shuffle_seed=3, sources=tuple(
@@ -23,13 +27,13 @@ class ByteTokenizer:
 
 
 def test_mixture_hits_weights_on_every_host():
-    docs = data.mixed_documents(DEMO, ByteTokenizer(), 257)
+    docs = pipeline.mixed_documents(DEMO, ByteTokenizer(), 257)
     n = 20000
     counts = np.bincount([int(docs[i]["source"]) for i in range(n)], minlength=5)
     want = np.array(list(WEIGHTS.values()), float) / sum(WEIGHTS.values())
     np.testing.assert_allclose(counts / n, want, atol=0.01)
     # two hosts: disjoint shares of every source, each host's stream with the same proportions
-    shards = [data.mixed_documents(DEMO, ByteTokenizer(), 257, i, 2) for i in range(2)]
+    shards = [pipeline.mixed_documents(DEMO, ByteTokenizer(), 257, i, 2) for i in range(2)]
     for shard in shards:
         c = np.bincount([int(shard[i]["source"]) for i in range(n // 2)], minlength=5)
         np.testing.assert_allclose(c / (n // 2), want, atol=0.01)
@@ -39,14 +43,14 @@ def test_mixture_hits_weights_on_every_host():
 
 def test_packing_segments_positions_and_stream():
     seq, rows = 96, 4
-    it = iter(data.packed_batches(DEMO, ByteTokenizer(), 257, seq, rows))
+    it = iter(pipeline.packed_batches(DEMO, ByteTokenizer(), 257, seq, rows))
     batches = [next(it) for _ in range(3)]
     for b in batches:
         assert set(b) == {"input_ids", "segment_ids", "positions"}
         assert all(v.shape == (rows, seq) and v.dtype == np.int32 for v in b.values())
     # rows are consecutive cuts of the concatenated document stream
     stream = np.concatenate([row for b in batches for row in b["input_ids"]])
-    docs = data.mixed_documents(DEMO, ByteTokenizer(), 257)
+    docs = pipeline.mixed_documents(DEMO, ByteTokenizer(), 257)
     expected = np.concatenate([docs[i]["input_ids"] for i in range(200)])[:stream.size]
     np.testing.assert_array_equal(stream, expected)
     for b in batches:
@@ -60,7 +64,7 @@ def test_packing_segments_positions_and_stream():
 
 
 def test_iterator_state_restores_exactly():
-    ds = data.packed_batches(DEMO, ByteTokenizer(), 257, 64, 2)
+    ds = pipeline.packed_batches(DEMO, ByteTokenizer(), 257, 64, 2)
     it = iter(ds)
     for _ in range(3):
         next(it)
@@ -87,7 +91,7 @@ def test_demo_generators_are_deterministic_and_varied():
 
 @pytest.fixture(scope="module")
 def phi4():
-    return data.Phi4TextTokenizer()
+    return tokenizing.Phi4TextTokenizer()
 
 
 def test_file_sources_tokenize_with_phi4(tmp_path, phi4):
@@ -100,43 +104,43 @@ def test_file_sources_tokenize_with_phi4(tmp_path, phi4):
     pq.write_table(pa.table({"content": texts}), tmp_path / "c.parquet")
     stream = np.concatenate([phi4.encode_document(t) for t in texts]).astype(np.int32)
     np.save(tmp_path / "d.npy", stream)
-    np.save(tmp_path / "e.npy", np.array([[5, 6, 7, data.PAD_ID], [8, 9, data.PAD_ID, data.PAD_ID]], np.int32))
+    np.save(tmp_path / "e.npy", np.array([[5, 6, 7, PAD_ID], [8, 9, PAD_ID, PAD_ID]], np.int32))
 
-    assert phi4.encode_document(texts[1])[-1] == data.ENDOFTEXT_ID
+    assert phi4.encode_document(texts[1])[-1] == ENDOFTEXT_ID
     assert 100265 not in phi4.encode_document(texts[1])  # special-token text in data stays plain text
-    for src in (data.JsonlSource(str(tmp_path / "a.jsonl")), data.TextSource(str(tmp_path / "b.txt")),
-                data.ParquetSource(str(tmp_path / "c.parquet"), "content")):
+    for src in (sources.JsonlSource(str(tmp_path / "a.jsonl")), sources.TextSource(str(tmp_path / "b.txt")),
+                sources.ParquetSource(str(tmp_path / "c.parquet"), "content")):
         assert [src[i]["text"] for i in range(len(src))] == texts
-    npy = data.TokenArraySource(str(tmp_path / "d.npy"), 100352)
+    npy = sources.TokenArraySource(str(tmp_path / "d.npy"), 100352)
     assert len(npy) == 3
     np.testing.assert_array_equal(npy[1]["tokens"], phi4.encode_document(texts[1]))
-    rows = data.TokenArraySource(str(tmp_path / "e.npy"), 100352)
+    rows = sources.TokenArraySource(str(tmp_path / "e.npy"), 100352)
     np.testing.assert_array_equal(rows[1]["tokens"], [8, 9])
 
     cfg = DataConfig(tokenizer="phi4", sources=(
         SourceConfig(name="j", type="jsonl", path=str(tmp_path / "a.jsonl"), weight=1),
         SourceConfig(name="n", type="npy", path=str(tmp_path / "d.npy"), weight=1)))
-    batch = next(iter(data.packed_batches(cfg, phi4, 100352, 32, 2)))
+    batch = next(iter(pipeline.packed_batches(cfg, phi4, 100352, 32, 2)))
     assert batch["input_ids"].shape == (2, 32)
     assert phi4.decode(batch["input_ids"][0][:5]).strip()
 
 
 def test_bad_sources_raise_clear_errors(tmp_path):
-    with pytest.raises(data.DataError, match="no files match"):
-        data.JsonlSource(str(tmp_path / "missing*.jsonl"))
+    with pytest.raises(sources.DataError, match="no files match"):
+        sources.JsonlSource(str(tmp_path / "missing*.jsonl"))
     (tmp_path / "x.jsonl").write_text('{"body": "no text key"}\n')
-    with pytest.raises(data.DataError, match="no string field 'text'"):
-        data.JsonlSource(str(tmp_path / "x.jsonl"))[0]
+    with pytest.raises(sources.DataError, match="no string field 'text'"):
+        sources.JsonlSource(str(tmp_path / "x.jsonl"))[0]
     (tmp_path / "y.jsonl").write_text('{"text": "ok"\n')
-    with pytest.raises(data.DataError, match="invalid JSON"):
-        data.JsonlSource(str(tmp_path / "y.jsonl"))[0]
+    with pytest.raises(sources.DataError, match="invalid JSON"):
+        sources.JsonlSource(str(tmp_path / "y.jsonl"))[0]
     np.save(tmp_path / "f.npy", np.array([1.5, 2.5]))
-    with pytest.raises(data.DataError, match="must be integers"):
-        data.TokenArraySource(str(tmp_path / "f.npy"), 10)
+    with pytest.raises(sources.DataError, match="must be integers"):
+        sources.TokenArraySource(str(tmp_path / "f.npy"), 10)
 
 
 def test_compact_demo_tokenizer_round_trips():
-    tok = data.make_tokenizer(DEMO)
+    tok = tokenizing.make_tokenizer(DEMO)
     assert tok.vocab_size <= 256
     text = demo_data.SyntheticSource("stories", seed=3)[7]["text"]
     ids = tok.encode(text)

@@ -14,9 +14,13 @@ import numpy as np
 import pytest
 
 import phi4_jax
-from phi4_jax import generation
-from phi4_jax.generation import ContextLengthError, GenerationError, Sampler
-from phi4_jax.model import forward, model_from_params
+from phi4_jax.inference import kv_cache
+from phi4_jax.inference import engine
+from phi4_jax.inference import chat_session
+from phi4_jax.inference import sampling
+from phi4_jax.inference.errors import ContextLengthError, GenerationError
+from phi4_jax.inference.sampling import Sampler
+from phi4_jax.model.decoder import forward, model_from_params
 
 from hf_models import make_tiny_phi3_dir
 
@@ -98,8 +102,8 @@ def test_cached_decode_equals_full_recompute(converted, prompts):
     tokens = np.zeros((2, 32), np.int32)
     for i, p in enumerate(batch):
         tokens[i, :len(p)] = p
-    prefill = jax.jit(generation.prefill, static_argnums=(3, 4))
-    step = jax.jit(generation.decode_step, static_argnums=(3,))
+    prefill = jax.jit(kv_cache.prefill, static_argnums=(3, 4))
+    step = jax.jit(kv_cache.decode_step, static_argnums=(3,))
     cache, logits = prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), config, 64)
     assert cache.k.shape == (config.num_layers, 2, 64, config.num_kv_heads, config.head_dim)
     seqs = [list(p) for p in batch]
@@ -144,9 +148,9 @@ def _allowed(logits, top_k, top_p):
 def test_top_k_top_p_never_emit_excluded_tokens(top_k, top_p):
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(4, 64)) * 2.0, jnp.float32)
-    keys = generation.sequence_keys(0, 4)
+    keys = sampling.sequence_keys(0, 4)
     sampler = Sampler(greedy=False, top_k=top_k, use_top_p=top_p is not None)
-    draw = jax.jit(jax.vmap(lambda s: generation.sample(logits, keys, s, sampler, 1.0,
+    draw = jax.jit(jax.vmap(lambda s: sampling.sample(logits, keys, s, sampler, 1.0,
                                                         1.0 if top_p is None else top_p)))
     drawn = np.asarray(draw(jnp.arange(400)))  # [steps, B]
     for b in range(4):
@@ -192,10 +196,10 @@ def test_no_recompile_across_prompt_lengths_and_token_counts(converted):
     model, _ = converted
     rng = np.random.default_rng(1)
     phi4_jax.generate(model, [rng.integers(3, 311, 40).tolist()], max_new_tokens=5, stop_tokens=[])
-    sizes = (generation._prefill_and_sample._cache_size(), generation._decode_loop._cache_size())
+    sizes = (engine.prefill_and_sample._cache_size(), engine._decode_loop._cache_size())
     for n, new in ((33, 9), (50, 12), (60, 4)):  # same buckets: prompt 64, cache 64, output 16
         phi4_jax.generate(model, [rng.integers(3, 311, n).tolist()], max_new_tokens=new, stop_tokens=[])
-    assert (generation._prefill_and_sample._cache_size(), generation._decode_loop._cache_size()) == sizes
+    assert (engine.prefill_and_sample._cache_size(), engine._decode_loop._cache_size()) == sizes
 
 
 def test_context_limit(converted, prompts):
@@ -228,16 +232,16 @@ def test_bad_arguments_get_clear_errors(converted):
 
 
 def test_default_stop_tokens():
-    assert generation.default_stop_tokens(phi4_jax.get_preset("phi4-14b")) == [100257, 100265]
-    assert generation.default_stop_tokens(phi4_jax.get_preset("tiny")) == []
+    assert engine.default_stop_tokens(phi4_jax.get_preset("phi4-14b")) == [100257, 100265]
+    assert engine.default_stop_tokens(phi4_jax.get_preset("tiny")) == []
 
 
 def test_sharded_generation_matches_and_shards_the_cache(converted, prompts, greedy_batched):
     """On a 2-device mesh (kv heads split over 'tensor'), the cache is sharded and tokens are unchanged."""
     from jax.sharding import Mesh, NamedSharding
 
-    from phi4_jax import sharding
-    from phi4_jax.model import logical_axes_tree
+    from phi4_jax.model import sharding
+    from phi4_jax.model.decoder import logical_axes_tree
 
     model, _ = converted
     if len(jax.devices()) < 2:
@@ -251,8 +255,8 @@ def test_sharded_generation_matches_and_shards_the_cache(converted, prompts, gre
     out = phi4_jax.generate(sharded_model, prompts[:2], max_new_tokens=12, stop_tokens=[], mesh=mesh, rules=rules)
     assert out == [g[:12] for g in greedy_batched[:2]]
     with sharding.activation_sharding(mesh, rules):
-        cache = jax.jit(lambda: generation.init_cache(model.config, 2, 32))()
-    expected = NamedSharding(mesh, sharding.logical_to_spec(generation.CACHE_AXES, rules))
+        cache = jax.jit(lambda: kv_cache.init_cache(model.config, 2, 32))()
+    expected = NamedSharding(mesh, sharding.logical_to_spec(kv_cache.CACHE_AXES, rules))
     assert cache.k.sharding.is_equivalent_to(expected, cache.k.ndim)
     assert cache.k.addressable_shards[0].data.shape[3] == model.config.num_kv_heads // 2
 
@@ -270,8 +274,8 @@ def test_extended_cache_logits_equal_full_forward(converted):
     tokens = np.zeros((2, 32), np.int32)
     for i, n in enumerate(lengths):
         tokens[i, :n] = seqs[i][:n]
-    prefill = jax.jit(generation.prefill, static_argnums=(3, 4))
-    extend = jax.jit(generation.extend, static_argnums=(4,))
+    prefill = jax.jit(kv_cache.prefill, static_argnums=(3, 4))
+    extend = jax.jit(kv_cache.extend, static_argnums=(4,))
     full = np.asarray(forward(params, jnp.asarray(seqs), config))  # causal: position p sees seq[:p + 1] only
     cache, _ = prefill(params, jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32), config, 128)
     for counts, width in (((23, 2), 32), ((0, 41), 64), ((17, 5), 32)):
@@ -291,7 +295,7 @@ def test_chat_session_three_turns_equal_full_reprefill(converted):
     exactly the tokens of `generate` re-prefilling the whole conversation each turn."""
     model, _ = converted
     rng = np.random.default_rng(4)
-    session = generation.ChatSession(model, stop_tokens=[])
+    session = chat_session.ChatSession(model, stop_tokens=[])
     conversation = rng.integers(3, 311, 20).tolist()
     for turn, (user, new) in enumerate(((0, 12), (9, 20), (35, 7))):
         conversation = conversation + rng.integers(3, 311, user).tolist()
@@ -316,7 +320,7 @@ def test_chat_session_rebuilds_after_trimming_and_on_divergence(converted):
     rewound to the common prefix. Both equal `generate`, and a stop token ends a turn like in `generate`."""
     model, _ = converted
     rng = np.random.default_rng(5)
-    session = generation.ChatSession(model, stop_tokens=[])
+    session = chat_session.ChatSession(model, stop_tokens=[])
     system, old, user = (rng.integers(3, 311, n).tolist() for n in (6, 40, 10))
     first = session.generate(system + old, max_new_tokens=10)
     trimmed = system + user                        # the old turn dropped: only the system part is reusable
@@ -339,10 +343,10 @@ def test_chat_session_rebuilds_after_trimming_and_on_divergence(converted):
     streamed = []
     assert session.generate(diverged, max_new_tokens=10, callback=lambda column: streamed.append(column[0])) == out2
     assert session.last_turn["rebuilt"] and streamed == out2
-    stopper = generation.ChatSession(model, stop_tokens=[first[3]])
+    stopper = chat_session.ChatSession(model, stop_tokens=[first[3]])
     assert stopper.generate(system + old, max_new_tokens=10) == first[:first.index(first[3]) + 1]
     with pytest.raises(ContextLengthError, match="max_context"):
-        generation.ChatSession(model, max_context=16).generate(list(range(3, 19)), max_new_tokens=2)
+        chat_session.ChatSession(model, max_context=16).generate(list(range(3, 19)), max_new_tokens=2)
 
 
 def test_chat_session_no_recompile_across_turns(converted):
@@ -352,13 +356,13 @@ def test_chat_session_no_recompile_across_turns(converted):
     rng = np.random.default_rng(6)
 
     def conversation(first, turns):
-        session = generation.ChatSession(model, stop_tokens=[])
+        session = chat_session.ChatSession(model, stop_tokens=[])
         session.generate(rng.integers(3, 311, first).tolist(), max_new_tokens=6)
         for user, new in turns:
             session.extend(rng.integers(3, 311, user).tolist(), max_new_tokens=new)
             assert not session.last_turn["rebuilt"]
 
-    programs = (generation._extend_and_sample, generation._prefill_and_sample, generation._decode_loop)
+    programs = (engine.extend_and_sample, engine.prefill_and_sample, engine._decode_loop)
     conversation(70, [(10, 6), (10, 6)])
     sizes = [p._cache_size() for p in programs]
     conversation(65, [(3, 9), (17, 4), (1, 12)])

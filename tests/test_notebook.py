@@ -35,7 +35,7 @@ def test_notebook_is_built_from_the_script():
     code = [c for c in notebook["cells"] if c["cell_type"] == "code"]
     assert any("".join(c["source"]).startswith("PHI4_JAX_REPO") and "!pip install" in "".join(c["source"])
                for c in code)
-    assert any("chat(model, tokenizer" in "".join(c["source"]) for c in code)
+    assert any("chat_reply(model, tokenizer" in "".join(c["source"]) for c in code)
 
 
 def test_notebook_script_runs_on_a_tiny_model(tmp_path):

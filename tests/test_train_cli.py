@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from phi4_jax import trainer
-from phi4_jax.train_config import TrainConfigError, load_train_config
+from phi4_jax.train import loop as trainer
+from phi4_jax.train.config import TrainConfigError, load_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -29,7 +29,7 @@ SMALL = ["model.num_layers=1", "model.hidden_size=64", "model.intermediate_size=
 def _one_device():
     import jax
 
-    from phi4_jax import sharding
+    from phi4_jax.model import sharding
     return sharding.build_mesh("fsdp=1", devices=jax.devices()[:1])
 
 
@@ -150,12 +150,12 @@ def test_converted_checkpoint_starts_a_run(tmp_path, capsys):
     import jax
     from safetensors.numpy import save_file
 
-    from phi4_jax.convert import hf_to_checkpoint
-    from phi4_jax.hf_mapping import hf_state_dict_from_params
-    from phi4_jax.train_checkpoint import TrainCheckpointError, init_params_from
-    from phi4_jax.training import init_params, train_state_shardings
-    from phi4_jax.optimizer import make_optimizer
-    from phi4_jax import sharding
+    from phi4_jax.checkpoint.hf_convert import hf_to_checkpoint
+    from phi4_jax.checkpoint.hf_mapping import hf_state_dict_from_params
+    from phi4_jax.train.checkpoints import TrainCheckpointError, init_params_from
+    from phi4_jax.train.step import init_params, train_state_shardings
+    from phi4_jax.train.optimizer import make_optimizer
+    from phi4_jax.model import sharding
 
     cfg = load_train_config(DEMO, SMALL + ["train.steps=1", "model.rope_theta=5000.0"])
     stored_config = cfg.model.replace(rope_theta=10000.0)  # midtraining-style change of the RoPE base
@@ -183,7 +183,7 @@ def test_converted_checkpoint_starts_a_run(tmp_path, capsys):
                                                f"train.init_from={converted}"])
     run = trainer.train(cfg_run, str(tmp_path / "run"), progress=False, log=logs.append, mesh=_one_device())
     assert f"initialized parameters from {converted}" in logs
-    from phi4_jax.training import abstract_train_state
+    from phi4_jax.train.step import abstract_train_state
     stage2 = init_params_from(str(tmp_path / "run"), cfg.model, sh.params, abstract_train_state(cfg.model, tx, sh))
     for a, b in zip(jax.tree.leaves(jax.device_get(run["state"]["params"])), jax.tree.leaves(jax.device_get(stage2))):
         np.testing.assert_array_equal(a, b)

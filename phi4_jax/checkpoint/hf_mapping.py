@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from phi4_jax.config import Phi4Config
+from phi4_jax.model.config import Phi4Config
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 

@@ -1,29 +1,28 @@
 """The train state and the jitted (pjit) train step.
 
 Train state: a plain pytree ``{"step": int32[], "params": fp32 master weights, "opt_state": optax state}``.
-Parameters are created directly with their shardings (jit with out_shardings), so a 14B model is never
-materialized on one device. The step casts weights to the compute dtype inside the model (bf16 compute,
-fp32 master weights, fp32 loss), accumulates gradients over micro-batches with `lax.scan`, and is jitted
-with explicit in/out shardings and a donated state.
+Parameters are created directly with their shardings (jit with out_shardings), so the full model is never
+materialized on one device. The step casts weights to the compute dtype (bf16 compute with fp32 master
+weights, fp32 loss), accumulates gradients over micro-batches, and applies the optimizer, under jit with
+explicit in/out shardings and a donated state.
 
-Gradient accumulation is exact: each micro-batch contributes the gradient of its *summed* token loss, and
-the total is divided once by the number of trained tokens of the whole global batch, so k micro-batches give
-the same update as one big batch (up to float rounding).
+Gradient accumulation is exact: each micro-batch contributes the gradient of its summed loss, and the total is
+divided once by the number of trained tokens of the whole batch, so it is the same update as one big batch (up
+to float rounding).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Callable
-
 import jax
 import jax.numpy as jnp
 import optax
+from phi4_jax.model import sharding
+from phi4_jax.model.config import Phi4Config
+from phi4_jax.train.loss import loss_sum_and_count
+from phi4_jax.model.decoder import init_param, is_param_spec, logical_axes_tree, param_specs
 
-from phi4_jax import sharding
-from phi4_jax.config import Phi4Config
-from phi4_jax.loss import loss_sum_and_count
-from phi4_jax.model import init_param, is_param_spec, logical_axes_tree, param_specs
 
 BATCH_KEYS = ("input_ids", "segment_ids", "positions")
 BATCH_AXES = ("batch", "seq")
@@ -143,39 +142,3 @@ def make_train_step(config: Phi4Config, tx, schedule: Callable, *, micro_batches
     return jax.jit(step, in_shardings=(shardings.state, batch_sh),
                    out_shardings=(shardings.state, shardings.replicated),
                    donate_argnums=(0,) if donate else ())
-
-
-# ----------------------------------------------------------------------------- FLOPs and MFU
-
-def training_flops_per_token(config: Phi4Config, seq_len: int) -> float:
-    """Model FLOPs per trained token (forward + backward = 3x forward, no remat recompute counted).
-
-    Matmuls: 6 * (parameters used in matmuls: all but the embedding lookup). Causal attention: the
-    QK^T and PV products average seq_len/2 keys per query: 2 products * 2 FLOPs * Hq * D * S/2 per layer
-    forward, times 3 for training = 6 * L * Hq * D * S.
-    """
-    matmul_params = config.num_params - config.vocab_size * config.hidden_size
-    attention = 6.0 * config.num_layers * config.num_heads * config.head_dim * seq_len
-    return 6.0 * matmul_params + attention
-
-
-# Dense bf16 peak FLOP/s per device (vendor figures), by substring of `device.device_kind`.
-PEAK_FLOPS = {
-    "H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12,
-    "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v6": 918e12, "TPU v4": 275e12,
-}
-
-
-def peak_flops_per_device(device=None) -> float | None:
-    device = device or jax.devices()[0]
-    kind = getattr(device, "device_kind", "") or ""
-    for name, flops in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return flops
-    return None
-
-
-def mfu(flops_per_token: float, tokens_per_s: float, n_devices: int, peak: float | None) -> float | None:
-    if not peak:
-        return None
-    return flops_per_token * tokens_per_s / (peak * n_devices)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from phi4_jax import sharding
-from phi4_jax.model import hidden_states, logits_from_hidden
+from phi4_jax.model import sharding
+from phi4_jax.model.decoder import hidden_states, logits_from_hidden
 
 
 def next_token_targets(input_ids, segment_ids):

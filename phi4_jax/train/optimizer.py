@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from phi4_jax.model import logical_axes_tree
+from phi4_jax.model.decoder import logical_axes_tree
 
 
 def learning_rate_schedule(opt_cfg, total_steps: int):

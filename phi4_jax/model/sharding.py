@@ -1,6 +1,6 @@
 """Logical-axis sharding: one rules table from logical axis names to mesh axes.
 
-Every parameter carries `logical_axes` (see `phi4_jax.model.param_specs`) and activations are annotated
+Every parameter carries `logical_axes` (see `phi4_jax.model.decoder.param_specs`) and activations are annotated
 with `constrain(x, logical_axes)`. Outside an `activation_sharding(mesh, rules)` context, `constrain` does
 nothing, so the model runs unchanged on one device.
 

@@ -1,20 +1,11 @@
-"""This project's model checkpoint on disk, and `load_model`.
+"""This project's model checkpoint on disk: layout, atomic writes, TensorStore array I/O, metadata.
 
-A checkpoint directory holds
-
-    config.json   the Hugging Face style config (`Phi4Config.to_hf_dict`) plus a ``"phi4_jax"`` entry
-                  (format version, stored parameter dtype, source dtype, params subdirectory);
-    params/       an Orbax PyTree checkpoint of the nested parameter dict (layout: `phi4_jax.model`),
-                  stacked ``[layers, ...]`` tensors, one zarr (v2) array per parameter, no OCDBT.
-
-The converter writes ``params/`` tensor by tensor with TensorStore (`ParamArrayWriter`), in exactly the layout
-Orbax's own array handler uses, then writes Orbax's ``_METADATA``; so ``ocp.PyTreeCheckpointer`` /
-``ocp.StandardCheckpointer`` restore it, and `load_model` restores it with Orbax, optionally straight onto
-shardings. Reading goes through Orbax's metadata, so any Orbax PyTree checkpoint of the same tree
-(e.g. one saved by training with OCDBT / zarr3) can be read the same way.
-
-Whole checkpoints are written into a hidden temporary directory beside the destination and renamed into
-place at the end (`atomic_directory`), so a crash never leaves something that looks like a checkpoint.
+A checkpoint directory holds ``config.json`` (the architecture plus a ``phi4_jax`` block: format version,
+parameter dtype) and ``params/``, an Orbax PyTree checkpoint of the parameter dict. The converter writes
+``params/`` tensor by tensor with TensorStore (`ParamArrayWriter`), in the zarr layout Orbax's own array
+handler uses, then writes Orbax's ``_METADATA``; so plain `ocp.StandardCheckpointer` restores it, with any
+shardings. Whole checkpoints are written into a hidden temporary directory beside the destination and moved
+into place at the end (`atomic_directory`), so a crash never leaves something that looks like a checkpoint.
 """
 
 from __future__ import annotations
@@ -28,10 +19,9 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
-
 import numpy as np
+from phi4_jax.model.config import ConfigError, Phi4Config
 
-from phi4_jax.config import DTYPES, ConfigError, Phi4Config
 
 FORMAT_VERSION = 1
 PARAMS_DIR = "params"
@@ -250,7 +240,7 @@ def _orbax_tree_metadata(params_dir: Path) -> dict:
 
 def check_params_metadata(params_dir: Path, config: Phi4Config) -> dict:
     """Compares the stored parameter shapes to the config; returns {path: ArrayMetadata}."""
-    from phi4_jax.model import flat_param_specs
+    from phi4_jax.model.decoder import flat_param_specs
 
     expected = {path: shape for path, (shape, _) in flat_param_specs(config).items()}
     stored = _orbax_tree_metadata(params_dir)
@@ -321,95 +311,3 @@ def open_param_arrays(params_dir: str | os.PathLike, paths) -> dict:
             raise CheckpointError(f"cannot open parameter {'/'.join(path)!r} in {str(params_dir)!r}: "
                                   f"{str(e).splitlines()[0]}") from None
     return arrays
-
-
-# ----------------------------------------------------------------------------- load_model
-
-ShardingSpec = Any  # pytree of jax.sharding.Sharding, or callable(path, shape, logical_axes) -> Sharding
-
-
-def _resolve_dtype(dtype) -> str | None:
-    if dtype is None:
-        return None
-    import jax.numpy as jnp
-
-    name = jnp.dtype(dtype).name
-    if name not in DTYPES:
-        raise CheckpointError(f"unsupported parameter dtype {name!r}: use one of {', '.join(DTYPES)}")
-    return name
-
-
-def _target_shardings(config: Phi4Config, sharding: ShardingSpec):
-    """A pytree of shardings matching `param_specs`."""
-    import jax
-    from phi4_jax.model import is_param_spec as is_spec
-    from phi4_jax.model import param_specs
-
-    specs = param_specs(config)
-    if sharding is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return jax.tree.map(lambda s: device, specs, is_leaf=is_spec)
-    if isinstance(sharding, jax.sharding.Sharding):
-        return jax.tree.map(lambda s: sharding, specs, is_leaf=is_spec)
-    if callable(sharding):
-        return jax.tree_util.tree_map_with_path(
-            lambda kp, s: sharding(tuple(k.key for k in kp), s[0], s[1]), specs, is_leaf=is_spec)
-    return sharding
-
-
-def restore_params(path: str | os.PathLike, config: Phi4Config | None = None, *, dtype=None,
-                   sharding: ShardingSpec = None) -> dict:
-    """Restores the nested params dict of a checkpoint with Orbax, cast to `dtype` (None: as stored), placed
-    on `sharding` (None: the first device; a Sharding for all; a pytree; or callable(path, shape, axes))."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    if config is None:
-        config, _ = read_checkpoint_config(path)
-    params_dir = params_directory(path)
-    stored = check_params_metadata(params_dir, config)
-    check_chunk_files(params_dir, stored)
-    shardings = _target_shardings(config, sharding)
-    dtype_name = _resolve_dtype(dtype)
-
-    def target(kp, shard):
-        key = tuple(k.key for k in kp)
-        leaf_dtype = dtype_name or stored[key].dtype
-        return jax.ShapeDtypeStruct(tuple(stored[key].shape), leaf_dtype, sharding=shard)
-
-    try:
-        abstract = jax.tree_util.tree_map_with_path(target, shardings)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"sharding does not match the parameter tree: {e}") from None
-    try:
-        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-        return ocp.PyTreeCheckpointer().restore(
-            params_dir, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
-    except Exception as e:  # tensorstore / orbax errors for missing or corrupt array files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"corrupt or incomplete checkpoint {str(params_dir)!r}: {first}") from None
-
-
-def load_model(path: str | os.PathLike, dtype=None, *, sharding: ShardingSpec = None,
-               compute_dtype=None, **config_overrides: Any):
-    """Loads a converted checkpoint as a `Phi4ForCausalLM`.
-
-    `dtype` casts the parameters (e.g. ``jnp.bfloat16`` for inference; None keeps the stored dtype).
-    `compute_dtype` defaults to the parameter dtype (float32 params compute in float32, so fp32 parity with
-    transformers holds; bf16 params compute in bf16). `sharding`: see `restore_params`. Other keyword
-    arguments override runtime config fields (e.g. ``attention_impl="xla"``, ``remat_policy="none"``).
-    """
-    from phi4_jax.model import model_from_params
-
-    dtype_name = _resolve_dtype(dtype)
-    stored_config, meta = read_checkpoint_config(path)
-    param_dtype = dtype_name or meta.get("param_dtype", stored_config.param_dtype)
-    compute = _resolve_dtype(compute_dtype) or param_dtype
-    runtime = {"param_dtype": param_dtype, "compute_dtype": compute}
-    runtime.update(config_overrides)
-    try:
-        config = stored_config.replace(**runtime)
-    except ConfigError as e:
-        raise CheckpointError(f"bad config override: {e}") from None
-    params = restore_params(path, config, dtype=param_dtype, sharding=sharding)
-    return model_from_params(config, params)

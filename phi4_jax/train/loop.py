@@ -21,13 +21,15 @@ import time
 import jax
 import numpy as np
 
-from phi4_jax import sharding
-from phi4_jax.data import DataError, batch_iterator, make_tokenizer
-from phi4_jax.optimizer import make_optimizer
-from phi4_jax.train_checkpoint import TrainCheckpointer, init_params_from
-from phi4_jax.train_config import TrainConfig, TrainConfigError, config_json
-from phi4_jax.training import (abstract_train_state, create_train_state, make_train_step, mfu,
-                               peak_flops_per_device, train_state_shardings, training_flops_per_token)
+from phi4_jax.model import sharding
+from phi4_jax.data.sources import DataError
+from phi4_jax.data.pipeline import batch_iterator
+from phi4_jax.data.tokenizing import make_tokenizer
+from phi4_jax.train.optimizer import make_optimizer
+from phi4_jax.train.checkpoints import TrainCheckpointer, init_params_from
+from phi4_jax.train.config import TrainConfig, TrainConfigError, config_json
+from phi4_jax.train.step import abstract_train_state, create_train_state, make_train_step, train_state_shardings
+from phi4_jax.train.mfu import mfu, peak_flops_per_device, training_flops_per_token
 
 
 class NonFiniteLossError(RuntimeError):
@@ -191,8 +193,8 @@ def plot_loss_curve(metrics_path: str, png_path: str) -> str:
 
 def sample_continuations(state, model_cfg, tokenizer, prompts, max_new_tokens: int) -> list[str]:
     """Greedy continuations of text prompts from the trained parameters (stops at <|endoftext|>)."""
-    from phi4_jax.generation import generate
-    from phi4_jax.model import model_from_params
+    from phi4_jax.inference.engine import generate
+    from phi4_jax.model.decoder import model_from_params
 
     params = jax.device_get(state["params"])
     model = model_from_params(model_cfg, params)

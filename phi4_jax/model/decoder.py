@@ -30,8 +30,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 import kernels
-from phi4_jax import sharding
-from phi4_jax.config import Phi4Config
+from phi4_jax.model import sharding
+from phi4_jax.model.config import Phi4Config
 
 Params = dict[str, Any]
 

@@ -18,7 +18,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from phi4_jax.config import RUNTIME_FIELDS, Phi4Config
+from phi4_jax.model.config import RUNTIME_FIELDS, Phi4Config
 
 # Fields a run may change relative to the checkpoint it starts from (midtraining raises rope_theta and
 # the context length; runtime fields do not change the math).
@@ -86,7 +86,8 @@ def init_params_from(path: str, config: Phi4Config, param_shardings, abstract_st
     checkpoint written by `convert_weights.py` (architecture checked field by field; `rope_theta` and
     `max_position_embeddings` may differ, as in midtraining).
     """
-    from phi4_jax import checkpoint as model_checkpoint
+    from phi4_jax.checkpoint import store
+    from phi4_jax.checkpoint import load
 
     if not os.path.isdir(path):
         raise TrainCheckpointError(f"train.init_from: {path!r} is not a directory")
@@ -111,7 +112,7 @@ def init_params_from(path: str, config: Phi4Config, param_shardings, abstract_st
             previous.close()
         return restored["state"]["params"]
     try:
-        stored, _ = model_checkpoint.read_checkpoint_config(path)
+        stored, _ = store.read_checkpoint_config(path)
     except Exception as e:  # noqa: BLE001 - any failure reading it means it cannot start the run
         raise TrainCheckpointError(f"train.init_from: cannot read checkpoint {path!r}: {e}") from None
     mismatched = [f.name for f in dataclasses.fields(config)
@@ -121,7 +122,7 @@ def init_params_from(path: str, config: Phi4Config, param_shardings, abstract_st
                            for n in mismatched)
         raise TrainCheckpointError(f"train.init_from {path!r} has a different architecture ({detail})")
     try:
-        params = model_checkpoint.restore_params(path, config, dtype=config.param_dtype,
+        params = load.restore_params(path, config, dtype=config.param_dtype,
                                                  sharding=param_shardings)
     except Exception as e:  # noqa: BLE001
         raise TrainCheckpointError(f"train.init_from: cannot restore parameters from {path!r}: {e}") from None

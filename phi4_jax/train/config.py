@@ -23,8 +23,8 @@ import os
 import tomllib
 from typing import Any
 
-from phi4_jax.config import ConfigError, Phi4Config, get_preset
-from phi4_jax.sharding import MeshConfig, MeshError
+from phi4_jax.model.config import ConfigError, Phi4Config, get_preset
+from phi4_jax.model.sharding import MeshConfig, MeshError
 
 SOURCE_TYPES = ("jsonl", "text", "parquet", "npy", "demo")
 TOKENIZERS = ("phi4", "demo_compact")
@@ -65,7 +65,7 @@ class SourceConfig:
     type: str
     weight: float
     path: str | None = None        # file or glob (jsonl, text, parquet, npy)
-    generator: str | None = None   # demo sources: a generator in phi4_jax.demo_data
+    generator: str | None = None   # demo sources: a generator in phi4_jax.data.demo
     text_key: str = "text"         # jsonl / parquet column holding the text
 
 

@@ -1,0 +1,11 @@
+"""Checkpoints: this project's on-disk format, loading, and conversion from and to Hugging Face (later GGUF).
+
+- `store`: the checkpoint layout (config.json + an Orbax PyTree of params), atomic writes, TensorStore I/O.
+- `load`: `restore_params` onto any shardings and dtype, and `load_model` (the public `phi4_jax.load_model`).
+- `hf_mapping`: how each Hugging Face Phi3ForCausalLM tensor maps to our parameters (NumPy, one tensor at a time).
+- `hf_files`: lazy readers of safetensors (sharded or single) and PyTorch ``.bin``/``.pt`` files.
+- `hf_convert`: streaming conversion both ways (`convert_weights.py`).
+
+May import: `phi4_jax.model`, numpy, tensorstore, orbax, safetensors-format code of its own; never training,
+data or inference code.
+"""

@@ -1,0 +1,10 @@
+"""Command-line entry points; each module has a `main(argv=None) -> int`.
+
+- `train`: `python train.py` (the repository-root script calls it; also `python -m phi4_jax.cli.train`).
+- `convert`: `python convert_weights.py` (also `python -m phi4_jax.cli.convert`).
+- `chat`: `python -m phi4_jax.chat`.
+- `plan`: `python -m phi4_jax.plan`.
+
+These parse arguments, call the library, and turn its errors into one-line messages and exit codes.
+May import anything in `phi4_jax`.
+"""

@@ -1,0 +1,75 @@
+"""Train phi4_jax models: `python train.py` runs the built-in CPU demo (configs/demo.toml).
+
+    python train.py [--config PATH] [--workdir DIR] [--steps N] [--save-every N] [--set SECTION.KEY=VALUE ...]
+
+Appends one JSON object per logged step to WORKDIR/metrics.jsonl and resumes from the newest checkpoint in
+WORKDIR. With the demo config it also writes WORKDIR/loss.png and prints greedy continuations of a few
+prompts. Multi-host: run the same command on every host (see README); `jax.distributed.initialize` is
+called when the environment describes several processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.toml")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="TOML config (default: configs/demo.toml)")
+    p.add_argument("--workdir", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("--steps", type=int, default=None, help="total optimizer steps (train.steps)")
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint interval (checkpoint.save_every)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set optimizer.lr=1e-4 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from phi4_jax.model.config import ConfigError
+    from phi4_jax.data.sources import DataError
+    from phi4_jax.model.sharding import MeshError
+    from phi4_jax.train.checkpoints import TrainCheckpointError
+    from phi4_jax.train.config import TrainConfigError, load_train_config
+    from phi4_jax.train.loop import NonFiniteLossError, plot_loss_curve, sample_continuations, train
+
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    if args.save_every is not None:
+        overrides.append(f"checkpoint.save_every={args.save_every}")
+    workdir = args.workdir or os.path.join(
+        "runs", os.path.splitext(os.path.basename(args.config))[0])
+    try:
+        cfg = load_train_config(args.config, overrides)
+        print(f"config {args.config} | model {cfg.model.num_params / 1e6:.2f}M params | "
+              f"workdir {os.path.abspath(workdir)}", flush=True)
+        result = train(cfg, workdir, progress=not args.no_progress)
+    except (TrainConfigError, ConfigError, MeshError, DataError, TrainCheckpointError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result["stopped_by_sigterm"]:
+        return 0
+    import jax
+
+    if jax.process_index() == 0:
+        metrics = result["metrics_path"]
+        if cfg.demo.plot and os.path.exists(metrics):
+            print(f"loss curve: {plot_loss_curve(metrics, os.path.join(workdir, 'loss.png'))}")
+        if cfg.demo.sample_prompts:
+            outs = sample_continuations(result["state"], cfg.model, result["tokenizer"],
+                                        list(cfg.demo.sample_prompts), cfg.demo.max_new_tokens)
+            print("samples (greedy):")
+            for prompt, out in zip(cfg.demo.sample_prompts, outs):
+                print(f"  {prompt!r} -> {out!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

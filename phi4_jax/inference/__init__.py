@@ -1,0 +1,10 @@
+"""Inference: the KV cache, sampling, the generation engine, and multi-turn chat sessions.
+
+- `kv_cache`: `KVCache` and the forward passes that fill and read it (`prefill`, `extend`, `decode_step`).
+- `sampling`: greedy / temperature / top-k / top-p sampling with reproducible per-sequence keys.
+- `engine`: `generate` (the public `phi4_jax.generate`): bucketed prefill and the on-device decode loop.
+- `chat_session`: `ChatSession` (KV cache kept between turns), `TextStreamer`, and text-level helpers.
+- `errors`: `GenerationError`, `ContextLengthError`.
+
+May import: `phi4_jax.model`, `phi4_jax.special_tokens`, `kernels`. Not training or data code.
+"""

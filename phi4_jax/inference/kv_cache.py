@@ -1,0 +1,136 @@
+"""The KV cache and the forward passes that fill and read it: `prefill`, `extend`, `decode_step`.
+
+Layout (`KVCache`): k, v ``[layers, batch, capacity, kv_heads, head_dim]`` (logical axes `CACHE_AXES`),
+lengths ``[batch]`` int32. Sequence b occupies slots 0 .. lengths[b]-1 and the token in slot s sits at position s
+(prompts are right-padded, so RoPE positions need no offsets). The cache is GQA-sized and stored in the compute
+dtype unless asked otherwise; under a mesh it is laid out by the rules table like every activation. The layer
+math is the model's own: each layer is `decoder_block` with an attention over the cache plugged in.
+"""
+
+from __future__ import annotations
+
+
+from typing import NamedTuple
+import jax
+import jax.numpy as jnp
+import kernels
+from phi4_jax.model import sharding
+from phi4_jax.model.config import Phi4Config
+from phi4_jax.model.decoder import decoder_block, embed_tokens, logits_from_hidden, rms_norm
+
+
+CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer; see the module docstring for the layout."""
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+
+
+def cache_sharding(mesh, rules):
+    """The NamedSharding of the cache's k/v under a mesh and rules table."""
+    return jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(CACHE_AXES, dict(rules)))
+
+
+def cache_bytes(config: Phi4Config, batch: int, capacity: int, dtype=None) -> int:
+    """Bytes of a KV cache: 2 (k and v) x layers x batch x capacity x kv_heads x head_dim x itemsize."""
+    itemsize = jnp.dtype(dtype or config.compute_dtype).itemsize
+    return 2 * config.num_layers * batch * capacity * config.num_kv_heads * config.head_dim * itemsize
+
+
+def init_cache(config: Phi4Config, batch: int, capacity: int, dtype=None) -> KVCache:
+    """An empty cache (call inside jit / an activation_sharding context to get it sharded)."""
+    shape = (config.num_layers, batch, capacity, config.num_kv_heads, config.head_dim)
+    dtype = jnp.dtype(dtype or config.compute_dtype)
+    k = sharding.constrain(jnp.zeros(shape, dtype), CACHE_AXES)
+    v = sharding.constrain(jnp.zeros(shape, dtype), CACHE_AXES)
+    return KVCache(k, v, jnp.zeros((batch,), jnp.int32))
+
+
+# ----------------------------------------------------------------------------- forward with a cache
+
+def prefill(params, tokens, lengths, config: Phi4Config, capacity: int, cache_dtype=None):
+    """Runs right-padded prompts tokens [B, P] (true lengths [B]) into a fresh cache of `capacity` slots.
+
+    Returns (cache with lengths = `lengths`, float32 logits [B, vocab] at each prompt's last token).
+    """
+    b, p = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None], (b, p))
+    cache = init_cache(config, b, capacity, cache_dtype)
+    x = embed_tokens(params, tokens, config)
+
+    def attend(q, k, v):
+        q = kernels.apply_rope(q, positions, theta=config.rope_theta)
+        k = kernels.apply_rope(k, positions, theta=config.rope_theta)
+        k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+        # Into an empty cache: plain causal attention over the prompt. Padding sits after every
+        # real token, so causality alone keeps it out of real tokens' attention.
+        attn = kernels.flash_attention(q.astype(k.dtype), k, v, causal=True, implementation=config.attention_impl,
+                                       interpret=config.kernel_interpret)
+        return attn, (k, v)
+
+    def body(x, layer):
+        return decoder_block(layer, x, config, attend)
+
+    x, (ks, vs) = jax.lax.scan(body, x, params["layers"])      # ks [L, B, P, Hkv, D]
+    k_cache = jax.lax.dynamic_update_slice(cache.k, ks, (0, 0, 0, 0, 0))
+    v_cache = jax.lax.dynamic_update_slice(cache.v, vs, (0, 0, 0, 0, 0))
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]   # [B, E]
+    h = rms_norm(last, params["final_norm"], config.rms_norm_eps)
+    cache = KVCache(sharding.constrain(k_cache, CACHE_AXES), sharding.constrain(v_cache, CACHE_AXES),
+                    lengths.astype(jnp.int32))
+    return cache, logits_from_hidden(params, h, config)
+
+
+def extend(params, cache: KVCache, tokens, n_new, config: Phi4Config):
+    """Feeds new tokens [B, T] after each sequence's cached ones; returns (cache, logits [B, vocab]).
+
+    Sequence b has n_new[b] real new tokens, right-padded to T. Token t sits at slot and position
+    cache.lengths[b] + t. The keys/values of all T tokens are written (padding lands past the new length,
+    where it is never attended and later overwritten; writes past the capacity are dropped) and the new
+    queries attend with `kernels.decode_attention` (causal among themselves). The returned cache has
+    lengths + n_new; the float32 logits are those at each sequence's last real new token (meaningless
+    for a sequence with n_new[b] = 0, which does not advance).
+    """
+    b, t = tokens.shape
+    start = cache.lengths
+    slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]    # [B, T] slot = position
+    attend_lengths = start + t                                         # query t sits at start + t
+    x = embed_tokens(params, tokens, config)                                # [B, T, E]
+    batch_index = jnp.arange(b)[:, None]
+
+    def body(carry, xs):
+        x, k_all, v_all = carry
+        layer, i = xs
+
+        def attend(q, k, v):
+            q = kernels.apply_rope(q, slots, theta=config.rope_theta)
+            k = kernels.apply_rope(k, slots, theta=config.rope_theta)
+            k_new = k_all.at[i, batch_index, slots].set(k.astype(k_all.dtype), mode="drop")
+            v_new = v_all.at[i, batch_index, slots].set(v.astype(v_all.dtype), mode="drop")
+            attn = kernels.decode_attention(q.astype(k_new.dtype), k_new[i], v_new[i], attend_lengths)
+            return attn, (k_new, v_new)
+
+        x, (k_all, v_all) = decoder_block(layer, x, config, attend)
+        return (x, k_all, v_all), None
+
+    layer_index = jnp.arange(config.num_layers)
+    (x, k_all, v_all), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params["layers"], layer_index))
+    n_new = n_new.astype(jnp.int32)
+    last = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]   # [B, E]
+    h = rms_norm(last, params["final_norm"], config.rms_norm_eps)
+    cache = KVCache(sharding.constrain(k_all, CACHE_AXES), sharding.constrain(v_all, CACHE_AXES), start + n_new)
+    return cache, logits_from_hidden(params, h, config)
+
+
+def decode_step(params, cache: KVCache, tokens, config: Phi4Config, active=None):
+    """Feeds tokens [B] (one per sequence) at positions cache.lengths; returns (cache, logits [B, vocab]).
+
+    `extend` with one new token. Sequences with active[b] False (finished) do not advance: their slot is
+    overwritten, never attended.
+    """
+    b = tokens.shape[0]
+    n_new = jnp.ones((b,), jnp.int32) if active is None else active.astype(jnp.int32)
+    return extend(params, cache, tokens[:, None], n_new, config)

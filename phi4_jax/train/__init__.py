@@ -1,0 +1,13 @@
+"""Training: train config, optimizer, loss, the sharded train step, the loop, train checkpoints, the AOT plan.
+
+- `config`: the TOML train config (`TrainConfig`, `load_train_config`).
+- `optimizer`: AdamW with warm-up and linear decay, clipping, weight-decay masking.
+- `loss`: chunked float32 next-token cross-entropy that respects document boundaries.
+- `step`: the train state and the jitted (pjit) train step with gradient accumulation.
+- `mfu`: model FLOPs per token and MFU.
+- `checkpoints`: Orbax CheckpointManager for train state + data iterator; `init_params_from`.
+- `loop`: `train(cfg, workdir)`, what `python train.py` runs.
+- `plan`: ahead-of-time compilation of the train step for a mesh, and its memory.
+
+May import: `phi4_jax.model`, `phi4_jax.data`, `phi4_jax.checkpoint`, `phi4_jax.inference` (end-of-run samples).
+"""
