@@ -1055,13 +1055,13 @@ def flash_attention_gpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
     {"detect_races": True}). Without `interpret` the kernels lower only for a Hopper GPU (CUDA).
     Raises `kernels.AttentionConfigError` for shapes, dtypes or options the kernels cannot handle.
     """
-    blocks = dict(block_q=block_q, block_kv=block_kv, block_q_bwd=block_q_bwd, block_kv_bwd=block_kv_bwd,
-                  num_stages=num_stages, num_compute_wgs=num_compute_wgs)
+    blocks = {"block_q": block_q, "block_kv": block_kv, "block_q_bwd": block_q_bwd, "block_kv_bwd": block_kv_bwd,
+              "num_stages": num_stages, "num_compute_wgs": num_compute_wgs}
     _validate(q, k, v, segment_ids, blocks=blocks, rope=rope)
     if interpret and not mosaic_gpu_interpret.is_available():
         mosaic_gpu_interpret.interpret_params()  # raises MosaicGPUInterpretUnavailable with the reason
     cfg = _make_cfg(q, k, segment_ids, causal, sm_scale, interpret, rope, blocks)
-    b, s, hq, d = q.shape
+    s, d = q.shape[1], q.shape[3]
     nwg = cfg.num_compute_wgs
     multiple = math.lcm(nwg * cfg.block_q, cfg.block_kv, nwg * cfg.block_q_bwd, nwg * cfg.block_kv_bwd,
                         cfg.block_q_bwd, cfg.block_kv_bwd)

@@ -53,7 +53,9 @@ def tpu_interpret_params(interpret, *, detect_races: bool = False):
 def races_found() -> bool | None:
     """Whether the TPU interpreter's race detector (InterpretParams(detect_races=True)) reported a race in the
     kernels run since `pltpu.reset_tpu_interpret_mode_state()`; None if no interpreted kernel has run."""
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret  # private, 0.10.x
+    from jax._src.pallas.mosaic.interpret import (
+        interpret_pallas_call as tpu_interpret,  # private, 0.10.x
+    )
 
     state = getattr(tpu_interpret, "races", None)
     return None if state is None else bool(state.races_found)
@@ -128,7 +130,7 @@ def _local_gpu():
 
 def _hopper_guard_impl(x, *, what):
     # Run eagerly: it executes on the default device right now, so that device must be a Hopper GPU.
-    from kernels.dispatch import is_hopper_gpu  # noqa: PLC0415
+    from kernels.dispatch import is_hopper_gpu
 
     device = jax.devices()[0]
     if not is_hopper_gpu(device):
@@ -142,7 +144,7 @@ def _hopper_guard_lowering_other(ctx, x, *, what):
 
 
 def _hopper_guard_lowering_cuda(ctx, x, *, what):
-    from kernels.dispatch import is_hopper_gpu  # noqa: PLC0415
+    from kernels.dispatch import is_hopper_gpu
 
     gpu = _local_gpu()
     # No local GPU: an ahead-of-time lowering (jax.export for "cuda" on a CPU host); Mosaic GPU targets sm_90a.
@@ -152,8 +154,8 @@ def _hopper_guard_lowering_cuda(ctx, x, *, what):
 
 
 def _make_hopper_guard():
-    from jax.extend.core import Primitive  # noqa: PLC0415
-    from jax.interpreters import batching, mlir  # noqa: PLC0415
+    from jax.extend.core import Primitive
+    from jax.interpreters import batching, mlir
 
     prim = Primitive("phi4_hopper_target_guard")
     prim.def_impl(_hopper_guard_impl)

@@ -121,7 +121,9 @@ def test_smem_estimate_bounds_mosaics_own_count(d, rope):
     """Under an artificial SMEM limit equal to our estimate, Mosaic's lowering (which counts the real
     allocation) still passes; 4 KiB less, the largest kernel no longer fits: the estimate is an upper bound
     within 4 KiB, so the AttentionConfigError guard refuses what Mosaic would, and little more."""
-    from jax.experimental.mosaic.gpu import core as mosaic_core  # test-only hook of Mosaic GPU
+    from jax.experimental.mosaic.gpu import (
+        core as mosaic_core,  # test-only hook of Mosaic GPU
+    )
 
     args = _attention_args(d)
     cfg = fag._make_cfg(args[0], args[1], True, True, None, False, (None, THETA) if rope else None,
@@ -130,17 +132,18 @@ def test_smem_estimate_bounds_mosaics_own_count(d, rope):
     assert max(usage.values()) <= fag.SMEM_LIMIT_BYTES
     f = _attention_fn(rope, True, True)
     jax.clear_caches()  # lowerings are cached; the limit must be seen by a fresh one
-    with mosaic_core.artificial_shared_memory_limit(max(usage.values()) - 4096):
-        with pytest.raises(ValueError, match="exceeds available shared memory"):
-            _export_cuda(f, *args)
+    with (mosaic_core.artificial_shared_memory_limit(max(usage.values()) - 4096),
+          pytest.raises(ValueError, match="exceeds available shared memory")):
+        _export_cuda(f, *args)
     jax.clear_caches()
     with mosaic_core.artificial_shared_memory_limit(max(usage.values())):
         _export_cuda(f, *args)
 
 
 def test_oversized_tiles_get_a_config_error_not_a_mosaic_value_error():
-    q, k, v, seg, pos = _attention_args(256)
-    big = dict(block_q=64, block_kv=128, block_q_bwd=64, block_kv_bwd=64, num_stages=2, num_compute_wgs=2)
+    q, k, v = _attention_args(256)[:3]
+    big = {"block_q": 64, "block_kv": 128, "block_q_bwd": 64, "block_kv_bwd": 64, "num_stages": 2,
+           "num_compute_wgs": 2}
     f = lambda q, k, v: fag.flash_attention_gpu(q, k, v, **big)
     with pytest.raises(kernels.AttentionConfigError,
                        match=r"head_dim 256 .* needs more shared memory than Hopper's 227 KiB per block "
