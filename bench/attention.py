@@ -33,7 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from kernels.attention_reference import attention_blockwise  # noqa: E402
-from kernels.dispatch import flash_attention  # noqa: E402
+from kernels.dispatch import flash_attention, is_hopper_gpu  # noqa: E402
 
 SECTION_BEGIN = "<!-- attention:begin -->"
 SECTION_END = "<!-- attention:end -->"
@@ -53,7 +53,7 @@ def attention_flops(batch, heads_q, seq, head_dim, causal):
 
 def impl_ours(interpret):
     def attn(q, k, v, causal):
-        if not interpret and jax.devices()[0].platform != "gpu":
+        if not interpret and not is_hopper_gpu(jax.devices()[0]):
             raise Unavailable("the Mosaic GPU kernel needs a Hopper GPU (or --smoke for interpret mode)")
         return flash_attention(q, k, v, causal=causal, implementation="pallas_gpu", interpret=interpret)
     return attn
@@ -75,8 +75,7 @@ def impl_xla(q, k, v, causal):
 
 def impl_jax_mgpu(q, k, v, causal, *, backward):
     """JAX's bundled FlashAttention-3 (jax.experimental.pallas.ops.gpu.attention_mgpu), Hopper only."""
-    dev = jax.devices()[0]
-    if dev.platform != "gpu":
+    if not is_hopper_gpu(jax.devices()[0]):
         raise Unavailable("attention_mgpu needs a Hopper GPU")
     try:
         from jax.experimental.pallas.ops.gpu import attention_mgpu  # noqa: PLC0415

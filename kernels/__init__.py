@@ -13,17 +13,22 @@ This package never imports `phi4_jax`: the model depends on the kernels, not the
 
 from kernels.attention_reference import attention_blockwise, attention_naive
 from kernels.dispatch import (
+    HARDWARE_RUNS,
     AttentionConfigError,
+    HardwareRun,
     apply_rope,
     default_implementation,
     flash_attention,
     flash_attention_rope,
+    is_hopper_gpu,
 )
 from kernels.decode_attention import decode_attention, decode_attention_reference
 from kernels.rope_reference import apply_rope_reference
 
 __all__ = [
+    "HARDWARE_RUNS",
     "AttentionConfigError",
+    "HardwareRun",
     "apply_rope",
     "apply_rope_reference",
     "attention_blockwise",
@@ -33,4 +38,5 @@ __all__ = [
     "default_implementation",
     "flash_attention",
     "flash_attention_rope",
+    "is_hopper_gpu",
 ]

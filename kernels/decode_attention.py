@@ -24,9 +24,13 @@ TPU (Mosaic) - the K/V block is (split_len, head_dim) cut from the [B, C, Hkv * 
 head_dim must be a multiple of 128 (phi-4: 128) and split_len of 8; `lengths` goes to SMEM (scalar reads).
 Scalar prefetch of the lengths would also let skipped chunks avoid their DMA; here the whole split is copied
 to VMEM and only the compute past the length is skipped. Mosaic compiles it for TPU v5e/v6e (see
-tests/test_decode_attention.py and tests/test_flash_attention_tpu.py). GPU (Triton lowering) - power-of-two
-shapes and at least 16 query rows per dot; not tried. So `implementation=None` picks the kernel on TPU
-(head_dim a multiple of 128) and the reference elsewhere.
+tests/test_decode_attention.py and tests/test_flash_attention_tpu.py). GPU - a plain `pl.pallas_call` goes to
+Mosaic GPU there, which does not take this kernel (its lengths copy is smaller than a warpgroup's TMA minimum,
+and its windowed blocks overflow SMEM), and the Triton lowering would need power-of-two shapes; so when lowered
+for a GPU (CUDA or ROCm) `decode_attention_pallas` is routed, by `jax.lax.platform_dependent` at lowering time,
+to `decode_attention_reference` (XLA), even with implementation="pallas". tests/test_cuda_lowering.py checks
+that an export for CUDA contains no Pallas call. `interpret=True` always runs the kernel (interpreted).
+`implementation=None` picks the kernel on TPU (head_dim a multiple of 128) and the reference elsewhere.
 """
 
 from __future__ import annotations
@@ -106,7 +110,19 @@ def _largest_divisor_at_most(n, cap):
 
 def decode_attention_pallas(q, k_cache, v_cache, lengths, *, sm_scale=None, interpret=False,
                             block_k=DEFAULT_BLOCK_K, num_splits=DEFAULT_NUM_SPLITS):
-    """Split-K flash decoding as a Pallas kernel (see the module docstring); same contract as the reference."""
+    """Split-K flash decoding as a Pallas kernel (see the module docstring); same contract as the reference.
+
+    Lowered for a GPU it is the XLA reference instead (see the module docstring); on TPU and interpreted, the
+    kernel."""
+    kernel = functools.partial(_decode_attention_kernel, sm_scale=sm_scale, interpret=interpret, block_k=block_k,
+                               num_splits=num_splits)
+    if interpret:
+        return kernel(q, k_cache, v_cache, lengths)
+    reference = functools.partial(decode_attention_reference, sm_scale=sm_scale)
+    return jax.lax.platform_dependent(q, k_cache, v_cache, lengths, cuda=reference, rocm=reference, default=kernel)
+
+
+def _decode_attention_kernel(q, k_cache, v_cache, lengths, *, sm_scale, interpret, block_k, num_splits):
     b, t, hq, d = q.shape
     c, hkv = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv

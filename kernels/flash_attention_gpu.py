@@ -19,9 +19,22 @@ among itself exactly like `kernels.attention_reference`), and keys beyond the tr
 causality hides completely are skipped; blocks that need no mask take a mask-free path.
 Sequence lengths that are not block multiples are zero-padded in the wrapper and masked in the kernels.
 
-Dtypes: bf16 and fp16 run natively. float32 inputs are deliberately cast to bf16 for the matmuls (wgmma
-takes 16-bit operands here; softmax, LSE and all accumulation stay fp32) and results are cast back to
-float32: expect bf16-level error for fp32 inputs.
+Dtypes: bf16 and fp16 only (wgmma with 16-bit operands; softmax, LSE and all accumulation are fp32).
+float32 inputs are refused with `AttentionConfigError` rather than silently rounded to bf16: cast them
+yourself if bf16 matmuls are acceptable, or use implementation "xla" (fp32 throughout).
+
+Shared memory: each CTA's SMEM (tiles, ring slots, vectors, barriers) must fit Hopper's 227 KiB. The block
+sizes default to None = the largest of a few configurations whose three kernels all fit for this head_dim
+(head_dim 256 gets block_kv 64 and one compute warpgroup); explicit block sizes that overflow are refused
+with `AttentionConfigError` naming the kernel and the bytes, before Mosaic would fail with a bare ValueError.
+
+Where it runs: on a Hopper GPU (checked through `kernels.pallas_compat.require_hopper_target`, which
+follows the lowering target: `jax.export(..., platforms=["cuda"])` lowers it on a CPU host; jit for a CPU,
+or a non-Hopper GPU, gets `AttentionConfigError`). The compiler parameters pin Mosaic GPU's Lane lowering
+semantics (JAX 0.11 made Warpgroup the default; this kernel uses explicit register layouts, i.e. Lane).
+tests/test_cuda_lowering.py runs Mosaic GPU's real lowering (layouts, wgmma operands, SMEM limits) for CUDA
+on a CPU: forward and gradients, head_dim 64/128/256, GQA, segment ids, fused RoPE. It has not yet been
+compiled by ptxas nor run on a GPU.
 
 Fused RoPE (`rope=(positions, theta)`): q and k tiles are rotated in SMEM right after their TMA load
 (NeoX rotate-half on the two column halves of the tile, fp32 angles `position * inv_freq` from integer
@@ -33,11 +46,8 @@ warpgroup) orders those writes before any warpgroup's wgmma reads the slot. dq a
 (by -angle) in SMEM before they are stored, so gradients are with respect to the un-rotated q and k.
 Angles are range-reduced to [-pi, pi] before sin/cos (the approx-math `sin.approx` is only accurate
 there). With RoPE the SMEM tiles use a 64-byte swizzle when head_dim / 2 is not a multiple of 64
-elements (head_dim 64 or 192), so each half is a whole number of swizzle tiles. float32 inputs are the
-exception: XLA rotates them in fp32 before their bf16 cast (see "Dtypes"), because rotating the bf16
-copies in the kernel would round q and k twice.
-So far checked in the interpreter only: the compiled form (WGMMA-layout loads and stores of the tile
-halves, sin/cos and the extra barriers) has not yet been compiled or run on a GPU.
+elements (head_dim 64 or 192), so each half is a whole number of swizzle tiles.
+Checked in the interpreter and lowered for CUDA (tests/test_cuda_lowering.py); not yet run on a GPU.
 
 Runs on CPU in Mosaic GPU interpret mode with `interpret=True` (see `kernels.mosaic_gpu_interpret`).
 The interpreter simulates SMEM, TMA, barriers and warpgroup threads, but it has no register layouts and
@@ -62,7 +72,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import mosaic_gpu_interpret
 from kernels.attention_reference import MASK_VALUE
-from kernels.rope_reference import apply_rope_reference, rope_inv_freq
+from kernels.pallas_compat import require_hopper_target
+from kernels.rope_reference import rope_inv_freq
 
 # --------------------------------------------------------------------------------- API compatibility
 # Everything version-dependent about the Mosaic GPU Pallas API lives here.
@@ -189,9 +200,19 @@ def _cdiv(x, n):
     return pl.cdiv(jnp.asarray(x, jnp.int32), jnp.asarray(n, jnp.int32))
 
 
+def _compiler_params():
+    """approx_math, and the Lane lowering semantics pinned (the kernels place values in explicit register
+    layouts; JAX 0.11 changed the default to Warpgroup)."""
+    params = {"approx_math": True}
+    fields = getattr(plgpu.CompilerParams, "__dataclass_fields__", {})
+    if "lowering_semantics" in fields and hasattr(plgpu, "LoweringSemantics"):
+        params["lowering_semantics"] = plgpu.LoweringSemantics.Lane
+    return plgpu.CompilerParams(**params)
+
+
 def _run_kernel(body, *, out_type, scratch, grid, grid_names, num_threads, interpret, interpret_options, name):
     kwargs = dict(grid=grid, grid_names=grid_names, num_threads=num_threads, thread_name="wg",
-                  compiler_params=plgpu.CompilerParams(approx_math=True))
+                  compiler_params=_compiler_params())
     if "out_type" in _KERNEL_PARAMS:
         kwargs.update(out_type=out_type, scratch_types=scratch)
     else:  # older spelling
@@ -200,7 +221,13 @@ def _run_kernel(body, *, out_type, scratch, grid, grid_names, num_threads, inter
         kwargs["interpret"] = mosaic_gpu_interpret.interpret_params(**dict(interpret_options))
     if "kernel_name" in _KERNEL_PARAMS or "kernel_name" in inspect.signature(plgpu.Mesh).parameters:
         kwargs["kernel_name"] = name
-    return plgpu.kernel(body, **kwargs)
+    call = plgpu.kernel(body, **kwargs)
+    if interpret:
+        return call
+
+    def on_hopper(first, *rest):  # refuses to lower / run anywhere but a Hopper GPU (see the module docstring)
+        return call(require_hopper_target(first, what="pallas_gpu (Mosaic GPU flash attention)"), *rest)
+    return on_hopper
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -531,13 +558,12 @@ def _extra_args(cfg, seg, pos, freq):
     return ((seg,) if cfg.has_segments else ()) + ((pos, freq) if cfg.rope else ())
 
 
-def _forward_call(cfg: _Cfg, q, k, v, seg, pos, freq):
-    b, sp, hq, d = q.shape
-    bq, bkv, nwg, st = cfg.block_q, cfg.block_kv, cfg.num_compute_wgs, cfg.num_stages
+def _forward_scratch(cfg: _Cfg, dtype):
+    bq, bkv, d, nwg, st = cfg.block_q, cfg.block_kv, cfg.head_dim, cfg.num_compute_wgs, cfg.num_stages
     tile = functools.partial(_tile_smem, swizzle=cfg.swizzle)
     scratch = [
-        (tile((nwg, bq, d), q.dtype), tile((st, bkv, d), q.dtype),
-         tile((st, bkv, d), q.dtype), _vector_smem((nwg, bq), jnp.float32),
+        (tile((nwg, bq, d), dtype), tile((st, bkv, d), dtype),
+         tile((st, bkv, d), dtype), _vector_smem((nwg, bq), jnp.float32),
          _vector_smem((nwg, bq), jnp.int32), _vector_smem((st, bkv), jnp.int32)),
         (_barriers(st), _barriers(st), _barriers(st)),  # k / v / key-segment loaded, per slot
         _barriers(st, arrivals=nwg),                     # slot consumed by every compute warpgroup
@@ -545,6 +571,13 @@ def _forward_call(cfg: _Cfg, q, k, v, seg, pos, freq):
     ]
     if cfg.rope:
         scratch += _rope_scratch(cfg, bq, bkv, nwg, st)
+    return scratch
+
+
+def _forward_call(cfg: _Cfg, q, k, v, seg, pos, freq):
+    b, sp, hq, d = q.shape
+    bq, nwg = cfg.block_q, cfg.num_compute_wgs
+    scratch = _forward_scratch(cfg, q.dtype)
     out_type = (jax.ShapeDtypeStruct((b, sp, hq, d), q.dtype), jax.ShapeDtypeStruct((b, hq, sp), jnp.float32))
     call = _run_kernel(_forward_kernel(cfg, q.dtype), out_type=out_type, scratch=scratch,
                        grid=(hq, sp // (nwg * bq), b), grid_names=("heads", "q_tiles", "batch"),
@@ -654,21 +687,27 @@ def _dq_kernel(cfg: _Cfg, dtype):
     return kernel
 
 
-def _dq_call(cfg: _Cfg, q, k, v, do, lse, delta, seg, pos, freq):
-    b, sp, hq, d = q.shape
-    bq, bkv, nwg, st = cfg.block_q_bwd, cfg.block_kv_bwd, cfg.num_compute_wgs, cfg.num_stages
+def _dq_scratch(cfg: _Cfg, dtype):
+    bq, bkv, d, nwg, st = cfg.block_q_bwd, cfg.block_kv_bwd, cfg.head_dim, cfg.num_compute_wgs, cfg.num_stages
     tile = functools.partial(_tile_smem, swizzle=cfg.swizzle)
     scratch = [
-        (tile((nwg, bq, d), q.dtype), tile((nwg, bq, d), q.dtype),
+        (tile((nwg, bq, d), dtype), tile((nwg, bq, d), dtype),
          _vector_smem((nwg, bq), jnp.float32), _vector_smem((nwg, bq), jnp.float32),
          _vector_smem((nwg, bq), jnp.int32),
-         tile((st, bkv, d), q.dtype), tile((st, bkv, d), q.dtype), _vector_smem((st, bkv), jnp.int32)),
+         tile((st, bkv, d), dtype), tile((st, bkv, d), dtype), _vector_smem((st, bkv), jnp.int32)),
         (_barriers(st), _barriers(st), _barriers(st)),
         _barriers(st, arrivals=nwg),
         _barriers(5 * nwg),
     ]
     if cfg.rope:
         scratch += _rope_scratch(cfg, bq, bkv, nwg, st)
+    return scratch
+
+
+def _dq_call(cfg: _Cfg, q, k, v, do, lse, delta, seg, pos, freq):
+    b, sp, hq, d = q.shape
+    bq, nwg = cfg.block_q_bwd, cfg.num_compute_wgs
+    scratch = _dq_scratch(cfg, q.dtype)
     call = _run_kernel(_dq_kernel(cfg, q.dtype), out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
                        scratch=scratch, grid=(hq, sp // (nwg * bq), b), grid_names=("heads", "q_tiles", "batch"),
                        num_threads=nwg + 1, interpret=cfg.interpret,
@@ -826,14 +865,13 @@ def _dkv_kernel(cfg: _Cfg, dtype):
     return kernel
 
 
-def _dkv_call(cfg: _Cfg, q, k, v, do, lse, delta, seg, pos, freq):
-    b, sp, hkv, d = k.shape
-    bq, bkv, nwg, st = cfg.block_q_bwd, cfg.block_kv_bwd, cfg.num_compute_wgs, cfg.num_stages
+def _dkv_scratch(cfg: _Cfg, dtype):
+    bq, bkv, d, nwg, st = cfg.block_q_bwd, cfg.block_kv_bwd, cfg.head_dim, cfg.num_compute_wgs, cfg.num_stages
     n_loaded = 5 if cfg.has_segments else 4
     tile = functools.partial(_tile_smem, swizzle=cfg.swizzle)
     scratch = [
-        (tile((nwg, bkv, d), k.dtype), tile((nwg, bkv, d), k.dtype), _vector_smem((nwg, bkv), jnp.int32),
-         tile((st, bq, d), q.dtype), tile((st, bq, d), q.dtype),
+        (tile((nwg, bkv, d), dtype), tile((nwg, bkv, d), dtype), _vector_smem((nwg, bkv), jnp.int32),
+         tile((st, bq, d), dtype), tile((st, bq, d), dtype),
          _vector_smem((st, bq), jnp.float32), _vector_smem((st, bq), jnp.float32),
          _vector_smem((st, bq), jnp.int32)),
         tuple(_barriers(st) for _ in range(n_loaded)),
@@ -842,6 +880,13 @@ def _dkv_call(cfg: _Cfg, q, k, v, do, lse, delta, seg, pos, freq):
     ]
     if cfg.rope:  # q positions ride the ring; k positions are per warpgroup
         scratch += _rope_scratch(cfg, bq, bkv, st, nwg)
+    return scratch
+
+
+def _dkv_call(cfg: _Cfg, q, k, v, do, lse, delta, seg, pos, freq):
+    b, sp, hkv, d = k.shape
+    bkv, nwg = cfg.block_kv_bwd, cfg.num_compute_wgs
+    scratch = _dkv_scratch(cfg, q.dtype)
     out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
     call = _run_kernel(_dkv_kernel(cfg, q.dtype), out_type=out_type, scratch=scratch,
                        grid=(hkv, sp // (nwg * bkv), b), grid_names=("heads", "kv_tiles", "batch"),
@@ -874,17 +919,46 @@ def _flash_bwd(cfg, residuals, dout):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _is_hopper(device) -> bool:
-    if device.platform != "gpu":
-        return False
-    capability = getattr(device, "compute_capability", None)
-    if capability is not None:
-        return str(capability).startswith("9.")
-    return any(name in device.device_kind for name in ("H100", "H200", "H800", "GH200"))
+# ------------------------------------------------------------------------------ shared-memory budget
+
+SMEM_LIMIT_BYTES = 227 * 1024  # Hopper's opt-in shared memory per block (what Mosaic GPU checks against)
+_SMEM_ALIGN = 1024             # swizzled TMA tiles start on 1024-byte boundaries
+_SMEM_RESERVED = 2048 + 1024   # Mosaic's reduction scratch (CompilerParams.reduction_scratch_bytes) + slack
+
+# (block_q, block_kv, block_q_bwd, block_kv_bwd, num_stages, num_compute_wgs), tried in order when the caller
+# leaves them None: the first whose three kernels fit in SMEM for the inputs' head_dim is used.
+_BLOCK_CANDIDATES = ((64, 128, 64, 64, 2, 2), (64, 64, 64, 64, 2, 2), (64, 64, 64, 64, 2, 1))
+_BLOCK_FIELDS = ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd", "num_stages", "num_compute_wgs")
 
 
-def _validate(q, k, v, segment_ids, *, block_q, block_kv, block_q_bwd, block_kv_bwd, num_stages,
-              num_compute_wgs, rope):
+def _smem_bytes(scratch) -> int:
+    """Upper estimate of the SMEM a kernel's scratch takes (tiles / vectors rounded up to 1024 bytes, 8 bytes
+    per barrier, Mosaic's reduction scratch); tests/test_cuda_lowering.py checks it bounds Mosaic's own count."""
+    if isinstance(scratch, (list, tuple)):
+        return sum(_smem_bytes(x) for x in scratch)
+    if isinstance(scratch, plgpu.Barrier):
+        count = scratch.num_barriers
+        return 8 * (math.prod(count) if isinstance(count, tuple) else count)
+    nbytes = math.prod(scratch.shape) * jnp.dtype(scratch.dtype).itemsize
+    return _round_up(nbytes, _SMEM_ALIGN)
+
+
+def smem_usage(cfg: _Cfg, dtype=jnp.bfloat16) -> dict[str, int]:
+    """Estimated SMEM bytes per CTA of each kernel ("forward", "dq", "dkv") for this configuration."""
+    return {name: _smem_bytes(build(cfg, dtype)) + _SMEM_RESERVED
+            for name, build in (("forward", _forward_scratch), ("dq", _dq_scratch), ("dkv", _dkv_scratch))}
+
+
+def _smem_overflow(cfg: _Cfg, dtype) -> str | None:
+    over = {name: n for name, n in smem_usage(cfg, dtype).items() if n > SMEM_LIMIT_BYTES}
+    if not over:
+        return None
+    return ", ".join(f"{name} kernel ~{n // 1024} KiB" for name, n in over.items())
+
+
+# ------------------------------------------------------------------------------------------ entry point
+
+def _validate(q, k, v, segment_ids, *, blocks, rope):
     err = _config_error()
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise err(f"pallas_gpu: q, k, v must be [batch, seq, heads, head_dim], got {q.shape}, {k.shape}, {v.shape}")
@@ -894,22 +968,27 @@ def _validate(q, k, v, segment_ids, *, block_q, block_kv, block_q_bwd, block_kv_
         raise err(f"pallas_gpu: query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
     if not q.dtype == k.dtype == v.dtype:
         raise err(f"pallas_gpu: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
-        raise err(f"pallas_gpu: dtype {q.dtype} is not supported; use bfloat16, float16 or float32")
+    if q.dtype == jnp.float32:
+        raise err("pallas_gpu: float32 inputs are not supported: the kernel's wgmma matmuls take 16-bit operands, "
+                  "and it does not round float32 to bfloat16 behind your back. Cast q, k, v to bfloat16 yourself "
+                  "if bf16 matmuls are acceptable, or use implementation='xla' (or None) for float32 attention")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise err(f"pallas_gpu: dtype {q.dtype} is not supported; use bfloat16 or float16")
     d = q.shape[3]
     if d % 64 or not 64 <= d <= 256:
         raise err(f"pallas_gpu: head_dim must be a multiple of 64 in [64, 256] (wgmma tiles), got {d}")
-    for name, blk in (("block_q", block_q), ("block_kv", block_kv), ("block_q_bwd", block_q_bwd),
-                      ("block_kv_bwd", block_kv_bwd)):
-        if blk % 64 or blk <= 0:
+    for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
+        blk = blocks[name]
+        if blk is not None and (blk % 64 or blk <= 0):
             raise err(f"pallas_gpu: {name} must be a positive multiple of 64 (one wgmma row tile), got {blk}")
-    for name, blk in (("block_q", block_q), ("block_kv_bwd", block_kv_bwd)):
-        if blk > 128:
+    for name in ("block_q", "block_kv_bwd"):
+        blk = blocks[name]
+        if blk is not None and blk > 128:
             raise err(f"pallas_gpu: {name} ({blk}) is a per-warpgroup register tile and must be <= 128")
-    if num_stages < 2:
-        raise err(f"pallas_gpu: num_stages must be >= 2 for a pipelined K/V loop, got {num_stages}")
-    if num_compute_wgs not in (1, 2):
-        raise err(f"pallas_gpu: num_compute_wgs must be 1 or 2, got {num_compute_wgs}")
+    if blocks["num_stages"] is not None and blocks["num_stages"] < 2:
+        raise err(f"pallas_gpu: num_stages must be >= 2 for a pipelined K/V loop, got {blocks['num_stages']}")
+    if blocks["num_compute_wgs"] is not None and blocks["num_compute_wgs"] not in (1, 2):
+        raise err(f"pallas_gpu: num_compute_wgs must be 1 or 2, got {blocks['num_compute_wgs']}")
     if segment_ids is not None:
         if segment_ids.shape != q.shape[:2]:
             raise err(f"pallas_gpu: segment_ids must be [batch, seq] = {q.shape[:2]}, got {segment_ids.shape}")
@@ -927,48 +1006,66 @@ def _validate(q, k, v, segment_ids, *, block_q, block_kv, block_q_bwd, block_kv_
             raise err(f"pallas_gpu: rope theta must be positive, got {theta}")
 
 
+def _make_cfg(q, k, segment_ids, causal, sm_scale, interpret, rope, blocks):
+    """The kernel configuration: explicit block options as given, the others from the first candidate
+    (`_BLOCK_CANDIDATES`) whose kernels fit in SMEM; AttentionConfigError when none fits."""
+    s, d = q.shape[1], q.shape[3]
+
+    def cfg_for(values):
+        return _Cfg(seq_len=s, head_dim=d, group=q.shape[2] // k.shape[2], causal=bool(causal),
+                    has_segments=segment_ids is not None,
+                    scale=float(d ** -0.5 if sm_scale is None else sm_scale), interpret=bool(interpret),
+                    interpret_options=tuple(sorted(interpret.items())) if isinstance(interpret, dict) else (),
+                    rope=rope is not None, **values)
+
+    tried = []
+    for candidate in _BLOCK_CANDIDATES:
+        values = {name: blocks[name] if blocks[name] is not None else default
+                  for name, default in zip(_BLOCK_FIELDS, candidate)}
+        cfg = cfg_for(values)
+        overflow = _smem_overflow(cfg, q.dtype)
+        if overflow is None:
+            return cfg
+        tried.append((values, overflow))
+        if all(blocks[name] is not None for name in _BLOCK_FIELDS):
+            break
+    values, overflow = tried[0]
+    explicit = {n: v for n, v in blocks.items() if v is not None}
+    hint = (f"; with the explicit options {explicit} no configuration fits: pass a smaller block_kv / block_q_bwd / "
+            "block_kv_bwd or num_compute_wgs=1, or leave them None to let the kernel choose") if explicit else ""
+    raise _config_error()(
+        f"pallas_gpu: head_dim {d} with blocks {values} needs more shared memory than Hopper's "
+        f"{SMEM_LIMIT_BYTES // 1024} KiB per block ({overflow}){hint}")
+
+
 def flash_attention_gpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, interpret=False,
-                        block_q=64, block_kv=128, block_q_bwd=64, block_kv_bwd=64, num_stages=2,
-                        num_compute_wgs=2, rope=None):
+                        block_q=None, block_kv=None, block_q_bwd=None, block_kv_bwd=None, num_stages=None,
+                        num_compute_wgs=None, rope=None):
     """Flash attention on Hopper (Mosaic GPU): q [B,S,Hq,D], k/v [B,S,Hkv,D] -> [B,S,Hq,D]; differentiable.
 
+    bf16 / fp16 only: float32 inputs raise `AttentionConfigError` (they are never rounded to bf16 silently).
     `rope=(positions [B, S] int, theta)` rotates q and k inside the kernels (see the module docstring):
     the result equals `kernels.apply_rope` on q and k followed by attention.
 
     Blocks: the forward gives each of `num_compute_wgs` warpgroups `block_q` query rows and streams
     `block_kv` keys per step through `num_stages` SMEM slots; the backward uses `block_q_bwd` /
-    `block_kv_bwd`. Defaults suit head_dim 128. `interpret=True` runs the kernels on CPU in Mosaic GPU
-    interpret mode; a dict instead passes `InterpretGPUParams` options (e.g. {"detect_races": True}).
-    float32 inputs are computed with bf16 matmul operands (see the module docstring).
+    `block_kv_bwd`. None (the default) picks, per option, from the first configuration that fits in SMEM for
+    this head_dim (64/128/64/64, 2 stages, 2 warpgroups up to head_dim 192). `interpret=True` runs the kernels
+    on CPU in Mosaic GPU interpret mode; a dict instead passes `InterpretGPUParams` options (e.g.
+    {"detect_races": True}). Without `interpret` the kernels lower only for a Hopper GPU (CUDA).
     Raises `kernels.AttentionConfigError` for shapes, dtypes or options the kernels cannot handle.
     """
-    _validate(q, k, v, segment_ids, block_q=block_q, block_kv=block_kv, block_q_bwd=block_q_bwd,
-              block_kv_bwd=block_kv_bwd, num_stages=num_stages, num_compute_wgs=num_compute_wgs, rope=rope)
-    if not interpret and not _is_hopper(jax.devices()[0]):
-        raise _config_error()(
-            f"pallas_gpu needs a Hopper GPU (sm_90: wgmma), found {jax.devices()[0].device_kind!r}; "
-            "on a CPU pass interpret=True (Mosaic GPU interpret mode)")
+    blocks = {"block_q": block_q, "block_kv": block_kv, "block_q_bwd": block_q_bwd, "block_kv_bwd": block_kv_bwd,
+              "num_stages": num_stages, "num_compute_wgs": num_compute_wgs}
+    _validate(q, k, v, segment_ids, blocks=blocks, rope=rope)
     if interpret and not mosaic_gpu_interpret.is_available():
         mosaic_gpu_interpret.interpret_params()  # raises MosaicGPUInterpretUnavailable with the reason
-    b, s, hq, d = q.shape
-    in_dtype = q.dtype
-    if in_dtype == jnp.float32:
-        if rope is not None:
-            # Rotating the bf16 copies in the kernel would round q and k to bf16 twice (before and after the
-            # rotation), which measurably loosens fp32 models; rotate in fp32 first, as the unfused path does.
-            q, k = (apply_rope_reference(x, rope[0], theta=float(rope[1])) for x in (q, k))
-            rope = None
-        q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
-    multiple = math.lcm(num_compute_wgs * block_q, block_kv, num_compute_wgs * block_q_bwd,
-                        num_compute_wgs * block_kv_bwd, block_q_bwd, block_kv_bwd)
+    cfg = _make_cfg(q, k, segment_ids, causal, sm_scale, interpret, rope, blocks)
+    s, d = q.shape[1], q.shape[3]
+    nwg = cfg.num_compute_wgs
+    multiple = math.lcm(nwg * cfg.block_q, cfg.block_kv, nwg * cfg.block_q_bwd, nwg * cfg.block_kv_bwd,
+                        cfg.block_q_bwd, cfg.block_kv_bwd)
     sp = _round_up(s, multiple)
-    cfg = _Cfg(seq_len=s, head_dim=d, group=hq // k.shape[2], causal=bool(causal),
-               has_segments=segment_ids is not None,
-               scale=float(d ** -0.5 if sm_scale is None else sm_scale),
-               block_q=block_q, block_kv=block_kv, block_q_bwd=block_q_bwd, block_kv_bwd=block_kv_bwd,
-               num_stages=num_stages, num_compute_wgs=num_compute_wgs, interpret=bool(interpret),
-               interpret_options=tuple(sorted(interpret.items())) if isinstance(interpret, dict) else (),
-               rope=rope is not None)
     seg = pos = freq = None
     if rope is not None:
         positions, theta = rope
@@ -984,4 +1081,4 @@ def flash_attention_gpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
         if sp != s:
             seg = jnp.pad(seg, [(0, 0), (0, sp - s)], constant_values=-1)
     out = _flash(q, k, v, seg, pos, freq, cfg)
-    return out[:, :s].astype(in_dtype)
+    return out[:, :s]

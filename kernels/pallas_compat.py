@@ -53,7 +53,9 @@ def tpu_interpret_params(interpret, *, detect_races: bool = False):
 def races_found() -> bool | None:
     """Whether the TPU interpreter's race detector (InterpretParams(detect_races=True)) reported a race in the
     kernels run since `pltpu.reset_tpu_interpret_mode_state()`; None if no interpreted kernel has run."""
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret  # private, 0.10.x
+    from jax._src.pallas.mosaic.interpret import (
+        interpret_pallas_call as tpu_interpret,  # private, 0.10.x
+    )
 
     state = getattr(tpu_interpret, "races", None)
     return None if state is None else bool(state.races_found)
@@ -106,3 +108,73 @@ def rope_tile(x, positions_col, inv_freq_row, head_dim: int, *, inverse: bool = 
     """Rotates one head's tile x [rows, head_dim] (float32 math) by angles positions * inv_freq."""
     cos, sin = rope_cos_sin(positions_col, inv_freq_row, inverse=inverse)
     return rotate_with(x, cos, sin, head_dim, tpu=tpu)
+
+
+# ------------------------------------------------------------------ Hopper-only kernels: decided by the target
+
+def _hopper_target_error(where: str, what: str) -> PallasUnavailableError:
+    return PallasUnavailableError(
+        f"{what} needs a Hopper GPU (CUDA sm_90: wgmma, TMA), but {where}; on a CPU pass interpret=True "
+        "(Mosaic GPU interpret mode), or use implementation='xla'")
+
+
+def _local_gpu():
+    """The first local GPU device, or None when this process has no GPU backend (e.g. a CPU host that
+    exports for CUDA)."""
+    try:
+        devices = jax.devices("gpu")
+    except RuntimeError:
+        return None
+    return devices[0] if devices else None
+
+
+def _hopper_guard_impl(x, *, what):
+    # Run eagerly: it executes on the default device right now, so that device must be a Hopper GPU.
+    from kernels.dispatch import is_hopper_gpu
+
+    device = jax.devices()[0]
+    if not is_hopper_gpu(device):
+        raise _hopper_target_error(f"it would run eagerly on {device.device_kind!r} ({device.platform})", what)
+    return x
+
+
+def _hopper_guard_lowering_other(ctx, x, *, what):
+    platforms = getattr(ctx.module_context, "platforms", None) or ("?",)
+    raise _hopper_target_error(f"it is being lowered for {', '.join(platforms)}", what)
+
+
+def _hopper_guard_lowering_cuda(ctx, x, *, what):
+    from kernels.dispatch import is_hopper_gpu
+
+    gpu = _local_gpu()
+    # No local GPU: an ahead-of-time lowering (jax.export for "cuda" on a CPU host); Mosaic GPU targets sm_90a.
+    if gpu is not None and not is_hopper_gpu(gpu):
+        raise _hopper_target_error(f"this process's GPU is {gpu.device_kind!r}", what)
+    return [x]
+
+
+def _make_hopper_guard():
+    from jax.extend.core import Primitive
+    from jax.interpreters import batching, mlir
+
+    prim = Primitive("phi4_hopper_target_guard")
+    prim.def_impl(_hopper_guard_impl)
+    prim.def_abstract_eval(lambda aval, *, what: aval)
+    mlir.register_lowering(prim, _hopper_guard_lowering_other)
+    mlir.register_lowering(prim, _hopper_guard_lowering_cuda, platform="cuda")
+    batching.primitive_batchers[prim] = lambda args, dims, *, what: (prim.bind(*args, what=what), dims[0])
+    return prim
+
+
+_hopper_guard_p = _make_hopper_guard()
+
+
+def require_hopper_target(x, *, what: str = "the Mosaic GPU kernel"):
+    """Identity on x that refuses, with a `PallasUnavailableError`, to run or lower anywhere but a Hopper GPU.
+
+    The check follows the lowering target, not the default backend: lowered for "cuda" it passes (so
+    `jax.export(..., platforms=["cuda"])` works on a CPU host) unless this process's own GPU is not a Hopper;
+    lowered for any other platform (jit on a CPU, TPU, ROCm) it raises; run eagerly, the default device must be
+    a Hopper GPU. Feed a kernel's first operand through it so the check comes first.
+    """
+    return _hopper_guard_p.bind(x, what=what)

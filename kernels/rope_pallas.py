@@ -15,9 +15,13 @@ VMEM (phi-4's 40 + 10 heads: 80 rows).
 
 Backend notes. TPU: the rolls are `pltpu.roll` (native lane rotates); head_dim a multiple of 128 keeps the
 per-head lane slices vreg-aligned (phi-4: 128; 64 compiles too); block_s a multiple of 8. Mosaic compiles it
-for v5e/v6e at phi-4 shapes (see tests/test_flash_attention_tpu.py). GPU: the Triton lowering needs
-power-of-two block shapes and has no lane roll, so the dispatch default there stays the XLA reference (which
-XLA fuses well). On CPU it runs with `interpret=True`.
+for v5e/v6e at phi-4 shapes (see tests/test_flash_attention_tpu.py). GPU: a plain `pl.pallas_call` goes to
+Mosaic GPU there, which does not take this kernel (its [block_s, H * D] slabs overflow SMEM), and the Triton
+lowering needs power-of-two block shapes and has no lane roll; so when lowered for a GPU (CUDA or ROCm) the
+rotation is routed, by `jax.lax.platform_dependent` at lowering time, to the same math in XLA (which fuses it
+well), forward and backward, even when this module is called explicitly. tests/test_cuda_lowering.py checks that
+an export for CUDA contains no Pallas call. The dispatch default (`apply_rope(implementation=None)`) is the XLA
+reference everywhere but in interpret mode. On CPU the kernel runs with `interpret=True`.
 """
 
 from __future__ import annotations
@@ -48,7 +52,25 @@ def _rope_kernel(pos_ref, freq_ref, *refs, n, head_dim, inverse, tpu):
 
 
 def _rope_call(xs, positions, theta, inverse, interpret, block_s):
-    """Rotates each x in xs ([B, S, H_i, D], same B, S, D) by the angles of positions [B, S]."""
+    """Rotates each x in xs ([B, S, H_i, D], same B, S, D) by the angles of positions [B, S]: the Pallas kernel,
+    or XLA when lowered for a GPU (see the module docstring)."""
+    kernel = functools.partial(_rope_kernel_call, theta=theta, inverse=inverse, interpret=interpret, block_s=block_s)
+    if interpret:
+        return kernel(xs, positions)
+    xla = functools.partial(_rope_xla, theta=theta, inverse=inverse)
+    return jax.lax.platform_dependent(xs, positions, cuda=xla, rocm=xla, default=kernel)
+
+
+def _rope_xla(xs, positions, *, theta, inverse):
+    """The kernel's math in plain JAX: fp32 angles from the integer positions, rotate-half per head."""
+    d = xs[0].shape[-1]
+    freq = rope_inv_freq(d, theta)
+    cos, sin = rope_cos_sin(positions.astype(jnp.int32)[:, :, None, None],
+                            jnp.concatenate([freq, freq]), inverse=inverse)   # [B, S, 1, D]
+    return tuple(rotate_with(x, cos, sin, d, tpu=False).astype(x.dtype) for x in xs)
+
+
+def _rope_kernel_call(xs, positions, *, theta, inverse, interpret, block_s):
     b, s, _, d = xs[0].shape
     flat = [x.reshape(b, s, -1) for x in xs]
     lanes = sum(x.shape[-1] for x in flat)

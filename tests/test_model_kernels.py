@@ -9,8 +9,10 @@ exercised. The Mosaic GPU interpreter is ~10x slower, so the GPU kernel runs on 
 (causal: their logits do not depend on the later tokens), where its 64/128-row blocks still give several blocks.
 
 Tolerances (max |ours - ref| / max |ref|): the TPU kernel computes in float32 like the reference: 1e-4.
-The GPU kernel feeds its matmuls bf16 (wgmma has no fp32 operands; float32 inputs are cast on purpose), so it
-is held to the bf16 level: 3e-2.
+The GPU kernel takes bf16/fp16 only (wgmma has no fp32 operands here, and it refuses float32 rather than
+rounding it silently), so its model runs with compute_dtype bfloat16 (float32 weights) and is held to the bf16
+level against the same bf16 model on the XLA path (3e-2), and its error against transformers (~0.12 here, all
+from bf16 compute) within 1.1x of that XLA model's.
 """
 
 import numpy as np
@@ -39,10 +41,13 @@ def reference():
     return config, params, ids, hf_logits(hf, ids)
 
 
+def _logits(config, params, ids, **runtime):
+    return np.asarray(model_from_params(config.replace(**runtime), params)(ids), np.float32)
+
+
 def _relative_error(config, params, ids, ref, **runtime):
     assert ids.shape[1] == ref.shape[1]
-    model = model_from_params(config.replace(**runtime), params)
-    ours = np.asarray(model(ids))
+    ours = _logits(config, params, ids, **runtime)
     return np.abs(ours - ref).max() / np.abs(ref).max()
 
 
@@ -57,9 +62,15 @@ def test_model_on_pallas_tpu_kernel_with_fused_rope(reference):
                     reason="this JAX has no Mosaic GPU interpret mode")
 def test_model_on_pallas_gpu_kernel_with_fused_rope(reference):
     config, params, ids, ref = reference
-    err = _relative_error(config, params, ids[:, :GPU_SEQ], ref[:, :GPU_SEQ], attention_impl="pallas_gpu",
-                          fuse_rope=True, kernel_interpret=interpret_for("gpu"))
-    assert err <= 3e-2, err
+    ids, ref = ids[:, :GPU_SEQ], ref[:, :GPU_SEQ]
+    bf16 = config.replace(compute_dtype="bfloat16")
+    ours = _logits(bf16, params, ids, attention_impl="pallas_gpu", fuse_rope=True,
+                   kernel_interpret=interpret_for("gpu"))
+    xla = _logits(bf16, params, ids, attention_impl="xla")
+    err, xla_err = (np.abs(x - ref).max() / np.abs(ref).max() for x in (ours, xla))
+    # The same bf16 model on the XLA path is the peer: the kernel adds at most bf16-level attention error.
+    assert np.abs(ours - xla).max() / np.abs(xla).max() <= 3e-2, (err, xla_err)
+    assert err <= 1.1 * xla_err, (err, xla_err)
 
 
 def test_model_on_xla_reference_matches_too(reference):
