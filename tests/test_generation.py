@@ -160,6 +160,41 @@ def test_top_k_top_p_never_emit_excluded_tokens(top_k, top_p):
         assert len(seen) >= min(2, len(allowed))
 
 
+def _nucleus_reference(logits, top_p):
+    """float64 NumPy top-p by the sorted definition: (kept mask, each token's mass before it in that order)."""
+    order = np.argsort(-logits, kind="stable")
+    probs = np.exp(logits.astype(np.float64) - logits.max())
+    probs /= probs.sum()
+    before = np.empty_like(probs)
+    before[order] = np.cumsum(probs[order]) - probs[order]
+    return (before < top_p) | (top_p >= 1.0), before
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 4.0, 30.0])  # flat ... peaked (one token above top_p)
+def test_top_p_mask_equals_sorted_definition(scale):
+    rng = np.random.default_rng(int(scale * 100))
+    logits = (rng.normal(size=(6, 5000)) * scale).astype(np.float32)
+    mask_fn = jax.jit(sampling.top_p_mask)
+    for top_p in (0.05, 0.3, 0.6, 0.9, 0.999, 1.0):
+        got = np.asarray(mask_fn(jnp.asarray(logits), np.float32(top_p)))
+        for b in range(logits.shape[0]):
+            want, before = _nucleus_reference(logits[b], top_p)
+            # float32 sums differ from the float64 reference only for a token whose preceding mass is top_p
+            # within rounding; every other token must be decided the same way
+            decided = np.abs(before - top_p) > 1e-5
+            assert want.any() and got[b].any()
+            np.testing.assert_array_equal(got[b][decided], want[decided], err_msg=f"scale {scale} top_p {top_p}")
+    # sampling with top_p alone draws only nucleus tokens, and both sides of a wide nucleus
+    keys = sampling.sequence_keys(0, 6)
+    sampler = Sampler(greedy=False, top_k=None, use_top_p=True)
+    draw = jax.jit(jax.vmap(lambda s: sampling.sample(jnp.asarray(logits), keys, s, sampler, 1.0, 0.6)))
+    drawn = np.asarray(draw(jnp.arange(200)))
+    for b in range(logits.shape[0]):
+        allowed = np.flatnonzero(_nucleus_reference(logits[b], 0.6)[0])
+        assert set(drawn[:, b].tolist()) <= set(allowed.tolist())
+        assert len(set(drawn[:, b].tolist())) >= min(2, len(allowed))
+
+
 def test_generated_samples_stay_in_top_k_of_the_model(converted, prompts, greedy_batched):
     model, _ = converted
     outs = phi4_jax.generate(model, prompts[:2], max_new_tokens=16, temperature=1.5, top_k=3, seed=2,
