@@ -227,6 +227,36 @@ def test_streaming_callback_matches_and_reports_each_step(converted, prompts, gr
         assert streamed[:len(seq)] == seq and all(t is None for t in streamed[len(seq):])
 
 
+def test_streaming_dispatches_the_next_step_before_fetching_tokens(converted, prompts, monkeypatch):
+    """Step k+1 is already dispatched when step k's tokens reach the callback (async dispatch), and the extra
+    step at the end leaves a ChatSession's cache exactly as the device loop does."""
+    model, _ = converted
+    expected = phi4_jax.generate(model, prompts[:2], max_new_tokens=9, stop_tokens=[])
+    plain = chat_session.ChatSession(model, stop_tokens=[])
+    plain_out = plain.generate(prompts[1], max_new_tokens=9)
+    real, dispatched, seen = engine._decode_one, [0], []
+
+    def counting(*args, **kwargs):
+        dispatched[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_decode_one", counting)
+    out = phi4_jax.generate(model, prompts[:2], max_new_tokens=9, stop_tokens=[],
+                            callback=lambda column: seen.append(dispatched[0]))
+    assert out == expected
+    # column k (k = 0 is the prefill's token) arrives after decode step k+1 was dispatched: 9 columns, and
+    # one speculative step after the last (the output buffer has 16 slots, so it is not bounded away)
+    assert seen == list(range(1, 10))
+    streamed = chat_session.ChatSession(model, stop_tokens=[])
+    assert streamed.generate(prompts[1], max_new_tokens=9, callback=lambda column: None) == plain_out
+    assert streamed.cached_length == plain.cached_length == len(prompts[1]) + 8
+    assert int(streamed._cache.lengths[0]) == streamed.cached_length
+    stop = plain_out[2]  # a stop token ends the turn early; the speculative step after it does not advance
+    stopper = chat_session.ChatSession(model, stop_tokens=[stop])
+    assert stopper.generate(prompts[1], max_new_tokens=9, callback=lambda column: None) == plain_out[:3]
+    assert int(stopper._cache.lengths[0]) == stopper.cached_length == len(prompts[1]) + 2
+
+
 def test_no_recompile_across_prompt_lengths_and_token_counts(converted):
     model, _ = converted
     rng = np.random.default_rng(1)

@@ -9,7 +9,7 @@ Flow of `generate`:
    `kernels.decode_attention`, and samples the next token. Without a streaming callback the whole decode loop
    is one jitted `lax.while_loop` on the device (cache donated) that stops when every sequence has hit a stop
    token or its budget; with a callback, a host loop dispatches one jitted, cache-donating step per token and
-   hands the new tokens to the callback.
+   hands the new tokens to the callback, dispatching the next step before it fetches the current tokens.
 
 Shapes are bucketed (batch, prompt length, cache capacity, output length, number of stop tokens), so a new
 prompt length or token count does not recompile. A prompt of max_position_embeddings tokens or more raises
@@ -303,7 +303,8 @@ def run_decode(params, cache, first, done, budget, keys, stops, temp, top_p_valu
     """Decodes after a prefill/extension; returns (tokens [B, <= out_len] numpy, final cache).
 
     Without a callback the loop runs on the device (`_decode_loop`), with one it is a host loop of
-    `_decode_one` steps that passes each step's tokens (first n sequences, None once finished) to it.
+    `_decode_one` steps that passes each step's tokens (first n sequences, None once finished) to it; step k+1
+    is dispatched before step k's tokens are fetched (one extra step at the end advances no cache length).
     When the first token is all the budget allows, no decode program runs and the cache is returned as is.
     """
     if int(np.max(np.asarray(budget))) <= 1:  # the prefill's token is all there is: no decode program needed
@@ -315,18 +316,22 @@ def run_decode(params, cache, first, done, budget, keys, stops, temp, top_p_valu
         out, cache = _decode_loop(params, cache, first, done, budget, keys, stops, temp, top_p_value,
                                   config=config, sampler=sampler, shard=shard, out_len=out_len)
         return np.asarray(out), cache
+    # Pipelined: step k+1 is dispatched before step k's tokens are fetched, so the device computes while the
+    # host copies and runs the callback. Once every sequence is done, the step already in flight advances no
+    # cache length (no sequence is active; it writes only past each length) and its tokens are dropped.
     columns = []
-    token = first
-    count = 1
+    token, count = first, 1
     while True:
+        in_flight = None
+        if count < out_len:
+            cache, *in_flight = _decode_one(params, cache, token, done, np.int32(count), budget, keys, stops, temp,
+                                            top_p_value, config=config, sampler=sampler, shard=shard)
         column, finished = np.asarray(token), bool(np.all(np.asarray(done)))
         columns.append(column)
         callback([int(t) if t != NO_TOKEN else None for t in column[:n]])
-        if finished or count >= out_len:
+        if finished or in_flight is None:
             break
-        cache, token, done = _decode_one(params, cache, token, done, np.int32(count), budget, keys, stops,
-                                         temp, top_p_value, config=config, sampler=sampler, shard=shard)
-        count += 1
+        (token, done), count = in_flight, count + 1
     return np.stack(columns, axis=1), cache
 
 
