@@ -124,6 +124,30 @@ def test_cli_reports_bad_config_and_mesh(tmp_path, capsys):
     assert "micro-batch size 4 is not divisible by the data-parallel mesh axes" in capsys.readouterr().err
 
 
+def test_cli_resume_refuses_a_changed_config_unless_allowed(tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    base = ["--workdir", workdir, "--no-progress", "--set", "demo.plot=false", "--set", "demo.sample_prompts=[]"]
+    for item in SMALL + ["train.steps=2"]:
+        base += ["--set", item]
+    assert train_cli.main(base) == 0
+    capsys.readouterr()
+    changed = base + ["--set", "optimizer.lr=1e-2", "--set", "model.rms_norm_eps=1e-6"]
+    assert train_cli.main(changed + ["--steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "different config" in err and "--allow-config-change" in err
+    assert "optimizer.lr: 0.003 -> 0.01" in err and "model.rms_norm_eps: 1e-05 -> 1e-06" in err
+    assert "train.steps" not in err  # steps (and logging, saving, mesh) may change on resume
+    assert len(trainer.read_metrics(os.path.join(workdir, "metrics.jsonl"))) == 2  # nothing ran
+    # more steps, another save interval and mesh: a plain resume
+    assert train_cli.main(base + ["--steps", "3", "--save-every", "3", "--set", "mesh.data=2"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert train_cli.main(changed + ["--steps", "4", "--allow-config-change"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming with a changed config" in out and "resumed from" in out
+    assert [r["step"] for r in trainer.read_metrics(os.path.join(workdir, "metrics.jsonl"))] == [1, 2, 3, 4]
+    assert json.load(open(os.path.join(workdir, "config.json")))["optimizer"]["lr"] == 1e-2  # the new one
+
+
 def test_demo_cli_loss_falls_and_samples(tmp_path, capsys):
     workdir = str(tmp_path / "demo")
     args = ["--workdir", workdir, "--steps", "30", "--save-every", "15", "--no-progress",

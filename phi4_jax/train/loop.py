@@ -27,7 +27,7 @@ from phi4_jax.data.pipeline import batch_iterator
 from phi4_jax.data.tokenizing import make_tokenizer
 from phi4_jax.train.optimizer import make_optimizer
 from phi4_jax.train.checkpoints import TrainCheckpointer, init_params_from
-from phi4_jax.train.config import TrainConfig, TrainConfigError, config_json
+from phi4_jax.train.config import TrainConfig, TrainConfigError, config_json, resume_config_changes
 from phi4_jax.train.step import abstract_train_state, create_train_state, make_train_step, train_state_shardings
 from phi4_jax.train.mfu import mfu, peak_flops_per_device, training_flops_per_token
 
@@ -80,23 +80,50 @@ def setup(cfg: TrainConfig, mesh=None):
     return mesh, tokenizer, tx, shardings, step_fn
 
 
-def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, mesh=None):
+def check_resume_config(cfg: TrainConfig, workdir: str, *, allow_change: bool = False, log=print) -> None:
+    """Refuses to resume the run in `workdir` with a config that differs from its saved config.json.
+
+    Keys in `RESUME_CHANGEABLE` (steps, logging, checkpointing, mesh, ...) may change; any other difference
+    raises TrainConfigError naming the keys, unless `allow_change` (train.py --allow-config-change), in
+    which case the differences are logged."""
+    saved = os.path.join(workdir, "config.json")
+    if not os.path.exists(saved):
+        return
+    changes = resume_config_changes(saved, cfg)
+    if not changes:
+        return
+    if not allow_change:
+        raise TrainConfigError(
+            f"the run in {workdir} was started with a different config; changed: {'; '.join(changes)}. "
+            "Use a new --workdir, or pass --allow-config-change to resume with the new values")
+    log(f"resuming with a changed config: {'; '.join(changes)}")
+
+
+def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, mesh=None,
+          allow_config_change: bool = False):
     """Runs (or resumes) training to `cfg.train.steps`; returns {"state", "tokenizer", "last_step", ...}.
 
     `mesh`: a prebuilt `jax.sharding.Mesh` (e.g. over a subset of devices) instead of `cfg.mesh`.
+    Resuming checks the config against WORKDIR/config.json (`check_resume_config`; `allow_config_change`).
     """
     os.makedirs(workdir, exist_ok=True)
     mesh, tokenizer, tx, shardings, step_fn = setup(cfg, mesh)
     model_cfg, loop = cfg.model, cfg.train
     is_main = jax.process_index() == 0
+    ckpt = TrainCheckpointer(workdir, save_every=cfg.checkpoint.save_every, keep=cfg.checkpoint.keep,
+                             async_save=cfg.checkpoint.async_save)
+    start = ckpt.latest_step()
+    if start is not None:
+        try:
+            check_resume_config(cfg, workdir, allow_change=allow_config_change, log=log)
+        except TrainConfigError:
+            ckpt.close()
+            raise
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config_json(cfg))
 
     data_it = batch_iterator(cfg.data, tokenizer, model_cfg.vocab_size, loop.seq_len, loop.global_batch)
-    ckpt = TrainCheckpointer(workdir, save_every=cfg.checkpoint.save_every, keep=cfg.checkpoint.keep,
-                             async_save=cfg.checkpoint.async_save)
-    start = ckpt.latest_step()
     if start is not None:
         state, start = ckpt.restore(abstract_train_state(model_cfg, tx, shardings), data_it)
         log(f"resumed from {ckpt.directory} at step {start}")
