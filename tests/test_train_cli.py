@@ -207,7 +207,19 @@ def test_converted_checkpoint_starts_a_run(tmp_path, capsys):
                                                f"train.init_from={converted}"])
     run = trainer.train(cfg_run, str(tmp_path / "run"), progress=False, log=logs.append, mesh=_one_device())
     assert f"initialized parameters from {converted}" in logs
-    from phi4_jax.train.step import abstract_train_state
-    stage2 = init_params_from(str(tmp_path / "run"), cfg.model, sh.params, abstract_train_state(cfg.model, tx, sh))
+    import orbax.checkpoint as ocp
+    requested = []
+    real_restore = ocp.CheckpointManager.restore
+
+    def spy(self, step, args=None, **kwargs):
+        requested.append(args)
+        return real_restore(self, step, args=args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ocp.CheckpointManager, "restore", spy)
+        stage2 = init_params_from(str(tmp_path / "run"), cfg.model, sh.params)
+    # only the params subtree of the train state is read (no optimizer moments, no data iterator)
+    assert [sorted(a.keys()) for a in requested] == [["state"]]
+    assert list(requested[0]["state"].item) == ["params"]
     for a, b in zip(jax.tree.leaves(jax.device_get(run["state"]["params"])), jax.tree.leaves(jax.device_get(stage2))):
         np.testing.assert_array_equal(a, b)

@@ -109,6 +109,26 @@ def test_grad_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(b, a, atol=1e-7, rtol=1e-4)
 
 
+def test_train_state_around_given_params_places_them_once():
+    cfg = CFG.replace(num_layers=1)
+    tx, _ = make_optimizer(OptimizerConfig(lr=1e-3, warmup_steps=0), cfg, 10)
+    mesh = sharding.build_mesh("fsdp=2", devices=jax.devices()[:2])
+    sh = train_state_shardings(mesh, cfg, tx)
+    params = jax.jit(lambda k: init_params(cfg, k), out_shardings=sh.params)(jax.random.key(3))
+    params = jax.tree.map(lambda p: p + 0.5, params)  # nonzero, so optax's moments would show a copy of them
+    state = create_train_state(cfg, tx, sh, None, params=params)
+    assert all(a is b for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state["params"])))  # not copied
+    want = tx.init(jax.device_get(params))  # optax's own init on host arrays
+    for got, ref, target in zip(jax.tree.leaves(state["opt_state"]), jax.tree.leaves(want),
+                                jax.tree.leaves(sh.state["opt_state"])):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+        assert got.sharding.is_equivalent_to(target, got.ndim)
+    assert int(state["step"]) == 0
+    host = create_train_state(cfg, tx, sh, None, params=jax.device_get(params))  # host arrays are placed
+    for got, target in zip(jax.tree.leaves(host["params"]), jax.tree.leaves(sh.params)):
+        assert got.sharding.is_equivalent_to(target, got.ndim) and got.dtype == jnp.float32
+
+
 def test_schedule_warmup_then_linear_decay():
     sched = learning_rate_schedule(OptimizerConfig(lr=3e-4, warmup_steps=10, end_lr_ratio=0.1), 110)
     lrs = np.array([float(sched(i)) for i in (0, 4, 9, 10, 60, 110, 500)])

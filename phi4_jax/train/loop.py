@@ -128,8 +128,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
         state, start = ckpt.restore(abstract_train_state(model_cfg, tx, shardings), data_it)
         log(f"resumed from {ckpt.directory} at step {start}")
     elif loop.init_from:
-        params = init_params_from(loop.init_from, model_cfg, shardings.params,
-                                  abstract_train_state(model_cfg, tx, shardings))
+        params = init_params_from(loop.init_from, model_cfg, shardings.params)
         state = create_train_state(model_cfg, tx, shardings, None, params=params)
         start = 0
         log(f"initialized parameters from {loop.init_from}")
