@@ -82,6 +82,74 @@ def test_resume_after_sigterm_reproduces_uninterrupted_run(tmp_path, monkeypatch
     assert got == want  # bit-exact: same params, optimizer state and data position after resume
 
 
+def test_metrics_of_a_step_are_fetched_after_the_next_step_is_dispatched(tmp_path, monkeypatch):
+    import jax
+
+    events = []
+
+    def dispatched(n, metrics):
+        events.append(f"dispatch {n}")
+        return metrics
+
+    real_get, fetched = jax.device_get, [0]
+
+    def device_get(x):
+        if isinstance(x, dict) and "loss" in x:  # a step's metrics
+            fetched[0] += 1
+            events.append(f"fetch {fetched[0]}")
+        return real_get(x)
+
+    _wrap_step(monkeypatch, dispatched)
+    monkeypatch.setattr(jax, "device_get", device_get)
+    cfg = load_train_config(DEMO, SMALL + ["train.steps=5", "checkpoint.save_every=3"])
+    trainer.train(cfg, str(tmp_path), progress=False, mesh=_one_device())
+    # step 3 is saved: its loss is fetched (and checked) before its state is saved and step 4 dispatched;
+    # the last step is fetched at once
+    assert events == ["dispatch 1", "dispatch 2", "fetch 1", "dispatch 3", "fetch 2", "fetch 3", "dispatch 4",
+                      "dispatch 5", "fetch 4", "fetch 5"]
+    records = trainer.read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert all(r["seconds"] >= r["data_seconds"] >= 0 for r in records)
+
+
+def test_prefetched_batches_checkpoint_the_last_consumed_batch():
+    """The prefetch threads read ahead, yet the saved iterator state is that of the last batch handed out."""
+    import time
+
+    import grain
+    import jax
+
+    produced = []
+
+    def row(i):
+        produced.append(int(i))
+        return np.full((4,), i, np.int32)
+
+    def dataset():
+        return grain.MapDataset.range(1000).map(row).to_iter_dataset().batch(2)
+
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    plain = [b for _, b in zip(range(6), iter(dataset()))]
+    it = trainer.prefetched_batches(dataset().map(lambda b: {"x": b}), sharding, host_buffer=2)
+    first = [np.asarray(next(it)["x"]) for _ in range(2)]
+    for _ in range(200):  # let the background threads read ahead
+        if len(produced) > 12 + 6:
+            break
+        time.sleep(0.01)
+    assert len(produced) > 12 + 6  # rows of more than the 2 consumed (+ the 6 of `plain`) were read
+    state = it.get_state()
+    later = [np.asarray(next(it)["x"]) for _ in range(2)]
+    it.close()
+    resumed = trainer.prefetched_batches(dataset().map(lambda b: {"x": b}), sharding)
+    resumed.set_state(state)
+    again = [np.asarray(next(resumed)["x"]) for _ in range(2)]
+    resumed.close()
+    for got, want in zip(first + later, plain[:4]):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(again, plain[2:4]):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = load_train_config(DEMO, SMALL)
 

@@ -46,12 +46,16 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def due(self, step: int) -> bool:
+        """Whether `save(step, ...)` will save (step is a multiple of `save_every`)."""
+        return step % self.save_every == 0
+
     def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
         """Saves if `step` is a multiple of `save_every` (or `force`); returns whether a save started.
 
         The data iterator's state is captured now; array data is copied off the devices before this
         returns and written in the background when async (so the state may be donated afterwards)."""
-        if not force and step % self.save_every:
+        if not force and not self.due(step):
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=grain.checkpoint.CheckpointSave(data_iterator))

@@ -4,26 +4,31 @@
 
 - resumes from the newest checkpoint in WORKDIR/checkpoints (params, optimizer, step, data iterator),
   else starts from `train.init_from` (a converted or previous-stage checkpoint), else from a fresh init;
+- prepares batches ahead in background threads (`prefetched_batches`) and fetches a step's metrics only
+  after the next step is dispatched, so the device does not wait on the host;
 - appends one JSON object per logged step to WORKDIR/metrics.jsonl (step, loss, grad_norm, lr, tokens,
-  tokens_per_s, mfu when the device's peak is known, seconds);
+  tokens_per_s and mfu over the step's wall time including data, seconds, data_seconds spent waiting for
+  the batch);
 - saves every `checkpoint.save_every` steps (async) and at the end; on SIGTERM it saves and returns;
 - a non-finite loss raises `NonFiniteLossError` naming the step; nothing is saved after the last good step.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import signal
 import time
 
+import grain
 import jax
 import numpy as np
 
 from phi4_jax.model import sharding
 from phi4_jax.data.sources import DataError
-from phi4_jax.data.pipeline import batch_iterator
+from phi4_jax.data.pipeline import host_batches
 from phi4_jax.data.tokenizing import make_tokenizer
 from phi4_jax.train.optimizer import make_optimizer
 from phi4_jax.train.checkpoints import TrainCheckpointer, init_params_from
@@ -58,6 +63,21 @@ class _SigtermFlag:
 
 def _global_batch(local: dict, batch_sharding) -> dict:
     return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def prefetched_batches(dataset: grain.IterDataset, batch_sharding, *, host_buffer: int = 2,
+                       device_buffer: int = 1):
+    """An iterator over global device batches that background threads prepare ahead of the train step.
+
+    One grain `ThreadPrefetchIterDataset` reads and packs up to `host_buffer` host batches ahead, a second
+    turns up to `device_buffer` of them into global arrays (`make_array_from_process_local_data`) while the
+    device runs the current step. Its `get_state` / `set_state` are grain's: the state is that of the last
+    batch handed out, so a checkpoint never counts prefetched-but-unconsumed batches and a resumed run sees
+    exactly the batches it would have seen.
+    """
+    host = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=host_buffer)
+    device = host.map(functools.partial(_global_batch, batch_sharding=batch_sharding))
+    return iter(grain.experimental.ThreadPrefetchIterDataset(device, prefetch_buffer_size=device_buffer))
 
 
 def setup(cfg: TrainConfig, mesh=None):
@@ -123,18 +143,24 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config_json(cfg))
 
-    data_it = batch_iterator(cfg.data, tokenizer, model_cfg.vocab_size, loop.seq_len, loop.global_batch)
-    if start is not None:
-        state, start = ckpt.restore(abstract_train_state(model_cfg, tx, shardings), data_it)
-        log(f"resumed from {ckpt.directory} at step {start}")
-    elif loop.init_from:
-        params = init_params_from(loop.init_from, model_cfg, shardings.params)
-        state = create_train_state(model_cfg, tx, shardings, None, params=params)
-        start = 0
-        log(f"initialized parameters from {loop.init_from}")
-    else:
-        state = create_train_state(model_cfg, tx, shardings, jax.random.key(loop.seed))
-        start = 0
+    data_it = prefetched_batches(
+        host_batches(cfg.data, tokenizer, model_cfg.vocab_size, loop.seq_len, loop.global_batch), shardings.batch)
+    try:
+        if start is not None:
+            state, start = ckpt.restore(abstract_train_state(model_cfg, tx, shardings), data_it)
+            log(f"resumed from {ckpt.directory} at step {start}")
+        elif loop.init_from:
+            params = init_params_from(loop.init_from, model_cfg, shardings.params)
+            state = create_train_state(model_cfg, tx, shardings, None, params=params)
+            start = 0
+            log(f"initialized parameters from {loop.init_from}")
+        else:
+            state = create_train_state(model_cfg, tx, shardings, jax.random.key(loop.seed))
+            start = 0
+    except BaseException:
+        data_it.close()
+        ckpt.close()
+        raise
 
     flops_per_token = training_flops_per_token(model_cfg, loop.seq_len)
     peak = peak_flops_per_device()
@@ -149,36 +175,52 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
 
     step = start
     stopped_by_sigterm = False
+    clock = [time.perf_counter()]   # when the previous step's metrics arrived (or the loop started)
+
+    def report(done_step: int, device_metrics: dict, data_seconds: float, metrics_file):
+        """Fetches a dispatched step's metrics, checks the loss, logs. Its wall time (`seconds`) runs from the
+        previous step's report to this one: compute, waiting for data and host work, all included."""
+        metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        now = time.perf_counter()
+        seconds, clock[0] = now - clock[0], now
+        if not math.isfinite(metrics["loss"]):
+            ckpt.wait()
+            raise NonFiniteLossError(
+                f"non-finite loss ({metrics['loss']}) at step {done_step}; stopping. The last good "
+                f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+        tokens_per_s = tokens_per_step / seconds
+        record = {"step": done_step, **metrics, "tokens_per_s": tokens_per_s,
+                  "mfu": mfu(flops_per_token, tokens_per_s, n_devices, peak), "seconds": seconds,
+                  "data_seconds": data_seconds}
+        if is_main and (done_step % loop.log_every == 0 or done_step == loop.steps):
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+
     try:
         with _SigtermFlag() as sigterm, open(metrics_path, "a") as metrics_file:
+            pending = None   # (step, its metrics on the device, seconds it waited for its batch)
             while step < loop.steps:
+                t0 = time.perf_counter()
                 try:
-                    local = next(data_it)
+                    batch = next(data_it)
                 except StopIteration:
                     raise DataError("the data pipeline ran out of batches") from None
-                batch = _global_batch(local, shardings.batch)
-                t0 = time.perf_counter()
-                state, metrics = step_fn(state, batch)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                seconds = time.perf_counter() - t0
+                data_seconds = time.perf_counter() - t0
+                state, metrics = step_fn(state, batch)   # dispatched; runs while the host goes on
                 step += 1
-                if not math.isfinite(metrics["loss"]):
-                    ckpt.wait()
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({metrics['loss']}) at step {step}; stopping. The last good "
-                        f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
-                if ckpt.save(step, state, data_it):
-                    last_saved = step
-                tokens_per_s = tokens_per_step / seconds
-                record = {"step": step, **metrics, "tokens_per_s": tokens_per_s,
-                          "mfu": mfu(flops_per_token, tokens_per_s, n_devices, peak), "seconds": seconds}
-                if is_main and (step % loop.log_every == 0 or step == loop.steps):
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-                if sigterm.raised:
+                if pending is not None:   # the previous step's metrics, fetched now that this step is queued
+                    report(*pending, metrics_file)
+                pending = (step, metrics, data_seconds)
+                stop = sigterm.raised
+                if ckpt.due(step) or stop or step == loop.steps:
+                    report(*pending, metrics_file)   # a step's loss is checked before its state is saved
+                    pending = None
+                    if ckpt.save(step, state, data_it):
+                        last_saved = step
+                if stop:
                     stopped_by_sigterm = True
                     log(f"SIGTERM: saving step {step} and stopping")
                     break
@@ -188,6 +230,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
         if bar is not None:
             bar.close()
         ckpt.close()
+        data_it.close()
     return {"state": state, "tokenizer": tokenizer, "last_step": step, "mesh": mesh,
             "stopped_by_sigterm": stopped_by_sigterm, "metrics_path": metrics_path}
 
