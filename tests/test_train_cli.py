@@ -192,6 +192,31 @@ def test_cli_reports_bad_config_and_mesh(tmp_path, capsys):
     assert "micro-batch size 4 is not divisible by the data-parallel mesh axes" in capsys.readouterr().err
 
 
+def test_end_of_run_samples_use_the_sharded_params(tmp_path, monkeypatch):
+    """Sampling after a run on 8 devices gathers nothing to the host and equals generation from a host copy."""
+    import jax
+
+    from phi4_jax.inference.engine import generate
+    from phi4_jax.model.decoder import model_from_params
+
+    cfg = load_train_config(DEMO, SMALL + ["train.steps=2", "optimizer.lr=0.05"])
+    run = trainer.train(cfg, str(tmp_path), progress=False)   # the demo mesh: fsdp over all 8 devices
+    params = run["state"]["params"]
+    assert len(params["embed"].sharding.device_set) == 8
+    prompts = list(cfg.demo.sample_prompts[:2])
+    host = model_from_params(cfg.model, jax.device_get(params))
+    tok = run["tokenizer"]
+    want = [tok.decode(o) for o in generate(host, [tok.encode(p) for p in prompts], max_new_tokens=6,
+                                            stop_tokens=[tok.endoftext_id])]
+
+    def no_gather(x):
+        raise AssertionError("sample_continuations gathered arrays to the host")
+
+    monkeypatch.setattr(jax, "device_get", no_gather)
+    got = trainer.sample_continuations(run["state"], cfg.model, tok, prompts, 6, run["mesh"])
+    assert got == want
+
+
 def test_cli_resume_refuses_a_changed_config_unless_allowed(tmp_path, capsys):
     workdir = str(tmp_path / "run")
     base = ["--workdir", workdir, "--no-progress", "--set", "demo.plot=false", "--set", "demo.sample_prompts=[]"]

@@ -64,13 +64,14 @@ def main(argv=None) -> int:
         return 0
     import jax
 
-    if jax.process_index() == 0:
-        metrics = result["metrics_path"]
-        if cfg.demo.plot and os.path.exists(metrics):
-            print(f"loss curve: {plot_loss_curve(metrics, os.path.join(workdir, 'loss.png'))}")
-        if cfg.demo.sample_prompts:
-            outs = sample_continuations(result["state"], cfg.model, result["tokenizer"],
-                                        list(cfg.demo.sample_prompts), cfg.demo.max_new_tokens)
+    is_main = jax.process_index() == 0
+    metrics = result["metrics_path"]
+    if is_main and cfg.demo.plot and os.path.exists(metrics):
+        print(f"loss curve: {plot_loss_curve(metrics, os.path.join(workdir, 'loss.png'))}")
+    if cfg.demo.sample_prompts:  # every process takes part (the parameters stay sharded); process 0 prints
+        outs = sample_continuations(result["state"], cfg.model, result["tokenizer"],
+                                    list(cfg.demo.sample_prompts), cfg.demo.max_new_tokens, result["mesh"])
+        if is_main:
             print("samples (greedy):")
             for prompt, out in zip(cfg.demo.sample_prompts, outs):
                 print(f"  {prompt!r} -> {out!r}")

@@ -260,14 +260,20 @@ def plot_loss_curve(metrics_path: str, png_path: str) -> str:
     return png_path
 
 
-def sample_continuations(state, model_cfg, tokenizer, prompts, max_new_tokens: int) -> list[str]:
-    """Greedy continuations of text prompts from the trained parameters (stops at <|endoftext|>)."""
+def sample_continuations(state, model_cfg, tokenizer, prompts, max_new_tokens: int, mesh) -> list[str]:
+    """Greedy continuations of text prompts from the trained parameters (stops at <|endoftext|>).
+
+    Runs on every process with the parameters as they are sharded on `mesh` (nothing is gathered to a
+    host): the weights keep the training layout, the few prompts and their cache are replicated (batch and
+    sequence unsharded), and XLA gathers each layer's weights where it needs them. Call it on all
+    processes of a multi-host run; each gets the same texts (print them on process 0).
+    """
     from phi4_jax.inference.engine import generate
     from phi4_jax.model.decoder import model_from_params
 
-    params = jax.device_get(state["params"])
-    model = model_from_params(model_cfg, params)
+    model = model_from_params(model_cfg, state["params"])
+    rules = {**sharding.TRAINING_RULES, "batch": None, "seq": None}
     ids = [tokenizer.encode(p) for p in prompts]
     outs = generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.0,
-                    stop_tokens=[tokenizer.endoftext_id])
+                    stop_tokens=[tokenizer.endoftext_id], mesh=mesh, rules=rules)
     return [tokenizer.decode(o) for o in outs]
