@@ -282,6 +282,7 @@ def test_bad_arguments_get_clear_errors(converted):
         (dict(prompts=[]), "non-empty"),
         (dict(prompts=[[]]), "empty"),
         (dict(prompts=[[1, 400]]), "outside the vocabulary"),
+        (dict(prompts=[[1, 2.5]]), "integer token ids"),
         (dict(prompts="hello"), "list"),
         (dict(prompts=[[1]], max_new_tokens=0), "max_new_tokens"),
         (dict(prompts=[[1]], temperature=-1.0), "temperature"),

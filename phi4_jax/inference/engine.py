@@ -27,6 +27,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from phi4_jax.checks import check_integer, first_out_of_range, is_integer, is_number
 from phi4_jax.model import sharding
 from phi4_jax.model.config import DTYPES, Phi4Config
 from phi4_jax.inference.errors import ContextLengthError, GenerationError
@@ -176,12 +177,14 @@ def validate_prompts(prompts, config: Phi4Config) -> list[list[int]]:
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (Sequence, np.ndarray)):
             raise GenerationError(f"prompt {i} must be a list of token ids, got {type(prompt).__name__}")
+        if not all(is_integer(t) for t in prompt):
+            raise GenerationError(f"prompt {i} must hold integer token ids")
         ids = [int(t) for t in prompt]
         if not ids:
             raise GenerationError(f"prompt {i} is empty; it needs at least one token")
-        bad = [t for t in ids if not 0 <= t < config.vocab_size]
-        if bad:
-            raise GenerationError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {config.vocab_size})")
+        bad = first_out_of_range(ids, config.vocab_size)
+        if bad is not None:
+            raise GenerationError(f"prompt {i} has token id {bad} outside the vocabulary [0, {config.vocab_size})")
         if len(ids) >= config.max_position_embeddings:
             raise ContextLengthError(
                 f"prompt {i} has {len(ids)} tokens but the context window is {config.max_position_embeddings} "
@@ -191,13 +194,12 @@ def validate_prompts(prompts, config: Phi4Config) -> list[list[int]]:
 
 
 def validate_sampling(max_new_tokens, temperature, top_k, top_p):
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating)) or not temperature >= 0:
+    check_integer(max_new_tokens, "max_new_tokens", GenerationError)
+    if not is_number(temperature) or not temperature >= 0:
         raise GenerationError(f"temperature must be a number >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
-        raise GenerationError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float, np.floating)) or not 0 < top_p <= 1):
+    if top_k is not None:
+        check_integer(top_k, "top_k (or None)", GenerationError)
+    if top_p is not None and (not is_number(top_p) or not 0 < top_p <= 1):
         raise GenerationError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 

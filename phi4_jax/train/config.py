@@ -23,6 +23,7 @@ import os
 import tomllib
 from typing import Any
 
+from phi4_jax.checks import check_integer
 from phi4_jax.model.config import ConfigError, Phi4Config, get_preset
 from phi4_jax.model.sharding import MeshConfig, MeshError
 
@@ -183,8 +184,7 @@ def _section(cls, data: dict, name: str):
 
 
 def _positive_int(value, where):
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise TrainConfigError(f"{where} must be a positive integer, got {value!r}")
+    check_integer(value, where, TrainConfigError)
 
 
 def build_train_config(data: dict) -> TrainConfig:
