@@ -21,6 +21,7 @@ import math
 import os
 import signal
 import time
+from typing import Any, NamedTuple
 
 import grain
 import jax
@@ -32,8 +33,10 @@ from phi4_jax.data.pipeline import host_batches
 from phi4_jax.data.tokenizing import make_tokenizer
 from phi4_jax.train.optimizer import make_optimizer
 from phi4_jax.train.checkpoints import TrainCheckpointer, init_params_from
-from phi4_jax.train.config import TrainConfig, TrainConfigError, config_json, resume_config_changes
-from phi4_jax.train.step import abstract_train_state, create_train_state, make_train_step, train_state_shardings
+from phi4_jax.train.config import (OptimizerConfig, TrainConfig, TrainConfigError, config_json,
+                                   resume_config_changes)
+from phi4_jax.train.step import (StepShardings, abstract_train_state, create_train_state, make_train_step,
+                                 train_state_shardings)
 from phi4_jax.train.mfu import mfu, peak_flops_per_device, training_flops_per_token
 
 
@@ -80,12 +83,34 @@ def prefetched_batches(dataset: grain.IterDataset, batch_sharding, *, host_buffe
     return iter(grain.experimental.ThreadPrefetchIterDataset(device, prefetch_buffer_size=device_buffer))
 
 
+class BuiltStep(NamedTuple):
+    """What `build_train_step` returns: the jitted step and what it is compiled against."""
+    step_fn: Any            # jit(step)(state, batch) -> (state, metrics), state donated
+    shardings: StepShardings
+    abstract_state: Any     # the train state as sharded ShapeDtypeStructs (AOT `lower`, restore)
+    tx: Any                 # the optax optimizer (to create a train state)
+
+
+def build_train_step(model_cfg, mesh, *, optimizer: OptimizerConfig, total_steps: int, micro_batches: int,
+                     loss_chunk: int) -> BuiltStep:
+    """The train step for a model, optimizer and mesh: the one construction `train.py` (`setup`) and the AOT
+    plan (`phi4_jax.train.plan`) share. Checks the model against the mesh (MeshError); no arrays are made.
+
+    `step_fn.lower(abstract_state, batch)` with batch = {BATCH_KEYS: ShapeDtypeStruct([G, S], int32,
+    sharding=shardings.batch)} compiles it ahead of time."""
+    sharding.validate_model_mesh(model_cfg, mesh)
+    tx, schedule = make_optimizer(optimizer, model_cfg, total_steps)
+    shardings = train_state_shardings(mesh, model_cfg, tx)
+    step_fn = make_train_step(model_cfg, tx, schedule, micro_batches=micro_batches, loss_chunk=loss_chunk,
+                              mesh=mesh, shardings=shardings)
+    return BuiltStep(step_fn, shardings, abstract_train_state(model_cfg, tx, shardings), tx)
+
+
 def setup(cfg: TrainConfig, mesh=None):
     """Mesh, tokenizer, optimizer, shardings and the jitted step for a config (validated against each other)."""
     sharding.maybe_initialize_distributed(cfg.distributed)
     mesh = mesh if mesh is not None else sharding.build_mesh(cfg.mesh)
     model_cfg = cfg.model
-    sharding.validate_model_mesh(model_cfg, mesh)
     sharding.validate_batch_mesh(mesh, cfg.micro_batch, cfg.train.seq_len, what="micro-batch",
                                  hint=f"; micro-batch = train.global_batch {cfg.train.global_batch} / "
                                       f"train.micro_batches {cfg.train.micro_batches}")
@@ -93,11 +118,9 @@ def setup(cfg: TrainConfig, mesh=None):
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise TrainConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                                f"{model_cfg.vocab_size}")
-    tx, schedule = make_optimizer(cfg.optimizer, model_cfg, cfg.train.steps)
-    shardings = train_state_shardings(mesh, model_cfg, tx)
-    step_fn = make_train_step(model_cfg, tx, schedule, micro_batches=cfg.train.micro_batches,
-                              loss_chunk=cfg.train.loss_chunk, mesh=mesh, shardings=shardings)
-    return mesh, tokenizer, tx, shardings, step_fn
+    built = build_train_step(model_cfg, mesh, optimizer=cfg.optimizer, total_steps=cfg.train.steps,
+                             micro_batches=cfg.train.micro_batches, loss_chunk=cfg.train.loss_chunk)
+    return mesh, tokenizer, built
 
 
 def check_resume_config(cfg: TrainConfig, workdir: str, *, allow_change: bool = False, log=print) -> None:
@@ -127,7 +150,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
     Resuming checks the config against WORKDIR/config.json (`check_resume_config`; `allow_config_change`).
     """
     os.makedirs(workdir, exist_ok=True)
-    mesh, tokenizer, tx, shardings, step_fn = setup(cfg, mesh)
+    mesh, tokenizer, built = setup(cfg, mesh)
+    tx, shardings, step_fn = built.tx, built.shardings, built.step_fn
     model_cfg, loop = cfg.model, cfg.train
     is_main = jax.process_index() == 0
     ckpt = TrainCheckpointer(workdir, save_every=cfg.checkpoint.save_every, keep=cfg.checkpoint.keep,
@@ -147,7 +171,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
         host_batches(cfg.data, tokenizer, model_cfg.vocab_size, loop.seq_len, loop.global_batch), shardings.batch)
     try:
         if start is not None:
-            state, start = ckpt.restore(abstract_train_state(model_cfg, tx, shardings), data_it)
+            state, start = ckpt.restore(built.abstract_state, data_it)
             log(f"resumed from {ckpt.directory} at step {start}")
         elif loop.init_from:
             params = init_params_from(loop.init_from, model_cfg, shardings.params)
