@@ -7,8 +7,8 @@
 - prepares batches ahead in background threads (`prefetched_batches`) and fetches a step's metrics only
   after the next step is dispatched, so the device does not wait on the host;
 - appends one JSON object per logged step to WORKDIR/metrics.jsonl (step, loss, grad_norm, lr, tokens,
-  tokens_per_s and mfu over the step's wall time including data, seconds, data_seconds spent waiting for
-  the batch);
+  tokens_per_s and mfu over the wall time between two steps' metrics, data waits included, seconds, and
+  data_seconds of it spent waiting for batches);
 - saves every `checkpoint.save_every` steps (async) and at the end; on SIGTERM it saves and returns;
 - a non-finite loss raises `NonFiniteLossError` naming the step; nothing is saved after the last good step.
 """
@@ -199,14 +199,15 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
 
     step = start
     stopped_by_sigterm = False
-    clock = [time.perf_counter()]   # when the previous step's metrics arrived (or the loop started)
+    clock = [time.perf_counter(), 0.0]   # when the previous step's metrics arrived; data waits since then
 
-    def report(done_step: int, device_metrics: dict, data_seconds: float, metrics_file):
+    def report(done_step: int, device_metrics: dict, metrics_file):
         """Fetches a dispatched step's metrics, checks the loss, logs. Its wall time (`seconds`) runs from the
-        previous step's report to this one: compute, waiting for data and host work, all included."""
+        previous step's report to this one: compute, waiting for data and host work, all included;
+        `data_seconds` is the part of it spent waiting for batches."""
         metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         now = time.perf_counter()
-        seconds, clock[0] = now - clock[0], now
+        seconds, data_seconds, clock[:] = now - clock[0], clock[1], [now, 0.0]
         if not math.isfinite(metrics["loss"]):
             ckpt.wait()
             raise NonFiniteLossError(
@@ -225,19 +226,19 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
 
     try:
         with _SigtermFlag() as sigterm, open(metrics_path, "a") as metrics_file:
-            pending = None   # (step, its metrics on the device, seconds it waited for its batch)
+            pending = None   # (step, its metrics on the device): dispatched, not yet reported
             while step < loop.steps:
                 t0 = time.perf_counter()
                 try:
                     batch = next(data_it)
                 except StopIteration:
                     raise DataError("the data pipeline ran out of batches") from None
-                data_seconds = time.perf_counter() - t0
+                clock[1] += time.perf_counter() - t0
                 state, metrics = step_fn(state, batch)   # dispatched; runs while the host goes on
                 step += 1
                 if pending is not None:   # the previous step's metrics, fetched now that this step is queued
                     report(*pending, metrics_file)
-                pending = (step, metrics, data_seconds)
+                pending = (step, metrics)
                 stop = sigterm.raised
                 if ckpt.due(step) or stop or step == loop.steps:
                     report(*pending, metrics_file)   # a step's loss is checked before its state is saved
