@@ -12,6 +12,8 @@ Sections (all optional; unknown keys are errors):
     [demo]       sample_prompts, max_new_tokens, plot
 
 `load_train_config` returns a validated `TrainConfig`; every problem is a `TrainConfigError` naming the key.
+`config_json` is the resolved config a run saves as WORKDIR/config.json (it loads again as a config file);
+`resume_config_changes` lists what a resume changes beyond `RESUME_CHANGEABLE`.
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ class TrainConfig:
     data: DataConfig
     checkpoint: CheckpointConfig
     demo: DemoConfig
-    raw: dict                      # the merged dict this was built from (saved with the run)
+    raw: dict                      # the merged dict this was built from (WORKDIR/config.json holds the
+                                   # resolved config instead: `resolved_config`)
 
     @property
     def micro_batch(self) -> int:
