@@ -34,6 +34,7 @@ from typing import Literal
 
 import tiktoken
 
+from phi4_jax.checks import first_out_of_range, is_integer
 from phi4_jax.special_tokens import (ENDOFTEXT_ID, IM_END_ID, IM_SEP_ID, IM_START_ID, N_VOCAB,
                                      NUM_MERGEABLE_RANKS, PAD_ID, SPECIAL_TOKENS)
 
@@ -262,11 +263,12 @@ class Tokenizer:
             raise TokenizerError(f"decode expects a sequence of token ids, got {type(ids).__name__}") from None
         out = []
         for i in ids:
-            if isinstance(i, bool) or not isinstance(i, int):
+            if not is_integer(i):
                 raise TokenizerError(f"token ids must be integers, got {i!r}")
-            if not 0 <= i < N_VOCAB:
-                raise TokenizerError(f"token id {i} is out of range [0, {N_VOCAB})")
-            out.append(i)
+            out.append(int(i))
+        bad = first_out_of_range(out, N_VOCAB)
+        if bad is not None:
+            raise TokenizerError(f"token id {bad} is out of range [0, {N_VOCAB})")
         return out
 
     def decode(self, ids: Sequence[int], errors: str = "replace") -> str:

@@ -67,14 +67,18 @@ def test_prompt_answers_once_and_matches_in_process_chat(checkpoint, chat_model)
 
 
 def full_reprefill_answers(model, tokenizer, argv, messages, max_context):
-    """Answers to successive user messages, each re-prefilling the whole (trimmed) conversation."""
-    from phi4_jax.cli.chat import Conversation, answer, parse_args
+    """Answers to successive user messages, each re-prefilling the whole (trimmed) conversation (`generate`)."""
+    from phi4_jax.cli.chat import Conversation, parse_args
 
     args = parse_args(argv)
     conversation = Conversation(tokenizer, args.system, max_context)
+    stops = generation.chat_stop_tokens(model.config, tokenizer)
     texts = []
     for message in messages:
-        text, _ = answer(model, tokenizer, conversation.prompt_for(message), args, max_context, out=io.StringIO())
+        ids = conversation.prompt_for(message)
+        text = generation.generate_text_from_ids(
+            model, tokenizer, ids, max_new_tokens=min(args.max_new_tokens, max_context - len(ids)),
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stops)
         conversation.add_answer(text)
         texts.append(text)
     return texts
@@ -110,7 +114,7 @@ def test_cached_session_equals_full_reprefill_when_turns_are_dropped(checkpoint,
     turns = []
     for message, want in zip(messages, expected):
         ids = conversation.prompt_for(message)
-        text, stats = answer(model, tokenizer, ids, args, max_context, out=io.StringIO(), session=session)
+        text, stats = answer(session, tokenizer, ids, args, max_context, out=io.StringIO())
         conversation.add_answer(text)
         assert text == want
         assert stats["tokens"] >= 1 and stats["time_to_first_token"] <= stats["seconds"]

@@ -160,6 +160,41 @@ def test_top_k_top_p_never_emit_excluded_tokens(top_k, top_p):
         assert len(seen) >= min(2, len(allowed))
 
 
+def _nucleus_reference(logits, top_p):
+    """float64 NumPy top-p by the sorted definition: (kept mask, each token's mass before it in that order)."""
+    order = np.argsort(-logits, kind="stable")
+    probs = np.exp(logits.astype(np.float64) - logits.max())
+    probs /= probs.sum()
+    before = np.empty_like(probs)
+    before[order] = np.cumsum(probs[order]) - probs[order]
+    return (before < top_p) | (top_p >= 1.0), before
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 4.0, 30.0])  # flat ... peaked (one token above top_p)
+def test_top_p_mask_equals_sorted_definition(scale):
+    rng = np.random.default_rng(int(scale * 100))
+    logits = (rng.normal(size=(6, 5000)) * scale).astype(np.float32)
+    mask_fn = jax.jit(sampling.top_p_mask)
+    for top_p in (0.05, 0.3, 0.6, 0.9, 0.999, 1.0):
+        got = np.asarray(mask_fn(jnp.asarray(logits), np.float32(top_p)))
+        for b in range(logits.shape[0]):
+            want, before = _nucleus_reference(logits[b], top_p)
+            # float32 sums differ from the float64 reference only for a token whose preceding mass is top_p
+            # within rounding; every other token must be decided the same way
+            decided = np.abs(before - top_p) > 1e-5
+            assert want.any() and got[b].any()
+            np.testing.assert_array_equal(got[b][decided], want[decided], err_msg=f"scale {scale} top_p {top_p}")
+    # sampling with top_p alone draws only nucleus tokens, and both sides of a wide nucleus
+    keys = sampling.sequence_keys(0, 6)
+    sampler = Sampler(greedy=False, top_k=None, use_top_p=True)
+    draw = jax.jit(jax.vmap(lambda s: sampling.sample(jnp.asarray(logits), keys, s, sampler, 1.0, 0.6)))
+    drawn = np.asarray(draw(jnp.arange(200)))
+    for b in range(logits.shape[0]):
+        allowed = np.flatnonzero(_nucleus_reference(logits[b], 0.6)[0])
+        assert set(drawn[:, b].tolist()) <= set(allowed.tolist())
+        assert len(set(drawn[:, b].tolist())) >= min(2, len(allowed))
+
+
 def test_generated_samples_stay_in_top_k_of_the_model(converted, prompts, greedy_batched):
     model, _ = converted
     outs = phi4_jax.generate(model, prompts[:2], max_new_tokens=16, temperature=1.5, top_k=3, seed=2,
@@ -192,6 +227,36 @@ def test_streaming_callback_matches_and_reports_each_step(converted, prompts, gr
         assert streamed[:len(seq)] == seq and all(t is None for t in streamed[len(seq):])
 
 
+def test_streaming_dispatches_the_next_step_before_fetching_tokens(converted, prompts, monkeypatch):
+    """Step k+1 is already dispatched when step k's tokens reach the callback (async dispatch), and the extra
+    step at the end leaves a ChatSession's cache exactly as the device loop does."""
+    model, _ = converted
+    expected = phi4_jax.generate(model, prompts[:2], max_new_tokens=9, stop_tokens=[])
+    plain = chat_session.ChatSession(model, stop_tokens=[])
+    plain_out = plain.generate(prompts[1], max_new_tokens=9)
+    real, dispatched, seen = engine._decode_one, [0], []
+
+    def counting(*args, **kwargs):
+        dispatched[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_decode_one", counting)
+    out = phi4_jax.generate(model, prompts[:2], max_new_tokens=9, stop_tokens=[],
+                            callback=lambda column: seen.append(dispatched[0]))
+    assert out == expected
+    # column k (k = 0 is the prefill's token) arrives after decode step k+1 was dispatched: 9 columns, and
+    # one speculative step after the last (the output buffer has 16 slots, so it is not bounded away)
+    assert seen == list(range(1, 10))
+    streamed = chat_session.ChatSession(model, stop_tokens=[])
+    assert streamed.generate(prompts[1], max_new_tokens=9, callback=lambda column: None) == plain_out
+    assert streamed.cached_length == plain.cached_length == len(prompts[1]) + 8
+    assert int(streamed._cache.lengths[0]) == streamed.cached_length
+    stop = plain_out[2]  # a stop token ends the turn early; the speculative step after it does not advance
+    stopper = chat_session.ChatSession(model, stop_tokens=[stop])
+    assert stopper.generate(prompts[1], max_new_tokens=9, callback=lambda column: None) == plain_out[:3]
+    assert int(stopper._cache.lengths[0]) == stopper.cached_length == len(prompts[1]) + 2
+
+
 def test_no_recompile_across_prompt_lengths_and_token_counts(converted):
     model, _ = converted
     rng = np.random.default_rng(1)
@@ -217,6 +282,7 @@ def test_bad_arguments_get_clear_errors(converted):
         (dict(prompts=[]), "non-empty"),
         (dict(prompts=[[]]), "empty"),
         (dict(prompts=[[1, 400]]), "outside the vocabulary"),
+        (dict(prompts=[[1, 2.5]]), "integer token ids"),
         (dict(prompts="hello"), "list"),
         (dict(prompts=[[1]], max_new_tokens=0), "max_new_tokens"),
         (dict(prompts=[[1]], temperature=-1.0), "temperature"),

@@ -82,6 +82,74 @@ def test_resume_after_sigterm_reproduces_uninterrupted_run(tmp_path, monkeypatch
     assert got == want  # bit-exact: same params, optimizer state and data position after resume
 
 
+def test_metrics_of_a_step_are_fetched_after_the_next_step_is_dispatched(tmp_path, monkeypatch):
+    import jax
+
+    events = []
+
+    def dispatched(n, metrics):
+        events.append(f"dispatch {n}")
+        return metrics
+
+    real_get, fetched = jax.device_get, [0]
+
+    def device_get(x):
+        if isinstance(x, dict) and "loss" in x:  # a step's metrics
+            fetched[0] += 1
+            events.append(f"fetch {fetched[0]}")
+        return real_get(x)
+
+    _wrap_step(monkeypatch, dispatched)
+    monkeypatch.setattr(jax, "device_get", device_get)
+    cfg = load_train_config(DEMO, SMALL + ["train.steps=5", "checkpoint.save_every=3"])
+    trainer.train(cfg, str(tmp_path), progress=False, mesh=_one_device())
+    # step 3 is saved: its loss is fetched (and checked) before its state is saved and step 4 dispatched;
+    # the last step is fetched at once
+    assert events == ["dispatch 1", "dispatch 2", "fetch 1", "dispatch 3", "fetch 2", "fetch 3", "dispatch 4",
+                      "dispatch 5", "fetch 4", "fetch 5"]
+    records = trainer.read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert all(r["seconds"] >= r["data_seconds"] >= 0 for r in records)
+
+
+def test_prefetched_batches_checkpoint_the_last_consumed_batch():
+    """The prefetch threads read ahead, yet the saved iterator state is that of the last batch handed out."""
+    import time
+
+    import grain
+    import jax
+
+    produced = []
+
+    def row(i):
+        produced.append(int(i))
+        return np.full((4,), i, np.int32)
+
+    def dataset():
+        return grain.MapDataset.range(1000).map(row).to_iter_dataset().batch(2)
+
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    plain = [b for _, b in zip(range(6), iter(dataset()))]
+    it = trainer.prefetched_batches(dataset().map(lambda b: {"x": b}), sharding, host_buffer=2)
+    first = [np.asarray(next(it)["x"]) for _ in range(2)]
+    for _ in range(200):  # let the background threads read ahead
+        if len(produced) > 12 + 6:
+            break
+        time.sleep(0.01)
+    assert len(produced) > 12 + 6  # rows of more than the 2 consumed (+ the 6 of `plain`) were read
+    state = it.get_state()
+    later = [np.asarray(next(it)["x"]) for _ in range(2)]
+    it.close()
+    resumed = trainer.prefetched_batches(dataset().map(lambda b: {"x": b}), sharding)
+    resumed.set_state(state)
+    again = [np.asarray(next(resumed)["x"]) for _ in range(2)]
+    resumed.close()
+    for got, want in zip(first + later, plain[:4]):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(again, plain[2:4]):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = load_train_config(DEMO, SMALL)
 
@@ -122,6 +190,55 @@ def test_cli_reports_bad_config_and_mesh(tmp_path, capsys):
     assert "does not divide num_kv_heads=2" in capsys.readouterr().err
     assert train_cli.main(["--workdir", str(tmp_path), "--set", "train.global_batch=4"]) == 2
     assert "micro-batch size 4 is not divisible by the data-parallel mesh axes" in capsys.readouterr().err
+
+
+def test_end_of_run_samples_use_the_sharded_params(tmp_path, monkeypatch):
+    """Sampling after a run on 8 devices gathers nothing to the host and equals generation from a host copy."""
+    import jax
+
+    from phi4_jax.inference.engine import generate
+    from phi4_jax.model.decoder import model_from_params
+
+    cfg = load_train_config(DEMO, SMALL + ["train.steps=2", "optimizer.lr=0.05"])
+    run = trainer.train(cfg, str(tmp_path), progress=False)   # the demo mesh: fsdp over all 8 devices
+    params = run["state"]["params"]
+    assert len(params["embed"].sharding.device_set) == 8
+    prompts = list(cfg.demo.sample_prompts[:2])
+    host = model_from_params(cfg.model, jax.device_get(params))
+    tok = run["tokenizer"]
+    want = [tok.decode(o) for o in generate(host, [tok.encode(p) for p in prompts], max_new_tokens=6,
+                                            stop_tokens=[tok.endoftext_id])]
+
+    def no_gather(x):
+        raise AssertionError("sample_continuations gathered arrays to the host")
+
+    monkeypatch.setattr(jax, "device_get", no_gather)
+    got = trainer.sample_continuations(run["state"], cfg.model, tok, prompts, 6, run["mesh"])
+    assert got == want
+
+
+def test_cli_resume_refuses_a_changed_config_unless_allowed(tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    base = ["--workdir", workdir, "--no-progress", "--set", "demo.plot=false", "--set", "demo.sample_prompts=[]"]
+    for item in SMALL + ["train.steps=2"]:
+        base += ["--set", item]
+    assert train_cli.main(base) == 0
+    capsys.readouterr()
+    changed = base + ["--set", "optimizer.lr=1e-2", "--set", "model.rms_norm_eps=1e-6"]
+    assert train_cli.main(changed + ["--steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "different config" in err and "--allow-config-change" in err
+    assert "optimizer.lr: 0.003 -> 0.01" in err and "model.rms_norm_eps: 1e-05 -> 1e-06" in err
+    assert "train.steps" not in err  # steps (and logging, saving, mesh) may change on resume
+    assert len(trainer.read_metrics(os.path.join(workdir, "metrics.jsonl"))) == 2  # nothing ran
+    # more steps, another save interval and mesh: a plain resume
+    assert train_cli.main(base + ["--steps", "3", "--save-every", "3", "--set", "mesh.data=2"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert train_cli.main(changed + ["--steps", "4", "--allow-config-change"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming with a changed config" in out and "resumed from" in out
+    assert [r["step"] for r in trainer.read_metrics(os.path.join(workdir, "metrics.jsonl"))] == [1, 2, 3, 4]
+    assert json.load(open(os.path.join(workdir, "config.json")))["optimizer"]["lr"] == 1e-2  # the new one
 
 
 def test_demo_cli_loss_falls_and_samples(tmp_path, capsys):
@@ -183,7 +300,19 @@ def test_converted_checkpoint_starts_a_run(tmp_path, capsys):
                                                f"train.init_from={converted}"])
     run = trainer.train(cfg_run, str(tmp_path / "run"), progress=False, log=logs.append, mesh=_one_device())
     assert f"initialized parameters from {converted}" in logs
-    from phi4_jax.train.step import abstract_train_state
-    stage2 = init_params_from(str(tmp_path / "run"), cfg.model, sh.params, abstract_train_state(cfg.model, tx, sh))
+    import orbax.checkpoint as ocp
+    requested = []
+    real_restore = ocp.CheckpointManager.restore
+
+    def spy(self, step, args=None, **kwargs):
+        requested.append(args)
+        return real_restore(self, step, args=args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ocp.CheckpointManager, "restore", spy)
+        stage2 = init_params_from(str(tmp_path / "run"), cfg.model, sh.params)
+    # only the params subtree of the train state is read (no optimizer moments, no data iterator)
+    assert [sorted(a.keys()) for a in requested] == [["state"]]
+    assert list(requested[0]["state"].item) == ["params"]
     for a, b in zip(jax.tree.leaves(jax.device_get(run["state"]["params"])), jax.tree.leaves(jax.device_get(stage2))):
         np.testing.assert_array_equal(a, b)

@@ -109,6 +109,50 @@ def test_grad_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(b, a, atol=1e-7, rtol=1e-4)
 
 
+def test_train_state_around_given_params_places_them_once():
+    cfg = CFG.replace(num_layers=1)
+    tx, _ = make_optimizer(OptimizerConfig(lr=1e-3, warmup_steps=0), cfg, 10)
+    mesh = sharding.build_mesh("fsdp=2", devices=jax.devices()[:2])
+    sh = train_state_shardings(mesh, cfg, tx)
+    params = jax.jit(lambda k: init_params(cfg, k), out_shardings=sh.params)(jax.random.key(3))
+    params = jax.tree.map(lambda p: p + 0.5, params)  # nonzero, so optax's moments would show a copy of them
+    state = create_train_state(cfg, tx, sh, None, params=params)
+    assert all(a is b for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state["params"])))  # not copied
+    want = tx.init(jax.device_get(params))  # optax's own init on host arrays
+    for got, ref, target in zip(jax.tree.leaves(state["opt_state"]), jax.tree.leaves(want),
+                                jax.tree.leaves(sh.state["opt_state"])):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+        assert got.sharding.is_equivalent_to(target, got.ndim)
+    assert int(state["step"]) == 0
+    host = create_train_state(cfg, tx, sh, None, params=jax.device_get(params))  # host arrays are placed
+    for got, target in zip(jax.tree.leaves(host["params"]), jax.tree.leaves(sh.params)):
+        assert got.sharding.is_equivalent_to(target, got.ndim) and got.dtype == jnp.float32
+
+
+def test_build_train_step_abstract_state_matches_the_real_one_and_compiles_ahead_of_time():
+    """The builder train.py and the AOT plan share: its abstract state describes the state a run creates
+    (shapes, dtypes, shardings), and the step lowered on it runs on real arrays."""
+    from phi4_jax.train.loop import build_train_step
+    from phi4_jax.train.step import BATCH_KEYS
+
+    cfg = CFG.replace(num_layers=1)
+    mesh = sharding.build_mesh("fsdp=2", devices=jax.devices()[:2])
+    built = build_train_step(cfg, mesh, optimizer=OptimizerConfig(lr=1e-3, warmup_steps=0), total_steps=10,
+                             micro_batches=2, loss_chunk=16)
+    state = create_train_state(cfg, built.tx, built.shardings, jax.random.key(0))
+    want, got = jax.tree.leaves(built.abstract_state), jax.tree.leaves(state)
+    assert len(want) == len(got)
+    for a, r in zip(want, got):
+        assert (a.shape, a.dtype) == (r.shape, r.dtype) and a.sharding.is_equivalent_to(r.sharding, r.ndim)
+    batch = _batch(np.random.default_rng(5), 4, 32)
+    abstract_batch = {k: jax.ShapeDtypeStruct((4, 32), jnp.int32, sharding=built.shardings.batch) for k in BATCH_KEYS}
+    compiled = built.step_fn.lower(built.abstract_state, abstract_batch).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes > 0
+    placed = {k: jax.device_put(v, built.shardings.batch) for k, v in batch.items()}
+    _, metrics = compiled(state, placed)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["tokens"]) > 0
+
+
 def test_schedule_warmup_then_linear_decay():
     sched = learning_rate_schedule(OptimizerConfig(lr=3e-4, warmup_steps=10, end_lr_ratio=0.1), 110)
     lrs = np.array([float(sched(i)) for i in (0, 4, 9, 10, 60, 110, 500)])

@@ -101,61 +101,43 @@ class Conversation:
             self.turns.pop()
 
 
-def chat_stop_tokens(model, tokenizer) -> list[int]:
-    """The ids that end an answer: the config's and the tokenizer's (<|im_end|>, <|endoftext|>)."""
-    from phi4_jax.inference.engine import default_stop_tokens
-
-    return sorted(set(default_stop_tokens(model.config)) | set(tokenizer.stop_ids))
-
-
 def new_session(model, tokenizer, args, max_context: int):
     """A `ChatSession` (KV cache kept between turns) with the command line's sampling settings."""
-    from phi4_jax.inference.chat_session import ChatSession
+    from phi4_jax.inference.chat_session import ChatSession, chat_stop_tokens
     from phi4_jax.inference.errors import GenerationError
 
     try:
         return ChatSession(model, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                           stop_tokens=chat_stop_tokens(model, tokenizer), max_context=max_context)
+                           stop_tokens=chat_stop_tokens(model.config, tokenizer), max_context=max_context)
     except GenerationError as e:
         raise ChatError(str(e)) from None
 
 
-def answer(model, tokenizer, prompt_ids: list[int], args, max_context: int, out=None,
-           session=None) -> tuple[str, dict]:
-    """Streams one answer to `out` (stdout); returns (text, stats: tokens, seconds, tokens/s, time to first token).
+def answer(session, tokenizer, prompt_ids: list[int], args, max_context: int, out=None) -> tuple[str, dict]:
+    """Streams one answer to `out` (stdout) through `session` (see `new_session`; the KV cache of earlier turns
+    is reused); returns (text, stats: tokens, seconds, tokens/s, time to first token).
 
-    With a `session` (see `new_session`) the KV cache of earlier turns is reused; without one the whole
-    prompt is prefilled (`generate`). Time to first token includes the prefill; tokens/s counts the
-    tokens after the first over the time after it.
+    Time to first token includes the prefill; tokens/s counts the tokens after the first over the time after it.
     """
-    from phi4_jax.inference.chat_session import TextStreamer
-    from phi4_jax.inference.engine import generate
+    from phi4_jax.inference.chat_session import chat_stop_tokens, stream_text
 
     out = out or sys.stdout
-    stops = chat_stop_tokens(model, tokenizer)
 
     def write(piece):
         out.write(piece)
         out.flush()
 
-    streamer = TextStreamer(tokenizer, write, skip_tokens=stops)
     start = time.perf_counter()
     first_token_at = []
 
-    def callback(column):
-        if column[0] is not None and not first_token_at:
+    def on_token(token):
+        if not first_token_at:
             first_token_at.append(time.perf_counter() - start)
-        streamer.put(column[0])
 
     budget = min(args.max_new_tokens, max_context - len(prompt_ids))
-    if session is not None:
-        new = session.generate(prompt_ids, max_new_tokens=budget, callback=callback)
-    else:
-        new = generate(model, [prompt_ids], max_new_tokens=budget, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, seed=args.seed, stop_tokens=stops, callback=callback)[0]
-    streamer.flush()
+    new, text = stream_text(lambda callback: session.generate(prompt_ids, max_new_tokens=budget, callback=callback),
+                            tokenizer, chat_stop_tokens(session.config, tokenizer), on_text=write, on_token=on_token)
     seconds = time.perf_counter() - start
-    text = tokenizer.decode([t for t in new if t not in set(stops)])
     ttft = first_token_at[0] if first_token_at else seconds
     decode_time = seconds - ttft
     rate = (len(new) - 1) / decode_time if len(new) > 1 and decode_time > 0 else float("nan")
@@ -175,7 +157,7 @@ def run(args) -> int:
 
     if args.prompt is not None:
         ids = conversation.prompt_for(args.prompt)
-        _, stats = answer(model, tokenizer, ids, args, max_context, session=session)
+        _, stats = answer(session, tokenizer, ids, args, max_context)
         _report(stats)
         return 0
 
@@ -195,7 +177,7 @@ def run(args) -> int:
             print(f"error: {e}", file=sys.stderr)
             continue
         try:
-            text, stats = answer(model, tokenizer, ids, args, max_context, session=session)
+            text, stats = answer(session, tokenizer, ids, args, max_context)
         except KeyboardInterrupt:
             conversation.drop_last_user()
             print("\n[answer interrupted]", file=sys.stderr)

@@ -1,10 +1,12 @@
 """Train phi4_jax models: `python train.py` runs the built-in CPU demo (configs/demo.toml).
 
     python train.py [--config PATH] [--workdir DIR] [--steps N] [--save-every N] [--set SECTION.KEY=VALUE ...]
+                    [--allow-config-change] [--no-progress]
 
 Appends one JSON object per logged step to WORKDIR/metrics.jsonl and resumes from the newest checkpoint in
-WORKDIR. With the demo config it also writes WORKDIR/loss.png and prints greedy continuations of a few
-prompts. Multi-host: run the same command on every host (see README); `jax.distributed.initialize` is
+WORKDIR; a resume whose config differs from WORKDIR/config.json in more than steps, logging, checkpointing,
+mesh or remat is refused unless `--allow-config-change` is given. With the demo config it also writes
+WORKDIR/loss.png and prints greedy continuations of a few prompts. Multi-host: run the same command on every host (see README); `jax.distributed.initialize` is
 called when the environment describes several processes.
 """
 
@@ -27,6 +29,9 @@ def parse_args(argv=None):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set optimizer.lr=1e-4 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though the config differs from the run's saved config.json in more than "
+                        "steps, logging, checkpointing, mesh or remat")
     return p.parse_args(argv)
 
 
@@ -50,7 +55,8 @@ def main(argv=None) -> int:
         cfg = load_train_config(args.config, overrides)
         print(f"config {args.config} | model {cfg.model.num_params / 1e6:.2f}M params | "
               f"workdir {os.path.abspath(workdir)}", flush=True)
-        result = train(cfg, workdir, progress=not args.no_progress)
+        result = train(cfg, workdir, progress=not args.no_progress,
+                       allow_config_change=args.allow_config_change)
     except (TrainConfigError, ConfigError, MeshError, DataError, TrainCheckpointError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -58,13 +64,14 @@ def main(argv=None) -> int:
         return 0
     import jax
 
-    if jax.process_index() == 0:
-        metrics = result["metrics_path"]
-        if cfg.demo.plot and os.path.exists(metrics):
-            print(f"loss curve: {plot_loss_curve(metrics, os.path.join(workdir, 'loss.png'))}")
-        if cfg.demo.sample_prompts:
-            outs = sample_continuations(result["state"], cfg.model, result["tokenizer"],
-                                        list(cfg.demo.sample_prompts), cfg.demo.max_new_tokens)
+    is_main = jax.process_index() == 0
+    metrics = result["metrics_path"]
+    if is_main and cfg.demo.plot and os.path.exists(metrics):
+        print(f"loss curve: {plot_loss_curve(metrics, os.path.join(workdir, 'loss.png'))}")
+    if cfg.demo.sample_prompts:  # every process takes part (the parameters stay sharded); process 0 prints
+        outs = sample_continuations(result["state"], cfg.model, result["tokenizer"],
+                                    list(cfg.demo.sample_prompts), cfg.demo.max_new_tokens, result["mesh"])
+        if is_main:
             print("samples (greedy):")
             for prompt, out in zip(cfg.demo.sample_prompts, outs):
                 print(f"  {prompt!r} -> {out!r}")

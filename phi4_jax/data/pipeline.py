@@ -65,13 +65,17 @@ def packed_batches(data_cfg, tokenizer, vocab_size: int, seq_len: int, host_batc
     return packed.map(_ToBatch()).batch(host_batch, drop_remainder=True)
 
 
-def batch_iterator(data_cfg, tokenizer, vocab_size: int, seq_len: int, global_batch: int
-                   ) -> Iterator[dict]:
-    """This host's checkpointable iterator (`get_state` / `set_state`) over its share of each global batch."""
+def host_batches(data_cfg, tokenizer, vocab_size: int, seq_len: int, global_batch: int) -> grain.IterDataset:
+    """This host's share of each global batch, as a grain IterDataset (its iterators are checkpointable)."""
     import jax
 
     count, index = jax.process_count(), jax.process_index()
     if global_batch % count:
         raise DataError(f"global batch {global_batch} is not divisible by the {count} hosts")
-    return iter(packed_batches(data_cfg, tokenizer, vocab_size, seq_len, global_batch // count,
-                               index, count))
+    return packed_batches(data_cfg, tokenizer, vocab_size, seq_len, global_batch // count, index, count)
+
+
+def batch_iterator(data_cfg, tokenizer, vocab_size: int, seq_len: int, global_batch: int
+                   ) -> Iterator[dict]:
+    """This host's checkpointable iterator (`get_state` / `set_state`) over its share of each global batch."""
+    return iter(host_batches(data_cfg, tokenizer, vocab_size, seq_len, global_batch))

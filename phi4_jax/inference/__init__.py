@@ -6,5 +6,5 @@
 - `chat_session`: `ChatSession` (KV cache kept between turns), `TextStreamer`, and text-level helpers.
 - `errors`: `GenerationError`, `ContextLengthError`.
 
-May import: `phi4_jax.model`, `phi4_jax.special_tokens`, `kernels`. Not training or data code.
+May import: `phi4_jax.model`, `phi4_jax.special_tokens`, `phi4_jax.checks`, `kernels`. Not training or data code.
 """

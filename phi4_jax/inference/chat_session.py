@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 from phi4_jax.inference.engine import MIN_NEW_BUCKET, MIN_PROMPT_BUCKET, advance_keys, extend_and_sample, grow_cache, model_params_config, prefill_and_sample, run_decode, run_options, trim_output, validate_prompts, validate_sampling, bucket, default_stop_tokens, generate
+from phi4_jax.checks import check_integer, is_integer
 from phi4_jax.inference.errors import ContextLengthError, GenerationError
 from phi4_jax.inference.kv_cache import KVCache
 from phi4_jax.inference.sampling import sequence_keys
@@ -52,14 +53,11 @@ class ChatSession:
                  max_context: int | None = None, mesh=None, rules=None, cache_dtype=None):
         self.params, self.config = model_params_config(model)
         validate_sampling(1, temperature, top_k, top_p)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        if not is_integer(seed):
             raise GenerationError(f"seed must be an int, got {seed!r}")
         limit = self.config.max_position_embeddings
-        if max_context is None:
-            max_context = limit
-        if isinstance(max_context, bool) or not isinstance(max_context, (int, np.integer)) or max_context < 2:
-            raise GenerationError(f"max_context must be an integer >= 2, got {max_context!r}")
-        self.max_context = min(int(max_context), limit)
+        self.max_context = min(check_integer(limit if max_context is None else max_context, "max_context",
+                                             GenerationError, minimum=2), limit)
         self._opts = run_options(self.config, temperature, top_k, top_p, stop_tokens, mesh, rules, cache_dtype)
         self._keys = sequence_keys(int(seed), 1)
         self._cache: KVCache | None = None
@@ -166,33 +164,60 @@ class TextStreamer:
             self.on_text(text)
 
 
+def chat_stop_tokens(config, tokenizer) -> list[int]:
+    """The ids that end a chat answer: the config's (`default_stop_tokens`) and the tokenizer's (<|im_end|>,
+    <|endoftext|>): the chat format ends answers with <|im_end|>, whatever the config says."""
+    return sorted(set(default_stop_tokens(config)) | set(getattr(tokenizer, "stop_ids", ())))
+
+
+def stream_text(run: Callable, tokenizer, stop_tokens: Sequence[int], *, on_text=None, on_token=None
+                ) -> tuple[list[int], str]:
+    """Runs `run(callback) -> new token ids` (`generate` of one prompt, or `ChatSession.generate`), streaming.
+
+    `on_text(piece)` gets the decoded text as it grows (stop tokens skipped; a UTF-8 character split across
+    tokens waits for the rest), `on_token(id)` each new token. Without either, `run` gets callback=None (the
+    decode loop then stays on the device). Returns (new ids, their text without stop tokens).
+    """
+    callback = None
+    if on_text is not None or on_token is not None:
+        streamer = TextStreamer(tokenizer, on_text or (lambda piece: None), skip_tokens=stop_tokens)
+
+        def callback(column):
+            if column[0] is not None and on_token is not None:
+                on_token(column[0])
+            streamer.put(column[0])
+
+    new = run(callback)
+    if callback is not None:
+        streamer.flush()
+    stops = set(int(t) for t in stop_tokens)
+    return new, tokenizer.decode([t for t in new if t not in stops])
+
+
 def chat_reply(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 512, on_text=None, **kwargs) -> str:
     """One assistant reply to chat `messages` ([{"role", "content"}, ...]) in the phi-4 chat format.
 
-    Applies the chat template with the generation prompt, generates (kwargs go to `generate`), and
-    returns the decoded reply without the closing stop token. `on_text(piece)` streams the reply text.
+    Applies the chat template with the generation prompt, generates (kwargs go to `generate`; stop tokens
+    default to `chat_stop_tokens`), and returns the decoded reply without the closing stop token.
+    `on_text(piece)` streams the reply text.
     """
     prompt = tokenizer.encode_chat(messages, add_generation_prompt=True)
-    if kwargs.get("stop_tokens") is None:  # the chat format ends answers with <|im_end|>, whatever the config says
-        kwargs["stop_tokens"] = sorted(set(default_stop_tokens(model.config)) | set(getattr(tokenizer, "stop_ids", ())))
+    if kwargs.get("stop_tokens") is None:
+        kwargs["stop_tokens"] = chat_stop_tokens(model.config, tokenizer)
     return generate_text_from_ids(model, tokenizer, prompt, max_new_tokens=max_new_tokens, on_text=on_text,
                                   **kwargs)
 
 
 def generate_text_from_ids(model, tokenizer, prompt: list[int], *, max_new_tokens: int, on_text=None,
                            **kwargs) -> str:
-    """Generates from one token-id prompt and returns the decoded new text (stop tokens removed)."""
-    stops = kwargs.get("stop_tokens")
-    stops = default_stop_tokens(model.config) if stops is None else stops
-    kwargs["stop_tokens"] = stops
-    callback = None
-    if on_text is not None:
-        streamer = TextStreamer(tokenizer, on_text, skip_tokens=stops)
-        callback = lambda column: streamer.put(column[0])  # noqa: E731
-    new = generate(model, [prompt], max_new_tokens=max_new_tokens, callback=callback, **kwargs)[0]
-    if on_text is not None:
-        streamer.flush()
-    return tokenizer.decode([t for t in new if t not in set(stops)])
+    """Generates from one token-id prompt (a full prefill) and returns the decoded new text (stop tokens
+    removed); `on_text(piece)` streams it; kwargs go to `generate`."""
+    if kwargs.get("stop_tokens") is None:
+        kwargs["stop_tokens"] = default_stop_tokens(model.config)
+    _, text = stream_text(
+        lambda callback: generate(model, [prompt], max_new_tokens=max_new_tokens, callback=callback, **kwargs)[0],
+        tokenizer, kwargs["stop_tokens"], on_text=on_text)
+    return text
 
 
 def generate_text(model, tokenizer, text: str, *, max_new_tokens: int, **kwargs) -> str:

@@ -9,7 +9,7 @@ Flow of `generate`:
    `kernels.decode_attention`, and samples the next token. Without a streaming callback the whole decode loop
    is one jitted `lax.while_loop` on the device (cache donated) that stops when every sequence has hit a stop
    token or its budget; with a callback, a host loop dispatches one jitted, cache-donating step per token and
-   hands the new tokens to the callback.
+   hands the new tokens to the callback, dispatching the next step before it fetches the current tokens.
 
 Shapes are bucketed (batch, prompt length, cache capacity, output length, number of stop tokens), so a new
 prompt length or token count does not recompile. A prompt of max_position_embeddings tokens or more raises
@@ -27,6 +27,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from phi4_jax.checks import check_integer, first_out_of_range, is_integer, is_number
 from phi4_jax.model import sharding
 from phi4_jax.model.config import DTYPES, Phi4Config
 from phi4_jax.inference.errors import ContextLengthError, GenerationError
@@ -176,12 +177,14 @@ def validate_prompts(prompts, config: Phi4Config) -> list[list[int]]:
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (Sequence, np.ndarray)):
             raise GenerationError(f"prompt {i} must be a list of token ids, got {type(prompt).__name__}")
+        if not all(is_integer(t) for t in prompt):
+            raise GenerationError(f"prompt {i} must hold integer token ids")
         ids = [int(t) for t in prompt]
         if not ids:
             raise GenerationError(f"prompt {i} is empty; it needs at least one token")
-        bad = [t for t in ids if not 0 <= t < config.vocab_size]
-        if bad:
-            raise GenerationError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {config.vocab_size})")
+        bad = first_out_of_range(ids, config.vocab_size)
+        if bad is not None:
+            raise GenerationError(f"prompt {i} has token id {bad} outside the vocabulary [0, {config.vocab_size})")
         if len(ids) >= config.max_position_embeddings:
             raise ContextLengthError(
                 f"prompt {i} has {len(ids)} tokens but the context window is {config.max_position_embeddings} "
@@ -191,13 +194,12 @@ def validate_prompts(prompts, config: Phi4Config) -> list[list[int]]:
 
 
 def validate_sampling(max_new_tokens, temperature, top_k, top_p):
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating)) or not temperature >= 0:
+    check_integer(max_new_tokens, "max_new_tokens", GenerationError)
+    if not is_number(temperature) or not temperature >= 0:
         raise GenerationError(f"temperature must be a number >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
-        raise GenerationError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float, np.floating)) or not 0 < top_p <= 1):
+    if top_k is not None:
+        check_integer(top_k, "top_k (or None)", GenerationError)
+    if top_p is not None and (not is_number(top_p) or not 0 < top_p <= 1):
         raise GenerationError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 
@@ -303,7 +305,8 @@ def run_decode(params, cache, first, done, budget, keys, stops, temp, top_p_valu
     """Decodes after a prefill/extension; returns (tokens [B, <= out_len] numpy, final cache).
 
     Without a callback the loop runs on the device (`_decode_loop`), with one it is a host loop of
-    `_decode_one` steps that passes each step's tokens (first n sequences, None once finished) to it.
+    `_decode_one` steps that passes each step's tokens (first n sequences, None once finished) to it; step k+1
+    is dispatched before step k's tokens are fetched (one extra step at the end advances no cache length).
     When the first token is all the budget allows, no decode program runs and the cache is returned as is.
     """
     if int(np.max(np.asarray(budget))) <= 1:  # the prefill's token is all there is: no decode program needed
@@ -315,18 +318,22 @@ def run_decode(params, cache, first, done, budget, keys, stops, temp, top_p_valu
         out, cache = _decode_loop(params, cache, first, done, budget, keys, stops, temp, top_p_value,
                                   config=config, sampler=sampler, shard=shard, out_len=out_len)
         return np.asarray(out), cache
+    # Pipelined: step k+1 is dispatched before step k's tokens are fetched, so the device computes while the
+    # host copies and runs the callback. Once every sequence is done, the step already in flight advances no
+    # cache length (no sequence is active; it writes only past each length) and its tokens are dropped.
     columns = []
-    token = first
-    count = 1
+    token, count = first, 1
     while True:
+        in_flight = None
+        if count < out_len:
+            cache, *in_flight = _decode_one(params, cache, token, done, np.int32(count), budget, keys, stops, temp,
+                                            top_p_value, config=config, sampler=sampler, shard=shard)
         column, finished = np.asarray(token), bool(np.all(np.asarray(done)))
         columns.append(column)
         callback([int(t) if t != NO_TOKEN else None for t in column[:n]])
-        if finished or count >= out_len:
+        if finished or in_flight is None:
             break
-        cache, token, done = _decode_one(params, cache, token, done, np.int32(count), budget, keys, stops,
-                                         temp, top_p_value, config=config, sampler=sampler, shard=shard)
-        count += 1
+        (token, done), count = in_flight, count + 1
     return np.stack(columns, axis=1), cache
 
 

@@ -19,12 +19,18 @@ import json
 import os
 from typing import Any
 
+import ml_dtypes
+import numpy as np
+
+from phi4_jax.checks import check_integer
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_out")
 # Fields of Phi4Config that choose how the model runs, not what it computes (the rest is the architecture).
 RUNTIME_FIELDS = ("param_dtype", "compute_dtype", "remat_policy", "attention_impl", "scan_layers", "fuse_rope",
                   "kernel_interpret")
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "pallas_gpu", "pallas_tpu", "cudnn")
-DTYPES = ("float32", "bfloat16", "float16")
+# The floating dtypes of parameters, compute and caches: name -> NumPy dtype (the one table of them).
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 
 
 class ConfigError(ValueError):
@@ -61,14 +67,9 @@ class Phi4Config:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        def positive(name):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}")
-
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "max_position_embeddings"):
-            positive(name)
+            check_integer(getattr(self, name), f"config field {name!r}", ConfigError)
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
@@ -80,7 +81,7 @@ class Phi4Config:
             raise ConfigError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in DTYPES:
-                raise ConfigError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be one of {tuple(DTYPES)}, got {getattr(self, name)!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
         if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:

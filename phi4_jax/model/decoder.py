@@ -30,6 +30,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 import kernels
+from phi4_jax.checks import first_out_of_range
 from phi4_jax.model import sharding
 from phi4_jax.model.config import Phi4Config
 
@@ -283,9 +284,8 @@ def check_inputs(input_ids, config: Phi4Config, positions=None, segment_ids=None
         if not jnp.issubdtype(dtype, jnp.integer):
             raise ModelInputError(f"{name} must be integers, got dtype {dtype}")
     if not isinstance(input_ids, jax.core.Tracer) and getattr(input_ids, "is_fully_addressable", True):
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= config.vocab_size:
-            bad = lo if lo < 0 else hi
+        bad = first_out_of_range(input_ids, config.vocab_size)
+        if bad is not None:
             raise ModelInputError(f"token id {bad} is out of range [0, {config.vocab_size})")
 
 

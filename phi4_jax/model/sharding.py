@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from phi4_jax.checks import is_integer
+
 _ACTIVE = contextvars.ContextVar("phi4_jax_sharding", default=None)
 
 
@@ -117,7 +119,7 @@ class MeshConfig:
         if unknown:
             raise MeshError(f"unknown mesh axis/axes {sorted(unknown)}; known: {sorted(names)}")
         for k, v in d.items():
-            if not isinstance(v, int) or isinstance(v, bool) or (v < 1 and v != -1):
+            if not is_integer(v) or (v < 1 and v != -1):
                 raise MeshError(f"mesh size {k}={v!r} must be a positive integer or -1 (fill)")
         return cls(**d)
 

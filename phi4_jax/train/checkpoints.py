@@ -6,7 +6,8 @@ writes a step into a temporary directory and renames it when complete, so a cras
 a partial checkpoint that resume would pick up.
 
 `init_params_from` starts a run from a converted (`convert_weights.py`) or previous-stage checkpoint:
-parameters only, restored straight into the run's shardings, in float32 master precision.
+parameters only (a previous stage's optimizer state is not read), restored straight into the run's
+shardings, in float32 master precision.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from phi4_jax.model.config import RUNTIME_FIELDS, Phi4Config
@@ -44,12 +46,16 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def due(self, step: int) -> bool:
+        """Whether `save(step, ...)` will save (step is a multiple of `save_every`)."""
+        return step % self.save_every == 0
+
     def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
         """Saves if `step` is a multiple of `save_every` (or `force`); returns whether a save started.
 
         The data iterator's state is captured now; array data is copied off the devices before this
         returns and written in the background when async (so the state may be donated afterwards)."""
-        if not force and step % self.save_every:
+        if not force and not self.due(step):
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=grain.checkpoint.CheckpointSave(data_iterator))
@@ -78,13 +84,14 @@ class TrainCheckpointer:
         self.manager.close()
 
 
-def init_params_from(path: str, config: Phi4Config, param_shardings, abstract_state=None):
+def init_params_from(path: str, config: Phi4Config, param_shardings):
     """Parameters to start a run from, placed on `param_shardings` in `config.param_dtype`.
 
-    `path` is either a previous stage's train.py workdir (its newest checkpoint is restored with
-    `abstract_state`, the same optimizer's train state, and only the parameters are kept) or a model
-    checkpoint written by `convert_weights.py` (architecture checked field by field; `rope_theta` and
-    `max_position_embeddings` may differ, as in midtraining).
+    `path` is either a previous stage's train.py workdir (only the "params" subtree of its newest
+    checkpoint's train state is read, with an Orbax partial restore: the optimizer moments stay on disk) or a
+    model checkpoint written by `convert_weights.py` (architecture checked field by field; `rope_theta` and
+    `max_position_embeddings` may differ, as in midtraining). Either way each host reads only its shards,
+    straight into the target shardings.
     """
     from phi4_jax.checkpoint import store
     from phi4_jax.checkpoint import load
@@ -92,25 +99,7 @@ def init_params_from(path: str, config: Phi4Config, param_shardings, abstract_st
     if not os.path.isdir(path):
         raise TrainCheckpointError(f"train.init_from: {path!r} is not a directory")
     if os.path.isdir(os.path.join(path, "checkpoints")):
-        if abstract_state is None:
-            raise TrainCheckpointError("init_from a train.py workdir needs the run's abstract train state")
-        previous = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(path, "checkpoints")), item_names=("state", "data"),
-            options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, max_to_keep=None))
-        try:
-            step = previous.latest_step()
-            if step is None:
-                raise TrainCheckpointError(f"train.init_from: {path!r} has no checkpoint yet")
-            try:
-                restored = previous.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-            except (ValueError, KeyError, FileNotFoundError) as e:
-                raise TrainCheckpointError(
-                    f"train.init_from: step {step} of {path!r} does not match this model/optimizer: "
-                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        finally:
-            previous.close()
-        return restored["state"]["params"]
+        return _restore_train_params(path, config, param_shardings)
     try:
         stored, _ = store.read_checkpoint_config(path)
     except Exception as e:  # noqa: BLE001 - any failure reading it means it cannot start the run
@@ -122,8 +111,33 @@ def init_params_from(path: str, config: Phi4Config, param_shardings, abstract_st
                            for n in mismatched)
         raise TrainCheckpointError(f"train.init_from {path!r} has a different architecture ({detail})")
     try:
-        params = load.restore_params(path, config, dtype=config.param_dtype,
-                                                 sharding=param_shardings)
+        return load.restore_params(path, config, dtype=config.param_dtype, sharding=param_shardings)
     except Exception as e:  # noqa: BLE001
         raise TrainCheckpointError(f"train.init_from: cannot restore parameters from {path!r}: {e}") from None
-    return jax.tree.map(lambda p, sh: jax.device_put(p, sh), params, param_shardings)
+
+
+def _restore_train_params(workdir: str, config: Phi4Config, param_shardings):
+    """The params of the newest train-state checkpoint in a train.py workdir (a partial restore)."""
+    from phi4_jax.model.decoder import is_param_spec, param_specs
+
+    dtype = jnp.dtype(config.param_dtype)
+    abstract = {"params": jax.tree.map(lambda spec, sh: jax.ShapeDtypeStruct(spec[0], dtype, sharding=sh),
+                                       param_specs(config), param_shardings, is_leaf=is_param_spec)}
+    previous = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")), item_names=("state", "data"),
+        options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, max_to_keep=None))
+    try:
+        step = previous.latest_step()
+        if step is None:
+            raise TrainCheckpointError(f"train.init_from: {workdir!r} has no checkpoint yet")
+        args = ocp.args.PyTreeRestore(item=abstract, partial_restore=True,
+                                      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+        try:
+            restored = previous.restore(step, args=ocp.args.Composite(state=args))
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise TrainCheckpointError(
+                f"train.init_from: step {step} of {workdir!r} does not match this model: "
+                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    finally:
+        previous.close()
+    return restored["state"]["params"]

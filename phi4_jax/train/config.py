@@ -12,6 +12,8 @@ Sections (all optional; unknown keys are errors):
     [demo]       sample_prompts, max_new_tokens, plot
 
 `load_train_config` returns a validated `TrainConfig`; every problem is a `TrainConfigError` naming the key.
+`config_json` is the resolved config a run saves as WORKDIR/config.json (it loads again as a config file);
+`resume_config_changes` lists what a resume changes beyond `RESUME_CHANGEABLE`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import tomllib
 from typing import Any
 
+from phi4_jax.checks import check_integer
 from phi4_jax.model.config import ConfigError, Phi4Config, get_preset
 from phi4_jax.model.sharding import MeshConfig, MeshError
 
@@ -100,7 +103,8 @@ class TrainConfig:
     data: DataConfig
     checkpoint: CheckpointConfig
     demo: DemoConfig
-    raw: dict                      # the merged dict this was built from (saved with the run)
+    raw: dict                      # the merged dict this was built from (WORKDIR/config.json holds the
+                                   # resolved config instead: `resolved_config`)
 
     @property
     def micro_batch(self) -> int:
@@ -183,8 +187,7 @@ def _section(cls, data: dict, name: str):
 
 
 def _positive_int(value, where):
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise TrainConfigError(f"{where} must be a positive integer, got {value!r}")
+    check_integer(value, where, TrainConfigError)
 
 
 def build_train_config(data: dict) -> TrainConfig:
@@ -273,6 +276,44 @@ def build_train_config(data: dict) -> TrainConfig:
                        data=data_cfg, checkpoint=ckpt, demo=demo, raw=data)
 
 
+# Keys a resumed run may change without --allow-config-change (a key ending in "." covers its section): how
+# long it runs, how often it logs and saves, what it prints at the end, the mesh (a checkpoint restores onto
+# any mesh), how the batch is split into micro-batches and the loss into chunks (memory, not math), where a
+# fresh run would start from (a resumed one does not), and how the model runs (not what it computes).
+RESUME_CHANGEABLE = ("train.steps", "train.log_every", "train.init_from", "train.micro_batches",
+                     "train.loss_chunk", "checkpoint.", "demo.", "mesh.", "model.remat_policy",
+                     "model.attention_impl", "model.fuse_rope", "model.kernel_interpret")
+
+
+def resolved_config(cfg: TrainConfig) -> dict:
+    """Every setting of `cfg`, defaults included, as a dict that `build_train_config` accepts again."""
+    sections = {name: dataclasses.asdict(getattr(cfg, name))
+                for name in ("optimizer", "train", "data", "checkpoint", "demo")}
+    return {"model": dataclasses.asdict(cfg.model), "mesh": {**dataclasses.asdict(cfg.mesh), "distributed": cfg.distributed},
+            **sections}
+
+
 def config_json(cfg: TrainConfig) -> str:
-    """The resolved configuration (as saved in the run directory)."""
-    return json.dumps(cfg.raw, indent=2, sort_keys=True, default=str)
+    """The resolved configuration (as saved in the run directory, WORKDIR/config.json)."""
+    return json.dumps(resolved_config(cfg), indent=2, sort_keys=True, default=str)
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: json.loads(json.dumps(tree, default=str))}   # tuples and lists compare alike
+
+
+def resume_config_changes(saved_path: str, cfg: TrainConfig) -> list[str]:
+    """The dotted keys whose values differ between the run's saved config.json and `cfg`, except those in
+    `RESUME_CHANGEABLE`, as "key: saved -> new" lines (raises TrainConfigError if the file is unreadable)."""
+    try:
+        with open(saved_path) as f:
+            saved = resolved_config(build_train_config(json.load(f)))
+    except (OSError, ValueError) as e:   # json and TrainConfigError are ValueErrors
+        raise TrainConfigError(f"cannot read the saved run config {saved_path!r}: {e}") from None
+    old, new = _flatten(saved), _flatten(resolved_config(cfg))
+    changed = sorted(k for k in old.keys() | new.keys()
+                     if old.get(k) != new.get(k) and not any(
+                         k == c or (c.endswith(".") and k.startswith(c)) for c in RESUME_CHANGEABLE))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]

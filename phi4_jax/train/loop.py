@@ -4,31 +4,39 @@
 
 - resumes from the newest checkpoint in WORKDIR/checkpoints (params, optimizer, step, data iterator),
   else starts from `train.init_from` (a converted or previous-stage checkpoint), else from a fresh init;
+- prepares batches ahead in background threads (`prefetched_batches`) and fetches a step's metrics only
+  after the next step is dispatched, so the device does not wait on the host;
 - appends one JSON object per logged step to WORKDIR/metrics.jsonl (step, loss, grad_norm, lr, tokens,
-  tokens_per_s, mfu when the device's peak is known, seconds);
+  tokens_per_s and mfu over the wall time between two steps' metrics, data waits included, seconds, and
+  data_seconds of it spent waiting for batches);
 - saves every `checkpoint.save_every` steps (async) and at the end; on SIGTERM it saves and returns;
 - a non-finite loss raises `NonFiniteLossError` naming the step; nothing is saved after the last good step.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import signal
 import time
+from typing import Any, NamedTuple
 
+import grain
 import jax
 import numpy as np
 
 from phi4_jax.model import sharding
 from phi4_jax.data.sources import DataError
-from phi4_jax.data.pipeline import batch_iterator
+from phi4_jax.data.pipeline import host_batches
 from phi4_jax.data.tokenizing import make_tokenizer
 from phi4_jax.train.optimizer import make_optimizer
 from phi4_jax.train.checkpoints import TrainCheckpointer, init_params_from
-from phi4_jax.train.config import TrainConfig, TrainConfigError, config_json
-from phi4_jax.train.step import abstract_train_state, create_train_state, make_train_step, train_state_shardings
+from phi4_jax.train.config import (OptimizerConfig, TrainConfig, TrainConfigError, config_json,
+                                   resume_config_changes)
+from phi4_jax.train.step import (StepShardings, abstract_train_state, create_train_state, make_train_step,
+                                 train_state_shardings)
 from phi4_jax.train.mfu import mfu, peak_flops_per_device, training_flops_per_token
 
 
@@ -60,12 +68,49 @@ def _global_batch(local: dict, batch_sharding) -> dict:
     return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in local.items()}
 
 
+def prefetched_batches(dataset: grain.IterDataset, batch_sharding, *, host_buffer: int = 2,
+                       device_buffer: int = 1):
+    """An iterator over global device batches that background threads prepare ahead of the train step.
+
+    One grain `ThreadPrefetchIterDataset` reads and packs up to `host_buffer` host batches ahead, a second
+    turns up to `device_buffer` of them into global arrays (`make_array_from_process_local_data`) while the
+    device runs the current step. Its `get_state` / `set_state` are grain's: the state is that of the last
+    batch handed out, so a checkpoint never counts prefetched-but-unconsumed batches and a resumed run sees
+    exactly the batches it would have seen.
+    """
+    host = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=host_buffer)
+    device = host.map(functools.partial(_global_batch, batch_sharding=batch_sharding))
+    return iter(grain.experimental.ThreadPrefetchIterDataset(device, prefetch_buffer_size=device_buffer))
+
+
+class BuiltStep(NamedTuple):
+    """What `build_train_step` returns: the jitted step and what it is compiled against."""
+    step_fn: Any            # jit(step)(state, batch) -> (state, metrics), state donated
+    shardings: StepShardings
+    abstract_state: Any     # the train state as sharded ShapeDtypeStructs (AOT `lower`, restore)
+    tx: Any                 # the optax optimizer (to create a train state)
+
+
+def build_train_step(model_cfg, mesh, *, optimizer: OptimizerConfig, total_steps: int, micro_batches: int,
+                     loss_chunk: int) -> BuiltStep:
+    """The train step for a model, optimizer and mesh: the one construction `train.py` (`setup`) and the AOT
+    plan (`phi4_jax.train.plan`) share. Checks the model against the mesh (MeshError); no arrays are made.
+
+    `step_fn.lower(abstract_state, batch)` with batch = {BATCH_KEYS: ShapeDtypeStruct([G, S], int32,
+    sharding=shardings.batch)} compiles it ahead of time."""
+    sharding.validate_model_mesh(model_cfg, mesh)
+    tx, schedule = make_optimizer(optimizer, model_cfg, total_steps)
+    shardings = train_state_shardings(mesh, model_cfg, tx)
+    step_fn = make_train_step(model_cfg, tx, schedule, micro_batches=micro_batches, loss_chunk=loss_chunk,
+                              mesh=mesh, shardings=shardings)
+    return BuiltStep(step_fn, shardings, abstract_train_state(model_cfg, tx, shardings), tx)
+
+
 def setup(cfg: TrainConfig, mesh=None):
     """Mesh, tokenizer, optimizer, shardings and the jitted step for a config (validated against each other)."""
     sharding.maybe_initialize_distributed(cfg.distributed)
     mesh = mesh if mesh is not None else sharding.build_mesh(cfg.mesh)
     model_cfg = cfg.model
-    sharding.validate_model_mesh(model_cfg, mesh)
     sharding.validate_batch_mesh(mesh, cfg.micro_batch, cfg.train.seq_len, what="micro-batch",
                                  hint=f"; micro-batch = train.global_batch {cfg.train.global_batch} / "
                                       f"train.micro_batches {cfg.train.micro_batches}")
@@ -73,42 +118,73 @@ def setup(cfg: TrainConfig, mesh=None):
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise TrainConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                                f"{model_cfg.vocab_size}")
-    tx, schedule = make_optimizer(cfg.optimizer, model_cfg, cfg.train.steps)
-    shardings = train_state_shardings(mesh, model_cfg, tx)
-    step_fn = make_train_step(model_cfg, tx, schedule, micro_batches=cfg.train.micro_batches,
-                              loss_chunk=cfg.train.loss_chunk, mesh=mesh, shardings=shardings)
-    return mesh, tokenizer, tx, shardings, step_fn
+    built = build_train_step(model_cfg, mesh, optimizer=cfg.optimizer, total_steps=cfg.train.steps,
+                             micro_batches=cfg.train.micro_batches, loss_chunk=cfg.train.loss_chunk)
+    return mesh, tokenizer, built
 
 
-def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, mesh=None):
+def check_resume_config(cfg: TrainConfig, workdir: str, *, allow_change: bool = False, log=print) -> None:
+    """Refuses to resume the run in `workdir` with a config that differs from its saved config.json.
+
+    Keys in `RESUME_CHANGEABLE` (steps, logging, checkpointing, mesh, ...) may change; any other difference
+    raises TrainConfigError naming the keys, unless `allow_change` (train.py --allow-config-change), in
+    which case the differences are logged."""
+    saved = os.path.join(workdir, "config.json")
+    if not os.path.exists(saved):
+        return
+    changes = resume_config_changes(saved, cfg)
+    if not changes:
+        return
+    if not allow_change:
+        raise TrainConfigError(
+            f"the run in {workdir} was started with a different config; changed: {'; '.join(changes)}. "
+            "Use a new --workdir, or pass --allow-config-change to resume with the new values")
+    log(f"resuming with a changed config: {'; '.join(changes)}")
+
+
+def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, mesh=None,
+          allow_config_change: bool = False):
     """Runs (or resumes) training to `cfg.train.steps`; returns {"state", "tokenizer", "last_step", ...}.
 
     `mesh`: a prebuilt `jax.sharding.Mesh` (e.g. over a subset of devices) instead of `cfg.mesh`.
+    Resuming checks the config against WORKDIR/config.json (`check_resume_config`; `allow_config_change`).
     """
     os.makedirs(workdir, exist_ok=True)
-    mesh, tokenizer, tx, shardings, step_fn = setup(cfg, mesh)
+    mesh, tokenizer, built = setup(cfg, mesh)
+    tx, shardings, step_fn = built.tx, built.shardings, built.step_fn
     model_cfg, loop = cfg.model, cfg.train
     is_main = jax.process_index() == 0
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config_json(cfg))
-
-    data_it = batch_iterator(cfg.data, tokenizer, model_cfg.vocab_size, loop.seq_len, loop.global_batch)
     ckpt = TrainCheckpointer(workdir, save_every=cfg.checkpoint.save_every, keep=cfg.checkpoint.keep,
                              async_save=cfg.checkpoint.async_save)
     start = ckpt.latest_step()
     if start is not None:
-        state, start = ckpt.restore(abstract_train_state(model_cfg, tx, shardings), data_it)
-        log(f"resumed from {ckpt.directory} at step {start}")
-    elif loop.init_from:
-        params = init_params_from(loop.init_from, model_cfg, shardings.params,
-                                  abstract_train_state(model_cfg, tx, shardings))
-        state = create_train_state(model_cfg, tx, shardings, None, params=params)
-        start = 0
-        log(f"initialized parameters from {loop.init_from}")
-    else:
-        state = create_train_state(model_cfg, tx, shardings, jax.random.key(loop.seed))
-        start = 0
+        try:
+            check_resume_config(cfg, workdir, allow_change=allow_config_change, log=log)
+        except TrainConfigError:
+            ckpt.close()
+            raise
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config_json(cfg))
+
+    data_it = prefetched_batches(
+        host_batches(cfg.data, tokenizer, model_cfg.vocab_size, loop.seq_len, loop.global_batch), shardings.batch)
+    try:
+        if start is not None:
+            state, start = ckpt.restore(built.abstract_state, data_it)
+            log(f"resumed from {ckpt.directory} at step {start}")
+        elif loop.init_from:
+            params = init_params_from(loop.init_from, model_cfg, shardings.params)
+            state = create_train_state(model_cfg, tx, shardings, None, params=params)
+            start = 0
+            log(f"initialized parameters from {loop.init_from}")
+        else:
+            state = create_train_state(model_cfg, tx, shardings, jax.random.key(loop.seed))
+            start = 0
+    except BaseException:
+        data_it.close()
+        ckpt.close()
+        raise
 
     flops_per_token = training_flops_per_token(model_cfg, loop.seq_len)
     peak = peak_flops_per_device()
@@ -123,36 +199,53 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
 
     step = start
     stopped_by_sigterm = False
+    clock = [time.perf_counter(), 0.0]   # when the previous step's metrics arrived; data waits since then
+
+    def report(done_step: int, device_metrics: dict, metrics_file):
+        """Fetches a dispatched step's metrics, checks the loss, logs. Its wall time (`seconds`) runs from the
+        previous step's report to this one: compute, waiting for data and host work, all included;
+        `data_seconds` is the part of it spent waiting for batches."""
+        metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        now = time.perf_counter()
+        seconds, data_seconds, clock[:] = now - clock[0], clock[1], [now, 0.0]
+        if not math.isfinite(metrics["loss"]):
+            ckpt.wait()
+            raise NonFiniteLossError(
+                f"non-finite loss ({metrics['loss']}) at step {done_step}; stopping. The last good "
+                f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+        tokens_per_s = tokens_per_step / seconds
+        record = {"step": done_step, **metrics, "tokens_per_s": tokens_per_s,
+                  "mfu": mfu(flops_per_token, tokens_per_s, n_devices, peak), "seconds": seconds,
+                  "data_seconds": data_seconds}
+        if is_main and (done_step % loop.log_every == 0 or done_step == loop.steps):
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+
     try:
         with _SigtermFlag() as sigterm, open(metrics_path, "a") as metrics_file:
+            pending = None   # (step, its metrics on the device): dispatched, not yet reported
             while step < loop.steps:
+                t0 = time.perf_counter()
                 try:
-                    local = next(data_it)
+                    batch = next(data_it)
                 except StopIteration:
                     raise DataError("the data pipeline ran out of batches") from None
-                batch = _global_batch(local, shardings.batch)
-                t0 = time.perf_counter()
-                state, metrics = step_fn(state, batch)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                seconds = time.perf_counter() - t0
+                clock[1] += time.perf_counter() - t0
+                state, metrics = step_fn(state, batch)   # dispatched; runs while the host goes on
                 step += 1
-                if not math.isfinite(metrics["loss"]):
-                    ckpt.wait()
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({metrics['loss']}) at step {step}; stopping. The last good "
-                        f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
-                if ckpt.save(step, state, data_it):
-                    last_saved = step
-                tokens_per_s = tokens_per_step / seconds
-                record = {"step": step, **metrics, "tokens_per_s": tokens_per_s,
-                          "mfu": mfu(flops_per_token, tokens_per_s, n_devices, peak), "seconds": seconds}
-                if is_main and (step % loop.log_every == 0 or step == loop.steps):
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-                if sigterm.raised:
+                if pending is not None:   # the previous step's metrics, fetched now that this step is queued
+                    report(*pending, metrics_file)
+                pending = (step, metrics)
+                stop = sigterm.raised
+                if ckpt.due(step) or stop or step == loop.steps:
+                    report(*pending, metrics_file)   # a step's loss is checked before its state is saved
+                    pending = None
+                    if ckpt.save(step, state, data_it):
+                        last_saved = step
+                if stop:
                     stopped_by_sigterm = True
                     log(f"SIGTERM: saving step {step} and stopping")
                     break
@@ -162,6 +255,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
         if bar is not None:
             bar.close()
         ckpt.close()
+        data_it.close()
     return {"state": state, "tokenizer": tokenizer, "last_step": step, "mesh": mesh,
             "stopped_by_sigterm": stopped_by_sigterm, "metrics_path": metrics_path}
 
@@ -191,14 +285,20 @@ def plot_loss_curve(metrics_path: str, png_path: str) -> str:
     return png_path
 
 
-def sample_continuations(state, model_cfg, tokenizer, prompts, max_new_tokens: int) -> list[str]:
-    """Greedy continuations of text prompts from the trained parameters (stops at <|endoftext|>)."""
+def sample_continuations(state, model_cfg, tokenizer, prompts, max_new_tokens: int, mesh) -> list[str]:
+    """Greedy continuations of text prompts from the trained parameters (stops at <|endoftext|>).
+
+    Runs on every process with the parameters as they are sharded on `mesh` (nothing is gathered to a
+    host): the weights keep the training layout, the few prompts and their cache are replicated (batch and
+    sequence unsharded), and XLA gathers each layer's weights where it needs them. Call it on all
+    processes of a multi-host run; each gets the same texts (print them on process 0).
+    """
     from phi4_jax.inference.engine import generate
     from phi4_jax.model.decoder import model_from_params
 
-    params = jax.device_get(state["params"])
-    model = model_from_params(model_cfg, params)
+    model = model_from_params(model_cfg, state["params"])
+    rules = {**sharding.TRAINING_RULES, "batch": None, "seq": None}
     ids = [tokenizer.encode(p) for p in prompts]
     outs = generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.0,
-                    stop_tokens=[tokenizer.endoftext_id])
+                    stop_tokens=[tokenizer.endoftext_id], mesh=mesh, rules=rules)
     return [tokenizer.decode(o) for o in outs]

@@ -77,16 +77,26 @@ def abstract_train_state(config: Phi4Config, tx, shardings: StepShardings | None
 
 
 def create_train_state(config: Phi4Config, tx, shardings: StepShardings, key, params=None):
-    """A train state created already sharded (fresh init unless `params` are given)."""
+    """A train state created already sharded: a fresh init from `key`, or around `params`.
+
+    Given `params` (e.g. from `init_params_from`, already on `shardings.params` in `config.param_dtype`), they
+    are used as they are (placed once: only arrays on another sharding or dtype are moved) and the optimizer
+    state is built by a jitted `tx.init` straight onto its shardings."""
     if params is None:
         fn = jax.jit(lambda k: new_train_state(init_params(config, k), tx),
                      out_shardings=shardings.state)
         return fn(key)
-    params = jax.tree.map(lambda p, sh: jax.device_put(jnp.asarray(p, config.param_dtype), sh),
-                          params, shardings.params)
-    fn = jax.jit(lambda p: new_train_state(p, tx), in_shardings=(shardings.params,),
-                 out_shardings=shardings.state)
-    return fn(params)
+    dtype = jnp.dtype(config.param_dtype)
+
+    def place(p, sh):
+        if isinstance(p, jax.Array) and p.dtype == dtype and p.sharding.is_equivalent_to(sh, p.ndim):
+            return p
+        return jax.device_put(jnp.asarray(p, dtype), sh)
+
+    params = jax.tree.map(place, params, shardings.params)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.state["opt_state"])(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.replicated)
+    return {"step": step, "params": params, "opt_state": opt_state}
 
 
 def make_train_step(config: Phi4Config, tx, schedule: Callable, *, micro_batches: int, loss_chunk: int,
