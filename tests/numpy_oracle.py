@@ -114,3 +114,46 @@ def rope_angle_tolerance(positions, x, *, ulps=4.0):
     frequency's own rounding and cos/sin, each of which can move the angle by an ulp or so."""
     p = np.asarray(positions, np.float64)[..., None, None]
     return ulps * np.max(np.abs(_f64(x))) * np.maximum(p, 1.0) * 2.0 ** -24
+
+
+# ----------------------------------------------------------------------------- comparing a JAX function
+
+def attention_errors(fn, q, k, v, dout=None, *, causal=True, segment_ids=None, sm_scale=None):
+    """Runs `fn(q, k, v)` (and, with `dout`, its VJP) and measures it against the oracle on the same inputs
+    (as given: bf16 inputs are compared with the exact attention of their bf16 values).
+
+    Returns {name: (max |fn - oracle|, max |oracle|)} for "out" and, with dout, "dq", "dk", "dv".
+    """
+    import jax  # the oracle itself is NumPy-only
+
+    kw = dict(causal=causal, segment_ids=segment_ids, sm_scale=sm_scale)
+    want = {"out": attention(q, k, v, **kw)[0]}
+    if dout is None:
+        got = {"out": fn(q, k, v)}
+    else:
+        out, vjp = jax.vjp(fn, q, k, v)
+        dout = jax.numpy.asarray(dout).astype(out.dtype)  # the cotangent fn sees is the one the oracle uses
+        got = dict(zip(("out", "dq", "dk", "dv"), (out, *vjp(dout))))
+        want.update(zip(("dq", "dk", "dv"), attention_vjp(q, k, v, dout, **kw)))
+    errors = {}
+    for name, w in want.items():
+        g = _f64(got[name])
+        assert g.shape == w.shape, (name, g.shape, w.shape)
+        errors[name] = (float(np.max(np.abs(g - w))), float(np.max(np.abs(w))))
+    return errors
+
+
+def assert_attention_close(fn, q, k, v, dout=None, *, causal=True, segment_ids=None, sm_scale=None,
+                           out_atol, grad_rtol=None):
+    """`fn` against the oracle: output within `out_atol`; each gradient within `grad_rtol` times the largest
+    magnitude of the oracle's gradient. Returns the errors (see `attention_errors`)."""
+    errors = attention_errors(fn, q, k, v, dout, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale)
+    err, _ = errors["out"]
+    assert err <= out_atol, f"output differs from the float64 oracle by {err:.3g} > {out_atol:.3g}"
+    for name in ("dq", "dk", "dv"):
+        if name in errors:
+            err, scale = errors[name]
+            assert scale > 0.1, f"{name}: the oracle's gradient is too small to compare ({scale:.3g})"
+            assert err <= grad_rtol * scale, (
+                f"{name} differs from the float64 oracle by {err:.3g} > {grad_rtol:.3g} x max|{name}| {scale:.3g}")
+    return errors
