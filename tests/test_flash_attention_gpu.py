@@ -291,8 +291,8 @@ BF16_ERROR_VS_XLA = 3.0
 def test_bf16_error_no_worse_than_xla_bf16_against_float64_oracle(b, s, hq, hkv, d, causal, pad_tail):
     """Forward and gradients against the float64 NumPy oracle (tests/numpy_oracle.py, sharing no code with
     `attention_naive`) on the bf16 inputs: within the absolute bounds above, and no worse than
-    BF16_ERROR_VS_XLA x the error of XLA's bf16 attention on the same inputs. Accumulating the output or the
-    softmax statistics in bf16 instead of fp32 would stay under the absolute bounds but fails this test."""
+    BF16_ERROR_VS_XLA x the error of XLA's bf16 attention on the same inputs. A 2% error in dk (the dk/dv
+    kernel scaling dk by 1.02) stays under the absolute bounds of the other tests here but fails this one."""
     import numpy_oracle
 
     q, k, v, dout = _inputs(20 + d, b, s, hq, hkv, d)
