@@ -287,7 +287,7 @@ def test_fp32_and_fused_rope_match_the_float64_oracle():
     """The TPU kernel (forward, dq, dk/dv) against the float64 NumPy oracle (tests/numpy_oracle.py), which shares
     no code with `attention_naive`: GQA 2, causal, packed documents + padding, ragged tail; then the fused-RoPE
     kernel against oracle RoPE followed by oracle attention (positions past 9000). A wrong causal boundary in
-    the kernel's block skipping, or rotating k with the wrong sign, fails this test."""
+    the kernel's mask (`q_pos > k_pos`: a token not seeing itself) fails this test."""
     import numpy_oracle
 
     b, s, hq, hkv, d = 2, 200, 4, 2, 128
