@@ -126,7 +126,7 @@ def attention_errors(fn, q, k, v, dout=None, *, causal=True, segment_ids=None, s
     """
     import jax  # the oracle itself is NumPy-only
 
-    kw = dict(causal=causal, segment_ids=segment_ids, sm_scale=sm_scale)
+    kw = {"causal": causal, "segment_ids": segment_ids, "sm_scale": sm_scale}
     want = {"out": attention(q, k, v, **kw)[0]}
     if dout is None:
         got = {"out": fn(q, k, v)}

@@ -297,9 +297,9 @@ def test_bf16_error_no_worse_than_xla_bf16_against_float64_oracle(b, s, hq, hkv,
 
     q, k, v, dout = _inputs(20 + d, b, s, hq, hkv, d)
     seg = None if pad_tail is None else _packed_segments(b, s, seed=21, pad_tail=pad_tail)
-    attn = lambda q, k, v: flash_attention_gpu(q, k, v, causal=causal, segment_ids=seg,   # noqa: E731
+    attn = lambda q, k, v: flash_attention_gpu(q, k, v, causal=causal, segment_ids=seg,
                                                interpret=INTERPRET, block_q=64, block_kv=64)
-    xla = lambda q, k, v: attention_naive(q, k, v, causal=causal, segment_ids=seg)   # noqa: E731
+    xla = lambda q, k, v: attention_naive(q, k, v, causal=causal, segment_ids=seg)
     ours = numpy_oracle.assert_attention_close(attn, q, k, v, dout, causal=causal, segment_ids=seg,
                                                out_atol=OUT_ATOL, grad_rtol=2 * GRAD_TOL)
     ref = numpy_oracle.attention_errors(xla, q, k, v, dout, causal=causal, segment_ids=seg)

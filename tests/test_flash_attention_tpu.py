@@ -293,7 +293,7 @@ def test_fp32_and_fused_rope_match_the_float64_oracle():
     b, s, hq, hkv, d = 2, 200, 4, 2, 128
     q, k, v, dout = _inputs(11, b, s, hq, hkv, d)
     seg = _packed_segments(b, s, 12)
-    attn = lambda q, k, v: flash_attention_tpu(q, k, v, causal=True, segment_ids=seg,   # noqa: E731
+    attn = lambda q, k, v: flash_attention_tpu(q, k, v, causal=True, segment_ids=seg,
                                                interpret=INTERPRET, **BLOCKS)
     numpy_oracle.assert_attention_close(attn, q, k, v, dout, causal=True, segment_ids=seg, out_atol=1e-4,
                                         grad_rtol=1e-4)

@@ -36,7 +36,7 @@ def test_attention_gradients_match_finite_differences(causal, segmented):
     q, k, v = (rng.standard_normal((b, s, h, d)) for h in (hq, hkv, hkv))
     dout = rng.standard_normal((b, s, hq, d))
     seg = np.array([[1, 1, 2, 2, 2], [1, 2, 2, 3, 3]]) if segmented else None
-    kw = dict(causal=causal, segment_ids=seg)
+    kw = {"causal": causal, "segment_ids": seg}
 
     def f(q, k, v):
         return np.sum(numpy_oracle.attention(q, k, v, **kw)[0] * dout)
@@ -52,7 +52,7 @@ def test_attention_gradients_match_finite_differences(causal, segmented):
             plus[which][idx] += eps
             minus[which][idx] -= eps
             numeric[idx] = (f(*plus) - f(*minus)) / (2 * eps)
-        np.testing.assert_allclose(g, numeric, atol=1e-8, rtol=1e-6, err_msg="dq dk dv".split()[which])
+        np.testing.assert_allclose(g, numeric, atol=1e-8, rtol=1e-6, err_msg=("dq", "dk", "dv")[which])
 
 
 def test_rope_by_hand_and_inverse():

@@ -125,7 +125,7 @@ def test_kernels_match_the_float64_rotate_half_oracle():
     q = jax.random.normal(kq, (2, 48, 4, 64))
     k = jax.random.normal(kk, (2, 48, 2, 64))
     pos = _positions(2, 48, 9)
-    tol = lambda x: numpy_oracle.rope_angle_tolerance(pos, x) + 1e-6    # noqa: E731
+    tol = lambda x: numpy_oracle.rope_angle_tolerance(pos, x) + 1e-6
     want_q, want_k = (numpy_oracle.rope(x, pos, THETA) for x in (q, k))
     assert np.all(np.abs(np.asarray(apply_rope_pallas(q, pos, theta=THETA, interpret=INTERPRET, block_s=16))
                          - want_q) <= tol(q))
