@@ -157,11 +157,14 @@ def make_tiny_phi3_dir(path, *, hidden=72, heads=6, kv_heads=2, layers=2, interm
     return out, model
 
 
-def hf_logits(model, input_ids):
-    """float32 logits of a transformers model for int input ids [B, S] (NumPy in, NumPy out)."""
+def hf_logits(model, input_ids, position_ids=None):
+    """float32 logits of a transformers model for int input ids [B, S] (NumPy in, NumPy out); `position_ids`
+    [B, S] (default 0..S-1) go to the model's `position_ids`."""
     import numpy as np
     import torch
 
+    kwargs = {} if position_ids is None else {"position_ids": torch.as_tensor(np.asarray(position_ids),
+                                                                              dtype=torch.long)}
     with torch.no_grad():
-        out = model(torch.as_tensor(np.asarray(input_ids), dtype=torch.long)).logits
+        out = model(torch.as_tensor(np.asarray(input_ids), dtype=torch.long), **kwargs).logits
     return out.float().numpy()

@@ -1,8 +1,10 @@
 """convert_weights.py and phi4_jax.checkpoint: formats, round trips, dtypes, Orbax compatibility, bad inputs.
 
-Peer: tensors of tiny random transformers Phi3ForCausalLM checkpoints (tests/hf_models.py) and
-`transformers.AutoModelForCausalLM` loading what `--to-hf` writes. No model forward of ours is compiled here
-(that is test_parity.py), so this file is fast.
+Peer: tiny random transformers Phi3ForCausalLM checkpoints (tests/hf_models.py): converted parameters are
+compared with slices of the HF tensors indexed by hand in `assert_params_are_hf_slices` (never with the
+converter's own mapping), each source format's converted model is compared with transformers' logits, and
+`transformers.AutoModelForCausalLM` loads what `--to-hf` writes. Two small forward programs of ours are
+compiled (one per rope_theta of the format test); test_parity.py has the larger logit-parity cases.
 """
 
 from __future__ import annotations
@@ -73,20 +75,59 @@ def restored_params(path):
     return restore_params(path)
 
 
-def expected_params(state: dict[str, np.ndarray], config, dtype=None):
-    from phi4_jax.checkpoint.hf_mapping import params_from_hf_state_dict
-    return params_from_hf_state_dict(state, config, dtype=dtype)
-
-
-def assert_trees_equal(got, want):
+def assert_params_are_hf_slices(ours, hf: dict[str, np.ndarray], *, dtype=None):
+    """Every converted parameter equals the HF tensor it comes from, indexed by hand here (PHI4.md's layout:
+    nn.Linear weights are [out, in]; qkv_proj rows are q heads, then k heads, then v heads, each head_dim rows;
+    gate_up_proj rows are gate, then up), cast to `dtype` (default: the HF tensor's). Written independently of
+    phi4_jax.checkpoint.hf_mapping, so a mapping mistake made the same way in both directions cannot pass.
+    The sizes come from the HF tensors and the converted q_proj's head count."""
     import jax
-    flat_got = dict(jax.tree_util.tree_flatten_with_path(got)[0])
-    flat_want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
-    assert flat_got.keys() == flat_want.keys()
-    for key, value in flat_want.items():
-        g = np.asarray(flat_got[key])
-        assert g.dtype == value.dtype, (key, g.dtype, value.dtype)
-        assert np.array_equal(g, value), key
+
+    def cast(x):
+        return np.asarray(x).astype(dtype) if dtype is not None else np.asarray(x)
+
+    def same(got, want, what):
+        got, want = np.asarray(got), cast(want)
+        assert got.dtype == want.dtype, (what, got.dtype, want.dtype)
+        assert got.shape == want.shape, (what, got.shape, want.shape)
+        assert np.array_equal(got, want), what
+
+    layers = ours["layers"]
+    n_layers, hidden, n_heads, head_dim = np.shape(layers["q_proj"])
+    n_kv = np.shape(layers["k_proj"])[2]
+    ffn = hf["model.layers.0.mlp.down_proj.weight"].shape[1]
+    want_keys = {"embed", "final_norm", "lm_head"} | {
+        "layers/" + n for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                "attn_norm", "mlp_norm")}
+    got_keys = {"/".join(str(getattr(k, "key", k)) for k in path)
+                for path, _ in jax.tree_util.tree_flatten_with_path(ours)[0]}
+    assert got_keys == want_keys, got_keys ^ want_keys
+    assert n_layers == sum(1 for n in hf if n.endswith("self_attn.qkv_proj.weight"))
+
+    same(ours["embed"], hf["model.embed_tokens.weight"], "embed")
+    same(ours["lm_head"], hf["lm_head.weight"].T, "lm_head")
+    same(ours["final_norm"], hf["model.norm.weight"], "final_norm")
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        qkv = hf[p + "self_attn.qkv_proj.weight"]
+        assert qkv.shape == ((n_heads + 2 * n_kv) * head_dim, hidden)
+        for h in range(n_heads):
+            same(layers["q_proj"][i][:, h, :], qkv[h * head_dim:(h + 1) * head_dim, :].T, f"q_proj {i} {h}")
+        k_rows, v_rows = n_heads * head_dim, (n_heads + n_kv) * head_dim
+        for h in range(n_kv):
+            same(layers["k_proj"][i][:, h, :], qkv[k_rows + h * head_dim:k_rows + (h + 1) * head_dim, :].T,
+                 f"k_proj {i} {h}")
+            same(layers["v_proj"][i][:, h, :], qkv[v_rows + h * head_dim:v_rows + (h + 1) * head_dim, :].T,
+                 f"v_proj {i} {h}")
+        o = hf[p + "self_attn.o_proj.weight"]                     # [hidden, heads * head_dim]
+        for h in range(n_heads):
+            same(layers["o_proj"][i][h], o[:, h * head_dim:(h + 1) * head_dim].T, f"o_proj {i} {h}")
+        gate_up = hf[p + "mlp.gate_up_proj.weight"]               # [2 * ffn, hidden]
+        same(layers["gate_proj"][i], gate_up[:ffn].T, f"gate_proj {i}")
+        same(layers["up_proj"][i], gate_up[ffn:].T, f"up_proj {i}")
+        same(layers["down_proj"][i], hf[p + "mlp.down_proj.weight"].T, f"down_proj {i}")
+        same(layers["attn_norm"][i], hf[p + "input_layernorm.weight"], f"attn_norm {i}")
+        same(layers["mlp_norm"][i], hf[p + "post_attention_layernorm.weight"], f"mlp_norm {i}")
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -117,20 +158,39 @@ def bf16_hf(work):
 
 # ----------------------------------------------------------------------------- every format
 
+@pytest.fixture(scope="module")
+def format_input_ids():
+    return np.random.default_rng(5).integers(0, 131, size=(1, 512), dtype=np.int64)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_each_format_converts_to_the_expected_params(work, fmt):
-    src, model = make_tiny_phi3_dir(work / f"fmt_{fmt}", fmt=fmt, phi4_style_config=fmt.startswith("bin"),
-                                    hidden=48, heads=4, kv_heads=4, layers=2, intermediate=80, vocab=131,
-                                    seed=3)
-    if fmt in ("bin-sharded", "pt"):  # the other formats go through the CLI subprocess in test_parity.py
-        run_cli(src, work / f"fmt_{fmt}_ours")
-    else:
-        assert cli_main(src, work / f"fmt_{fmt}_ours") == 0
+def test_each_format_converts_to_hf_slices_and_matches_transformers_logits(work, fmt, format_input_ids):
+    """Each source format (sharded safetensors + index, single safetensors, pytorch_model.bin, sharded .bin +
+    index, model.pt) -> converter -> parameters equal to hand-indexed slices of the HF tensors, and
+    `load_model` logits equal transformers' on 512 tokens (fp32, 1e-4 of max |logit|). GQA 2, so the k and v
+    heads have their own row blocks. Taking the v rows of qkv_proj from where the k rows are (or the up half of
+    gate_up_proj as gate) fails this test."""
+    from phi4_jax import load_model
     from phi4_jax.checkpoint.store import read_checkpoint_config
-    config, meta = read_checkpoint_config(work / f"fmt_{fmt}_ours")
-    assert meta["param_dtype"] == "float32" and config.num_kv_heads == 4
+
+    src, model = make_tiny_phi3_dir(work / f"fmt_{fmt}", fmt=fmt, phi4_style_config=fmt.startswith("bin"),
+                                    hidden=48, heads=4, kv_heads=2, layers=2, intermediate=80, vocab=131,
+                                    seed=3)
+    dst = work / f"fmt_{fmt}_ours"
+    if fmt in ("bin-sharded", "pt"):  # the real CLI in a subprocess (in-process for the others: cheaper)
+        run_cli(src, dst)
+    else:
+        assert cli_main(src, dst) == 0
+    config, meta = read_checkpoint_config(dst)
+    assert meta["param_dtype"] == "float32" and config.num_kv_heads == 2 and config.num_heads == 4
     assert config.rope_theta == (250000.0 if fmt.startswith("bin") else 10000.0)
-    assert_trees_equal(restored_params(work / f"fmt_{fmt}_ours"), expected_params(model_state(model), config))
+    assert_params_are_hf_slices(restored_params(dst), model_state(model))
+
+    ref = hf_logits(model, format_input_ids)
+    assert np.std(ref) > 0.5, "reference logits are too flat to be a meaningful check"
+    ours = np.asarray(load_model(dst)(format_input_ids))
+    err = float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+    assert err <= 1e-4, f"{fmt}: max|ours - transformers| / max|transformers| = {err:.2e}"
 
 
 def test_checkpoint_layout_and_plain_orbax_restore(fp32_ours, fp32_hf):
@@ -141,9 +201,7 @@ def test_checkpoint_layout_and_plain_orbax_restore(fp32_ours, fp32_hf):
     assert hf_cfg["phi4_jax"]["param_dtype"] == "float32"
     # Orbax on its own (no phi4_jax code) restores the tree: it is a real Orbax checkpoint.
     restored = ocp.StandardCheckpointer().restore(fp32_ours / "params")
-    from phi4_jax.checkpoint.store import read_checkpoint_config
-    config, _ = read_checkpoint_config(fp32_ours)
-    assert_trees_equal(restored, expected_params(model_state(fp32_hf[1]), config))
+    assert_params_are_hf_slices(restored, model_state(fp32_hf[1]))
     assert restored["layers"]["q_proj"].shape == (2, 72, 6, 12)
 
 
@@ -169,11 +227,7 @@ def test_restore_onto_a_mesh(fp32_ours, fp32_hf):
     assert seen[("layers", "q_proj")] == ("layers", "embed", "q_heads", "head_dim")
     q = model.layers["q_proj"][...]
     assert q.sharding == NamedSharding(mesh, PartitionSpec(None, "fsdp", None, None))
-    from phi4_jax.checkpoint.store import read_checkpoint_config
-    config, _ = read_checkpoint_config(fp32_ours)
-    want = expected_params(model_state(fp32_hf[1]), config)
-    assert np.array_equal(np.asarray(q), want["layers"]["q_proj"])
-    assert np.array_equal(np.asarray(model.embed[...]), want["embed"])
+    assert_params_are_hf_slices(jax.device_get(model.params), model_state(fp32_hf[1]))
 
 
 # ----------------------------------------------------------------------------- round trips
@@ -206,15 +260,13 @@ def test_multi_chunk_streaming_round_trip(work, fp32_hf, monkeypatch):
     (the path a real 1 GB embedding takes); the result is still exact both ways."""
     from phi4_jax.checkpoint import store as checkpoint
     from phi4_jax.checkpoint import hf_convert
-    from phi4_jax.checkpoint.store import read_checkpoint_config
 
     monkeypatch.setattr(checkpoint, "CHUNK_TARGET_BYTES", 4096)
     hf_convert.hf_to_checkpoint(fp32_hf[0], work / "ours_chunked", progress=False)
     zarray = json.loads((work / "ours_chunked" / "params" / "lm_head" / ".zarray").read_text())
     assert zarray["shape"] == [72, 311] and zarray["chunks"][0] == 72 and zarray["chunks"][1] < 311
     assert json.loads((work / "ours_chunked" / "params" / "embed" / ".zarray").read_text())["chunks"][0] < 311
-    config, _ = read_checkpoint_config(work / "ours_chunked")
-    assert_trees_equal(restored_params(work / "ours_chunked"), expected_params(model_state(fp32_hf[1]), config))
+    assert_params_are_hf_slices(restored_params(work / "ours_chunked"), model_state(fp32_hf[1]))
     hf_convert.checkpoint_to_hf(work / "ours_chunked", work / "back_chunked", progress=False)
     _assert_hf_dirs_equal(model_state(fp32_hf[1]), work / "back_chunked")
 
@@ -244,16 +296,15 @@ def test_dtype_option_casts_both_directions(work, fp32_hf, fp32_ours, bf16_hf):
 
     # fp32 source -> bf16 checkpoint: values are the round-to-nearest-even casts of the source.
     assert cli_main(fp32_hf[0], work / "ours_fp32_as_bf16", "--dtype", "bfloat16") == 0
-    config, meta = read_checkpoint_config(work / "ours_fp32_as_bf16")
+    _, meta = read_checkpoint_config(work / "ours_fp32_as_bf16")
     assert meta["param_dtype"] == "bfloat16" and meta["source_dtype"] == "float32"
-    want = expected_params(model_state(fp32_hf[1]), config, dtype=ml_dtypes.bfloat16)
-    assert_trees_equal(restored_params(work / "ours_fp32_as_bf16"), want)
+    assert_params_are_hf_slices(restored_params(work / "ours_fp32_as_bf16"), model_state(fp32_hf[1]),
+                                dtype=ml_dtypes.bfloat16)
 
     # bf16 source -> fp32 checkpoint is an exact upcast.
     assert cli_main(bf16_hf[0], work / "ours_bf16_as_fp32", "--dtype", "float32") == 0
-    config, _ = read_checkpoint_config(work / "ours_bf16_as_fp32")
-    want = expected_params(model_state(bf16_hf[1]), config, dtype=np.float32)
-    assert_trees_equal(restored_params(work / "ours_bf16_as_fp32"), want)
+    assert_params_are_hf_slices(restored_params(work / "ours_bf16_as_fp32"), model_state(bf16_hf[1]),
+                                dtype=np.float32)
 
     # --to-hf --dtype float16
     assert cli_main("--to-hf", fp32_ours, work / "back_fp16", "--dtype", "float16") == 0

@@ -10,6 +10,7 @@ float32 reference atol 2e-2 (one bf16 rounding of the inputs and of the output, 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import kernels
@@ -120,3 +121,21 @@ def test_kernel_lowers_for_a_real_tpu_and_refuses_narrow_heads_there():
     assert "decode_attention_split_k" in lower(128)
     with pytest.raises(DecodeAttentionError, match="head_dim a multiple of 128"):
         lower(64)
+
+
+def test_kernel_and_reference_match_the_float64_oracle():
+    """The split-K kernel and `decode_attention_reference` against the float64 NumPy oracle (tests/numpy_oracle.py):
+    query t of row b sits at position lengths[b] - T + t and sees cache slots up to it. GQA 4, three new tokens,
+    lengths inside, on and at the end of the chunks. Letting a query see one slot past its position (or the
+    cache slots past `lengths`) fails this test."""
+    import numpy_oracle
+
+    lengths = jnp.asarray([3, 64, 101, 256], jnp.int32)
+    t = 3
+    q, k_cache, v_cache = _inputs(5, 4, t, 8, 2, 64, 256)
+    want, _ = numpy_oracle.attention(q, k_cache, v_cache, causal=True, q_offset=np.asarray(lengths) - t,
+                                     kv_len=np.asarray(lengths))
+    out = decode_attention_pallas(q, k_cache, v_cache, lengths, interpret=INTERPRET, block_k=32, num_splits=4)
+    np.testing.assert_allclose(np.asarray(out), want, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(decode_attention_reference(q, k_cache, v_cache, lengths)), want,
+                               atol=1e-5, rtol=0)

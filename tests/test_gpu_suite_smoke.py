@@ -9,7 +9,9 @@ helpers (kernel-mode switch, JUnit parsing, target verdicts) are checked directl
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -19,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import gpu_suite  # noqa: E402
+from phi4_jax.model.config import get_preset  # noqa: E402
 import kernel_mode  # noqa: E402
 
 
@@ -50,12 +53,25 @@ def test_every_stage_runs_and_reports(smoke_run):
         assert kernel["counts"]["passed"] >= 1 and not kernel["failures"], (name, kernel)
     attention = report["stages"]["attention"]["result"]["rows"]
     ours = [r for r in attention if r["implementation"].startswith("ours") and r["pass_"] in ("fwd", "bwd")]
-    assert len(ours) == 2 and all(r["tflops"] and r["tflops"] > 0 for r in ours), ours
+    assert len(ours) == 2, ours
+    for r in ours:
+        # causal attention: QK^T and PV, 2 FLOPs per multiply-add, half the S x S scores; backward = 2.5 x forward
+        flops = 2 * 2 * r["batch"] * r["heads_q"] * r["seq"] * r["seq"] * r["head_dim"] / (2 if r["causal"] else 1)
+        factor = {"fwd": 1.0, "bwd": 2.5}[r["pass_"]]
+        assert r["tflops"] == pytest.approx(factor * flops / (r["ms"] / 1e3) / 1e12, rel=1e-9), r
     mfu = report["stages"]["train_mfu"]["result"]
-    assert mfu["median_step_s"] > 0 and mfu["achieved_tflops"] > 0 and mfu["last_loss"] > 0
+    assert mfu["median_step_s"] == statistics.median(mfu["step_times_s"])
+    assert mfu["tokens_per_s"] == pytest.approx(mfu["batch"] * mfu["seq"] / mfu["median_step_s"], rel=1e-9)
+    assert mfu["achieved_tflops"] == pytest.approx(mfu["flops_per_token"] * mfu["tokens_per_s"] / 1e12, rel=1e-9)
+    vocab = get_preset(mfu["model"]).vocab_size
+    assert abs(mfu["first_loss"] - math.log(vocab)) < 1.0, mfu  # a random model starts near ln(vocab)
     decode = report["stages"]["decode_bound"]["result"]
     assert [r["batch"] for r in decode["rows"]] == [1, 8]
-    assert all(0 < r["fraction_of_bound"] for r in decode["rows"])
+    for r in decode["rows"]:
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] / r["median_step_s"], rel=1e-9), r
+        assert r["fraction_of_bound"] == pytest.approx(r["tokens_per_s"] / r["bound_tokens_per_s"], rel=1e-9), r
+        assert r["bound_tokens_per_s"] == pytest.approx(
+            r["batch"] * decode["copy_bandwidth_gbs"] * 1e9 / r["bytes_per_step"]["total"], rel=1e-9), r
 
     targets = {t["target"]: t for t in report["targets"]}
     assert set(targets) == set(gpu_suite.TARGETS)

@@ -27,6 +27,12 @@ FP32_TOLERANCE = 1e-4  # max |ours - hf| / max |hf|
 # mistakes (a wrong head order, RoPE convention or norm gives errors of order 1). The test also requires
 # ours to be no worse than transformers' bf16 model on the same input.
 BF16_TOLERANCE = 8e-2
+# Positions near 16K: a float32 angle there carries ~1e-3 rad of rounding (ulp(16000) = 2e-3), and transformers
+# computes inv_freq as 1 / fp32(theta ** e) with torch's pow while we use XLA's, which differ by an ulp for some
+# frequencies (2.4e-4 rad at 16K). Measured: ours vs transformers 3.7e-4; transformers against itself with all
+# positions shifted by a constant (exact in real arithmetic) 2.2e-4. bf16 angles (ulp 64 rad at 16K) or wrong
+# positions give errors of order 1.
+FAR_POSITION_TOLERANCE = 1e-3
 
 CASES = {
     # name: (make_tiny_phi3_dir kwargs)
@@ -103,3 +109,28 @@ def test_bf16_logits_close_to_fp32_transformers(work, input_ids):
     import torch
     hf_bf16_err = rel_err(hf_logits(model.to(torch.bfloat16), input_ids), ref)
     assert err <= hf_bf16_err, f"ours in bf16 ({err:.2e}) is worse than transformers in bf16 ({hf_bf16_err:.2e})"
+
+
+def test_fp32_logits_match_transformers_at_positions_near_16k(work):
+    """RoPE far from 0, through `model(ids, positions=...)` and transformers' `position_ids`: 576 tokens, phi-4's
+    theta 250000 and max_position_embeddings 16384. Row 0: every other position from 15232 to 16382; row 1:
+    12000.. for the first half, then a jump to 16000.. (a shift alone would cancel in q.k, so the positions are
+    not contiguous). Rounding the RoPE angles to bf16, or ignoring `positions` (counting from 0), fails this
+    test."""
+    from phi4_jax import load_model
+
+    seq = 576
+    src, hf_model = make_tiny_phi3_dir(work / "hf-far-positions", hidden=64, heads=4, kv_heads=2,
+                                       intermediate=136, vocab=311, layers=2, fmt="safetensors",
+                                       phi4_style_config=True, max_position_embeddings=16384, seed=13)
+    ids = np.random.default_rng(1).integers(0, 311, size=(2, seq), dtype=np.int64)
+    half = seq // 2
+    positions = np.stack([16384 - 2 * seq + 2 * np.arange(seq),
+                          np.r_[12000 + np.arange(half), 16000 + np.arange(seq - half)]]).astype(np.int64)
+    assert positions.max() < 16384 and positions.min() > 12000 - 1
+    ref = hf_logits(hf_model, ids, position_ids=positions)
+    assert rel_err(hf_logits(hf_model, ids), ref) > 1e-2, "these positions should change transformers' logits"
+    model = load_model(convert_cli(src, work / "ours-far-positions"))
+    assert model.config.rope_theta == 250000.0 and model.config.max_position_embeddings == 16384
+    err = rel_err(model(ids, positions=positions.astype(np.int32)), ref)
+    assert err <= FAR_POSITION_TOLERANCE, f"positions near 16K: max|diff|/max|ref| = {err:.2e}"

@@ -110,3 +110,31 @@ def test_fused_qk_kernel_lowers_for_a_real_tpu():
         module = jax.export.export(jax.jit(jax.value_and_grad(loss, argnums=(0, 1))),
                                    platforms=["tpu"])(q, k, pos).mlir_module()
     assert module.count("tpu_custom_call") == 2   # forward and backward rotation
+
+
+def test_kernels_match_the_float64_rotate_half_oracle():
+    """Both Pallas RoPE kernels and the pure-JAX reference against a float64 NumPy rotate-half written from the
+    definition (tests/numpy_oracle.py), positions up to ~16K at theta 250000, and the fused kernel's gradient
+    against the inverse rotation of the cotangent. Tolerance: the contract's float32 angles are off by a few
+    ulps of the angle (~p * 2^-24 rad at position p, see `numpy_oracle.rope_angle_tolerance`); the wrong
+    convention (interleaved pairs), a sign flip in rotate-half or the wrong frequency exponent is off by O(1).
+    Swapping the halves of rotate-half (concat(x2, -x1)) fails this test."""
+    import numpy_oracle
+
+    kq, kk = jax.random.split(jax.random.PRNGKey(7))
+    q = jax.random.normal(kq, (2, 48, 4, 64))
+    k = jax.random.normal(kk, (2, 48, 2, 64))
+    pos = _positions(2, 48, 9)
+    tol = lambda x: numpy_oracle.rope_angle_tolerance(pos, x) + 1e-6
+    want_q, want_k = (numpy_oracle.rope(x, pos, THETA) for x in (q, k))
+    assert np.all(np.abs(np.asarray(apply_rope_pallas(q, pos, theta=THETA, interpret=INTERPRET, block_s=16))
+                         - want_q) <= tol(q))
+    assert np.all(np.abs(np.asarray(apply_rope_reference(q, pos, theta=THETA)) - want_q) <= tol(q))
+
+    (rq, rk), vjp = jax.vjp(lambda q, k: apply_rope_qk_pallas(q, k, pos, theta=THETA, interpret=INTERPRET,
+                                                              block_s=16), q, k)
+    assert np.all(np.abs(np.asarray(rq) - want_q) <= tol(q)) and np.all(np.abs(np.asarray(rk) - want_k) <= tol(k))
+    gq, gk = jax.random.normal(jax.random.PRNGKey(8), q.shape), jax.random.normal(jax.random.PRNGKey(9), k.shape)
+    dq, dk = vjp((gq, gk))
+    assert np.all(np.abs(np.asarray(dq) - numpy_oracle.rope(gq, pos, THETA, inverse=True)) <= tol(gq))
+    assert np.all(np.abs(np.asarray(dk) - numpy_oracle.rope(gk, pos, THETA, inverse=True)) <= tol(gk))

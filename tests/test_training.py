@@ -153,14 +153,37 @@ def test_build_train_step_abstract_state_matches_the_real_one_and_compiles_ahead
     assert np.isfinite(float(metrics["loss"])) and float(metrics["tokens"]) > 0
 
 
-def test_schedule_warmup_then_linear_decay():
-    sched = learning_rate_schedule(OptimizerConfig(lr=3e-4, warmup_steps=10, end_lr_ratio=0.1), 110)
-    lrs = np.array([float(sched(i)) for i in (0, 4, 9, 10, 60, 110, 500)])
-    np.testing.assert_allclose(lrs, [3e-5, 1.5e-4, 3e-4, 3e-4, 1.65e-4, 3e-5, 3e-5], rtol=1e-5)
+@pytest.mark.parametrize("warmup, decay_steps, end_ratio, total", [
+    (10, None, 0.1, 110),    # phi-4's shape: warm-up, then linear decay over the rest of the run
+    (1, 50, 0.0, 200),       # explicit decay length shorter than the run, decay to 0, then constant
+    (0, None, 0.25, 40),     # no warm-up
+])
+def test_schedule_equals_optax_linear_warmup_and_decay(warmup, decay_steps, end_ratio, total):
+    """`learning_rate_schedule` at every step against optax's own schedules: `optax.join_schedules` of a
+    `linear_schedule` warm-up from lr/warmup (step 0) to lr at step warmup - 1 and a `linear_schedule` decay
+    from lr to lr * end_lr_ratio over decay_steps. Warming up to step `warmup` instead of `warmup - 1`, or
+    decaying over `total` instead of `total - warmup` steps, fails this test."""
+    import optax
+
+    peak = 3e-4
+    ours = learning_rate_schedule(OptimizerConfig(lr=peak, warmup_steps=warmup, decay_steps=decay_steps,
+                                                  end_lr_ratio=end_ratio), total)
+    decay = optax.linear_schedule(peak, peak * end_ratio, decay_steps or total - warmup)
+    if warmup:
+        want = optax.join_schedules([optax.linear_schedule(peak / warmup, peak, warmup - 1), decay], [warmup])
+    else:
+        want = decay
+    steps = np.arange(total + 30)
+    np.testing.assert_allclose([float(ours(i)) for i in steps], [float(want(i)) for i in steps],
+                               rtol=1e-5, atol=1e-12)
+    # and at a few steps by hand (phi-4's shape: 10 warm-up steps to 3e-4, decay to 3e-5 over 100 steps)
+    if warmup == 10:
+        np.testing.assert_allclose([float(ours(i)) for i in (0, 4, 9, 10, 60, 110, 500)],
+                                   [3e-5, 1.5e-4, 3e-4, 3e-4, 1.65e-4, 3e-5, 3e-5], rtol=1e-5)
 
 
-def test_weight_decay_skips_norms_and_clipping_applies():
-    tx, _ = make_optimizer(OptimizerConfig(lr=1.0, warmup_steps=0, weight_decay=0.5, clip_norm=1e-3), CFG, 10)
+def test_weight_decay_skips_norms():
+    tx, _ = make_optimizer(OptimizerConfig(lr=1.0, warmup_steps=0, weight_decay=0.5, clip_norm=None), CFG, 10)
     p = init_params(CFG, jax.random.key(0))
     zeros = jax.tree.map(jnp.zeros_like, p)
     updates, _ = jax.jit(tx.update)(zeros, tx.init(p), p)
@@ -169,12 +192,71 @@ def test_weight_decay_skips_norms_and_clipping_applies():
     assert float(jnp.abs(updates["final_norm"]).max()) == 0.0
 
 
-def test_flops_per_token_counts_attention():
+def test_clipping_scales_gradients_to_clip_norm():
+    """Gradients of global norm ~100x clip_norm: the first update equals Adam's first step (by hand:
+    -lr * g / (|g| + eps) elementwise) on the gradients scaled by clip_norm / global_norm (computed here in
+    float64), and differs from the unclipped one. eps is large (1e-2) so Adam's first step depends on the
+    gradient's scale. Dropping the clip from the optimizer chain, or clipping each leaf by its own norm,
+    fails this test."""
+    clip, lr, eps = 0.5, 0.1, 1e-2
+    tx, _ = make_optimizer(OptimizerConfig(lr=lr, warmup_steps=0, weight_decay=0.0, clip_norm=clip, eps=eps),
+                           CFG, 10)
+    p = init_params(CFG, jax.random.key(0))
+    leaves, treedef = jax.tree.flatten(p)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    grads = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) * (1 + i % 3)
+                                         for i, (k, x) in enumerate(zip(keys, leaves))])
+    norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(grads)))
+    assert norm > 100 * clip
+
+    updates, _ = jax.jit(tx.update)(grads, tx.init(p), p)
+
+    def adam_first_step(g):
+        return -lr * g / (np.abs(g) + eps)
+
+    flat_updates, _ = jax.tree_util.tree_flatten_with_path(updates)
+    for (path, u), g in zip(flat_updates, jax.tree.leaves(grads)):
+        g = np.asarray(g, np.float64)
+        want = adam_first_step(g * clip / norm)
+        np.testing.assert_allclose(np.asarray(u), want, rtol=2e-4, atol=1e-7,
+                                   err_msg=jax.tree_util.keystr(path))
+        unclipped = adam_first_step(g)
+        assert np.max(np.abs(unclipped - want)) > 0.1 * lr, "clipping should change this update"
+
+
+def test_flops_per_token_equal_a_hand_count():
+    """`training_flops_per_token` against parameter counts written out here: phi-4 14B from its published total
+    (PHI4.md: 14,659,507,200 parameters, embedding 100352 x 5120), and the tiny preset from its shapes.
+    Counting the embedding lookup as matmul FLOPs, or non-causal attention (S instead of S/2 keys per query),
+    fails this test."""
     cfg = get_preset("phi4-14b")
-    f4k, f16k = training_flops_per_token(cfg, 4096), training_flops_per_token(cfg, 16384)
-    dense = 6 * (cfg.num_params - cfg.vocab_size * cfg.hidden_size)
-    assert f4k == pytest.approx(dense + 6 * 40 * 40 * 128 * 4096)
-    assert f16k - f4k == pytest.approx(6 * 40 * 5120 * (16384 - 4096))
+    matmul_params = 14_659_507_200 - 100352 * 5120
+    assert training_flops_per_token(cfg, 4096) == pytest.approx(6 * matmul_params + 6 * 40 * 40 * 128 * 4096,
+                                                                rel=1e-12)
+    assert training_flops_per_token(cfg, 16384) == pytest.approx(6 * matmul_params + 6 * 40 * 40 * 128 * 16384,
+                                                                 rel=1e-12)
+    # tiny: hidden 64, ffn 160, 2 layers, 4 q heads / 2 kv heads of dim 16, vocab 512
+    tiny = get_preset("tiny")
+    assert (tiny.hidden_size, tiny.intermediate_size, tiny.num_layers, tiny.num_heads, tiny.num_kv_heads,
+            tiny.head_dim, tiny.vocab_size) == (64, 160, 2, 4, 2, 16, 512)
+    per_layer = 64 * (4 + 2 + 2) * 16 + 4 * 16 * 64 + 3 * 64 * 160 + 2 * 64   # qkv, o, gate/up/down, 2 norms
+    matmul_params = 2 * per_layer + 64 + 64 * 512                                # + final norm, lm_head
+    attention = 6 * 2 * 4 * 16 * 256                                             # 6 * L * Hq * D * S
+    assert training_flops_per_token(tiny, 256) == 6 * matmul_params + attention
+
+
+def test_mfu_is_model_flops_over_peak():
+    """MFU = flops per token x tokens/s / (peak per device x devices), for given numbers; the peak comes from the
+    device kind (H100 SXM dense bf16 989 TFLOP/s). Leaving out the device count fails this test."""
+    from types import SimpleNamespace
+
+    from phi4_jax.train.mfu import mfu, peak_flops_per_device
+
+    assert mfu(2e9, 1.5e5, 4, 1e15) == pytest.approx(2e9 * 1.5e5 / 4e15)    # 0.075
+    assert mfu(2e9, 1.5e5, 4, None) is None
+    assert peak_flops_per_device(SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")) == 989e12
+    assert peak_flops_per_device(SimpleNamespace(device_kind="TPU v5 lite")) == 197e12
+    assert peak_flops_per_device(SimpleNamespace(device_kind="cpu")) is None
 
 
 def test_16k_sequence_step_of_tiny_model_runs():
