@@ -36,9 +36,14 @@ def _is_hopper_gpu(device) -> bool:
     return device.platform == "gpu" and any(name in kind for name in ("H100", "H200", "H800", "GH200"))
 
 
-def default_implementation(backend: str | None = None) -> str:
-    """Best attention implementation for the backend: Pallas TPU on TPU, Pallas GPU on Hopper, else XLA."""
-    device = jax.devices(backend)[0] if backend else jax.devices()[0]
+def default_implementation(backend: str | None = None, *, device=None) -> str:
+    """Best attention implementation for the backend: Pallas TPU on TPU, Pallas GPU on Hopper, else XLA.
+
+    `device`: answer for this `jax.Device` instead of the backend's first one (e.g. a compile-only TPU device
+    of a topology that this host compiles for).
+    """
+    if device is None:
+        device = jax.devices(backend)[0] if backend else jax.devices()[0]
     if device.platform == "tpu":
         return "pallas_tpu"
     if _is_hopper_gpu(device):

@@ -152,6 +152,7 @@ def test_plan_cli_compiles_for_simulated_devices():
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     assert "on 4 cpu devices" in out.stdout and "temporaries" in out.stdout
+    assert "attention=xla" in lines       # what a run on CPU devices uses (kernels.default_implementation)
     assert lines[-1].startswith("peak_bytes_per_device=") and int(lines[-1].split("=")[1]) > 0
     bad = _run_plan("--model", "phi4-14b", "--mesh", "fsdp=2,tensor=4", "--seq-len", "256")
     assert bad.returncode == 2 and "does not divide num_kv_heads=10" in bad.stderr
