@@ -245,3 +245,11 @@ def test_topology_errors_name_the_problem(monkeypatch):
     monkeypatch.setattr(plan_module.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(PlanError, match=r"needs the libtpu wheel .*tpu-aot"):
         tpu_topology_devices(TOPOLOGY)
+    # a libtpu that is not the one jax's `tpu` extra pins (jax 0.10.2: libtpu==0.0.42.*)
+    from importlib import metadata
+
+    version = metadata.version
+    monkeypatch.setattr(plan_module.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(metadata, "version", lambda name: "0.0.1" if name == "libtpu" else version(name))
+    with pytest.raises(PlanError, match=r"libtpu 0.0.1 does not match jax .*, which needs libtpu=="):
+        tpu_topology_devices(TOPOLOGY)
