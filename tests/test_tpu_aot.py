@@ -24,6 +24,7 @@ from phi4_jax.model import sharding
 from phi4_jax.model.config import get_preset
 from phi4_jax.model.decoder import flat_param_specs, logical_axes_tree
 from phi4_jax.train.plan import (
+    DoesNotFitError,
     MemoryPlan,
     PlanError,
     choose_attention,
@@ -217,6 +218,18 @@ def test_decode_step_with_the_tpu_default_decode_kernel_compiles(tpu_devices):
 
     compiled = compile_for(mesh, jax.jit(step), params, cache, cache.lengths, attention="pallas decode")
     assert "tpu_custom_call" in compiled.as_text()
+
+
+def test_a_program_larger_than_hbm_is_a_does_not_fit_error(tpu_devices):
+    """The TPU compiler checks its plan against the chip's HBM; that refusal becomes DoesNotFitError."""
+    mesh = Mesh(np.asarray(tpu_devices), ("x",))
+    x = jax.ShapeDtypeStruct((8 * 524288,), jnp.float32, sharding=NamedSharding(mesh, P("x")))
+
+    def f(x):      # a sorted [524288, 65536] fp32 block per device: 128 GiB, more than v5p's 95 GiB
+        return jnp.sort(jnp.outer(x, x[:65536]) * 3.0 + 1.0, axis=1)[:, 7].sum()
+
+    with pytest.raises(DoesNotFitError, match=r"does not fit on TPU v5: the compiler says RESOURCE_EXHAUSTED"):
+        compile_for(mesh, jax.jit(f), x)
 
 
 # ----------------------------------------------------------------------------- the CLI

@@ -7,6 +7,9 @@ See `phi4_jax.train.plan` for what is compiled and printed. Devices: with ``--to
 devices of that TPU topology (the real TPU compiler from the `libtpu` wheel, on this CPU machine; JAX's own
 backend stays the CPU); without it, when there are fewer real devices than the mesh needs, simulated CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, set before JAX starts its backend).
+
+Exit status: 0 planned; 2 bad input (mesh, model, topology, attention, no libtpu); 3 the compiler refused the
+program because it needs more memory than a device has (the TPU compiler checks against the chip's HBM).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from phi4_jax.train.plan import PlanError, parse_mesh_size, plan
+from phi4_jax.train.plan import DoesNotFitError, PlanError, parse_mesh_size, plan
 
 
 def _ensure_devices(n: int) -> None:
@@ -78,6 +81,9 @@ def main(argv=None) -> int:
 
     try:
         return plan(args, _devices(args), topology=args.topology)
+    except DoesNotFitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except (MeshError, ConfigError, PlanError, AttentionConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

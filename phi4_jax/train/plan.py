@@ -35,6 +35,11 @@ class PlanError(ValueError):
     """A plan that cannot be made as asked (no libtpu, unknown topology, attention that cannot compile there)."""
 
 
+class DoesNotFitError(PlanError):
+    """The compiler refused the program because it needs more memory than a device has (the TPU compiler checks
+    its plan against the chip's HBM)."""
+
+
 def parse_mesh_size(text: str) -> int:
     """The product of the positive sizes in a mesh spec like "data=2,fsdp=4" (0 if a size is not a number)."""
     size = 1
@@ -151,12 +156,20 @@ def lowering_target(mesh):
 
 
 def compile_for(mesh, jitted, *args, attention: str = "xla"):
-    """`jitted.lower(*args).compile()` for the mesh's devices; a Mosaic kernel that XLA would have to partition
-    becomes a one-line PlanError."""
+    """`jitted.lower(*args).compile()` for the mesh's devices. A Mosaic kernel that XLA would have to partition
+    becomes a one-line PlanError, a program larger than the device's memory a DoesNotFitError."""
+    import jax
+
     try:
         with lowering_target(mesh):
             lowered = jitted.lower(*args)
         return lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        message = str(e).strip()
+        if not message.startswith("RESOURCE_EXHAUSTED"):
+            raise
+        raise DoesNotFitError(f"does not fit on {mesh.devices.flat[0].device_kind}: the compiler says "
+                              f"{message.splitlines()[0]}") from None
     except NotImplementedError as e:
         if _MOSAIC_PARTITION_ERROR not in str(e):
             raise
