@@ -250,6 +250,22 @@ def test_plan_cli_for_a_tpu_topology(tpu_devices):
     assert "Traceback" not in bad.stderr
 
 
+def test_plan_says_when_the_peak_exceeds_the_chips_hbm(tpu_devices, monkeypatch, capsys):
+    """A program the compiler accepts can still need more than the chip's HBM (it checks only temporaries):
+    the plan says so and returns 3, with peak_bytes_per_device still last."""
+    import argparse
+
+    import phi4_jax.train.plan as plan_module
+
+    monkeypatch.setitem(plan_module.TPU_HBM_GIB, "v5p", 0.001)          # a 1 MiB chip
+    args = argparse.Namespace(model="tiny", mesh="fsdp=8", seq_len=256, global_batch=8, micro_batches=1,
+                              remat="full", loss_chunk=1024, rope_theta=None, attention="xla")
+    assert plan_module.plan(args, tpu_devices, topology=TOPOLOGY) == 3
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "does NOT fit in 0 GiB of HBM per v5p chip" in lines[-2]
+    assert int(lines[-1].removeprefix("peak_bytes_per_device=")) > 2**20
+
+
 def test_topology_errors_name_the_problem(monkeypatch):
     with pytest.raises(PlanError, match="must look like GENERATION:AxB"):
         tpu_topology_devices("v5p-16")

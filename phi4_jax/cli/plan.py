@@ -8,8 +8,9 @@ devices of that TPU topology (the real TPU compiler from the `libtpu` wheel, on 
 backend stays the CPU); without it, when there are fewer real devices than the mesh needs, simulated CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, set before JAX starts its backend).
 
-Exit status: 0 planned; 2 bad input (mesh, model, topology, attention, no libtpu); 3 the compiler refused the
-program because it needs more memory than a device has (the TPU compiler checks against the chip's HBM).
+Exit status: 0 planned (and, for a TPU topology, fits); 2 bad input (mesh, model, topology, attention, no
+libtpu); 3 does not fit: the TPU compiler refused the program for lack of HBM, or its planned peak (printed,
+`peak_bytes_per_device` still last) exceeds the chip's HBM.
 """
 
 from __future__ import annotations

@@ -237,7 +237,8 @@ def train_step_program(config, mesh, *, global_batch: int, seq_len: int, micro_b
 
 def plan(args, devices=None, topology: str | None = None) -> int:
     """Compiles the train step for `args` (the CLI's options) on `devices` (default: `jax.devices()`) and prints
-    the per-device memory plan; `topology` names the TPU topology the devices come from (for the report)."""
+    the per-device memory plan; `topology` names the TPU topology the devices come from. Returns 0, or 3 when
+    the planned peak exceeds the topology's HBM per chip (the compiler checks only part of it)."""
     import time
 
     import jax
@@ -246,7 +247,7 @@ def plan(args, devices=None, topology: str | None = None) -> int:
     from phi4_jax.model.config import get_preset
 
     devices = list(devices if devices is not None else jax.devices())
-    attention = choose_attention(devices[0], getattr(args, "attention", None))
+    attention = choose_attention(devices[0], args.attention)
     changes = {"remat_policy": args.remat, "max_position_embeddings": max(args.seq_len, 1),
                "attention_impl": attention}
     if args.rope_theta:
@@ -278,8 +279,9 @@ def plan(args, devices=None, topology: str | None = None) -> int:
         print(f"  code         {_gib(mem.code)}")
     print(f"  peak         {_gib(mem.peak)}")
     hbm = tpu_hbm_bytes(topology) if topology else None
+    fits = hbm is None or mem.peak <= hbm
     if hbm:
-        verdict = "fits" if mem.peak <= hbm else "does NOT fit"
-        print(f"  {verdict} in {hbm / 2**30:.0f} GiB of HBM per {topology.split(':')[0]} chip")
+        print(f"  {'fits' if fits else 'does NOT fit'} in {hbm / 2**30:.0f} GiB of HBM per "
+              f"{topology.split(':')[0]} chip")
     print(f"peak_bytes_per_device={mem.peak}")
-    return 0
+    return 0 if fits else 3
