@@ -2,7 +2,8 @@
 
 `libtpu` (the `tpu-aot` extra: `pip install -e '.[tpu-aot]'`) gives compile-only devices for a TPU topology
 (`phi4_jax.train.plan.tpu_topology_devices`); `jit(f).lower(...).compile()` on arrays sharded over them runs the
-TPU compiler (XLA:TPU, Mosaic for Pallas kernels) and its `memory_analysis()`. Without libtpu these tests skip.
+TPU compiler (XLA:TPU, Mosaic for Pallas kernels) and its `memory_analysis()`. Without libtpu the tests that
+need it skip.
 
 The expected sizes are computed by hand from the shapes, dtypes and the mesh axes each parameter is split over
 (not from the project's sharding code), and the compiler's argument/alias bytes must match them.
@@ -250,17 +251,34 @@ def test_plan_cli_for_a_tpu_topology(tpu_devices):
     assert "Traceback" not in bad.stderr
 
 
+def _plan_args(**changes):
+    import argparse
+
+    args = dict(model="tiny", mesh="fsdp=8", seq_len=256, global_batch=8, micro_batches=1, remat="full",
+                loss_chunk=1024, rope_theta=None, attention=None)
+    return argparse.Namespace(**{**args, **changes})
+
+
+def test_plan_compiles_the_attention_it_prints(tpu_devices, capsys):
+    """Without --attention the plan prints and compiles the TPU run's default, not the CPU host's."""
+    import phi4_jax.train.plan as plan_module
+
+    default = kernels.default_implementation(device=tpu_devices[0])
+    if default == "xla":
+        assert plan_module.plan(_plan_args(), tpu_devices, topology=TOPOLOGY) == 0
+    else:   # the tiny preset's head_dim 16 is refused by the Pallas TPU kernel: proof that the model calls it
+        with pytest.raises(kernels.AttentionConfigError, match="head_dim"):
+            plan_module.plan(_plan_args(), tpu_devices, topology=TOPOLOGY)
+    assert f"attention={default}" in capsys.readouterr().out.splitlines()
+
+
 def test_plan_says_when_the_peak_exceeds_the_chips_hbm(tpu_devices, monkeypatch, capsys):
     """A program the compiler accepts can still need more than the chip's HBM (it checks only temporaries):
     the plan says so and returns 3, with peak_bytes_per_device still last."""
-    import argparse
-
     import phi4_jax.train.plan as plan_module
 
     monkeypatch.setitem(plan_module.TPU_HBM_GIB, "v5p", 0.001)          # a 1 MiB chip
-    args = argparse.Namespace(model="tiny", mesh="fsdp=8", seq_len=256, global_batch=8, micro_batches=1,
-                              remat="full", loss_chunk=1024, rope_theta=None, attention="xla")
-    assert plan_module.plan(args, tpu_devices, topology=TOPOLOGY) == 3
+    assert plan_module.plan(_plan_args(attention="xla"), tpu_devices, topology=TOPOLOGY) == 3
     lines = capsys.readouterr().out.strip().splitlines()
     assert "does NOT fit in 0 GiB of HBM per v5p chip" in lines[-2]
     assert int(lines[-1].removeprefix("peak_bytes_per_device=")) > 2**20
