@@ -83,23 +83,29 @@ def _libtpu_environment(topology: str) -> None:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{generation}-{chips * (2 if generation in _MEGACORE else 1)}")
 
 
+def _jax_libtpu_pin():
+    """The libtpu requirement of the installed jax's `tpu` extra (jax 0.10.2: libtpu==0.0.42.*), or None."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    for text in metadata.requires("jax") or ():
+        req = Requirement(text)
+        if req.name == "libtpu" and req.marker is not None and req.marker.evaluate({"extra": "tpu"}):
+            return req
+    return None
+
+
 def _check_libtpu_matches_jax() -> None:
     """Raises PlanError when the installed libtpu is not the version jax's `tpu` extra pins (a libtpu built for
     another jaxlib can fail to load or compile differently)."""
     from importlib import metadata
 
-    from packaging.requirements import Requirement
-
-    try:
-        installed = metadata.version("libtpu")
-        pins = [Requirement(r) for r in metadata.requires("jax") or ()]
-    except metadata.PackageNotFoundError:
-        return
-    for req in pins:
-        if req.name == "libtpu" and req.marker is not None and req.marker.evaluate({"extra": "tpu"}):
-            if not req.specifier.contains(installed, prereleases=True):
-                raise PlanError(f"libtpu {installed} does not match jax {metadata.version('jax')}, which needs "
-                                f"libtpu{req.specifier}: pip install -e '.[tpu-aot]'")
+    pin = _jax_libtpu_pin()
+    installed = metadata.version("libtpu")
+    if pin is not None and not pin.specifier.contains(installed, prereleases=True):
+        raise PlanError(f"libtpu {installed} does not match jax {metadata.version('jax')}, which needs "
+                        f"libtpu{pin.specifier}: pip install -e '.[tpu-aot]'")
 
 
 def tpu_topology_devices(topology: str) -> list:
@@ -110,8 +116,11 @@ def tpu_topology_devices(topology: str) -> list:
     """
     _topology_generation(topology)
     if importlib.util.find_spec("libtpu") is None:
-        raise PlanError("--topology needs the libtpu wheel that matches jax (jax 0.10.2: libtpu==0.0.42.*): "
-                        "pip install -e '.[tpu-aot]'")
+        from importlib import metadata
+
+        pin = _jax_libtpu_pin()
+        raise PlanError(f"--topology needs the libtpu wheel that matches jax {metadata.version('jax')} "
+                        f"(libtpu{pin.specifier if pin else ''}): pip install -e '.[tpu-aot]'")
     _check_libtpu_matches_jax()
     _libtpu_environment(topology)
     import jax
