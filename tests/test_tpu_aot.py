@@ -125,7 +125,7 @@ def test_prefill_and_decode_steps_compile_for_tpu(tpu_devices):
     params = jax.tree.map(lambda s, axes: sds(s.shape, s.dtype, sharding.logical_to_spec(axes, rules)),
                           _abstract_params(config), logical_axes_tree(config))
     per_seq = sds((b,), jnp.int32, P("data"))
-    keys = sds((b, 2), jnp.uint32, P("data"))
+    keys = sds((b,), jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b)).dtype, P("data"))  # typed keys
     stops, scalar = sds((4,), jnp.int32), sds((), jnp.float32)
     sampler = Sampler(greedy=True, top_k=None, use_top_p=False)
 
