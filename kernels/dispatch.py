@@ -116,14 +116,17 @@ def recorded_runs(device) -> tuple[HardwareRun, ...]:
 
 
 def default_implementation(backend: str | None = None, *, dtype=jnp.bfloat16, segment_ids: bool = False,
-                           head_dim: int | None = None) -> str:
+                           head_dim: int | None = None, device=None) -> str:
     """The attention implementation `flash_attention(implementation=None)` uses on `backend`'s first device.
 
     Recorded hardware runs on this device kind first (fastest first), then "cudnn" (GPU) and "xla": the first
     that takes inputs of `dtype`, with or without segment ids, of `head_dim` (None: not checked). Called with no
-    inputs described, it answers for bf16 without segment ids. See the module docstring.
+    inputs described, it answers for bf16 without segment ids. `device`: answer for this `jax.Device` instead of the
+    backend's first one (e.g. a compile-only TPU device of a topology that this host compiles for). See the module
+    docstring.
     """
-    device = jax.devices(backend)[0] if backend else jax.devices()[0]
+    if device is None:
+        device = jax.devices(backend)[0] if backend else jax.devices()[0]
     candidates = [run.implementation for run in recorded_runs(device)]
     candidates += _UNRECORDED_DEFAULTS.get(device.platform, ("xla",))
     for implementation in candidates:

@@ -152,6 +152,7 @@ def test_plan_cli_compiles_for_simulated_devices():
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     assert "on 4 cpu devices" in out.stdout and "temporaries" in out.stdout
+    assert "attention=xla" in lines       # what a run on CPU devices uses (kernels.default_implementation)
     assert lines[-1].startswith("peak_bytes_per_device=")
     # At least this device's share of the fp32 train state (params + Adam mu and nu: 12 bytes per parameter,
     # split over 4 devices at most). tiny, counted by hand: per layer q/k/v 64 x (4 + 2 + 2) x 16, o 4 x 16 x 64,

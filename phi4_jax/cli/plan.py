@@ -1,10 +1,16 @@
 """`python -m phi4_jax.plan`: the ahead-of-time memory plan of the training step, from the command line.
 
     python -m phi4_jax.plan --model phi4-14b --mesh fsdp=8 --seq-len 16384 --global-batch 8
+    python -m phi4_jax.plan --topology v5p:2x2x2 --model phi4-14b --mesh fsdp=8 --seq-len 16384 --global-batch 8
 
-See `phi4_jax.train.plan` for what is compiled and printed. When there are fewer real devices than the mesh
-needs, it simulates CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, set before JAX starts
-its backend).
+See `phi4_jax.train.plan` for what is compiled and printed. Devices: with ``--topology`` the compile-only
+devices of that TPU topology (the real TPU compiler from the `libtpu` wheel, on this CPU machine; JAX's own
+backend stays the CPU); without it, when there are fewer real devices than the mesh needs, simulated CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=N``, set before JAX starts its backend).
+
+Exit status: 0 planned (and, for a TPU topology, fits); 2 bad input (mesh, model, topology, attention, no
+libtpu); 3 does not fit: the TPU compiler refused the program for lack of HBM, or its planned peak (printed,
+`peak_bytes_per_device` still last) exceeds the chip's HBM.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from phi4_jax.train.plan import parse_mesh_size, plan
+from phi4_jax.train.plan import DoesNotFitError, PlanError, parse_mesh_size, plan
 
 
 def _ensure_devices(n: int) -> None:
@@ -43,21 +49,43 @@ def parse_args(argv=None):
     p.add_argument("--rope-theta", type=float, default=None)
     p.add_argument("--devices", type=int, default=None,
                    help="simulated device count (default: the mesh size, or 8 with a -1 axis)")
+    p.add_argument("--topology", default=None,
+                   help="compile for this TPU topology with the real TPU compiler, no TPU needed (libtpu; "
+                        "e.g. v5p:2x2x2, v5p:4x4x4, v6e:2x4)")
+    p.add_argument("--attention", default=None, choices=("xla", "pallas_tpu", "pallas_gpu", "cudnn"),
+                   help="attention implementation to compile (default: what a run on those devices uses)")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def _devices(args):
+    """The devices to plan for: a TPU topology's compile-only devices, or None (JAX's, simulated if needed)."""
+    if args.topology:
+        if args.devices:
+            raise PlanError("--devices simulates CPU devices; with --topology the topology sets the devices")
+        # JAX's own backend stays the CPU (nothing runs); libtpu is loaded only to compile.
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        from phi4_jax.train.plan import tpu_topology_devices
+
+        return tpu_topology_devices(args.topology)
     n = args.devices or parse_mesh_size(args.mesh) or 8
     if "=-1" in args.mesh.replace(" ", "") and not args.devices:
         n = max(n, 8)
     _ensure_devices(n)
+    return None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from kernels import AttentionConfigError
     from phi4_jax.model.config import ConfigError
     from phi4_jax.model.sharding import MeshError
 
     try:
-        return plan(args)
-    except (MeshError, ConfigError) as e:
+        return plan(args, _devices(args), topology=args.topology)
+    except DoesNotFitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (MeshError, ConfigError, PlanError, AttentionConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -8,7 +8,8 @@
 - `checkpoints`: Orbax CheckpointManager for train state + data iterator; `init_params_from`.
 - `loop`: `train(cfg, workdir)`, what `python train.py` runs; `build_train_step`, the step construction it
   shares with `plan`.
-- `plan`: ahead-of-time compilation of the train step for a mesh, and its memory.
+- `plan`: ahead-of-time compilation of the train step for a mesh, and its memory; for a TPU topology, with the
+  real TPU compiler (libtpu) on a CPU machine.
 
 May import: `phi4_jax.model`, `phi4_jax.data`, `phi4_jax.checkpoint`, `phi4_jax.inference` (end-of-run samples).
 """
