@@ -30,7 +30,6 @@ from phi4_jax.train.plan import (
     PlanError,
     choose_attention,
     compile_for,
-    lowering_target,
     train_step_program,
     tpu_topology_devices,
 )
