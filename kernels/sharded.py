@@ -118,7 +118,13 @@ def _check_axes(mesh, named: dict):
 
 
 def _is_trivial(mesh, *axes) -> bool:
-    return mesh is None or all(_size(mesh, a) == 1 for a in axes)
+    """No mesh, or every named axis has size 1 (unknown axis names raise)."""
+    if mesh is None:
+        return True
+    for a in (name for group in axes for name in _axes(group)):
+        if a not in mesh.shape:
+            raise AttentionConfigError(f"the mesh has no axis {a!r} (its axes: {tuple(mesh.shape)})")
+    return all(_size(mesh, a) == 1 for a in axes)
 
 
 def _check_interpret_threads(mesh, implementation, interpret):
