@@ -7,6 +7,8 @@ Public entry points (the project's contract):
 - `apply_rope(x, positions, *, theta, implementation=None, interpret=False)`
 - `flash_attention_rope(q, k, v, positions, *, theta, ...)`: RoPE on q/k then attention (fused on TPU)
 - `decode_attention(q, k_cache, v_cache, lengths, ...)`: a few new queries against a KV cache
+- `sharded_flash_attention`, `sharded_apply_rope`, `sharded_decode_attention`: the same inside `shard_map` on a
+  mesh (kernels.sharded), with context parallelism over the sequence axis (kernels.context_parallel)
 
 This package never imports `phi4_jax`: the model depends on the kernels, not the reverse.
 """
@@ -23,6 +25,7 @@ from kernels.dispatch import (
     is_hopper_gpu,
 )
 from kernels.decode_attention import decode_attention, decode_attention_reference
+from kernels.sharded import sharded_apply_rope, sharded_decode_attention, sharded_flash_attention
 from kernels.rope_reference import apply_rope_reference
 
 __all__ = [
@@ -39,4 +42,7 @@ __all__ = [
     "flash_attention",
     "flash_attention_rope",
     "is_hopper_gpu",
+    "sharded_apply_rope",
+    "sharded_decode_attention",
+    "sharded_flash_attention",
 ]

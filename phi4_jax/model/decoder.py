@@ -128,6 +128,11 @@ def mlp(layer: Params, h, config: Phi4Config):
 
 def self_attention(q, k, v, positions, segment_ids, config: Phi4Config):
     """Causal attention of un-rotated q/k over the sequence itself, RoPE at `positions` included."""
+    shard = sharding.sharded_attention_args(config.attention_impl)
+    if shard is not None:  # on a mesh: Pallas kernels in shard_map; a split sequence -> context parallelism
+        return kernels.sharded_flash_attention(q, k, v, causal=True, segment_ids=segment_ids, positions=positions,
+                                               rope_theta=config.rope_theta, implementation=config.attention_impl,
+                                               interpret=config.kernel_interpret, **shard)
     if config.fuse_rope:
         # RoPE inside the attention kernel's q/k tile loads where the backend's kernel supports it
         # (identical math: the XLA path rotates first, then attends).

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+import kernels
 from phi4_jax.checks import is_integer
 
 _ACTIVE = contextvars.ContextVar("phi4_jax_sharding", default=None)
@@ -48,6 +49,24 @@ def activation_sharding(mesh, rules):
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def sharded_attention_args(implementation):
+    """Mesh and mesh axes for `kernels.sharded_flash_attention` under the active `activation_sharding`, from its rules.
+
+    None when a plain call is right: no active mesh, or an XLA-partitionable implementation ("xla", "cudnn") with
+    an unsplit sequence. Pallas kernels must sit in shard_map, and a split sequence needs context parallelism.
+    """
+    active = _ACTIVE.get()
+    if active is None:
+        return None
+    mesh, rules = active
+    q = logical_to_spec(("batch", "seq", "q_heads", "head_dim"), rules)
+    kv = logical_to_spec(("batch", "seq", "kv_heads", "head_dim"), rules)
+    pallas = (implementation or kernels.default_implementation()) in ("pallas_tpu", "pallas_gpu")
+    if not pallas and mesh_axis_size(mesh, q[1]) == 1:
+        return None
+    return {"mesh": mesh, "batch_axes": q[0], "seq_axes": q[1], "q_head_axes": q[2], "kv_head_axes": kv[2]}
 
 
 def constrain(x, logical_axes):
