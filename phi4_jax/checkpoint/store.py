@@ -4,14 +4,16 @@ A checkpoint directory holds ``config.json`` (the architecture plus a ``phi4_jax
 parameter dtype) and ``params/``, an Orbax PyTree checkpoint of the parameter dict. The converter writes
 ``params/`` tensor by tensor with TensorStore (`ParamArrayWriter`), in the zarr layout Orbax's own array
 handler uses, then writes Orbax's ``_METADATA``; so plain `ocp.StandardCheckpointer` restores it, with any
-shardings. Whole checkpoints are written into a hidden temporary directory beside the destination and moved
-into place at the end (`atomic_directory`), so a crash never leaves something that looks like a checkpoint.
+shardings. Whole checkpoints are written into a hidden temporary directory beside the destination, fsynced, and
+moved into place at the end (`atomic_directory`), so a crash never leaves something that looks like a checkpoint,
+and overwriting never leaves the destination missing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -27,6 +29,7 @@ FORMAT_VERSION = 1
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
 META_KEY = "phi4_jax"
+_log = logging.getLogger(__name__)
 CHUNK_TARGET_BYTES = 64 << 20  # zarr chunks of at most ~64 MB: bounded write buffers, parallel (de)compression
 
 
@@ -36,36 +39,91 @@ class CheckpointError(Exception):
 
 # ----------------------------------------------------------------------------- atomic output directories
 
+_TMP, _BACKUP = ".tmp-", ".old-"
+
+
+def _sibling(dst: Path, kind: str) -> Path:
+    return dst.parent / f".{dst.name}{kind}{uuid.uuid4().hex[:8]}"
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsyncs every file and directory under `root` (directories after their contents), then `root`."""
+    for dirpath, _, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
+def _recover_backups(dst: Path) -> None:
+    """Finishes what a crash inside `atomic_directory` left behind: a backup of an overwritten `dst`.
+
+    If `dst` is missing, the crash came between moving the old directory aside and moving the new one in:
+    the (newest) backup goes back to `dst`. If `dst` exists, the new directory was already in place and the
+    backup is stale: it is deleted. Either way a warning says what happened.
+    """
+    backups = sorted(dst.parent.glob(f".{dst.name}{_BACKUP}*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    backups = [b for b in backups if b.is_dir()]
+    if not backups:
+        return
+    if not dst.exists():
+        os.rename(backups.pop(0), dst)
+        _fsync_path(dst.parent)
+        _log.warning("restored %s from the backup an interrupted overwrite left behind", dst)
+    for stale in backups:
+        shutil.rmtree(stale)
+        _log.warning("deleted %s, a stale backup left behind by an interrupted overwrite of %s", stale, dst)
+
+
 @contextlib.contextmanager
 def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a fresh temporary directory beside `dst`; on success renames it to `dst`, on any error deletes it.
+    """Yields a fresh temporary directory beside `dst`; on success it becomes `dst`, on any error it is deleted.
 
-    Refuses an existing non-empty `dst` unless `overwrite`. With `overwrite` the old directory is moved aside
-    first and deleted only after the new one is in place.
+    Refuses an existing non-empty `dst` unless `overwrite`. On success every file and directory written is
+    fsynced, then with `overwrite` the old `dst` is renamed to a hidden backup, the new directory renamed to
+    `dst`, the parent directory fsynced, and only then the backup deleted. So `dst` is never missing: if the
+    second rename fails the backup is renamed back at once, and if the process dies between the renames the
+    next `atomic_directory(dst)` restores the backup (a stale backup after a completed swap is deleted).
     """
     dst = Path(dst).absolute()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _recover_backups(dst)
     if dst.exists() and not dst.is_dir():
         raise CheckpointError(f"output {str(dst)!r} exists and is not a directory")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise CheckpointError(f"output directory {str(dst)!r} is not empty (pass --overwrite to replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = _sibling(dst, _TMP)
     tmp.mkdir()
     try:
         yield tmp
-        old = None
+        fsync_tree(tmp)
+        backup = None
         if dst.exists():
             if any(dst.iterdir()):
-                old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(dst, old)
+                backup = _sibling(dst, _BACKUP)
+                os.rename(dst, backup)
             else:
                 dst.rmdir()
-        os.rename(tmp, dst)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(tmp, dst)
+        except BaseException:
+            if backup is not None:
+                os.rename(backup, dst)
+            raise
+        finally:
+            _fsync_path(dst.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if backup is not None:
+        shutil.rmtree(backup)
 
 
 # ----------------------------------------------------------------------------- writing params/ (streaming)
@@ -113,7 +171,7 @@ class ParamArrayWriter:
         if compression not in ("zstd", None, "none"):
             raise CheckpointError(f"unknown compression {compression!r}: use 'zstd' or 'none'")
         compressor = {"id": "zstd", "level": 1} if compression == "zstd" else None
-        # No fsync per chunk (slow, serializes compression and I/O); `finish` fsyncs every file once.
+        # No fsync per chunk (slow, serializes compression and I/O); `atomic_directory` fsyncs every file once.
         context = ts.Context({"file_io_sync": False})
         for path, (shape, dtype) in specs.items():
             dtype = np.dtype(dtype)
@@ -137,18 +195,8 @@ class ParamArrayWriter:
         arr[index].write(value).result()
 
     def finish(self) -> None:
-        _fsync_tree(self.dir)
+        """Writes Orbax's metadata. (Files are not fsynced here: `atomic_directory` fsyncs the whole output.)"""
         write_pytree_metadata(self.dir, list(self.specs))
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 def write_pytree_metadata(params_dir: str | os.PathLike, paths: list[tuple[str, ...]]) -> None:
