@@ -144,28 +144,46 @@ def chunk_shape(shape: tuple[int, ...], itemsize: int, *, stacked: bool, split_a
     return tuple(chunk)
 
 
-def split_axis(path: tuple[str, ...]) -> int:
-    """The axis along which a parameter's chunks are cut. lm_head [embed, vocab] is cut along vocab, so a
-    block of Hugging Face lm_head rows (vocab entries) is exactly one chunk, in both directions."""
-    return 1 if path[0] == "layers" or tuple(path) == ("lm_head",) else 0
+def contiguous_copy(x: np.ndarray, dtype=None) -> np.ndarray:
+    """x as a C-contiguous array in `dtype`: x itself when it already is one, else one copy (cast included).
+
+    Transposed views are copied in column tiles: NumPy's plain copy of a transposed matrix walks memory with a
+    large stride and is several times slower. Each tile is cast while it is copied.
+    """
+    dtype = np.dtype(dtype) if dtype is not None else x.dtype
+    if x.flags.c_contiguous or x.ndim < 2:
+        return np.ascontiguousarray(x, dtype=dtype)
+    view = x.view()
+    try:
+        view.shape = (x.shape[0], -1)  # raises instead of copying when the trailing axes cannot merge
+    except AttributeError:
+        return np.ascontiguousarray(x, dtype=dtype)
+    out = np.empty(view.shape, dtype=dtype)
+    tile = 64
+    for j in range(0, view.shape[1], tile):
+        out[:, j:j + tile] = view[:, j:j + tile]
+    return out.reshape(x.shape)
 
 
 class ParamArrayWriter:
     """Creates the zarr arrays of an Orbax PyTree checkpoint and writes them piece by piece.
 
-    `specs` is {key path: (shape, numpy dtype)}. Call `write(path, value, index)` as pieces arrive (a layer
-    of a stacked parameter, a block of a whole one), then `finish()` to flush files to disk and write Orbax's
-    metadata. Nothing is kept in memory between writes. `chunks[path]` is each array's chunk shape: writes
-    aligned to whole chunks never read anything back.
+    `specs` is {key path: (shape, numpy dtype)}. Chunks are cut along `split_axes[path]` (default: the first
+    axis after the layer axis of stacked parameters, axis 0 of the others); `chunks[path]` is each array's
+    chunk shape. Call `write(path, value, index)` as pieces arrive (a layer of a stacked parameter, a block of
+    a whole one), then `finish()` to write Orbax's metadata. A write is copied (and cast) one block of
+    chunks at a time and waited for, so it holds at most one chunk-block copy of `value` besides `value`
+    itself, and nothing is kept between writes. Writes aligned to whole chunks never read anything back.
     """
 
     def __init__(self, params_dir: str | os.PathLike, specs: dict[tuple[str, ...], tuple[tuple[int, ...], Any]],
-                 *, compression: str | None = "zstd"):
+                 *, compression: str | None = "zstd", split_axes: dict[tuple[str, ...], int] | None = None):
         import tensorstore as ts
 
         self.dir = Path(params_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.specs = specs
+        self.split_axes = {path: (split_axes or {}).get(path, 1 if path[0] == "layers" else 0) for path in specs}
         self.chunks: dict[tuple[str, ...], tuple[int, ...]] = {}
         self._arrays = {}
         if compression not in ("zstd", None, "none"):
@@ -175,7 +193,8 @@ class ParamArrayWriter:
         context = ts.Context({"file_io_sync": False})
         for path, (shape, dtype) in specs.items():
             dtype = np.dtype(dtype)
-            chunks = chunk_shape(shape, dtype.itemsize, stacked=path[0] == "layers", split_axis=split_axis(path))
+            chunks = chunk_shape(shape, dtype.itemsize, stacked=path[0] == "layers",
+                                 split_axis=self.split_axes[path])
             self.chunks[path] = chunks
             spec = {
                 "driver": "zarr",
@@ -187,12 +206,27 @@ class ParamArrayWriter:
                                          dtype=ts.dtype(dtype.name)).result()
 
     def write(self, path: tuple[str, ...], value: np.ndarray, index: tuple = ()) -> None:
-        """Writes `value` into array `path` at `index` (a tuple of ints / slices; () = the whole array)."""
-        arr = self._arrays[path]
+        """Writes `value` (any strides, any float dtype; not modified afterwards) into array `path` at `index`:
+        leading ints (a layer) and/or slices, one per leading axis; () is the whole array."""
+        arr, shape = self._arrays[path], self.specs[path][0]
+        dtype = np.dtype(arr.dtype.numpy_dtype)
         value = np.asarray(value)
-        if value.dtype != arr.dtype.numpy_dtype:
-            value = value.astype(arr.dtype.numpy_dtype)
-        arr[index].write(value).result()
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        axis = self.split_axes[path]
+        if axis >= len(shape) or isinstance(index[axis], int):
+            blocks = [(index, value)]
+        else:
+            start, stop, _ = index[axis].indices(shape[axis])
+            value_axis = axis - sum(isinstance(i, int) for i in index[:axis])
+            step = self.chunks[path][axis]
+            bounds = [start, *range((start // step + 1) * step, stop, step), stop]
+            blocks = [(index[:axis] + (slice(a, b),) + index[axis + 1:],
+                       value[(slice(None),) * value_axis + (slice(a - start, b - start),)])
+                      for a, b in zip(bounds[:-1], bounds[1:])]
+        for block_index, block in blocks:
+            block = contiguous_copy(block, dtype)
+            arr[block_index].write(block, can_reference_source_data_indefinitely=True).result()
+            del block
 
     def finish(self) -> None:
         """Writes Orbax's metadata. (Files are not fsynced here: `atomic_directory` fsyncs the whole output.)"""
