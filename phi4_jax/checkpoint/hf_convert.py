@@ -201,6 +201,8 @@ def checkpoint_to_hf(src, dst, *, dtype: str | None = None, overwrite: bool = Fa
                     block = contiguous_copy(rows[r:r + step], out_dtype)
                     f.write(memoryview(block.reshape(-1).view(np.uint8)))
                     yield block.nbytes
+                    del block
+                del rows  # before the next read: one piece in memory at a time
 
     n = len(shards)
     names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors" for i in range(n)]

@@ -11,6 +11,7 @@ source before writing, and writes the output atomically. Errors print one line, 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from phi4_jax.model.config import DTYPES
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
 
+    if "JAX_PLATFORMS" not in os.environ:  # conversion needs no accelerator: do not load (or probe) one
+        import jax
+        jax.config.update("jax_platforms", "cpu")
     from phi4_jax.checkpoint.hf_files import ConversionError
     from phi4_jax.checkpoint.hf_convert import checkpoint_to_hf, hf_to_checkpoint
 
