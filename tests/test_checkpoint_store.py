@@ -152,3 +152,25 @@ def test_files_new_directory_and_parent_are_fsynced_in_order(tmp_path, monkeypat
     assert first(("fsync", tmp / "sub" / "data.bin")) < first(("fsync", tmp / "sub")) < first(("fsync", tmp))
     assert first(("fsync", tmp)) < moved_in
     assert any(e == ("fsync", tmp_path) for e in events[moved_in:]), events  # the parent, after the renames
+
+
+def test_load_model_reads_config_json_once(sources, monkeypatch):
+    from phi4_jax import load_model
+    from phi4_jax.checkpoint.load import restore_params
+
+    work, _, old_model, _, old_ckpt = sources
+    reads, real = [], Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if self.name == "config.json":
+            reads.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    model = load_model(old_ckpt)
+    assert reads == [old_ckpt / "config.json"], reads
+    np.testing.assert_array_equal(np.asarray(model.embed[...]),
+                                  old_model.state_dict()["model.embed_tokens.weight"].numpy())
+    reads.clear()
+    restore_params(old_ckpt)
+    assert len(reads) == 1, reads

@@ -161,7 +161,7 @@ def checkpoint_to_hf(src, dst, *, dtype: str | None = None, overwrite: bool = Fa
         raise ConversionError("--max-shard-size must be positive")
     try:
         config, meta = ckpt.read_checkpoint_config(src)
-        params_dir = ckpt.params_directory(src)
+        params_dir = ckpt.params_directory(src, meta)
         stored = ckpt.check_params_metadata(params_dir, config)
         ckpt.check_chunk_files(params_dir, stored)
         arrays = ckpt.open_param_arrays(params_dir, list(stored))

@@ -294,9 +294,11 @@ def read_checkpoint_config(path: str | os.PathLike, **runtime: Any) -> tuple[Phi
     return config, meta
 
 
-def params_directory(path: str | os.PathLike) -> Path:
-    """The Orbax params directory of a checkpoint, checked to exist and to hold Orbax metadata."""
-    _, meta = read_checkpoint_config(path)
+def params_directory(path: str | os.PathLike, meta: dict | None = None) -> Path:
+    """The Orbax params directory of a checkpoint, checked to exist and to hold Orbax metadata. `meta` is the
+    ``phi4_jax`` block from `read_checkpoint_config`, when the caller has it (else config.json is read)."""
+    if meta is None:
+        _, meta = read_checkpoint_config(path)
     params_dir = Path(path) / meta.get("params_dir", PARAMS_DIR)
     if not params_dir.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} has no parameters: {str(params_dir)!r} is missing")
