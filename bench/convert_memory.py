@@ -128,14 +128,15 @@ def verify_round_trip(src: Path, back: Path) -> int:
 
 
 BEGIN, END = "<!-- weight-conversion:begin -->", "<!-- weight-conversion:end -->"
-INTRO = ("`python bench/convert_memory.py [--layers N]`: peak RSS and throughput of `convert_weights.py`, both "
-         "directions, on a synthetic phi-4-width bf16 checkpoint (hidden 5120, intermediate 17920, 40/10 heads, "
-         "vocab 100352; N layers) stored as sharded safetensors with an index. Peak RSS is each child process's "
-         "kernel high-water mark (`os.wait4` rusage). Streaming means peak memory is a small multiple of the "
-         "largest tensor (embed_tokens / lm_head: 1.03 GB in bf16), not of the model (29.3 GB for phi-4), and "
-         "barely grows with the number of layers. The synthetic values have random sign and mantissa but only "
-         "3 random exponent bits, so zstd shrinks them by about 25% (real weights compress differently); throughput on this "
-         "shared 2-core machine is I/O- and contention-bound, not a property of the converter.")
+INTRO = ("`python bench/convert_memory.py [--layers N] [--shard-size 4.9GB] [--vocab V]`: peak RSS and throughput of "
+         "`convert_weights.py`, both directions, on a synthetic phi-4-width bf16 checkpoint (hidden 5120, intermediate "
+         "17920, 40/10 heads, vocab 100352; N layers) stored like microsoft/phi-4: safetensors shards of about 4.9 GB "
+         "filled in order, so each shard holds several layers (each entry lists its layout), plus an index. Peak RSS "
+         "is each child process's kernel high-water mark (`os.wait4` rusage). Streaming means peak memory is a small "
+         "multiple of the largest tensor (embed_tokens / lm_head: 1.03 GB in bf16), not of the model (29.3 GB for "
+         "phi-4). The synthetic values have random sign and mantissa but only 3 random exponent bits, so zstd shrinks "
+         "them by about 25% (real weights compress differently); throughput on this shared 2-core machine is I/O- and "
+         "contention-bound, not a property of the converter.")
 
 
 def record(entry_lines: list[str], path: Path = ROOT / "BENCHMARKS.md") -> None:

@@ -82,7 +82,7 @@ def hf_to_checkpoint(src, dst, *, dtype: str | None = None, overwrite: bool = Fa
                                            split_axes=_whole_param_split_axes(config))
             with _progress(total_in, f"converting {Path(src).name}", progress) as bar:
                 for t in order:
-                    _convert_tensor(t, config, writer, param_dtype)
+                    _convert_tensor(t, config, writer)
                     bar.update(t.nbytes)
             writer.finish()
             ckpt.write_checkpoint_config(tmp, config, param_dtype=param_dtype.name, source_dtype=source_dtypes[0]
@@ -96,11 +96,8 @@ def _whole_param_split_axes(config: Phi4Config) -> dict[tuple[str, ...], int]:
     """Parameters that are not per-layer (embed, lm_head, final_norm) are chunked along the axis their HF rows
     run along, so that a block of HF rows is whole chunks and they stream in blocks, both ways. (Stacked
     parameters keep the writer's default: one layer per chunk, cut along the first axis after it.)"""
-    axes = {}
-    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
-        for p in hf_pieces(name, config):
-            axes[p.path] = p.row_axis
-    return axes
+    return {p.path: p.row_axis for name in hf_tensor_shapes(config) for p in hf_pieces(name, config)
+            if p.layer is None and p.row_axis is not None}
 
 
 def _read_blocks(piece: Piece, chunks: tuple[int, ...]) -> list[tuple[int, int, tuple]]:
@@ -115,7 +112,7 @@ def _read_blocks(piece: Piece, chunks: tuple[int, ...]) -> list[tuple[int, int, 
             for a in range(0, piece.rows, step)]
 
 
-def _convert_tensor(t: SourceTensor, config: Phi4Config, writer: ckpt.ParamArrayWriter, dtype: np.dtype) -> None:
+def _convert_tensor(t: SourceTensor, config: Phi4Config, writer: ckpt.ParamArrayWriter) -> None:
     """Reads each piece of `t` (in row blocks where it streams) and writes it into its parameter's slot."""
     for piece in hf_pieces(t.name, config):
         for a, b, index in _read_blocks(piece, writer.chunks[piece.path]):
