@@ -93,10 +93,10 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False) -> Iter
     next `atomic_directory(dst)` restores the backup (a stale backup after a completed swap is deleted).
     """
     dst = Path(dst).absolute()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    _recover_backups(dst)
     if dst.exists() and not dst.is_dir():
         raise CheckpointError(f"output {str(dst)!r} exists and is not a directory")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _recover_backups(dst)
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise CheckpointError(f"output directory {str(dst)!r} is not empty (pass --overwrite to replace it)")
     tmp = _sibling(dst, _TMP)
@@ -105,14 +105,11 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False) -> Iter
         yield tmp
         fsync_tree(tmp)
         backup = None
-        if dst.exists():
-            if any(dst.iterdir()):
-                backup = _sibling(dst, _BACKUP)
-                os.rename(dst, backup)
-            else:
-                dst.rmdir()
+        if dst.exists() and any(dst.iterdir()):
+            backup = _sibling(dst, _BACKUP)
+            os.rename(dst, backup)
         try:
-            os.rename(tmp, dst)
+            os.rename(tmp, dst)  # replaces an empty `dst` directory atomically (POSIX rename)
         except BaseException:
             if backup is not None:
                 os.rename(backup, dst)
