@@ -4,9 +4,9 @@
     python convert_weights.py SRC_HF_DIR DST_DIR            # HF Phi3ForCausalLM dir -> phi4_jax checkpoint
     python convert_weights.py --to-hf SRC_DIR DST_HF_DIR    # phi4_jax checkpoint -> safetensors + config.json
 
-Conversion streams piece by piece (peak memory is below the largest tensor, whatever the shard layout), runs
-JAX on the CPU (unless JAX_PLATFORMS says otherwise), validates the source before writing, and writes the output
-atomically. Errors print one line, `error: ...`, and exit 1.
+Conversion streams piece by piece (beyond the interpreter, peak memory is a fraction of the largest tensor,
+for any shard layout), runs JAX on the CPU (unless JAX_PLATFORMS says otherwise), validates the source before
+writing, and writes the output atomically. Errors print one line, `error: ...`, and exit 1.
 """
 
 from __future__ import annotations
