@@ -106,7 +106,7 @@ def test_crash_between_renames_is_recovered_on_the_next_call(sources, monkeypatc
 def test_stale_backup_after_a_completed_swap_is_deleted(sources):
     from phi4_jax.checkpoint.store import atomic_directory
 
-    work, _, old_model, _, old_ckpt = sources
+    work, _, _, _, old_ckpt = sources
     dst = _fresh_copy(work, old_ckpt, "dst_stale")
     stale = work / ".dst_stale.old-deadbeef"
     (stale / "params").mkdir(parents=True)
@@ -158,7 +158,7 @@ def test_load_model_reads_config_json_once(sources, monkeypatch):
     from phi4_jax import load_model
     from phi4_jax.checkpoint.load import restore_params
 
-    work, _, old_model, _, old_ckpt = sources
+    _, _, old_model, _, old_ckpt = sources
     reads, real = [], Path.read_text
 
     def read_text(self, *args, **kwargs):

@@ -72,7 +72,7 @@ def test_pieces_cover_each_tensor_in_row_order_and_are_views():
         np.testing.assert_array_equal(np.concatenate(back), tensor, err_msg=name)
     # The transposes themselves, against NumPy written from the definition (PyTorch Linear is [out, in]).
     gate_up = rng.standard_normal((160, 48)).astype(np.float32)
-    gate, up = hf_pieces("model.layers.0.mlp.gate_up_proj.weight", config)
+    _, up = hf_pieces("model.layers.0.mlp.gate_up_proj.weight", config)
     np.testing.assert_array_equal(up.to_ours(gate_up[80:]), gate_up[80:].T)
     qkv = rng.standard_normal((config.q_size + 2 * config.kv_size, 48)).astype(np.float32)
     q = hf_pieces("model.layers.0.self_attn.qkv_proj.weight", config)[0]
