@@ -2,14 +2,16 @@
 """Peak memory and throughput of convert_weights.py on a synthetic phi-4-width checkpoint (not part of CI).
 
 Builds a bf16 Phi3ForCausalLM checkpoint with phi-4's widths (hidden 5120, intermediate 17920, 40/10 heads,
-vocab 100352) and a few layers (3 layers: about 4.1 GB; the largest tensors, embed_tokens and lm_head, are
-1.03 GB each), as sharded safetensors with an index like microsoft/phi-4. Tensor contents are a repeated
-block of random finite bf16 values, so building it takes seconds. Then it runs the real CLI both ways in
-child processes, taking each child's peak RSS from the kernel (`os.wait4` rusage: the high-water mark of
-resident memory, sampled by the kernel, not by polling), checks that the round trip is bit-exact tensor by
-tensor, and appends the numbers (date, machine, command) to the "Weight conversion" section of BENCHMARKS.md.
+vocab 100352 unless --vocab) and N layers, sharded like microsoft/phi-4: shards of about 4.9 GB (--shard-size),
+filled in order (embed_tokens, layer 0, 1, ..., norm, lm_head), so each shard holds several layers, plus
+``model.safetensors.index.json``. Tensor contents are a repeated block of random finite bf16 values, so
+building it takes seconds. Then it runs the real CLI both ways in child processes, taking each child's peak
+RSS from the kernel (`os.wait4` rusage: the high-water mark of resident memory, sampled by the kernel, not by
+polling), checks that the round trip is bit-exact tensor by tensor, and appends the numbers (date, machine,
+command, shard layout) to the "Weight conversion" section of BENCHMARKS.md.
 
-    python bench/convert_memory.py [--layers 3] [--workdir /tmp] [--compression zstd|none] [--no-record]
+    python bench/convert_memory.py [--layers 8] [--shard-size 4.9GB] [--vocab 100352] [--workdir /tmp]
+                                   [--compression zstd|none] [--no-record]
 
 Peak RSS includes the Python interpreter plus imported JAX / Orbax / TensorStore, so the script also measures
 a child that only imports those, and reports (peak - baseline) / largest tensor.
@@ -44,8 +46,8 @@ from phi4_jax.checkpoint.hf_mapping import hf_tensor_shapes  # noqa: E402
 BLOCK_BYTES = 64 << 20
 
 
-def phi4_width_config(layers: int) -> Phi4Config:
-    return Phi4Config(num_layers=layers, param_dtype="bfloat16")
+def phi4_width_config(layers: int, vocab: int = 100352) -> Phi4Config:
+    return Phi4Config(num_layers=layers, vocab_size=vocab, param_dtype="bfloat16")
 
 
 def random_bf16_block(nbytes: int, seed: int = 0) -> np.ndarray:
@@ -56,8 +58,10 @@ def random_bf16_block(nbytes: int, seed: int = 0) -> np.ndarray:
     return bits.view(ml_dtypes.bfloat16)
 
 
-def write_synthetic_checkpoint(dst: Path, config: Phi4Config, shard_bytes: int = 2 << 30) -> tuple[int, int]:
-    """Writes config.json + sharded bf16 safetensors + index. Returns (total bytes, largest tensor bytes)."""
+def write_synthetic_checkpoint(dst: Path, config: Phi4Config, shard_bytes: int = 4_900_000_000
+                               ) -> tuple[int, int, list[str]]:
+    """Writes config.json + sharded bf16 safetensors + index.
+    Returns (total bytes, largest tensor bytes, one line per shard: its size and which layers it holds)."""
     from phi4_jax.checkpoint.hf_convert import _plan_shards, _safetensors_header
 
     dst.mkdir(parents=True)
@@ -86,7 +90,17 @@ def write_synthetic_checkpoint(dst: Path, config: Phi4Config, shard_bytes: int =
                 largest = max(largest, nbytes)
     (dst / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    return total, largest
+    return total, largest, [describe_shard(dst / fname, entries) for fname, entries in zip(names, shards)]
+
+
+def describe_shard(path: Path, entries: list[tuple[str, tuple[int, ...]]]) -> str:
+    """'model-00001-of-00002.safetensors: 4.76 GB, embed_tokens + layers 0-4 (5 layers)'."""
+    layers = sorted({int(name.split(".")[2]) for name, _ in entries if name.startswith("model.layers.")})
+    parts = [name.split(".")[-2] for name, _ in entries if not name.startswith("model.layers.")]
+    if layers:
+        parts.insert(1 if entries[0][0] == "model.embed_tokens.weight" else 0,
+                     f"layers {layers[0]}-{layers[-1]} ({len(layers)} layers)")
+    return f"{path.name}: {path.stat().st_size / 1e9:.2f} GB, " + " + ".join(parts)
 
 
 def run_measured(cmd: list[str]) -> tuple[float, int, int]:
@@ -114,14 +128,15 @@ def verify_round_trip(src: Path, back: Path) -> int:
 
 
 BEGIN, END = "<!-- weight-conversion:begin -->", "<!-- weight-conversion:end -->"
-INTRO = ("`python bench/convert_memory.py [--layers N]`: peak RSS and throughput of `convert_weights.py`, both "
-         "directions, on a synthetic phi-4-width bf16 checkpoint (hidden 5120, intermediate 17920, 40/10 heads, "
-         "vocab 100352; N layers) stored as sharded safetensors with an index. Peak RSS is each child process's "
-         "kernel high-water mark (`os.wait4` rusage). Streaming means peak memory is a small multiple of the "
-         "largest tensor (embed_tokens / lm_head: 1.03 GB in bf16), not of the model (29.3 GB for phi-4), and "
-         "barely grows with the number of layers. The synthetic values have random sign and mantissa but only "
-         "3 random exponent bits, so zstd shrinks them by about 25% (real weights compress differently); throughput on this "
-         "shared 2-core machine is I/O- and contention-bound, not a property of the converter.")
+INTRO = ("`python bench/convert_memory.py [--layers N] [--shard-size 4.9GB] [--vocab V]`: peak RSS and throughput of "
+         "`convert_weights.py`, both directions, on a synthetic phi-4-width bf16 checkpoint (hidden 5120, intermediate "
+         "17920, 40/10 heads, vocab 100352; N layers) stored like microsoft/phi-4: safetensors shards of about 4.9 GB "
+         "filled in order, so each shard holds several layers (each entry lists its layout), plus an index. Peak RSS "
+         "is each child process's kernel high-water mark (`os.wait4` rusage). Streaming means peak memory is a small "
+         "multiple of the largest tensor (embed_tokens / lm_head: 1.03 GB in bf16), not of the model (29.3 GB for "
+         "phi-4). The synthetic values have random sign and mantissa but only 3 random exponent bits, so zstd shrinks "
+         "them by about 25% (real weights compress differently); throughput on this shared 2-core machine is I/O- and "
+         "contention-bound, not a property of the converter.")
 
 
 def record(entry_lines: list[str], path: Path = ROOT / "BENCHMARKS.md") -> None:
@@ -137,21 +152,29 @@ def record(entry_lines: list[str], path: Path = ROOT / "BENCHMARKS.md") -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--shard-size", default="4.9GB",
+                        help="safetensors shard size (microsoft/phi-4: about 4.9GB, 6-7 layers per shard)")
+    parser.add_argument("--vocab", type=int, default=100352, help="vocabulary size (smaller: quicker runs)")
     parser.add_argument("--workdir", default=tempfile.gettempdir())
     parser.add_argument("--compression", choices=["zstd", "none"], default="zstd")
     parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+    parser.add_argument("--note", default="", help="a line added to the entry (e.g. which code was measured)")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic files")
     args = parser.parse_args()
 
-    config = phi4_width_config(args.layers)
+    from phi4_jax.checkpoint.hf_files import parse_size
+
+    config = phi4_width_config(args.layers, args.vocab)
+    shard_bytes = parse_size(args.shard_size)
     work = Path(tempfile.mkdtemp(prefix="phi4_convert_bench_", dir=args.workdir))
     try:
         src, ours, back = work / "hf", work / "ours", work / "back"
         t0 = time.perf_counter()
-        total, largest = write_synthetic_checkpoint(src, config)
+        total, largest, layout = write_synthetic_checkpoint(src, config, shard_bytes)
         print(f"synthetic checkpoint: {total / 1e9:.2f} GB, largest tensor {largest / 1e9:.2f} GB, "
               f"written in {time.perf_counter() - t0:.1f} s", flush=True)
+        print("\n".join(layout), flush=True)
 
         _, baseline, _ = run_measured([sys.executable, "-c",
                                        "import phi4_jax.checkpoint.hf_convert, phi4_jax.model.decoder, orbax.checkpoint, tensorstore"])
@@ -174,11 +197,15 @@ def main() -> int:
 
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        f"### {when}: {args.layers}-layer phi-4-width bf16 checkpoint, {total / 1e9:.2f} GB",
+        f"### {when}: {args.layers}-layer phi-4-width bf16 checkpoint, {total / 1e9:.2f} GB in {len(layout)} "
+        f"shard{'s' if len(layout) > 1 else ''}",
         "",
         f"- machine: {describe_machine(with_load=False)}",
-        f"- command: `python bench/convert_memory.py --layers {args.layers} --compression {args.compression}` "
-        f"(runs `convert_weights.py SRC DST --compression {args.compression}` and `convert_weights.py --to-hf`)",
+        f"- command: `python bench/convert_memory.py --layers {args.layers} --shard-size {args.shard_size} "
+        f"--vocab {args.vocab} --compression {args.compression}` (runs `convert_weights.py SRC DST --compression "
+        f"{args.compression}` and `convert_weights.py --to-hf`)",
+        *([f"- {args.note}"] if args.note else []),
+        "- layout: " + "; ".join(layout),
         f"- largest tensor {largest / 2**30:.2f} GiB; interpreter + imports baseline RSS {baseline / 2**30:.2f} GiB; "
         f"orbax checkpoint on disk {ours_size / 1e9:.2f} GB",
         "",

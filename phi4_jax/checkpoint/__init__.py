@@ -1,8 +1,10 @@
 """Checkpoints: this project's on-disk format, loading, and conversion from and to Hugging Face (later GGUF).
 
-- `store`: the checkpoint layout (config.json + an Orbax PyTree of params), atomic writes, TensorStore I/O.
+- `store`: the checkpoint layout (config.json + an Orbax PyTree of params), atomic (fsynced, crash-safe)
+  writes, TensorStore I/O.
 - `load`: `restore_params` onto any shardings and dtype, and `load_model` (the public `phi4_jax.load_model`).
-- `hf_mapping`: how each Hugging Face Phi3ForCausalLM tensor maps to our parameters (NumPy, one tensor at a time).
+- `hf_mapping`: how each Hugging Face Phi3ForCausalLM tensor maps to our parameters, as row ranges ("pieces")
+  with NumPy views both ways; both conversion directions and the in-memory helpers use it.
 - `hf_files`: lazy readers of safetensors (sharded or single) and PyTorch ``.bin``/``.pt`` files.
 - `hf_convert`: streaming conversion both ways (`convert_weights.py`).
 

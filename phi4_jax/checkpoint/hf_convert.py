@@ -1,9 +1,13 @@
 """Streaming conversion between Hugging Face Phi3ForCausalLM checkpoints and this project's checkpoint.
 
-`hf_to_checkpoint` reads each source tensor once (`phi4_jax.checkpoint.hf_files`), maps it to our parameters
-(`phi4_jax.checkpoint.hf_mapping`), and writes each piece straight into its slot of the Orbax arrays, so peak
-memory is a small multiple of the largest tensor, not the model. `checkpoint_to_hf` goes back, reading one
-layer slice at a time, and writes safetensors shards of bounded size plus ``model.safetensors.index.json`` and
+Both directions walk the same description of the mapping, `hf_mapping.hf_pieces`: each HF tensor is a few
+row ranges ("pieces"), each (a layer of) one of our parameters. `hf_to_checkpoint` reads each piece with
+positioned reads (`phi4_jax.checkpoint.hf_files`), in blocks of whole chunks where the parameter is chunked
+along the HF rows (embed_tokens, lm_head), and writes it into its slot of the Orbax arrays, copying (and
+casting) one chunk-block at a time. `checkpoint_to_hf` reads the same pieces back and writes each one
+straight into the safetensors file at its offset, with one transpose-and-cast copy of a bounded block of
+rows. So peak memory is about one piece (at most half of gate_up_proj) plus a chunk, not the model, whatever
+the shard layout. Output is safetensors shards of bounded size plus ``model.safetensors.index.json`` and
 config.json. Everything is validated before any output is written, and output goes through
 `atomic_directory`.
 """
@@ -19,8 +23,10 @@ import numpy as np
 
 from phi4_jax.checkpoint import store as ckpt
 from phi4_jax.model.config import Phi4Config
-from phi4_jax.checkpoint.hf_mapping import (MappingError, hf_tensor_shapes, hf_to_params_pieces, params_to_hf_tensors)
-from phi4_jax.checkpoint.hf_files import ConversionError, SAFETENSORS_CODES, SourceTensor, find_hf_checkpoint, parse_dtype, parse_size, validate_tensors
+from phi4_jax.checkpoint.hf_files import (ConversionError, SAFETENSORS_CODES, SourceTensor, find_hf_checkpoint,
+                                          parse_dtype, parse_size, validate_tensors)
+from phi4_jax.checkpoint.hf_mapping import Piece, hf_pieces, hf_tensor_shapes
+from phi4_jax.checkpoint.store import contiguous_copy
 
 
 # ----------------------------------------------------------------------------- HF -> ours
@@ -72,63 +78,45 @@ def hf_to_checkpoint(src, dst, *, dtype: str | None = None, overwrite: bool = Fa
     total_in = sum(t.nbytes for t in order)
     try:
         with ckpt.atomic_directory(dst, overwrite=overwrite) as tmp:
-            writer = ckpt.ParamArrayWriter(tmp / ckpt.PARAMS_DIR, specs, compression=compression)
+            writer = ckpt.ParamArrayWriter(tmp / ckpt.PARAMS_DIR, specs, compression=compression,
+                                           split_axes=_whole_param_split_axes(config))
             with _progress(total_in, f"converting {Path(src).name}", progress) as bar:
                 for t in order:
-                    _convert_tensor(t, config, writer, param_dtype)
+                    _convert_tensor(t, config, writer)
                     bar.update(t.nbytes)
             writer.finish()
             ckpt.write_checkpoint_config(tmp, config, param_dtype=param_dtype.name, source_dtype=source_dtypes[0]
                                          if len(source_dtypes) == 1 else ",".join(source_dtypes))
     except ckpt.CheckpointError as e:
         raise ConversionError(str(e)) from None
-    except MappingError as e:
-        raise ConversionError(str(e)) from None
     return dst
 
 
-def contiguous_copy(x: np.ndarray, dtype=None) -> np.ndarray:
-    """C-contiguous copy of x (in `dtype`). Transposed views are copied in column tiles: NumPy's plain copy of
-    a transposed matrix walks memory with a large stride and is several times slower."""
-    dtype = np.dtype(dtype) if dtype is not None else x.dtype
-    if x.flags.c_contiguous or x.ndim < 2:
-        return np.ascontiguousarray(x, dtype=dtype)
-    view = x.view()
-    try:
-        view.shape = (x.shape[0], -1)  # raises instead of copying when the trailing axes cannot merge
-    except AttributeError:
-        return np.ascontiguousarray(x, dtype=dtype)
-    out = np.empty(view.shape, dtype=x.dtype)
-    tile = 64
-    for j in range(0, view.shape[1], tile):
-        out[:, j:j + tile] = view[:, j:j + tile]
-    out = out.reshape(x.shape)
-    return out if out.dtype == dtype else out.astype(dtype)
+def _whole_param_split_axes(config: Phi4Config) -> dict[tuple[str, ...], int]:
+    """Parameters that are not per-layer (embed, lm_head, final_norm) are chunked along the axis their HF rows
+    run along, so that a block of HF rows is whole chunks and they stream in blocks, both ways. (Stacked
+    parameters keep the writer's default: one layer per chunk, cut along the first axis after it.)"""
+    return {p.path: p.row_axis for name in hf_tensor_shapes(config) for p in hf_pieces(name, config)
+            if p.layer is None and p.row_axis is not None}
 
 
-# Whole tensors stream in blocks of rows: embed_tokens rows are our embed rows; lm_head rows are our lm_head
-# columns (hf_mapping: lm_head is stored transposed). Blocks follow the writer's chunks along that axis.
-_STREAMED = {"model.embed_tokens.weight": (("embed",), False), "lm_head.weight": (("lm_head",), True)}
+def _read_blocks(piece: Piece, chunks: tuple[int, ...]) -> list[tuple[int, int, tuple]]:
+    """[(first row, end row, index into our array)] covering the piece: one block per chunk along the row
+    axis when the array is chunked along it (embed, lm_head), else one block of all rows."""
+    layer = () if piece.layer is None else (piece.layer,)
+    if piece.row_axis is None or chunks[len(layer) + piece.row_axis] >= piece.rows:
+        return [(0, piece.rows, layer)]
+    step = chunks[len(layer) + piece.row_axis]
+    lead = layer + (slice(None),) * piece.row_axis
+    return [(a, min(piece.rows, a + step), lead + (slice(a, min(piece.rows, a + step)),))
+            for a in range(0, piece.rows, step)]
 
 
-def _convert_tensor(t: SourceTensor, config: Phi4Config, writer: ckpt.ParamArrayWriter, dtype: np.dtype) -> None:
-    if t.name in _STREAMED:
-        path, transposed = _STREAMED[t.name]
-        axis = 1 if transposed else 0
-        block = writer.chunks[path][axis]
-        for r0 in range(0, t.shape[0], block):
-            r1 = min(t.shape[0], r0 + block)
-            rows = t.read((r0, r1))
-            if transposed:
-                writer.write(path, contiguous_copy(rows.T, dtype), (slice(None), slice(r0, r1)))
-            else:
-                writer.write(path, contiguous_copy(rows, dtype), (slice(r0, r1),))
-        return
-    arr = t.read()
-    if tuple(arr.shape) != t.shape:
-        raise ConversionError(f"tensor {t.name!r} in {t.file.name} read with shape {arr.shape}, expected {t.shape}")
-    for path, layer, piece in hf_to_params_pieces(t.name, arr, config):
-        writer.write(path, contiguous_copy(piece, dtype), () if layer is None else (layer,))
+def _convert_tensor(t: SourceTensor, config: Phi4Config, writer: ckpt.ParamArrayWriter) -> None:
+    """Reads each piece of `t` (in row blocks where it streams) and writes it into its parameter's slot."""
+    for piece in hf_pieces(t.name, config):
+        for a, b, index in _read_blocks(piece, writer.chunks[piece.path]):
+            writer.write(piece.path, piece.to_ours(t.read((piece.r0 + a, piece.r0 + b))), index)
 
 
 # ----------------------------------------------------------------------------- ours -> HF
@@ -170,7 +158,7 @@ def checkpoint_to_hf(src, dst, *, dtype: str | None = None, overwrite: bool = Fa
         raise ConversionError("--max-shard-size must be positive")
     try:
         config, meta = ckpt.read_checkpoint_config(src)
-        params_dir = ckpt.params_directory(src)
+        params_dir = ckpt.params_directory(src, meta)
         stored = ckpt.check_params_metadata(params_dir, config)
         ckpt.check_chunk_files(params_dir, stored)
         arrays = ckpt.open_param_arrays(params_dir, list(stored))
@@ -190,36 +178,31 @@ def checkpoint_to_hf(src, dst, *, dtype: str | None = None, overwrite: bool = Fa
     dst = Path(dst).absolute()
     _check_free_space(dst.parent, total)
 
-    def read(path, index=()):
+    def read(path, index):
         try:
             return arrays[path][index].read().result()
         except Exception as e:
             raise ConversionError(f"cannot read parameter {'/'.join(path)!r} from {str(params_dir)!r}: "
                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
-    streamed_paths = {path for path, _ in _STREAMED.values()}
-
-    def get(path, layer):
-        if path in streamed_paths:  # written block by block below; the mapping gets an empty stand-in
-            return np.empty((0, 0), out_dtype)
-        return read(path, () if layer is None else (layer,))
-
-    def write_streamed(f, name, shape):
-        path, transposed = _STREAMED[name]
-        chunks = arrays[path].chunk_layout.read_chunk.shape or shape
-        block = max(1, chunks[1] if transposed else chunks[0])
-        for r0 in range(0, shape[0], block):
-            r1 = min(shape[0], r0 + block)
-            if transposed:
-                rows = contiguous_copy(read(path, (slice(None), slice(r0, r1))).T, out_dtype)
-            else:
-                rows = contiguous_copy(read(path, (slice(r0, r1),)), out_dtype)
-            f.write(memoryview(rows.reshape(-1).view(np.uint8)))
-            yield rows.nbytes
+    def write_tensor(f, name, shape):
+        """Each piece of HF tensor `name`, read in blocks (`_read_blocks`), goes to the file in row order;
+        the only copy is the cast-and-transpose of at most ~CHUNK_TARGET_BYTES of HF rows at a time."""
+        row_bytes = math.prod(shape[1:]) * out_dtype.itemsize
+        step = max(1, ckpt.CHUNK_TARGET_BYTES // max(1, row_bytes))
+        for piece in hf_pieces(name, config):
+            chunks = arrays[piece.path].chunk_layout.read_chunk.shape or arrays[piece.path].shape
+            for _, _, index in _read_blocks(piece, chunks):
+                rows = piece.to_hf(read(piece.path, index), shape[1:])
+                for r in range(0, rows.shape[0], step):
+                    block = contiguous_copy(rows[r:r + step], out_dtype)
+                    f.write(memoryview(block.reshape(-1).view(np.uint8)))
+                    yield block.nbytes
+                    del block
+                del rows  # before the next read: one piece in memory at a time
 
     n = len(shards)
     names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors" for i in range(n)]
-    tensors = params_to_hf_tensors(get, config)
     try:
         with ckpt.atomic_directory(dst, overwrite=overwrite) as tmp:
             with _progress(total, f"writing {dst.name}", progress) as bar:
@@ -227,18 +210,8 @@ def checkpoint_to_hf(src, dst, *, dtype: str | None = None, overwrite: bool = Fa
                     with open(tmp / fname, "wb") as f:
                         f.write(_safetensors_header(entries, out_dtype))
                         for name, shape in entries:
-                            got_name, arr = next(tensors)
-                            if name in _STREAMED and got_name == name:
-                                for nbytes in write_streamed(f, name, shape):
-                                    bar.update(nbytes)
-                                continue
-                            if got_name != name or tuple(arr.shape) != shape:  # mapping and plan disagree: a bug
-                                raise ConversionError(f"internal error: expected {name} {shape}, "
-                                                      f"got {got_name} {arr.shape}")
-                            arr = contiguous_copy(arr, out_dtype)
-                            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
-                            bar.update(arr.nbytes)
-                            del arr
+                            for nbytes in write_tensor(f, name, shape):
+                                bar.update(nbytes)
             if n > 1:
                 weight_map = {name: fname for fname, entries in zip(names, shards) for name, _ in entries}
                 index = {"metadata": {"total_size": total}, "weight_map": weight_map}

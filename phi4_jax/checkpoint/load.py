@@ -44,12 +44,14 @@ def restore_params(path: str | os.PathLike, config: Phi4Config | None = None, *,
                    sharding: ShardingSpec = None) -> dict:
     """Restores the nested params dict of a checkpoint with Orbax, cast to `dtype` (None: as stored), placed
     on `sharding` (None: the first device; a Sharding for all; a pytree; or callable(path, shape, axes))."""
+    stored_config, meta = read_checkpoint_config(path)
+    return _restore(params_directory(path, meta), config or stored_config, dtype, sharding)
+
+
+def _restore(params_dir, config: Phi4Config, dtype, sharding: ShardingSpec) -> dict:
     import jax
     import orbax.checkpoint as ocp
 
-    if config is None:
-        config, _ = read_checkpoint_config(path)
-    params_dir = params_directory(path)
     stored = check_params_metadata(params_dir, config)
     check_chunk_files(params_dir, stored)
     shardings = _target_shardings(config, sharding)
@@ -94,5 +96,5 @@ def load_model(path: str | os.PathLike, dtype=None, *, sharding: ShardingSpec = 
         config = stored_config.replace(**runtime)
     except ConfigError as e:
         raise CheckpointError(f"bad config override: {e}") from None
-    params = restore_params(path, config, dtype=param_dtype, sharding=sharding)
+    params = _restore(params_directory(path, meta), config, param_dtype, sharding)
     return model_from_params(config, params)

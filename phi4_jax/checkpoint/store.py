@@ -4,14 +4,16 @@ A checkpoint directory holds ``config.json`` (the architecture plus a ``phi4_jax
 parameter dtype) and ``params/``, an Orbax PyTree checkpoint of the parameter dict. The converter writes
 ``params/`` tensor by tensor with TensorStore (`ParamArrayWriter`), in the zarr layout Orbax's own array
 handler uses, then writes Orbax's ``_METADATA``; so plain `ocp.StandardCheckpointer` restores it, with any
-shardings. Whole checkpoints are written into a hidden temporary directory beside the destination and moved
-into place at the end (`atomic_directory`), so a crash never leaves something that looks like a checkpoint.
+shardings. Whole checkpoints are written into a hidden temporary directory beside the destination, fsynced, and
+moved into place at the end (`atomic_directory`), so a crash never leaves something that looks like a checkpoint,
+and overwriting never leaves the destination missing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -27,6 +29,7 @@ FORMAT_VERSION = 1
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
 META_KEY = "phi4_jax"
+_log = logging.getLogger(__name__)
 CHUNK_TARGET_BYTES = 64 << 20  # zarr chunks of at most ~64 MB: bounded write buffers, parallel (de)compression
 
 
@@ -36,36 +39,88 @@ class CheckpointError(Exception):
 
 # ----------------------------------------------------------------------------- atomic output directories
 
+_TMP, _BACKUP = ".tmp-", ".old-"
+
+
+def _sibling(dst: Path, kind: str) -> Path:
+    return dst.parent / f".{dst.name}{kind}{uuid.uuid4().hex[:8]}"
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsyncs every file and directory under `root` (directories after their contents), then `root`."""
+    for dirpath, _, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
+def _recover_backups(dst: Path) -> None:
+    """Finishes what a crash inside `atomic_directory` left behind: a backup of an overwritten `dst`.
+
+    If `dst` is missing, the crash came between moving the old directory aside and moving the new one in:
+    the (newest) backup goes back to `dst`. If `dst` exists, the new directory was already in place and the
+    backup is stale: it is deleted. Either way a warning says what happened.
+    """
+    backups = sorted(dst.parent.glob(f".{dst.name}{_BACKUP}*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    backups = [b for b in backups if b.is_dir()]
+    if not backups:
+        return
+    if not dst.exists():
+        os.rename(backups.pop(0), dst)
+        _fsync_path(dst.parent)
+        _log.warning("restored %s from the backup an interrupted overwrite left behind", dst)
+    for stale in backups:
+        shutil.rmtree(stale)
+        _log.warning("deleted %s, a stale backup left behind by an interrupted overwrite of %s", stale, dst)
+
+
 @contextlib.contextmanager
 def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a fresh temporary directory beside `dst`; on success renames it to `dst`, on any error deletes it.
+    """Yields a fresh temporary directory beside `dst`; on success it becomes `dst`, on any error it is deleted.
 
-    Refuses an existing non-empty `dst` unless `overwrite`. With `overwrite` the old directory is moved aside
-    first and deleted only after the new one is in place.
+    Refuses an existing non-empty `dst` unless `overwrite`. On success every file and directory written is
+    fsynced, then with `overwrite` the old `dst` is renamed to a hidden backup, the new directory renamed to
+    `dst`, the parent directory fsynced, and only then the backup deleted. So `dst` is never missing: if the
+    second rename fails the backup is renamed back at once, and if the process dies between the renames the
+    next `atomic_directory(dst)` restores the backup (a stale backup after a completed swap is deleted).
     """
     dst = Path(dst).absolute()
     if dst.exists() and not dst.is_dir():
         raise CheckpointError(f"output {str(dst)!r} exists and is not a directory")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _recover_backups(dst)
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise CheckpointError(f"output directory {str(dst)!r} is not empty (pass --overwrite to replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = _sibling(dst, _TMP)
     tmp.mkdir()
     try:
         yield tmp
-        old = None
-        if dst.exists():
-            if any(dst.iterdir()):
-                old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(dst, old)
-            else:
-                dst.rmdir()
-        os.rename(tmp, dst)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        fsync_tree(tmp)
+        backup = None
+        if dst.exists() and any(dst.iterdir()):
+            backup = _sibling(dst, _BACKUP)
+            os.rename(dst, backup)
+        try:
+            os.rename(tmp, dst)  # replaces an empty `dst` directory atomically (POSIX rename)
+        except BaseException:
+            if backup is not None:
+                os.rename(backup, dst)
+            raise
+        finally:
+            _fsync_path(dst.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if backup is not None:
+        shutil.rmtree(backup)
 
 
 # ----------------------------------------------------------------------------- writing params/ (streaming)
@@ -86,38 +141,57 @@ def chunk_shape(shape: tuple[int, ...], itemsize: int, *, stacked: bool, split_a
     return tuple(chunk)
 
 
-def split_axis(path: tuple[str, ...]) -> int:
-    """The axis along which a parameter's chunks are cut. lm_head [embed, vocab] is cut along vocab, so a
-    block of Hugging Face lm_head rows (vocab entries) is exactly one chunk, in both directions."""
-    return 1 if path[0] == "layers" or tuple(path) == ("lm_head",) else 0
+def contiguous_copy(x: np.ndarray, dtype=None) -> np.ndarray:
+    """x as a C-contiguous array in `dtype`: x itself when it already is one, else one copy (cast included).
+
+    Transposed views are copied in column tiles: NumPy's plain copy of a transposed matrix walks memory with a
+    large stride and is several times slower. Each tile is cast while it is copied.
+    """
+    dtype = np.dtype(dtype) if dtype is not None else x.dtype
+    if x.flags.c_contiguous or x.ndim < 2:
+        return np.ascontiguousarray(x, dtype=dtype)
+    view = x.view()
+    try:
+        view.shape = (x.shape[0], -1)  # raises instead of copying when the trailing axes cannot merge
+    except AttributeError:
+        return np.ascontiguousarray(x, dtype=dtype)
+    out = np.empty(view.shape, dtype=dtype)
+    tile = 64
+    for j in range(0, view.shape[1], tile):
+        out[:, j:j + tile] = view[:, j:j + tile]
+    return out.reshape(x.shape)
 
 
 class ParamArrayWriter:
     """Creates the zarr arrays of an Orbax PyTree checkpoint and writes them piece by piece.
 
-    `specs` is {key path: (shape, numpy dtype)}. Call `write(path, value, index)` as pieces arrive (a layer
-    of a stacked parameter, a block of a whole one), then `finish()` to flush files to disk and write Orbax's
-    metadata. Nothing is kept in memory between writes. `chunks[path]` is each array's chunk shape: writes
-    aligned to whole chunks never read anything back.
+    `specs` is {key path: (shape, numpy dtype)}. Chunks are cut along `split_axes[path]` (default: the first
+    axis after the layer axis of stacked parameters, axis 0 of the others); `chunks[path]` is each array's
+    chunk shape. Call `write(path, value, index)` as pieces arrive (a layer of a stacked parameter, a block of
+    a whole one), then `finish()` to write Orbax's metadata. A write is copied (and cast) one block of
+    chunks at a time and waited for, so it holds at most one chunk-block copy of `value` besides `value`
+    itself, and nothing is kept between writes. Writes aligned to whole chunks never read anything back.
     """
 
     def __init__(self, params_dir: str | os.PathLike, specs: dict[tuple[str, ...], tuple[tuple[int, ...], Any]],
-                 *, compression: str | None = "zstd"):
+                 *, compression: str | None = "zstd", split_axes: dict[tuple[str, ...], int] | None = None):
         import tensorstore as ts
 
         self.dir = Path(params_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.specs = specs
+        self.split_axes = {path: (split_axes or {}).get(path, 1 if path[0] == "layers" else 0) for path in specs}
         self.chunks: dict[tuple[str, ...], tuple[int, ...]] = {}
         self._arrays = {}
         if compression not in ("zstd", None, "none"):
             raise CheckpointError(f"unknown compression {compression!r}: use 'zstd' or 'none'")
         compressor = {"id": "zstd", "level": 1} if compression == "zstd" else None
-        # No fsync per chunk (slow, serializes compression and I/O); `finish` fsyncs every file once.
+        # No fsync per chunk (slow, serializes compression and I/O); `atomic_directory` fsyncs every file once.
         context = ts.Context({"file_io_sync": False})
         for path, (shape, dtype) in specs.items():
             dtype = np.dtype(dtype)
-            chunks = chunk_shape(shape, dtype.itemsize, stacked=path[0] == "layers", split_axis=split_axis(path))
+            chunks = chunk_shape(shape, dtype.itemsize, stacked=path[0] == "layers",
+                                 split_axis=self.split_axes[path])
             self.chunks[path] = chunks
             spec = {
                 "driver": "zarr",
@@ -129,26 +203,31 @@ class ParamArrayWriter:
                                          dtype=ts.dtype(dtype.name)).result()
 
     def write(self, path: tuple[str, ...], value: np.ndarray, index: tuple = ()) -> None:
-        """Writes `value` into array `path` at `index` (a tuple of ints / slices; () = the whole array)."""
-        arr = self._arrays[path]
+        """Writes `value` (any strides, any float dtype; not modified afterwards) into array `path` at `index`:
+        leading ints (a layer) and/or slices, one per leading axis; () is the whole array."""
+        arr, shape = self._arrays[path], self.specs[path][0]
+        dtype = np.dtype(arr.dtype.numpy_dtype)
         value = np.asarray(value)
-        if value.dtype != arr.dtype.numpy_dtype:
-            value = value.astype(arr.dtype.numpy_dtype)
-        arr[index].write(value).result()
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        axis = self.split_axes[path]
+        if axis >= len(shape) or isinstance(index[axis], int):
+            blocks = [(index, value)]
+        else:
+            start, stop, _ = index[axis].indices(shape[axis])
+            value_axis = axis - sum(isinstance(i, int) for i in index[:axis])
+            step = self.chunks[path][axis]
+            bounds = [start, *range((start // step + 1) * step, stop, step), stop]
+            blocks = [(index[:axis] + (slice(a, b),) + index[axis + 1:],
+                       value[(slice(None),) * value_axis + (slice(a - start, b - start),)])
+                      for a, b in zip(bounds[:-1], bounds[1:])]
+        for block_index, block in blocks:
+            block = contiguous_copy(block, dtype)
+            arr[block_index].write(block, can_reference_source_data_indefinitely=True).result()
+            del block
 
     def finish(self) -> None:
-        _fsync_tree(self.dir)
+        """Writes Orbax's metadata. (Files are not fsynced here: `atomic_directory` fsyncs the whole output.)"""
         write_pytree_metadata(self.dir, list(self.specs))
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 def write_pytree_metadata(params_dir: str | os.PathLike, paths: list[tuple[str, ...]]) -> None:
@@ -212,9 +291,11 @@ def read_checkpoint_config(path: str | os.PathLike, **runtime: Any) -> tuple[Phi
     return config, meta
 
 
-def params_directory(path: str | os.PathLike) -> Path:
-    """The Orbax params directory of a checkpoint, checked to exist and to hold Orbax metadata."""
-    _, meta = read_checkpoint_config(path)
+def params_directory(path: str | os.PathLike, meta: dict | None = None) -> Path:
+    """The Orbax params directory of a checkpoint, checked to exist and to hold Orbax metadata. `meta` is the
+    ``phi4_jax`` block from `read_checkpoint_config`, when the caller has it (else config.json is read)."""
+    if meta is None:
+        _, meta = read_checkpoint_config(path)
     params_dir = Path(path) / meta.get("params_dir", PARAMS_DIR)
     if not params_dir.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} has no parameters: {str(params_dir)!r} is missing")

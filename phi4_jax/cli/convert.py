@@ -4,13 +4,15 @@
     python convert_weights.py SRC_HF_DIR DST_DIR            # HF Phi3ForCausalLM dir -> phi4_jax checkpoint
     python convert_weights.py --to-hf SRC_DIR DST_HF_DIR    # phi4_jax checkpoint -> safetensors + config.json
 
-Conversion streams tensor by tensor (peak memory is a small multiple of the largest tensor), validates the
-source before writing, and writes the output atomically. Errors print one line, `error: ...`, and exit 1.
+Conversion streams piece by piece (beyond the interpreter, peak memory is a fraction of the largest tensor,
+for any shard layout), runs JAX on the CPU (unless JAX_PLATFORMS says otherwise), validates the source before
+writing, and writes the output atomically. Errors print one line, `error: ...`, and exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from phi4_jax.model.config import DTYPES
@@ -34,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
 
+    if "JAX_PLATFORMS" not in os.environ:  # conversion needs no accelerator: do not load (or probe) one
+        import jax
+        jax.config.update("jax_platforms", "cpu")
     from phi4_jax.checkpoint.hf_files import ConversionError
     from phi4_jax.checkpoint.hf_convert import checkpoint_to_hf, hf_to_checkpoint
 
