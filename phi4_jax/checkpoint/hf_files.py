@@ -15,18 +15,17 @@ import os
 import re
 from pathlib import Path
 from typing import Callable
-import ml_dtypes
+
 import numpy as np
-from phi4_jax.model.config import ConfigError, Phi4Config
-from phi4_jax.checkpoint.hf_mapping import (hf_tensor_shapes)
+
+from phi4_jax.checkpoint.hf_mapping import hf_tensor_shapes
+from phi4_jax.model.config import DTYPES, ConfigError, Phi4Config
 
 
 class ConversionError(Exception):
     """A checkpoint that cannot be converted; the message names the file or tensor."""
 
 
-DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-          "float16": np.dtype(np.float16)}
 SAFETENSORS_DTYPES = {"F32": DTYPES["float32"], "BF16": DTYPES["bfloat16"], "F16": DTYPES["float16"]}
 SAFETENSORS_CODES = {v.name: k for k, v in SAFETENSORS_DTYPES.items()}
 
@@ -144,7 +143,7 @@ def _torch_to_numpy(t) -> np.ndarray:
 
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.view(torch.int16).numpy().view(DTYPES["bfloat16"])
     return t.numpy()
 
 
