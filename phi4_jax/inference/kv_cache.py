@@ -5,6 +5,13 @@ lengths ``[batch]`` int32. Sequence b occupies slots 0 .. lengths[b]-1 and the t
 (prompts are right-padded, so RoPE positions need no offsets). The cache is GQA-sized and stored in the compute
 dtype unless asked otherwise; under a mesh it is laid out by the rules table like every activation. The layer
 math is the model's own: each layer is `decoder_block` with an attention over the cache plugged in.
+
+Attention follows `config.attention_impl`: the prefill attends over the prompt with `decoder.rotated_attention`
+(RoPE applied first, since the cache keeps rotated keys), and `extend` / `decode_step` with `cache_attention`
+(`kernels.decode_attention`, the Pallas decode kernel for "pallas_tpu"; see `decode_implementation`). Under an active
+`sharding.activation_sharding` both go through the kernels' shard_map wrappers where a Pallas kernel needs them
+(`kernels.sharded_flash_attention`, `kernels.sharded_decode_attention`), with the mesh axes derived from the same
+rules table.
 """
 
 from __future__ import annotations
