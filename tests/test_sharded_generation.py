@@ -11,9 +11,9 @@ attention_impl="xla" (the path tests/test_generation.py checks against Hugging F
 import jax
 import numpy as np
 import pytest
+from kernel_mode import interpret_for
 
 import phi4_jax
-from kernel_mode import interpret_for
 from phi4_jax.inference import chat_session
 from phi4_jax.model import sharding
 from phi4_jax.model.config import Phi4Config

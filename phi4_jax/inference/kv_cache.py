@@ -72,7 +72,7 @@ def cache_attention(q, k_cache, v_cache, lengths, config: Phi4Config):
     an active mesh through `kernels.sharded_decode_attention` (batch and kv heads split as the rules say) where
     `sharding.sharded_decode_args` says so, else a plain call."""
     implementation = decode_implementation(config)
-    kwargs = dict(implementation=implementation, interpret=config.kernel_interpret)
+    kwargs = {"implementation": implementation, "interpret": config.kernel_interpret}
     shard = sharding.sharded_decode_args(implementation)
     if shard is not None:
         return kernels.sharded_decode_attention(q, k_cache, v_cache, lengths, **kwargs, **shard)
