@@ -84,10 +84,9 @@ def test_train_step_compiles_for_tpu_with_consistent_memory(train_plan):
     assert mem.temporaries > 0 and mem.peak == mem.arguments + mem.outputs - mem.aliased + mem.temporaries
 
 
-@pytest.mark.xfail(strict=False, raises=PlanError,
-                   reason="pallas_tpu needs the shard_map wrapper around the Pallas kernels (kernels/sharded.py, "
-                          "on another branch): XLA cannot partition a Mosaic kernel")
 def test_train_step_with_pallas_tpu_attention_compiles(tpu_devices):
+    """The sharded train step with the Pallas TPU kernels (in kernels.sharded's shard_map wrappers) compiles with
+    Mosaic inside it."""
     config = get_preset("tiny", **TPU_TINY, attention_impl="pallas_tpu")
     mesh = sharding.build_mesh("fsdp=8", devices=tpu_devices)
     step, state, batch = train_step_program(config, mesh, global_batch=BATCH, seq_len=SEQ, loss_chunk=256)
@@ -128,9 +127,8 @@ def test_prefill_and_decode_steps_compile_for_tpu(tpu_devices):
     stops, scalar = sds((4,), jnp.int32), sds((), jnp.float32)
     sampler = Sampler(greedy=True, top_k=None, use_top_p=False)
 
-    # Decode attention follows the backend (`kernels.decode_attention`: the Pallas kernel on TPU); lowered for the
-    # host backend it takes the XLA reference, the path a sharded TPU run can take until the kernel is wrapped in
-    # shard_map (see the xfail test below).
+    # attention_impl "xla": the XLA reference decode attention, which XLA partitions itself (the Pallas decode
+    # kernel in shard_map: test_decode_step_with_the_tpu_default_decode_kernel_compiles below).
     prefill = engine.prefill_and_sample.lower(
         params, sds((b, prompt), jnp.int32, P("data")), per_seq, keys, per_seq, stops, scalar, scalar,
         config=config, capacity=capacity, cache_dtype=None, sampler=sampler, shard=shard).compile()
@@ -195,13 +193,14 @@ def test_pallas_tpu_attention_in_shard_map_compiles(tpu_devices):
     assert mem.outputs >= s * hq * d * 2 + 2 * s * hkv * d * 2     # dq, dk, dv shards (+ the loss)
 
 
-@pytest.mark.xfail(strict=False, raises=PlanError,
-                   reason="the Pallas decode kernel (kernels.decode_attention's TPU default) is not wrapped in "
-                          "shard_map yet, so XLA cannot partition it in a sharded decode step")
-def test_decode_step_with_the_tpu_default_decode_kernel_compiles(tpu_devices):
+@pytest.mark.parametrize("attention_impl", [None, "pallas_tpu"])
+def test_decode_step_with_the_tpu_default_decode_kernel_compiles(tpu_devices, attention_impl):
+    """A sharded decode step whose decode attention is the Pallas kernel (the TPU default of
+    `kernels.decode_attention` for attention_impl None; asked for by "pallas_tpu") compiles: the kernel sits in
+    `kernels.sharded_decode_attention`'s shard_map, batch over `data`, kv heads over `tensor`."""
     from phi4_jax.inference import kv_cache
 
-    config = get_preset("tiny", **TPU_TINY, param_dtype="bfloat16", attention_impl="xla")
+    config = get_preset("tiny", **TPU_TINY, param_dtype="bfloat16", attention_impl=attention_impl)
     mesh = Mesh(np.asarray(tpu_devices).reshape(4, 2), ("data", "tensor"))
     rules = {"batch": "data", "kv_heads": "tensor", "q_heads": "tensor", "mlp": "tensor"}
     cache_sh = NamedSharding(mesh, sharding.logical_to_spec(kv_cache.CACHE_AXES, rules))
@@ -259,15 +258,13 @@ def _plan_args(**changes):
 
 
 def test_plan_compiles_the_attention_it_prints(tpu_devices, capsys):
-    """Without --attention the plan prints and compiles the TPU run's default, not the CPU host's."""
+    """Without --attention the plan prints and compiles the TPU run's default for the model's inputs, not the CPU
+    host's."""
     import phi4_jax.train.plan as plan_module
 
-    default = kernels.default_implementation(device=tpu_devices[0])
-    if default == "xla":
-        assert plan_module.plan(_plan_args(), tpu_devices, topology=TOPOLOGY) == 0
-    else:   # the tiny preset's head_dim 16 is refused by the Pallas TPU kernel: proof that the model calls it
-        with pytest.raises(kernels.AttentionConfigError, match="head_dim"):
-            plan_module.plan(_plan_args(), tpu_devices, topology=TOPOLOGY)
+    tiny = get_preset("tiny")
+    default = kernels.default_implementation(device=tpu_devices[0], dtype=tiny.compute_dtype, head_dim=tiny.head_dim)
+    assert plan_module.plan(_plan_args(), tpu_devices, topology=TOPOLOGY) == 0
     assert f"attention={default}" in capsys.readouterr().out.splitlines()
 
 

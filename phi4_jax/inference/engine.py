@@ -6,7 +6,7 @@ Flow of `generate`:
 2. `prefill` runs the prompts into an empty cache and samples each sequence's first token from the logits at
    its last prompt token;
 3. `decode_step` feeds one token per sequence, writes its key/value at slot lengths[b], attends with
-   `kernels.decode_attention`, and samples the next token. Without a streaming callback the whole decode loop
+   `kernels.decode_attention` (in shard_map on a mesh, see `kv_cache`), and samples the next token. Without a streaming callback the whole decode loop
    is one jitted `lax.while_loop` on the device (cache donated) that stops when every sequence has hit a stop
    token or its budget; with a callback, a host loop dispatches one jitted, cache-donating step per token and
    hands the new tokens to the callback, dispatching the next step before it fetches the current tokens.

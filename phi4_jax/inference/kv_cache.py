@@ -5,6 +5,13 @@ lengths ``[batch]`` int32. Sequence b occupies slots 0 .. lengths[b]-1 and the t
 (prompts are right-padded, so RoPE positions need no offsets). The cache is GQA-sized and stored in the compute
 dtype unless asked otherwise; under a mesh it is laid out by the rules table like every activation. The layer
 math is the model's own: each layer is `decoder_block` with an attention over the cache plugged in.
+
+Attention follows `config.attention_impl`: the prefill attends over the prompt with `decoder.rotated_attention`
+(RoPE applied first, since the cache keeps rotated keys), and `extend` / `decode_step` with `cache_attention`
+(`kernels.decode_attention`, the Pallas decode kernel for "pallas_tpu"; see `decode_implementation`). Under an active
+`sharding.activation_sharding` both go through the kernels' shard_map wrappers where a Pallas kernel needs them
+(`kernels.sharded_flash_attention`, `kernels.sharded_decode_attention`), with the mesh axes derived from the same
+rules table.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import jax.numpy as jnp
 import kernels
 from phi4_jax.model import sharding
 from phi4_jax.model.config import Phi4Config
-from phi4_jax.model.decoder import decoder_block, embed_tokens, logits_from_hidden, rms_norm
+from phi4_jax.model.decoder import decoder_block, embed_tokens, logits_from_hidden, rms_norm, rotated_attention
 
 
 CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
@@ -51,6 +58,27 @@ def init_cache(config: Phi4Config, batch: int, capacity: int, dtype=None) -> KVC
 
 # ----------------------------------------------------------------------------- forward with a cache
 
+def decode_implementation(config: Phi4Config) -> str | None:
+    """`kernels.decode_attention`'s implementation for a model config: the Pallas decode kernel ("pallas") for
+    attention_impl "pallas_tpu", its own default for None (the kernel on a TPU, or interpreted when
+    `kernel_interpret`), else the XLA reference ("xla": there is no GPU decode kernel)."""
+    if config.attention_impl == "pallas_tpu":
+        return "pallas"
+    return None if config.attention_impl is None else "xla"
+
+
+def cache_attention(q, k_cache, v_cache, lengths, config: Phi4Config):
+    """New queries q [B, T, Hq, D] against one layer's cache [B, C, Hkv, D] (see `kernels.decode_attention`): on
+    an active mesh through `kernels.sharded_decode_attention` (batch and kv heads split as the rules say) where
+    `sharding.sharded_decode_args` says so, else a plain call."""
+    implementation = decode_implementation(config)
+    kwargs = {"implementation": implementation, "interpret": config.kernel_interpret}
+    shard = sharding.sharded_decode_args(implementation)
+    if shard is not None:
+        return kernels.sharded_decode_attention(q, k_cache, v_cache, lengths, **kwargs, **shard)
+    return kernels.decode_attention(q, k_cache, v_cache, lengths, **kwargs)
+
+
 def prefill(params, tokens, lengths, config: Phi4Config, capacity: int, cache_dtype=None):
     """Runs right-padded prompts tokens [B, P] (true lengths [B]) into a fresh cache of `capacity` slots.
 
@@ -65,11 +93,9 @@ def prefill(params, tokens, lengths, config: Phi4Config, capacity: int, cache_dt
         q = kernels.apply_rope(q, positions, theta=config.rope_theta)
         k = kernels.apply_rope(k, positions, theta=config.rope_theta)
         k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
-        # Into an empty cache: plain causal attention over the prompt. Padding sits after every
-        # real token, so causality alone keeps it out of real tokens' attention.
-        attn = kernels.flash_attention(q.astype(k.dtype), k, v, causal=True, implementation=config.attention_impl,
-                                       interpret=config.kernel_interpret)
-        return attn, (k, v)
+        # Into an empty cache: plain causal attention over the prompt (in shard_map on a mesh). Padding sits
+        # after every real token, so causality alone keeps it out of real tokens' attention.
+        return rotated_attention(q.astype(k.dtype), k, v, None, config), (k, v)
 
     def body(x, layer):
         return decoder_block(layer, x, config, attend)
@@ -110,8 +136,7 @@ def extend(params, cache: KVCache, tokens, n_new, config: Phi4Config):
             k = kernels.apply_rope(k, slots, theta=config.rope_theta)
             k_new = k_all.at[i, batch_index, slots].set(k.astype(k_all.dtype), mode="drop")
             v_new = v_all.at[i, batch_index, slots].set(v.astype(v_all.dtype), mode="drop")
-            attn = kernels.decode_attention(q.astype(k_new.dtype), k_new[i], v_new[i], attend_lengths)
-            return attn, (k_new, v_new)
+            return cache_attention(q.astype(k_new.dtype), k_new[i], v_new[i], attend_lengths, config), (k_new, v_new)
 
         x, (k_all, v_all) = decoder_block(layer, x, config, attend)
         return (x, k_all, v_all), None

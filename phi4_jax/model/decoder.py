@@ -141,6 +141,18 @@ def self_attention(q, k, v, positions, segment_ids, config: Phi4Config):
                                             interpret=config.kernel_interpret)
     q = kernels.apply_rope(q, positions, theta=config.rope_theta)
     k = kernels.apply_rope(k, positions, theta=config.rope_theta)
+    return rotated_attention(q, k, v, segment_ids, config)
+
+
+def rotated_attention(q, k, v, segment_ids, config: Phi4Config):
+    """Causal attention of already-rotated q/k over the sequence itself (the prefill's, whose cache keeps the
+    rotated keys): on an active mesh through `kernels.sharded_flash_attention` where `sharded_attention_args`
+    says so, else `kernels.flash_attention`."""
+    shard = sharding.sharded_attention_args(config.attention_impl)
+    if shard is not None:
+        return kernels.sharded_flash_attention(q, k, v, causal=True, segment_ids=segment_ids,
+                                               implementation=config.attention_impl,
+                                               interpret=config.kernel_interpret, **shard)
     return kernels.flash_attention(q, k, v, causal=True, segment_ids=segment_ids,
                                    implementation=config.attention_impl, interpret=config.kernel_interpret)
 

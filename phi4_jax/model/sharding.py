@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 import kernels
+from kernels.sharded import PALLAS_ATTENTION
 from phi4_jax.checks import is_integer
 
 _ACTIVE = contextvars.ContextVar("phi4_jax_sharding", default=None)
@@ -51,6 +52,15 @@ def activation_sharding(mesh, rules):
         _ACTIVE.reset(token)
 
 
+def _attention_mesh_axes(rules) -> dict:
+    """The mesh axes of attention's dimensions under `rules`: batch, sequence, query heads and kv heads of
+    q [batch, seq, q_heads, head_dim] and k/v [batch, seq, kv_heads, head_dim] (cache [.., batch, cache_seq,
+    kv_heads, head_dim] splits batch and kv heads the same way)."""
+    q = logical_to_spec(("batch", "seq", "q_heads", "head_dim"), rules)
+    kv = logical_to_spec(("batch", "seq", "kv_heads", "head_dim"), rules)
+    return {"batch_axes": q[0], "seq_axes": q[1], "q_head_axes": q[2], "kv_head_axes": kv[2]}
+
+
 def sharded_attention_args(implementation):
     """Mesh and mesh axes for `kernels.sharded_flash_attention` under the active `activation_sharding`, from its rules.
 
@@ -61,12 +71,29 @@ def sharded_attention_args(implementation):
     if active is None:
         return None
     mesh, rules = active
-    q = logical_to_spec(("batch", "seq", "q_heads", "head_dim"), rules)
-    kv = logical_to_spec(("batch", "seq", "kv_heads", "head_dim"), rules)
-    pallas = (implementation or kernels.default_implementation()) in ("pallas_tpu", "pallas_gpu")
-    if not pallas and mesh_axis_size(mesh, q[1]) == 1:
+    axes = _attention_mesh_axes(rules)
+    pallas = (implementation or kernels.default_implementation()) in PALLAS_ATTENTION
+    if not pallas and mesh_axis_size(mesh, axes["seq_axes"]) == 1:
         return None
-    return {"mesh": mesh, "batch_axes": q[0], "seq_axes": q[1], "q_head_axes": q[2], "kv_head_axes": kv[2]}
+    return {"mesh": mesh, **axes}
+
+
+def sharded_decode_args(implementation):
+    """Mesh and mesh axes for `kernels.sharded_decode_attention` under the active `activation_sharding`, from its
+    rules (the same derivation as `sharded_attention_args`): batch over the rules' batch axes, query and kv heads
+    over theirs; the cache length is never split.
+
+    `implementation` is `kernels.decode_attention`'s: None when a plain call is right: no active mesh, or "xla"
+    (XLA partitions the reference itself). "pallas", and None (which picks the Pallas kernel on a TPU), get the
+    shard_map wrapper: XLA cannot partition a Pallas call.
+    """
+    active = _ACTIVE.get()
+    if active is None or implementation == "xla":
+        return None
+    mesh, rules = active
+    axes = _attention_mesh_axes(rules)
+    return {"mesh": mesh, "batch_axes": axes["batch_axes"], "q_head_axes": axes["q_head_axes"],
+            "kv_head_axes": axes["kv_head_axes"]}
 
 
 def constrain(x, logical_axes):

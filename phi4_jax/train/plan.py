@@ -9,8 +9,10 @@ temporaries.
 The devices are whatever the caller passes: the host's devices (simulated CPU devices in the CLI), or the
 compile-only devices of a TPU topology (`tpu_topology_devices`, e.g. "v5p:2x2x2"). For the latter the real
 TPU compiler in the `libtpu` wheel compiles the program on this CPU machine; no TPU is needed. The attention
-implementation is chosen explicitly (`choose_attention`) and printed as ``attention=<implementation>``, so the
-compiled program is the one the run would use on that hardware, not the host's default.
+implementation is chosen explicitly (`choose_attention`: `kernels.default_implementation` / `kernels.dispatch.supports`
+for the target device) and printed as ``attention=<implementation>``, so the compiled program is the one the run
+would use on that hardware, not the host's default. Pallas kernels sit in the shard_map wrappers of
+`kernels.sharded` (the model calls them on a mesh), so "pallas_tpu" compiles for a sharded TPU step.
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ import re
 TPU_HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
 # Generations whose chips are two TensorCores shown as one device (megacore): accelerator names count cores.
 _MEGACORE = ("v4", "v5p")
-# Attention implementations that can run on each platform's devices (the plan refuses the others).
-PLATFORM_ATTENTION = {"tpu": ("xla", "pallas_tpu"), "gpu": ("xla", "pallas_gpu", "cudnn"), "cpu": ("xla",)}
 _MOSAIC_PARTITION_ERROR = "cannot be automatically partitioned"
 
 
@@ -135,19 +135,24 @@ def tpu_topology_devices(topology: str) -> list:
 
 # ----------------------------------------------------------------------------- attention and compilation
 
-def choose_attention(device, requested: str | None = None) -> str:
+def choose_attention(device, requested: str | None = None, *, dtype="bfloat16", head_dim: int | None = None) -> str:
     """The attention implementation to compile for `device`: `requested`, else the run's default there.
 
     The default is `kernels.default_implementation` for that device (a compile-only TPU device included), not
-    for the host that compiles. Raises PlanError for an implementation that cannot run on that platform.
+    for the host that compiles, and for inputs of `dtype` and `head_dim` (the model's compute dtype and head
+    size). Raises PlanError for an implementation that `kernels.dispatch.supports` says cannot run there.
     """
-    import kernels
+    import jax.numpy as jnp
 
-    platform = device.platform
-    implementation = requested or kernels.default_implementation(device=device)
-    allowed = PLATFORM_ATTENTION.get(platform, ("xla",))
-    if implementation not in allowed:
-        raise PlanError(f"attention {implementation!r} cannot run on {platform} devices; choose one of {allowed}")
+    from kernels import dispatch
+
+    implementation = requested or dispatch.default_implementation(device=device, dtype=dtype, head_dim=head_dim)
+    if not dispatch.supports(implementation, dtype=dtype, head_dim=head_dim, device=device):
+        usable = [i for i in dispatch.ATTENTION_IMPLEMENTATIONS
+                  if dispatch.supports(i, dtype=dtype, head_dim=head_dim, device=device)]
+        raise PlanError(f"attention {implementation!r} cannot run on {device.platform} devices "
+                        f"({device.device_kind}) with {jnp.dtype(dtype).name} inputs"
+                        f"{'' if head_dim is None else f' and head_dim {head_dim}'}; choose one of {usable}")
     return implementation
 
 
@@ -183,8 +188,9 @@ def compile_for(mesh, jitted, *args, attention: str = "xla"):
         if _MOSAIC_PARTITION_ERROR not in str(e):
             raise
         raise PlanError(
-            f"{attention} needs the shard_map wrapper around the Pallas kernels (kernels/sharded.py): XLA cannot "
-            f"partition a Mosaic kernel over the {dict(mesh.shape)} mesh; use --attention xla") from None
+            f"{attention}: a Pallas kernel outside the shard_map wrappers of kernels/sharded.py reached XLA's "
+            f"partitioner, which cannot split a Mosaic kernel over the {dict(mesh.shape)} mesh; use --attention xla"
+        ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,21 +233,17 @@ def train_step_program(config, mesh, *, global_batch: int, seq_len: int, micro_b
 
     from phi4_jax.model import sharding
     from phi4_jax.train.config import OptimizerConfig
-    from phi4_jax.train.optimizer import make_optimizer
-    from phi4_jax.train.step import BATCH_KEYS, abstract_train_state, make_train_step, train_state_shardings
+    from phi4_jax.train.loop import build_train_step
+    from phi4_jax.train.step import BATCH_KEYS
 
-    sharding.validate_model_mesh(config, mesh)
     if global_batch % micro_batches:
         raise sharding.MeshError(f"--global-batch {global_batch} is not divisible by --micro-batches {micro_batches}")
     sharding.validate_batch_mesh(mesh, global_batch // micro_batches, seq_len, what="micro-batch")
-    tx, schedule = make_optimizer(OptimizerConfig(), config, total_steps=100_000)
-    shardings = train_state_shardings(mesh, config, tx)
-    step = make_train_step(config, tx, schedule, micro_batches=micro_batches, loss_chunk=min(loss_chunk, seq_len),
-                           mesh=mesh, shardings=shardings)
-    state = abstract_train_state(config, tx, shardings)
-    batch = {k: jax.ShapeDtypeStruct((global_batch, seq_len), jnp.int32, sharding=shardings.batch)
+    built = build_train_step(config, mesh, optimizer=OptimizerConfig(), total_steps=100_000,
+                             micro_batches=micro_batches, loss_chunk=min(loss_chunk, seq_len))
+    batch = {k: jax.ShapeDtypeStruct((global_batch, seq_len), jnp.int32, sharding=built.shardings.batch)
              for k in BATCH_KEYS}
-    return step, state, batch
+    return built.step_fn, built.abstract_state, batch
 
 
 def plan(args, devices=None, topology: str | None = None) -> int:
@@ -256,12 +258,12 @@ def plan(args, devices=None, topology: str | None = None) -> int:
     from phi4_jax.model.config import get_preset
 
     devices = list(devices if devices is not None else jax.devices())
-    attention = choose_attention(devices[0], args.attention)
-    changes = {"remat_policy": args.remat, "max_position_embeddings": max(args.seq_len, 1),
-               "attention_impl": attention}
+    changes = {"remat_policy": args.remat, "max_position_embeddings": max(args.seq_len, 1)}
     if args.rope_theta:
         changes["rope_theta"] = args.rope_theta
     config = get_preset(args.model, **changes)
+    attention = choose_attention(devices[0], args.attention, dtype=config.compute_dtype, head_dim=config.head_dim)
+    config = config.replace(attention_impl=attention)
     wanted = parse_mesh_size(args.mesh)
     if "=-1" not in args.mesh.replace(" ", "") and 0 < wanted < len(devices):
         devices = devices[:wanted]  # more devices than the mesh needs (e.g. XLA_FLAGS set elsewhere)
