@@ -12,6 +12,9 @@ The device tool, in one call (the suite stops itself at --total-budget, 500 s by
 
     run(command="python bench/gpu_suite.py --out $OUT", timeout_s=540)
 
+A rerun of only what was cut or failed, with the rest of the device time (the results of a run are gone
+from the device machine, so fetch them first): e.g. `--stages decode_bound,train_mfu --total-budget 200`.
+
 Stages, in this order, each in its own subprocess (bench/killable.py: its own process group, killed whole
 at its deadline, so a crash or hang loses only that stage; its row says "failed" or "timeout"). A stage
 gets min(its own budget, what is left of --total-budget) and is skipped when under 15 s are left, so when
@@ -24,9 +27,10 @@ outside still leaves everything finished so far under --out.
                   segment ids and fused RoPE: one subprocess per config with its own timeout; compile time,
                   run time, relative error against the XLA float32 reference; a config that fails with the
                   default (Lane) lowering semantics is retried with Warpgroup, and the row says which passed.
-2. attention_16k  `bench/attention.py --seq 16384 --impls ours,cudnn,mgpu`: ours forward and forward+backward,
-                  then cuDNN's, TFLOP/s, each row written as it finishes; JAX's attention_mgpu last, in fp16
-                  (its scratch buffers are fp16); no XLA reference at 16K.
+2. attention_16k  `bench/attention.py --seq 16384 --impls cudnn,ours,mgpu`: cuDNN forward and forward+backward
+                  (seconds, and the peer figure survives a hang of ours), then ours, TFLOP/s, each row written
+                  as it finishes; JAX's attention_mgpu last, in fp16 (its scratch buffers are fp16); no XLA
+                  reference at 16K. Run with the lowering semantics the probe found passing (below).
 3. kernels        pytest on the kernel test files with PHI4_KERNEL_TESTS_ON_DEVICE=1 (tests/kernel_mode.py:
                   compiled kernels on the device against the same references), through the
                   `bench/pytest_watchdog.py` plugin: the phi-4-shaped cases first (KERNEL_TESTS_FIRST), a
@@ -73,6 +77,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from bench.attention_probe import SEMANTICS_ENV  # noqa: E402
 from bench.killable import run_killable  # noqa: E402
 
 KERNEL_TEST_FILES = ("tests/test_flash_attention_gpu.py", "tests/test_decode_attention.py",
@@ -136,7 +141,7 @@ def stage_command(name: str, args, work: str, timeout: float) -> tuple[list[str]
     if name == "attention_16k":
         out = os.path.join(work, "attention")
         extra = ["--warmup", "0"] if args.smoke else ["--warmup", "1", "--iters", "5"]
-        return [py, "bench/attention.py", "--out", out, "--seq", "16384", "--impls", "ours,cudnn,mgpu",
+        return [py, "bench/attention.py", "--out", out, "--seq", "16384", "--impls", "cudnn,ours,mgpu",
                 *smoke, *extra], out
     if name == "train_mfu":
         out = os.path.join(work, "train_mfu.json")
@@ -153,6 +158,8 @@ def stage_command(name: str, args, work: str, timeout: float) -> tuple[list[str]
 
 def stage_env(args, name: str) -> dict:
     env = dict(os.environ)
+    if getattr(args, "semantics", None):   # what the probe found passing, for every later stage
+        env[SEMANTICS_ENV] = args.semantics
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     env["TOKENIZERS_PARALLELISM"] = "false"
     if args.smoke:
@@ -478,13 +485,23 @@ def parse_args(argv):
     return args
 
 
+def probe_semantics(result) -> str | None:
+    """The lowering semantics for the stages after the probe: the one that passed the most configs (ties go
+    to the later config: the backward ones come last), None when none passed."""
+    passed = [r["semantics_passed"] for r in (result or {}).get("rows", []) if r.get("semantics_passed")]
+    if not passed:
+        return None
+    return max(reversed(passed), key=passed.count)
+
+
 def write_report(args, argv, stages: dict, start: float, work: str) -> str:
     """Writes gpu_suite.json and gpu_suite.md for the stages so far; returns the Markdown."""
     device, jax_version = device_summary(stages)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": "python bench/gpu_suite.py " + " ".join(argv), "smoke": args.smoke, "device": device,
             "jax_version": jax_version, "python": platform.python_version(), "host": platform.node(),
-            "wall_s": round(time.perf_counter() - start, 1), "work_dir": work}
+            "wall_s": round(time.perf_counter() - start, 1), "work_dir": work,
+            "semantics_after_probe": getattr(args, "semantics", None)}
     full = {name: stages.get(name, {"stage": name, "status": "not run yet", "result": None})
             for name in STAGE_NAMES}
     report = {"meta": meta, "targets": target_rows(full), "measurements": measurement_rows(full), "stages": full}
@@ -533,6 +550,10 @@ def main(argv=None) -> int:
             stages[stage.name] = run_stage(stage, args, work, budget, log)
         print(f"[gpu_suite] {stage.name}: {stages[stage.name]['status']} in "
               f"{stages[stage.name].get('wall_s', 0)} s", flush=True)
+        if stage.name == "probe":
+            args.semantics = probe_semantics(stages["probe"].get("result"))
+            print(f"[gpu_suite] later stages compile with {SEMANTICS_ENV}={args.semantics or '(default)'}",
+                  flush=True)
         write_report(args, argv, stages, start, work)
     markdown = write_report(args, argv, stages, start, work)
     log_file.close()

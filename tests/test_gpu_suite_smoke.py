@@ -104,7 +104,8 @@ def test_every_stage_runs_and_reports(smoke_run):
     attention = report["stages"]["attention_16k"]["result"]
     assert attention["complete"] is True
     assert [r["implementation"] for r in attention["rows"]][::3] == [
-        "ours (pallas_gpu)", "cudnn", "jax pallas attention_mgpu (fp16)"]
+        "cudnn", "ours (pallas_gpu)", "jax pallas attention_mgpu (fp16)"]
+    assert report["meta"]["semantics_after_probe"] == "lane"
     ours = [r for r in attention["rows"] if r["implementation"].startswith("ours") and r["pass_"] in ("fwd", "bwd")]
     assert len(ours) == 2, ours
     for r in ours:
@@ -205,6 +206,16 @@ def test_probe_retries_with_the_other_semantics_and_keeps_the_one_that_passed():
     assert skipped[0]["status"] == "skipped" and skipped[0]["attempts"][0]["status"].startswith("skipped")
     with pytest.raises(attention_probe.ProbeError, match="unknown probe config"):
         attention_probe.parse_config("fwd+bwd+rope+seg")
+
+
+def test_later_stages_use_the_semantics_the_probe_found_passing():
+    rows = lambda *passed: {"rows": [{"semantics_passed": p} for p in passed]}
+    assert gpu_suite.probe_semantics(rows("warpgroup", "warpgroup", None, "lane")) == "warpgroup"
+    assert gpu_suite.probe_semantics(rows("lane", "warpgroup")) == "warpgroup"     # a tie: the later config
+    assert gpu_suite.probe_semantics(rows(None, None)) is None
+    assert gpu_suite.probe_semantics(None) is None
+    args = argparse.Namespace(smoke=False, platforms="", semantics="warpgroup")
+    assert gpu_suite.stage_env(args, "kernels")[attention_probe.SEMANTICS_ENV] == "warpgroup"
 
 
 def test_probe_checks_forward_and_backward_against_the_reference():
