@@ -10,7 +10,7 @@ there, decode against the bandwidth bound, training MFU. Writes one JSON and one
 The device tool, in one call (the suite stops itself at --total-budget, 500 s by default, inside the
 540 s; nothing to carry: the GPU machine's image has every package the suite imports):
 
-    run(command="python bench/gpu_suite.py --out $OUT", timeout_s=540)
+    run(command="python3 bench/gpu_suite.py --out $OUT", timeout_s=540)
 
 A rerun of only what was cut or failed, with the rest of the device time (the results of a run are gone
 from the device machine, so fetch them first): e.g. `--stages decode_bound,train_mfu --total-budget 200`.
@@ -46,9 +46,9 @@ outside still leaves everything finished so far under --out.
 
 Output in --out (few files, so the device tool brings them all back): `gpu_suite.json` (every stage's
 status, timing, log tail and full results), `gpu_suite.md` (the targets table, every measurement, stage
-status), `gpu_suite.log` (all stage logs). Targets (../shared/DESIGN.md): attention forward >= 650 TFLOP/s,
-backward >= 450 TFLOP/s (16K, with the ratio to cuDNN measured in the same run), MFU >= 55%, decode >= 85%
-of the bandwidth bound (batch 1).
+status), `gpu_suite.log` (all stage logs, and every probe attempt's log in full). Targets
+(../shared/DESIGN.md): attention forward >= 650 TFLOP/s, backward >= 450 TFLOP/s (16K, with the ratio to
+cuDNN measured in the same run), MFU >= 55%, decode >= 85% of the bandwidth bound (batch 1).
 
 Into BENCHMARKS.md: the device tool returns $OUT's files under its `files_at` folder; read gpu_suite.md
 there (and the log for every failure), then add its tables to BENCHMARKS.md by hand under a "GPU suite"
@@ -551,6 +551,11 @@ def main(argv=None) -> int:
         print(f"[gpu_suite] {stage.name}: {stages[stage.name]['status']} in "
               f"{stages[stage.name].get('wall_s', 0)} s", flush=True)
         if stage.name == "probe":
+            probe_dir = os.path.join(work, "probe")
+            for name in sorted(os.listdir(probe_dir)) if os.path.isdir(probe_dir) else []:
+                if name.endswith(".log"):   # each config's own log, in full (the JSON keeps only its tail)
+                    with open(os.path.join(probe_dir, name), errors="replace") as f:
+                        log(f"\n===== probe attempt {name}\n{f.read()}")
             args.semantics = probe_semantics(stages["probe"].get("result"))
             print(f"[gpu_suite] later stages compile with {SEMANTICS_ENV}={args.semantics or '(default)'}",
                   flush=True)
