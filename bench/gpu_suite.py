@@ -27,10 +27,12 @@ outside still leaves everything finished so far under --out.
                   segment ids and fused RoPE: one subprocess per config with its own timeout; compile time,
                   run time, relative error against the XLA float32 reference; a config that fails with the
                   default (Lane) lowering semantics is retried with Warpgroup, and the row says which passed.
+                  Every later stage runs with the semantics that passed the most configs
+                  (PHI4_MOSAIC_GPU_SEMANTICS; `probe_semantics`).
 2. attention_16k  `bench/attention.py --seq 16384 --impls cudnn,ours,mgpu`: cuDNN forward and forward+backward
                   (seconds, and the peer figure survives a hang of ours), then ours, TFLOP/s, each row written
                   as it finishes; JAX's attention_mgpu last, in fp16 (its scratch buffers are fp16); no XLA
-                  reference at 16K. Run with the lowering semantics the probe found passing (below).
+                  reference at 16K.
 3. kernels        pytest on the kernel test files with PHI4_KERNEL_TESTS_ON_DEVICE=1 (tests/kernel_mode.py:
                   compiled kernels on the device against the same references), through the
                   `bench/pytest_watchdog.py` plugin: the phi-4-shaped cases first (KERNEL_TESTS_FIRST), a
@@ -53,8 +55,8 @@ cuDNN measured in the same run), MFU >= 55%, decode >= 85% of the bandwidth boun
 Into BENCHMARKS.md: the device tool returns $OUT's files under its `files_at` folder; read gpu_suite.md
 there (and the log for every failure), then add its tables to BENCHMARKS.md by hand under a "GPU suite"
 heading with the device, date, jax version and the command above (gpu_suite.md's first lines carry them).
-The suite needs no grain and no tiktoken (neither is on the GPU image); tests/test_gpu_suite_smoke.py runs
-it with both blocked.
+The suite imports neither grain nor tiktoken (the GPU image has no grain, no offline tiktoken encodings, and
+maybe no tiktoken); tests/test_gpu_suite_smoke.py runs it with both blocked.
 """
 
 from __future__ import annotations
@@ -116,11 +118,13 @@ class Stage:
     description: str
 
 
+# On the GPU: 150 + 100 + 90 + 80 + 80 = 500 s = the default --total-budget; the roofline runs only when
+# earlier stages finish under their budgets.
 STAGES = (
-    Stage("probe", 170, 300, "pallas_gpu attention compiles and matches the XLA reference (fwd, fwd+bwd, seg, RoPE)"),
-    Stage("attention_16k", 110, 240, "attention TFLOP/s at 16K, ours vs cuDNN, forward and backward"),
-    Stage("kernels", 100, 300, "kernel tests on the device, phi-4-shaped first, per-test timeouts"),
-    Stage("decode_bound", 60, 180, "decode tokens/s vs bandwidth bound"),
+    Stage("probe", 150, 300, "pallas_gpu attention compiles and matches the XLA reference (fwd, fwd+bwd, seg, RoPE)"),
+    Stage("attention_16k", 100, 240, "attention TFLOP/s at 16K, ours vs cuDNN, forward and backward"),
+    Stage("kernels", 90, 300, "kernel tests on the device, phi-4-shaped first, per-test timeouts"),
+    Stage("decode_bound", 80, 180, "decode tokens/s vs bandwidth bound"),
     Stage("train_mfu", 80, 180, "training MFU"),
     Stage("roofline", 30, 60, "copy bandwidth and bf16 matmul ceiling (only with time left)"),
 )

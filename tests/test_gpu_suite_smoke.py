@@ -1,8 +1,8 @@
 """The GPU evidence suite end to end on CPU: `python bench/gpu_suite.py --smoke --out TMP` in a subprocess.
 
 Same stages and code paths as on a GPU, with tiny shapes and the kernels in interpret mode, and with grain
-and tiktoken blocked (a sitecustomize on PYTHONPATH whose import finder refuses them), as on the GPU machine,
-which has neither. Checks that every stage ran to "ok", that the JSON holds every stage's result, the four
+and tiktoken blocked (a sitecustomize on PYTHONPATH whose import finder refuses them): the GPU machine has no
+grain, no offline tiktoken encodings and maybe no tiktoken. Checks that every stage ran to "ok", that the JSON holds every stage's result, the four
 DESIGN.md target rows and the measurements each stage must produce, and that the Markdown table holds the
 same rows. The suite's parts (probe retry logic, the probe's checks, per-test timeouts and restarts,
 deselection of interpret-pinned tests, target verdicts, the kernel-mode switch) are checked directly too.
