@@ -97,6 +97,9 @@ def test_every_stage_runs_and_reports(smoke_run):
         assert res["interpret"] and res["segments"] and res["rope"] and res["implementation"] == "pallas_gpu"
         assert 0 < res["rel_err"]["out"] < res["tol"], res     # bf16 output vs the float32 reference
         assert res["compile_s"] > 0 and res["first_run_s"] > 0
+    log = (out / "gpu_suite.log").read_text()
+    for r in probe:   # every attempt's own log comes back in full (the device machine keeps nothing)
+        assert f"===== probe attempt probe-{r['config']}-lane.log" in log and f"[probe {r['config']}] compiled" in log
     kernels = report["stages"]["kernels"]["result"]
     assert kernels["counts"]["passed"] == len(gpu_suite.SMOKE_KERNEL_TESTS) and not kernels["failures"], kernels
     assert ("tests/test_flash_attention_gpu.py::test_float32_inputs_are_refused_not_rounded"
