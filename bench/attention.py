@@ -3,6 +3,7 @@ attention at phi-4 shapes (bf16, 40 q / 10 kv heads, head_dim 128, causal, 4K an
 forward+backward.
 
     python bench/attention.py                       # on a GPU/TPU: phi-4 shapes
+    python bench/attention.py --seq 16384 --impls ours,cudnn   # what bench/gpu_suite.py runs on a GPU
     python bench/attention.py --smoke               # tiny shapes on CPU (Pallas in interpret mode)
     python bench/attention.py --append-benchmarks   # also add the table to BENCHMARKS.md (Attention)
 
@@ -10,7 +11,11 @@ FLOPs are counted honestly: forward = 4 * B * Hq * S^2 * D (two matmuls), halved
 visible half of the score matrix is work); backward = 2.5 x forward (five matmuls instead of two).
 "fwd+bwd" rows time one forward and its VJP together (3.5 x forward FLOPs); "bwd" rows are derived as
 fwd+bwd time minus fwd time. Times are medians over `--iters` runs after `--warmup` runs, each ended by
-`block_until_ready`. Writes JSON and Markdown (date, device, jax version, command) to `--out`.
+`block_until_ready`. Writes JSON and Markdown (date, device, jax version, command) to `--out`; the JSON
+is rewritten after every row, so a run killed part way leaves every finished row on disk.
+
+`--impls` picks implementations, in that order: ours, cudnn, mgpu (JAX's `attention_mgpu`, run in fp16:
+its scratch buffers are fp16, so bf16 inputs fail), xla; on a TPU, ours and jax_tpu. Rows carry their dtype.
 """
 
 from __future__ import annotations
@@ -83,6 +88,8 @@ def impl_jax_mgpu(q, k, v, causal, *, backward):
         raise Unavailable(f"attention_mgpu not importable: {e}") from e
     if backward and causal:
         raise Unavailable("attention_mgpu has no causal backward")
+    if q.dtype != jnp.float16:
+        raise Unavailable("attention_mgpu's scratch buffers are fp16: run it on fp16 inputs")
     blocks = dict(block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64) if backward else {}
     config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=causal,
                                          **blocks)
@@ -102,19 +109,24 @@ def impl_jax_tpu_flash(q, k, v, causal):
     return to_bhsd(out)
 
 
+IMPL_KEYS = ("ours", "cudnn", "mgpu", "xla", "jax_tpu")
+
+
 def implementations(args):
+    """{row name: (factory(backward) -> attention function, input dtype)} for the `--impls` keys, in order."""
     platform_ = jax.devices()[0].platform
-    impls = {}
+    bf16 = jnp.bfloat16
     if platform_ == "tpu":
-        impls["ours (pallas_tpu)"] = (lambda bwd: impl_ours_tpu)
-        impls["jax pallas tpu flash_attention"] = (lambda bwd: impl_jax_tpu_flash)
+        table = {"ours": ("ours (pallas_tpu)", lambda bwd: impl_ours_tpu, bf16),
+                 "jax_tpu": ("jax pallas tpu flash_attention", lambda bwd: impl_jax_tpu_flash, bf16)}
     else:
-        impls["ours (pallas_gpu)"] = (lambda bwd: impl_ours(args.smoke))
-        impls["cudnn"] = (lambda bwd: impl_cudnn)
-        impls["jax pallas attention_mgpu"] = (lambda bwd: (lambda q, k, v, causal:
-                                                           impl_jax_mgpu(q, k, v, causal, backward=bwd)))
-    impls["xla reference (blockwise)"] = (lambda bwd: impl_xla)
-    return impls
+        table = {"ours": ("ours (pallas_gpu)", lambda bwd: impl_ours(args.smoke), bf16),
+                 "cudnn": ("cudnn", lambda bwd: impl_cudnn, bf16),
+                 "mgpu": ("jax pallas attention_mgpu (fp16)",
+                          lambda bwd: (lambda q, k, v, causal: impl_jax_mgpu(q, k, v, causal, backward=bwd)),
+                          jnp.float16)}
+    table["xla"] = ("xla reference (blockwise)", lambda bwd: impl_xla, bf16)
+    return {table[key][0]: table[key][1:] for key in args.impls if key in table}
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -130,10 +142,9 @@ def _time(fn, inputs, warmup, iters):
     return statistics.median(times)
 
 
-def bench_one(make_impl, shape, causal, mode, warmup, iters):
+def bench_one(make_impl, shape, causal, mode, warmup, iters, dtype=jnp.bfloat16):
     b, s, hq, hkv, d = shape
     ks = jax.random.split(jax.random.key(0), 4)
-    dtype = jnp.bfloat16
     q = jax.random.normal(ks[0], (b, s, hq, d), dtype)
     k = jax.random.normal(ks[1], (b, s, hkv, d), dtype)
     v = jax.random.normal(ks[2], (b, s, hkv, d), dtype)
@@ -152,9 +163,10 @@ def bench_one(make_impl, shape, causal, mode, warmup, iters):
     return _time(fn, inputs, warmup, iters)
 
 
-def run(args):
+def run(args, emit=lambda rows: None):
+    """Times every (shape, implementation) in order; calls `emit(rows so far)` after each finished row."""
     if args.smoke:
-        shapes = [(1, 128, 4, 1, 64)]
+        shapes = [(1, 64, 2, 1, 64)]
         args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 1)
     else:
         shapes = [(args.batch, s, 40, 10, 128) for s in args.seq]
@@ -164,28 +176,37 @@ def run(args):
     jobs = [(name, shape) for shape in shapes for name in impls]
     for name, shape in tqdm(jobs, desc="attention bench", unit="config"):
         b, s, hq, hkv, d = shape
+        make_impl, dtype = impls[name]
         flops_fwd = attention_flops(b, hq, s, d, causal)
         result = {}
-        for mode in ("fwd", "fwd+bwd"):
-            try:
-                result[mode] = bench_one(impls[name], shape, causal, mode, args.warmup, args.iters)
-            except Unavailable as e:
-                result[mode] = f"n/a: {e}"
-            except Exception as e:  # noqa: BLE001 (one failing implementation must not end the run)
-                result[mode] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-        if isinstance(result["fwd"], float) and isinstance(result["fwd+bwd"], float):
-            result["bwd"] = max(result["fwd+bwd"] - result["fwd"], 1e-12)
-        else:
-            result["bwd"] = "n/a: needs fwd and fwd+bwd"
-        for mode, factor in (("fwd", 1.0), ("fwd+bwd", 3.5), ("bwd", 2.5)):
+
+        def add_row(mode, factor):
             t = result[mode]
             row = dict(implementation=name, batch=b, seq=s, heads_q=hq, heads_kv=hkv, head_dim=d,
-                       causal=causal, dtype="bfloat16", pass_=mode)
+                       causal=causal, dtype=jnp.dtype(dtype).name, pass_=mode)
             if isinstance(t, float):
                 row.update(ms=t * 1e3, tflops=factor * flops_fwd / t / 1e12)
             else:
                 row.update(ms=None, tflops=None, note=t)
             rows.append(row)
+            print(f"[attention] {name} {mode} S={s}: "
+                  + (f"{row['ms']:.3f} ms, {row['tflops']:.4g} TFLOP/s" if row["ms"] is not None else row["note"]),
+                  flush=True)
+            emit(rows)
+
+        for mode, factor in (("fwd", 1.0), ("fwd+bwd", 3.5)):
+            try:
+                result[mode] = bench_one(make_impl, shape, causal, mode, args.warmup, args.iters, dtype)
+            except Unavailable as e:
+                result[mode] = f"n/a: {e}"
+            except Exception as e:  # noqa: BLE001 (one failing implementation must not end the run)
+                result[mode] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            add_row(mode, factor)
+        if isinstance(result["fwd"], float) and isinstance(result["fwd+bwd"], float):
+            result["bwd"] = max(result["fwd+bwd"] - result["fwd"], 1e-12)
+        else:
+            result["bwd"] = "n/a: needs fwd and fwd+bwd"
+        add_row("bwd", 2.5)
     return rows
 
 
@@ -242,15 +263,27 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     p.add_argument("--append-benchmarks", action="store_true",
                    help="append the Markdown table to BENCHMARKS.md (Attention section)")
+    p.add_argument("--impls", default="ours,cudnn,mgpu,xla,jax_tpu",
+                   help=f"comma-separated implementations, run in this order, from {IMPL_KEYS} "
+                        "(those that do not exist on this platform are left out)")
     args = p.parse_args(argv)
-    rows = run(args)
+    args.impls = [x.strip() for x in args.impls.split(",") if x.strip()]
+    bad = sorted(set(args.impls) - set(IMPL_KEYS))
+    if bad or not args.impls:
+        p.error(f"--impls: unknown implementation(s) {bad}; choose from {IMPL_KEYS}")
     meta = metadata(argv)
-    md = to_markdown(meta, rows)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "attention-" + ("smoke-" if args.smoke else "")
                         + datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S"))
+
+    def emit(rows):
+        with open(stem + ".json", "w") as f:
+            json.dump(dict(meta=meta, rows=rows, complete=False), f, indent=1)
+
+    rows = run(args, emit)
+    md = to_markdown(meta, rows)
     with open(stem + ".json", "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        json.dump(dict(meta=meta, rows=rows, complete=True), f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(md)
     if args.append_benchmarks:

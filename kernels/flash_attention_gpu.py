@@ -31,7 +31,8 @@ with `AttentionConfigError` naming the kernel and the bytes, before Mosaic would
 Where it runs: on a Hopper GPU (checked through `kernels.pallas_compat.require_hopper_target`, which
 follows the lowering target: `jax.export(..., platforms=["cuda"])` lowers it on a CPU host; jit for a CPU,
 or a non-Hopper GPU, gets `AttentionConfigError`). The compiler parameters pin Mosaic GPU's Lane lowering
-semantics (JAX 0.11 made Warpgroup the default; this kernel uses explicit register layouts, i.e. Lane).
+semantics (JAX 0.11 made Warpgroup the default; this kernel uses explicit register layouts, i.e. Lane);
+PHI4_MOSAIC_GPU_SEMANTICS=warpgroup selects the other one (see `lowering_semantics`).
 tests/test_cuda_lowering.py runs Mosaic GPU's real lowering (layouts, wgmma operands, SMEM limits) for CUDA
 on a CPU: forward and gradients, head_dim 64/128/256, GQA, segment ids, fused RoPE. It has not yet been
 compiled by ptxas nor run on a GPU.
@@ -63,6 +64,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -200,13 +202,29 @@ def _cdiv(x, n):
     return pl.cdiv(jnp.asarray(x, jnp.int32), jnp.asarray(n, jnp.int32))
 
 
+SEMANTICS_ENV = "PHI4_MOSAIC_GPU_SEMANTICS"
+SEMANTICS = ("lane", "warpgroup")
+
+
+def lowering_semantics() -> str:
+    """The Mosaic GPU lowering semantics the kernels are compiled with: "lane" (the default: the kernels place
+    values in explicit register layouts) or "warpgroup", chosen by the environment variable
+    PHI4_MOSAIC_GPU_SEMANTICS, read when a kernel is traced (bench/attention_probe.py sets it to retry a
+    failed compile with the other semantics)."""
+    value = os.environ.get(SEMANTICS_ENV, "").strip().lower() or "lane"
+    if value not in SEMANTICS:
+        raise _config_error()(f"{SEMANTICS_ENV}={os.environ[SEMANTICS_ENV]!r}: choose one of {SEMANTICS}")
+    return value
+
+
 def _compiler_params():
-    """approx_math, and the Lane lowering semantics pinned (the kernels place values in explicit register
-    layouts; JAX 0.11 changed the default to Warpgroup)."""
+    """approx_math, and the lowering semantics pinned (default Lane: the kernels place values in explicit
+    register layouts; JAX 0.11 changed Mosaic GPU's default to Warpgroup). See `lowering_semantics`."""
     params = {"approx_math": True}
+    semantics = lowering_semantics()
     fields = getattr(plgpu.CompilerParams, "__dataclass_fields__", {})
     if "lowering_semantics" in fields and hasattr(plgpu, "LoweringSemantics"):
-        params["lowering_semantics"] = plgpu.LoweringSemantics.Lane
+        params["lowering_semantics"] = getattr(plgpu.LoweringSemantics, semantics.capitalize())
     return plgpu.CompilerParams(**params)
 
 

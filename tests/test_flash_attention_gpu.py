@@ -312,3 +312,21 @@ def test_bf16_error_no_worse_than_xla_bf16_against_float64_oracle(b, s, hq, hkv,
         err_xla = ref[name][0]
         assert err <= BF16_ERROR_VS_XLA * err_xla + 1e-3 * scale, (
             f"{name}: bf16 error {err:.3g} vs XLA bf16's {err_xla:.3g} (max |{name}| {scale:.3g})")
+
+
+def test_lowering_semantics_follow_the_environment(monkeypatch):
+    """PHI4_MOSAIC_GPU_SEMANTICS picks Mosaic GPU's lowering semantics (Lane by default; the GPU suite's probe
+    retries a failed compile with Warpgroup); a bad value is refused naming the variable."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from kernels import flash_attention_gpu as fa
+
+    if "lowering_semantics" not in getattr(plgpu.CompilerParams, "__dataclass_fields__", {}):
+        pytest.skip("this JAX's Mosaic GPU has no selectable lowering semantics")
+    monkeypatch.delenv(fa.SEMANTICS_ENV, raising=False)
+    assert fa._compiler_params().lowering_semantics == plgpu.LoweringSemantics.Lane
+    monkeypatch.setenv(fa.SEMANTICS_ENV, "Warpgroup")
+    assert fa._compiler_params().lowering_semantics == plgpu.LoweringSemantics.Warpgroup
+    monkeypatch.setenv(fa.SEMANTICS_ENV, "lanes")
+    with pytest.raises(kernels.AttentionConfigError, match="PHI4_MOSAIC_GPU_SEMANTICS='lanes'"):
+        fa._compiler_params()
