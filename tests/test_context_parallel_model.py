@@ -14,11 +14,11 @@ import pytest
 
 from kernel_mode import interpret_for
 from kernels import mosaic_gpu_interpret
-from phi4_jax import sharding
-from phi4_jax.config import Phi4Config
-from phi4_jax.loss import loss_sum_and_count
-from phi4_jax.model import logical_axes_tree
-from phi4_jax.training import init_params
+from phi4_jax.model import sharding
+from phi4_jax.model.config import Phi4Config
+from phi4_jax.train.loss import loss_sum_and_count
+from phi4_jax.model.decoder import logical_axes_tree
+from phi4_jax.train.step import init_params
 
 CFG = Phi4Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                  head_dim=128, rope_theta=10000.0, max_position_embeddings=1024, param_dtype="float32",

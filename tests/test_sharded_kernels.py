@@ -17,7 +17,7 @@ from kernel_mode import interpret_for
 from kernels import mosaic_gpu_interpret
 from kernels.context_parallel import attention_with_offset, zigzag_inverse, zigzag_order
 from kernels.rope_reference import apply_rope_reference
-from phi4_jax import sharding
+from phi4_jax.model import sharding
 
 THETA = 10000.0
 AXES = dict(batch_axes=("data", "fsdp"), seq_axes="context", q_head_axes="tensor", kv_head_axes="tensor")
