@@ -30,8 +30,11 @@ move Q and the output (4x the K/V bytes) through all-to-alls twice per layer. Un
 the model uses the contiguous layout (exact, unbalanced).
 
 Per-shard attention: queries and keys differ in length and the causal mask is offset by the shard's position
-(a traced `q_start`). It is `kernels.attention_reference.attention_with_offset` (the blockwise XLA flash
-attention that also serves `attention_blockwise`: causal block skipping, an LSE-saving custom VJP).
+(a traced `q_start`). With implementation="pallas_tpu" it is the Mosaic TPU kernel
+(`kernels.flash_attention_tpu` with `q_start` and `kv_segment_ids`: the offset is scalar-prefetched, causal
+block skipping uses it); otherwise `kernels.attention_reference.attention_with_offset` (the blockwise XLA
+flash attention that also serves `attention_blockwise`: causal block skipping, an LSE-saving custom VJP).
+The Pallas GPU kernel and cuDNN have no query offset, so they fall back to the XLA one here.
 """
 
 from __future__ import annotations
@@ -75,9 +78,13 @@ def _chunks_of_shard(layout: str, n: int, local_len: int):
 # ----------------------------------------------------------------------------- the per-shard program
 
 def context_parallel_attention(q, k, v, *, axis_name, axis_size, causal=True, segment_ids=None, sm_scale=None,
-                               seq_layout="contiguous", block_size=DEFAULT_BLOCK_SIZE):
+                               seq_layout="contiguous", block_size=DEFAULT_BLOCK_SIZE, implementation=None,
+                               interpret=False):
     """Per-shard body (call inside `shard_map`): q [B, S/N, Hq, D] and k/v [B, S/N, Hkv, D] are this shard's tokens
-    (already RoPE-rotated) in `seq_layout`; segment_ids [B, S/N] or None. Returns this shard's [B, S/N, Hq, D]."""
+    (already RoPE-rotated) in `seq_layout`; segment_ids [B, S/N] or None. Returns this shard's [B, S/N, Hq, D].
+
+    implementation="pallas_tpu" attends with the Mosaic TPU kernel (its own block sizes; `interpret` as in
+    `kernels.flash_attention`); any other value with the blockwise XLA attention (blocks of `block_size`)."""
     if seq_layout not in SEQ_LAYOUTS:
         raise ValueError(f"seq_layout must be one of {SEQ_LAYOUTS}, got {seq_layout!r}")
     n = axis_size
@@ -93,6 +100,16 @@ def context_parallel_attention(q, k, v, *, axis_name, axis_size, causal=True, se
         natural = np.concatenate([np.arange(s * c, (s + 1) * c) for s in slot])
         k_all, v_all = k_all[:, natural], v_all[:, natural]
         seg_all = None if seg_all is None else seg_all[:, natural]
+    if implementation == "pallas_tpu":
+        from kernels.flash_attention_tpu import flash_attention_tpu  # noqa: PLC0415 (Pallas TPU only when asked)
+
+        def attend(q, q_start, q_seg):
+            return flash_attention_tpu(q, k_all, v_all, causal=causal, segment_ids=q_seg, kv_segment_ids=seg_all,
+                                       q_start=q_start, sm_scale=sm_scale, interpret=interpret)
+    else:
+        def attend(q, q_start, q_seg):
+            return attention_with_offset(q, k_all, v_all, q_start=q_start, causal=causal, q_segment_ids=q_seg,
+                                         kv_segment_ids=seg_all, sm_scale=sm_scale, block_size=block_size)
     outs = []
     for offset, length, chunk in _chunks_of_shard(seq_layout, n, local):
         if chunk is None:
@@ -100,7 +117,5 @@ def context_parallel_attention(q, k, v, *, axis_name, axis_size, causal=True, se
         else:
             start = (r if chunk == 0 else 2 * n - 1 - r) * length
         q_seg = None if segment_ids is None else segment_ids[:, offset:offset + length]
-        outs.append(attention_with_offset(
-            q[:, offset:offset + length], k_all, v_all, q_start=start, causal=causal, q_segment_ids=q_seg,
-            kv_segment_ids=seg_all, sm_scale=sm_scale, block_size=block_size))
+        outs.append(attend(q[:, offset:offset + length], start, q_seg))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
