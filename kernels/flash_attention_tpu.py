@@ -32,7 +32,8 @@ Constraints imposed (checked, AttentionConfigError otherwise): head_dim a multip
 whose rotate-half is a lane roll of a full 128-lane vreg), block_k and block_q multiples of 128 (the lane
 axes of the forward/dq and the dk/dv score tiles). Verified so far: numerics in the TPU interpreter on CPU, and a full
 Mosaic compile (libtpu's deviceless AOT path) for TPU v4, v5e, v5p and v6e at phi-4 shapes (40/10 heads, D 128,
-16K, bf16) with the 512/512 defaults inside the default scoped VMEM. Not yet run on TPU hardware, so the block
+16K, bf16) with the 512/512 defaults inside the default scoped VMEM, the query-offset form (an 8K query chunk
+at a traced q_start against 16K keys) included, and the offset form inside shard_map over a context axis on v5p. Not yet run on TPU hardware, so the block
 defaults are untuned.
 """
 

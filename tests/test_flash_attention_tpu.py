@@ -256,8 +256,13 @@ _AOT_SCRIPT = textwrap.dedent("""
         return jnp.sum(out.astype(jnp.float32))
     def rope(q, k, pos):
         return apply_rope_qk_pallas(q, k, pos, theta=250000.0)
+    def chunk_loss(q, k, v, q_start, q_seg, kv_seg):   # a context shard's queries at a traced offset
+        out = flash_attention_tpu(q, k, v, causal=True, segment_ids=q_seg, kv_segment_ids=kv_seg, q_start=q_start)
+        return jnp.sum(out.astype(jnp.float32))
     cache = sds((2, 4096, hkv, d), jnp.bfloat16)
     cases = [(jax.value_and_grad(attention_loss, argnums=(0, 1, 2)), (q, k, k, ids, ids)),
+             (jax.value_and_grad(chunk_loss, argnums=(0, 1, 2)),
+              (sds((b, 1000, hq, d), jnp.bfloat16), k, k, sds((), jnp.int32), sds((b, 1000), jnp.int32), ids)),
              (jax.value_and_grad(lambda q, k, pos: sum(jnp.sum(x.astype(jnp.float32)) for x in rope(q, k, pos)),
                                  argnums=(0, 1)), (q, k, ids)),
              (decode_attention_pallas, (sds((2, 1, hq, d), jnp.bfloat16), cache, cache, sds((2,), jnp.int32)))]
