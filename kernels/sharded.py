@@ -217,7 +217,8 @@ def sharded_flash_attention(q, k, v, *, mesh, batch_axes=None, seq_axes=None, q_
             k = apply_rope(k, pos, theta=rope_theta, implementation=rope_impl, interpret=interpret)
         return context_parallel.context_parallel_attention(
             q, k, v, axis_name=_entry(seq_axes), axis_size=n_ctx, causal=causal, segment_ids=seg,
-            sm_scale=sm_scale, seq_layout=seq_layout, block_size=block_size)
+            sm_scale=sm_scale, seq_layout=seq_layout, block_size=block_size, implementation=implementation,
+            interpret=interpret)
 
     return _shard_map(body, mesh, specs, qspec)(*args)
 

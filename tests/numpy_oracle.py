@@ -4,9 +4,10 @@ Independent of `kernels/` (no shared mask helper, no JAX): every kernel test can
 as against the pure-JAX references, so a mistake shared by a kernel and its reference still shows.
 
 - `attention(q, k, v, ...)`: for each batch row and query head h (kv head h // (Hq / Hkv)), the scores
-  s_ij = scale * q_i . k_j over the keys query i may see (j <= its position when causal; same segment id when
-  segment ids are given; j < kv_len), a float64 softmax over those keys, and out_i = sum_j p_ij v_j. Returns the
-  output [B, Sq, Hq, D] and the log-sum-exp [B, Hq, Sq] of the visible scores.
+  s_ij = scale * q_i . k_j over the keys query i may see (j <= its position when causal, the position being
+  q_offset + i for a query chunk of a longer key sequence; same segment id when segment ids are given, the keys'
+  own `kv_segment_ids` when they differ from the queries'; j < kv_len), a float64 softmax over those keys, and
+  out_i = sum_j p_ij v_j. Returns the output [B, Sq, Hq, D] and the log-sum-exp [B, Hq, Sq] of the visible scores.
 - `attention_vjp(q, k, v, dout, ...)`: dq, dk, dv from the analytic softmax-attention gradients
   (dv = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dq = scale dS K, dk = scale dS^T Q; kv-head
   gradients summed over the query heads that share them). `tests/test_numpy_oracle.py` checks them against
@@ -26,19 +27,22 @@ def _f64(x) -> np.ndarray:
     return np.asarray(x).astype(np.float64)  # bf16 (ml_dtypes) included
 
 
-def visible(sq: int, sk: int, *, causal: bool, segment_ids=None, q_offset=None, kv_len=None, batch: int = 1):
+def visible(sq: int, sk: int, *, causal: bool, segment_ids=None, q_offset=None, kv_len=None, batch: int = 1,
+            kv_segment_ids=None):
     """Boolean [B, Sq, Sk]: which keys each query sees. Query i of row b sits at position q_offset[b] + i
-    (default 0: queries and keys are the same sequence); key j sits at position j."""
+    (default 0: queries and keys are the same sequence); key j sits at position j. `segment_ids` [B, Sq] are the
+    queries' segments and `kv_segment_ids` [B, Sk] the keys' (default: the same array)."""
     q_offset = np.zeros(batch, np.int64) if q_offset is None else np.broadcast_to(np.asarray(q_offset), (batch,))
     kv_len = np.full(batch, sk) if kv_len is None else np.broadcast_to(np.asarray(kv_len), (batch,))
     seg = None if segment_ids is None else np.asarray(segment_ids)
+    kv_seg = seg if kv_segment_ids is None else np.asarray(kv_segment_ids)
     i = np.arange(sq)[None, :, None]
     j = np.arange(sk)[None, None, :]
     out = np.broadcast_to(j < kv_len[:, None, None], (batch, sq, sk))
     if causal:
         out = out & (j <= q_offset[:, None, None] + i)
     if seg is not None:
-        out = out & (seg[:, :, None] == seg[:, None, :])
+        out = out & (seg[:, :, None] == kv_seg[:, None, :])
     return out
 
 
@@ -52,15 +56,18 @@ def _probs(q, k, mask, scale, b, h, group):
     return e / z, (m + np.log(z))[:, 0]
 
 
-def attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, q_offset=None, kv_len=None):
-    """(out [B, Sq, Hq, D], lse [B, Hq, Sq]) in float64. Every query must see at least one key."""
+def attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, q_offset=None, kv_len=None,
+              kv_segment_ids=None):
+    """(out [B, Sq, Hq, D], lse [B, Hq, Sq]) in float64 (masking as in `visible`). Every query must see at least
+    one key."""
     q, k, v = _f64(q), _f64(k), _f64(v)
     bsz, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     assert hq % hkv == 0, (hq, hkv)
     group = hq // hkv
     scale = d ** -0.5 if sm_scale is None else sm_scale
-    mask = visible(sq, sk, causal=causal, segment_ids=segment_ids, q_offset=q_offset, kv_len=kv_len, batch=bsz)
+    mask = visible(sq, sk, causal=causal, segment_ids=segment_ids, q_offset=q_offset, kv_len=kv_len, batch=bsz,
+                   kv_segment_ids=kv_segment_ids)
     assert mask.any(axis=-1).all(), "a query sees no key: attention is undefined there"
     out = np.zeros((bsz, sq, hq, v.shape[-1]))
     lse = np.zeros((bsz, hq, sq))
@@ -71,14 +78,17 @@ def attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, q_offset
     return out, lse
 
 
-def attention_vjp(q, k, v, dout, *, causal=True, segment_ids=None, sm_scale=None):
-    """(dq, dk, dv) of sum(out * dout), float64, by the analytic formulas (see the module docstring)."""
+def attention_vjp(q, k, v, dout, *, causal=True, segment_ids=None, sm_scale=None, q_offset=None,
+                  kv_segment_ids=None):
+    """(dq, dk, dv) of sum(out * dout), float64, by the analytic formulas (see the module docstring); masking
+    as in `visible` (q [B, Sq, ...] may be a chunk at `q_offset` of the keys [B, Sk, ...])."""
     q, k, v, dout = _f64(q), _f64(k), _f64(v), _f64(dout)
-    bsz, s, hq, d = q.shape
-    hkv = k.shape[2]
+    bsz, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
     scale = d ** -0.5 if sm_scale is None else sm_scale
-    mask = visible(s, s, causal=causal, segment_ids=segment_ids, batch=bsz)
+    mask = visible(sq, sk, causal=causal, segment_ids=segment_ids, q_offset=q_offset, batch=bsz,
+                   kv_segment_ids=kv_segment_ids)
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     for b in range(bsz):
         for h in range(hq):
@@ -118,7 +128,8 @@ def rope_angle_tolerance(positions, x, *, ulps=4.0):
 
 # ----------------------------------------------------------------------------- comparing a JAX function
 
-def attention_errors(fn, q, k, v, dout=None, *, causal=True, segment_ids=None, sm_scale=None):
+def attention_errors(fn, q, k, v, dout=None, *, causal=True, segment_ids=None, sm_scale=None, q_offset=None,
+                     kv_segment_ids=None):
     """Runs `fn(q, k, v)` (and, with `dout`, its VJP) and measures it against the oracle on the same inputs
     (as given: bf16 inputs are compared with the exact attention of their bf16 values).
 
@@ -126,7 +137,8 @@ def attention_errors(fn, q, k, v, dout=None, *, causal=True, segment_ids=None, s
     """
     import jax  # the oracle itself is NumPy-only
 
-    kw = {"causal": causal, "segment_ids": segment_ids, "sm_scale": sm_scale}
+    kw = {"causal": causal, "segment_ids": segment_ids, "sm_scale": sm_scale, "q_offset": q_offset,
+          "kv_segment_ids": kv_segment_ids}
     want = {"out": attention(q, k, v, **kw)[0]}
     if dout is None:
         got = {"out": fn(q, k, v)}
@@ -144,10 +156,11 @@ def attention_errors(fn, q, k, v, dout=None, *, causal=True, segment_ids=None, s
 
 
 def assert_attention_close(fn, q, k, v, dout=None, *, causal=True, segment_ids=None, sm_scale=None,
-                           out_atol, grad_rtol=None):
+                           q_offset=None, kv_segment_ids=None, out_atol, grad_rtol=None):
     """`fn` against the oracle: output within `out_atol`; each gradient within `grad_rtol` times the largest
     magnitude of the oracle's gradient. Returns the errors (see `attention_errors`)."""
-    errors = attention_errors(fn, q, k, v, dout, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale)
+    errors = attention_errors(fn, q, k, v, dout, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale,
+                              q_offset=q_offset, kv_segment_ids=kv_segment_ids)
     err, _ = errors["out"]
     assert err <= out_atol, f"output differs from the float64 oracle by {err:.3g} > {out_atol:.3g}"
     for name in ("dq", "dk", "dv"):

@@ -256,8 +256,13 @@ _AOT_SCRIPT = textwrap.dedent("""
         return jnp.sum(out.astype(jnp.float32))
     def rope(q, k, pos):
         return apply_rope_qk_pallas(q, k, pos, theta=250000.0)
+    def chunk_loss(q, k, v, q_start, q_seg, kv_seg):   # a context shard's queries at a traced offset
+        out = flash_attention_tpu(q, k, v, causal=True, segment_ids=q_seg, kv_segment_ids=kv_seg, q_start=q_start)
+        return jnp.sum(out.astype(jnp.float32))
     cache = sds((2, 4096, hkv, d), jnp.bfloat16)
     cases = [(jax.value_and_grad(attention_loss, argnums=(0, 1, 2)), (q, k, k, ids, ids)),
+             (jax.value_and_grad(chunk_loss, argnums=(0, 1, 2)),
+              (sds((b, 1000, hq, d), jnp.bfloat16), k, k, sds((), jnp.int32), sds((b, 1000), jnp.int32), ids)),
              (jax.value_and_grad(lambda q, k, pos: sum(jnp.sum(x.astype(jnp.float32)) for x in rope(q, k, pos)),
                                  argnums=(0, 1)), (q, k, ids)),
              (decode_attention_pallas, (sds((2, 1, hq, d), jnp.bfloat16), cache, cache, sds((2,), jnp.int32)))]
@@ -307,3 +312,66 @@ def test_fp32_and_fused_rope_match_the_float64_oracle():
     # ~5e-4 rad (see numpy_oracle.rope_angle_tolerance); observed 1.4e-4 on the output, allowed 2e-3.
     np.testing.assert_allclose(np.asarray(fused)[1], want[1], atol=1e-4, rtol=0)
     np.testing.assert_allclose(np.asarray(fused)[0], want[0], atol=2e-3, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def query_chunk_attention():
+    """One jitted kernel call (forward + VJP) whose query offset is a traced argument, as under context
+    parallelism (`lax.axis_index` x chunk length): every offset below reuses the same compiled program."""
+
+    def run(q, k, v, q_start, q_seg, kv_seg, dout):
+        out, vjp = jax.vjp(lambda q, k, v: flash_attention_tpu(
+            q, k, v, causal=True, segment_ids=q_seg, kv_segment_ids=kv_seg, q_start=q_start,
+            interpret=INTERPRET, **BLOCKS), q, k, v)
+        return out, vjp(dout)
+
+    return jax.jit(run)
+
+
+@pytest.mark.parametrize("q_start", [120, 248])
+def test_query_chunk_at_an_offset_matches_the_float64_oracle(query_chunk_attention, q_start):
+    """A chunk of 136 queries (two q blocks, the second ragged) at key index `q_start` of 384 keys (three kv
+    blocks), GQA 2, packed documents that cross the chunk's edges and a padding tail, each side with its own
+    segment ids; forward, dq, dk, dv against the float64 NumPy oracle (query i at position q_start + i).
+    At 120 the chunk ends at key 255, so kv block 2 is skipped by the offset-aware causal block skipping and its
+    dk/dv must be exactly zero; at 248 the chunk reaches the last key. Ignoring the offset (index-causal
+    masking), taking the queries' segment ids for the keys, or skipping a kv block a query still sees
+    (e.g. the last-row bound computed without q_start) fails this test."""
+    import numpy_oracle
+
+    b, sk, sq, hq, hkv, d = 1, 384, 136, 4, 2, 64
+    q, k, v, dout = _inputs(21, b, sk, hq, hkv, d)
+    q, dout = q[:, q_start:q_start + sq], dout[:, q_start:q_start + sq]
+    kv_seg = np.array(_packed_segments(b, sk, 22))
+    kv_seg[:, 250:262] = 4                      # a document across block 1 / 2 and the first chunk's end
+    kv_seg[:, -9:] = 0                          # padding tail
+    q_seg = kv_seg[:, q_start:q_start + sq]
+    out, grads = query_chunk_attention(q, k, v, jnp.int32(q_start), q_seg, kv_seg, dout)
+
+    kw = dict(causal=True, segment_ids=q_seg, kv_segment_ids=kv_seg, q_offset=q_start)
+    want_out, _ = numpy_oracle.attention(q, k, v, **kw)
+    want_grads = numpy_oracle.attention_vjp(q, k, v, dout, **kw)
+    np.testing.assert_allclose(np.asarray(out), want_out, atol=1e-4, rtol=0)
+    for name, g, w in zip(("dq", "dk", "dv"), grads, want_grads):
+        scale = np.max(np.abs(w))
+        assert scale > 0.1, name
+        np.testing.assert_allclose(np.asarray(g), w, atol=1e-4 * scale, rtol=0, err_msg=name)
+    if q_start + sq <= 256:
+        assert not np.any(np.asarray(grads[1])[:, 256:]) and not np.any(np.asarray(grads[2])[:, 256:])
+
+
+@pytest.mark.parametrize("sq, kwargs, match", [
+    (64, {}, "needs q_start"),
+    (128, {"kv_segment_ids": jnp.ones((1, 128), jnp.int32)}, "kv_segment_ids needs segment_ids"),
+    (64, {"q_start": 64, "segment_ids": jnp.ones((1, 64), jnp.int32)}, "give kv_segment_ids"),
+    (64, {"q_start": -1}, "q_start must be >= 0"),
+    (64, {"q_start": jnp.zeros((2,), jnp.int32)}, "q_start must be an integer scalar"),
+    (64, {"q_start": 64, "segment_ids": jnp.ones((1, 64), jnp.int32),
+          "kv_segment_ids": jnp.ones((1, 64), jnp.int32)}, r"kv_segment_ids must be integer \[batch, seq\]"),
+    (128, {"rope": (jnp.zeros((1, 128), jnp.int32), THETA), "q_start": 0}, "fused RoPE needs q and k/v"),
+])
+def test_query_chunk_misuse_is_refused_clearly(sq, kwargs, match):
+    q = jnp.zeros((1, sq, 2, 128))
+    kv = jnp.zeros((1, 128, 1, 128))
+    with pytest.raises(AttentionConfigError, match=match):
+        flash_attention_tpu(q, kv, kv, interpret=INTERPRET, **kwargs)

@@ -27,16 +27,22 @@ def test_attention_small_case_by_hand():
     np.testing.assert_allclose(out[0, 1], [[w @ [3.0, 7.0]], [w2 @ [3.0, 7.0]]], rtol=1e-15)
 
 
-@pytest.mark.parametrize("causal, segmented", [(True, False), (False, True), (True, True)])
-def test_attention_gradients_match_finite_differences(causal, segmented):
+@pytest.mark.parametrize("causal, segmented, chunk", [(True, False, False), (False, True, False),
+                                                     (True, True, False), (True, True, True)])
+def test_attention_gradients_match_finite_differences(causal, segmented, chunk):
     """Analytic dq, dk, dv against float64 central differences of sum(out * dout) on a GQA-2 tiny shape.
-    Dropping the rowsum(dO * O) term in dS, or not summing dk/dv over the shared query heads, fails this test."""
+    Dropping the rowsum(dO * O) term in dS, or not summing dk/dv over the shared query heads, fails this test.
+    `chunk`: the queries are tokens 2..4 of the 5 keys (q_offset 2, their own segment ids), as one context shard
+    sees them; ignoring the offset in the gradient's mask fails it."""
     rng = np.random.default_rng(0)
     b, s, hq, hkv, d = 2, 5, 4, 2, 3
     q, k, v = (rng.standard_normal((b, s, h, d)) for h in (hq, hkv, hkv))
     dout = rng.standard_normal((b, s, hq, d))
     seg = np.array([[1, 1, 2, 2, 2], [1, 2, 2, 3, 3]]) if segmented else None
     kw = {"causal": causal, "segment_ids": seg}
+    if chunk:
+        q, dout = q[:, 2:], dout[:, 2:]
+        kw = {"causal": causal, "segment_ids": seg[:, 2:], "kv_segment_ids": seg, "q_offset": 2}
 
     def f(q, k, v):
         return np.sum(numpy_oracle.attention(q, k, v, **kw)[0] * dout)

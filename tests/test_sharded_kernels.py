@@ -3,7 +3,8 @@
 8 simulated CPU devices (tests/conftest.py), Pallas kernels in interpret mode. Each case compares the sharded
 wrapper, forward and gradients of a random cotangent, with `kernels.attention_naive` (after the XLA RoPE reference)
 on one device, on packed documents whose segments cross the shard boundaries and RoPE positions that restart per
-document. Tolerances: float32 throughout, so 2e-5 (max abs, outputs O(1)) for the XLA and Pallas TPU paths; the
+document. With pallas_tpu the traced program must contain the Pallas TPU kernels (forward, dq, dk/dv): under
+context parallelism they are the per-shard attention, with each shard's query offset. Tolerances: float32 throughout, so 2e-5 (max abs, outputs O(1)) for the XLA and Pallas TPU paths; the
 Pallas GPU kernel feeds its matmuls bf16 on purpose (see kernels/flash_attention_gpu.py): 3e-2 relative.
 """
 
@@ -92,7 +93,10 @@ CASES = [
     ("fsdp=2,context=4", "xla", "zigzag", (2, 64, 4, 2, 16)),
     ("context=8", "xla", "contiguous", (1, 64, 2, 1, 16)),
     ("fsdp=4,tensor=2", "pallas_tpu", "contiguous", (4, 128, 4, 2, 128)),     # kernel per shard, fused RoPE
-    ("data=2,context=2,tensor=2", "pallas_tpu", "zigzag", (2, 128, 4, 2, 128)),  # CP + Pallas RoPE kernel
+    # CP with the Pallas TPU kernel per shard (query offset; Pallas RoPE kernel before the gather): two chunks of
+    # 32 queries per shard; then one chunk of 128 per shard against 2 kv blocks, shard 0 skipping the second.
+    ("data=2,context=2,tensor=2", "pallas_tpu", "zigzag", (2, 128, 4, 2, 128)),
+    ("fsdp=4,context=2", "pallas_tpu", "contiguous", (4, 256, 2, 1, 128)),
 ]
 
 
@@ -116,6 +120,31 @@ def test_sharded_attention_matches_single_device(mesh_spec, impl, layout, shape)
     got = _value_and_grads(sharded, q, k, v, w)
     want = _value_and_grads(lambda q, k, v: _reference(q, k, v, seg, pos), q, k, v, w)
     _assert_close((got[0], *got[1]), (want[0], *want[1]), 2e-5, relative=False)
+    if impl == "pallas_tpu":
+        # The per-shard attention really is the Pallas TPU kernel (forward, dq, dk/dv), with the query offset
+        # under context parallelism, not an XLA fallback.
+        kernels_called = _pallas_kernel_names(jax.grad(lambda q, k, v: jnp.sum(sharded(q, k, v) * w),
+                                                       argnums=(0, 1, 2)), q, k, v)
+        assert {"flash_attention_tpu_fwd", "flash_attention_tpu_dq", "flash_attention_tpu_dkv"} <= kernels_called, \
+            kernels_called
+
+
+def _pallas_kernel_names(fn, *args):
+    """Names of the `pallas_call`s in fn's traced program, nested jaxprs (jit, shard_map, custom_vjp) included."""
+    names = set()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                names.add(str(eqn.params["name"]))
+            for param in eqn.params.values():
+                for sub in (param if isinstance(param, (tuple, list)) else (param,)):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return names
 
 
 @pytest.mark.skip(reason="too slow for CI: the Mosaic GPU interpreter on 4 shards, forward and backward, ran past "

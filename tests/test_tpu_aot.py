@@ -193,6 +193,32 @@ def test_pallas_tpu_attention_in_shard_map_compiles(tpu_devices):
     assert mem.outputs >= s * hq * d * 2 + 2 * s * hkv * d * 2     # dq, dk, dv shards (+ the loss)
 
 
+def test_context_parallel_pallas_tpu_attention_compiles(tpu_devices):
+    """The Pallas TPU kernel with a query offset as the per-shard attention of context parallelism: the sequence
+    split over a context axis of 2 (batch over 4), K/V all-gathered, each shard's queries at q_start =
+    axis_index x 512 (a traced scalar, prefetched into SMEM), 2 kv blocks of 512 so shard 0 skips one; forward and
+    backward, segment ids, RoPE before the gather. Mosaic compiles the offset kernels inside the sharded program."""
+    mesh = Mesh(np.asarray(tpu_devices).reshape(4, 2), ("batch", "context"))
+    b, s, hq, hkv, d = 4, 1024, 4, 2, 128
+    tok = NamedSharding(mesh, P("batch", "context"))
+    q = jax.ShapeDtypeStruct((b, s, hq, d), jnp.bfloat16, sharding=tok)
+    kv = jax.ShapeDtypeStruct((b, s, hkv, d), jnp.bfloat16, sharding=tok)
+    ids = jax.ShapeDtypeStruct((b, s), jnp.int32, sharding=tok)
+
+    def loss(q, k, v, seg, pos):
+        out = kernels.sharded_flash_attention(q, k, v, mesh=mesh, batch_axes="batch", seq_axes="context",
+                                              segment_ids=seg, positions=pos, rope_theta=10000.0,
+                                              implementation="pallas_tpu")
+        return jnp.sum(out.astype(jnp.float32))
+
+    compiled = compile_for(mesh, jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))), q, kv, kv, ids, ids,
+                           attention="pallas_tpu")
+    hlo = compiled.as_text()
+    for name in ("flash_attention_tpu_fwd", "flash_attention_tpu_dq", "flash_attention_tpu_dkv"):
+        assert name in hlo, f"the Mosaic kernel {name} is not in the compiled program"
+    assert "all-gather" in hlo, "K/V are not all-gathered over the context axis"
+
+
 @pytest.mark.parametrize("attention_impl", [None, "pallas_tpu"])
 def test_decode_step_with_the_tpu_default_decode_kernel_compiles(tpu_devices, attention_impl):
     """A sharded decode step whose decode attention is the Pallas kernel (the TPU default of
