@@ -39,9 +39,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.machine_info import describe_machine  # noqa: E402
-from phi4_jax.model.config import Phi4Config  # noqa: E402
 from phi4_jax.checkpoint.hf_mapping import hf_tensor_shapes  # noqa: E402
-
+from phi4_jax.model.config import Phi4Config  # noqa: E402
 
 BLOCK_BYTES = 64 << 20
 

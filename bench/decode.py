@@ -119,10 +119,9 @@ def update_section(path: str, heading: str, key: str, *, intro: str = "", append
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import jax
     import numpy as np
     import torch
-
-    import jax
 
     from phi4_jax.model.decoder import model_from_params
 

@@ -34,8 +34,8 @@ import jax.numpy as jnp  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from bench.roofline import copy_bandwidth  # noqa: E402
-from phi4_jax.model.config import get_preset  # noqa: E402
 from phi4_jax.inference.kv_cache import KVCache, decode_step  # noqa: E402
+from phi4_jax.model.config import get_preset  # noqa: E402
 from phi4_jax.model.decoder import is_param_spec, param_specs  # noqa: E402
 
 

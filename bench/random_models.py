@@ -16,8 +16,8 @@ def random_model_pair(size: str):
     import torch
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    from phi4_jax.model.config import Phi4Config
     from phi4_jax.checkpoint.hf_mapping import params_from_hf_state_dict
+    from phi4_jax.model.config import Phi4Config
 
     hidden, layers, heads, kv, inter, vocab = SIZES[size]
     hf_config = Phi3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,

@@ -38,11 +38,16 @@ from tqdm import tqdm  # noqa: E402
 
 from phi4_jax.model import sharding  # noqa: E402
 from phi4_jax.model.config import get_preset  # noqa: E402
-from phi4_jax.train.optimizer import make_optimizer  # noqa: E402
 from phi4_jax.train.config import OptimizerConfig  # noqa: E402
 from phi4_jax.train.mfu import peak_flops_per_device, training_flops_per_token  # noqa: E402
-from phi4_jax.train.step import (BATCH_KEYS, abstract_train_state, create_train_state,  # noqa: E402
-                                 make_train_step, train_state_shardings)
+from phi4_jax.train.optimizer import make_optimizer  # noqa: E402
+from phi4_jax.train.step import (  # noqa: E402
+    BATCH_KEYS,
+    abstract_train_state,
+    create_train_state,
+    make_train_step,
+    train_state_shardings,
+)
 
 # Dense bf16 tensor-core peaks (NVIDIA data sheets), most specific name first.
 GPU_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835.5e12), ("H200", 989.4e12), ("H100", 989.4e12),

@@ -14,6 +14,7 @@ This package never imports `phi4_jax`: the model depends on the kernels, not the
 """
 
 from kernels.attention_reference import attention_blockwise, attention_naive
+from kernels.decode_attention import decode_attention, decode_attention_reference
 from kernels.dispatch import (
     HARDWARE_RUNS,
     AttentionConfigError,
@@ -24,9 +25,8 @@ from kernels.dispatch import (
     flash_attention_rope,
     is_hopper_gpu,
 )
-from kernels.decode_attention import decode_attention, decode_attention_reference
-from kernels.sharded import sharded_apply_rope, sharded_decode_attention, sharded_flash_attention
 from kernels.rope_reference import apply_rope_reference
+from kernels.sharded import sharded_apply_rope, sharded_decode_attention, sharded_flash_attention
 
 __all__ = [
     "HARDWARE_RUNS",

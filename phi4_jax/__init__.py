@@ -5,7 +5,7 @@ Subpackages, by concern: `model`, `checkpoint`, `data`, `train`, `inference`, `c
 `tokenizer`, `special_tokens` and `checks` (shared argument checks) sit beside them.
 """
 
-from phi4_jax.model.config import ConfigError, Phi4Config, PRESETS, get_preset
+from phi4_jax.model.config import PRESETS, ConfigError, Phi4Config, get_preset
 from phi4_jax.model.decoder import Phi4ForCausalLM, abstract_model, forward, model_from_params
 
 __all__ = [

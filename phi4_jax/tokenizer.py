@@ -35,8 +35,16 @@ from typing import Literal
 import tiktoken
 
 from phi4_jax.checks import first_out_of_range, is_integer
-from phi4_jax.special_tokens import (ENDOFTEXT_ID, IM_END_ID, IM_SEP_ID, IM_START_ID, N_VOCAB,
-                                     NUM_MERGEABLE_RANKS, PAD_ID, SPECIAL_TOKENS)
+from phi4_jax.special_tokens import (
+    ENDOFTEXT_ID,
+    IM_END_ID,
+    IM_SEP_ID,
+    IM_START_ID,
+    N_VOCAB,
+    NUM_MERGEABLE_RANKS,
+    PAD_ID,
+    SPECIAL_TOKENS,
+)
 
 CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
 CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"

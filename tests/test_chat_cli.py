@@ -12,11 +12,10 @@ import subprocess
 import sys
 
 import pytest
+from hf_models import make_tiny_phi3_model, save_phi3_dir
 
 import phi4_jax
 from phi4_jax.inference import chat_session as generation
-
-from hf_models import make_tiny_phi3_model, save_phi3_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONIOENCODING": "utf-8", "JAX_PLATFORMS": "cpu"}

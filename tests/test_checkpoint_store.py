@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from hf_models import make_tiny_phi3_dir
 
 

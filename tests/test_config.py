@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from phi4_jax.model.config import PRESETS, ConfigError, Phi4Config, get_preset
 from phi4_jax.checkpoint.hf_mapping import hf_tensor_shapes
+from phi4_jax.model.config import PRESETS, ConfigError, Phi4Config, get_preset
 
 # microsoft/phi-4 config.json as published (transcribed from PHI4.md's table).
 PHI4_CONFIG_JSON = {

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from kernel_mode import interpret_for
+
 from kernels import mosaic_gpu_interpret
 from phi4_jax.model import sharding
 from phi4_jax.model.config import Phi4Config

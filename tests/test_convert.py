@@ -20,7 +20,6 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-
 from hf_models import FORMATS, hf_logits, make_tiny_phi3_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,8 +257,8 @@ def test_round_trip_fp32_sharded_is_bit_exact_and_loads_in_transformers(work, fp
 def test_multi_chunk_streaming_round_trip(work, fp32_hf, monkeypatch):
     """With tiny chunks, every array spans many chunks and embed / lm_head stream in many row blocks
     (the path a real 1 GB embedding takes); the result is still exact both ways."""
-    from phi4_jax.checkpoint import store as checkpoint
     from phi4_jax.checkpoint import hf_convert
+    from phi4_jax.checkpoint import store as checkpoint
 
     monkeypatch.setattr(checkpoint, "CHUNK_TARGET_BYTES", 4096)
     hf_convert.hf_to_checkpoint(fp32_hf[0], work / "ours_chunked", progress=False)
@@ -283,8 +282,8 @@ def test_round_trip_bf16_is_bit_exact(work, bf16_hf):
     assert original["lm_head.weight"].dtype == ml_dtypes.bfloat16
     _assert_hf_dirs_equal(original, work / "back_bf16")
 
-    from transformers import AutoModelForCausalLM
     import torch
+    from transformers import AutoModelForCausalLM
     reloaded = AutoModelForCausalLM.from_pretrained(work / "back_bf16")
     assert reloaded.dtype == torch.bfloat16
 
@@ -316,6 +315,7 @@ def test_dtype_option_casts_both_directions(work, fp32_hf, fp32_ours, bf16_hf):
 
 def test_load_model_dtype_and_compute_dtype(fp32_ours):
     import jax.numpy as jnp
+
     from phi4_jax import load_model
 
     model = load_model(fp32_ours, dtype=jnp.bfloat16)

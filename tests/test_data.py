@@ -5,11 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from phi4_jax.data import tokenizing
-from phi4_jax.special_tokens import ENDOFTEXT_ID, PAD_ID
-from phi4_jax.data import sources
-from phi4_jax.data import pipeline
 from phi4_jax.data import demo as demo_data
+from phi4_jax.data import pipeline, sources, tokenizing
+from phi4_jax.special_tokens import ENDOFTEXT_ID, PAD_ID
 from phi4_jax.train.config import DataConfig, SourceConfig
 
 WEIGHTS = {"arithmetic": 40, "facts": 15, "stories": 15, "code": 20, "lessons": 10}

@@ -12,12 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kernel_mode import interpret_for
 
 import kernels
 from kernels import attention_naive, decode_attention_reference
 from kernels.decode_attention import DecodeAttentionError, decode_attention, decode_attention_pallas
 from kernels.pallas_compat import tpu_target
-from kernel_mode import interpret_for
 
 # Interpret mode on CPU; compiled on the device under PHI4_KERNEL_TESTS_ON_DEVICE=1 (bench/gpu_suite.py).
 INTERPRET = interpret_for("any")

@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kernel_mode import interpret_for
 
 import kernels
 from kernels import mosaic_gpu_interpret
-from kernel_mode import interpret_for
 from kernels.attention_reference import attention_naive
 from kernels.flash_attention_gpu import flash_attention_gpu
 from kernels.rope_reference import apply_rope_reference

@@ -12,17 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_models import make_tiny_phi3_dir
 
 import phi4_jax
-from phi4_jax.inference import kv_cache
-from phi4_jax.inference import engine
-from phi4_jax.inference import chat_session
-from phi4_jax.inference import sampling
+from phi4_jax.inference import chat_session, engine, kv_cache, sampling
 from phi4_jax.inference.errors import ContextLengthError, GenerationError
 from phi4_jax.inference.sampling import Sampler
 from phi4_jax.model.decoder import forward, model_from_params
-
-from hf_models import make_tiny_phi3_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS = 2  # the tiny HF config's eos_token_id

@@ -27,8 +27,9 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import attention_probe  # noqa: E402
 import gpu_suite  # noqa: E402
-from phi4_jax.model.config import get_preset  # noqa: E402
 import kernel_mode  # noqa: E402
+
+from phi4_jax.model.config import get_preset  # noqa: E402
 
 BLOCKED = ("grain", "tiktoken", "tiktoken_ext")
 BLOCKER = f"""import importlib.abc, sys

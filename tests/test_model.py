@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from hf_models import hf_logits, make_tiny_phi3_model
+
+from phi4_jax.checkpoint.hf_mapping import params_from_hf_state_dict
 from phi4_jax.model import decoder as M
 from phi4_jax.model.config import REMAT_POLICIES, Phi4Config, get_preset
-from phi4_jax.checkpoint.hf_mapping import params_from_hf_state_dict
 
 SEQ = 600  # > 512: crosses the attention block size and long enough for RoPE mistakes to show
 

@@ -17,12 +17,12 @@ from bf16 compute) within 1.1x of that XLA model's.
 
 import numpy as np
 import pytest
-
 from hf_models import hf_logits, make_tiny_phi3_model
 from kernel_mode import interpret_for
+
 from kernels import mosaic_gpu_interpret
-from phi4_jax.model.config import Phi4Config
 from phi4_jax.checkpoint.hf_mapping import params_from_hf_state_dict
+from phi4_jax.model.config import Phi4Config
 from phi4_jax.model.decoder import model_from_params
 
 SEQ = 600  # > 512, and two 512-row blocks (one ragged) for the TPU kernel's defaults

@@ -2,9 +2,8 @@
 analytic attention gradients against float64 central finite differences. NumPy only, well under a second."""
 
 import numpy as np
-import pytest
-
 import numpy_oracle
+import pytest
 
 
 def test_attention_small_case_by_hand():

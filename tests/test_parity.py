@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from hf_models import hf_logits, make_tiny_phi3_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,6 +93,7 @@ def test_fp32_logits_match_transformers(case, input_ids):
 def test_bf16_logits_close_to_fp32_transformers(work, input_ids):
     """--dtype bfloat16 conversion, bf16 params and compute, against the fp32 reference (tolerance above)."""
     import jax.numpy as jnp
+
     from phi4_jax import load_model
 
     name = "gqa3-sharded-safetensors"

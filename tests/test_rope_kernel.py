@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kernel_mode import interpret_for
 
 import kernels
 from kernels import AttentionConfigError, apply_rope_reference
 from kernels.pallas_compat import tpu_target
 from kernels.rope_pallas import apply_rope_pallas, apply_rope_qk_pallas
-from kernel_mode import interpret_for
 
 # Interpret mode on CPU; compiled on the device under PHI4_KERNEL_TESTS_ON_DEVICE=1 (bench/gpu_suite.py).
 INTERPRET = interpret_for("any")

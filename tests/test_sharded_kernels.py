@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kernel_mode import interpret_for
 
 import kernels
-from kernel_mode import interpret_for
 from kernels import mosaic_gpu_interpret
 from kernels.context_parallel import attention_with_offset, zigzag_inverse, zigzag_order
 from kernels.rope_reference import apply_rope_reference

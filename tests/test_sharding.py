@@ -8,8 +8,8 @@ from jax.sharding import PartitionSpec as P
 
 from phi4_jax.model import sharding
 from phi4_jax.model.config import get_preset
-from phi4_jax.train.optimizer import make_optimizer
 from phi4_jax.train.config import OptimizerConfig
+from phi4_jax.train.optimizer import make_optimizer
 from phi4_jax.train.step import create_train_state, make_train_step, train_state_shardings
 
 CFG = get_preset("tiny")  # 4 q heads, 2 kv heads, embed 64, mlp 160, vocab 512

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import kernels
 from phi4_jax.model import sharding
@@ -30,8 +31,8 @@ from phi4_jax.train.plan import (
     PlanError,
     choose_attention,
     compile_for,
-    train_step_program,
     tpu_topology_devices,
+    train_step_program,
 )
 
 TOPOLOGY = "v5p:2x2x2"        # 8 chips (one device each: v5p's two TensorCores act as one)

@@ -269,10 +269,10 @@ def test_converted_checkpoint_starts_a_run(tmp_path, capsys):
 
     from phi4_jax.checkpoint.hf_convert import hf_to_checkpoint
     from phi4_jax.checkpoint.hf_mapping import hf_state_dict_from_params
-    from phi4_jax.train.checkpoints import TrainCheckpointError, init_params_from
-    from phi4_jax.train.step import init_params, train_state_shardings
-    from phi4_jax.train.optimizer import make_optimizer
     from phi4_jax.model import sharding
+    from phi4_jax.train.checkpoints import TrainCheckpointError, init_params_from
+    from phi4_jax.train.optimizer import make_optimizer
+    from phi4_jax.train.step import init_params, train_state_shardings
 
     cfg = load_train_config(DEMO, SMALL + ["train.steps=1", "model.rope_theta=5000.0"])
     stored_config = cfg.model.replace(rope_theta=10000.0)  # midtraining-style change of the RoPE base

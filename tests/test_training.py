@@ -7,12 +7,12 @@ import pytest
 
 from phi4_jax.model import sharding
 from phi4_jax.model.config import get_preset
-from phi4_jax.train.loss import chunked_cross_entropy_sum, loss_sum_and_count, next_token_targets
 from phi4_jax.model.decoder import forward, hidden_states
-from phi4_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from phi4_jax.train.config import OptimizerConfig
-from phi4_jax.train.step import create_train_state, init_params, make_train_step, train_state_shardings
+from phi4_jax.train.loss import chunked_cross_entropy_sum, loss_sum_and_count, next_token_targets
 from phi4_jax.train.mfu import training_flops_per_token
+from phi4_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from phi4_jax.train.step import create_train_state, init_params, make_train_step, train_state_shardings
 
 CFG = get_preset("tiny")
 

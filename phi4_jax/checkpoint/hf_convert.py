@@ -22,12 +22,18 @@ from pathlib import Path
 import numpy as np
 
 from phi4_jax.checkpoint import store as ckpt
-from phi4_jax.model.config import Phi4Config
-from phi4_jax.checkpoint.hf_files import (ConversionError, SAFETENSORS_CODES, SourceTensor, find_hf_checkpoint,
-                                          parse_dtype, parse_size, validate_tensors)
+from phi4_jax.checkpoint.hf_files import (
+    SAFETENSORS_CODES,
+    ConversionError,
+    SourceTensor,
+    find_hf_checkpoint,
+    parse_dtype,
+    parse_size,
+    validate_tensors,
+)
 from phi4_jax.checkpoint.hf_mapping import Piece, hf_pieces, hf_tensor_shapes
 from phi4_jax.checkpoint.store import contiguous_copy
-
+from phi4_jax.model.config import Phi4Config
 
 # ----------------------------------------------------------------------------- HF -> ours
 

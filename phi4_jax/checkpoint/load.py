@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import os
 from typing import Any
-from phi4_jax.model.config import DTYPES, ConfigError, Phi4Config
-from phi4_jax.checkpoint.store import CheckpointError, check_chunk_files, check_params_metadata, params_directory, read_checkpoint_config
 
+from phi4_jax.checkpoint.store import (
+    CheckpointError,
+    check_chunk_files,
+    check_params_metadata,
+    params_directory,
+    read_checkpoint_config,
+)
+from phi4_jax.model.config import DTYPES, ConfigError, Phi4Config
 
 ShardingSpec = Any  # pytree of jax.sharding.Sharding, or callable(path, shape, logical_axes) -> Sharding
 
@@ -25,6 +31,7 @@ def _resolve_dtype(dtype) -> str | None:
 def _target_shardings(config: Phi4Config, sharding: ShardingSpec):
     """A pytree of shardings matching `param_specs`."""
     import jax
+
     from phi4_jax.model.decoder import is_param_spec as is_spec
     from phi4_jax.model.decoder import param_specs
 

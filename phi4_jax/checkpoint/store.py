@@ -21,9 +21,10 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
-import numpy as np
-from phi4_jax.model.config import ConfigError, Phi4Config
 
+import numpy as np
+
+from phi4_jax.model.config import ConfigError, Phi4Config
 
 FORMAT_VERSION = 1
 PARAMS_DIR = "params"

@@ -53,8 +53,8 @@ def load(checkpoint: str, dtype: str | None):
     if not os.path.isdir(checkpoint):
         raise ChatError(f"checkpoint directory {checkpoint!r} does not exist "
                         "(convert one with: python convert_weights.py HF_DIR DST_DIR)")
-    from phi4_jax.checkpoint.store import CheckpointError
     from phi4_jax.checkpoint.load import load_model
+    from phi4_jax.checkpoint.store import CheckpointError
     from phi4_jax.model.config import ConfigError
     from phi4_jax.tokenizer import Tokenizer
 

@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     if "JAX_PLATFORMS" not in os.environ:  # conversion needs no accelerator: do not load (or probe) one
         import jax
         jax.config.update("jax_platforms", "cpu")
-    from phi4_jax.checkpoint.hf_files import ConversionError
     from phi4_jax.checkpoint.hf_convert import checkpoint_to_hf, hf_to_checkpoint
+    from phi4_jax.checkpoint.hf_files import ConversionError
 
     try:
         if args.to_hf:

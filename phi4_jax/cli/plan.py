@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
 from phi4_jax.train.plan import DoesNotFitError, PlanError, parse_mesh_size, plan
 
 

@@ -37,8 +37,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from phi4_jax.model.config import ConfigError
     from phi4_jax.data.sources import DataError
+    from phi4_jax.model.config import ConfigError
     from phi4_jax.model.sharding import MeshError
     from phi4_jax.train.checkpoints import TrainCheckpointError
     from phi4_jax.train.config import TrainConfigError, load_train_config

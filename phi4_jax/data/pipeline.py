@@ -10,10 +10,11 @@ checkpoint (`grain.checkpoint.CheckpointSave`).
 
 from __future__ import annotations
 
-
 from typing import Iterator
+
 import grain
 import numpy as np
+
 from phi4_jax.data.sources import DataError, open_source
 
 

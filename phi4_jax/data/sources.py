@@ -12,13 +12,14 @@
 
 from __future__ import annotations
 
-from phi4_jax.special_tokens import ENDOFTEXT_ID, PAD_ID
-
 import glob
 import json
 import os
+
 import numpy as np
+
 from phi4_jax.data import demo as demo_data
+from phi4_jax.special_tokens import ENDOFTEXT_ID, PAD_ID
 
 
 class DataError(ValueError):

@@ -6,11 +6,11 @@ the data stays plain text (`encode_ordinary`).
 
 from __future__ import annotations
 
-from phi4_jax.special_tokens import ENDOFTEXT_ID, PAD_ID
-
 import numpy as np
+
 from phi4_jax.data import demo as demo_data
 from phi4_jax.data.sources import DataError
+from phi4_jax.special_tokens import ENDOFTEXT_ID, PAD_ID
 
 
 class Phi4TextTokenizer:

@@ -9,14 +9,31 @@ from __future__ import annotations
 
 import codecs
 from typing import Callable, Sequence
+
 import jax.numpy as jnp
 import numpy as np
-from phi4_jax.inference.engine import MIN_NEW_BUCKET, MIN_PROMPT_BUCKET, advance_keys, extend_and_sample, grow_cache, model_params_config, prefill_and_sample, run_decode, run_options, trim_output, validate_prompts, validate_sampling, bucket, default_stop_tokens, generate
+
 from phi4_jax.checks import check_integer, is_integer
+from phi4_jax.inference.engine import (
+    MIN_NEW_BUCKET,
+    MIN_PROMPT_BUCKET,
+    advance_keys,
+    bucket,
+    default_stop_tokens,
+    extend_and_sample,
+    generate,
+    grow_cache,
+    model_params_config,
+    prefill_and_sample,
+    run_decode,
+    run_options,
+    trim_output,
+    validate_prompts,
+    validate_sampling,
+)
 from phi4_jax.inference.errors import ContextLengthError, GenerationError
 from phi4_jax.inference.kv_cache import KVCache
 from phi4_jax.inference.sampling import sequence_keys
-
 
 _MAX_EXTEND_CHUNK = 512  # new tokens per `extend` call (bounds the [new, capacity] attention scores)
 

@@ -19,21 +19,21 @@ context is full.
 
 from __future__ import annotations
 
-from phi4_jax.special_tokens import ENDOFTEXT_ID
-
 import contextlib
 import functools
 from typing import Any, Callable, NamedTuple, Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from phi4_jax.checks import check_integer, first_out_of_range, is_integer, is_number
-from phi4_jax.model import sharding
-from phi4_jax.model.config import DTYPES, Phi4Config
 from phi4_jax.inference.errors import ContextLengthError, GenerationError
 from phi4_jax.inference.kv_cache import CACHE_AXES, KVCache, decode_step, extend, prefill
-from phi4_jax.inference.sampling import Sampler, keys_from_seeds_jit, seed_array, sample
-
+from phi4_jax.inference.sampling import Sampler, keys_from_seeds_jit, sample, seed_array
+from phi4_jax.model import sharding
+from phi4_jax.model.config import DTYPES, Phi4Config
+from phi4_jax.special_tokens import ENDOFTEXT_ID
 
 NO_TOKEN = -1  # placeholder in output buffers after a sequence has finished
 MIN_PROMPT_BUCKET = 32

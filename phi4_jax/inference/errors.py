@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 class GenerationError(ValueError):
     """Invalid arguments to generation (prompts, sampling settings, token ids)."""
 

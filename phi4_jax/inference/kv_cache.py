@@ -16,15 +16,15 @@ rules table.
 
 from __future__ import annotations
 
-
 from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+
 import kernels
 from phi4_jax.model import sharding
 from phi4_jax.model.config import Phi4Config
 from phi4_jax.model.decoder import decoder_block, embed_tokens, logits_from_hidden, rms_norm, rotated_attention
-
 
 CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
 

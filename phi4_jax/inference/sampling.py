@@ -7,9 +7,11 @@ results are reproducible, and with one seed per prompt a prompt's tokens do not 
 from __future__ import annotations
 
 from typing import NamedTuple, Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from phi4_jax.inference.errors import GenerationError
 
 

@@ -93,8 +93,7 @@ def init_params_from(path: str, config: Phi4Config, param_shardings):
     `max_position_embeddings` may differ, as in midtraining). Either way each host reads only its shards,
     straight into the target shardings.
     """
-    from phi4_jax.checkpoint import store
-    from phi4_jax.checkpoint import load
+    from phi4_jax.checkpoint import load, store
 
     if not os.path.isdir(path):
         raise TrainCheckpointError(f"train.init_from: {path!r} is not a directory")

@@ -27,17 +27,21 @@ import grain
 import jax
 import numpy as np
 
-from phi4_jax.model import sharding
-from phi4_jax.data.sources import DataError
 from phi4_jax.data.pipeline import host_batches
+from phi4_jax.data.sources import DataError
 from phi4_jax.data.tokenizing import make_tokenizer
-from phi4_jax.train.optimizer import make_optimizer
+from phi4_jax.model import sharding
 from phi4_jax.train.checkpoints import TrainCheckpointer, init_params_from
-from phi4_jax.train.config import (OptimizerConfig, TrainConfig, TrainConfigError, config_json,
-                                   resume_config_changes)
-from phi4_jax.train.step import (StepShardings, abstract_train_state, create_train_state, make_train_step,
-                                 train_state_shardings)
+from phi4_jax.train.config import OptimizerConfig, TrainConfig, TrainConfigError, config_json, resume_config_changes
 from phi4_jax.train.mfu import mfu, peak_flops_per_device, training_flops_per_token
+from phi4_jax.train.optimizer import make_optimizer
+from phi4_jax.train.step import (
+    StepShardings,
+    abstract_train_state,
+    create_train_state,
+    make_train_step,
+    train_state_shardings,
+)
 
 
 class NonFiniteLossError(RuntimeError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+
 from phi4_jax.model.config import Phi4Config
 
 

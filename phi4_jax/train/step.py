@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 import optax
+
 from phi4_jax.model import sharding
 from phi4_jax.model.config import Phi4Config
-from phi4_jax.train.loss import loss_sum_and_count
 from phi4_jax.model.decoder import init_param, is_param_spec, logical_axes_tree, param_specs
-
+from phi4_jax.train.loss import loss_sum_and_count
 
 BATCH_KEYS = ("input_ids", "segment_ids", "positions")
 BATCH_AXES = ("batch", "seq")
