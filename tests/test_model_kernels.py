@@ -77,3 +77,15 @@ def test_model_on_xla_reference_matches_too(reference):
     # The same check on the default CPU path, so a failure above points at the kernel, not the harness.
     config, params, ids, ref = reference
     assert _relative_error(config, params, ids, ref, attention_impl="xla") <= 1e-4
+
+
+def test_model_on_pallas_tpu_kernels_with_the_rope_kernel(reference):
+    """Unfused RoPE on the Pallas TPU path goes through the Pallas RoPE kernel (`decoder.rope`), and the model keeps
+    parity with transformers. Routing it to the XLA reference (the kernel unreachable) fails the jaxpr check."""
+    import jax
+
+    config, params, ids, ref = reference
+    runtime = dict(attention_impl="pallas_tpu", fuse_rope=False, kernel_interpret=interpret_for("tpu"))
+    model = model_from_params(config.replace(**runtime), params)
+    assert "rope_pallas" in str(jax.make_jaxpr(model)(ids[:, :128]))
+    assert _relative_error(config, params, ids, ref, **runtime) <= 1e-4

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import kernels
 from phi4_jax.model import sharding
 from phi4_jax.model.config import Phi4Config
-from phi4_jax.model.decoder import decoder_block, embed_tokens, logits_from_hidden, rms_norm, rotated_attention
+from phi4_jax.model.decoder import decoder_block, embed_tokens, logits_from_hidden, rms_norm, rope, rotated_attention
 
 CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
 
@@ -90,8 +90,8 @@ def prefill(params, tokens, lengths, config: Phi4Config, capacity: int, cache_dt
     x = embed_tokens(params, tokens, config)
 
     def attend(q, k, v):
-        q = kernels.apply_rope(q, positions, theta=config.rope_theta)
-        k = kernels.apply_rope(k, positions, theta=config.rope_theta)
+        q = rope(q, positions, config)
+        k = rope(k, positions, config)
         k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
         # Into an empty cache: plain causal attention over the prompt (in shard_map on a mesh). Padding sits
         # after every real token, so causality alone keeps it out of real tokens' attention.
@@ -132,8 +132,8 @@ def extend(params, cache: KVCache, tokens, n_new, config: Phi4Config):
         layer, i = xs
 
         def attend(q, k, v):
-            q = kernels.apply_rope(q, slots, theta=config.rope_theta)
-            k = kernels.apply_rope(k, slots, theta=config.rope_theta)
+            q = rope(q, slots, config)
+            k = rope(k, slots, config)
             k_new = k_all.at[i, batch_index, slots].set(k.astype(k_all.dtype), mode="drop")
             v_new = v_all.at[i, batch_index, slots].set(v.astype(v_all.dtype), mode="drop")
             return cache_attention(q.astype(k_new.dtype), k_new[i], v_new[i], attend_lengths, config), (k_new, v_new)

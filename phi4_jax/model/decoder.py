@@ -139,9 +139,19 @@ def self_attention(q, k, v, positions, segment_ids, config: Phi4Config):
         return kernels.flash_attention_rope(q, k, v, positions, theta=config.rope_theta, causal=True,
                                             segment_ids=segment_ids, implementation=config.attention_impl,
                                             interpret=config.kernel_interpret)
-    q = kernels.apply_rope(q, positions, theta=config.rope_theta)
-    k = kernels.apply_rope(k, positions, theta=config.rope_theta)
-    return rotated_attention(q, k, v, segment_ids, config)
+    return rotated_attention(rope(q, positions, config), rope(k, positions, config), v, segment_ids, config)
+
+
+def rope(x, positions, config: Phi4Config):
+    """RoPE of x [B, S, H, D] at `positions` where RoPE is not fused into attention: the Pallas RoPE kernel
+    (`kernels.apply_rope(implementation="pallas")`, interpreted when `kernel_interpret`) when the model runs on the
+    Pallas TPU kernels on one device, else the XLA reference: elementwise, so XLA partitions it on a mesh (where a
+    bare Pallas call could not be; context parallelism rotates with the kernel inside its shard_map). On a GPU the
+    Pallas RoPE kernel routes itself to XLA."""
+    pallas = config.attention_impl == "pallas_tpu" and not sharding.has_active_mesh()
+    implementation = "pallas" if pallas else "xla"
+    return kernels.apply_rope(x, positions, theta=config.rope_theta, implementation=implementation,
+                              interpret=config.kernel_interpret)
 
 
 def rotated_attention(q, k, v, segment_ids, config: Phi4Config):

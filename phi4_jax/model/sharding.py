@@ -52,6 +52,11 @@ def activation_sharding(mesh, rules):
         _ACTIVE.reset(token)
 
 
+def has_active_mesh() -> bool:
+    """Whether an `activation_sharding` context is active (the program is partitioned over a mesh)."""
+    return _ACTIVE.get() is not None
+
+
 def _attention_mesh_axes(rules) -> dict:
     """The mesh axes of attention's dimensions under `rules`: batch, sequence, query heads and kv heads of
     q [batch, seq, q_heads, head_dim] and k/v [batch, seq, kv_heads, head_dim] (cache [.., batch, cache_seq,
