@@ -27,8 +27,12 @@ def next_token_targets(input_ids, segment_ids):
     return targets, valid.astype(jnp.float32)
 
 
-def chunked_cross_entropy_sum(params, h, targets, weights, config, chunk: int):
-    """Sum over positions of weights * (-log p(target)), from hidden states h [B, S, E]; float32."""
+def chunked_target_logprob_sums(params, h, targets, weights, config, chunk: int):
+    """Per row, the sum over positions of weights * log p(target), from hidden states h [B, S, E]: float32 [B].
+
+    The one chunked lm_head + log-softmax pass: the training loss and post-training's sequence log-probs
+    both use it. `S` must be divisible by `min(chunk, S)`.
+    """
     b, s, e = h.shape
     chunk = min(chunk, s)
     if s % chunk:
@@ -47,10 +51,15 @@ def chunked_cross_entropy_sum(params, h, targets, weights, config, chunk: int):
         logits = sharding.constrain(logits, ("batch", "seq", "vocab"))
         lse = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, t_i[..., None], axis=-1)[..., 0]
-        return total + jnp.sum((lse - target_logit) * w_i), None
+        return total + jnp.sum((target_logit - lse) * w_i, axis=-1), None
 
-    total, _ = jax.lax.scan(one_chunk, jnp.zeros((), jnp.float32), (hc, tc, wc))
+    total, _ = jax.lax.scan(one_chunk, jnp.zeros((b,), jnp.float32), (hc, tc, wc))
     return total
+
+
+def chunked_cross_entropy_sum(params, h, targets, weights, config, chunk: int):
+    """Sum over positions of weights * (-log p(target)), from hidden states h [B, S, E]; float32."""
+    return -jnp.sum(chunked_target_logprob_sums(params, h, targets, weights, config, chunk))
 
 
 def loss_sum_and_count(params, batch, config, chunk: int):
