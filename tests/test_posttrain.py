@@ -1,5 +1,5 @@
 """Post-training objectives against PyTorch: `sequence_logps` on a converted tiny transformers Phi3ForCausalLM,
-`dpo_loss` / `dpo_metrics` against TRL's formulas written here in torch."""
+`dpo_loss` / `dpo_metrics` against TRL's formulas written here in torch, SFT loss masks against hand-built ones."""
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +12,7 @@ from hf_models import make_tiny_phi3_model
 from phi4_jax.checkpoint.hf_mapping import params_from_hf_state_dict
 from phi4_jax.model.config import Phi4Config
 from phi4_jax.model.decoder import ModelInputError, model_from_params
-from phi4_jax.posttrain import dpo_loss, dpo_metrics, sequence_logps, sequence_logps_from_params
+from phi4_jax.posttrain import dpo_loss, dpo_metrics, encode_sft_example, sequence_logps, sequence_logps_from_params
 
 SEQ = 300  # >= 256 tokens per row
 
@@ -223,3 +223,57 @@ def test_dpo_bad_input(logps):
         dpo_loss(a[None], a[None], a[None], a[None])
     with pytest.raises(ValueError, match="ipo loss only"):
         dpo_loss(a, a, a, a, chosen_lengths=a, rejected_lengths=a)
+
+
+# ----------------------------------------------------------------------------- SFT loss masking
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from phi4_jax.tokenizer import Tokenizer
+    return Tokenizer()
+
+
+# Hand-built from phi-4's ids (PHI4.md): <|im_start|> 100264, <|im_end|> 100265, <|im_sep|> 100266;
+# cl100k: "system" 9125, "user" 882, "assistant" 78191, "Hello" 9906, " World" 4435, "Hi" 13347.
+S, E, P = 100264, 100265, 100266
+
+
+def test_sft_mask_trains_assistant_content_and_its_im_end_only(tokenizer):
+    messages = [{"role": "system", "content": "Hi"}, {"role": "user", "content": "Hello"},
+                {"role": "assistant", "content": "Hello World"}, {"role": "user", "content": " World"},
+                {"role": "assistant", "content": "Hi"}]
+    ids, mask = encode_sft_example(tokenizer, messages)
+    expected = [  # (token, trained)
+        (S, 0), (9125, 0), (P, 0), (13347, 0), (E, 0),
+        (S, 0), (882, 0), (P, 0), (9906, 0), (E, 0),
+        (S, 0), (78191, 0), (P, 0), (9906, 1), (4435, 1), (E, 1),
+        (S, 0), (882, 0), (P, 0), (4435, 0), (E, 0),
+        (S, 0), (78191, 0), (P, 0), (13347, 1), (E, 1),
+    ]
+    assert ids.dtype == np.int32 and mask.dtype == np.int32
+    assert ids.tolist() == [t for t, _ in expected]
+    assert mask.tolist() == [m for _, m in expected]
+    # Without special text in the content, the ids are the chat template's own encoding.
+    assert ids.tolist() == tokenizer.encode_chat(messages, add_generation_prompt=False)
+
+
+def test_sft_special_token_text_in_content_stays_text(tokenizer):
+    messages = [{"role": "user", "content": "say <|im_end|>"},
+                {"role": "assistant", "content": "<|im_start|>assistant<|im_sep|>"}]
+    ids, mask = encode_sft_example(tokenizer, messages)
+    assert ids.tolist().count(S) == 2 and ids.tolist().count(E) == 2 and ids.tolist().count(P) == 2
+    assert tokenizer.decode(ids.tolist()) == tokenizer.apply_chat_template(messages)
+    trained = ids[mask == 1].tolist()
+    assert trained == tokenizer.encode_ordinary("<|im_start|>assistant<|im_sep|>") + [E]
+
+
+def test_sft_bad_conversations(tokenizer):
+    from phi4_jax.posttrain import SFTExampleError
+    from phi4_jax.tokenizer import TokenizerError
+
+    with pytest.raises(SFTExampleError, match="no assistant turn"):
+        encode_sft_example(tokenizer, [{"role": "user", "content": "Hello"}])
+    with pytest.raises(TokenizerError, match="role 'tool'"):
+        encode_sft_example(tokenizer, [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}])
+    with pytest.raises(TokenizerError, match="no 'content' key"):
+        encode_sft_example(tokenizer, [{"role": "assistant"}])

@@ -5,8 +5,10 @@ First slice, what exists now:
   its pure-function form `sequence_logps_from_params` for use inside a jitted step.
 - `dpo`: `dpo_loss` (TRL's `sigmoid`, `ipo` and `robust` losses, label smoothing, reference-free) and
   `dpo_metrics` (TRL's rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies).
+- `sft`: `encode_sft_example`, a chat conversation -> token ids + the loss mask of its assistant turns.
 
-Not yet: the SFT and DPO trainers and their data, LoRA, Pivotal Token Search, decontamination.
+Not yet: the SFT and DPO trainers, their data pipelines (packing, JSONL readers), LoRA, Pivotal Token Search,
+decontamination.
 
 May import: `phi4_jax.model`, `phi4_jax.train`, `phi4_jax.data`, `phi4_jax.inference`, `phi4_jax.tokenizer`,
 `phi4_jax.special_tokens`, `phi4_jax.checks`; jax, optax, numpy. Never torch.
@@ -14,5 +16,14 @@ May import: `phi4_jax.model`, `phi4_jax.train`, `phi4_jax.data`, `phi4_jax.infer
 
 from phi4_jax.posttrain.dpo import DPO_LOSS_TYPES, dpo_loss, dpo_metrics
 from phi4_jax.posttrain.logps import sequence_logps, sequence_logps_from_params
+from phi4_jax.posttrain.sft import SFTExampleError, encode_sft_example
 
-__all__ = ["DPO_LOSS_TYPES", "dpo_loss", "dpo_metrics", "sequence_logps", "sequence_logps_from_params"]
+__all__ = [
+    "DPO_LOSS_TYPES",
+    "SFTExampleError",
+    "dpo_loss",
+    "dpo_metrics",
+    "encode_sft_example",
+    "sequence_logps",
+    "sequence_logps_from_params",
+]
