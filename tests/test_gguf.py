@@ -37,9 +37,10 @@ def LLAMA_CPP_NAMES(layers: int) -> dict[str, str]:
     return names
 
 
-def write_gguf(path, model, qtype="F32", *, arch="phi3", override=None):
+def write_gguf(path, model, qtype="F32", *, arch="phi3", override=None, drop=None):
     """A phi3 GGUF of the HF `model`: 2-D weights in `qtype`, norms in F32. `override` {gguf name: (array,
-    raw GGML type)} replaces tensors. Returns {HF name: the float32 weights the file holds}."""
+    raw GGML type)} replaces tensors; `drop` leaves one out. Returns {HF name: the float32 weights the file
+    holds}."""
     c = model.config
     t = gguf.GGMLQuantizationType[qtype]
     w = gguf.GGUFWriter(path, arch)
@@ -57,12 +58,14 @@ def write_gguf(path, model, qtype="F32", *, arch="phi3", override=None):
     held = {}
     for hf_name, tensor in model_state(model).items():
         name = LLAMA_CPP_NAMES(c.num_hidden_layers)[hf_name]
+        if name == drop:
+            continue
         q = gguf.GGMLQuantizationType.F32 if tensor.ndim == 1 else t
         data = gguf.quants.quantize(tensor.astype(np.float32), q)
         if override and name in override:
             data, q = override[name][0], gguf.GGMLQuantizationType[override[name][1]]
         w.add_tensor(name, data, raw_dtype=q)
-        if not override:
+        if not (override or drop):
             held[hf_name] = gguf.quants.dequantize(data, q).reshape(tensor.shape).astype(np.float32)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -287,3 +290,14 @@ def test_error_q8_0_rows_not_whole_blocks(work, capsys):
     assert cli_main(src, ours) == 0
     capsys.readouterr()  # transformers' save progress
     _expect_error(capsys, work, ["--to-gguf", "--type", "q8_0", ours], "odd.gguf", "q8_0", "multiple of 32")
+
+
+def test_error_missing_and_misshapen_tensors(work, hf_model, capsys):
+    """A GGUF without blk.1.ffn_down, or with ffn_up of the wrong size, is named with llama.cpp's tensor name."""
+    src = work / "short.gguf"
+    write_gguf(src, hf_model, drop="blk.1.ffn_down.weight")
+    _expect_error(capsys, work, [src], "out-short", "short.gguf", "missing tensor 'blk.1.ffn_down.weight'")
+    src = work / "wide.gguf"
+    bad = np.zeros((2 * SIZES["intermediate"] + 32, SIZES["hidden"]), np.float32)
+    write_gguf(src, hf_model, override={"blk.0.ffn_up.weight": (bad, "F32")})
+    _expect_error(capsys, work, [src], "out-wide", "'blk.0.ffn_up.weight'", "dims [64, 224]", "expected [64, 192]")

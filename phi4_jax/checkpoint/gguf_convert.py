@@ -201,10 +201,15 @@ def read_gguf_tensors(path) -> tuple[Phi4Config, dict[str, SourceTensor], list[s
             raise ConversionError(f"{path.name}: layer {hf.split('.')[2]} needs either attn_qkv or all of "
                                   f"attn_q, attn_k, attn_v; found {sorted(parts)}")
         tensors[hf] = _fused_qkv([parts[k] for k in SPLIT_QKV], hf)
-    try:
-        validate_tensors(config, tensors)
-    except ConversionError as e:
-        raise ConversionError(f"{path.name}: {e}") from None
+    for hf, shape in hf_tensor_shapes(config).items():  # named as in the file, dims in GGUF order
+        if hf not in tensors:
+            tied = " (a tied output embedding is not supported: phi-4 has its own)" if hf == "lm_head.weight" else ""
+            raise ConversionError(f"{path.name}: missing tensor {gguf_name_for_hf(hf)!r}{tied}")
+        if tensors[hf].shape != shape:
+            raise ConversionError(f"{path.name}: tensor {gguf_name_for_hf(hf)!r} has dims "
+                                  f"{list(reversed(tensors[hf].shape))}, expected {list(reversed(shape))} "
+                                  "from the phi3 metadata")
+    validate_tensors(config, tensors)  # and no extra ones (e.g. a blk.N beyond block_count)
     types = sorted({gguf.GGMLQuantizationType(t.tensor_type).name for t in reader.tensors})
     return config, tensors, types
 
