@@ -277,8 +277,10 @@ def test_error_truncated_file(work, hf_model, capsys):
     src = work / "cut.gguf"
     write_gguf(src, hf_model)
     data = src.read_bytes()
-    src.write_bytes(data[: len(data) - 5000])
-    _expect_error(capsys, work, [src], "out-cut", "cut.gguf", "truncated")
+    src.write_bytes(data[: len(data) - 5000])  # cut inside the tensor data
+    _expect_error(capsys, work, [src], "out-cut", "cut.gguf", "truncated or corrupt GGUF")
+    src.write_bytes(data[:300])  # cut inside the metadata
+    _expect_error(capsys, work, [src], "out-cut", "cut.gguf", "truncated or corrupt GGUF")
 
 
 def test_error_q8_0_rows_not_whole_blocks(work, capsys):
