@@ -6,8 +6,8 @@ llama.cpp's phi3 tensor names and metadata keys spelled out in this file (`LLAMA
 taken from the converter. Peers: transformers' logits (of the original model, and of the same model with the
 weights the GGUF file actually holds, decoded by `gguf.quants.dequantize`), and `gguf.GGUFReader` /
 `gguf.quants.quantize` for what `--to-gguf` writes. Sizes: rows of 64 and 96 values, so Q8_0 and Q4_0 blocks
-(32 values) fit; the K-quants (256-value blocks) are decoded by the same call but not generated here, because
-the gguf package cannot quantize them.
+(32 values) fit; the K-quants (256-value super-blocks), which the gguf package decodes but cannot encode, are
+random blocks with small scales in a model with rows of 256.
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ def LLAMA_CPP_NAMES(layers: int) -> dict[str, str]:
     return names
 
 
-def write_gguf(path, model, qtype="F32", *, arch="phi3", override=None, drop=None):
+def write_gguf(path, model, qtype="F32", *, arch="phi3", override=None, drop=None, encode=None):
     """A phi3 GGUF of the HF `model`: 2-D weights in `qtype`, norms in F32. `override` {gguf name: (array,
-    raw GGML type)} replaces tensors; `drop` leaves one out. Returns {HF name: the float32 weights the file
+    raw GGML type)} replaces tensors; `drop` leaves one out; `encode(tensor, qtype)` replaces
+    gguf.quants.quantize for 2-D weights. Returns {HF name: the float32 weights the file
     holds}."""
     c = model.config
     t = gguf.GGMLQuantizationType[qtype]
@@ -61,7 +62,8 @@ def write_gguf(path, model, qtype="F32", *, arch="phi3", override=None, drop=Non
         if name == drop:
             continue
         q = gguf.GGMLQuantizationType.F32 if tensor.ndim == 1 else t
-        data = gguf.quants.quantize(tensor.astype(np.float32), q)
+        data = (encode or gguf.quants.quantize)(tensor.astype(np.float32), q) if tensor.ndim > 1 else \
+            gguf.quants.quantize(tensor.astype(np.float32), q)
         if override and name in override:
             data, q = override[name][0], gguf.GGMLQuantizationType[override[name][1]]
         w.add_tensor(name, data, raw_dtype=q)
@@ -144,6 +146,42 @@ def test_gguf_to_ours_matches_transformers(work, hf_model, input_ids, hf_ref, qt
     assert err <= FORMAT_BOUNDS[qtype], f"{qtype}: relative RMS error vs transformers on the original weights {err:.2e}"
     if qtype != "F32":
         assert err > 1e-6, f"{qtype}: no rounding at all, so the file cannot hold {qtype} weights"
+
+
+# Where each K-quant block keeps its float16 super-block scales (llama.cpp's block_q4_K, block_q5_K: d and dmin
+# first; block_q6_K: d last), and a range for them that keeps the decoded weights below about 1 (Q4_K/Q5_K: d
+# times 6-bit scale times 4/5-bit quant; Q6_K: d times int8 scale times 6-bit quant).
+K_QUANT_SCALES = {"Q4_K": (slice(0, 4), 1e-3), "Q5_K": (slice(0, 4), 5e-4), "Q6_K": (slice(-2, None), 5e-5)}
+
+
+@pytest.mark.parametrize("qtype", list(K_QUANT_SCALES))
+def test_k_quant_gguf_matches_transformers_on_its_weights(work, qtype):
+    """Q4_K, Q5_K, Q6_K (what phi-4's Q4_K_M files hold; the gguf package decodes but cannot encode them):
+    random blocks with small scales, decoded by gguf.quants.dequantize, are the weights transformers runs; our
+    converted model's logits equal its to 1e-4 of max |logit| (rows of 256 values: one super-block)."""
+    from phi4_jax import load_model
+
+    model = make_tiny_phi3_model(seed=5, hidden=256, heads=4, kv_heads=2, layers=1, intermediate=256, vocab=131)
+    rng = np.random.default_rng(3)
+    t = gguf.GGMLQuantizationType[qtype]
+    block, size = gguf.GGML_QUANT_SIZES[t]
+
+    def random_blocks(tensor, q):
+        raw = rng.integers(0, 256, size=(tensor.shape[0], tensor.shape[1] // block, size), dtype=np.uint8)
+        where, top = K_QUANT_SCALES[qtype]
+        n = len(range(size)[where]) // 2
+        raw[..., where] = rng.uniform(top / 5, top, size=(*raw.shape[:2], n)).astype(np.float16).view(np.uint8)
+        return raw.reshape(tensor.shape[0], -1)
+
+    src = work / f"tiny-{qtype}.gguf"
+    held = write_gguf(src, model, qtype, encode=random_blocks)
+    dst = work / f"ours-{qtype}"
+    assert cli_main(src, dst) == 0
+    ids = np.random.default_rng(8).integers(0, 131, size=(1, 512), dtype=np.int64)
+    exact = hf_logits(_hf_with_weights(model, held), ids)
+    assert np.all(np.isfinite(exact)) and np.std(exact) > 0.05, "reference logits are not a meaningful check"
+    ours = np.asarray(load_model(dst)(ids))
+    assert _rel_err(ours, exact) <= 1e-4, f"{qtype}: {_rel_err(ours, exact):.2e}"
 
 
 def test_gguf_with_separate_q_k_v(work, hf_model, input_ids, hf_ref):

@@ -1,6 +1,6 @@
 """llama.cpp GGUF files (architecture ``phi3``) in and out, with llama.cpp's own `gguf` package.
 
-A phi3 GGUF holds the Hugging Face Phi3ForCausalLM tensors under llama.cpp's names (`GGUF_TO_HF`; the fused
+A phi3 GGUF holds the Hugging Face Phi3ForCausalLM tensors under llama.cpp's names (`GGUF_TO_HF_PATTERNS`; the fused
 ``attn_qkv`` and ``ffn_up`` = gate then up, exactly as HF fuses them, or separate ``attn_q/k/v``), with the
 dimensions listed innermost first; the NumPy views `gguf.GGUFReader` gives are already in HF's [out, in] order.
 So reading one is the HF conversion with another source reader: `gguf_to_checkpoint` wraps each GGUF tensor as
@@ -147,6 +147,8 @@ def _gguf_source_tensor(gguf, t, hf_name: str, path: Path) -> SourceTensor:
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
 
     def reader(r0, r1, data=t.data):
+        if len(shape) == 1:  # a 1-D quantized tensor is one row of blocks: decode it whole
+            return np.asarray(gguf.quants.dequantize(np.asarray(data), qtype), np.float32).reshape(shape)[r0:r1]
         return np.asarray(gguf.quants.dequantize(np.asarray(data[r0:r1]), qtype), np.float32)
 
     try:
@@ -171,7 +173,8 @@ def _fused_qkv(parts: list[SourceTensor], hf_name: str) -> SourceTensor:
 
 
 def read_gguf_tensors(path) -> tuple[Phi4Config, dict[str, SourceTensor], list[str]]:
-    """(config, {HF name: tensor}, GGUF type names) of a phi3 GGUF file; validated, nothing read yet."""
+    """(config, {HF name: tensor}, GGUF type names) of a phi3 GGUF file; validated (one row of each tensor is
+    decoded to check its type), the data is read later."""
     path = Path(path)
     gguf, reader = _open_reader(path)
     by_name = {t.name: t for t in reader.tensors}
