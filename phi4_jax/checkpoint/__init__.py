@@ -1,4 +1,4 @@
-"""Checkpoints: this project's on-disk format, loading, and conversion from and to Hugging Face (later GGUF).
+"""Checkpoints: this project's on-disk format, loading, and conversion from and to Hugging Face and llama.cpp GGUF.
 
 - `store`: the checkpoint layout (config.json + an Orbax PyTree of params), atomic (fsynced, crash-safe)
   writes, TensorStore I/O.
@@ -7,7 +7,9 @@
   with NumPy views both ways; both conversion directions and the in-memory helpers use it.
 - `hf_files`: lazy readers of safetensors (sharded or single) and PyTorch ``.bin``/``.pt`` files.
 - `hf_convert`: streaming conversion both ways (`convert_weights.py`).
+- `gguf_convert`: llama.cpp phi3 GGUF files in (dequantized, through `hf_convert`'s writer) and out, with the
+  `gguf` package.
 
-May import: `phi4_jax.model`, numpy, tensorstore, orbax, safetensors-format code of its own; never training,
-data or inference code.
+May import: `phi4_jax.model`, numpy, tensorstore, orbax, safetensors-format code of its own, the `gguf` package;
+never training, data or inference code.
 """

@@ -62,8 +62,6 @@ def _check_free_space(directory: Path, needed: int) -> None:
 def hf_to_checkpoint(src, dst, *, dtype: str | None = None, overwrite: bool = False,
                      compression: str | None = "zstd", progress: bool = True) -> Path:
     """Converts a HF Phi3ForCausalLM directory into a phi4_jax checkpoint at `dst` (streaming, atomic)."""
-    from phi4_jax.model.decoder import flat_param_specs
-
     out_dtype = parse_dtype(dtype)
     _check_distinct(src, dst)
     config, _, tensors = find_hf_checkpoint(src)
@@ -72,8 +70,21 @@ def hf_to_checkpoint(src, dst, *, dtype: str | None = None, overwrite: bool = Fa
     if out_dtype is None and len(source_dtypes) > 1:
         raise ConversionError(f"source tensors mix dtypes {source_dtypes}; pass --dtype to pick one")
     param_dtype = out_dtype if out_dtype is not None else next(iter(tensors.values())).dtype
-    config = config.replace(param_dtype=param_dtype.name)
 
+    return write_converted_checkpoint(config, tensors, dst, param_dtype=param_dtype,
+                                      source_dtype=",".join(source_dtypes), overwrite=overwrite,
+                                      compression=compression, progress=progress,
+                                      desc=f"converting {Path(src).name}")
+
+
+def write_converted_checkpoint(config: Phi4Config, tensors: dict[str, SourceTensor], dst, *, param_dtype: np.dtype,
+                               source_dtype: str, overwrite: bool = False, compression: str | None = "zstd",
+                               progress: bool = True, desc: str = "converting") -> Path:
+    """Writes validated HF-named source tensors (any reader: safetensors, PyTorch, GGUF) into a checkpoint at
+    `dst`, piece by piece, atomically. `config.param_dtype` becomes `param_dtype`."""
+    from phi4_jax.model.decoder import flat_param_specs
+
+    config = config.replace(param_dtype=param_dtype.name)
     specs = {path: (shape, param_dtype) for path, (shape, _) in flat_param_specs(config).items()}
     total_out = sum(math.prod(s) for s, _ in specs.values()) * param_dtype.itemsize
     dst = Path(dst).absolute()
@@ -86,13 +97,12 @@ def hf_to_checkpoint(src, dst, *, dtype: str | None = None, overwrite: bool = Fa
         with ckpt.atomic_directory(dst, overwrite=overwrite) as tmp:
             writer = ckpt.ParamArrayWriter(tmp / ckpt.PARAMS_DIR, specs, compression=compression,
                                            split_axes=_whole_param_split_axes(config))
-            with _progress(total_in, f"converting {Path(src).name}", progress) as bar:
+            with _progress(total_in, desc, progress) as bar:
                 for t in order:
                     _convert_tensor(t, config, writer)
                     bar.update(t.nbytes)
             writer.finish()
-            ckpt.write_checkpoint_config(tmp, config, param_dtype=param_dtype.name, source_dtype=source_dtypes[0]
-                                         if len(source_dtypes) == 1 else ",".join(source_dtypes))
+            ckpt.write_checkpoint_config(tmp, config, param_dtype=param_dtype.name, source_dtype=source_dtype)
     except ckpt.CheckpointError as e:
         raise ConversionError(str(e)) from None
     return dst
@@ -126,6 +136,35 @@ def _convert_tensor(t: SourceTensor, config: Phi4Config, writer: ckpt.ParamArray
 
 
 # ----------------------------------------------------------------------------- ours -> HF
+
+def open_checkpoint_arrays(src):
+    """A phi4_jax checkpoint's config, its parameter arrays (TensorStore, opened lazily) and
+    `read(path, index)`, which reads a block of one as NumPy (errors name the parameter)."""
+    try:
+        config, meta = ckpt.read_checkpoint_config(src)
+        params_dir = ckpt.params_directory(src, meta)
+        stored = ckpt.check_params_metadata(params_dir, config)
+        ckpt.check_chunk_files(params_dir, stored)
+        arrays = ckpt.open_param_arrays(params_dir, list(stored))
+    except ckpt.CheckpointError as e:
+        raise ConversionError(str(e)) from None
+
+    def read(path, index):
+        try:
+            return arrays[path][index].read().result()
+        except Exception as e:
+            raise ConversionError(f"cannot read parameter {'/'.join(path)!r} from {str(params_dir)!r}: "
+                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+    return config, arrays, read
+
+
+def read_hf_tensor(name: str, shape: tuple[int, ...], config: Phi4Config, read) -> np.ndarray:
+    """One whole HF tensor assembled from a checkpoint's pieces (in memory: one tensor at a time)."""
+    parts = [piece.to_hf(read(piece.path, () if piece.layer is None else (piece.layer,)), shape[1:])
+             for piece in hf_pieces(name, config)]
+    return np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0))
+
 
 def _plan_shards(items: list[tuple[str, tuple[int, ...]]], itemsize: int, max_shard_bytes: int
                  ) -> list[list[tuple[str, tuple[int, ...]]]]:
@@ -162,14 +201,7 @@ def checkpoint_to_hf(src, dst, *, dtype: str | None = None, overwrite: bool = Fa
     max_bytes = parse_size(max_shard_size)
     if max_bytes <= 0:
         raise ConversionError("--max-shard-size must be positive")
-    try:
-        config, meta = ckpt.read_checkpoint_config(src)
-        params_dir = ckpt.params_directory(src, meta)
-        stored = ckpt.check_params_metadata(params_dir, config)
-        ckpt.check_chunk_files(params_dir, stored)
-        arrays = ckpt.open_param_arrays(params_dir, list(stored))
-    except ckpt.CheckpointError as e:
-        raise ConversionError(str(e)) from None
+    config, arrays, read = open_checkpoint_arrays(src)
     stored_dtypes = sorted({np.dtype(a.dtype.numpy_dtype).name for a in arrays.values()})
     if out_dtype is None:
         if len(stored_dtypes) > 1:
@@ -183,13 +215,6 @@ def checkpoint_to_hf(src, dst, *, dtype: str | None = None, overwrite: bool = Fa
     total = sum(math.prod(s) for _, s in items) * out_dtype.itemsize
     dst = Path(dst).absolute()
     _check_free_space(dst.parent, total)
-
-    def read(path, index):
-        try:
-            return arrays[path][index].read().result()
-        except Exception as e:
-            raise ConversionError(f"cannot read parameter {'/'.join(path)!r} from {str(params_dir)!r}: "
-                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
     def write_tensor(f, name, shape):
         """Each piece of HF tensor `name`, read in blocks (`_read_blocks`), goes to the file in row order;

@@ -3,6 +3,8 @@
 
     python convert_weights.py SRC_HF_DIR DST_DIR            # HF Phi3ForCausalLM dir -> phi4_jax checkpoint
     python convert_weights.py --to-hf SRC_DIR DST_HF_DIR    # phi4_jax checkpoint -> safetensors + config.json
+    python convert_weights.py SRC.gguf DST_DIR              # llama.cpp phi3 GGUF -> phi4_jax checkpoint
+    python convert_weights.py --to-gguf SRC_DIR DST.gguf [--type f32|f16|bf16|q8_0]   # -> llama.cpp GGUF
 
 Conversion streams piece by piece (beyond the interpreter, peak memory is a fraction of the largest tensor,
 for any shard layout), runs JAX on the CPU (unless JAX_PLATFORMS says otherwise), validates the source before
@@ -17,17 +19,27 @@ import sys
 
 from phi4_jax.model.config import DTYPES
 
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # phi4_jax.checkpoint.gguf_convert.GGUF_TYPES (not imported: jax-free)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="convert_weights.py",
-        description="Convert Phi-4 weights: Hugging Face Phi3ForCausalLM <-> phi4_jax Orbax checkpoint.")
-    parser.add_argument("src", help="source directory (HF checkpoint, or phi4_jax checkpoint with --to-hf)")
-    parser.add_argument("dst", help="output directory (must not exist or be empty, unless --overwrite)")
-    parser.add_argument("--to-hf", action="store_true",
-                        help="convert a phi4_jax checkpoint back to Hugging Face safetensors")
+        description="Convert Phi-4 weights: Hugging Face Phi3ForCausalLM or llama.cpp GGUF <-> phi4_jax Orbax "
+                    "checkpoint.")
+    parser.add_argument("src", help="source: HF checkpoint directory or phi3 .gguf file (phi4_jax checkpoint "
+                                    "with --to-hf / --to-gguf)")
+    parser.add_argument("dst", help="output directory (must not exist or be empty, unless --overwrite); "
+                                    "a .gguf file with --to-gguf")
+    direction = parser.add_mutually_exclusive_group()
+    direction.add_argument("--to-hf", action="store_true",
+                           help="convert a phi4_jax checkpoint back to Hugging Face safetensors")
+    direction.add_argument("--to-gguf", action="store_true",
+                           help="convert a phi4_jax checkpoint to a llama.cpp phi3 GGUF file")
+    parser.add_argument("--type", choices=GGUF_TYPES, default="f16", dest="gguf_type",
+                        help="weight type written by --to-gguf (default f16; 1-D norms stay f32)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="output parameter dtype (default: keep the source dtype)")
+                        help="output parameter dtype (default: keep the source dtype; float32 from GGUF)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--max-shard-size", default="5GB",
                         help="largest safetensors shard written by --to-hf (default 5GB)")
@@ -39,13 +51,21 @@ def main(argv: list[str] | None = None) -> int:
     if "JAX_PLATFORMS" not in os.environ:  # conversion needs no accelerator: do not load (or probe) one
         import jax
         jax.config.update("jax_platforms", "cpu")
+    from phi4_jax.checkpoint.gguf_convert import checkpoint_to_gguf, gguf_to_checkpoint
     from phi4_jax.checkpoint.hf_convert import checkpoint_to_hf, hf_to_checkpoint
     from phi4_jax.checkpoint.hf_files import ConversionError
 
     try:
-        if args.to_hf:
+        if args.to_gguf:
+            out = checkpoint_to_gguf(args.src, args.dst, gguf_type=args.gguf_type, overwrite=args.overwrite,
+                                     progress=not args.no_progress)
+        elif args.to_hf:
             out = checkpoint_to_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                                    max_shard_size=args.max_shard_size, progress=not args.no_progress)
+        elif args.src.lower().endswith(".gguf"):
+            out = gguf_to_checkpoint(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                                     compression=None if args.compression == "none" else args.compression,
+                                     progress=not args.no_progress)
         else:
             out = hf_to_checkpoint(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                                    compression=None if args.compression == "none" else args.compression,

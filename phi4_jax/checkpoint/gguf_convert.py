@@ -1,0 +1,305 @@
+"""llama.cpp GGUF files (architecture ``phi3``) in and out, with llama.cpp's own `gguf` package.
+
+A phi3 GGUF holds the Hugging Face Phi3ForCausalLM tensors under llama.cpp's names (`GGUF_TO_HF_PATTERNS`; the fused
+``attn_qkv`` and ``ffn_up`` = gate then up, exactly as HF fuses them, or separate ``attn_q/k/v``), with the
+dimensions listed innermost first; the NumPy views `gguf.GGUFReader` gives are already in HF's [out, in] order.
+So reading one is the HF conversion with another source reader: `gguf_to_checkpoint` wraps each GGUF tensor as
+a `SourceTensor` under its HF name, whose row reads dequantize only the rows asked for
+(`gguf.quants.dequantize`; F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, and the other types the package
+decodes), and hands them to `hf_convert.write_converted_checkpoint` (streaming, atomic). Hyper-parameters come
+from the ``phi3.*`` metadata, the vocabulary size from ``token_embd``.
+
+`checkpoint_to_gguf` writes a checkpoint as a phi3 GGUF (f32, f16, bf16 or q8_0 weights; norms stay f32, as
+llama.cpp keeps them) with the hyper-parameter metadata llama.cpp reads, one tensor in memory at a time, to a
+temporary file renamed into place when complete. Tokenizer metadata is not written yet.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from phi4_jax.checkpoint.hf_convert import (
+    _check_distinct,
+    _progress,
+    open_checkpoint_arrays,
+    read_hf_tensor,
+    write_converted_checkpoint,
+)
+from phi4_jax.checkpoint.hf_files import ConversionError, SourceTensor, parse_dtype, validate_tensors
+from phi4_jax.checkpoint.hf_mapping import hf_tensor_shapes
+from phi4_jax.model.config import ConfigError, Phi4Config
+
+ARCH = "phi3"
+
+# llama.cpp tensor name (without ".weight"; {bid} = layer) -> HF Phi3ForCausalLM name.
+GGUF_TO_HF_PATTERNS = {
+    "token_embd": "model.embed_tokens.weight",
+    "output_norm": "model.norm.weight",
+    "output": "lm_head.weight",
+    "blk.{bid}.attn_norm": "model.layers.{bid}.input_layernorm.weight",
+    "blk.{bid}.attn_qkv": "model.layers.{bid}.self_attn.qkv_proj.weight",
+    "blk.{bid}.attn_output": "model.layers.{bid}.self_attn.o_proj.weight",
+    "blk.{bid}.ffn_norm": "model.layers.{bid}.post_attention_layernorm.weight",
+    "blk.{bid}.ffn_up": "model.layers.{bid}.mlp.gate_up_proj.weight",
+    "blk.{bid}.ffn_down": "model.layers.{bid}.mlp.down_proj.weight",
+}
+SPLIT_QKV = ("attn_q", "attn_k", "attn_v")  # some phi3 GGUFs store q, k, v separately
+GGUF_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}  # --type -> GGMLQuantizationType
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ConversionError("reading or writing GGUF needs the `gguf` package: pip install gguf") from None
+    return gguf
+
+
+def hf_name_for_gguf(name: str) -> str | None:
+    """HF name of a GGUF tensor (``blk.3.ffn_up.weight`` -> ``model.layers.3.mlp.gate_up_proj.weight``)."""
+    base = name.removesuffix(".weight")
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", base)
+    key, bid = (f"blk.{{bid}}.{m.group(2)}", m.group(1)) if m else (base, None)
+    if key not in GGUF_TO_HF_PATTERNS or not name.endswith(".weight"):
+        return None
+    return GGUF_TO_HF_PATTERNS[key].format(bid=bid)
+
+
+def gguf_name_for_hf(name: str) -> str:
+    """Inverse of `hf_name_for_gguf` for the tensors we write."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    key, bid = (f"model.layers.{{bid}}.{m.group(2)}", m.group(1)) if m else (name, None)
+    for gguf_key, hf_key in GGUF_TO_HF_PATTERNS.items():
+        if hf_key == key:
+            return gguf_key.format(bid=bid) + ".weight"
+    raise ConversionError(f"no GGUF name for tensor {name!r}")
+
+
+# ----------------------------------------------------------------------------- GGUF -> ours
+
+def _field(reader, key: str, path: Path, required: bool = True):
+    field = reader.fields.get(key)
+    if field is None:
+        if required:
+            raise ConversionError(f"{path.name}: GGUF metadata has no {key!r}")
+        return None
+    return field.contents()
+
+
+def _open_reader(path: Path):
+    gguf = _gguf()
+    if not path.is_file():
+        raise ConversionError(f"GGUF file {str(path)!r} does not exist")
+    try:
+        reader = gguf.GGUFReader(path)  # maps every tensor's bytes: a cut file fails here
+    except Exception as e:  # the reader raises ValueError/KeyError/IndexError on corrupt or cut files
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConversionError(f"{path.name}: truncated or corrupt GGUF file ({msg})") from None
+    return gguf, reader
+
+
+def config_from_gguf(reader, path: Path, vocab_size: int) -> Phi4Config:
+    """Phi4Config from a phi3 GGUF's metadata (through the same checks as a HF config.json)."""
+    arch = _field(reader, "general.architecture", path)
+    if arch != ARCH:
+        raise ConversionError(f"{path.name}: GGUF architecture is {arch!r}; phi4_jax reads {ARCH!r} "
+                              "(Phi-3 / Phi-4) files only")
+
+    def key(name, required=True):
+        return _field(reader, f"{ARCH}.{name}", path, required)
+
+    hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
+    hf = {
+        "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": vocab_size,
+        "hidden_size": hidden, "intermediate_size": int(key("feed_forward_length")),
+        "num_hidden_layers": int(key("block_count")), "num_attention_heads": heads,
+        "num_key_value_heads": int(key("attention.head_count_kv", required=False) or heads),
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(key("rope.freq_base", required=False) or 10000.0),
+        "max_position_embeddings": int(key("context_length")),
+    }
+    rope_dims = key("rope.dimension_count", required=False)
+    if heads and hidden % heads == 0 and rope_dims is not None and int(rope_dims) != hidden // heads:
+        raise ConversionError(f"{path.name}: {ARCH}.rope.dimension_count {rope_dims} != head dim "
+                              f"{hidden // heads}: partial rotary embeddings are not supported")
+    window = key("attention.sliding_window", required=False)
+    if window and int(window) < hf["max_position_embeddings"]:
+        hf["sliding_window"] = int(window)  # refused by from_hf_dict with its reason
+    for ours, theirs in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                         ("pad_token_id", "padding_token_id")):
+        value = _field(reader, f"tokenizer.ggml.{theirs}", path, required=False)
+        if value is not None:
+            hf[ours] = int(value)
+    try:
+        return Phi4Config.from_hf_dict(hf)
+    except ConfigError as e:
+        raise ConversionError(f"{path.name}: {e}") from None
+
+
+def _gguf_source_tensor(gguf, t, hf_name: str, path: Path) -> SourceTensor:
+    """A GGUF tensor as a SourceTensor under its HF name; reads dequantize only the rows asked for."""
+    qtype = gguf.GGMLQuantizationType(t.tensor_type)
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+
+    def reader(r0, r1, data=t.data):
+        if len(shape) == 1:  # a 1-D quantized tensor is one row of blocks: decode it whole
+            return np.asarray(gguf.quants.dequantize(np.asarray(data), qtype), np.float32).reshape(shape)[r0:r1]
+        return np.asarray(gguf.quants.dequantize(np.asarray(data[r0:r1]), qtype), np.float32)
+
+    try:
+        gguf.quants.dequantize(np.asarray(t.data[:1]), qtype)  # refuse types the package cannot decode now
+    except NotImplementedError:
+        raise ConversionError(f"{path.name}: tensor {t.name!r} has quantization type {qtype.name}, which "
+                              "cannot be dequantized (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, "
+                              "Q2_K..Q6_K and the other types the gguf package decodes)") from None
+    return SourceTensor(hf_name, path, np.dtype(np.float32), shape, reader)
+
+
+def _fused_qkv(parts: list[SourceTensor], hf_name: str) -> SourceTensor:
+    """Separate q, k, v tensors as one HF qkv_proj (rows q, then k, then v): reads gather the row range."""
+    bounds = np.cumsum([0] + [p.shape[0] for p in parts])
+
+    def reader(r0, r1):
+        blocks = [p.read((max(r0, a) - a, min(r1, b) - a)) for p, a, b in zip(parts, bounds[:-1], bounds[1:])
+                  if max(r0, a) < min(r1, b)]
+        return np.concatenate(blocks, axis=0)
+
+    return SourceTensor(hf_name, parts[0].file, parts[0].dtype, (int(bounds[-1]), *parts[0].shape[1:]), reader)
+
+
+def read_gguf_tensors(path) -> tuple[Phi4Config, dict[str, SourceTensor], list[str]]:
+    """(config, {HF name: tensor}, GGUF type names) of a phi3 GGUF file; validated (one row of each tensor is
+    decoded to check its type), the data is read later."""
+    path = Path(path)
+    gguf, reader = _open_reader(path)
+    by_name = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in by_name:
+        raise ConversionError(f"{path.name}: missing tensor 'token_embd.weight'")
+    config = config_from_gguf(reader, path, vocab_size=int(by_name["token_embd.weight"].shape[-1]))
+    tensors: dict[str, SourceTensor] = {}
+    split: dict[str, dict[str, SourceTensor]] = {}
+    for name, t in by_name.items():
+        m = re.fullmatch(r"blk\.(\d+)\.(attn_[qkv])\.weight", name)
+        if m:
+            hf = f"model.layers.{m.group(1)}.self_attn.qkv_proj.weight"
+            split.setdefault(hf, {})[m.group(2)] = _gguf_source_tensor(gguf, t, hf, path)
+            continue
+        hf = hf_name_for_gguf(name)
+        if hf is None:
+            raise ConversionError(f"{path.name}: unexpected tensor {name!r}: not part of a phi3 model that "
+                                  "phi4_jax supports (e.g. LongRoPE rope_factors are not)")
+        tensors[hf] = _gguf_source_tensor(gguf, t, hf, path)
+    for hf, parts in split.items():
+        if set(parts) != set(SPLIT_QKV) or hf in tensors:
+            raise ConversionError(f"{path.name}: layer {hf.split('.')[2]} needs either attn_qkv or all of "
+                                  f"attn_q, attn_k, attn_v; found {sorted(parts)}")
+        tensors[hf] = _fused_qkv([parts[k] for k in SPLIT_QKV], hf)
+    for hf, shape in hf_tensor_shapes(config).items():  # named as in the file, dims in GGUF order
+        if hf not in tensors:
+            tied = " (a tied output embedding is not supported: phi-4 has its own)" if hf == "lm_head.weight" else ""
+            raise ConversionError(f"{path.name}: missing tensor {gguf_name_for_hf(hf)!r}{tied}")
+        if tensors[hf].shape != shape:
+            raise ConversionError(f"{path.name}: tensor {gguf_name_for_hf(hf)!r} has dims "
+                                  f"{list(reversed(tensors[hf].shape))}, expected {list(reversed(shape))} "
+                                  "from the phi3 metadata")
+    validate_tensors(config, tensors)  # and no extra ones (e.g. a blk.N beyond block_count)
+    types = sorted({gguf.GGMLQuantizationType(t.tensor_type).name for t in reader.tensors})
+    return config, tensors, types
+
+
+def gguf_to_checkpoint(src, dst, *, dtype: str | None = None, overwrite: bool = False,
+                       compression: str | None = "zstd", progress: bool = True) -> Path:
+    """Converts a llama.cpp phi3 GGUF into a phi4_jax checkpoint (dequantized to `dtype`, default float32)."""
+    param_dtype = parse_dtype(dtype or "float32")
+    _check_distinct(src, dst)
+    config, tensors, types = read_gguf_tensors(src)
+    return write_converted_checkpoint(config, tensors, dst, param_dtype=param_dtype,
+                                      source_dtype="gguf:" + ",".join(types), overwrite=overwrite,
+                                      compression=compression, progress=progress,
+                                      desc=f"converting {Path(src).name}")
+
+
+# ----------------------------------------------------------------------------- ours -> GGUF
+
+def _encode(gguf, name: str, tensor: np.ndarray, qtype) -> np.ndarray:
+    """float32 HF tensor -> the bytes (or f32/f16 array) of `qtype`; 1-D tensors (norms) stay F32."""
+    if tensor.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+        return tensor.astype(np.float32)
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if tensor.shape[-1] % block:
+        raise ConversionError(f"--type {qtype.name.lower()} needs rows that are a multiple of {block} values; "
+                              f"tensor {name!r} has rows of {tensor.shape[-1]}")
+    return gguf.quants.quantize(tensor, qtype)
+
+
+def checkpoint_to_gguf(src, dst, *, gguf_type: str = "f16", overwrite: bool = False, progress: bool = True) -> Path:
+    """Writes a phi4_jax checkpoint as a llama.cpp phi3 GGUF file at `dst` (one tensor in memory at a time)."""
+    gguf = _gguf()
+    if gguf_type not in GGUF_TYPES:
+        raise ConversionError(f"unsupported --type {gguf_type!r}: choose one of {sorted(GGUF_TYPES)}")
+    qtype = gguf.GGMLQuantizationType[GGUF_TYPES[gguf_type]]
+    dst = Path(dst).absolute()
+    if Path(src).resolve() == dst.resolve() or Path(src).resolve() in dst.resolve().parents:
+        raise ConversionError(f"output {str(dst)!r} must be outside the source checkpoint {str(src)!r}")
+    if dst.exists() and not overwrite:
+        raise ConversionError(f"output {str(dst)!r} exists; pass --overwrite to replace it")
+    if dst.is_dir():
+        raise ConversionError(f"output {str(dst)!r} is a directory; --to-gguf writes a file")
+    config, _, read = open_checkpoint_arrays(src)
+    c = config
+    shapes = hf_tensor_shapes(c)
+
+    def encoded(name):
+        return _encode(gguf, name, read_hf_tensor(name, shapes[name], c, read).astype(np.float32, copy=False),
+                       qtype)
+
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        writer = gguf.GGUFWriter(tmp, ARCH)
+        writer.add_name(Path(src).name)
+        writer.add_context_length(c.max_position_embeddings)
+        writer.add_embedding_length(c.hidden_size)
+        writer.add_feed_forward_length(c.intermediate_size)
+        writer.add_block_count(c.num_layers)
+        writer.add_head_count(c.num_heads)
+        writer.add_head_count_kv(c.num_kv_heads)
+        writer.add_rope_dimension_count(c.head_dim)
+        writer.add_rope_freq_base(c.rope_theta)
+        writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+        writer.add_vocab_size(c.vocab_size)
+        writer.add_bos_token_id(c.bos_token_id)
+        writer.add_eos_token_id(c.eos_token_id)
+        writer.add_pad_token_id(c.pad_token_id)
+        writer.add_file_type(gguf.LlamaFileType.ALL_F32 if gguf_type == "f32"
+                             else gguf.LlamaFileType[f"MOSTLY_{GGUF_TYPES[gguf_type]}"])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        # Tensor infos need each tensor's encoded size: computed from the shape (no data read).
+        for name, shape in shapes.items():
+            q = gguf.GGMLQuantizationType.F32 if len(shape) == 1 else qtype
+            block, type_size = gguf.GGML_QUANT_SIZES[q]
+            if shape[-1] % block:
+                raise ConversionError(f"--type {gguf_type} needs rows that are a multiple of {block} values; "
+                                      f"tensor {name!r} has rows of {shape[-1]}")
+            nbytes = math.prod(shape) // block * type_size
+            writer.add_tensor_info(gguf_name_for_hf(name), shape, np.dtype(np.float32), nbytes, raw_dtype=q)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        total = sum(math.prod(s) for s in shapes.values())
+        with _progress(total, f"writing {dst.name}", progress) as bar:
+            for name, shape in shapes.items():
+                writer.write_tensor_data(encoded(name))
+                bar.update(math.prod(shape))
+        writer.close()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dst
