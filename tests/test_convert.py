@@ -348,8 +348,11 @@ def single_fp32(work):
                               intermediate=80, vocab=131, layers=2, seed=4)[0]
 
 
-def _expect_error(capsys, work, src, dst_name, *messages, extra=()):
-    code = cli_main(src, work / dst_name, *extra)
+def expect_cli_error(capsys, work, src, dst_name, *messages, extra=()):
+    """convert_weights.py on `src` (a path, or a list of arguments before the destination) fails with one
+    `error: ...` line holding every message, and leaves nothing behind."""
+    args = list(src) if isinstance(src, (list, tuple)) else [src]
+    code = cli_main(*args, work / dst_name, *extra)
     err = capsys.readouterr().err.strip()
     assert code == 1, err
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
@@ -362,27 +365,27 @@ def _expect_error(capsys, work, src, dst_name, *messages, extra=()):
 def test_error_missing_tensor(work, capsys, single_fp32):
     src = _rewrite_single_file(single_fp32, work / "bad_missing",
                                lambda t: {k: v for k, v in t.items() if k != "model.layers.1.mlp.down_proj.weight"})
-    _expect_error(capsys, work, src, "out_missing", "missing tensor 'model.layers.1.mlp.down_proj.weight'")
+    expect_cli_error(capsys, work, src, "out_missing", "missing tensor 'model.layers.1.mlp.down_proj.weight'")
 
 
 def test_error_extra_tensor(work, capsys, single_fp32):
     src = _rewrite_single_file(single_fp32, work / "bad_extra",
                                lambda t: {**t, "model.layers.2.mlp.down_proj.weight": t["model.norm.weight"]})
-    _expect_error(capsys, work, src, "out_extra", "unexpected tensor 'model.layers.2.mlp.down_proj.weight'",
+    expect_cli_error(capsys, work, src, "out_extra", "unexpected tensor 'model.layers.2.mlp.down_proj.weight'",
                   "model.safetensors")
 
 
 def test_error_misshapen_tensor(work, capsys, single_fp32):
     src = _rewrite_single_file(single_fp32, work / "bad_shape", lambda t: {
         **t, "model.layers.0.self_attn.o_proj.weight": t["model.layers.0.self_attn.o_proj.weight"][:, :-1].copy()})
-    _expect_error(capsys, work, src, "out_shape", "tensor 'model.layers.0.self_attn.o_proj.weight'",
+    expect_cli_error(capsys, work, src, "out_shape", "tensor 'model.layers.0.self_attn.o_proj.weight'",
                   "shape [48, 47], expected [48, 48]")
 
 
 def test_error_unsupported_dtype(work, capsys, single_fp32):
     src = _rewrite_single_file(single_fp32, work / "bad_int8", lambda t: {
         **t, "lm_head.weight": (t["lm_head.weight"] * 100).astype(np.int8)})
-    _expect_error(capsys, work, src, "out_int8", "tensor 'lm_head.weight'", "dtype I8", "cannot be converted")
+    expect_cli_error(capsys, work, src, "out_int8", "tensor 'lm_head.weight'", "dtype I8", "cannot be converted")
 
 
 def test_error_truncated_shard(work, capsys, fp32_hf):
@@ -390,18 +393,18 @@ def test_error_truncated_shard(work, capsys, fp32_hf):
     shard = sorted(src.glob("model-*.safetensors"))[1]
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) - 100)
-    _expect_error(capsys, work, src, "out_trunc", f"{shard.name} is truncated")
+    expect_cli_error(capsys, work, src, "out_trunc", f"{shard.name} is truncated")
 
 
 def test_error_corrupt_index_and_missing_shard(work, capsys, fp32_hf):
     src = _copy(fp32_hf[0], work / "bad_index")
     (src / "model.safetensors.index.json").write_text('{"weight_map": {"x": ')
-    _expect_error(capsys, work, src, "out_index", "corrupt index model.safetensors.index.json")
+    expect_cli_error(capsys, work, src, "out_index", "corrupt index model.safetensors.index.json")
 
     src = _copy(fp32_hf[0], work / "bad_index2")
     shard = sorted(src.glob("model-*.safetensors"))[0]
     shard.unlink()
-    _expect_error(capsys, work, src, "out_index2", f"lists shard '{shard.name}', which is missing")
+    expect_cli_error(capsys, work, src, "out_index2", f"lists shard '{shard.name}', which is missing")
 
 
 def test_error_corrupt_safetensors_header(work, capsys, single_fp32):
@@ -409,7 +412,7 @@ def test_error_corrupt_safetensors_header(work, capsys, single_fp32):
     data = bytearray((src / "model.safetensors").read_bytes())
     data[10:20] = b"\xff" * 10
     (src / "model.safetensors").write_bytes(bytes(data))
-    _expect_error(capsys, work, src, "out_header", "model.safetensors: corrupt safetensors header")
+    expect_cli_error(capsys, work, src, "out_header", "model.safetensors: corrupt safetensors header")
 
 
 def test_error_corrupt_torch_file(work, capsys):
@@ -417,7 +420,7 @@ def test_error_corrupt_torch_file(work, capsys):
                                 vocab=64, layers=1, seed=5)
     data = (src / "pytorch_model.bin").read_bytes()
     (src / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
-    _expect_error(capsys, work, src, "out_bin", "cannot read PyTorch file pytorch_model.bin")
+    expect_cli_error(capsys, work, src, "out_bin", "cannot read PyTorch file pytorch_model.bin")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -433,18 +436,18 @@ def test_error_wrong_architecture(work, capsys, single_fp32, change, message):
     cfg = json.loads((src / "config.json").read_text())
     cfg.update(change)
     (src / "config.json").write_text(json.dumps(cfg))
-    _expect_error(capsys, work, src, "out_" + name, "config.json: ", message)
+    expect_cli_error(capsys, work, src, "out_" + name, "config.json: ", message)
 
 
 def test_error_missing_config_and_missing_source(work, capsys, single_fp32):
     src = _copy(single_fp32, work / "bad_noconfig")
     (src / "config.json").unlink()
-    _expect_error(capsys, work, src, "out_noconfig", "no config.json in")
-    _expect_error(capsys, work, work / "does_not_exist", "out_nosrc", "is not a directory")
+    expect_cli_error(capsys, work, src, "out_noconfig", "no config.json in")
+    expect_cli_error(capsys, work, work / "does_not_exist", "out_nosrc", "is not a directory")
     empty = work / "bad_noweights"
     empty.mkdir()
     shutil.copy(single_fp32 / "config.json", empty / "config.json")
-    _expect_error(capsys, work, empty, "out_noweights", "no weights in")
+    expect_cli_error(capsys, work, empty, "out_noweights", "no weights in")
 
 
 def test_refuses_non_empty_destination_unless_overwrite(work, capsys, single_fp32):

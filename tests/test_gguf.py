@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hf_models import hf_logits, make_tiny_phi3_model
-from test_convert import cli_main, model_state, no_leftovers, restored_params
+from test_convert import cli_main, expect_cli_error, model_state, restored_params
 
 gguf = pytest.importorskip("gguf")
 
@@ -286,20 +286,10 @@ def test_names_and_cli_types_agree_with_llama_cpp():
     assert set(convert.GGUF_TYPES) == set(gguf_convert.GGUF_TYPES)
 
 
-def _expect_error(capsys, work, args, dst_name, *messages):
-    code = cli_main(*args, work / dst_name)
-    err = capsys.readouterr().err.strip()
-    assert code == 1, err
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    for m in messages:
-        assert m in err, (m, err)
-    assert no_leftovers(work, dst_name), list(work.glob(f"*{dst_name}*"))
-
-
 def test_error_other_architecture(work, hf_model, capsys):
     src = work / "llama.gguf"
     write_gguf(src, hf_model, arch="llama")
-    _expect_error(capsys, work, [src], "out-arch", "llama.gguf", "architecture is 'llama'", "'phi3'")
+    expect_cli_error(capsys, work, [src], "out-arch", "llama.gguf", "architecture is 'llama'", "'phi3'")
 
 
 def test_error_unsupported_quant_type(work, hf_model, capsys):
@@ -308,7 +298,7 @@ def test_error_unsupported_quant_type(work, hf_model, capsys):
     rows, cols = SIZES["hidden"], SIZES["intermediate"]  # ffn_down is [hidden, intermediate]
     raw = np.random.default_rng(0).integers(0, 255, size=(rows, cols // 32 * 40), dtype=np.uint8)
     write_gguf(src, hf_model, override={"blk.0.ffn_down.weight": (raw, "Q8_1")})
-    _expect_error(capsys, work, [src], "out-q81", "q8_1.gguf", "'blk.0.ffn_down.weight'", "Q8_1")
+    expect_cli_error(capsys, work, [src], "out-q81", "q8_1.gguf", "'blk.0.ffn_down.weight'", "Q8_1")
 
 
 def test_error_truncated_file(work, hf_model, capsys):
@@ -316,9 +306,9 @@ def test_error_truncated_file(work, hf_model, capsys):
     write_gguf(src, hf_model)
     data = src.read_bytes()
     src.write_bytes(data[: len(data) - 5000])  # cut inside the tensor data
-    _expect_error(capsys, work, [src], "out-cut", "cut.gguf", "truncated or corrupt GGUF")
+    expect_cli_error(capsys, work, [src], "out-cut", "cut.gguf", "truncated or corrupt GGUF")
     src.write_bytes(data[:300])  # cut inside the metadata
-    _expect_error(capsys, work, [src], "out-cut", "cut.gguf", "truncated or corrupt GGUF")
+    expect_cli_error(capsys, work, [src], "out-cut", "cut.gguf", "truncated or corrupt GGUF")
 
 
 def test_error_q8_0_rows_not_whole_blocks(work, capsys):
@@ -329,15 +319,15 @@ def test_error_q8_0_rows_not_whole_blocks(work, capsys):
     ours = work / "odd-ours"
     assert cli_main(src, ours) == 0
     capsys.readouterr()  # transformers' save progress
-    _expect_error(capsys, work, ["--to-gguf", "--type", "q8_0", ours], "odd.gguf", "q8_0", "multiple of 32")
+    expect_cli_error(capsys, work, ["--to-gguf", "--type", "q8_0", ours], "odd.gguf", "q8_0", "multiple of 32")
 
 
 def test_error_missing_and_misshapen_tensors(work, hf_model, capsys):
     """A GGUF without blk.1.ffn_down, or with ffn_up of the wrong size, is named with llama.cpp's tensor name."""
     src = work / "short.gguf"
     write_gguf(src, hf_model, drop="blk.1.ffn_down.weight")
-    _expect_error(capsys, work, [src], "out-short", "short.gguf", "missing tensor 'blk.1.ffn_down.weight'")
+    expect_cli_error(capsys, work, [src], "out-short", "short.gguf", "missing tensor 'blk.1.ffn_down.weight'")
     src = work / "wide.gguf"
     bad = np.zeros((2 * SIZES["intermediate"] + 32, SIZES["hidden"]), np.float32)
     write_gguf(src, hf_model, override={"blk.0.ffn_up.weight": (bad, "F32")})
-    _expect_error(capsys, work, [src], "out-wide", "'blk.0.ffn_up.weight'", "dims [64, 224]", "expected [64, 192]")
+    expect_cli_error(capsys, work, [src], "out-wide", "'blk.0.ffn_up.weight'", "dims [64, 224]", "expected [64, 192]")
