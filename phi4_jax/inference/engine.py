@@ -328,7 +328,8 @@ def run_decode(params, cache, first, done, budget, keys, stops, temp, top_p_valu
         if count < out_len:
             cache, *in_flight = _decode_one(params, cache, token, done, np.int32(count), budget, keys, stops, temp,
                                             top_p_value, config=config, sampler=sampler, shard=shard)
-        column, finished = np.asarray(token), bool(np.all(np.asarray(done)))
+        column, done_host = jax.device_get((token, done))   # one transfer for both
+        finished = bool(np.all(done_host))
         columns.append(column)
         callback([int(t) if t != NO_TOKEN else None for t in column[:n]])
         if finished or in_flight is None:
