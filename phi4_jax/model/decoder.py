@@ -5,7 +5,8 @@ sharding rules map to mesh axes). The decoder layers are stored stacked, with a 
 and run under `jax.lax.scan`, so compile time does not grow with depth.
 
 The math is written as pure functions over a plain parameter dict (`forward`, `decoder_layer`, ...) that
-the module's `__call__` wraps; training, generation and the converter use the same functions.
+the module's `__call__` wraps; training, generation and the converter use the same functions. Every weight
+product goes through `model.linear` (`linear`, `embedding_lookup`), where quantized or adapted weights plug in.
 
 Parameter tree (shapes; PyTorch's [out, in] Linear weights are stored here as [in, out]):
 
@@ -33,6 +34,7 @@ import kernels
 from phi4_jax.checks import first_out_of_range
 from phi4_jax.model import sharding
 from phi4_jax.model.config import Phi4Config
+from phi4_jax.model.linear import embedding_lookup, linear
 
 Params = dict[str, Any]
 
@@ -101,9 +103,9 @@ def attention_projections(layer: Params, h, config: Phi4Config):
     """q [B, S, Hq, D], k and v [B, S, Hkv, D] from the normed hidden state h [B, S, E] (no RoPE yet)."""
     cd = _dtype(config.compute_dtype)
     with jax.named_scope("qkv_proj"):
-        q = jnp.einsum("bse,ehd->bshd", h, layer["q_proj"].astype(cd))
-        k = jnp.einsum("bse,ehd->bshd", h, layer["k_proj"].astype(cd))
-        v = jnp.einsum("bse,ehd->bshd", h, layer["v_proj"].astype(cd))
+        q = linear("bse,ehd->bshd", h, layer["q_proj"], cd)
+        k = linear("bse,ehd->bshd", h, layer["k_proj"], cd)
+        v = linear("bse,ehd->bshd", h, layer["v_proj"], cd)
     q = sharding.constrain(q, ("batch", "seq", "q_heads", "head_dim"))
     k = sharding.constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
     v = sharding.constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
@@ -113,17 +115,17 @@ def attention_projections(layer: Params, h, config: Phi4Config):
 def attention_output(layer: Params, attn, config: Phi4Config):
     cd = _dtype(config.compute_dtype)
     with jax.named_scope("o_proj"):
-        return jnp.einsum("bshd,hde->bse", attn, layer["o_proj"].astype(cd))
+        return linear("bshd,hde->bse", attn, layer["o_proj"], cd)
 
 
 def mlp(layer: Params, h, config: Phi4Config):
     """SwiGLU: down(silu(gate(h)) * up(h))."""
     cd = _dtype(config.compute_dtype)
     with jax.named_scope("mlp"):
-        gate = jnp.einsum("bse,ef->bsf", h, layer["gate_proj"].astype(cd))
-        up = jnp.einsum("bse,ef->bsf", h, layer["up_proj"].astype(cd))
+        gate = linear("bse,ef->bsf", h, layer["gate_proj"], cd)
+        up = linear("bse,ef->bsf", h, layer["up_proj"], cd)
         act = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
-        return jnp.einsum("bsf,fe->bse", act, layer["down_proj"].astype(cd))
+        return linear("bsf,fe->bse", act, layer["down_proj"], cd)
 
 
 def self_attention(q, k, v, positions, segment_ids, config: Phi4Config):
@@ -212,7 +214,7 @@ def default_positions(input_ids):
 def embed_tokens(params: Params, input_ids, config: Phi4Config):
     """Token embeddings [B, S, E] in the compute dtype."""
     with jax.named_scope("embed"):
-        x = jnp.take(params["embed"], input_ids, axis=0).astype(_dtype(config.compute_dtype))
+        x = embedding_lookup(params["embed"], input_ids, _dtype(config.compute_dtype))
     return sharding.constrain(x, ("batch", "seq", "embed"))
 
 
@@ -241,8 +243,7 @@ def logits_from_hidden(params: Params, h, config: Phi4Config):
     """lm_head: [..., E] -> float32 logits [..., vocab]."""
     cd = _dtype(config.compute_dtype)
     with jax.named_scope("lm_head"):
-        return jnp.einsum("...e,ev->...v", h, params["lm_head"].astype(cd),
-                          preferred_element_type=jnp.float32)
+        return linear("...e,ev->...v", h, params["lm_head"], cd, preferred_element_type=jnp.float32)
 
 
 def forward(params: Params, input_ids, config: Phi4Config, positions=None, segment_ids=None):
