@@ -279,7 +279,7 @@ def test_queue_full_context_and_bad_requests(converted):
     for bad, match in [(dict(max_new_tokens=0), "max_new_tokens"), (dict(top_p=0.0), "top_p"),
                        (dict(temperature=-1.0), "temperature"), (dict(logprobs=21), "logprobs"),
                        (dict(prompt_ids=[1, 400]), "outside the vocabulary"), (dict(prompt_ids=[]), "empty")]:
-        kwargs = dict(prompt_ids=[5, 6], max_new_tokens=3, **bad)
+        kwargs = {"prompt_ids": [5, 6], "max_new_tokens": 3, **bad}
         with pytest.raises(GenerationError, match=match):
             eng.submit(GenerationRequest(**kwargs))
     waiting[0].cancel()
