@@ -286,3 +286,29 @@ def test_queue_full_context_and_bad_requests(converted):
     assert eng.stats()["queue_length"] == 1 and waiting[0].finish_reason == "cancelled"
     eng.shutdown()
     assert waiting[1].finish_reason == "cancelled" and list(waiting[1]) == []
+
+
+def test_engine_on_a_mesh_equals_single_device_generate():
+    """On a 4x2 (fsdp x tensor) mesh of simulated CPU devices the page pool is split over kv heads and the
+    greedy answers equal single-device `generate`."""
+    from flax import nnx
+
+    from phi4_jax.inference.batching import serving_rules
+    from phi4_jax.model import sharding
+    from phi4_jax.model.config import get_preset
+    from phi4_jax.model.decoder import Phi4ForCausalLM, logical_axes_tree, model_from_params
+
+    config = get_preset("tiny", max_position_embeddings=256)
+    model = Phi4ForCausalLM(config, rngs=nnx.Rngs(1))
+    mesh = sharding.build_mesh("tensor=2")
+    params = jax.device_put(model.params, sharding.tree_shardings(mesh, logical_axes_tree(config), serving_rules()))
+    prompts = [list(range(3, 40)), list(range(50, 53)), list(range(100, 190))]
+    want = [phi4_jax.generate(model, [p], max_new_tokens=8, stop_tokens=[])[0] for p in prompts]
+    eng = ContinuousBatchingEngine(model_from_params(config, params), max_batch=2, page_size=16, prefill_chunk=16,
+                                   mesh=mesh).start()
+    try:
+        assert eng.pages.k.sharding.spec[3] == "tensor"
+        streams = [eng.submit(GenerationRequest(p, 8)) for p in prompts]
+        assert [[e.token_id for e in s] for s in streams] == want
+    finally:
+        eng.shutdown()
