@@ -1,6 +1,6 @@
-"""The serving engine (phi4_jax.inference.batching): paged attention against the float64 oracle; continuous batching
-against transformers' greedy generate (the peer) and `phi4_jax.generate`; cancellation, prefix caching, queue
-limits, logprobs against transformers' logits, and no recompilation after warm-up.
+"""The serving engine (phi4_jax.inference.batching): continuous batching against transformers' greedy generate (the
+peer) and `phi4_jax.generate`; cancellation, prefix caching, queue limits, logprobs against transformers' logits,
+no recompilation after warm-up, and a mesh. (`kernels.paged_attention` itself: tests/test_paged_attention.py.)
 
 One tiny random Phi3ForCausalLM is saved by transformers and converted with the real `convert_weights.py` CLI; one
 started engine (module-scoped) serves every test that generates, so its programs compile once.
@@ -15,11 +15,9 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpy_oracle
 import pytest
 from hf_models import hf_logits, make_tiny_phi3_dir
 
-import kernels
 import phi4_jax
 from phi4_jax.inference.batching import ContinuousBatchingEngine, GenerationRequest
 from phi4_jax.inference.errors import ContextLengthError, GenerationError, QueueFullError
@@ -87,39 +85,6 @@ def wait_until(predicate, timeout=60.0):
             return True
         done.wait(0.01)
     return False
-
-
-# ----------------------------------------------------------------------------- paged attention
-
-@pytest.mark.parametrize("t", [1, 5])
-def test_paged_attention_matches_float64_oracle(t):
-    """Pages scattered in the pool (shuffled block tables), GQA 6:2, ragged lengths, T new queries causal among
-    themselves: equal to the oracle's attention over each sequence laid end to end."""
-    rng = np.random.default_rng(t)
-    layers, num_pages, page, hkv, hq, d, width = 2, 23, 4, 2, 6, 8, 5
-    k_pages = rng.standard_normal((layers, num_pages, page, hkv, d)).astype(np.float32)
-    v_pages = rng.standard_normal((layers, num_pages, page, hkv, d)).astype(np.float32)
-    lengths = np.array([t, 7, 20, 13], np.int32)
-    tables = rng.permutation(np.arange(1, num_pages))[:4 * width].reshape(4, width).astype(np.int32)
-    q = rng.standard_normal((4, t, hq, d)).astype(np.float32)
-    for layer in range(layers):
-        k_seq = k_pages[layer][tables].reshape(4, width * page, hkv, d)      # each sequence end to end
-        v_seq = v_pages[layer][tables].reshape(4, width * page, hkv, d)
-        want, _ = numpy_oracle.attention(q, k_seq, v_seq, causal=True, q_offset=lengths - t, kv_len=lengths)
-        stacked = kernels.paged_attention(q, k_pages, v_pages, tables, lengths, layer=layer)
-        one_layer = jax.jit(kernels.paged_attention)(q, k_pages[layer], v_pages[layer], tables, lengths)
-        np.testing.assert_allclose(np.asarray(stacked), want, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(np.asarray(one_layer), want, rtol=1e-5, atol=1e-5)
-
-
-def test_paged_attention_rejects_bad_shapes():
-    q = jnp.zeros((2, 1, 4, 8))
-    pages = jnp.zeros((5, 4, 3, 8))
-    with pytest.raises(kernels.AttentionConfigError, match="multiple of kv heads"):
-        kernels.paged_attention(q, pages, pages, jnp.zeros((2, 3), jnp.int32), jnp.ones((2,), jnp.int32))
-    with pytest.raises(kernels.AttentionConfigError, match="block_tables"):
-        kernels.paged_attention(q, pages[:, :, :2], pages[:, :, :2], jnp.zeros((3, 3), jnp.int32),
-                                jnp.ones((2,), jnp.int32))
 
 
 # ----------------------------------------------------------------------------- generation
@@ -310,5 +275,25 @@ def test_engine_on_a_mesh_equals_single_device_generate():
         assert eng.pages.k.sharding.spec[3] == "tensor"
         streams = [eng.submit(GenerationRequest(p, 8)) for p in prompts]
         assert [[e.token_id for e in s] for s in streams] == want
+    finally:
+        eng.shutdown()
+
+
+def test_engine_on_the_pallas_paged_kernel_equals_generate():
+    """attention_impl="pallas_tpu" routes the engine's attention to the Pallas paged kernel (TPU interpreter here);
+    greedy answers equal `generate` on the XLA path."""
+    from flax import nnx
+
+    from phi4_jax.model.config import get_preset
+    from phi4_jax.model.decoder import Phi4ForCausalLM, model_from_params
+
+    config = get_preset("tiny", max_position_embeddings=64)
+    model = Phi4ForCausalLM(config, rngs=nnx.Rngs(2))
+    prompt = list(range(3, 40))                    # three prefill chunks of 16
+    want = phi4_jax.generate(model, [prompt], max_new_tokens=4, stop_tokens=[])[0]
+    kernel_model = model_from_params(config.replace(attention_impl="pallas_tpu", kernel_interpret=True), model.params)
+    eng = ContinuousBatchingEngine(kernel_model, max_batch=1, page_size=8, prefill_chunk=16).start()
+    try:
+        assert [e.token_id for e in eng.submit(GenerationRequest(prompt, 4))] == want
     finally:
         eng.shutdown()
