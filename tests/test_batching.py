@@ -235,6 +235,7 @@ def test_no_recompilation_after_warmup(engine, prompts):
 def test_queue_full_context_and_bad_requests(converted):
     """An engine that is not started keeps every request waiting: the queue fills; bad requests are refused."""
     eng = ContinuousBatchingEngine(converted[0], max_batch=2, max_context=64, page_size=8, max_queue=2)
+    assert eng.stats()["pages_total"] == 2 * 64 // 8          # no memory report on CPU: max_batch x max_context
     waiting = [eng.submit(GenerationRequest([5, 6, 7], 4)) for _ in range(2)]
     with pytest.raises(QueueFullError, match="max_queue=2"):
         eng.submit(GenerationRequest([5, 6, 7], 4))
@@ -297,3 +298,23 @@ def test_engine_on_the_pallas_paged_kernel_equals_generate():
         assert [e.token_id for e in eng.submit(GenerationRequest(prompt, 4))] == want
     finally:
         eng.shutdown()
+
+
+def test_pool_sizing_from_free_memory_and_budget(converted, monkeypatch):
+    """The pool takes KV_MEMORY_FRACTION of the free memory a device reports (or kv_cache_bytes); a request that
+    could never fit it is refused at submit."""
+    from phi4_jax.inference import batching
+    from phi4_jax.inference.paged_cache import page_bytes
+
+    model = converted[0]
+    per_page = page_bytes(model.config, 8)
+    monkeypatch.setattr(batching, "_free_device_bytes", lambda: 40 * per_page)
+    eng = ContinuousBatchingEngine(model, max_batch=2, max_context=64, page_size=8)
+    assert eng.stats()["pages_total"] == int(40 * per_page * batching.KV_MEMORY_FRACTION) // per_page - 1
+    small = ContinuousBatchingEngine(model, max_batch=2, max_context=64, page_size=8, kv_cache_bytes=4 * per_page)
+    assert small.stats()["pages_total"] == 3
+    small.submit(GenerationRequest([5] * 10, 15))               # 24 positions: 3 pages
+    with pytest.raises(GenerationError, match="needs 4 KV pages"):
+        small.submit(GenerationRequest([5] * 10, 16))
+    with pytest.raises(GenerationError, match="at least 2"):
+        ContinuousBatchingEngine(model, max_context=64, page_size=8, kv_cache_bytes=per_page)
