@@ -7,15 +7,17 @@ async) of `TokenEvent`s. A background thread (`start()`) runs the step loop; eac
 1. admits waiting requests (first come, first served) into free slots: the longest cached prefix of the prompt's
    full pages is taken from the prefix cache (not prefilled again), and pages for the rest of the prompt and all
    `max_new_tokens` are reserved up front (so a running request never runs out of pages);
-2. prefills one chunk (at most `prefill_chunk` tokens, padded to a power-of-two bucket) of the oldest request
-   still prefilling; the chunk that ends its prompt samples its first token;
+2. prefills one chunk (at most `prefill_chunk` tokens, padded to a bucket: powers of two from 16, and
+   `prefill_chunk`) of the oldest request still prefilling; the chunk that ends its prompt samples its first token;
 3. runs one decode step for every request that is decoding: one token per slot, all slots in one program.
 
 So new requests join and finished ones leave the running batch at token granularity, and a long prompt does not
 starve running streams (they advance every step). Every program has a fixed shape (the decode step [max_batch,
 1]; a prefill chunk [1, bucket]; block tables [*, max_context / page_size]), sampling settings are per-slot
 arrays, so nothing recompiles per request (`start` compiles them all first). Per step, the host uploads the
-step's token ids and block tables and fetches the sampled tokens (with their logprobs) in one transfer.
+step's token ids and block tables and fetches the sampled tokens (with their logprobs) in one transfer. The layer
+math is the model's own (`paged_cache.paged_extend`), attending with `kernels.paged_attention` (the Pallas kernel
+for attention_impl "pallas_tpu" or on a TPU, see `paged_cache.paged_implementation`).
 
 Sampling follows `sampling.sample` with per-request seeds: the k-th new token of a request with seed s is drawn
 with key fold_in(key(s), k), as `generate(..., seed=[s])` draws it; temperature 0 is greedy.
@@ -529,14 +531,12 @@ class ContinuousBatchingEngine:
     def _dispatch(self, rows: list[_Running | None], tokens: np.ndarray, n_new: np.ndarray):
         """Dispatches one `engine_step` over rows (None: an idle row); returns its device outputs (token,
         logprob, top-k ids, top-k logprobs)."""
-        b = len(rows)
         start = np.array([r.kv_len if r is not None else 0 for r in rows], np.int32)
         tables = np.stack([self._table(r) for r in rows])
         seeds = np.array([r.seed if r is not None else 0 for r in rows], np.uint32)
         steps = np.array([r.generated if r is not None else 0 for r in rows], np.int32)
         temp = np.array([r.temperature if r is not None else 0.0 for r in rows], np.float32)
         top_p = np.array([r.top_p if r is not None else 1.0 for r in rows], np.float32)
-        assert tokens.shape[0] == b
         self.pages, *outs = engine_step(self.params, self.pages, tokens, start, n_new, tables, seeds, steps, temp,
                                         top_p, config=self.config, top_k=self.top_k, shard=self.shard)
         return outs
