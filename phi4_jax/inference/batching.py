@@ -1,0 +1,609 @@
+"""The serving engine: continuous batching over a paged KV cache, with chunked prefill and prefix caching.
+
+`ContinuousBatchingEngine(model, ...)` owns a page pool (`paged_cache`) and a fixed number of decode slots
+(`max_batch`). `submit(GenerationRequest)` queues a request and returns its `RequestStream`, an iterator (sync or
+async) of `TokenEvent`s. A background thread (`start()`) runs the step loop; each engine step
+
+1. admits waiting requests (first come, first served) into free slots: the longest cached prefix of the prompt's
+   full pages is taken from the prefix cache (not prefilled again), and pages for the rest of the prompt and all
+   `max_new_tokens` are reserved up front (so a running request never runs out of pages);
+2. prefills one chunk (at most `prefill_chunk` tokens, padded to a power-of-two bucket) of the oldest request
+   still prefilling; the chunk that ends its prompt samples its first token;
+3. runs one decode step for every request that is decoding: one token per slot, all slots in one program.
+
+So new requests join and finished ones leave the running batch at token granularity, and a long prompt does not
+starve running streams (they advance every step). Every program has a fixed shape (the decode step [max_batch,
+1]; a prefill chunk [1, bucket]; block tables [*, max_context / page_size]), sampling settings are per-slot
+arrays, so nothing recompiles per request (`start` compiles them all first). Per step, the host uploads the
+step's token ids and block tables and fetches the sampled tokens (with their logprobs) in one transfer.
+
+Sampling follows `sampling.sample` with per-request seeds: the k-th new token of a request with seed s is drawn
+with key fold_in(key(s), k), as `generate(..., seed=[s])` draws it; temperature 0 is greedy.
+
+A request ends when it samples one of its `stop_token_ids` (that token is its last event; finish_reason
+"stop"), after `max_new_tokens` tokens or when the context is full ("length"), or when cancelled ("cancelled":
+its slot and pages are freed at once, and its full pages stay in the prefix cache).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import os
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from phi4_jax.checks import check_integer, is_integer
+from phi4_jax.inference.engine import (
+    MeshRules,
+    bucket,
+    hashable_rules,
+    mesh_rules_context,
+    model_params_config,
+    validate_prompts,
+    validate_sampling,
+)
+from phi4_jax.inference.errors import ContextLengthError, EngineError, GenerationError, QueueFullError
+from phi4_jax.inference.paged_cache import (
+    NULL_PAGE,
+    PagedKV,
+    PagePool,
+    init_pages,
+    page_bytes,
+    page_digests,
+    paged_extend,
+)
+from phi4_jax.inference.sampling import Sampler, sample
+from phi4_jax.model import sharding
+from phi4_jax.model.decoder import forward
+
+MAX_TOP_LOGPROBS = 20            # the most alternatives a request may ask for (the OpenAI API's limit)
+MIN_CHUNK_BUCKET = 16
+MIN_PROMPT_LOGPROBS_BUCKET = 32
+KV_MEMORY_FRACTION = 0.8         # of the device's free memory, when it reports one and no budget is given
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+
+@dataclass
+class GenerationRequest:
+    """One completion to generate. `logprobs`: None for none; k >= 0 for the sampled token's logprob plus the
+    top-k alternatives' (k <= MAX_TOP_LOGPROBS)."""
+    prompt_ids: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None
+
+
+@dataclass
+class TokenEvent:
+    """One new token; logprob and top_logprobs ((token id, logprob), most likely first) when asked for (logprobs
+    of the model's distribution, before temperature and top_p)."""
+    token_id: int
+    logprob: float | None
+    top_logprobs: list[tuple[int, float]] | None
+
+
+class RequestStream:
+    """The tokens of one request as they are generated: iterate it (`for`) or `async for` over it. After the
+    last event, `finish_reason` is "stop", "length" or "cancelled". `cancel()` ends the request at once (its slot
+    and pages are freed). If the engine fails, iteration raises `EngineError`."""
+
+    def __init__(self, engine: "ContinuousBatchingEngine", prompt_tokens: int):
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+        self._events: deque[TokenEvent] = deque()
+        self._waker: tuple[Any, asyncio.Event] | None = None
+        self._error: BaseException | None = None
+        self.finish_reason: str | None = None
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self._error is not None
+
+    def cancel(self) -> None:
+        """Stops generation now: frees the request's slot and pages (no-op once finished)."""
+        self._engine._cancel(self)
+
+    # -- producer side (the engine) --
+    def _notify(self) -> None:
+        self._ready.notify_all()
+        if self._waker is not None:
+            loop, event = self._waker
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:   # the consumer's loop is closed: nobody is listening any more
+                pass
+
+    def _push(self, event: TokenEvent) -> None:
+        with self._lock:
+            self._events.append(event)
+            self.completion_tokens += 1
+            self._notify()
+
+    def _finish(self, reason: str | None, error: BaseException | None = None) -> None:
+        with self._lock:
+            if self.finished:
+                return
+            self.finish_reason, self._error = reason, error
+            self._notify()
+
+    # -- consumer side --
+    def _pop(self):
+        """(True, event) or (False, None) when finished and drained; raises the engine's error."""
+        if self._events:
+            return True, self._events.popleft()
+        if self._error is not None:
+            raise EngineError(f"the serving engine failed: {self._error}") from self._error
+        if self.finish_reason is not None:
+            return False, None
+        return None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> TokenEvent:
+        with self._lock:
+            while (got := self._pop()) is None:
+                self._ready.wait()
+        if not got[0]:
+            raise StopIteration
+        return got[1]
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._lock:
+                got = self._pop()
+                if got is None:
+                    if self._waker is None or self._waker[0] is not loop:
+                        self._waker = (loop, asyncio.Event())
+                    event = self._waker[1]
+                    event.clear()
+            if got is not None:
+                if not got[0]:
+                    raise StopAsyncIteration
+                return got[1]
+            await event.wait()
+
+
+@dataclass
+class _Running:
+    """Engine-side state of one admitted or waiting request."""
+    stream: RequestStream
+    prompt: list[int]
+    budget: int                       # new tokens it may generate
+    seed: int
+    temperature: float
+    top_p: float
+    stops: frozenset
+    logprobs: int | None
+    order: int                        # submission order (prefill is first come, first served)
+    slot: int = -1
+    pages: list | None = None
+    kv_len: int = 0                   # positions whose keys/values are written
+    registered: int = 0               # leading pages already put in the prefix cache
+    last_token: int = -1
+    generated: int = 0
+    generated_ids: list = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- the compiled programs
+
+def sample_rows(logits, seeds, steps, temperature, top_p):
+    """Per-row sampling of float32 logits [B, V]: greedy where temperature[b] == 0, else `sampling.sample` at that
+    row's temperature and top_p with key fold_in(key(seeds[b]), steps[b])."""
+    sampler = Sampler(greedy=False, top_k=None, use_top_p=True)
+
+    def one(row, seed, step, temp, p):
+        key = jax.random.key(seed)[None]
+        return sample(row[None], key, step, sampler, jnp.where(temp > 0, temp, 1.0), p)[0]
+
+    sampled = jax.vmap(one)(logits, seeds, steps, temperature, top_p)
+    return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "top_k", "shard"), donate_argnames=("pages",))
+def engine_step(params, pages, tokens, start, n_new, block_tables, seeds, steps, temperature, top_p, *,
+                config, top_k, shard):
+    """`paged_extend` and sample: returns (pages, token [B], its logprob [B], top-k ids [B, k], logprobs [B, k])."""
+    with mesh_rules_context(shard):
+        pages, logits = paged_extend(params, pages, tokens, start, n_new, block_tables, config)
+        token = sample_rows(logits, seeds, steps, temperature, top_p)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        token_logp = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+        top_logp, top_ids = jax.lax.top_k(logp, top_k)
+        return pages, token, token_logp, top_ids.astype(jnp.int32), top_logp
+
+
+@functools.partial(jax.jit, static_argnames=("config", "top_k", "shard"))
+def prompt_logprobs_program(params, tokens, *, config, top_k, shard):
+    """For tokens [1, S]: the logprob of token s+1 given 0..s [S-1] and the top-k (ids, logprobs) [S-1, k] there."""
+    with mesh_rules_context(shard):
+        logp = jax.nn.log_softmax(forward(params, tokens, config)[0, :-1], axis=-1)      # [S-1, V]
+        token_logp = jnp.take_along_axis(logp, tokens[0, 1:, None], axis=-1)[:, 0]
+        top_logp, top_ids = jax.lax.top_k(logp, top_k)
+        return token_logp, top_ids.astype(jnp.int32), top_logp
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_pages", "page_size", "dtype", "shard"))
+def _new_pages(*, config, num_pages, page_size, dtype, shard):
+    with mesh_rules_context(shard):
+        return init_pages(config, num_pages, page_size, dtype)
+
+
+def _free_device_bytes() -> int | None:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def serving_rules() -> dict:
+    """The rules table the engine shards by on a mesh: the training table with the batch replicated (decode slots
+    are few) and the page pool's page axes whole; kv heads split as the table says."""
+    return {**sharding.TRAINING_RULES, "batch": None, "kv_pages": None, "page_rows": None}
+
+
+# ----------------------------------------------------------------------------- the engine
+
+class ContinuousBatchingEngine:
+    """Continuous batching with a paged KV cache (see the module docstring).
+
+    Args:
+      model: a phi4_jax model (`load_model`, `model_from_params`).
+      max_batch: decode slots (requests generating at once).
+      max_context: longest prompt + completion (default: the model's max_position_embeddings).
+      page_size: tokens per KV page.
+      kv_cache_bytes: the page pool's size in bytes (default: KV_MEMORY_FRACTION of the device's free memory
+        where the backend reports it, else enough pages for max_batch requests of max_context tokens).
+      prefill_chunk: most prompt tokens prefilled per engine step.
+      max_queue: most requests waiting for a slot; `submit` raises QueueFullError beyond it.
+      mesh: a jax Mesh to shard the page pool (kv heads) and activations over (rules: `serving_rules`); the
+        model's parameters should be sharded on it already (`load_model(..., mesh=...)`).
+    """
+
+    def __init__(self, model, *, max_batch=8, max_context=None, page_size=16, kv_cache_bytes=None,
+                 prefill_chunk=128, max_queue=64, mesh=None):
+        self.params, self.config = model_params_config(model)
+        limit = self.config.max_position_embeddings
+        for name, value in (("max_batch", max_batch), ("page_size", page_size), ("prefill_chunk", prefill_chunk),
+                            ("max_queue", max_queue)):
+            check_integer(value, name, GenerationError)
+            if value < 1:
+                raise GenerationError(f"{name} must be >= 1, got {value}")
+        if max_context is None:
+            max_context = limit
+        check_integer(max_context, "max_context", GenerationError)
+        if not 2 <= max_context <= limit:
+            raise GenerationError(f"max_context must be in [2, {limit}] (the model's max_position_embeddings), "
+                                  f"got {max_context}")
+        self.max_batch, self.max_context, self.page_size = int(max_batch), int(max_context), int(page_size)
+        self.prefill_chunk, self.max_queue = int(prefill_chunk), int(max_queue)
+        self.table_width = -(-self.max_context // self.page_size)
+        self.top_k = min(MAX_TOP_LOGPROBS, self.config.vocab_size)
+        self.shard = None if mesh is None else MeshRules(mesh, hashable_rules(serving_rules()))
+
+        per_page = page_bytes(self.config, self.page_size)
+        if kv_cache_bytes is None:
+            free = _free_device_bytes()
+            if free is not None:
+                kv_cache_bytes = int(free * KV_MEMORY_FRACTION)
+            else:
+                kv_cache_bytes = (self.max_batch * self.table_width + 1) * per_page
+        check_integer(kv_cache_bytes, "kv_cache_bytes", GenerationError)
+        num_pages = int(kv_cache_bytes) // per_page
+        if num_pages < 2:
+            raise GenerationError(f"kv_cache_bytes={kv_cache_bytes} holds {num_pages} pages of {per_page} bytes; "
+                                  "the engine needs at least 2 (one is the null page)")
+        self.pool = PagePool(num_pages, self.page_size)
+        self.pages: PagedKV = _new_pages(config=self.config, num_pages=num_pages, page_size=self.page_size,
+                                         dtype=None, shard=self.shard)
+
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._waiting: deque[_Running] = deque()
+        self._slots: list[_Running | None] = [None] * self.max_batch
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._prefix_cache_hits = 0
+        self._prefill_tokens = 0
+        self._tokens_generated = 0
+        self._warm = False
+        self._order = itertools.count()
+
+    # -- public API --
+    def start(self) -> "ContinuousBatchingEngine":
+        """Compiles every program shape, then runs the step loop in a background thread."""
+        if self._thread is not None:
+            raise GenerationError("the engine is already started")
+        self.warmup()
+        self._thread = threading.Thread(target=self._loop, name="phi4-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        """Stops the step loop; requests still waiting or running end with finish_reason "cancelled"."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            for req in list(self._waiting) + [r for r in self._slots if r is not None]:
+                self._end(req, "cancelled")
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queues a request; returns its stream. Raises GenerationError for bad settings, ContextLengthError when
+        the prompt leaves no room for a new token, QueueFullError when max_queue requests are waiting."""
+        req = self._validate(request)
+        with self._lock:
+            if self._error is not None:
+                raise EngineError(f"the serving engine failed: {self._error}")
+            if self._stopping:
+                raise EngineError("the serving engine is shut down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue}); "
+                                     "retry later")
+            self._waiting.append(req)
+            self._wake.notify_all()
+        return req.stream
+
+    def prompt_logprobs(self, prompt_ids, top_k: int = 0) -> list[TokenEvent | None]:
+        """The logprob of each prompt token given the ones before it (None for the first), with the top_k
+        alternatives at each position. Runs the model's plain forward (bucketed length) on the caller's thread."""
+        prompt = validate_prompts([prompt_ids], self.config)[0]
+        self._check_context(len(prompt), 0)
+        self._check_top_k(top_k)
+        length = min(bucket(len(prompt), MIN_PROMPT_LOGPROBS_BUCKET), self.max_context)
+        tokens = np.zeros((1, length), np.int32)
+        tokens[0, :len(prompt)] = prompt
+        token_logp, top_ids, top_logp = jax.device_get(prompt_logprobs_program(
+            self.params, tokens, config=self.config, top_k=self.top_k, shard=self.shard))
+        out: list[TokenEvent | None] = [None]
+        for s in range(len(prompt) - 1):
+            top = [(int(i), float(v)) for i, v in zip(top_ids[s, :top_k], top_logp[s, :top_k])]
+            out.append(TokenEvent(prompt[s + 1], float(token_logp[s]), top))
+        return out
+
+    def stats(self) -> dict:
+        """Counters for monitoring: queue_length, running, pages_in_use, pages_total, prefix_cache_hits (pages
+        taken from the prefix cache), tokens_generated and prefill_tokens (cumulative), max_batch."""
+        with self._lock:
+            return {
+                "queue_length": len(self._waiting),
+                "running": sum(r is not None for r in self._slots),
+                "max_batch": self.max_batch,
+                "pages_in_use": self.pool.pages_in_use,
+                "pages_total": self.pool.pages_total,
+                "pages_cached": self.pool.pages_cached,
+                "prefix_cache_hits": self._prefix_cache_hits,
+                "prefill_tokens": self._prefill_tokens,
+                "tokens_generated": self._tokens_generated,
+            }
+
+    # -- validation --
+    def _check_context(self, prompt_len: int, extra: int) -> None:
+        if prompt_len + extra > self.max_context:
+            raise ContextLengthError(
+                f"the prompt has {prompt_len} tokens; with room for {extra} new token(s) that exceeds the engine's "
+                f"max_context of {self.max_context} tokens; shorten the prompt")
+
+    def _check_top_k(self, k) -> None:
+        check_integer(k, "logprobs", GenerationError)
+        if not 0 <= k <= self.top_k:
+            raise GenerationError(f"logprobs must be in [0, {self.top_k}], got {k}")
+
+    def _validate(self, request: GenerationRequest) -> _Running:
+        if not isinstance(request, GenerationRequest):
+            raise GenerationError(f"submit takes a GenerationRequest, got {type(request).__name__}")
+        r = request
+        prompt = validate_prompts([r.prompt_ids], self.config)[0]
+        validate_sampling(r.max_new_tokens, r.temperature, None, r.top_p)
+        if r.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {r.max_new_tokens}")
+        if r.top_p is None:
+            raise GenerationError("top_p must be in (0, 1], got None")
+        self._check_context(len(prompt), 1)
+        if r.logprobs is not None:
+            self._check_top_k(r.logprobs)
+        if r.seed is not None and not is_integer(r.seed):
+            raise GenerationError(f"seed must be an integer or None, got {r.seed!r}")
+        if isinstance(r.stop_token_ids, (str, bytes)) or not all(is_integer(t) for t in r.stop_token_ids):
+            raise GenerationError(f"stop_token_ids must be integer token ids, got {r.stop_token_ids!r}")
+        budget = min(int(r.max_new_tokens), self.max_context - len(prompt))
+        needed = -(-(len(prompt) + budget - 1) // self.page_size)
+        if needed > self.pool.pages_total:
+            raise GenerationError(
+                f"the request needs {needed} KV pages ({len(prompt)} prompt + {budget} new tokens) but the cache "
+                f"holds {self.pool.pages_total}; lower max_tokens or give the engine more kv_cache_bytes")
+        seed = int.from_bytes(os.urandom(4), "little") if r.seed is None else int(r.seed) % 2**32
+        return _Running(RequestStream(self, len(prompt)), prompt, budget, seed, float(r.temperature),
+                        float(r.top_p), frozenset(int(t) for t in r.stop_token_ids), r.logprobs,
+                        next(self._order))
+
+    # -- bookkeeping (under the lock) --
+    def _cancel(self, stream: RequestStream) -> None:
+        with self._lock:
+            for req in list(self._waiting) + [r for r in self._slots if r is not None]:
+                if req.stream is stream:
+                    self._end(req, "cancelled")
+                    self._wake.notify_all()
+                    return
+
+    def _end(self, req: _Running, reason: str) -> None:
+        """Finishes a request: its full written pages go to the prefix cache, its pages and slot are freed."""
+        if req.pages is not None:
+            self._register_pages(req)
+            self.pool.release(req.pages)
+            req.pages = None
+        if req.slot >= 0 and self._slots[req.slot] is req:
+            self._slots[req.slot] = None
+        elif req in self._waiting:
+            self._waiting.remove(req)
+        req.stream._finish(reason)
+
+    def _register_pages(self, req: _Running) -> None:
+        full = min(req.kv_len // self.page_size, len(req.pages))
+        if full <= req.registered:
+            return
+        tokens = req.prompt + req.generated_ids
+        for i, digest in enumerate(page_digests(tokens, self.page_size, full)[req.registered:], req.registered):
+            self.pool.register(req.pages[i], digest)
+        req.registered = max(req.registered, full)
+
+    def _admit(self) -> None:
+        while self._waiting and None in self._slots:
+            req = self._waiting[0]
+            cacheable = (len(req.prompt) - 1) // self.page_size    # keep >= 1 prompt token to prefill
+            shared = self.pool.match_prefix(page_digests(req.prompt, self.page_size, cacheable))
+            needed = -(-(len(req.prompt) + req.budget - 1) // self.page_size) - len(shared)
+            fresh = self.pool.allocate(needed)
+            if fresh is None:
+                self.pool.release(shared)
+                return                          # wait for pages to be freed
+            self._waiting.popleft()
+            req.slot = self._slots.index(None)
+            self._slots[req.slot] = req
+            req.pages = shared + fresh
+            req.kv_len = len(shared) * self.page_size
+            req.registered = len(shared)
+            self._prefix_cache_hits += len(shared)
+
+    def _emit(self, req: _Running, token: int, logp, top_ids, top_logp) -> None:
+        if req.stream.finished:
+            return
+        req.last_token = token
+        req.generated += 1
+        req.generated_ids.append(token)
+        self._tokens_generated += 1
+        event = TokenEvent(token, None, None)
+        if req.logprobs is not None:
+            k = req.logprobs
+            event = TokenEvent(token, float(logp), [(int(i), float(v)) for i, v in zip(top_ids[:k], top_logp[:k])])
+        req.stream._push(event)
+        if token in req.stops:
+            self._end(req, "stop")
+        elif req.generated >= req.budget:
+            self._end(req, "length")
+
+    # -- the step loop --
+    def _table(self, req: _Running | None) -> np.ndarray:
+        row = np.full((self.table_width,), NULL_PAGE, np.int32)
+        if req is not None and req.pages:
+            row[:len(req.pages)] = req.pages
+        return row
+
+    def _chunk_buckets(self) -> list[int]:
+        sizes, size = [], MIN_CHUNK_BUCKET
+        while size < self.prefill_chunk:
+            sizes.append(size)
+            size *= 2
+        return sizes + [self.prefill_chunk]
+
+    def _dispatch(self, rows: list[_Running | None], tokens: np.ndarray, n_new: np.ndarray):
+        """Dispatches one `engine_step` over rows (None: an idle row); returns its device outputs (token,
+        logprob, top-k ids, top-k logprobs)."""
+        b = len(rows)
+        start = np.array([r.kv_len if r is not None else 0 for r in rows], np.int32)
+        tables = np.stack([self._table(r) for r in rows])
+        seeds = np.array([r.seed if r is not None else 0 for r in rows], np.uint32)
+        steps = np.array([r.generated if r is not None else 0 for r in rows], np.int32)
+        temp = np.array([r.temperature if r is not None else 0.0 for r in rows], np.float32)
+        top_p = np.array([r.top_p if r is not None else 1.0 for r in rows], np.float32)
+        assert tokens.shape[0] == b
+        self.pages, *outs = engine_step(self.params, self.pages, tokens, start, n_new, tables, seeds, steps, temp,
+                                        top_p, config=self.config, top_k=self.top_k, shard=self.shard)
+        return outs
+
+    def warmup(self) -> None:
+        """Compiles the decode step and every prefill-chunk bucket (idle rows: nothing is written)."""
+        if self._warm:
+            return
+        outs = [self._dispatch([None] * self.max_batch, np.zeros((self.max_batch, 1), np.int32),
+                               np.zeros(self.max_batch, np.int32))]
+        for size in self._chunk_buckets():
+            outs.append(self._dispatch([None], np.zeros((1, size), np.int32), np.zeros(1, np.int32)))
+        jax.block_until_ready(outs)
+        self._warm = True
+
+    def _step(self) -> bool:
+        """One engine step (see the module docstring); False when there was nothing to do."""
+        with self._lock:
+            self._admit()
+            running = [r for r in self._slots if r is not None]
+            prefilling = sorted((r for r in running if r.kv_len < len(r.prompt)), key=lambda r: r.order)
+            decoding = [r if (r is not None and r.kv_len >= len(r.prompt)) else None for r in self._slots]
+            prefill = prefilling[0] if prefilling else None
+            if prefill is not None:
+                chunk = min(self.prefill_chunk, len(prefill.prompt) - prefill.kv_len)
+                size = next(s for s in self._chunk_buckets() if s >= chunk)
+                p_tokens = np.zeros((1, size), np.int32)
+                p_tokens[0, :chunk] = prefill.prompt[prefill.kv_len:prefill.kv_len + chunk]
+            d_tokens = np.array([[r.last_token if r is not None else 0] for r in decoding], np.int32)
+            d_new = np.array([r is not None for r in decoding], np.int32)
+        if prefill is None and not d_new.any():
+            return False
+        # Device work runs outside the lock; a request cancelled meanwhile has its results dropped (`_emit`).
+        # Both programs are dispatched before one fetch of both steps' outputs.
+        p_out = self._dispatch([prefill], p_tokens, np.array([chunk], np.int32)) if prefill is not None else None
+        d_out = self._dispatch(decoding, d_tokens, d_new) if d_new.any() else None
+        p_out, d_out = jax.device_get((p_out, d_out))
+        with self._lock:
+            if prefill is not None and not prefill.stream.finished:
+                prefill.kv_len += chunk
+                self._prefill_tokens += chunk
+                self._register_pages(prefill)
+                if prefill.kv_len == len(prefill.prompt):
+                    self._emit(prefill, int(p_out[0][0]), p_out[1][0], p_out[2][0], p_out[3][0])
+            if d_new.any():
+                for b, req in enumerate(decoding):
+                    if req is not None and not req.stream.finished:
+                        req.kv_len += 1
+                        self._emit(req, int(d_out[0][b]), d_out[1][b], d_out[2][b], d_out[3][b])
+        return True
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopping and not self._waiting and all(r is None for r in self._slots):
+                        self._wake.wait()
+                    if self._stopping:
+                        return
+                if not self._step():
+                    with self._lock:         # waiting requests but no pages free: sleep until something ends
+                        if not self._stopping:
+                            self._wake.wait(timeout=0.05)
+        except BaseException as error:      # noqa: BLE001 - every stream must learn that the engine died
+            with self._lock:
+                self._error = error
+                for req in list(self._waiting) + [r for r in self._slots if r is not None]:
+                    req.stream._finish(None, error)
+                    if req.pages is not None:
+                        self.pool.release(req.pages)
+                        req.pages = None
+                self._waiting.clear()
+                self._slots = [None] * self.max_batch

@@ -1,0 +1,185 @@
+"""The paged KV cache: a pool of fixed-size pages on the device, its host-side allocator with prefix caching,
+and the forward pass that reads and writes it (`paged_extend`).
+
+Device layout (`PagedKV`): k, v ``[layers, num_pages, page_size, kv_heads, head_dim]``. A sequence's token at
+position p lives in page ``block_table[p // page_size]``, row ``p % page_size``. Page 0 is the null page: it is
+never handed out, and unused block-table entries point at it (it is read only by masked-out positions).
+
+Host side (`PagePool`): a free list, a reference count per page, and the prefix cache. A full page of a prompt is
+named by a chain hash of token ids (`page_digests`: sha256 of the previous page's digest and this page's ids, so a
+digest names the whole prefix up to the page's end). Pages are shared read-only by every request whose prompt
+starts with the same prefix (a sequence only writes positions after its shared prefix, into its own pages).
+A cached page whose count drops to 0 stays cached but becomes evictable (least recently used first) when a new
+page is needed and the free list is empty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict, deque
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kernels
+from phi4_jax.model import sharding
+from phi4_jax.model.config import Phi4Config
+from phi4_jax.model.decoder import decoder_block, embed_tokens, logits_from_hidden, rms_norm, rope
+
+PAGE_AXES = ("layers", "kv_pages", "page_rows", "kv_heads", "head_dim")
+NULL_PAGE = 0
+
+
+class PagedKV(NamedTuple):
+    """Keys and values of every layer in pages; see the module docstring for the layout."""
+    k: jax.Array
+    v: jax.Array
+
+
+def page_bytes(config: Phi4Config, page_size: int, dtype=None) -> int:
+    """Bytes of one page of k and v over all layers."""
+    itemsize = jnp.dtype(dtype or config.compute_dtype).itemsize
+    return 2 * config.num_layers * page_size * config.num_kv_heads * config.head_dim * itemsize
+
+
+def init_pages(config: Phi4Config, num_pages: int, page_size: int, dtype=None) -> PagedKV:
+    """A zeroed page pool (call inside jit / an activation_sharding context to get it sharded)."""
+    shape = (config.num_layers, num_pages, page_size, config.num_kv_heads, config.head_dim)
+    dtype = jnp.dtype(dtype or config.compute_dtype)
+    return PagedKV(sharding.constrain(jnp.zeros(shape, dtype), PAGE_AXES),
+                   sharding.constrain(jnp.zeros(shape, dtype), PAGE_AXES))
+
+
+def paged_extend(params, pages: PagedKV, tokens, start, n_new, block_tables, config: Phi4Config):
+    """Feeds tokens [B, T] after each sequence's first start[b] positions; returns (pages, logits [B, vocab]).
+
+    Sequence b has n_new[b] real tokens (right-padded to T) at positions start[b] + t, whose keys/values are
+    written into its pages (block_tables [B, W]); padding is not written. Queries attend with
+    `kernels.paged_attention` (causal among the new tokens). The float32 logits are those at each sequence's last
+    real new token (meaningless where n_new[b] = 0). The layer math is the model's own `decoder_block`.
+    """
+    b, t = tokens.shape
+    num_pages, page_size = pages.k.shape[1], pages.k.shape[2]
+    positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]            # [B, T]
+    real = jnp.arange(t, dtype=jnp.int32)[None] < n_new[:, None]
+    page = jnp.take_along_axis(block_tables, positions // page_size, axis=1, mode="clip")
+    page = jnp.where(real, page, num_pages)                                        # out of range: dropped
+    row = positions % page_size
+    attend_lengths = start + t                                                     # query t sits at start + t
+    x = embed_tokens(params, tokens, config)
+
+    def body(carry, xs):
+        x, k_all, v_all = carry
+        layer, i = xs
+
+        def attend(q, k, v):
+            q = rope(q, positions, config)
+            k = rope(k, positions, config)
+            k_all_new = k_all.at[i, page, row].set(k.astype(k_all.dtype), mode="drop")
+            v_all_new = v_all.at[i, page, row].set(v.astype(v_all.dtype), mode="drop")
+            out = kernels.paged_attention(q.astype(k_all.dtype), k_all_new, v_all_new, block_tables,
+                                          attend_lengths, layer=i)
+            return out, (k_all_new, v_all_new)
+
+        x, (k_all, v_all) = decoder_block(layer, x, config, attend)
+        return (x, k_all, v_all), None
+
+    layer_index = jnp.arange(config.num_layers)
+    (x, k_all, v_all), _ = jax.lax.scan(body, (x, pages.k, pages.v), (params["layers"], layer_index))
+    last = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]   # [B, E]
+    h = rms_norm(last, params["final_norm"], config.rms_norm_eps)
+    pages = PagedKV(sharding.constrain(k_all, PAGE_AXES), sharding.constrain(v_all, PAGE_AXES))
+    return pages, logits_from_hidden(params, h, config)
+
+
+# ----------------------------------------------------------------------------- the host-side allocator
+
+def page_digests(token_ids: Sequence[int], page_size: int, n_pages: int) -> list[bytes]:
+    """Chain digests of the first n_pages full pages of token_ids (digest i names tokens 0 .. (i+1)*page_size-1)."""
+    digests, prev = [], b""
+    for i in range(n_pages):
+        ids = np.asarray(token_ids[i * page_size:(i + 1) * page_size], np.int64)
+        prev = hashlib.sha256(prev + ids.tobytes()).digest()
+        digests.append(prev)
+    return digests
+
+
+class PagePool:
+    """Page allocation with reference counts and a prefix cache (see the module docstring). Not thread-safe: the
+    engine calls it under its own lock."""
+
+    def __init__(self, num_pages: int, page_size: int):
+        self.num_pages, self.page_size = num_pages, page_size
+        self.free: deque[int] = deque(range(1, num_pages))          # page 0 is the null page
+        self.refcount = np.zeros(num_pages, np.int64)
+        self.digest_of: dict[int, bytes] = {}
+        self.page_of: dict[bytes, int] = {}
+        self.evictable: OrderedDict[int, None] = OrderedDict()      # cached pages nobody holds, oldest first
+
+    @property
+    def pages_total(self) -> int:
+        return self.num_pages - 1
+
+    @property
+    def pages_in_use(self) -> int:
+        """Pages held by at least one request."""
+        return self.pages_total - len(self.free) - len(self.evictable)
+
+    @property
+    def pages_cached(self) -> int:
+        return len(self.page_of)
+
+    def available(self) -> int:
+        return len(self.free) + len(self.evictable)
+
+    def _hold(self, page: int) -> None:
+        if self.refcount[page] == 0:
+            self.evictable.pop(page, None)
+        self.refcount[page] += 1
+
+    def match_prefix(self, digests: Sequence[bytes]) -> list[int]:
+        """Takes a reference on the cached pages of the longest cached prefix of `digests`; returns them."""
+        pages = []
+        for digest in digests:
+            page = self.page_of.get(digest)
+            if page is None:
+                break
+            self._hold(page)
+            pages.append(page)
+        return pages
+
+    def allocate(self, n: int) -> list[int] | None:
+        """n fresh pages (evicting least recently used cached pages when the free list runs out), or None (and
+        nothing taken) when fewer than n are available."""
+        if n > self.available():
+            return None
+        pages = []
+        for _ in range(n):
+            if self.free:
+                page = self.free.popleft()
+            else:
+                page, _ = self.evictable.popitem(last=False)
+                del self.page_of[self.digest_of.pop(page)]
+            self.refcount[page] = 1
+            pages.append(page)
+        return pages
+
+    def release(self, pages: Sequence[int]) -> None:
+        """Drops one reference from each page; a page nobody holds goes back to the free list, or, when it is in
+        the prefix cache, to the evictable end of the LRU."""
+        for page in pages:
+            self.refcount[page] -= 1
+            if self.refcount[page] == 0:
+                if page in self.digest_of:
+                    self.evictable[page] = None
+                else:
+                    self.free.append(page)
+
+    def register(self, page: int, digest: bytes) -> None:
+        """Puts a full page whose keys/values are written into the prefix cache under `digest` (a no-op when that
+        prefix is cached already or the page is)."""
+        if digest not in self.page_of and page not in self.digest_of:
+            self.page_of[digest] = page
+            self.digest_of[page] = digest

@@ -1,0 +1,288 @@
+"""The serving engine (phi4_jax.inference.batching): paged attention against the float64 oracle; continuous batching
+against transformers' greedy generate (the peer) and `phi4_jax.generate`; cancellation, prefix caching, queue
+limits, logprobs against transformers' logits, and no recompilation after warm-up.
+
+One tiny random Phi3ForCausalLM is saved by transformers and converted with the real `convert_weights.py` CLI; one
+started engine (module-scoped) serves every test that generates, so its programs compile once.
+"""
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpy_oracle
+import pytest
+from hf_models import hf_logits, make_tiny_phi3_dir
+
+import kernels
+import phi4_jax
+from phi4_jax.inference.batching import ContinuousBatchingEngine, GenerationRequest
+from phi4_jax.inference.errors import ContextLengthError, GenerationError, QueueFullError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAGE = 16
+MAX_BATCH = 3
+MAX_CONTEXT = 512
+CHUNK = 64
+NEW = 20
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batching")
+    hf_dir, hf_model = make_tiny_phi3_dir(root / "hf", fmt="safetensors", seed=5)
+    dst = root / "ckpt"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "convert_weights.py"), str(hf_dir), str(dst)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return phi4_jax.load_model(dst, dtype=jnp.float32), hf_model
+
+
+@pytest.fixture(scope="module")
+def engine(converted):
+    eng = ContinuousBatchingEngine(converted[0], max_batch=MAX_BATCH, max_context=MAX_CONTEXT, page_size=PAGE,
+                                   prefill_chunk=CHUNK)
+    eng.start()
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(11)
+    return [rng.integers(3, 311, n).tolist() for n in (3, 29, 300, 70, 45)]   # 300: five prefill chunks
+
+
+@pytest.fixture(scope="module")
+def references(converted, prompts):
+    """Each prompt's greedy answer from `phi4_jax.generate` alone (its single-request answer)."""
+    return [phi4_jax.generate(converted[0], [p], max_new_tokens=NEW, stop_tokens=[])[0] for p in prompts]
+
+
+def run(engine, request):
+    stream = engine.submit(request)
+    tokens = [event.token_id for event in stream]
+    return tokens, stream
+
+
+def hf_greedy(hf_model, prompt, n):
+    import torch
+
+    hf_model.generation_config.eos_token_id = None
+    hf_model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def wait_until(predicate, timeout=60.0):
+    done = threading.Event()
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return True
+        done.wait(0.01)
+    return False
+
+
+# ----------------------------------------------------------------------------- paged attention
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_paged_attention_matches_float64_oracle(t):
+    """Pages scattered in the pool (shuffled block tables), GQA 6:2, ragged lengths, T new queries causal among
+    themselves: equal to the oracle's attention over each sequence laid end to end."""
+    rng = np.random.default_rng(t)
+    layers, num_pages, page, hkv, hq, d, width = 2, 23, 4, 2, 6, 8, 5
+    k_pages = rng.standard_normal((layers, num_pages, page, hkv, d)).astype(np.float32)
+    v_pages = rng.standard_normal((layers, num_pages, page, hkv, d)).astype(np.float32)
+    lengths = np.array([t, 7, 20, 13], np.int32)
+    tables = rng.permutation(np.arange(1, num_pages))[:4 * width].reshape(4, width).astype(np.int32)
+    q = rng.standard_normal((4, t, hq, d)).astype(np.float32)
+    for layer in range(layers):
+        k_seq = k_pages[layer][tables].reshape(4, width * page, hkv, d)      # each sequence end to end
+        v_seq = v_pages[layer][tables].reshape(4, width * page, hkv, d)
+        want, _ = numpy_oracle.attention(q, k_seq, v_seq, causal=True, q_offset=lengths - t, kv_len=lengths)
+        stacked = kernels.paged_attention(q, k_pages, v_pages, tables, lengths, layer=layer)
+        one_layer = jax.jit(kernels.paged_attention)(q, k_pages[layer], v_pages[layer], tables, lengths)
+        np.testing.assert_allclose(np.asarray(stacked), want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(one_layer), want, rtol=1e-5, atol=1e-5)
+
+
+def test_paged_attention_rejects_bad_shapes():
+    q = jnp.zeros((2, 1, 4, 8))
+    pages = jnp.zeros((5, 4, 3, 8))
+    with pytest.raises(kernels.AttentionConfigError, match="multiple of kv heads"):
+        kernels.paged_attention(q, pages, pages, jnp.zeros((2, 3), jnp.int32), jnp.ones((2,), jnp.int32))
+    with pytest.raises(kernels.AttentionConfigError, match="block_tables"):
+        kernels.paged_attention(q, pages[:, :, :2], pages[:, :, :2], jnp.zeros((3, 3), jnp.int32),
+                                jnp.ones((2,), jnp.int32))
+
+
+# ----------------------------------------------------------------------------- generation
+
+def test_concurrent_greedy_equals_transformers_and_generate(engine, converted, prompts, references):
+    """More requests than slots, all at once: each equals transformers' greedy generate and its single-request
+    `phi4_jax.generate` answer."""
+    _, hf_model = converted
+    streams = [engine.submit(GenerationRequest(p, NEW)) for p in prompts]
+    outputs = [[e.token_id for e in s] for s in streams]
+    for prompt, ours, ref, stream in zip(prompts, outputs, references, streams):
+        assert ours == ref, f"prompt of {len(prompt)} tokens differs from generate"
+        assert stream.finish_reason == "length" and stream.completion_tokens == NEW
+        assert stream.prompt_tokens == len(prompt)
+    for i in (0, 2):   # the shortest prompt and the one prefilled in five chunks
+        assert outputs[i] == hf_greedy(hf_model, prompts[i], NEW)
+    stats = engine.stats()
+    assert stats["running"] == 0 and stats["queue_length"] == 0 and stats["pages_in_use"] == 0
+
+
+def test_staggered_arrivals_and_sampling_each_equal_single_request(engine, converted, prompts, references):
+    """Requests arrive while others are mid-stream (some sampled with their own seed, temperature and top_p, one
+    stopping at a token): each equals its single-request answer."""
+    model = converted[0]
+    sampled = dict(temperature=0.9, top_p=0.8)
+    want_sampled = phi4_jax.generate(model, [prompts[1]], max_new_tokens=NEW, seed=[123], stop_tokens=[],
+                                     **sampled)[0]
+    stop = references[3][6]
+    first = engine.submit(GenerationRequest(prompts[2], NEW))
+    got_first = [next(first).token_id]        # running when the others arrive
+    second = engine.submit(GenerationRequest(prompts[1], NEW, seed=123, **sampled))
+    got_first.append(next(first).token_id)
+    third = engine.submit(GenerationRequest(prompts[3], NEW, stop_token_ids=(stop,)))
+    fourth = engine.submit(GenerationRequest(prompts[0], NEW))
+    got_first += [e.token_id for e in first]
+    assert got_first == references[2]
+    assert [e.token_id for e in second] == want_sampled
+    stopped = [e.token_id for e in third]
+    assert stopped == references[3][:references[3].index(stop) + 1] and third.finish_reason == "stop"
+    assert [e.token_id for e in fourth] == references[0]
+
+
+def test_async_iteration(engine, prompts, references):
+    async def consume():
+        streams = [engine.submit(GenerationRequest(p, NEW)) for p in prompts[:2]]
+
+        async def one(s):
+            return [e.token_id async for e in s]
+        return await asyncio.gather(*(one(s) for s in streams))
+
+    assert asyncio.run(consume()) == references[:2]
+
+
+def test_cancel_frees_slot_and_pages_at_once(engine, prompts, references):
+    before = engine.stats()
+    long = engine.submit(GenerationRequest(prompts[4], 400))
+    other = engine.submit(GenerationRequest(prompts[1], NEW))
+    for _ in range(3):
+        next(long)
+    held = engine.stats()["pages_in_use"]
+    long.cancel()
+    after = engine.stats()          # no engine step in between: the cancel itself freed them
+    assert long.finish_reason == "cancelled"
+    assert held - after["pages_in_use"] >= -(-(len(prompts[4]) + 399) // PAGE) - len(prompts[4]) // PAGE
+    assert list(long) == []          # the stream ends at once
+    assert [e.token_id for e in other] == references[1]
+    assert wait_until(lambda: engine.stats()["running"] == 0)
+    assert engine.stats()["pages_in_use"] == before["pages_in_use"] == 0
+
+
+def test_prefix_cache_skips_shared_pages(engine, converted, prompts):
+    """A shared system prompt and a chat's earlier turn are taken from the prefix cache (counted in stats, not
+    prefilled again), and the answers are those of a full prefill (`generate`)."""
+    model = converted[0]
+    rng = np.random.default_rng(3)
+    system = rng.integers(3, 311, 5 * PAGE + 3).tolist()
+    turn1 = system + rng.integers(3, 311, 10).tolist()
+    stats0 = engine.stats()
+    answer1, _ = run(engine, GenerationRequest(turn1, NEW))
+    stats1 = engine.stats()
+    assert answer1 == phi4_jax.generate(model, [turn1], max_new_tokens=NEW, stop_tokens=[])[0]
+
+    other = system + rng.integers(3, 311, 7).tolist()         # same system prompt, another user
+    answer_other, _ = run(engine, GenerationRequest(other, NEW))
+    stats2 = engine.stats()
+    assert stats2["prefix_cache_hits"] - stats1["prefix_cache_hits"] == 5
+    assert stats2["prefill_tokens"] - stats1["prefill_tokens"] == len(other) - 5 * PAGE
+    assert answer_other == phi4_jax.generate(model, [other], max_new_tokens=NEW, stop_tokens=[])[0]
+
+    turn2 = turn1 + answer1 + rng.integers(3, 311, 9).tolist()  # the next turn of the first chat
+    answer2, _ = run(engine, GenerationRequest(turn2, NEW))
+    stats3 = engine.stats()
+    cached = (len(turn1) + NEW - 1) // PAGE                      # pages of turn 1 and its answer, all written
+    assert stats3["prefix_cache_hits"] - stats2["prefix_cache_hits"] == cached
+    assert stats3["prefill_tokens"] - stats2["prefill_tokens"] == len(turn2) - cached * PAGE
+    assert answer2 == phi4_jax.generate(model, [turn2], max_new_tokens=NEW, stop_tokens=[])[0]
+    assert stats1["prefill_tokens"] - stats0["prefill_tokens"] == len(turn1)
+
+
+def test_logprobs_match_transformers(engine, converted, prompts):
+    """Each new token's logprob and top-k alternatives, and `prompt_logprobs`, are log_softmax of transformers'
+    logits at that position."""
+    _, hf_model = converted
+    prompt = prompts[1]
+    events = list(engine.submit(GenerationRequest(prompt, 6, logprobs=3)))
+    seq = prompt + [e.token_id for e in events]
+    logp = jax.nn.log_softmax(jnp.asarray(hf_logits(hf_model, [seq])[0]), axis=-1)
+    logp = np.asarray(logp)
+    for j, event in enumerate(events):
+        row = logp[len(prompt) - 1 + j]
+        assert event.token_id == int(np.argmax(row))
+        np.testing.assert_allclose(event.logprob, row[event.token_id], atol=1e-4)
+        ids = [i for i, _ in event.top_logprobs]
+        assert ids == np.argsort(-row)[:3].tolist()
+        np.testing.assert_allclose([v for _, v in event.top_logprobs], row[ids], atol=1e-4)
+    echo = engine.prompt_logprobs(seq, top_k=2)
+    assert echo[0] is None and len(echo) == len(seq)
+    for s in range(1, len(seq)):
+        assert echo[s].token_id == seq[s]
+        np.testing.assert_allclose(echo[s].logprob, logp[s - 1, seq[s]], atol=1e-4)
+        assert [i for i, _ in echo[s].top_logprobs] == np.argsort(-logp[s - 1])[:2].tolist()
+
+
+def test_no_recompilation_after_warmup(engine, prompts):
+    """New prompt lengths, budgets, sampling settings, logprobs and prefix hits compile nothing new."""
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        streams = [engine.submit(GenerationRequest(p[:n], k, temperature=t, top_p=tp, seed=s, logprobs=lp))
+                   for p, n, k, t, tp, s, lp in [(prompts[2], 97, 5, 0.0, 1.0, None, None),
+                                                 (prompts[3], 41, 9, 0.7, 0.5, 1, 2),
+                                                 (prompts[4], 17, 3, 1.3, 1.0, None, 0),
+                                                 (prompts[2], 250, 4, 0.0, 1.0, None, None)]]
+        for s in streams:
+            assert len(list(s)) > 0
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+
+
+# ----------------------------------------------------------------------------- limits and bad input
+
+def test_queue_full_context_and_bad_requests(converted):
+    """An engine that is not started keeps every request waiting: the queue fills; bad requests are refused."""
+    eng = ContinuousBatchingEngine(converted[0], max_batch=2, max_context=64, page_size=8, max_queue=2)
+    waiting = [eng.submit(GenerationRequest([5, 6, 7], 4)) for _ in range(2)]
+    with pytest.raises(QueueFullError, match="max_queue=2"):
+        eng.submit(GenerationRequest([5, 6, 7], 4))
+    assert eng.stats()["queue_length"] == 2
+    with pytest.raises(ContextLengthError, match="max_context of 64"):
+        eng.submit(GenerationRequest(list(range(3, 67)), 4))
+    for bad, match in [(dict(max_new_tokens=0), "max_new_tokens"), (dict(top_p=0.0), "top_p"),
+                       (dict(temperature=-1.0), "temperature"), (dict(logprobs=21), "logprobs"),
+                       (dict(prompt_ids=[1, 400]), "outside the vocabulary"), (dict(prompt_ids=[]), "empty")]:
+        kwargs = dict(prompt_ids=[5, 6], max_new_tokens=3, **bad)
+        with pytest.raises(GenerationError, match=match):
+            eng.submit(GenerationRequest(**kwargs))
+    waiting[0].cancel()
+    assert eng.stats()["queue_length"] == 1 and waiting[0].finish_reason == "cancelled"
+    eng.shutdown()
+    assert waiting[1].finish_reason == "cancelled" and list(waiting[1]) == []
