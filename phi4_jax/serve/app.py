@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from phi4_jax.inference.batching import GenerationRequest
-from phi4_jax.inference.errors import ContextLengthError, GenerationError, QueueFullError
+from phi4_jax.inference.errors import ContextLengthError, EngineError, GenerationError, QueueFullError
 from phi4_jax.serve.metrics import CONTENT_TYPE, ServerMetrics
 from phi4_jax.serve.protocol import (
     MAX_TOP_LOGPROBS,
@@ -127,7 +127,7 @@ class Server:
 
     def __init__(self, engine, tokenizer, model_name: str, max_context: int | None):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
-        config = getattr(getattr(engine, "model", None), "config", None)
+        config = getattr(engine, "config", None)
         self.vocab_size = getattr(config, "vocab_size", tokenizer.n_vocab)
         self.max_context = max_context or getattr(engine, "max_context", None) or getattr(
             config, "max_position_embeddings", None)
@@ -187,6 +187,8 @@ class Server:
                 raise invalid(str(e), "prompt", "context_length_exceeded") from None
             if isinstance(e, GenerationError):
                 raise invalid(str(e)) from None
+            if isinstance(e, EngineError):
+                raise APIError(503, str(e), code="engine_unavailable") from None
             raise
         return choices
 

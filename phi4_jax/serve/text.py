@@ -82,18 +82,20 @@ def token_texts(tokenizer, ids: Sequence[int]) -> tuple[list[str], list[int]]:
 def token_entries(tokenizer, events, start_offset: int = 0) -> dict:
     """OpenAI completions `logprobs` for a list of (token_id, logprob | None, top [(id, logprob)] | None).
 
-    `top_logprobs` maps each candidate's text to its log-prob (None where the logprob is None, as for the first
-    prompt token); `text_offset` counts characters from `start_offset`.
+    `top_logprobs` maps each candidate's text (the top ones and the chosen one) to its log-prob (None where the
+    logprob is None, as for the first prompt token); `text_offset` counts characters from `start_offset`.
     """
     ids = [token_id for token_id, _, _ in events]
     texts, offsets = token_texts(tokenizer, ids)
     tops = []
-    for _, logprob, top in events:
+    for (token_id, logprob, top), text in zip(events, texts):
         if logprob is None:
             tops.append(None)
-        else:
-            tops.append({tokenizer.decode_bytes([int(t)]).decode("utf-8", errors="replace"): float(lp)
-                         for t, lp in (top or [])})
+        else:  # the chosen token is always among them (so logprobs=0 still names it)
+            entry = {tokenizer.decode_bytes([int(t)]).decode("utf-8", errors="replace"): float(lp)
+                     for t, lp in (top or [])}
+            entry.setdefault(text, float(logprob))
+            tops.append(entry)
     return {"tokens": texts,
             "token_logprobs": [None if lp is None else float(lp) for _, lp, _ in events],
             "top_logprobs": tops,
