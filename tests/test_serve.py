@@ -26,6 +26,7 @@ from phi4_jax.serve.app import serve_in_thread
 
 MODEL = "phi4-tiny"
 MAX_CONTEXT = 512
+NEW = 24  # every reference `generate` call uses this budget and prompts under 32 tokens: one compiled program
 SYSTEM = "You are a terse assistant."
 
 
@@ -47,7 +48,7 @@ class RecordingEngine:
 def served(tmp_path_factory):
     checkpoint = make_chat_checkpoint(tmp_path_factory.mktemp("serve"))
     model, tokenizer = phi4_jax.load_model(checkpoint), phi4_jax.Tokenizer()
-    engine = ContinuousBatchingEngine(model, max_batch=8, max_context=MAX_CONTEXT, max_queue=64)
+    engine = ContinuousBatchingEngine(model, max_batch=8, max_context=MAX_CONTEXT, prefill_chunk=32, max_queue=64)
     engine.start()
     recorder = RecordingEngine(engine)
     try:
@@ -59,12 +60,22 @@ def served(tmp_path_factory):
         engine.shutdown()
 
 
-def reference(served, prompt_ids, max_new_tokens):
-    """(new token ids, their text without stop tokens) from `phi4_jax.generate`, greedy."""
+def references(served, prompts, budgets):
+    """[(new token ids, their text without stop tokens)] from one batched greedy `phi4_jax.generate` call (a
+    greedy answer to budget b is the first b tokens of a longer one)."""
     tokenizer = served["tokenizer"]
     stops = list(tokenizer.stop_ids)
-    new = phi4_jax.generate(served["model"], [prompt_ids], max_new_tokens=max_new_tokens, stop_tokens=stops)[0]
-    return new, tokenizer.decode([t for t in new if t not in stops])
+    assert all(len(p) < 32 for p in prompts) and max(budgets) <= NEW
+    out = []
+    for new, budget in zip(phi4_jax.generate(served["model"], prompts, max_new_tokens=NEW, stop_tokens=stops),
+                           budgets):
+        new = new[:budget]
+        out.append((new, tokenizer.decode([t for t in new if t not in stops])))
+    return out
+
+
+def reference(served, prompt_ids, max_new_tokens=NEW):
+    return references(served, [prompt_ids], [max_new_tokens])[0]
 
 
 def chat_messages(text):
@@ -99,7 +110,7 @@ def test_chat_plain_and_streamed_equal_generate(served):
 
 def test_completions_text_tokens_and_n(served):
     client, tokenizer = served["client"], served["tokenizer"]
-    prompt = "The quick brown fox jumps over the lazy dog. " * 3
+    prompt = "The quick brown fox jumps over the lazy dog. " * 2
     _, expected = reference(served, tokenizer.encode(prompt), 20)
     out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0, n=2)
     assert [c.index for c in out.choices] == [0, 1]
@@ -107,7 +118,7 @@ def test_completions_text_tokens_and_n(served):
     # token-id prompts, two at once: choices are ordered prompt by prompt
     ids = [tokenizer.encode("One two three"), tokenizer.encode("Four five")]
     out = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0)
-    assert [c.text for c in out.choices] == [reference(served, p, 8)[1] for p in ids]
+    assert [c.text for c in out.choices] == [text for _, text in references(served, ids, [8, 8])]
     assert out.usage.prompt_tokens == sum(map(len, ids))
 
 
@@ -135,13 +146,13 @@ def test_stop_strings_and_stop_token_ids(served):
 
 def test_concurrent_requests_equal_single_answers_and_overlap(served):
     client, tokenizer = served["client"], served["tokenizer"]
-    prompts = [tokenizer.encode(f"Request number {i}: " + "tell me a story. " * (1 + 3 * i)) for i in range(8)]
-    budgets = [24 + 4 * i for i in range(8)]
-    expected = [reference(served, p, b)[1] for p, b in zip(prompts, budgets)]
+    prompts = [tokenizer.encode(f"Request {i}: " + "tell me a story. " * (1 + i // 2)) for i in range(8)]
+    budgets = [10 + 2 * i for i in range(8)]
+    expected = [text for _, text in references(served, prompts, budgets)]
 
     def ask(i):
-        return client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=budgets[i], temperature=0,
-                                         extra_body={"stop_token_ids": []}).choices[0].text
+        return client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=budgets[i],
+                                         temperature=0).choices[0].text
 
     start = time.perf_counter()
     one_by_one = [ask(i) for i in range(8)]
@@ -173,11 +184,11 @@ def test_disconnect_mid_stream_frees_the_slot(served):
     engine, tokenizer = served["engine"], served["tokenizer"]
     before = wait_until_idle(engine)["tokens_generated"]
     messages = chat_messages("Keep talking.")
-    _, expected = reference(served, tokenizer.encode_chat(messages), 40)
+    _, expected = reference(served, tokenizer.encode_chat(messages))
     other = {}
 
     def steady():
-        chunks = served["client"].chat.completions.create(model=MODEL, messages=messages, max_tokens=40,
+        chunks = served["client"].chat.completions.create(model=MODEL, messages=messages, max_tokens=NEW,
                                                           temperature=0, stream=True)
         other["text"] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
@@ -194,7 +205,7 @@ def test_disconnect_mid_stream_frees_the_slot(served):
         # the response is closed: the client went away mid-stream
     thread.join(timeout=120)
     generated = wait_until_idle(engine)["tokens_generated"] - before
-    assert generated < 40 + 100, f"the abandoned request ran on ({generated} tokens) instead of being cancelled"
+    assert generated < NEW + 100, f"the abandoned request ran on ({generated} tokens) instead of being cancelled"
     assert other["text"] == expected
 
 
@@ -310,7 +321,10 @@ def own_logprob(served, context, continuation):
     tokenizer = served["tokenizer"]
     ctx, cont = tokenizer.encode(context), tokenizer.encode(continuation)
     ids = ctx + cont
-    logits = served["model"](jnp.asarray([ids], jnp.int32))[0].astype(jnp.float32)
+    assert len(ids) <= 32
+    padded = np.zeros((1, 32), np.int32)  # one length, one compiled forward (causal: padding after is unseen)
+    padded[0, :len(ids)] = ids
+    logits = served["model"](jnp.asarray(padded))[0].astype(jnp.float32)
     logp = np.asarray(jax.nn.log_softmax(logits, axis=-1), np.float64)
     return float(sum(logp[len(ctx) + i - 1, t] for i, t in enumerate(cont)))
 
@@ -327,7 +341,7 @@ def test_lm_eval_local_completions(served, tmp_path, monkeypatch):
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
-              "doc_to_text: \"Question: {{question}}\\nAnswer:\"\n")
+              "doc_to_text: \"Question: {{question}}\\nAnswer:\"\ntarget_delimiter: \"\"\n")
     (tmp_path / "serve_mc.yaml").write_text(
         "task: serve_mc\n" + common + "output_type: multiple_choice\ndoc_to_choice: choices\n"
         "doc_to_target: answer\nmetric_list:\n  - metric: acc\n")
@@ -354,9 +368,8 @@ def test_lm_eval_local_completions(served, tmp_path, monkeypatch):
     tokenizer = served["tokenizer"]
     gen = results["samples"]["serve_gen"]
     assert len(gen) == len(rows)
-    for sample in gen:
-        prompt = f"Question: {sample['doc']['question']}\nAnswer:"
-        _, text = reference(served, tokenizer.encode(prompt), 12)
+    prompts = [tokenizer.encode(f"Question: {sample['doc']['question']}\nAnswer:") for sample in gen]
+    for sample, (_, text) in zip(gen, references(served, prompts, [12] * len(gen))):
         for stop in ("\n\n", "Question:"):
             text = text.split(stop)[0]
         assert sample["resps"][0][0] == text
