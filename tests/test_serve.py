@@ -26,7 +26,9 @@ from phi4_jax.serve.app import serve_in_thread
 
 MODEL = "phi4-tiny"
 MAX_CONTEXT = 512
-NEW = 24  # every reference `generate` call uses this budget and prompts under 32 tokens: one compiled program
+# Every reference `generate` call has batch 8, this budget and prompts of 9..31 tokens, so all share one compiled
+# program (prompt bucket 32, cache capacity 64, output bucket 32).
+NEW = 24
 SYSTEM = "You are a terse assistant."
 
 
@@ -48,7 +50,7 @@ class RecordingEngine:
 def served(tmp_path_factory):
     checkpoint = make_chat_checkpoint(tmp_path_factory.mktemp("serve"))
     model, tokenizer = phi4_jax.load_model(checkpoint), phi4_jax.Tokenizer()
-    engine = ContinuousBatchingEngine(model, max_batch=8, max_context=MAX_CONTEXT, prefill_chunk=32, max_queue=64)
+    engine = ContinuousBatchingEngine(model, max_batch=8, max_context=MAX_CONTEXT, prefill_chunk=16, max_queue=64)
     engine.start()
     recorder = RecordingEngine(engine)
     try:
@@ -65,9 +67,10 @@ def references(served, prompts, budgets):
     greedy answer to budget b is the first b tokens of a longer one)."""
     tokenizer = served["tokenizer"]
     stops = list(tokenizer.stop_ids)
-    assert all(len(p) < 32 for p in prompts) and max(budgets) <= NEW
+    assert all(9 <= len(p) < 32 for p in prompts) and len(prompts) <= 8 and max(budgets) <= NEW
+    batch = list(prompts) + [prompts[0]] * (8 - len(prompts))
     out = []
-    for new, budget in zip(phi4_jax.generate(served["model"], prompts, max_new_tokens=NEW, stop_tokens=stops),
+    for new, budget in zip(phi4_jax.generate(served["model"], batch, max_new_tokens=NEW, stop_tokens=stops),
                            budgets):
         new = new[:budget]
         out.append((new, tokenizer.decode([t for t in new if t not in stops])))
@@ -116,7 +119,8 @@ def test_completions_text_tokens_and_n(served):
     assert [c.index for c in out.choices] == [0, 1]
     assert [c.text for c in out.choices] == [expected, expected]
     # token-id prompts, two at once: choices are ordered prompt by prompt
-    ids = [tokenizer.encode("One two three"), tokenizer.encode("Four five")]
+    ids = [tokenizer.encode("One two three four five six seven eight nine"),
+           tokenizer.encode("Ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen")]
     out = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0)
     assert [c.text for c in out.choices] == [text for _, text in references(served, ids, [8, 8])]
     assert out.usage.prompt_tokens == sum(map(len, ids))
@@ -124,7 +128,7 @@ def test_completions_text_tokens_and_n(served):
 
 def test_stop_strings_and_stop_token_ids(served):
     client, tokenizer = served["client"], served["tokenizer"]
-    prompt = "Once upon a time"
+    prompt = "Once upon a time, in a land far away,"
     new, expected = reference(served, tokenizer.encode(prompt), 24)
     stop = expected[len(expected) // 2: len(expected) // 2 + 3]
     cut = expected[:expected.index(stop)]
@@ -146,7 +150,7 @@ def test_stop_strings_and_stop_token_ids(served):
 
 def test_concurrent_requests_equal_single_answers_and_overlap(served):
     client, tokenizer = served["client"], served["tokenizer"]
-    prompts = [tokenizer.encode(f"Request {i}: " + "tell me a story. " * (1 + i // 2)) for i in range(8)]
+    prompts = [tokenizer.encode(f"Request number {i}: tell me a story. " + "And then? " * (i // 2)) for i in range(8)]
     budgets = [10 + 2 * i for i in range(8)]
     expected = [text for _, text in references(served, prompts, budgets)]
 
@@ -353,7 +357,7 @@ def test_lm_eval_local_completions(served, tmp_path, monkeypatch):
         model="local-completions",
         model_args={"base_url": served["url"] + "/v1/completions", "model": MODEL, "tokenizer_backend": "remote",
                     "tokenized_requests": False, "num_concurrent": 4, "max_retries": 1},
-        tasks=["serve_mc", "serve_gen"], task_manager=TaskManager(include_path=str(tmp_path)),
+        tasks=["serve_mc", "serve_gen"], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
         log_samples=True, limit=None)
 
     mc = results["samples"]["serve_mc"]
