@@ -377,3 +377,14 @@ def test_lm_eval_local_completions(served, tmp_path, monkeypatch):
         for stop in ("\n\n", "Question:"):
             text = text.split(stop)[0]
         assert sample["resps"][0][0] == text
+
+
+def test_cli_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    from phi4_jax.cli.serve import main
+
+    assert main(["--checkpoint", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: checkpoint directory") and "missing" in err and "\n" not in err
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(tmp_path), "--port", "0"])
+    assert e.value.code == 2 and "--port must be in 1..65535" in capsys.readouterr().err
