@@ -20,7 +20,7 @@ from test_chat_cli import make_chat_checkpoint
 
 import phi4_jax
 from phi4_jax.inference.batching import ContinuousBatchingEngine
-from phi4_jax.inference.errors import QueueFullError
+from phi4_jax.inference.errors import EngineError, QueueFullError
 from phi4_jax.serve import create_app
 from phi4_jax.serve.app import serve_in_thread
 
@@ -274,8 +274,9 @@ class RefusingEngine:
 
 
 @pytest.mark.parametrize("error, status", [(QueueFullError("64 requests are waiting"), 429),
+                                           (EngineError("the serving engine is shut down"), 503),
                                            (RuntimeError("a bug with a secret stack"), 500)])
-def test_queue_full_is_429_and_bugs_are_clean_500(served, error, status):
+def test_queue_full_is_429_engine_down_503_and_bugs_a_clean_500(served, error, status):
     app = create_app(RefusingEngine(served["model"].config, error), served["tokenizer"], MODEL)
     with serve_in_thread(app, log_level="critical") as url:
         response = httpx.post(url + "/v1/chat/completions", timeout=60,

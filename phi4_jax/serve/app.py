@@ -56,8 +56,21 @@ def internal_error(where: str, exc: BaseException) -> JSONResponse:
     return error_response(APIError(500, f"internal server error ({type(exc).__name__})", code="internal_error"))
 
 
+def engine_refusal(e: BaseException) -> APIError | None:
+    """The API error for an engine exception that is the request's or the load's fault (None for a bug)."""
+    if isinstance(e, QueueFullError):
+        return APIError(429, f"the server is busy: {e}", code="queue_full")
+    if isinstance(e, ContextLengthError):
+        return invalid(str(e), "prompt", "context_length_exceeded")
+    if isinstance(e, GenerationError):
+        return invalid(str(e))
+    if isinstance(e, EngineError):
+        return APIError(503, str(e), code="engine_unavailable")
+    return None
+
+
 def _json_route(handler):
-    """Runs a route handler; APIError -> its JSON error, anything else -> a logged, clean 500."""
+    """Runs a route handler; APIError or an engine refusal -> its JSON error, anything else -> a logged, clean 500."""
     @functools.wraps(handler)
     async def wrapper(request: Request):
         try:
@@ -65,7 +78,8 @@ def _json_route(handler):
         except APIError as e:
             return error_response(e)
         except Exception as e:  # noqa: BLE001 - the catch-all the server promises
-            return internal_error(request.url.path, e)
+            refusal = engine_refusal(e)
+            return error_response(refusal) if refusal is not None else internal_error(request.url.path, e)
     return wrapper
 
 
@@ -177,18 +191,8 @@ class Server:
                         top_p=sampling.top_p, seed=None if sampling.seed is None else sampling.seed + index,
                         stop_token_ids=stop_ids, logprobs=sampling.logprobs)
                     choices.append(Choice(index, self.engine.submit(request), text))
-        except BaseException as e:
-            for choice in choices:
-                if choice.stream is not None:
-                    choice.stream.cancel()
-            if isinstance(e, QueueFullError):
-                raise APIError(429, f"the server is busy: {e}", code="queue_full") from None
-            if isinstance(e, ContextLengthError):
-                raise invalid(str(e), "prompt", "context_length_exceeded") from None
-            if isinstance(e, GenerationError):
-                raise invalid(str(e)) from None
-            if isinstance(e, EngineError):
-                raise APIError(503, str(e), code="engine_unavailable") from None
+        except BaseException:
+            cancel(choices)
             raise
         return choices
 
@@ -257,9 +261,12 @@ class Server:
                 elif item is not None:
                     yield sse(item)
             if failures:  # the headers are sent: report it in the stream, then end it
-                log.error("unexpected error while streaming", exc_info=failures[0])
-                yield sse(APIError(500, f"internal server error ({type(failures[0]).__name__})",
-                                   code="internal_error").body())
+                error = engine_refusal(failures[0])
+                if error is None:
+                    log.error("unexpected error while streaming", exc_info=failures[0])
+                    error = APIError(500, f"internal server error ({type(failures[0]).__name__})",
+                                     code="internal_error")
+                yield sse(error.body())
             if usage_chunk is not None:
                 yield sse(usage_chunk())
             yield "data: [DONE]\n\n"
