@@ -1,6 +1,6 @@
-"""The serving engine (phi4_jax.inference.batching): paged attention against the float64 oracle; continuous batching
-against transformers' greedy generate (the peer) and `phi4_jax.generate`; cancellation, prefix caching, queue
-limits, logprobs against transformers' logits, and no recompilation after warm-up.
+"""The serving engine (phi4_jax.inference.batching): continuous batching against transformers' greedy generate (the
+peer) and `phi4_jax.generate`; cancellation, prefix caching, queue limits, logprobs against transformers' logits,
+no recompilation after warm-up, and a mesh. (`kernels.paged_attention` itself: tests/test_paged_attention.py.)
 
 One tiny random Phi3ForCausalLM is saved by transformers and converted with the real `convert_weights.py` CLI; one
 started engine (module-scoped) serves every test that generates, so its programs compile once.
@@ -15,11 +15,9 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpy_oracle
 import pytest
 from hf_models import hf_logits, make_tiny_phi3_dir
 
-import kernels
 import phi4_jax
 from phi4_jax.inference.batching import ContinuousBatchingEngine, GenerationRequest
 from phi4_jax.inference.errors import ContextLengthError, GenerationError, QueueFullError
@@ -87,39 +85,6 @@ def wait_until(predicate, timeout=60.0):
             return True
         done.wait(0.01)
     return False
-
-
-# ----------------------------------------------------------------------------- paged attention
-
-@pytest.mark.parametrize("t", [1, 5])
-def test_paged_attention_matches_float64_oracle(t):
-    """Pages scattered in the pool (shuffled block tables), GQA 6:2, ragged lengths, T new queries causal among
-    themselves: equal to the oracle's attention over each sequence laid end to end."""
-    rng = np.random.default_rng(t)
-    layers, num_pages, page, hkv, hq, d, width = 2, 23, 4, 2, 6, 8, 5
-    k_pages = rng.standard_normal((layers, num_pages, page, hkv, d)).astype(np.float32)
-    v_pages = rng.standard_normal((layers, num_pages, page, hkv, d)).astype(np.float32)
-    lengths = np.array([t, 7, 20, 13], np.int32)
-    tables = rng.permutation(np.arange(1, num_pages))[:4 * width].reshape(4, width).astype(np.int32)
-    q = rng.standard_normal((4, t, hq, d)).astype(np.float32)
-    for layer in range(layers):
-        k_seq = k_pages[layer][tables].reshape(4, width * page, hkv, d)      # each sequence end to end
-        v_seq = v_pages[layer][tables].reshape(4, width * page, hkv, d)
-        want, _ = numpy_oracle.attention(q, k_seq, v_seq, causal=True, q_offset=lengths - t, kv_len=lengths)
-        stacked = kernels.paged_attention(q, k_pages, v_pages, tables, lengths, layer=layer)
-        one_layer = jax.jit(kernels.paged_attention)(q, k_pages[layer], v_pages[layer], tables, lengths)
-        np.testing.assert_allclose(np.asarray(stacked), want, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(np.asarray(one_layer), want, rtol=1e-5, atol=1e-5)
-
-
-def test_paged_attention_rejects_bad_shapes():
-    q = jnp.zeros((2, 1, 4, 8))
-    pages = jnp.zeros((5, 4, 3, 8))
-    with pytest.raises(kernels.AttentionConfigError, match="multiple of kv heads"):
-        kernels.paged_attention(q, pages, pages, jnp.zeros((2, 3), jnp.int32), jnp.ones((2,), jnp.int32))
-    with pytest.raises(kernels.AttentionConfigError, match="block_tables"):
-        kernels.paged_attention(q, pages[:, :, :2], pages[:, :, :2], jnp.zeros((3, 3), jnp.int32),
-                                jnp.ones((2,), jnp.int32))
 
 
 # ----------------------------------------------------------------------------- generation
@@ -270,6 +235,7 @@ def test_no_recompilation_after_warmup(engine, prompts):
 def test_queue_full_context_and_bad_requests(converted):
     """An engine that is not started keeps every request waiting: the queue fills; bad requests are refused."""
     eng = ContinuousBatchingEngine(converted[0], max_batch=2, max_context=64, page_size=8, max_queue=2)
+    assert eng.stats()["pages_total"] == 2 * 64 // 8          # no memory report on CPU: max_batch x max_context
     waiting = [eng.submit(GenerationRequest([5, 6, 7], 4)) for _ in range(2)]
     with pytest.raises(QueueFullError, match="max_queue=2"):
         eng.submit(GenerationRequest([5, 6, 7], 4))
@@ -279,10 +245,76 @@ def test_queue_full_context_and_bad_requests(converted):
     for bad, match in [(dict(max_new_tokens=0), "max_new_tokens"), (dict(top_p=0.0), "top_p"),
                        (dict(temperature=-1.0), "temperature"), (dict(logprobs=21), "logprobs"),
                        (dict(prompt_ids=[1, 400]), "outside the vocabulary"), (dict(prompt_ids=[]), "empty")]:
-        kwargs = dict(prompt_ids=[5, 6], max_new_tokens=3, **bad)
+        kwargs = {"prompt_ids": [5, 6], "max_new_tokens": 3, **bad}
         with pytest.raises(GenerationError, match=match):
             eng.submit(GenerationRequest(**kwargs))
     waiting[0].cancel()
     assert eng.stats()["queue_length"] == 1 and waiting[0].finish_reason == "cancelled"
     eng.shutdown()
     assert waiting[1].finish_reason == "cancelled" and list(waiting[1]) == []
+
+
+def test_engine_on_a_mesh_equals_single_device_generate():
+    """On a 4x2 (fsdp x tensor) mesh of simulated CPU devices the page pool is split over kv heads and the
+    greedy answers equal single-device `generate`."""
+    from flax import nnx
+
+    from phi4_jax.inference.batching import serving_rules
+    from phi4_jax.model import sharding
+    from phi4_jax.model.config import get_preset
+    from phi4_jax.model.decoder import Phi4ForCausalLM, logical_axes_tree, model_from_params
+
+    config = get_preset("tiny", max_position_embeddings=256)
+    model = Phi4ForCausalLM(config, rngs=nnx.Rngs(1))
+    mesh = sharding.build_mesh("tensor=2")
+    params = jax.device_put(model.params, sharding.tree_shardings(mesh, logical_axes_tree(config), serving_rules()))
+    prompts = [list(range(3, 40)), list(range(50, 53)), list(range(100, 190))]
+    want = [phi4_jax.generate(model, [p], max_new_tokens=8, stop_tokens=[])[0] for p in prompts]
+    eng = ContinuousBatchingEngine(model_from_params(config, params), max_batch=2, page_size=16, prefill_chunk=16,
+                                   mesh=mesh).start()
+    try:
+        assert eng.pages.k.sharding.spec[3] == "tensor"
+        streams = [eng.submit(GenerationRequest(p, 8)) for p in prompts]
+        assert [[e.token_id for e in s] for s in streams] == want
+    finally:
+        eng.shutdown()
+
+
+def test_engine_on_the_pallas_paged_kernel_equals_generate():
+    """attention_impl="pallas_tpu" routes the engine's attention to the Pallas paged kernel (TPU interpreter here);
+    greedy answers equal `generate` on the XLA path."""
+    from flax import nnx
+
+    from phi4_jax.model.config import get_preset
+    from phi4_jax.model.decoder import Phi4ForCausalLM, model_from_params
+
+    config = get_preset("tiny", max_position_embeddings=64)
+    model = Phi4ForCausalLM(config, rngs=nnx.Rngs(2))
+    prompt = list(range(3, 40))                    # three prefill chunks of 16
+    want = phi4_jax.generate(model, [prompt], max_new_tokens=4, stop_tokens=[])[0]
+    kernel_model = model_from_params(config.replace(attention_impl="pallas_tpu", kernel_interpret=True), model.params)
+    eng = ContinuousBatchingEngine(kernel_model, max_batch=1, page_size=8, prefill_chunk=16).start()
+    try:
+        assert [e.token_id for e in eng.submit(GenerationRequest(prompt, 4))] == want
+    finally:
+        eng.shutdown()
+
+
+def test_pool_sizing_from_free_memory_and_budget(converted, monkeypatch):
+    """The pool takes KV_MEMORY_FRACTION of the free memory a device reports (or kv_cache_bytes); a request that
+    could never fit it is refused at submit."""
+    from phi4_jax.inference import batching
+    from phi4_jax.inference.paged_cache import page_bytes
+
+    model = converted[0]
+    per_page = page_bytes(model.config, 8)
+    monkeypatch.setattr(batching, "_free_device_bytes", lambda: 40 * per_page)
+    eng = ContinuousBatchingEngine(model, max_batch=2, max_context=64, page_size=8)
+    assert eng.stats()["pages_total"] == int(40 * per_page * batching.KV_MEMORY_FRACTION) // per_page - 1
+    small = ContinuousBatchingEngine(model, max_batch=2, max_context=64, page_size=8, kv_cache_bytes=4 * per_page)
+    assert small.stats()["pages_total"] == 3
+    small.submit(GenerationRequest([5] * 10, 15))               # 24 positions: 3 pages
+    with pytest.raises(GenerationError, match="needs 4 KV pages"):
+        small.submit(GenerationRequest([5] * 10, 16))
+    with pytest.raises(GenerationError, match="at least 2"):
+        ContinuousBatchingEngine(model, max_context=64, page_size=8, kv_cache_bytes=per_page)

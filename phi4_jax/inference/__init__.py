@@ -4,7 +4,9 @@
 - `sampling`: greedy / temperature / top-k / top-p sampling with reproducible per-sequence keys.
 - `engine`: `generate` (the public `phi4_jax.generate`): bucketed prefill and the on-device decode loop.
 - `chat_session`: `ChatSession` (KV cache kept between turns), `TextStreamer`, and text-level helpers.
-- `errors`: `GenerationError`, `ContextLengthError`.
+- `paged_cache`: the paged KV cache (`PagedKV`, `paged_extend`) and its allocator with prefix caching (`PagePool`).
+- `batching`: the serving engine, `ContinuousBatchingEngine` (continuous batching, chunked prefill, streams).
+- `errors`: `GenerationError`, `ContextLengthError`, `QueueFullError`, `EngineError`.
 
 May import: `phi4_jax.model`, `phi4_jax.special_tokens`, `phi4_jax.checks`, `kernels`. Not training or data code.
 """

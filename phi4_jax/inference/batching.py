@@ -114,8 +114,11 @@ class RequestStream:
         return self.finish_reason is not None or self._error is not None
 
     def cancel(self) -> None:
-        """Stops generation now: frees the request's slot and pages (no-op once finished)."""
+        """Stops generation now: frees the request's slot and pages and drops the events not yet read, so
+        iteration ends (no-op once finished)."""
         self._engine._cancel(self)
+        with self._lock:
+            self._events.clear()
 
     # -- producer side (the engine) --
     def _notify(self) -> None:
@@ -412,7 +415,7 @@ class ContinuousBatchingEngine:
                 f"max_context of {self.max_context} tokens; shorten the prompt")
 
     def _check_top_k(self, k) -> None:
-        check_integer(k, "logprobs", GenerationError)
+        check_integer(k, "logprobs", GenerationError, minimum=0)
         if not 0 <= k <= self.top_k:
             raise GenerationError(f"logprobs must be in [0, {self.top_k}], got {k}")
 

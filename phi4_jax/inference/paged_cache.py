@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kernels
+from phi4_jax.inference.kv_cache import decode_implementation
 from phi4_jax.model import sharding
 from phi4_jax.model.config import Phi4Config
 from phi4_jax.model.decoder import decoder_block, embed_tokens, logits_from_hidden, rms_norm, rope
@@ -52,12 +53,21 @@ def init_pages(config: Phi4Config, num_pages: int, page_size: int, dtype=None) -
                    sharding.constrain(jnp.zeros(shape, dtype), PAGE_AXES))
 
 
+def paged_implementation(config: Phi4Config) -> str | None:
+    """`kernels.paged_attention`'s implementation: as `kv_cache.decode_implementation` chooses for the dense cache
+    (the Pallas kernel for attention_impl "pallas_tpu", the kernels' own default for None, else XLA), but always
+    XLA on a mesh (a bare Pallas call cannot be partitioned; the gather-based reference can)."""
+    if sharding.has_active_mesh():
+        return "xla"
+    return decode_implementation(config)
+
+
 def paged_extend(params, pages: PagedKV, tokens, start, n_new, block_tables, config: Phi4Config):
     """Feeds tokens [B, T] after each sequence's first start[b] positions; returns (pages, logits [B, vocab]).
 
     Sequence b has n_new[b] real tokens (right-padded to T) at positions start[b] + t, whose keys/values are
     written into its pages (block_tables [B, W]); padding is not written. Queries attend with
-    `kernels.paged_attention` (causal among the new tokens). The float32 logits are those at each sequence's last
+    `kernels.paged_attention` (causal among the new tokens; implementation: `paged_implementation`). The float32 logits are those at each sequence's last
     real new token (meaningless where n_new[b] = 0). The layer math is the model's own `decoder_block`.
     """
     b, t = tokens.shape
@@ -68,6 +78,7 @@ def paged_extend(params, pages: PagedKV, tokens, start, n_new, block_tables, con
     page = jnp.where(real, page, num_pages)                                        # out of range: dropped
     row = positions % page_size
     attend_lengths = start + t                                                     # query t sits at start + t
+    implementation = paged_implementation(config)
     x = embed_tokens(params, tokens, config)
 
     def body(carry, xs):
@@ -80,7 +91,8 @@ def paged_extend(params, pages: PagedKV, tokens, start, n_new, block_tables, con
             k_all_new = k_all.at[i, page, row].set(k.astype(k_all.dtype), mode="drop")
             v_all_new = v_all.at[i, page, row].set(v.astype(v_all.dtype), mode="drop")
             out = kernels.paged_attention(q.astype(k_all.dtype), k_all_new, v_all_new, block_tables,
-                                          attend_lengths, layer=i)
+                                          attend_lengths, layer=i, implementation=implementation,
+                                          interpret=config.kernel_interpret)
             return out, (k_all_new, v_all_new)
 
         x, (k_all, v_all) = decoder_block(layer, x, config, attend)
