@@ -389,3 +389,20 @@ def test_cli_bad_arguments_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--checkpoint", str(tmp_path), "--port", "0"])
     assert e.value.code == 2 and "--port must be in 1..65535" in capsys.readouterr().err
+
+
+def test_completion_text_holds_back_possible_stop_strings():
+    from phi4_jax.serve.text import CompletionText
+
+    tokenizer = phi4_jax.Tokenizer()
+    text = "Hello world, stop here. 日本語 and more"
+    ids = tokenizer.encode(text)
+    for stop, cut in (("ld, st", "Hello wor"), ("語 a", "Hello world, stop here. 日本"), ("absent", text)):
+        assembler = CompletionText(tokenizer, stop_strings=[stop, "zzz"], stop_token_ids=[tokenizer.eos_id])
+        pieces = [assembler.add(t) for t in ids + [tokenizer.eos_id]]
+        pieces.append(assembler.finish())
+        assert "".join(pieces) == cut and assembler.stopped == (cut != text)
+        sent = ""
+        for piece in pieces:  # nothing past the cut is ever sent, and no piece holds half a character
+            sent += piece
+            assert cut.startswith(sent) and "\ufffd" not in piece
