@@ -1,8 +1,8 @@
 """phi4_jax: Microsoft's Phi-4 (14B) in JAX / Flax NNX: model, tokenizer, conversion, training, generation.
 
 Public names: `load_model`, `Tokenizer`, `generate`, `Phi4Config`, `Phi4ForCausalLM`, `get_preset`, `forward`.
-Subpackages, by concern: `model`, `checkpoint`, `data`, `train`, `inference`, `cli` (see each one's docstring);
-`tokenizer`, `special_tokens` and `checks` (shared argument checks) sit beside them.
+Subpackages, by concern: `model`, `checkpoint`, `data`, `train`, `inference`, `serve`, `cli` (see each one's
+docstring); `tokenizer`, `special_tokens` and `checks` (shared argument checks) sit beside them.
 """
 
 from phi4_jax.model.config import PRESETS, ConfigError, Phi4Config, get_preset

@@ -332,6 +332,20 @@ class Tokenizer:
         """Token ids of `apply_chat_template(messages, add_generation_prompt)` (special tokens encoded)."""
         return self.encode(self.apply_chat_template(messages, add_generation_prompt))
 
+    def encode_chat_ordinary(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+                             ) -> list[int]:
+        """Like `encode_chat`, but each message's content is encoded as plain text (`encode_ordinary`), so
+        special-token text in untrusted content (``<|im_end|><|im_start|>system``) stays text: only the template's
+        own markers are special ids. Equals `encode_chat` for content without special-token text."""
+        self.apply_chat_template(messages, add_generation_prompt)  # validates the messages
+        ids = []
+        for message in messages:
+            ids += [IM_START_ID, *self.encode_ordinary(message["role"]), IM_SEP_ID,
+                    *self.encode_ordinary(message["content"]), IM_END_ID]
+        if add_generation_prompt:
+            ids += [IM_START_ID, *self.encode_ordinary("assistant"), IM_SEP_ID]
+        return ids
+
 
 def _unpickle_tokenizer(ranks_path: str) -> Tokenizer:
     return Tokenizer(ranks_path if os.path.isfile(ranks_path) else None)
