@@ -5,6 +5,7 @@ from __future__ import annotations
 # name: (hidden, layers, heads, kv_heads, intermediate, vocab)
 SIZES = {
     "87m": (384, 6, 6, 2, 1152, 100352),
+    "87m-8k": (384, 6, 6, 2, 1152, 8192),   # the same layers with an 8K vocabulary: decode is layer-bound
     "tiny": (64, 2, 4, 2, 160, 4096),
 }
 

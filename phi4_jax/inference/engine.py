@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -29,7 +30,15 @@ import numpy as np
 
 from phi4_jax.checks import check_integer, first_out_of_range, is_integer, is_number
 from phi4_jax.inference.errors import ContextLengthError, GenerationError
-from phi4_jax.inference.kv_cache import CACHE_AXES, KVCache, decode_step, extend, prefill
+from phi4_jax.inference.kv_cache import (
+    CACHE_AXES,
+    KVCache,
+    decode_step,
+    extend,
+    prefill,
+    stack_cache,
+    unstack_layers,
+)
 from phi4_jax.inference.sampling import Sampler, keys_from_seeds_jit, sample, seed_array
 from phi4_jax.model import sharding
 from phi4_jax.model.config import DTYPES, Phi4Config
@@ -160,6 +169,40 @@ def _decode_one(params, cache, token, done, count, budget, keys, stop_tokens, te
     with mesh_rules_context(shard):
         return _decode_body(params, cache, token, done, count, budget, keys, stop_tokens, temperature,
                             top_p, config, sampler)
+
+
+# A second copy of the layer weights (the per-layer layout) may take at most this share of the host's memory.
+PER_LAYER_MAX_MEMORY_FRACTION = 0.25
+
+
+def per_layer_decode(params, shard) -> bool:
+    """Whether to decode in the per-layer layout (`kv_cache.unstack_layers`): on the CPU backend, unsharded, when
+    a copy of the layer weights takes at most `PER_LAYER_MAX_MEMORY_FRACTION` of physical memory.
+
+    Why: the layer scan slices each layer's weights out of the stacked [layers, ...] arrays, and XLA:CPU copies
+    those slices before its matmuls, so a scanned decode step reads and writes every weight twice more than it
+    multiplies by it; a decode step is memory-bound, so that copy was most of its time (profile in
+    BENCHMARKS.md's Decode section). Unrolled over per-layer arrays, the step reads each weight once. The copy
+    into that layout is made once per decode call. GPUs and TPUs fuse the slice into the matmul, and a sharded
+    or large model keeps the stacked layout (no second copy of the weights).
+    """
+    if shard is not None:
+        return False
+    layers = jax.tree.leaves(params["layers"])
+    if not layers or not all(isinstance(w, jax.Array) for w in layers):
+        return False
+    if any(d.platform != "cpu" for w in layers for d in w.devices()):
+        return False
+    layer_bytes = sum(w.size * w.dtype.itemsize for w in layers)
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return False
+    return layer_bytes <= PER_LAYER_MAX_MEMORY_FRACTION * physical
+
+
+_unstack_layers = jax.jit(unstack_layers)
+_stack_cache = jax.jit(stack_cache)
 
 
 # ----------------------------------------------------------------------------- the public API
@@ -296,28 +339,34 @@ def generate(model, prompts, *, max_new_tokens, temperature=0.0, top_k=None, top
         config=config, capacity=capacity, cache_dtype=opts.cache_dtype, sampler=sampler, shard=shard)
 
     out, _ = run_decode(params, cache, first, done, budget, keys, stops, temp, top_p_value, n=n,
-                         out_len=out_len, callback=callback, config=config, sampler=sampler, shard=shard)
+                         out_len=out_len, callback=callback, config=config, sampler=sampler, shard=shard,
+                         keep_cache=False)
     return [trim_output(out[i], budgets[i]) for i in range(n)]
 
 
 def run_decode(params, cache, first, done, budget, keys, stops, temp, top_p_value, *, n, out_len, callback,
-                config, sampler, shard):
+                config, sampler, shard, keep_cache=True):
     """Decodes after a prefill/extension; returns (tokens [B, <= out_len] numpy, final cache).
 
     Without a callback the loop runs on the device (`_decode_loop`), with one it is a host loop of
     `_decode_one` steps that passes each step's tokens (first n sequences, None once finished) to it; step k+1
     is dispatched before step k's tokens are fetched (one extra step at the end advances no cache length).
     When the first token is all the budget allows, no decode program runs and the cache is returned as is.
+    On the CPU backend the loop runs in the per-layer layout (`per_layer_decode`); the returned cache is stacked
+    again unless `keep_cache` is False (then it is whatever the loop left, for a caller that drops it).
     """
     if int(np.max(np.asarray(budget))) <= 1:  # the prefill's token is all there is: no decode program needed
         out = np.asarray(first)[:, None]
         if callback is not None:
             callback([int(t) if t != NO_TOKEN else None for t in out[:n, 0]])
         return out, cache
+    per_layer = per_layer_decode(params, shard)
+    if per_layer:
+        params, cache = _unstack_layers(params, cache)
     if callback is None:
         out, cache = _decode_loop(params, cache, first, done, budget, keys, stops, temp, top_p_value,
                                   config=config, sampler=sampler, shard=shard, out_len=out_len)
-        return np.asarray(out), cache
+        return np.asarray(out), (_stack_cache(cache) if per_layer and keep_cache else cache)
     # Pipelined: step k+1 is dispatched before step k's tokens are fetched, so the device computes while the
     # host copies and runs the callback. Once every sequence is done, the step already in flight advances no
     # cache length (no sequence is active; it writes only past each length) and its tokens are dropped.
@@ -335,7 +384,7 @@ def run_decode(params, cache, first, done, budget, keys, stops, temp, top_p_valu
         if finished or in_flight is None:
             break
         (token, done), count = in_flight, count + 1
-    return np.stack(columns, axis=1), cache
+    return np.stack(columns, axis=1), (_stack_cache(cache) if per_layer and keep_cache else cache)
 
 
 def trim_output(row: np.ndarray, budget: int) -> list[int]:

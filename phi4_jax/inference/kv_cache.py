@@ -16,6 +16,7 @@ rules table.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -54,6 +55,24 @@ def init_cache(config: Phi4Config, batch: int, capacity: int, dtype=None) -> KVC
     k = sharding.constrain(jnp.zeros(shape, dtype), CACHE_AXES)
     v = sharding.constrain(jnp.zeros(shape, dtype), CACHE_AXES)
     return KVCache(k, v, jnp.zeros((batch,), jnp.int32))
+
+
+def is_per_layer(cache: KVCache) -> bool:
+    """Whether the cache is in the per-layer layout (tuples of [B, C, Hkv, D] arrays, one per layer)."""
+    return isinstance(cache.k, (list, tuple))
+
+
+def unstack_layers(params, cache: KVCache):
+    """Params and cache in the per-layer layout: layer i's weights and k/v as arrays of their own (a copy)."""
+    n = cache.k.shape[0]
+    per_layer = [jax.tree.map(lambda w, i=i: w[i], params["layers"]) for i in range(n)]
+    return (dict(params, layers=per_layer),
+            KVCache(tuple(cache.k[i] for i in range(n)), tuple(cache.v[i] for i in range(n)), cache.lengths))
+
+
+def stack_cache(cache: KVCache) -> KVCache:
+    """A per-layer cache back in the stacked layout [layers, B, C, Hkv, D]."""
+    return KVCache(jnp.stack(cache.k), jnp.stack(cache.v), cache.lengths)
 
 
 # ----------------------------------------------------------------------------- forward with a cache
@@ -127,27 +146,43 @@ def extend(params, cache: KVCache, tokens, n_new, config: Phi4Config):
     x = embed_tokens(params, tokens, config)                                # [B, T, E]
     batch_index = jnp.arange(b)[:, None]
 
-    def body(carry, xs):
-        x, k_all, v_all = carry
-        layer, i = xs
+    def attend_and_write(q, k, v, k_cache, v_cache, index):
+        """RoPE, the new keys/values written into the cache at `index` + (batch, slot), attention over the
+        layer's cache; `index` is () for one layer's own cache [B, C, Hkv, D], or (i,) for layer i of the
+        stacked cache (written in place, where slicing it out first would copy)."""
+        q = rope(q, slots, config)
+        k = rope(k, slots, config)
+        k_cache = k_cache.at[(*index, batch_index, slots)].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[(*index, batch_index, slots)].set(v.astype(v_cache.dtype), mode="drop")
+        k_layer, v_layer = (k_cache[index[0]], v_cache[index[0]]) if index else (k_cache, v_cache)
+        return cache_attention(q.astype(k_layer.dtype), k_layer, v_layer, attend_lengths, config), (k_cache, v_cache)
 
-        def attend(q, k, v):
-            q = rope(q, slots, config)
-            k = rope(k, slots, config)
-            k_new = k_all.at[i, batch_index, slots].set(k.astype(k_all.dtype), mode="drop")
-            v_new = v_all.at[i, batch_index, slots].set(v.astype(v_all.dtype), mode="drop")
-            return cache_attention(q.astype(k_new.dtype), k_new[i], v_new[i], attend_lengths, config), (k_new, v_new)
+    if is_per_layer(cache):
+        # Per-layer layout: each layer's weights and cache are arrays of their own, so nothing is sliced
+        # out of a stacked array per step (see `per_layer_decode`).
+        ks, vs = [], []
+        for layer, k_layer, v_layer in zip(params["layers"], cache.k, cache.v):
+            attend = functools.partial(attend_and_write, k_cache=k_layer, v_cache=v_layer, index=())
+            x, (k_layer, v_layer) = decoder_block(layer, x, config, attend)
+            ks.append(k_layer)
+            vs.append(v_layer)
+        k_all, v_all = tuple(ks), tuple(vs)
+    else:
+        def body(carry, xs):
+            x, k_all, v_all = carry
+            layer, i = xs
+            attend = functools.partial(attend_and_write, k_cache=k_all, v_cache=v_all, index=(i,))
+            x, (k_all, v_all) = decoder_block(layer, x, config, attend)
+            return (x, k_all, v_all), None
 
-        x, (k_all, v_all) = decoder_block(layer, x, config, attend)
-        return (x, k_all, v_all), None
-
-    layer_index = jnp.arange(config.num_layers)
-    (x, k_all, v_all), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params["layers"], layer_index))
+        layer_index = jnp.arange(config.num_layers)
+        (x, k_all, v_all), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params["layers"], layer_index))
+        k_all = sharding.constrain(k_all, CACHE_AXES)
+        v_all = sharding.constrain(v_all, CACHE_AXES)
     n_new = n_new.astype(jnp.int32)
     last = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]   # [B, E]
     h = rms_norm(last, params["final_norm"], config.rms_norm_eps)
-    cache = KVCache(sharding.constrain(k_all, CACHE_AXES), sharding.constrain(v_all, CACHE_AXES), start + n_new)
-    return cache, logits_from_hidden(params, h, config)
+    return KVCache(k_all, v_all, start + n_new), logits_from_hidden(params, h, config)
 
 
 def decode_step(params, cache: KVCache, tokens, config: Phi4Config, active=None):
