@@ -137,7 +137,7 @@ def check_type(work: Path, ours_ckpt: Path, gguf_type: str, args, prompt: list[i
     ours_tokens = ours_runner(model, prompt)(args.new_tokens)
     agree = next((i for i, (a, b) in enumerate(zip(theirs_tokens, ours_tokens)) if a != b), args.new_tokens)
     err = float(np.max(np.abs(ours_logits - theirs_logits)) / np.max(np.abs(ours_logits)))
-    lt = tokens_per_s(lambda n: llama_runner(llm, prompt)(n), args.new_tokens, args.repeats)
+    lt = tokens_per_s(llama_runner(llm, prompt), args.new_tokens, args.repeats)
     ot = tokens_per_s(ours_runner(model, prompt), args.new_tokens, args.repeats)
     row = {"type": gguf_type, "mib": path.stat().st_size / 2**20, "tokenize_ok": len(TEXTS) - len(bad),
            "logit_err": err, "agree": agree, "llama_tps": lt, "ours_tps": ot,
@@ -145,7 +145,6 @@ def check_type(work: Path, ours_ckpt: Path, gguf_type: str, args, prompt: list[i
     print(f"{gguf_type}: {row['mib']:.0f} MiB; tokenization {row['tokenize_ok']}/{len(TEXTS)} texts equal tiktoken; "
           f"logits max err {err:.2e} of max |logit|; greedy agreement {agree}/{args.new_tokens}; decode "
           f"llama.cpp {lt:.1f} tok/s, phi4_jax (f32) {ot:.1f} tok/s", flush=True)
-    del llm
     return row
 
 

@@ -310,3 +310,50 @@ def test_tokenizer_check_passes_phi4_and_tokenizer_free_files(phi4_fields):
     check_gguf_tokenizer(_Fields({**values, "tokenizer.ggml.merges": extra}), Path("f.gguf"))
     check_gguf_tokenizer(_Fields({"tokenizer.ggml.model": "none"}), Path("f.gguf"))
     check_gguf_tokenizer(_Fields({}), Path("f.gguf"))
+
+
+# ----------------------------------------------------------------------------- llama.cpp itself
+
+@pytest.fixture(scope="module")
+def phi4_gguf_back(work, phi4_gguf):
+    """Our checkpoint of exactly the weights phi4_gguf holds (read back from it)."""
+    back = work / "phi4v-back-llama"
+    _cli_ok(phi4_gguf, back)
+    return back
+
+
+def test_llama_cpp_runs_our_gguf(phi4_gguf, phi4_gguf_back, phi4_fields):
+    """llama.cpp (llama-cpp-python) loads our f16 GGUF and: tokenizes text as tiktoken does and chat-format text
+    into phi-4's special ids; renders the chat template into phi-4's format; gives the logits of a 64-token
+    prompt (token ids) that ours gives on the same weights, to f16 activation rounding; and greedy-decodes the
+    same 16 tokens. A wrong tokenizer key, merge, special-token type, tensor name or layout fails here."""
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed (`pip install -e .[llamacpp]` builds llama.cpp "
+                            "from source, over 10 minutes); bench/llamacpp_check.py runs the same checks")
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from phi4_jax import Tokenizer, generate, load_model
+
+    llm = llama_cpp.Llama(str(phi4_gguf), n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+    tok = Tokenizer()
+    for text in TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode_ordinary(text), text[:40]
+    chat = "<|im_start|>user<|im_sep|>Hi there<|im_end|><|im_start|>assistant<|im_sep|>"
+    assert llm.tokenize(chat.encode(), add_bos=False, special=True) == tok.encode(chat)
+    formatter = Jinja2ChatFormatter(phi4_fields["tokenizer.chat_template"], eos_token="<|im_end|>",
+                                    bos_token="<|endoftext|>", add_generation_prompt=True)
+    assert formatter(messages=[{"role": "user", "content": "Hi there"}]).prompt == chat
+
+    prompt = np.random.default_rng(5).integers(0, 100256, 64).tolist()
+    model = load_model(phi4_gguf_back)
+    ours = np.asarray(model(np.asarray([prompt], np.int32)))[0]
+    llm.eval(prompt)
+    theirs = np.asarray(llm.scores[:64], np.float32)
+    assert np.std(ours) > 0.5, "reference logits are too flat to be a meaningful check"
+    err = float(np.max(np.abs(ours - theirs)) / np.max(np.abs(ours)))
+    assert err <= LLAMA_CPP_F16_BOUND, f"llama.cpp vs ours on the same f16 weights: {err:.2e}"
+    new = []
+    for _ in range(16):
+        new.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([new[-1]])
+    assert generate(model, [prompt], max_new_tokens=16, stop_tokens=[])[0] == new
