@@ -327,14 +327,18 @@ def phi4_gguf_back(work, phi4_gguf):
     return back
 
 
-def test_llama_cpp_runs_our_gguf(phi4_gguf, phi4_gguf_back, phi4_fields):
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed (`pip install -e .[llamacpp]` builds llama.cpp "
+                            "from source, over 10 minutes); bench/llamacpp_check.py runs the same checks")
+
+
+def test_llama_cpp_runs_our_gguf(llama_cpp, phi4_gguf, phi4_gguf_back, phi4_fields):
     """llama.cpp (llama-cpp-python) loads our f16 GGUF and: tokenizes text as tiktoken does and chat-format text
     into phi-4's special ids; renders the chat template into phi-4's format; gives the logits of a 64-token
     prompt (token ids) that ours gives on the same weights, to f16 activation rounding; and greedy-decodes the
     same 16 tokens. A wrong tokenizer key, merge, special-token type, tensor name or layout fails here."""
-    llama_cpp = pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python is not installed (`pip install -e .[llamacpp]` builds llama.cpp "
-                            "from source, over 10 minutes); bench/llamacpp_check.py runs the same checks")
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     from phi4_jax import Tokenizer, generate, load_model
