@@ -315,8 +315,9 @@ def test_tokenizer_check_passes_phi4_and_tokenizer_free_files(phi4_fields):
 # ----------------------------------------------------------------------------- llama.cpp itself
 
 # llama.cpp's CPU matmuls with f16 weights round the activations to f16 too (relative 2^-11 per value), and its
-# attention and norms are its own kernels; ours computes in float32 on the same weights.
-LLAMA_CPP_F16_BOUND = 1e-2
+# attention and norms are its own kernels; ours computes in float32 on the same weights. Measured on this test's
+# model: 1.7e-3 of max |logit|; a wrong layout or a missing norm gives errors of order 1.
+LLAMA_CPP_F16_BOUND = 5e-3
 
 
 @pytest.fixture(scope="module")
@@ -337,8 +338,8 @@ def llama_cpp():
 def test_llama_cpp_runs_our_gguf(llama_cpp, phi4_gguf, phi4_gguf_back, phi4_fields):
     """llama.cpp (llama-cpp-python) loads our f16 GGUF and: tokenizes text as tiktoken does and chat-format text
     into phi-4's special ids; renders the chat template into phi-4's format; gives the logits of a 64-token
-    prompt (token ids) that ours gives on the same weights, to f16 activation rounding; and greedy-decodes the
-    same 16 tokens. A wrong tokenizer key, merge, special-token type, tensor name or layout fails here."""
+    prompt (token ids) and of its 16 greedy tokens that ours gives on the same weights, to f16 activation
+    rounding; and greedy-decodes the same tokens (where they part, only at a near-tie within that rounding). A wrong tokenizer key, merge, special-token type, tensor name or layout fails here."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     from phi4_jax import Tokenizer, generate, load_model
@@ -355,14 +356,21 @@ def test_llama_cpp_runs_our_gguf(llama_cpp, phi4_gguf, phi4_gguf_back, phi4_fiel
 
     prompt = np.random.default_rng(5).integers(0, 100256, 64).tolist()
     model = load_model(phi4_gguf_back)
-    ours = np.asarray(model(np.asarray([prompt], np.int32)))[0]
+    theirs = []
     llm.eval(prompt)
-    theirs = np.asarray(llm.scores[:64], np.float32)
-    assert np.std(ours) > 0.5, "reference logits are too flat to be a meaningful check"
-    err = float(np.max(np.abs(ours - theirs)) / np.max(np.abs(ours)))
-    assert err <= LLAMA_CPP_F16_BOUND, f"llama.cpp vs ours on the same f16 weights: {err:.2e}"
-    new = []
     for _ in range(16):
-        new.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        llm.eval([new[-1]])
-    assert generate(model, [prompt], max_new_tokens=16, stop_tokens=[])[0] == new
+        theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([theirs[-1]])
+    seq = prompt + theirs[:-1]  # both sides' logits along llama.cpp's greedy sequence
+    theirs_logits = np.asarray(llm.scores[:len(seq)], np.float32)
+    ours_logits = np.asarray(model(np.asarray([seq], np.int32)))[0]
+    assert np.std(ours_logits) > 0.5, "reference logits are too flat to be a meaningful check"
+    scale = float(np.max(np.abs(ours_logits)))
+    err = float(np.max(np.abs(ours_logits - theirs_logits))) / scale
+    assert err <= LLAMA_CPP_F16_BOUND, f"llama.cpp vs ours on the same f16 weights: {err:.2e}"
+    ours = generate(model, [prompt], max_new_tokens=16, stop_tokens=[])[0]
+    split = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    if split is not None:  # only a near-tie, within both sides' logit difference, may decide differently
+        row = ours_logits[len(prompt) - 1 + split]
+        margin = float(row[ours[split]] - row[theirs[split]]) / scale
+        assert margin <= 2 * err, f"greedy tokens differ at {split} where ours was clear by {margin:.2e}"
