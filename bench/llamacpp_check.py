@@ -4,7 +4,8 @@
     python bench/llamacpp_check.py --write BENCHMARKS.md  # also append to the "GGUF and llama.cpp" section
 
 Needs `llama-cpp-python` (it builds llama.cpp from source; see README). A random phi-4-shaped Phi3ForCausalLM
-with phi-4's real vocabulary (100352 tokens; head_dim 128, 4:1 grouped-query attention, fused qkv and gate_up)
+with phi-4's real vocabulary (100352 tokens; head_dim 128 and fused qkv / gate_up as in phi-4, grouped-query
+attention 2:1 where phi-4 has 4:1)
 is saved by transformers and goes through the public CLIs only: HF dir -> ours -> `--to-gguf --type T` -> and
 back from that GGUF to ours (so both sides run exactly the weights the file holds). Then, for each type:
 
