@@ -47,7 +47,8 @@ SIZES = {"55m": (256, 4, 2, 1, 896), "tiny": (64, 1, 4, 2, 96)}
 INTRO = """`bench/llamacpp_check.py`: a random phi-4-shaped model with phi-4's 100352-token vocabulary, written by
 `convert_weights.py --to-gguf --type T` and run by llama.cpp itself (`llama-cpp-python`, built from source on
 this machine) against phi4_jax on the same GGUF (converted back, float32): tokenization of sample texts against
-tiktoken, logits of a random prompt, greedy agreement, and decode tokens/s of both. Each run appends a table."""
+tiktoken, both sides' logits along llama.cpp's greedy continuation of a random prompt, greedy agreement, and
+decode tokens/s of both. Each run appends a table."""
 TEXTS = [
     "Hello World! I've been 'told he's there, 'RE you sure? We'Ve a'lL",
     "3 33 333 3333 33333 333333 3333333 3.3 3..3 3...3 1,000,000.25",
