@@ -228,14 +228,14 @@ def ours_f32(work, hf_model):
     return dst
 
 
-@pytest.mark.parametrize("gguf_type", ["f32", "f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("gguf_type", ["f32", "f16", "bf16", "q8_0", "q4_0"])
 def test_ours_to_gguf_tensors_and_metadata(work, hf_model, ours_f32, gguf_type):
     """--to-gguf: gguf.GGUFReader reads every llama.cpp phi3 tensor name with its HF tensor's data encoded as
     gguf.quants.quantize encodes it (so f32 is exact; 1-D norms stay F32), dims in GGUF order, and the phi3
-    hyper-parameter keys equal the transformers config. A transposed, misnamed or mis-encoded tensor, or a
-    wrong/missing key, fails."""
+    hyper-parameter keys equal the transformers config; --no-tokenizer marks the file weights-only (llama.cpp's
+    "none" tokenizer). A transposed, misnamed or mis-encoded tensor, or a wrong/missing key, fails."""
     out = work / f"out-{gguf_type}.gguf"
-    assert cli_main("--to-gguf", ours_f32, out, "--type", gguf_type) == 0
+    assert cli_main("--to-gguf", ours_f32, out, "--type", gguf_type, "--no-tokenizer") == 0
     reader = gguf.GGUFReader(out)
     c = hf_model.config
     fields = {k: f.contents() for k, f in reader.fields.items()}
@@ -244,10 +244,11 @@ def test_ours_to_gguf_tensors_and_metadata(work, hf_model, ours_f32, gguf_type):
               "phi3.feed_forward_length": c.intermediate_size, "phi3.attention.head_count": c.num_attention_heads,
               "phi3.attention.head_count_kv": c.num_key_value_heads, "phi3.context_length": c.max_position_embeddings,
               "phi3.rope.dimension_count": c.hidden_size // c.num_attention_heads,
-              "phi3.rope.freq_base": c.rope_parameters["rope_theta"],
+              "phi3.rope.freq_base": c.rope_parameters["rope_theta"], "phi3.vocab_size": c.vocab_size,
               "tokenizer.ggml.bos_token_id": c.bos_token_id, "tokenizer.ggml.eos_token_id": c.eos_token_id}
     for key, value in expect.items():
         assert fields[key] == pytest.approx(value), key
+    assert fields["tokenizer.ggml.model"] == "none" and "tokenizer.ggml.tokens" not in fields
     assert fields["phi3.attention.layer_norm_rms_epsilon"] == pytest.approx(c.rms_norm_eps, rel=1e-6)
     tensors = {t.name: t for t in reader.tensors}
     names = LLAMA_CPP_NAMES(c.num_hidden_layers)
@@ -264,7 +265,7 @@ def test_ours_to_gguf_tensors_and_metadata(work, hf_model, ours_f32, gguf_type):
 def test_round_trip_ours_gguf_ours_is_exact_f32(work, ours_f32):
     """ours -> GGUF f32 -> ours: every parameter bit-identical."""
     out = work / "rt.gguf"
-    assert cli_main("--to-gguf", ours_f32, out, "--type", "f32") == 0
+    assert cli_main("--to-gguf", ours_f32, out, "--type", "f32", "--no-tokenizer") == 0
     back = work / "rt-ours"
     assert cli_main(out, back) == 0
     a, b = restored_params(ours_f32), restored_params(back)
@@ -319,7 +320,8 @@ def test_error_q8_0_rows_not_whole_blocks(work, capsys):
     ours = work / "odd-ours"
     assert cli_main(src, ours) == 0
     capsys.readouterr()  # transformers' save progress
-    expect_cli_error(capsys, work, ["--to-gguf", "--type", "q8_0", ours], "odd.gguf", "q8_0", "multiple of 32")
+    expect_cli_error(capsys, work, ["--to-gguf", "--type", "q8_0", "--no-tokenizer", ours], "odd.gguf", "q8_0",
+                     "multiple of 32")
 
 
 def test_error_missing_and_misshapen_tensors(work, hf_model, capsys):

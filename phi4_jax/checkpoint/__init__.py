@@ -9,7 +9,8 @@
 - `hf_convert`: streaming conversion both ways (`convert_weights.py`).
 - `gguf_convert`: llama.cpp phi3 GGUF files in (dequantized, through `hf_convert`'s writer) and out, with the
   `gguf` package.
+- `gguf_tokenizer`: phi-4's tokenizer and chat template as GGUF metadata (written out; an embedded one checked).
 
-May import: `phi4_jax.model`, numpy, tensorstore, orbax, safetensors-format code of its own, the `gguf` package;
+May import: `phi4_jax.model`, `phi4_jax.special_tokens` and `phi4_jax.tokenizer` (for GGUF vocabularies), numpy, tensorstore, orbax, safetensors-format code of its own, the `gguf` package;
 never training, data or inference code.
 """

@@ -7,11 +7,13 @@ So reading one is the HF conversion with another source reader: `gguf_to_checkpo
 a `SourceTensor` under its HF name, whose row reads dequantize only the rows asked for
 (`gguf.quants.dequantize`; F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, and the other types the package
 decodes), and hands them to `hf_convert.write_converted_checkpoint` (streaming, atomic). Hyper-parameters come
-from the ``phi3.*`` metadata, the vocabulary size from ``token_embd``.
+from the ``phi3.*`` metadata, the vocabulary size from ``token_embd``. An embedded tokenizer must be phi-4's
+(`gguf_tokenizer.check_gguf_tokenizer`) unless the check is turned off.
 
-`checkpoint_to_gguf` writes a checkpoint as a phi3 GGUF (f32, f16, bf16 or q8_0 weights; norms stay f32, as
-llama.cpp keeps them) with the hyper-parameter metadata llama.cpp reads, one tensor in memory at a time, to a
-temporary file renamed into place when complete. Tokenizer metadata is not written yet.
+`checkpoint_to_gguf` writes a checkpoint as a phi3 GGUF (f32, f16, bf16, q8_0 or q4_0 weights, encoded by
+`gguf.quants.quantize`; norms stay f32, as llama.cpp keeps them) with the hyper-parameter metadata llama.cpp
+reads and phi-4's tokenizer and chat template (`gguf_tokenizer.add_phi4_tokenizer`; a weights-only file with
+``tokenizer=False``), one tensor in memory at a time, to a temporary file renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from phi4_jax.checkpoint.gguf_tokenizer import add_no_tokenizer, add_phi4_tokenizer, check_gguf_tokenizer
 from phi4_jax.checkpoint.hf_convert import (
     _check_distinct,
     _progress,
@@ -49,7 +52,7 @@ GGUF_TO_HF_PATTERNS = {
     "blk.{bid}.ffn_down": "model.layers.{bid}.mlp.down_proj.weight",
 }
 SPLIT_QKV = ("attn_q", "attn_k", "attn_v")  # some phi3 GGUFs store q, k, v separately
-GGUF_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}  # --type -> GGMLQuantizationType
+GGUF_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}  # --type -> GGMLQuantizationType
 
 
 def _gguf():
@@ -172,15 +175,19 @@ def _fused_qkv(parts: list[SourceTensor], hf_name: str) -> SourceTensor:
     return SourceTensor(hf_name, parts[0].file, parts[0].dtype, (int(bounds[-1]), *parts[0].shape[1:]), reader)
 
 
-def read_gguf_tensors(path) -> tuple[Phi4Config, dict[str, SourceTensor], list[str]]:
+def read_gguf_tensors(path, *, check_tokenizer: bool = True
+                      ) -> tuple[Phi4Config, dict[str, SourceTensor], list[str]]:
     """(config, {HF name: tensor}, GGUF type names) of a phi3 GGUF file; validated (one row of each tensor is
-    decoded to check its type), the data is read later."""
+    decoded to check its type; an embedded tokenizer must be phi-4's if `check_tokenizer`), the data is read
+    later."""
     path = Path(path)
     gguf, reader = _open_reader(path)
     by_name = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in by_name:
         raise ConversionError(f"{path.name}: missing tensor 'token_embd.weight'")
     config = config_from_gguf(reader, path, vocab_size=int(by_name["token_embd.weight"].shape[-1]))
+    if check_tokenizer:
+        check_gguf_tokenizer(reader, path)
     tensors: dict[str, SourceTensor] = {}
     split: dict[str, dict[str, SourceTensor]] = {}
     for name, t in by_name.items():
@@ -213,11 +220,11 @@ def read_gguf_tensors(path) -> tuple[Phi4Config, dict[str, SourceTensor], list[s
 
 
 def gguf_to_checkpoint(src, dst, *, dtype: str | None = None, overwrite: bool = False,
-                       compression: str | None = "zstd", progress: bool = True) -> Path:
+                       compression: str | None = "zstd", progress: bool = True, check_tokenizer: bool = True) -> Path:
     """Converts a llama.cpp phi3 GGUF into a phi4_jax checkpoint (dequantized to `dtype`, default float32)."""
     param_dtype = parse_dtype(dtype or "float32")
     _check_distinct(src, dst)
-    config, tensors, types = read_gguf_tensors(src)
+    config, tensors, types = read_gguf_tensors(src, check_tokenizer=check_tokenizer)
     return write_converted_checkpoint(config, tensors, dst, param_dtype=param_dtype,
                                       source_dtype="gguf:" + ",".join(types), overwrite=overwrite,
                                       compression=compression, progress=progress,
@@ -237,8 +244,10 @@ def _encode(gguf, name: str, tensor: np.ndarray, qtype) -> np.ndarray:
     return gguf.quants.quantize(tensor, qtype)
 
 
-def checkpoint_to_gguf(src, dst, *, gguf_type: str = "f16", overwrite: bool = False, progress: bool = True) -> Path:
-    """Writes a phi4_jax checkpoint as a llama.cpp phi3 GGUF file at `dst` (one tensor in memory at a time)."""
+def checkpoint_to_gguf(src, dst, *, gguf_type: str = "f16", overwrite: bool = False, progress: bool = True,
+                       tokenizer: bool = True) -> Path:
+    """Writes a phi4_jax checkpoint as a llama.cpp phi3 GGUF file at `dst` (one tensor in memory at a time),
+    with phi-4's tokenizer and chat template, or weights only (``tokenizer=False``)."""
     gguf = _gguf()
     if gguf_type not in GGUF_TYPES:
         raise ConversionError(f"unsupported --type {gguf_type!r}: choose one of {sorted(GGUF_TYPES)}")
@@ -275,6 +284,7 @@ def checkpoint_to_gguf(src, dst, *, gguf_type: str = "f16", overwrite: bool = Fa
         writer.add_bos_token_id(c.bos_token_id)
         writer.add_eos_token_id(c.eos_token_id)
         writer.add_pad_token_id(c.pad_token_id)
+        (add_phi4_tokenizer if tokenizer else add_no_tokenizer)(writer, c)
         writer.add_file_type(gguf.LlamaFileType.ALL_F32 if gguf_type == "f32"
                              else gguf.LlamaFileType[f"MOSTLY_{GGUF_TYPES[gguf_type]}"])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

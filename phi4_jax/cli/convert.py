@@ -4,7 +4,7 @@
     python convert_weights.py SRC_HF_DIR DST_DIR            # HF Phi3ForCausalLM dir -> phi4_jax checkpoint
     python convert_weights.py --to-hf SRC_DIR DST_HF_DIR    # phi4_jax checkpoint -> safetensors + config.json
     python convert_weights.py SRC.gguf DST_DIR              # llama.cpp phi3 GGUF -> phi4_jax checkpoint
-    python convert_weights.py --to-gguf SRC_DIR DST.gguf [--type f32|f16|bf16|q8_0]   # -> llama.cpp GGUF
+    python convert_weights.py --to-gguf SRC_DIR DST.gguf [--type f32|f16|bf16|q8_0|q4_0]   # -> llama.cpp GGUF
 
 Conversion streams piece by piece (beyond the interpreter, peak memory is a fraction of the largest tensor,
 for any shard layout), runs JAX on the CPU (unless JAX_PLATFORMS says otherwise), validates the source before
@@ -19,7 +19,7 @@ import sys
 
 from phi4_jax.model.config import DTYPES
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # phi4_jax.checkpoint.gguf_convert.GGUF_TYPES (not imported: jax-free)
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")  # phi4_jax.checkpoint.gguf_convert.GGUF_TYPES (not imported: jax-free)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
                            help="convert a phi4_jax checkpoint to a llama.cpp phi3 GGUF file")
     parser.add_argument("--type", choices=GGUF_TYPES, default="f16", dest="gguf_type",
                         help="weight type written by --to-gguf (default f16; 1-D norms stay f32)")
+    parser.add_argument("--no-tokenizer", action="store_true",
+                        help="--to-gguf: write weights only, without phi-4's tokenizer and chat template "
+                             "(needed for a model whose vocabulary is not phi-4's 100352 tokens)")
+    parser.add_argument("--no-tokenizer-check", action="store_true",
+                        help="reading a GGUF: convert it even if its embedded tokenizer is not phi-4's")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="output parameter dtype (default: keep the source dtype; float32 from GGUF)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
@@ -58,14 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.to_gguf:
             out = checkpoint_to_gguf(args.src, args.dst, gguf_type=args.gguf_type, overwrite=args.overwrite,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, tokenizer=not args.no_tokenizer)
         elif args.to_hf:
             out = checkpoint_to_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                                    max_shard_size=args.max_shard_size, progress=not args.no_progress)
         elif args.src.lower().endswith(".gguf"):
             out = gguf_to_checkpoint(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                                      compression=None if args.compression == "none" else args.compression,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, check_tokenizer=not args.no_tokenizer_check)
         else:
             out = hf_to_checkpoint(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                                    compression=None if args.compression == "none" else args.compression,
