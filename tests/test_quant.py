@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hf_models import hf_logits, make_tiny_phi3_dir, make_tiny_phi3_model
-from test_convert import cli_main, model_state
+from test_convert import cli_main
 
 import phi4_jax
 from phi4_jax.checkpoint.hf_mapping import params_from_hf_state_dict

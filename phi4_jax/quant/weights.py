@@ -113,14 +113,6 @@ def to_rows(name: str, w: np.ndarray) -> np.ndarray:
     return w.reshape(k, -1).T
 
 
-def from_rows(name: str, rows, shape: tuple[int, ...]):
-    """Inverse of `to_rows`: [N, K] (NumPy or JAX) back to our per-layer layout `shape`."""
-    if name == EMBED:
-        return rows.reshape(shape)
-    n_in = LINEAR_INPUT_AXES[name]
-    return rows.T.reshape(shape) if isinstance(rows, np.ndarray) else jnp.swapaxes(rows, -1, -2).reshape(shape)
-
-
 # ----------------------------------------------------------------------------- int4 packing, quantizing (NumPy)
 
 def pack_int4(q: np.ndarray) -> np.ndarray:
