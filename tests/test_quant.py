@@ -82,10 +82,16 @@ def test_quantize_matches_the_definition(bits, group):
     ("lm_head", "...e,ev->...v", (64, 96), (2, 3, 64)),
 ])
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 32)])
-def test_linear_einsum_equals_the_dequantized_product(name, equation, shape, x_shape, bits, group):
+def test_linear_einsum_equals_the_dequantized_product(name, equation, shape, x_shape, bits, group, monkeypatch):
     """`linear_einsum` (int8: matmul then per-channel scale; int4: dequantize then matmul) equals a float64
-    einsum with the weights the definition dequantizes to, for our layouts (stacked layers, two input axes)."""
+    einsum with the weights the definition dequantizes to, for our layouts (stacked layers, two input axes); the
+    lm_head here runs in slices of output rows (as phi-4's 100352 x 5120 one does)."""
+    from phi4_jax.quant import weights
     from phi4_jax.quant.weights import matrix_dims, to_rows
+
+    if name == "lm_head":
+        monkeypatch.setattr(weights, "MAX_DEQUANTIZED_VALUES", 1000)  # 96 x 64 -> 8 slices of 12 rows
+        assert weights._row_slices(96, 64) == 8
 
     rng = np.random.default_rng(1)
     w = rng.standard_normal(shape).astype(np.float32)

@@ -42,8 +42,8 @@ from phi4_jax.quant.weights import (
     EMBED,
     QuantizationError,
     QuantizeOptions,
-    check_group_size,
     matrix_dims,
+    part_shapes,
     quantize_matrix,
     quantized_weight,
     to_rows,
@@ -90,19 +90,6 @@ def row_blocks(n: int, row_bytes: int) -> list[tuple[int, int]]:
     """[n0, n1) blocks of output rows of about CHUNK_TARGET_BYTES each."""
     step = max(1, CHUNK_TARGET_BYTES // max(1, row_bytes))
     return [(a, min(n, a + step)) for a in range(0, n, step)]
-
-
-def part_shapes(name: str, shape: tuple[int, ...], bits: int, group: int, offsets: bool) -> dict:
-    """{"values": shape, "scales": shape[, "offsets": shape]} of our parameter `name` stored quantized."""
-    lead, in_shape, out_shape = matrix_dims(name, shape)
-    n, k = math.prod(out_shape), math.prod(in_shape)
-    check_group_size(group, k, name)
-    if bits not in (4, 8):
-        raise QuantizationError(f"{bits}-bit weights are not supported (int8 or int4)")
-    shapes = {"values": lead + (n, k // 2 if bits == 4 else k), "scales": lead + (n, k // group)}
-    if offsets:
-        shapes["offsets"] = shapes["scales"]
-    return shapes
 
 
 def quantized_meta(source: ParamSource) -> dict:
@@ -295,3 +282,23 @@ def write_sources_checkpoint(sources: list[ParamSource], config: Phi4Config, dst
         cfg[META_KEY][QUANTIZED_KEY] = quantized
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
     return dst
+
+
+def quantize_params(params: dict, config: Phi4Config, options: QuantizeOptions, dtype) -> dict:
+    """An in-memory parameter tree (float arrays, our layout) quantized by `options`, one layer at a time (for
+    models built or trained in this process; `load_model(..., quantize=...)` reads checkpoints)."""
+    from phi4_jax.model.decoder import flat_param_specs
+
+    def source(path, shape):
+        array = params[path[0]] if len(path) == 1 else params[path[0]][path[1]]
+
+        def blocks():
+            if path[0] == "layers":
+                for layer in range(shape[0]):
+                    yield Block(layer, None, None, value=np.asarray(array[layer]))
+            else:
+                yield Block(None, None, None, value=np.asarray(array))
+        return ParamSource(path, shape, None, blocks)
+
+    sources = [source(path, shape) for path, (shape, _) in flat_param_specs(config).items()]
+    return load_params(sources, options, dtype, progress=False)

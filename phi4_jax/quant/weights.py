@@ -49,6 +49,9 @@ EMBED = "embed"
 LINEAR_INPUT_AXES = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1,
                      "down_proj": 1, "lm_head": 1}
 QUANTIZABLE = (EMBED, *LINEAR_INPUT_AXES)
+# A product whose dequantized matrix would exceed this many values runs in slices of output rows (`lax.map`), so
+# the transient full-precision slice stays bounded: the lm_head (100352 x 5120 for phi-4) is 16 slices.
+MAX_DEQUANTIZED_VALUES = 1 << 25
 
 
 class QuantizationError(ValueError):
@@ -155,6 +158,19 @@ def quantize_matrix(w: np.ndarray, bits: int, group_size: int | None = None, *, 
     return (pack_int4(q) if bits == 4 else q), scales.astype(np.float32)
 
 
+def part_shapes(name: str, shape: tuple[int, ...], bits: int, group: int, offsets: bool) -> dict:
+    """{"values": shape, "scales": shape[, "offsets": shape]} of our parameter `name` stored quantized."""
+    lead, in_shape, out_shape = matrix_dims(name, shape)
+    n, k = math.prod(out_shape), math.prod(in_shape)
+    check_group_size(group, k, name)
+    if bits not in (4, 8):
+        raise QuantizationError(f"{bits}-bit weights are not supported (int8 or int4)")
+    shapes = {"values": lead + (n, k // 2 if bits == 4 else k), "scales": lead + (n, k // group)}
+    if offsets:
+        shapes["offsets"] = shapes["scales"]
+    return shapes
+
+
 # ----------------------------------------------------------------------------- the weight object
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["values", "scales", "offsets"],
@@ -204,6 +220,10 @@ class QuantizedWeight:
             raise QuantizationError(f"einsum {equation!r} does not fit a weight of input shape {self.in_shape} "
                                     f"and output shape {self.out_shape}")
         w_in, w_out = ws[:n_in], ws[n_in:]
+        n = math.prod(self.out_shape)
+        slices = _row_slices(n, self.k) if len(self.out_shape) == 1 and out.endswith(w_out) else 1
+        if slices > 1 and self.values.ndim == 2:
+            return self._sliced_einsum(equation, x, compute_dtype, slices, **einsum_kwargs)
         rows_equation = f"{xs},{w_out}{w_in}->{out}"
         full = self.values.shape[:-2] + self.out_shape + self.in_shape
         if self.bits == 8 and self.per_channel and out.endswith(w_out):
@@ -211,6 +231,21 @@ class QuantizedWeight:
             return y * self.scales.reshape(self.scales.shape[:-2] + self.out_shape).astype(y.dtype)
         w = self.dequantize_rows(compute_dtype).reshape(full)
         return jnp.einsum(rows_equation, x, w, **einsum_kwargs)
+
+    def _sliced_einsum(self, equation, x, compute_dtype, slices: int, **einsum_kwargs):
+        """`linear_einsum` over `slices` equal blocks of output rows, one dequantized block at a time."""
+        n = self.out_shape[0]
+        split = lambda a: None if a is None else a.reshape(slices, n // slices, a.shape[-1])  # noqa: E731
+
+        def one(parts):
+            values, scales, offsets = parts
+            block = dataclasses.replace(self, values=values, scales=scales, offsets=offsets,
+                                        out_shape=(n // slices,))
+            return block.linear_einsum(equation, x, compute_dtype, **einsum_kwargs)
+
+        ys = jax.lax.map(one, (split(self.values), split(self.scales), split(self.offsets)))  # [slices, ..., n/s]
+        ys = jnp.moveaxis(ys, 0, -2)
+        return ys.reshape(*ys.shape[:-2], n)
 
     def take_rows(self, ids, compute_dtype):
         """Embedding rows ``W[ids]`` [..., K] in the compute dtype, dequantizing only the rows gathered."""
@@ -231,6 +266,15 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(self))
+
+
+def _row_slices(n: int, k: int) -> int:
+    """The fewest equal slices of n output rows with at most MAX_DEQUANTIZED_VALUES values each (1: no slicing)."""
+    need = -(-n * k // MAX_DEQUANTIZED_VALUES)
+    for c in range(max(1, need), n + 1):
+        if n % c == 0:
+            return c
+    return n
 
 
 def quantized_weight(name: str, values, scales, offsets, *, bits: int, group_size: int,
@@ -274,3 +318,25 @@ def quantized_model(config, params: dict):
         holder = model.layers[path[1]] if path[0] == "layers" else getattr(model, path[0])
         holder.set_value(value)
     return model
+
+
+def abstract_quantized_params(config, options: QuantizeOptions, dtype) -> dict:
+    """The parameter tree `load_model(..., quantize=...)` would build, as `jax.ShapeDtypeStruct`s (nothing
+    allocated): for `jax.eval_shape` / ahead-of-time compilation and memory planning."""
+    from phi4_jax.model.decoder import flat_param_specs
+
+    params: dict = {"layers": {}}
+    for path, (shape, _) in flat_param_specs(config).items():
+        scheme = options.scheme(path[-1])
+        if scheme is None:
+            leaf = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+        else:
+            bits, group = scheme
+            _, in_shape, out_shape = matrix_dims(path[-1], shape)
+            group = group or math.prod(in_shape)
+            parts = part_shapes(path[-1], shape, bits, group, False)
+            leaf = QuantizedWeight(jax.ShapeDtypeStruct(parts["values"], jnp.uint8 if bits == 4 else jnp.int8),
+                                   jax.ShapeDtypeStruct(parts["scales"], jnp.dtype(dtype)), None, bits, group,
+                                   in_shape, out_shape)
+        (params["layers"] if path[0] == "layers" else params)[path[-1]] = leaf
+    return params
