@@ -334,3 +334,34 @@ def test_keep_quantized_q4_k_has_offsets_and_matches(tmp_path):
     exact = hf_logits(_hf_with_weights(model, held), ids)
     ours = np.asarray(ours_model(ids))
     assert np.std(exact) > 0.05 and np.max(np.abs(ours - exact)) / np.max(np.abs(exact)) <= 1e-4
+
+
+def test_q4_k_m_style_mixed_layers_dequantize_then_quantize(tmp_path):
+    """A parameter whose layers mix kept and other types (Q4_K_M's ffn_down: Q4_K and Q6_K) is not kept: it
+    dequantizes (gguf.quants) and `load_model(..., quantize="int8")` quantizes it by our scheme; the uniform ones stay
+    the file's Q4_K blocks."""
+    model = make_tiny_phi3_model(seed=6, hidden=256, heads=4, kv_heads=2, layers=2, intermediate=256, vocab=67)
+    rng = np.random.default_rng(4)
+    sizes = {"Q4_K": 144, "Q6_K": 210}
+
+    def random_blocks(tensor, q, qtype="Q4_K"):
+        raw = rng.integers(0, 256, size=(tensor.shape[0], tensor.shape[1] // 256, sizes[qtype]), dtype=np.uint8)
+        where = slice(0, 4) if qtype == "Q4_K" else slice(208, 210)
+        raw[..., where] = rng.uniform(0.0005, 0.002, size=(*raw.shape[:2], 2 if qtype == "Q4_K" else 1)).astype(
+            np.float16).view(np.uint8)
+        return raw.reshape(tensor.shape[0], -1)
+
+    down = model.model.layers[1].mlp.down_proj.weight.detach().numpy()
+    q6 = random_blocks(down, None, "Q6_K")
+    src = tmp_path / "mixed.gguf"
+    from test_gguf import write_gguf
+    write_gguf(src, model, "Q4_K", encode=random_blocks, override={"blk.1.ffn_down.weight": (q6, "Q6_K")})
+    ours = phi4_jax.load_model(src, quantize="int8")
+    params = ours.params
+    assert params["layers"]["gate_proj"].offsets is not None and params["layers"]["gate_proj"].group_size == 32
+    mixed = params["layers"]["down_proj"]
+    assert mixed.bits == 8 and mixed.offsets is None and mixed.group_size == 256  # ours: int8 per output channel
+    decoded = gguf.quants.dequantize(q6, gguf.GGMLQuantizationType.Q6_K).reshape(down.shape)  # HF [out, in]
+    got = np.asarray(mixed.dequantize(jnp.float32))[1].T  # ours [in, out] -> [out, in]
+    step = np.max(np.abs(decoded), axis=1, keepdims=True) / 127
+    assert np.all(np.abs(got - decoded) <= step / 2 + 1e-6)
