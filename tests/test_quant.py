@@ -195,14 +195,14 @@ def test_quantized_logits_close_to_transformers(quantized_models, input_ids, hf_
 
 
 def test_quantized_greedy_tokens_agree_with_transformers_on_the_same_weights(quantized_models, converted):
-    """64 greedy tokens from `generate` on the quantized models (unchanged code: the weight objects plug into the
-    forward) are transformers' greedy tokens with the weights they dequantize to: transformers, run once over the
+    """64 greedy tokens from `generate` on the int4 model (unchanged code: the weight objects plug into the
+    forward; int4 groups are the path int8 does not take, and the int8 forward is pinned by the exact test) are transformers' greedy tokens with the weights they dequantize to: transformers, run once over the
     prompt plus our tokens, picks our token as its argmax at (at least 90% of) the 64 positions; at all of them,
     that is exactly its greedy continuation (measured: all). (Against the original fp32 weights this random model's
     near-tied logits part greedy continuations after the first flipped tie; that distance is measured by the top-1
     bounds above and reported in BENCHMARKS.md.)"""
     prompt = np.random.default_rng(9).integers(3, SIZES["vocab"], 24).tolist()
-    for mode, model in quantized_models.items():
+    for mode, model in [("int4", quantized_models["int4"])]:
         ours = phi4_jax.generate(model, [prompt], max_new_tokens=64, stop_tokens=[])[0]
         assert len(ours) == 64
         logits = hf_logits(_hf_on_our_weights(converted[1], model), np.array([prompt + ours]))
