@@ -266,6 +266,13 @@ def test_bad_quantize_arguments_are_one_line_errors(converted):
         phi4_jax.load_model(dst, quantize="int8", sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
 
+def test_keep_quantized_needs_a_gguf_source(converted, capsys):
+    dst, _ = converted
+    assert cli_main(dst.parent / "hf", dst.parent / "kept", "--keep-quantized") == 1
+    assert capsys.readouterr().err.strip() == "error: --keep-quantized applies to a .gguf source only"
+    assert not (dst.parent / "kept").exists()
+
+
 # ----------------------------------------------------------------------------- GGUF kept quantized
 
 gguf = pytest.importorskip("gguf")
