@@ -16,9 +16,10 @@ Our quantizer (`quantize_matrix`) is symmetric absmax: per group ``scale = max|w
 Products. `QuantizedWeight.linear_einsum` is what `phi4_jax.model.linear.linear` calls: per-channel int8 runs
 the einsum on the int8 values converted to the compute dtype and scales the output channels afterwards (the
 scale factors out of the contraction); group-wise weights are dequantized to the compute dtype inside the jitted
-step, one matrix (one layer's, under `lax.scan`) at a time, and fed to the einsum, which XLA fuses on GPU/TPU.
-Either way, only the int8/int4 values and their scales are held between steps: no full-precision copy of the
-weights exists outside a single matrix's transient. `take_rows` gathers embedding rows and dequantizes only
+step, one matrix (one layer's, under `lax.scan`) at a time, and fed to the einsum, which XLA fuses on GPU/TPU;
+a matrix with more than `MAX_DEQUANTIZED_VALUES` values (phi-4's 100352 x 5120 lm_head) is multiplied in slices of
+output rows under `lax.map`, so its transient is a slice. Only the int8/int4 values and their scales are held
+between steps: no full-precision copy of the weights exists outside that bounded transient. `take_rows` gathers embedding rows and dequantizes only
 those. The leaves keep the stacked ``layers`` axis first, so `lax.scan` slices a `QuantizedWeight` like an array.
 
 Why not qwix: qwix's post-training quantization (``qwix.quantize_model`` with a ``PtqProvider``) quantizes an NNX
@@ -48,7 +49,6 @@ EMBED = "embed"
 # come first in our layout ([*in, *out]). The embedding is [vocab, embed]: quantized as rows of the vocabulary.
 LINEAR_INPUT_AXES = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1,
                      "down_proj": 1, "lm_head": 1}
-QUANTIZABLE = (EMBED, *LINEAR_INPUT_AXES)
 # A product whose dequantized matrix would exceed this many values runs in slices of output rows (`lax.map`), so
 # the transient full-precision slice stays bounded: the lm_head (100352 x 5120 for phi-4) is 16 slices.
 MAX_DEQUANTIZED_VALUES = 1 << 25
@@ -263,9 +263,6 @@ class QuantizedWeight:
             return rows
         return jnp.swapaxes(rows, -1, -2).reshape(lead + self.in_shape + self.out_shape)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(self))
 
 
 def _row_slices(n: int, k: int) -> int:
@@ -291,12 +288,6 @@ def quantized_weight(name: str, values, scales, offsets, *, bits: int, group_siz
         if got != want:
             raise QuantizationError(f"quantized {name} {field} has shape {got}, expected {want}")
     return QuantizedWeight(values, scales, offsets, bits, group_size, in_shape, out_shape)
-
-
-def quantized_param_names(params: dict) -> list[str]:
-    """Names of the parameters of a (nested) parameter dict that are `QuantizedWeight`s."""
-    flat = {**params.get("layers", {}), **{k: v for k, v in params.items() if k != "layers"}}
-    return sorted(name for name, w in flat.items() if isinstance(w, QuantizedWeight))
 
 
 def quantized_model(config, params: dict):
