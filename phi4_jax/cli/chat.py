@@ -4,7 +4,9 @@ The JAX counterpart of the model card's `llama-cli -m phi-4-q4.gguf -cnv -c 1638
 multi-turn chat in the phi-4 chat format, an optional system prompt (`--system`), a context of up to
 16384 tokens (`--max-context`), tokens streamed as they are generated, and tokens/s after each answer
 (on stderr). `--prompt "..."` answers once and exits, so it can be scripted. Ctrl-D or Ctrl-C at the
-prompt exits; Ctrl-C during an answer stops that answer.
+prompt exits; Ctrl-C during an answer stops that answer. `--quantize int8|int4` (and `--group-size`) loads the
+weights quantized (`load_model(..., quantize=...)`); `--checkpoint` may also be a llama.cpp phi3 ``.gguf`` file, whose
+Q8_0 / Q4_0 / Q4_K blocks run as they are.
 
 The KV cache is kept between turns (`phi4_jax.inference.chat_session.ChatSession`): each answer prefills only the
 new tokens (the previous answer's tail and the new user message), not the whole conversation. When the
