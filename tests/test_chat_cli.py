@@ -162,3 +162,14 @@ def test_text_streamer_holds_back_split_utf8_characters():
     streamer.flush()
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_quantize_options_load_a_quantized_model(checkpoint):
+    """`--quantize int4 --group-size 32` reach load_model: the chat runs on int4 weights."""
+    from phi4_jax.cli.chat import load, parse_args
+    from phi4_jax.quant.weights import QuantizedWeight
+
+    args = parse_args(["--checkpoint", str(checkpoint), "--quantize", "int4", "--group-size", "32"])
+    model, _ = load(args.checkpoint, args.dtype, args.quantize, args.group_size)
+    q_proj = model.params["layers"]["q_proj"]
+    assert isinstance(q_proj, QuantizedWeight) and (q_proj.bits, q_proj.group_size) == (4, 32)

@@ -10,7 +10,12 @@
 - `gguf_convert`: llama.cpp phi3 GGUF files in (dequantized, through `hf_convert`'s writer) and out, with the
   `gguf` package.
 - `gguf_tokenizer`: phi-4's tokenizer and chat template as GGUF metadata (written out; an embedded one checked).
+- `quantized_load`: `load_model(..., quantize=...)`'s loader (tensor by tensor into `phi4_jax.quant` weights), the
+  checkpoint format for quantized tensors, `quantize_params` for in-memory models.
+- `gguf_quantized`: GGUF Q8_0 / Q4_0 / Q4_K blocks re-blocked into quantized weights (``--keep-quantized``, and
+  `load_model` of a ``.gguf`` file).
 
-May import: `phi4_jax.model`, `phi4_jax.special_tokens` and `phi4_jax.tokenizer` (for GGUF vocabularies), numpy, tensorstore, orbax, safetensors-format code of its own, the `gguf` package;
-never training, data or inference code.
+May import: `phi4_jax.model`, `phi4_jax.quant`, `phi4_jax.special_tokens` and `phi4_jax.tokenizer` (for GGUF
+vocabularies), numpy, tensorstore, orbax, safetensors-format code of its own, the `gguf` package; never training,
+data or inference code.
 """

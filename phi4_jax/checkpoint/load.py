@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from phi4_jax.checkpoint.store import (
@@ -82,26 +83,94 @@ def _restore(params_dir, config: Phi4Config, dtype, sharding: ShardingSpec) -> d
         raise CheckpointError(f"corrupt or incomplete checkpoint {str(params_dir)!r}: {first}") from None
 
 
-def load_model(path: str | os.PathLike, dtype=None, *, sharding: ShardingSpec = None,
-               compute_dtype=None, **config_overrides: Any):
-    """Loads a converted checkpoint as a `Phi4ForCausalLM`.
+def load_model(path: str | os.PathLike, dtype=None, *, quantize: str | None = None, group_size: int | None = None,
+               quantize_embed: str | None = "int8", quantize_lm_head: bool = True, sharding: ShardingSpec = None,
+               compute_dtype=None, progress: bool = False, **config_overrides: Any):
+    """Loads a converted checkpoint (or a llama.cpp phi3 ``.gguf`` file) as a `Phi4ForCausalLM`.
 
-    `dtype` casts the parameters (e.g. ``jnp.bfloat16`` for inference; None keeps the stored dtype).
-    `compute_dtype` defaults to the parameter dtype (float32 params compute in float32, so fp32 parity with
-    transformers holds; bf16 params compute in bf16). `sharding`: see `restore_params`. Other keyword
-    arguments override runtime config fields (e.g. ``attention_impl="xla"``, ``remat_policy="none"``).
+    `dtype` casts the parameters (e.g. ``jnp.bfloat16`` for inference; None keeps the stored dtype; a GGUF file
+    defaults to float32). `compute_dtype` defaults to the parameter dtype (float32 params compute in float32, so
+    fp32 parity with transformers holds; bf16 params compute in bf16). `sharding`: see `restore_params`. Other
+    keyword arguments override runtime config fields (e.g. ``attention_impl="xla"``, ``remat_policy="none"``).
+
+    Weight-only quantization for inference: `quantize` = ``"int8"`` (one scale per output channel, unless
+    `group_size` is given) or ``"int4"`` (symmetric groups of `group_size` input features, default 128, two values
+    per byte). The matrices are quantized tensor by tensor while they are read (the full-precision model never
+    exists in memory) and the matmuls dequantize on the fly (`phi4_jax.quant.weights`). `quantize_embed`: the
+    embedding table as ``"int8"`` rows (default), ``"same"`` as the other matrices, or None (kept in `dtype`);
+    `quantize_lm_head=False` keeps the lm_head in `dtype`. Norms stay in `dtype`. Tensors that a checkpoint or
+    GGUF file already holds quantized (Q8_0 -> int8, Q4_0/Q4_K -> int4, in groups of 32) are used as they are,
+    whatever `quantize` says. A quantized model loads onto one device (`sharding` must be None) and is for
+    inference (generate, chat, serve); `progress=True` shows a bar while it loads.
     """
     from phi4_jax.model.decoder import model_from_params
 
     dtype_name = _resolve_dtype(dtype)
+    options = _quantize_options(quantize, group_size, quantize_embed, quantize_lm_head)
+    if str(path).endswith(".gguf"):
+        return _load_gguf_model(path, dtype_name, options, sharding, compute_dtype, progress, config_overrides)
     stored_config, meta = read_checkpoint_config(path)
     param_dtype = dtype_name or meta.get("param_dtype", stored_config.param_dtype)
-    compute = _resolve_dtype(compute_dtype) or param_dtype
-    runtime = {"param_dtype": param_dtype, "compute_dtype": compute}
-    runtime.update(config_overrides)
-    try:
-        config = stored_config.replace(**runtime)
-    except ConfigError as e:
-        raise CheckpointError(f"bad config override: {e}") from None
+    config = _runtime_config(stored_config, param_dtype, compute_dtype, config_overrides)
+    if options is not None or meta.get("quantized"):
+        from phi4_jax.checkpoint.quantized_load import checkpoint_sources
+
+        _check_unsharded(sharding)
+        sources = checkpoint_sources(params_directory(path, meta), config, meta)
+        return _quantized_model(config, sources, options, param_dtype, progress, f"loading {Path(path).name}")
     params = _restore(params_directory(path, meta), config, param_dtype, sharding)
     return model_from_params(config, params)
+
+
+def _runtime_config(stored_config: Phi4Config, param_dtype: str, compute_dtype, overrides: dict) -> Phi4Config:
+    compute = _resolve_dtype(compute_dtype) or param_dtype
+    runtime = {"param_dtype": param_dtype, "compute_dtype": compute}
+    runtime.update(overrides)
+    try:
+        return stored_config.replace(**runtime)
+    except ConfigError as e:
+        raise CheckpointError(f"bad config override: {e}") from None
+
+
+def _quantize_options(quantize, group_size, quantize_embed, quantize_lm_head):
+    from phi4_jax.quant.weights import QuantizationError, QuantizeOptions
+
+    if quantize is None:
+        if group_size is not None:
+            raise CheckpointError("group_size needs quantize='int8' or 'int4'")
+        return None
+    try:
+        return QuantizeOptions(quantize, group_size, quantize_embed, quantize_lm_head)
+    except QuantizationError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _check_unsharded(sharding) -> None:
+    if sharding is not None:
+        raise CheckpointError("quantized weights load onto one device: sharding is not supported with them")
+
+
+def _quantized_model(config: Phi4Config, sources, options, param_dtype: str, progress: bool, desc: str):
+    from phi4_jax.checkpoint.quantized_load import load_params
+    from phi4_jax.quant.weights import QuantizationError, quantized_model
+
+    params = load_params(sources, options, param_dtype, progress=progress, desc=desc)
+    try:
+        return quantized_model(config, params)
+    except QuantizationError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _load_gguf_model(path, dtype_name, options, sharding, compute_dtype, progress, overrides):
+    """`load_model` of a ``.gguf`` file: its quantized blocks kept (re-blocked), other tensors in `dtype`."""
+    from phi4_jax.checkpoint.gguf_quantized import gguf_sources
+    from phi4_jax.checkpoint.hf_files import ConversionError
+
+    _check_unsharded(sharding)
+    param_dtype = dtype_name or "float32"
+    try:
+        stored_config, sources, _ = gguf_sources(path)
+        config = _runtime_config(stored_config, param_dtype, compute_dtype, overrides)
+        return _quantized_model(config, sources, options, param_dtype, progress, f"loading {Path(path).name}")
+    except ConversionError as e:
+        raise CheckpointError(str(e)) from None

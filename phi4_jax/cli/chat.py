@@ -4,7 +4,9 @@ The JAX counterpart of the model card's `llama-cli -m phi-4-q4.gguf -cnv -c 1638
 multi-turn chat in the phi-4 chat format, an optional system prompt (`--system`), a context of up to
 16384 tokens (`--max-context`), tokens streamed as they are generated, and tokens/s after each answer
 (on stderr). `--prompt "..."` answers once and exits, so it can be scripted. Ctrl-D or Ctrl-C at the
-prompt exits; Ctrl-C during an answer stops that answer.
+prompt exits; Ctrl-C during an answer stops that answer. `--quantize int8|int4` (and `--group-size`) loads the
+weights quantized (`load_model(..., quantize=...)`); `--checkpoint` may also be a llama.cpp phi3 ``.gguf`` file, whose
+Q8_0 / Q4_0 / Q4_K blocks run as they are.
 
 The KV cache is kept between turns (`phi4_jax.inference.chat_session.ChatSession`): each answer prefills only the
 new tokens (the previous answer's tail and the new user message), not the whole conversation. When the
@@ -28,7 +30,8 @@ class ChatError(Exception):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m phi4_jax.chat", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (from convert_weights.py)")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint directory (from convert_weights.py), or a llama.cpp phi3 .gguf file")
     p.add_argument("--system", default=None, help="system prompt (like llama-cli's -p)")
     p.add_argument("--prompt", default=None, help="answer this one message and exit")
     p.add_argument("--max-context", type=int, default=16384,
@@ -40,6 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
                    help="parameter/compute dtype (default: as stored in the checkpoint)")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization while loading (int8 per channel, int4 in groups); see load_model")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="quantization group size along the input dimension (default: per channel for int8, 128 "
+                        "for int4)")
     args = p.parse_args(argv)
     if args.max_context < 2:
         p.error(f"--max-context must be at least 2, got {args.max_context}")
@@ -48,9 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load(checkpoint: str, dtype: str | None):
+def load(checkpoint: str, dtype: str | None, quantize: str | None = None, group_size: int | None = None):
     """(model, tokenizer), with clear ChatErrors for a missing or broken checkpoint."""
-    if not os.path.isdir(checkpoint):
+    gguf_file = checkpoint.lower().endswith(".gguf") and os.path.isfile(checkpoint)
+    if not os.path.isdir(checkpoint) and not gguf_file:
         raise ChatError(f"checkpoint directory {checkpoint!r} does not exist "
                         "(convert one with: python convert_weights.py HF_DIR DST_DIR)")
     from phi4_jax.checkpoint.load import load_model
@@ -59,7 +68,7 @@ def load(checkpoint: str, dtype: str | None):
     from phi4_jax.tokenizer import Tokenizer
 
     try:
-        model = load_model(checkpoint, dtype=dtype)
+        model = load_model(checkpoint, dtype=dtype, quantize=quantize, group_size=group_size)
     except (CheckpointError, ConfigError) as e:
         raise ChatError(f"cannot load checkpoint {checkpoint!r}: {e}") from None
     tokenizer = Tokenizer()
@@ -150,7 +159,7 @@ def _report(stats: dict) -> None:
 
 
 def run(args) -> int:
-    model, tokenizer = load(args.checkpoint, args.dtype)
+    model, tokenizer = load(args.checkpoint, args.dtype, args.quantize, args.group_size)
     max_context = min(args.max_context, model.config.max_position_embeddings)
     conversation = Conversation(tokenizer, args.system, max_context)
     session = new_session(model, tokenizer, args, max_context)

@@ -4,6 +4,7 @@
     python convert_weights.py SRC_HF_DIR DST_DIR            # HF Phi3ForCausalLM dir -> phi4_jax checkpoint
     python convert_weights.py --to-hf SRC_DIR DST_HF_DIR    # phi4_jax checkpoint -> safetensors + config.json
     python convert_weights.py SRC.gguf DST_DIR              # llama.cpp phi3 GGUF -> phi4_jax checkpoint
+    python convert_weights.py SRC.gguf DST_DIR --keep-quantized   # Q8_0 / Q4_0 / Q4_K stay int8 / int4
     python convert_weights.py --to-gguf SRC_DIR DST.gguf [--type f32|f16|bf16|q8_0|q4_0]   # -> llama.cpp GGUF
 
 Conversion streams piece by piece (beyond the interpreter, peak memory is a fraction of the largest tensor,
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="output parameter dtype (default: keep the source dtype; float32 from GGUF)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--keep-quantized", action="store_true",
+                        help="GGUF in: keep Q8_0 / Q4_0 / Q4_K weights quantized (int8 / int4 groups of 32; "
+                             "load_model runs them as they are); other types dequantize to --dtype")
     parser.add_argument("--max-shard-size", default="5GB",
                         help="largest safetensors shard written by --to-hf (default 5GB)")
     parser.add_argument("--compression", choices=["zstd", "none"], default="zstd",
@@ -67,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.to_hf:
             out = checkpoint_to_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                                    max_shard_size=args.max_shard_size, progress=not args.no_progress)
+        elif args.keep_quantized:
+            if not args.src.lower().endswith(".gguf"):
+                raise ConversionError("--keep-quantized applies to a .gguf source only")
+            from phi4_jax.checkpoint.gguf_quantized import gguf_to_quantized_checkpoint
+            out = gguf_to_quantized_checkpoint(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                                               compression=None if args.compression == "none" else args.compression,
+                                               progress=not args.no_progress)
         elif args.src.lower().endswith(".gguf"):
             out = gguf_to_checkpoint(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                                      compression=None if args.compression == "none" else args.compression,

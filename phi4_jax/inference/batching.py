@@ -212,28 +212,47 @@ class _Running:
 
 def sample_rows(logits, seeds, steps, temperature, top_p):
     """Per-row sampling of float32 logits [B, V]: greedy where temperature[b] == 0, else `sampling.sample` at that
-    row's temperature and top_p with key fold_in(key(seeds[b]), steps[b])."""
-    sampler = Sampler(greedy=False, top_k=None, use_top_p=True)
+    row's temperature and top_p with key fold_in(key(seeds[b]), steps[b]).
 
-    def one(row, seed, step, temp, p):
-        key = jax.random.key(seed)[None]
-        return sample(row[None], key, step, sampler, jnp.where(temp > 0, temp, 1.0), p)[0]
+    The sampling pass (and within it the top-p nucleus search, 31 passes over the vocabulary) runs only when some
+    row needs it (`lax.cond`): an all-greedy batch costs one argmax."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    sampled = jax.vmap(one)(logits, seeds, steps, temperature, top_p)
-    return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    def sampled(use_top_p):
+        sampler = Sampler(greedy=False, top_k=None, use_top_p=use_top_p)
+
+        def one(row, seed, step, temp, p):
+            key = jax.random.key(seed)[None]
+            return sample(row[None], key, step, sampler, jnp.where(temp > 0, temp, 1.0), p)[0]
+
+        return jnp.where(temperature > 0, jax.vmap(one)(logits, seeds, steps, temperature, top_p), greedy)
+
+    any_top_p = jnp.any((temperature > 0) & (top_p < 1.0))
+    return jax.lax.cond(jnp.any(temperature > 0),
+                        lambda: jax.lax.cond(any_top_p, lambda: sampled(True), lambda: sampled(False)),
+                        lambda: greedy)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "top_k", "shard"), donate_argnames=("pages",))
-def engine_step(params, pages, tokens, start, n_new, block_tables, seeds, steps, temperature, top_p, *,
-                config, top_k, shard):
-    """`paged_extend` and sample: returns (pages, token [B], its logprob [B], top-k ids [B, k], logprobs [B, k])."""
+def engine_step(params, pages, tokens, start, n_new, block_tables, seeds, steps, temperature, top_p, want_logprobs,
+                *, config, top_k, shard):
+    """`paged_extend` and sample: returns (pages, token [B], its logprob [B], top-k ids [B, k], logprobs [B, k]).
+    The logprobs are computed only when `want_logprobs` (a traced bool: some row asked for them), else zeros."""
     with mesh_rules_context(shard):
         pages, logits = paged_extend(params, pages, tokens, start, n_new, block_tables, config)
         token = sample_rows(logits, seeds, steps, temperature, top_p)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        token_logp = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
-        top_logp, top_ids = jax.lax.top_k(logp, top_k)
-        return pages, token, token_logp, top_ids.astype(jnp.int32), top_logp
+
+        def logprobs():
+            logp = jax.nn.log_softmax(logits, axis=-1)
+            token_logp = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+            top_logp, top_ids = jax.lax.top_k(logp, top_k)
+            return token_logp, top_ids.astype(jnp.int32), top_logp
+
+        def none():
+            b = logits.shape[0]
+            return (jnp.zeros((b,), jnp.float32), jnp.zeros((b, top_k), jnp.int32), jnp.zeros((b, top_k), jnp.float32))
+
+        return pages, token, *jax.lax.cond(want_logprobs, logprobs, none)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "top_k", "shard"))
@@ -537,8 +556,9 @@ class ContinuousBatchingEngine:
         steps = np.array([r.generated if r is not None else 0 for r in rows], np.int32)
         temp = np.array([r.temperature if r is not None else 0.0 for r in rows], np.float32)
         top_p = np.array([r.top_p if r is not None else 1.0 for r in rows], np.float32)
+        want_logprobs = np.bool_(any(r is not None and r.logprobs is not None for r in rows))
         self.pages, *outs = engine_step(self.params, self.pages, tokens, start, n_new, tables, seeds, steps, temp,
-                                        top_p, config=self.config, top_k=self.top_k, shard=self.shard)
+                                        top_p, want_logprobs, config=self.config, top_k=self.top_k, shard=self.shard)
         return outs
 
     def warmup(self) -> None:
