@@ -19,6 +19,7 @@ import numpy as np
 
 from phi4_jax.data.sources import DataError
 from phi4_jax.model import sharding
+from phi4_jax.model.decoder import logical_axes_tree
 from phi4_jax.posttrain.objectives import DPO_SIDES, dpo_pair_logps
 
 PAIR_KEYS = tuple(f"{side}_{k}" for side in DPO_SIDES for k in ("input_ids", "segment_ids", "loss_mask"))
@@ -84,7 +85,8 @@ def load_or_compute_reference(cfg, pairs: dict, mesh, shardings, *, log=print, p
     from phi4_jax.train.checkpoints import init_params_from
 
     log(f"computing reference log-probs of {n} pairs with {cfg.train.init_from}")
-    params = init_params_from(cfg.train.init_from, cfg.model, shardings.params)
+    base_shardings = sharding.tree_shardings(mesh, logical_axes_tree(cfg.model), sharding.TRAINING_RULES)
+    params = init_params_from(cfg.train.init_from, cfg.model, base_shardings)   # not the LoRA adapters
     logps = compute_reference_logps(params, cfg.model, pairs, mesh, shardings.batch, cfg.micro_batch,
                                     cfg.train.loss_chunk, progress=progress)
     del params

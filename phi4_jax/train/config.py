@@ -11,6 +11,7 @@ Sections (all optional; unknown keys are errors):
     [data]       tokenizer, shuffle_seed, sources = [{name, type, weight, path, generator, text_key}],
                  sft_files, dpo_files (JSONL globs for the sft / dpo objectives)
     [dpo]        beta, loss_type, label_smoothing, reference_free (the dpo objective)
+    [lora]       rank (0 = off), alpha, targets, base_dtype: train low-rank adapters, base weights frozen
     [checkpoint] save_every, keep, async_save
     [demo]       sample_prompts, max_new_tokens, plot
 
@@ -87,6 +88,21 @@ class DataConfig:
     dpo_files: str | None = None   # JSONL of {"prompt": [...], "chosen": str, "rejected": str} ("dpo")
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 0                  # 0 = no LoRA (train every weight)
+    alpha: float = 16.0            # the update is scaled by alpha / rank
+    targets: tuple[str, ...] = LORA_TARGETS
+    base_dtype: str = "bfloat16"   # the frozen base weights' dtype
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 @dataclasses.dataclass(frozen=True)
 class DPOConfig:
     beta: float = 0.1
@@ -120,6 +136,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig
     demo: DemoConfig
     dpo: DPOConfig
+    lora: LoraConfig
     raw: dict                      # the merged dict this was built from (WORKDIR/config.json holds the
                                    # resolved config instead: `resolved_config`)
 
@@ -209,7 +226,7 @@ def _positive_int(value, where):
 
 def build_train_config(data: dict) -> TrainConfig:
     data = copy.deepcopy(data)
-    known = {"model", "mesh", "optimizer", "train", "data", "checkpoint", "demo", "dpo"}
+    known = {"model", "mesh", "optimizer", "train", "data", "checkpoint", "demo", "dpo", "lora"}
     unknown = set(data) - known
     if unknown:
         raise TrainConfigError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -238,6 +255,10 @@ def build_train_config(data: dict) -> TrainConfig:
         demo_d["sample_prompts"] = tuple(demo_d["sample_prompts"])
     demo = _section(DemoConfig, demo_d, "demo")
     dpo = _section(DPOConfig, data.get("dpo", {}), "dpo")
+    lora_d = dict(data.get("lora", {}))
+    if "targets" in lora_d:
+        lora_d["targets"] = tuple(lora_d["targets"]) if isinstance(lora_d["targets"], list) else lora_d["targets"]
+    lora = _section(LoraConfig, lora_d, "lora")
 
     data_d = dict(data.get("data", {}))
     sources = data_d.pop("sources", [])
@@ -288,6 +309,14 @@ def build_train_config(data: dict) -> TrainConfig:
         raise TrainConfigError(f"dpo.beta must be > 0, got {dpo.beta}")
     if not 0 <= dpo.label_smoothing < 0.5 or (dpo.loss_type == "ipo" and dpo.label_smoothing):
         raise TrainConfigError(f"dpo.label_smoothing must lie in [0, 0.5) (0 for ipo), got {dpo.label_smoothing}")
+    if not (isinstance(lora.rank, int) and lora.rank >= 0):
+        raise TrainConfigError(f"lora.rank must be an integer >= 0 (0 = off), got {lora.rank!r}")
+    if not (isinstance(lora.alpha, (int, float)) and lora.alpha > 0):
+        raise TrainConfigError(f"lora.alpha must be positive, got {lora.alpha!r}")
+    if not isinstance(lora.targets, tuple) or not lora.targets or set(lora.targets) - set(LORA_TARGETS):
+        raise TrainConfigError(f"lora.targets must be a non-empty list from {list(LORA_TARGETS)}, got {lora.targets!r}")
+    if lora.base_dtype not in ("float32", "bfloat16", "float16"):
+        raise TrainConfigError(f"lora.base_dtype must be float32, bfloat16 or float16, got {lora.base_dtype!r}")
     if not srcs and loop.objective == "pretrain":
         raise TrainConfigError("data.sources is empty: add at least one [[data.sources]] table")
     names = [s.name for s in srcs]
@@ -304,7 +333,7 @@ def build_train_config(data: dict) -> TrainConfig:
             raise TrainConfigError(f"data source {s.name!r}: type {s.type!r} needs a 'path'")
 
     return TrainConfig(model=model, mesh=mesh, distributed=distributed, optimizer=opt, train=loop,
-                       data=data_cfg, checkpoint=ckpt, demo=demo, dpo=dpo, raw=data)
+                       data=data_cfg, checkpoint=ckpt, demo=demo, dpo=dpo, lora=lora, raw=data)
 
 
 # Keys a resumed run may change without --allow-config-change (a key ending in "." covers its section): how
@@ -319,7 +348,7 @@ RESUME_CHANGEABLE = ("train.steps", "train.log_every", "train.init_from", "train
 def resolved_config(cfg: TrainConfig) -> dict:
     """Every setting of `cfg`, defaults included, as a dict that `build_train_config` accepts again."""
     sections = {name: dataclasses.asdict(getattr(cfg, name))
-                for name in ("optimizer", "train", "data", "checkpoint", "demo", "dpo")}
+                for name in ("optimizer", "train", "data", "checkpoint", "demo", "dpo", "lora")}
     return {"model": dataclasses.asdict(cfg.model), "mesh": {**dataclasses.asdict(cfg.mesh), "distributed": cfg.distributed},
             **sections}
 

@@ -101,21 +101,35 @@ class BuiltStep(NamedTuple):
     shardings: StepShardings
     abstract_state: Any     # the train state as sharded ShapeDtypeStructs (AOT `lower`, restore)
     tx: Any                 # the optax optimizer (to create a train state)
+    create_state: Any       # (key, init_from=None) -> a new train state, sharded (from init_from's params if given)
 
 
 def build_train_step(model_cfg, mesh, *, optimizer: OptimizerConfig, total_steps: int, micro_batches: int,
-                     loss_chunk: int, objective=PRETRAIN) -> BuiltStep:
+                     loss_chunk: int, objective=PRETRAIN, lora=None) -> BuiltStep:
     """The train step for a model, optimizer and mesh: the one construction `train.py` (`setup`) and the AOT
     plan (`phi4_jax.train.plan`) share. Checks the model against the mesh (MeshError); no arrays are made.
 
     `step_fn.lower(abstract_state, batch)` with batch = {BATCH_KEYS: ShapeDtypeStruct([G, S], int32,
     sharding=shardings.batch)} compiles it ahead of time."""
     sharding.validate_model_mesh(model_cfg, mesh)
+    if lora is not None and lora.rank:   # LoRA (`phi4_jax.posttrain.lora`): adapters trained, base frozen
+        from phi4_jax.posttrain.lora import build_lora_train_step
+
+        return BuiltStep(*build_lora_train_step(model_cfg, mesh, lora, optimizer=optimizer, total_steps=total_steps,
+                                                micro_batches=micro_batches, loss_chunk=loss_chunk,
+                                                objective=objective))
     tx, schedule = make_optimizer(optimizer, model_cfg, total_steps)
     shardings = train_state_shardings(mesh, model_cfg, tx)
     step_fn = make_train_step(model_cfg, tx, schedule, micro_batches=micro_batches, loss_chunk=loss_chunk,
                               mesh=mesh, shardings=shardings, objective=objective)
-    return BuiltStep(step_fn, shardings, abstract_train_state(model_cfg, tx, shardings), tx)
+
+    def create_state(key, init_from=None):
+        if init_from:
+            return create_train_state(model_cfg, tx, shardings, None,
+                                      params=init_params_from(init_from, model_cfg, shardings.params))
+        return create_train_state(model_cfg, tx, shardings, key)
+
+    return BuiltStep(step_fn, shardings, abstract_train_state(model_cfg, tx, shardings), tx, create_state)
 
 
 def setup(cfg: TrainConfig, mesh=None):
@@ -132,7 +146,7 @@ def setup(cfg: TrainConfig, mesh=None):
                                f"{model_cfg.vocab_size}")
     built = build_train_step(model_cfg, mesh, optimizer=cfg.optimizer, total_steps=cfg.train.steps,
                              micro_batches=cfg.train.micro_batches, loss_chunk=cfg.train.loss_chunk,
-                             objective=objective_of(cfg))
+                             objective=objective_of(cfg), lora=cfg.lora)
     return mesh, tokenizer, built
 
 
@@ -182,7 +196,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
     """
     os.makedirs(workdir, exist_ok=True)
     mesh, tokenizer, built = setup(cfg, mesh)
-    tx, shardings, step_fn = built.tx, built.shardings, built.step_fn
+    shardings, step_fn = built.shardings, built.step_fn
     model_cfg, loop = cfg.model, cfg.train
     is_main = jax.process_index() == 0
     ckpt = TrainCheckpointer(workdir, save_every=cfg.checkpoint.save_every, keep=cfg.checkpoint.keep,
@@ -208,14 +222,11 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
         if start is not None:
             state, start = ckpt.restore(built.abstract_state, data_it)
             log(f"resumed from {ckpt.directory} at step {start}")
-        elif loop.init_from:
-            params = init_params_from(loop.init_from, model_cfg, shardings.params)
-            state = create_train_state(model_cfg, tx, shardings, None, params=params)
-            start = 0
-            log(f"initialized parameters from {loop.init_from}")
         else:
-            state = create_train_state(model_cfg, tx, shardings, jax.random.key(loop.seed))
+            state = built.create_state(jax.random.key(loop.seed), init_from=loop.init_from)
             start = 0
+            if loop.init_from:
+                log(f"initialized parameters from {loop.init_from}")
     except BaseException:
         data_it.close()
         ckpt.close()

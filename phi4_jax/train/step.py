@@ -128,28 +128,32 @@ def create_train_state(config: Phi4Config, tx, shardings: StepShardings, key, pa
 
 def make_train_step(config: Phi4Config, tx, schedule: Callable, *, micro_batches: int, loss_chunk: int,
                     mesh, shardings: StepShardings, rules=None, donate: bool = True,
-                    objective: Objective = PRETRAIN):
+                    objective: Objective = PRETRAIN, combine: Callable | None = None):
     """jit(step)(state, batch) -> (state, metrics). batch: {input_ids, segment_ids, positions} [G, S] int32
     (pretraining; another `objective` names its own keys).
 
     metrics (float32 scalars): loss (mean over trained tokens, or the objective's units), grad_norm (before
     clipping), lr (of this step), tokens (the loss's count: trained tokens, or pairs), and the objective's own.
+
+    `combine(trainable, frozen) -> model params`, for a state with a ``"frozen"`` entry that is not trained
+    (LoRA: adapters + frozen base weights); gradients and optimizer state cover ``state["params"]`` only.
     """
     rules = rules or sharding.TRAINING_RULES
     k = int(micro_batches)
 
-    def grad_of(params, batch):
+    def grad_of(params, batch, frozen=None):
         def f(p):
-            total, count, sums = objective.loss(p, batch, config, loss_chunk)
+            total, count, sums = objective.loss(p if combine is None else combine(p, frozen), batch, config,
+                                                loss_chunk)
             return total, (count, sums)
         (total, (count, sums)), grads = jax.value_and_grad(f, has_aux=True)(params)
         return total, count, sums, grads
 
     def step(state, batch):
         with sharding.activation_sharding(mesh, rules):
-            params = state["params"]
+            params, frozen = state["params"], state.get("frozen")
             if k == 1:
-                total, count, sums, grads = grad_of(params, batch)
+                total, count, sums, grads = grad_of(params, batch, frozen)
             else:
                 def split(x):
                     g = x.shape[0]
@@ -160,12 +164,12 @@ def make_train_step(config: Phi4Config, tx, schedule: Callable, *, micro_batches
 
                 def body(carry, mb):
                     tot, cnt, sm, acc = carry
-                    t, c, s, g = grad_of(params, mb)
+                    t, c, s, g = grad_of(params, mb, frozen)
                     return (tot + t, cnt + c, jax.tree.map(jnp.add, sm, s), jax.tree.map(jnp.add, acc, g)), None
 
                 zeros = jax.tree.map(jnp.zeros_like, params)
                 zero_sums = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(
-                    lambda: grad_of(params, jax.tree.map(lambda x: x[0], micro))[2]))
+                    lambda: grad_of(params, jax.tree.map(lambda x: x[0], micro), frozen)[2]))
                 (total, count, sums, grads), _ = jax.lax.scan(
                     body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zero_sums, zeros), micro)
             denom = jnp.maximum(count, 1.0)
@@ -178,6 +182,8 @@ def make_train_step(config: Phi4Config, tx, schedule: Callable, *, micro_batches
                        "lr": jnp.asarray(schedule(state["step"]), jnp.float32), "tokens": count,
                        **{name: value / denom for name, value in sums.items()}}
             new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+            if frozen is not None:
+                new_state["frozen"] = frozen
             return new_state, metrics
 
     batch_sh = batch_shardings(objective, shardings)
