@@ -77,12 +77,16 @@ def one_step(config, params, batch, objective, *, micro_batches, lr=1e-3):
     return step(state, {k: jnp.asarray(v) for k, v in batch.items()})
 
 
-@pytest.mark.parametrize("loss_type,ls", [("sigmoid", 0.0), ("robust", 0.1), ("ipo", 0.0)])
-def test_dpo_step_loss_and_metrics_equal_trl_in_torch(tiny, pair_batch, loss_type, ls):
-    hf, config, params = tiny
-    b = pair_batch
-    beta = 0.1
-    state, metrics = one_step(config, params, b, dpo_objective(beta, loss_type, ls), micro_batches=2)
+@pytest.fixture(scope="module")
+def sigmoid_steps(tiny, pair_batch):
+    """One sigmoid-DPO train step from the same state, without and with gradient accumulation (2 micro-batches)."""
+    _, config, params = tiny
+    objective = dpo_objective(0.1, "sigmoid")
+    return [one_step(config, params, pair_batch, objective, micro_batches=k) for k in (1, 2)]
+
+
+def trl_reference(hf, b, beta, loss_type, ls):
+    """(TRL's mean loss, chosen rewards, rejected rewards) in torch for `b`."""
     pc = torch_logps(hf, b["chosen_input_ids"], b["chosen_loss_mask"])
     pr = torch_logps(hf, b["rejected_input_ids"], b["rejected_loss_mask"])
     rc, rr = (torch.as_tensor(b[k], dtype=torch.float64) for k in ("ref_chosen_logps", "ref_rejected_logps"))
@@ -90,30 +94,42 @@ def test_dpo_step_loss_and_metrics_equal_trl_in_torch(tiny, pair_batch, loss_typ
     if loss_type == "ipo":   # TRL normalizes ipo by the completion token counts
         lengths = {"lc": torch.as_tensor(b["chosen_loss_mask"].sum(1), dtype=torch.float64),
                    "lr": torch.as_tensor(b["rejected_loss_mask"].sum(1), dtype=torch.float64)}
-    want = torch_dpo_losses(pc, pr, rc, rr, beta, loss_type, ls, **lengths).mean().item()
-    np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-4)
-    assert float(metrics["tokens"]) == PAIRS
-    chosen_r, rejected_r = beta * (pc - rc), beta * (pr - rr)
+    loss = torch_dpo_losses(pc, pr, rc, rr, beta, loss_type, ls, **lengths).mean().item()
+    return loss, beta * (pc - rc), beta * (pr - rr)
+
+
+def check_metrics(metrics, loss, chosen_r, rejected_r):
+    np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-4)
     np.testing.assert_allclose(float(metrics["rewards/chosen"]), chosen_r.mean().item(), rtol=1e-4)
     np.testing.assert_allclose(float(metrics["rewards/rejected"]), rejected_r.mean().item(), rtol=1e-4)
     np.testing.assert_allclose(float(metrics["rewards/margins"]), (chosen_r - rejected_r).mean().item(), rtol=1e-4)
     assert float(metrics["rewards/accuracies"]) == pytest.approx((chosen_r > rejected_r).double().mean().item())
-    if loss_type == "sigmoid":
-        # the step's update moves the policy toward the chosen completions: the mean margin grows
-        logps = jax.jit(dpo_pair_logps, static_argnums=(1, 3))
-        jb = {k: jnp.asarray(v) for k, v in b.items()}
-        before = np.subtract(*map(np.asarray, logps(params, config, jb, 32)))
-        after = np.subtract(*map(np.asarray, logps(state["params"], config, jb, 32)))
-        assert after.mean() > before.mean() + 1.0, (before, after)
 
 
-def test_dpo_accumulation_equals_one_batch(tiny, pair_batch):
-    _, config, params = tiny
-    objective = dpo_objective(0.1, "sigmoid")
-    s1, m1 = one_step(config, params, pair_batch, objective, micro_batches=1)
-    s2, m2 = one_step(config, params, pair_batch, objective, micro_batches=4)
-    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
+def test_dpo_step_loss_and_metrics_equal_trl_in_torch(tiny, pair_batch, sigmoid_steps):
+    hf, config, params = tiny
+    want = trl_reference(hf, pair_batch, 0.1, "sigmoid", 0.0)
+    (_, m1), (state, m2) = sigmoid_steps
+    for metrics in (m1, m2):   # accumulation over micro-batches reports the same batch means
+        check_metrics(metrics, *want)
+        assert float(metrics["tokens"]) == PAIRS
     np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-4)
+    # the step's update moves the policy toward the chosen completions: the mean margin grows
+    logps = jax.jit(dpo_pair_logps, static_argnums=(1, 3))
+    jb = {k: jnp.asarray(v) for k, v in pair_batch.items()}
+    before = np.subtract(*map(np.asarray, logps(params, config, jb, 32)))
+    after = np.subtract(*map(np.asarray, logps(state["params"], config, jb, 32)))
+    assert after.mean() > before.mean() + 1.0, (before, after)
+
+
+@pytest.mark.parametrize("loss_type,ls", [("robust", 0.1), ("ipo", 0.0)])
+def test_dpo_objective_loss_types_equal_trl_in_torch(tiny, pair_batch, loss_type, ls):
+    hf, config, params = tiny
+    objective = dpo_objective(0.2, loss_type, ls)
+    total, count, sums = jax.jit(objective.loss, static_argnums=(2, 3))(
+        params, {k: jnp.asarray(v) for k, v in pair_batch.items()}, config, 32)
+    check_metrics({"loss": total / count, **{k: v / count for k, v in sums.items()}},
+                  *trl_reference(hf, pair_batch, 0.2, loss_type, ls))
 
 
 PAIR_ROWS = [
@@ -126,7 +142,8 @@ PAIR_ROWS = [
 def dpo_config(data, init_from, **dpo):
     return build_train_config({
         "model": {"preset": "tiny", "vocab_size": 256, "hidden_size": 48, "intermediate_size": 80,
-                  "num_heads": 4, "num_kv_heads": 2, "head_dim": 12, "max_position_embeddings": 64},
+                  "num_heads": 4, "num_kv_heads": 2, "head_dim": 12, "max_position_embeddings": 64,
+                  "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},   # the tiny HF model's
         "optimizer": {"lr": 1e-3, "warmup_steps": 0},
         "train": {"objective": "dpo", "steps": 2, "global_batch": 2, "seq_len": 64, "loss_chunk": 64,
                   "init_from": init_from},
@@ -143,7 +160,7 @@ def test_dpo_train_run_precomputes_reference_and_logs_rewards(tmp_path):
     hf_to_checkpoint(tmp_path / "hf", tmp_path / "ref", progress=False)
     rows = list(PAIR_ROWS)
     rows.insert(2, dict(PAIR_ROWS[0], rejected=PAIR_ROWS[0]["chosen"]))                    # line 3: no preference
-    rows.insert(4, dict(PAIR_ROWS[1], chosen="1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13."))  # line 5: too long
+    rows.insert(4, dict(PAIR_ROWS[1], chosen=", ".join(map(str, range(40)))))   # line 5: too long
     data = tmp_path / "dpo.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = dpo_config(str(data), str(tmp_path / "ref"))
