@@ -315,6 +315,12 @@ def build_train_config(data: dict) -> TrainConfig:
         raise TrainConfigError(f"lora.alpha must be positive, got {lora.alpha!r}")
     if not isinstance(lora.targets, tuple) or not lora.targets or set(lora.targets) - set(LORA_TARGETS):
         raise TrainConfigError(f"lora.targets must be a non-empty list from {list(LORA_TARGETS)}, got {lora.targets!r}")
+    if lora.rank and loop.objective == "pretrain":
+        raise TrainConfigError("lora.rank > 0 trains adapters for post-training: set train.objective to "
+                               "'sft' or 'dpo'")
+    if lora.rank and demo.sample_prompts:
+        raise TrainConfigError("demo.sample_prompts are not sampled from a LoRA run: set demo.sample_prompts = [] "
+                               "and sample the merged checkpoint (python -m phi4_jax.posttrain.merge_lora)")
     if lora.base_dtype not in ("float32", "bfloat16", "float16"):
         raise TrainConfigError(f"lora.base_dtype must be float32, bfloat16 or float16, got {lora.base_dtype!r}")
     if not srcs and loop.objective == "pretrain":
