@@ -50,7 +50,7 @@ def test_merged_logits_equal_adapter_logits():
     base = init_params(CFG, jax.random.key(0))
     adapters = init_adapters(CFG, 4, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                              jax.random.key(1))
-    ids = jax.random.randint(jax.random.key(2), (2, 200), 0, CFG.vocab_size)
+    ids = jax.random.randint(jax.random.key(2), (2, 64), 0, CFG.vocab_size)
     base_logits = logits_of(base, ids, CFG)
     # a fresh adapter (B = 0) is the identity
     np.testing.assert_array_equal(logits_of(attach(base, adapters, 4.0), ids, CFG), base_logits)
@@ -71,14 +71,14 @@ def test_adapter_shapes_keep_the_layers_axis_first():
         adapter_specs(CFG, 8, ("lm_head",))
 
 
-def lora_config(data, **lora):
+def lora_config(data, steps=2, **lora):
     return build_train_config({   # the demo tokenizer's ids (pad 0, <|endoftext|> 1), which transformers checks
         "model": {"preset": "tiny", "vocab_size": 256, "max_position_embeddings": 256, "pad_token_id": 0,
                   "bos_token_id": 1, "eos_token_id": 1},
         "optimizer": {"lr": 1e-2, "warmup_steps": 0},
-        "train": {"objective": "sft", "steps": 3, "global_batch": 2, "seq_len": 64, "loss_chunk": 64},
+        "train": {"objective": "sft", "steps": steps, "global_batch": 2, "seq_len": 64, "loss_chunk": 64},
         "data": {"tokenizer": "demo_compact", "sft_files": data},
-        "checkpoint": {"save_every": 3, "async_save": False},
+        "checkpoint": {"save_every": 1, "async_save": False},
         "lora": {"rank": 4, "alpha": 8.0, "base_dtype": "float32", **lora},
     })
 
@@ -90,7 +90,10 @@ def test_lora_sft_run_merges_and_exports_to_transformers(tmp_path):
         {"role": "assistant", "content": f"{i} plus 1 is {i + 1}."}]}) + "\n" for i in range(10)))
     cfg = lora_config(str(data))
     mesh = sharding.build_mesh("fsdp=1", devices=jax.devices()[:1])
-    out = train(cfg, str(tmp_path / "run"), progress=False, log=lambda *_: None, mesh=mesh)
+    train(cfg, str(tmp_path / "run"), progress=False, log=lambda *_: None, mesh=mesh)
+    logs = []   # resume to step 3: the LoRA state (adapters, their AdamW moments, frozen base) restores
+    out = train(lora_config(str(data), steps=3), str(tmp_path / "run"), progress=False, log=logs.append, mesh=mesh)
+    assert out["last_step"] == 3 and any("resumed" in line and "step 2" in line for line in logs), logs
     state = out["state"]
     # only the adapters are trained and carry AdamW moments; the base is frozen
     assert set(state["params"]["layers"]) == set(cfg.lora.targets)

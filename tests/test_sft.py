@@ -1,6 +1,6 @@
 """SFT: JSONL reading and masking against the chat template, first-fit packing, the packed loss against a
 PyTorch computation on a converted tiny Phi3ForCausalLM (TRL's assistant-only loss), isolation of packed
-examples, and a resumable `train()` run with `train.objective = "sft"`."""
+examples, and a `train()` run with `train.objective = "sft"` (resuming one: tests/test_lora.py)."""
 
 import json
 import os
@@ -172,11 +172,11 @@ def sft_config(data_path, **train):
         "optimizer": {"lr": 1e-3, "warmup_steps": 0},
         "train": {"objective": "sft", "steps": 2, "global_batch": 2, "seq_len": 64, "loss_chunk": 64, **train},
         "data": {"tokenizer": "demo_compact", "sft_files": data_path},
-        "checkpoint": {"save_every": 1, "keep": 3, "async_save": False},
+        "checkpoint": {"save_every": 2, "async_save": False},
     })
 
 
-def test_sft_train_run_resumes_and_reports_skips(tmp_path):
+def test_sft_train_run_reports_skips(tmp_path):
     rows = [{"messages": [{"role": "user", "content": f"Question: What is {i % 10} plus 2?"},
                           {"role": "assistant", "content": f"{i % 10} plus 2 is {i % 10 + 2}."}]} for i in range(12)]
     rows.insert(3, {"messages": [{"role": "user", "content": "Count from 3:"}]})
@@ -189,8 +189,6 @@ def test_sft_train_run_resumes_and_reports_skips(tmp_path):
     assert [r["step"] for r in first] == [1, 2]
     # ~8 trained tokens per 20-token example (answer + <|im_end|>): the count is the masked tokens, not the rows
     assert all(0 < r["tokens"] < 2 * 64 / 2 for r in first) and all(np.isfinite(r["loss"]) for r in first)
-    out = train(sft_config(path, steps=3), str(tmp_path / "run"), progress=False, log=logs.append, mesh=mesh)
-    assert out["last_step"] == 3 and any("resumed" in line and "step 2" in line for line in logs)
 
 
 def test_sft_config_errors(tmp_path):
