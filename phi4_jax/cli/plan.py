@@ -2,6 +2,7 @@
 
     python -m phi4_jax.plan --model phi4-14b --mesh fsdp=8 --seq-len 16384 --global-batch 8
     python -m phi4_jax.plan --topology v5p:2x2x2 --model phi4-14b --mesh fsdp=8 --seq-len 16384 --global-batch 8
+    python -m phi4_jax.plan --model phi4-14b --mesh fsdp=1 --seq-len 4096 --global-batch 1 --lora-rank 16  # LoRA SFT
 
 See `phi4_jax.train.plan` for what is compiled and printed. Devices: with ``--topology`` the compile-only
 devices of that TPU topology (the real TPU compiler from the `libtpu` wheel, on this CPU machine; JAX's own
@@ -55,6 +56,10 @@ def parse_args(argv=None):
                         "e.g. v5p:2x2x2, v5p:4x4x4, v6e:2x4)")
     p.add_argument("--attention", default=None, choices=("xla", "pallas_tpu", "pallas_gpu", "cudnn"),
                    help="attention implementation to compile (default: what a run on those devices uses)")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="plan LoRA SFT instead: adapters of this rank on q/k/v/o and gate/up/down, base frozen")
+    p.add_argument("--lora-base-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="dtype of the frozen base weights with --lora-rank (default bfloat16)")
     return p.parse_args(argv)
 
 

@@ -1,17 +1,25 @@
-"""Post-training: the objectives that turn a pretrained phi-4 into a chat model (SFT, DPO).
+"""Post-training: the objectives that turn a pretrained phi-4 into a chat model (SFT, DPO), and LoRA.
 
-First slice, what exists now:
+They run on the pretraining trainer (`python train.py` with `train.objective = "sft"` / `"dpo"`): same sharded
+step, checkpoints and resume; only the data and the loss differ.
 - `logps`: `sequence_logps`, the summed log-prob of the masked tokens of each sequence (chunked, float32), and
   its pure-function form `sequence_logps_from_params` for use inside a jitted step.
 - `dpo`: `dpo_loss` (TRL's `sigmoid`, `ipo` and `robust` losses, label smoothing, reference-free) and
   `dpo_metrics` (TRL's rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies).
 - `sft`: `encode_sft_example`, a chat conversation -> token ids + the loss mask of its assistant turns.
+- `data`: SFT and DPO JSONL readers (errors name file:line; skips counted), first-fit packing, DPO batches.
+- `objectives`: the SFT and DPO `Objective`s the train step runs.
+- `reference`: DPO's reference log-probs, precomputed once and stored beside the data
+  (`python -m phi4_jax.posttrain.precompute_ref`); `posttrain_batches`, the loop's data for these objectives.
+- `lora`: `LoraWeight` (a weight object for `phi4_jax.model.linear`), adapter init/merge, the LoRA train state,
+  and the merged export (`python -m phi4_jax.posttrain.merge_lora`).
+- `demo_chat`: the CPU demo's chat data and its held-out evaluation.
 
-Not yet: the SFT and DPO trainers, their data pipelines (packing, JSONL readers), LoRA, Pivotal Token Search,
-decontamination.
+Not yet: Pivotal Token Search, decontamination.
 
-May import: `phi4_jax.model`, `phi4_jax.train`, `phi4_jax.data`, `phi4_jax.inference`, `phi4_jax.tokenizer`,
-`phi4_jax.special_tokens`, `phi4_jax.checks`; jax, optax, numpy. Never torch.
+May import: `phi4_jax.model`, `phi4_jax.train`, `phi4_jax.data`, `phi4_jax.inference`, `phi4_jax.checkpoint`,
+`phi4_jax.tokenizer`, `phi4_jax.special_tokens`, `phi4_jax.checks`; jax, optax, orbax, grain, numpy. Never torch.
+(`phi4_jax.train.loop` imports `objectives`/`reference`/`lora` lazily, only for post-training configs.)
 """
 
 from phi4_jax.posttrain.dpo import DPO_LOSS_TYPES, dpo_loss, dpo_metrics

@@ -11,5 +11,6 @@
 - `plan`: ahead-of-time compilation of the train step for a mesh, and its memory; for a TPU topology, with the
   real TPU compiler (libtpu) on a CPU machine.
 
-May import: `phi4_jax.model`, `phi4_jax.data`, `phi4_jax.checkpoint`, `phi4_jax.inference` (end-of-run samples).
+May import: `phi4_jax.model`, `phi4_jax.data`, `phi4_jax.checkpoint`, `phi4_jax.inference` (end-of-run samples);
+`phi4_jax.posttrain` lazily, inside `loop` and `plan` only, for the SFT/DPO objectives and LoRA.
 """

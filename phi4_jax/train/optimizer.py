@@ -35,12 +35,14 @@ def weight_decay_mask(model_config):
                         is_leaf=lambda x: isinstance(x, tuple))
 
 
-def make_optimizer(opt_cfg, model_config, total_steps: int):
-    """(optax GradientTransformation, lr schedule)."""
+def make_optimizer(opt_cfg, model_config, total_steps: int, decay_mask=None):
+    """(optax GradientTransformation, lr schedule). `decay_mask`: which parameters get weight decay (default:
+    the model's weights but its norms; LoRA passes its adapters' tree)."""
     schedule = learning_rate_schedule(opt_cfg, total_steps)
     parts = []
     if opt_cfg.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(opt_cfg.clip_norm))
     parts.append(optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-                             weight_decay=opt_cfg.weight_decay, mask=weight_decay_mask(model_config)))
+                             weight_decay=opt_cfg.weight_decay,
+                             mask=weight_decay_mask(model_config) if decay_mask is None else decay_mask))
     return optax.chain(*parts), schedule

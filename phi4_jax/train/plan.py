@@ -222,11 +222,12 @@ def _gib(n: float) -> str:
 # ----------------------------------------------------------------------------- the plan
 
 def train_step_program(config, mesh, *, global_batch: int, seq_len: int, micro_batches: int = 1,
-                       loss_chunk: int = 1024):
+                       loss_chunk: int = 1024, lora=None):
     """The jitted train step and its abstract arguments (state, batch) on `mesh`, ready to lower: the step
     `train.py` runs (AdamW, clipping, accumulation, chunked loss, remat), with nothing allocated.
 
-    Raises MeshError when the mesh cannot shard the model or the (micro-)batch.
+    Raises MeshError when the mesh cannot shard the model or the (micro-)batch. With `lora` (a LoraConfig with
+    rank > 0) it is the LoRA SFT step: adapters trained, base weights frozen in `lora.base_dtype`.
     """
     import jax
     import jax.numpy as jnp
@@ -239,10 +240,16 @@ def train_step_program(config, mesh, *, global_batch: int, seq_len: int, micro_b
     if global_batch % micro_batches:
         raise sharding.MeshError(f"--global-batch {global_batch} is not divisible by --micro-batches {micro_batches}")
     sharding.validate_batch_mesh(mesh, global_batch // micro_batches, seq_len, what="micro-batch")
+    keys = BATCH_KEYS
+    objective = {}
+    if lora is not None and lora.rank:
+        from phi4_jax.posttrain.objectives import SFT
+
+        keys, objective = tuple(SFT.batch_keys), {"objective": SFT, "lora": lora}
     built = build_train_step(config, mesh, optimizer=OptimizerConfig(), total_steps=100_000,
-                             micro_batches=micro_batches, loss_chunk=min(loss_chunk, seq_len))
+                             micro_batches=micro_batches, loss_chunk=min(loss_chunk, seq_len), **objective)
     batch = {k: jax.ShapeDtypeStruct((global_batch, seq_len), jnp.int32, sharding=built.shardings.batch)
-             for k in BATCH_KEYS}
+             for k in keys}
     return built.step_fn, built.abstract_state, batch
 
 
@@ -269,15 +276,21 @@ def plan(args, devices=None, topology: str | None = None) -> int:
         devices = devices[:wanted]  # more devices than the mesh needs (e.g. XLA_FLAGS set elsewhere)
     mesh = sharding.build_mesh(sharding.MeshConfig.parse(args.mesh), devices=devices)
     loss_chunk = min(args.loss_chunk, args.seq_len)
+    lora = None
+    if getattr(args, "lora_rank", 0):
+        from phi4_jax.train.config import LoraConfig
+
+        lora = LoraConfig(rank=args.lora_rank, base_dtype=args.lora_base_dtype)
     step, state, batch = train_step_program(config, mesh, global_batch=args.global_batch, seq_len=args.seq_len,
-                                            micro_batches=args.micro_batches, loss_chunk=loss_chunk)
+                                            micro_batches=args.micro_batches, loss_chunk=loss_chunk, lora=lora)
     device = devices[0]
     where = (f"{mesh.size} {device.device_kind} devices of TPU topology {topology} (compile-only, libtpu)"
              if topology else f"{mesh.size} {device.platform} devices")
     print(f"model {args.model}: {config.num_params / 1e9:.2f}B params, {config.num_layers} layers | "
           f"mesh {dict(mesh.shape)} on {where} | seq {args.seq_len} | "
           f"global batch {args.global_batch} x {args.micro_batches} micro-batches | remat {args.remat} | "
-          f"loss chunk {loss_chunk}", flush=True)
+          f"loss chunk {loss_chunk}" + (f" | LoRA SFT rank {lora.rank} on {', '.join(lora.targets)}, base frozen "
+                                         f"in {lora.base_dtype}" if lora else ""), flush=True)
     print(f"attention={attention}", flush=True)
     t0 = time.perf_counter()
     mem = MemoryPlan.of(compile_for(mesh, step, state, batch, attention=attention))
