@@ -144,7 +144,7 @@ def _problems_file(tmp_path, n):
 def test_resume_writes_each_pair_once_and_reuses_cached_estimates(tmp_path):
     problems, skipped = pts.read_problems(_problems_file(tmp_path, 2), None)
     assert skipped == []
-    encode = lambda problem: [1 if problem["prompt"] == "p0" else 2]  # noqa: E731
+    encode = lambda problem: [1 if problem.data["prompt"] == "p0" else 2]  # noqa: E731
     decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
     out, cache_dir = str(tmp_path / "pairs.jsonl"), str(tmp_path / "cache")
 

@@ -391,11 +391,15 @@ def read_problems(path: str, oracle: str | None) -> tuple[list[Problem], list[st
     return problems, skipped
 
 
-def prompt_ids(problem: dict, tokenizer) -> list[int]:
-    """A chat problem's messages in the phi-4 chat format with the assistant header, or a text problem's prompt."""
-    if "messages" in problem:
-        return tokenizer.encode_chat(problem["messages"], add_generation_prompt=True)
-    return tokenizer.encode(problem["prompt"])
+def prompt_ids(problem: Problem, encode_text: Callable[[str], list[int]],
+               encode_chat: Callable[[list], list[int]] | None) -> list[int]:
+    """A chat problem's messages in the chat format with the assistant header, or a text problem's prompt."""
+    if "messages" not in problem.data:
+        return encode_text(problem.data["prompt"])
+    if encode_chat is None:
+        raise PTSError(f"{problem.where}: this checkpoint's tokenizer has no chat format; give its problems a text "
+                       "'prompt' instead of 'messages'")
+    return encode_chat(problem.data["messages"])
 
 
 def pair_record(problem: Problem, pair: dict, decode: Callable[[list[int]], str], prompt_len: int) -> dict:
@@ -427,7 +431,7 @@ class RunSummary:
     rollouts: int = 0
 
 
-def run_pts(problems: list[Problem], search: PivotalTokenSearch, encode_prompt: Callable[[dict], list[int]],
+def run_pts(problems: list[Problem], search: PivotalTokenSearch, encode_prompt: Callable[[Problem], list[int]],
             decode: Callable[[list[int]], str], out_path: str, *, progress: bool = True,
             log: Callable[[str], None] = lambda line: None) -> RunSummary:
     """Searches every problem and appends its new pairs to `out_path`, flushed one by one (a pair already there, from
@@ -447,7 +451,7 @@ def run_pts(problems: list[Problem], search: PivotalTokenSearch, encode_prompt: 
     start = time.perf_counter()
     with open(out_path, "a", encoding="utf-8") as out:
         for problem in problems:
-            prompt = encode_prompt(problem.data)
+            prompt = encode_prompt(problem)
             result = search.search(problem.data, problem.key, prompt)
             summary.in_band += result.in_band
             summary.pivots += len(result.pivots)
