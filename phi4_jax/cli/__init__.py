@@ -4,6 +4,8 @@
 - `convert`: `python convert_weights.py` (also `python -m phi4_jax.cli.convert`).
 - `chat`: `python -m phi4_jax.chat`.
 - `plan`: `python -m phi4_jax.plan`.
+- `pts`: `python -m phi4_jax.pts` (Pivotal Token Search).
+- `decontaminate`: `python -m phi4_jax.decontaminate`.
 
 These parse arguments, call the library, and turn its errors into one-line messages and exit codes.
 May import anything in `phi4_jax`.

@@ -6,11 +6,14 @@ First slice, what exists now:
 - `dpo`: `dpo_loss` (TRL's `sigmoid`, `ipo` and `robust` losses, label smoothing, reference-free) and
   `dpo_metrics` (TRL's rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies).
 - `sft`: `encode_sft_example`, a chat conversation -> token ids + the loss mask of its assistant turns.
+- `pts`: Pivotal Token Search (`PivotalTokenSearch`, `ModelSampler`, the estimate cache, `run_pts`); `oracles`: the
+  exact / numeric / python checkers and user callables; `problems`: built-in arithmetic problems for the demo;
+  `policy`: `load_policy`, a converted checkpoint or a train.py workdir with its tokenizer.
 
-Not yet: the SFT and DPO trainers, their data pipelines (packing, JSONL readers), LoRA, Pivotal Token Search,
-decontamination.
+Not yet: the SFT and DPO trainers, their data pipelines (packing, JSONL readers), LoRA.
 
-May import: `phi4_jax.model`, `phi4_jax.train`, `phi4_jax.data`, `phi4_jax.inference`, `phi4_jax.tokenizer`,
+May import: `phi4_jax.model`, `phi4_jax.train`, `phi4_jax.data`, `phi4_jax.inference`, `phi4_jax.checkpoint`,
+`phi4_jax.tokenizer`,
 `phi4_jax.special_tokens`, `phi4_jax.checks`; jax, optax, numpy. Never torch.
 """
 
