@@ -13,8 +13,7 @@ First slice, what exists now:
 Not yet: the SFT and DPO trainers, their data pipelines (packing, JSONL readers), LoRA.
 
 May import: `phi4_jax.model`, `phi4_jax.train`, `phi4_jax.data`, `phi4_jax.inference`, `phi4_jax.checkpoint`,
-`phi4_jax.tokenizer`,
-`phi4_jax.special_tokens`, `phi4_jax.checks`; jax, optax, numpy. Never torch.
+`phi4_jax.tokenizer`, `phi4_jax.special_tokens`, `phi4_jax.checks`; jax, optax, numpy. Never torch.
 """
 
 from phi4_jax.posttrain.dpo import DPO_LOSS_TYPES, dpo_loss, dpo_metrics
