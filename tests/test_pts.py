@@ -235,3 +235,15 @@ def test_pts_on_the_tiny_model_finds_the_first_token_when_only_it_matters(tiny_m
     assert pair["prompt_ids"] == prompt
     assert pair["chosen_ids"][0] % 2 == 0 and pair["rejected_ids"][0] % 2 == 1
     assert (pair["p_chosen"], pair["p_rejected"]) == (1.0, 0.0)
+
+
+def test_pairs_are_written_in_the_output_id_space(tmp_path):
+    """The DPO reader takes phi-4 ids: a renumbered (demo) vocabulary's ids are mapped on the way out."""
+    problems, _ = pts.read_problems(_problems_file(tmp_path, 1), None)
+    out = str(tmp_path / "pairs.jsonl")
+    pts.run_pts(problems, scripted_search(), lambda problem: [1], lambda ids: "", out, progress=False,
+                output_ids=lambda ids: [1000 + t for t in ids])
+    rows = [json.loads(line) for line in open(out)]
+    assert {(r["chosen_ids"][0], r["rejected_ids"][0]) for r in rows} == {(1000 + GOOD, 1000 + BAD),
+                                                                         (1000 + KEEP, 1000 + SLIP)}
+    assert rows[0]["prompt_ids"] == [1001, 1010]

@@ -7,7 +7,8 @@
 DIR is a converted checkpoint (chat problems: {"messages": [...]}) or a `python train.py` workdir (text problems:
 {"prompt": "..."}); each problem has an "answer" and a "checker" (see `phi4_jax.posttrain.oracles`). Pairs are
 appended to PAIRS.jsonl as {"prompt", "chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids", "problem",
-"position", "p_before", "p_chosen", "p_rejected", ...}: the DPO trainer's input. Estimates are cached in --cache
+"position", "p_before", "p_chosen", "p_rejected", ...}: the DPO trainer's input (ids are phi-4 token ids; the demo's
+compact vocabulary is mapped back id by id). Estimates are cached in --cache
 (default PAIRS.jsonl.cache/); rerunning the same command resumes and writes no pair twice.
 
 Exit status: 0 done; 2 bad input (unknown oracle, no usable problems, unloadable checkpoint, a broken user oracle).
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
     log = (lambda line: None) if not args.no_progress else print
     try:
         summary = pts.run_pts(problems, search, lambda p: pts.prompt_ids(p, policy.encode_text, policy.encode_chat),
-                              policy.decode, args.out, progress=not args.no_progress, log=log)
+                              policy.decode, args.out, progress=not args.no_progress, log=log,
+                              output_ids=policy.to_phi4_ids)
     except (pts.PTSError, OracleError) as e:
         return fail(str(e))
     finally:

@@ -25,6 +25,7 @@ class Policy:
     decode: Callable[[list[int]], str]
     stop_tokens: list[int]
     name: str
+    to_phi4_ids: Callable[[list[int]], list[int]]      # the model's ids as phi-4 ids (the demo renumbers them)
 
 
 def _from_train_workdir(path: str, dtype) -> Policy:
@@ -49,8 +50,10 @@ def _from_train_workdir(path: str, dtype) -> Policy:
         tokenizer = make_tokenizer(cfg.data)
     except (TrainCheckpointError, DataError) as e:
         raise PolicyError(f"cannot load {path!r}: {e}") from None
+    phi4_ids = getattr(tokenizer, "phi4_ids", None)
+    to_phi4 = list if phi4_ids is None else (lambda ids: [phi4_ids[int(i)] for i in ids])
     return Policy(model_from_params(config, params), tokenizer.encode, None, tokenizer.decode,
-                  [tokenizer.endoftext_id], f"workdir:{os.path.abspath(path)}")
+                  [tokenizer.endoftext_id], f"workdir:{os.path.abspath(path)}", to_phi4)
 
 
 def load_policy(path: str, dtype: str | None = None) -> Policy:
@@ -74,4 +77,4 @@ def load_policy(path: str, dtype: str | None = None) -> Policy:
         raise PolicyError(f"checkpoint {path!r} has vocab_size {model.config.vocab_size}, smaller than the phi-4 "
                           f"tokenizer's {tokenizer.n_vocab}")
     return Policy(model, tokenizer.encode, lambda messages: tokenizer.encode_chat(messages, add_generation_prompt=True),
-                  tokenizer.decode, default_stop_tokens(model.config), f"checkpoint:{os.path.abspath(path)}")
+                  tokenizer.decode, default_stop_tokens(model.config), f"checkpoint:{os.path.abspath(path)}", list)

@@ -402,15 +402,17 @@ def prompt_ids(problem: Problem, encode_text: Callable[[str], list[int]],
     return encode_chat(problem.data["messages"])
 
 
-def pair_record(problem: Problem, pair: dict, decode: Callable[[list[int]], str], prompt_len: int) -> dict:
-    """One JSONL line of the output: the DPO fields (prompt as messages, chosen and rejected text) and the ids."""
+def pair_record(problem: Problem, pair: dict, decode: Callable[[list[int]], str], prompt_len: int,
+                output_ids: Callable[[list[int]], list[int]] = list) -> dict:
+    """One JSONL line of the output: the DPO fields (prompt as messages or text, chosen and rejected text) and the
+    ids, written as `output_ids` maps them (phi-4 ids for the DPO reader)."""
     prefix_text = decode(pair["prompt_ids"][prompt_len:])
     if "messages" in problem.data:
         prompt = list(problem.data["messages"]) + [{"role": "assistant", "content": prefix_text}]
     else:
         prompt = problem.data["prompt"] + prefix_text
     return {"prompt": prompt, "chosen": decode(pair["chosen_ids"]), "rejected": decode(pair["rejected_ids"]),
-            **{k: pair[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")},
+            **{k: [int(t) for t in output_ids(pair[k])] for k in ("prompt_ids", "chosen_ids", "rejected_ids")},
             "problem": problem.where, "problem_key": problem.key, "position": pair["position"],
             "p_before": pair["p_before"], "p_chosen": pair["p_chosen"], "p_rejected": pair["p_rejected"]}
 
@@ -433,9 +435,11 @@ class RunSummary:
 
 def run_pts(problems: list[Problem], search: PivotalTokenSearch, encode_prompt: Callable[[Problem], list[int]],
             decode: Callable[[list[int]], str], out_path: str, *, progress: bool = True,
-            log: Callable[[str], None] = lambda line: None) -> RunSummary:
+            log: Callable[[str], None] = lambda line: None,
+            output_ids: Callable[[list[int]], list[int]] = list) -> RunSummary:
     """Searches every problem and appends its new pairs to `out_path`, flushed one by one (a pair already there, from
-    an interrupted run, is not written again); `log` gets one line per problem."""
+    an interrupted run, is not written again); `log` gets one line per problem; ids are written as `output_ids`
+    maps the model's ids."""
     existing = set()
     for number, line in enumerate(read_complete_lines(out_path), 1):
         try:
@@ -457,7 +461,7 @@ def run_pts(problems: list[Problem], search: PivotalTokenSearch, encode_prompt: 
             summary.pivots += len(result.pivots)
             summary.no_alternative += result.no_alternative
             for pair in result.pairs:
-                record = pair_record(problem, pair, decode, len(prompt))
+                record = pair_record(problem, pair, decode, len(prompt), output_ids)
                 if pair_identity(record) in existing:
                     summary.pairs_already_there += 1
                     continue
