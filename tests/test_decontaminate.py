@@ -46,6 +46,9 @@ def sets(tmp_path):
                               {"role": "assistant", "content": "Sure: what is the capital city of Burkina Faso today"}]},
         "dpo": {"prompt": [{"role": "user", "content": "q"}], "chosen": "clean answer",
                 "rejected": "when " + LONG_13 + " then"},
+        # an eval 13-gram split across two neighbouring documents (hashed in one batch) matches neither
+        "tail_half": {"text": "It ends with " + " ".join(LONG_13.split()[:7])},
+        "head_half": {"text": " ".join(LONG_13.split()[7:]) + " starts this one."},
         "clean": {"text": "Once upon a time there was a cat."},
     }
     lines = [json.dumps(v) for v in docs.values()]
@@ -64,7 +67,8 @@ def test_hybrid_13_and_7_grams_remove_exactly_the_contaminated_documents(sets, t
     out = tmp_path / "out"
     assert run(["--eval", str(eval_path), "--input", str(train), "--out", str(out), "--workers", "1"]) == 0
     kept = (out / "train.jsonl").read_text().splitlines()
-    assert kept == [json.dumps(docs[k]) for k in ("twelve_words", "six_words", "tiny_item", "clean")]
+    assert kept == [json.dumps(docs[k]) for k in ("twelve_words", "six_words", "tiny_item", "tail_half", "head_half",
+                                                  "clean")]
     report = [json.loads(x) for x in (out / "report.jsonl").read_text().splitlines()]
     by_line = {r["line"]: r for r in report}
     line_of = {k: lines.index(json.dumps(v)) + 1 for k, v in docs.items()}
@@ -80,8 +84,8 @@ def test_hybrid_13_and_7_grams_remove_exactly_the_contaminated_documents(sets, t
     assert len(report) == 5
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval"]["items"] == 2 and summary["eval"]["too_short"] == 1 and summary["eval"]["short"] == 1
-    assert summary["inputs"][0] == {"input": str(train), "output": str(out / "train.jsonl"), "documents": 9,
-                                         "kept": 4, "removed": 4, "skipped": 1}
+    assert summary["inputs"][0] == {"input": str(train), "output": str(out / "train.jsonl"), "documents": 11,
+                                         "kept": 6, "removed": 4, "skipped": 1}
 
 
 def test_field_restricts_the_checked_text(sets, tmp_path):

@@ -51,15 +51,16 @@ _WORD_HASHES: dict[str, int] = {}
 def word_hashes(ws: list[str]) -> np.ndarray:
     """Stable 64-bit hashes of words (the same in every process and run)."""
     cache = _WORD_HASHES
-    out = np.empty(len(ws), np.uint64)
-    for i, w in enumerate(ws):
-        h = cache.get(w)
-        if h is None:
-            h = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
-            if len(cache) < 2_000_000:
-                cache[w] = h
-        out[i] = h
-    return out
+    get = cache.get
+    hashes = [get(w) for w in ws]
+    if None in hashes:
+        for i, h in enumerate(hashes):
+            if h is None:
+                w = ws[i]
+                h = hashes[i] = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
+                if len(cache) < 2_000_000:
+                    cache[w] = h
+    return np.array(hashes, dtype=np.uint64)
 
 
 def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:
@@ -217,27 +218,32 @@ def build_index(eval_paths: list[str], *, field: str | None = None, ngram: int =
     return EvalIndex(ngram, short_ngram, lh, li, sh, si, items, counts)
 
 
-def _first_hit(doc: np.ndarray, table: np.ndarray) -> int:
-    """Index of the first element of `doc` that is in the sorted `table`, or -1."""
-    if len(doc) == 0 or len(table) == 0:
-        return -1
-    pos = np.minimum(np.searchsorted(table, doc), len(table) - 1)
-    hit = np.flatnonzero(table[pos] == doc)
-    return int(hit[0]) if len(hit) else -1
+def match_documents(texts: list[str | None], index: EvalIndex) -> list[tuple[int, int, str] | None]:
+    """For each text (None: skip it), the first overlap with the index as (eval item index, n, the matched n-gram's
+    words), or None: its first 13-gram in the index, else its first short-item 7-gram.
 
-
-def find_match(text: str, index: EvalIndex) -> tuple[int, int, str] | None:
-    """(eval item index, n, the matched n-gram's words) for the first overlap of `text` with the index, or None."""
-    ws = words(text)
-    hashes = word_hashes(ws)
+    The whole batch is hashed as one concatenated word sequence, n-grams that cross a document boundary are masked
+    out, and one sorted-table lookup covers every n-gram of the batch."""
+    word_lists = [words(t) if t is not None else [] for t in texts]
+    lengths = np.array([len(ws) for ws in word_lists], np.int64)
+    flat = [w for ws in word_lists for w in ws]
+    hashes = word_hashes(flat)
+    ends = np.cumsum(lengths)
+    doc_of_word = np.repeat(np.arange(len(texts)), lengths)
+    results: list[tuple[int, int, str] | None] = [None] * len(texts)
     for n, table, owners in ((index.ngram, index.long_hashes, index.long_items),
                              (index.short_ngram, index.short_hashes, index.short_items)):
         grams = ngram_hashes(hashes, n)
-        at = _first_hit(grams, table)
-        if at >= 0:
-            owner = int(owners[np.searchsorted(table, grams[at])])
-            return owner, n, " ".join(ws[at:at + n])
-    return None
+        if len(table) == 0 or len(grams) == 0:
+            continue
+        doc = doc_of_word[:len(grams)]
+        pos = np.minimum(np.searchsorted(table, grams), len(table) - 1)
+        hits = np.flatnonzero((table[pos] == grams) & (np.arange(len(grams)) + n <= ends[doc]))
+        for at in hits:
+            d = int(doc[at])
+            if results[d] is None:
+                results[d] = (int(owners[pos[at]]), n, " ".join(flat[at:at + n]))
+    return results
 
 
 # ----------------------------------------------------------------------------- streaming a file through a pool
@@ -251,7 +257,7 @@ def _init_worker(index: EvalIndex) -> None:
 
 
 def _judge_chunk(texts: list[str | None]) -> list[tuple[int, int, str] | None]:
-    return [None if t is None else find_match(t, _INDEX) for t in texts]
+    return match_documents(texts, _INDEX)
 
 
 def _chunks(path: str, kind: str, field: str | None, chunk: int):
@@ -301,11 +307,13 @@ class FileResult:
 
 
 def open_pool(index: EvalIndex, workers: int):
-    """A pool of `workers` processes holding the index (None for 1: work in this process)."""
+    """A pool of `workers` processes holding the index (None for 1: work in this process). Forked where the platform
+    can (the children start at once with the index in memory), else spawned (they import this module)."""
+    _init_worker(index)
     if workers <= 1:
-        _init_worker(index)
         return None
-    return multiprocessing.get_context("spawn").Pool(workers, _init_worker, (index,))
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method).Pool(workers, _init_worker, (index,))
 
 
 def decontaminate_file(path: str, out_path: str, index: EvalIndex, report, *, field: str | None = None,
