@@ -25,6 +25,8 @@ def test_words_and_ngram_hashes_follow_their_definition():
     ws = "one two three four five".split()
     h = dc.word_hashes(ws)
     assert int(h[1]) == int.from_bytes(hashlib.blake2b(b"two", digest_size=8).digest(), "little")
+    assert [int(x) for x in dc.word_hashes(["five", "six", "two"])] == [int(h[4]), int.from_bytes(
+        hashlib.blake2b(b"six", digest_size=8).digest(), "little"), int(h[1])]     # memoized and new words alike
     p, mask = 0x100000001B3, 2**64 - 1
     want = [(int(h[i]) * p * p + int(h[i + 1]) * p + int(h[i + 2])) & mask for i in range(3)]
     assert [int(x) for x in dc.ngram_hashes(h, 3)] == want

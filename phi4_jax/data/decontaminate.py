@@ -46,20 +46,21 @@ def words(text: str) -> list[str]:
 
 
 _WORD_HASHES: dict[str, int] = {}
+MAX_CACHED_WORDS = 4_000_000
 
 
 def word_hashes(ws: list[str]) -> np.ndarray:
-    """Stable 64-bit hashes of words (the same in every process and run)."""
+    """Stable 64-bit hashes of words (blake2b; the same in every process and run), memoized per process."""
     cache = _WORD_HASHES
     get = cache.get
     hashes = [get(w) for w in ws]
     if None in hashes:
+        if len(cache) + len(ws) > MAX_CACHED_WORDS:
+            cache.clear()
         for i, h in enumerate(hashes):
             if h is None:
                 w = ws[i]
-                h = hashes[i] = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
-                if len(cache) < 2_000_000:
-                    cache[w] = h
+                hashes[i] = cache[w] = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
     return np.array(hashes, dtype=np.uint64)
 
 
