@@ -20,6 +20,14 @@ from phi4_jax.train.loss import chunked_target_logprob_sums, next_token_targets
 DEFAULT_CHUNK = 1024
 
 
+def target_weights(input_ids, loss_mask, segment_ids):
+    """(targets, weights) [B, S]: position t predicts targets[t] = token t+1, weighted 1 when token t+1 is
+    selected by `loss_mask` and lies in t's non-padding segment (float32), else 0."""
+    targets, valid = next_token_targets(input_ids, segment_ids)  # position t predicts token t+1
+    mask_next = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1)
+    return targets, valid * mask_next.astype(jnp.float32)
+
+
 def sequence_logps_from_params(params, config, input_ids, loss_mask, *, positions=None, segment_ids=None,
                                chunk: int = DEFAULT_CHUNK):
     """Pure, differentiable form of `sequence_logps` on a params dict: float32 [B]."""
@@ -27,9 +35,7 @@ def sequence_logps_from_params(params, config, input_ids, loss_mask, *, position
     if segment_ids is None:
         segment_ids = jnp.ones((b, s), jnp.int32)
     h = hidden_states(params, input_ids, config, positions=positions, segment_ids=segment_ids)
-    targets, valid = next_token_targets(input_ids, segment_ids)  # position t predicts token t+1
-    mask_next = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1)
-    weights = valid * mask_next.astype(jnp.float32)
+    targets, weights = target_weights(input_ids, loss_mask, segment_ids)
     chunk = min(chunk, s)
     pad = -s % chunk  # pad the tail so the chunk divides the sequence; padded positions weigh 0
     if pad:

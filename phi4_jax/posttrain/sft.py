@@ -39,9 +39,16 @@ def encode_sft_example(tokenizer, messages: Sequence[Mapping[str, str]]) -> tupl
     ids: list[int] = []
     mask: list[int] = []
     for message in messages:
-        header = [IM_START_ID, *tokenizer.encode_ordinary(message["role"]), IM_SEP_ID]
-        body = [*tokenizer.encode_ordinary(message["content"]), IM_END_ID]
+        header, body = turn_tokens(tokenizer, message)
         trained = int(message["role"] == "assistant")
         ids += header + body
         mask += [0] * len(header) + [trained] * len(body)
     return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+
+
+def turn_tokens(tokenizer, message: Mapping[str, str], *, close: bool = True) -> tuple[list[int], list[int]]:
+    """(header, body) phi-4 ids of one chat turn: ``<|im_start|>{role}<|im_sep|>`` and the content as ordinary
+    text, followed by ``<|im_end|>`` when `close` (an open turn is one a completion continues)."""
+    header = [IM_START_ID, *tokenizer.encode_ordinary(message["role"]), IM_SEP_ID]
+    body = [*tokenizer.encode_ordinary(message["content"]), *([IM_END_ID] if close else [])]
+    return header, body

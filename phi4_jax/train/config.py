@@ -6,8 +6,11 @@ Sections (all optional; unknown keys are errors):
     [model]      preset = "demo" and any `Phi4Config` field (rope_theta, remat_policy, vocab_size, ...)
     [mesh]       data / fsdp / context / tensor (+ dcn_*) sizes, -1 = fill; distributed = "auto"
     [optimizer]  lr, warmup_steps, decay_steps, end_lr_ratio, weight_decay, b1, b2, eps, clip_norm
-    [train]      steps, global_batch, seq_len, micro_batches, loss_chunk, seed, log_every, init_from
-    [data]       tokenizer, shuffle_seed, sources = [{name, type, weight, path, generator, text_key}]
+    [train]      steps, global_batch, seq_len, micro_batches, loss_chunk, seed, log_every, init_from,
+                 objective ("pretrain", "sft", "dpo")
+    [data]       tokenizer, shuffle_seed, sources = [{name, type, weight, path, generator, text_key}],
+                 sft_files, dpo_files (JSONL globs for the sft / dpo objectives)
+    [dpo]        beta, loss_type, label_smoothing, reference_free (the dpo objective)
     [checkpoint] save_every, keep, async_save
     [demo]       sample_prompts, max_new_tokens, plot
 
@@ -30,6 +33,8 @@ from phi4_jax.model.config import ConfigError, Phi4Config, get_preset
 from phi4_jax.model.sharding import MeshConfig, MeshError
 
 SOURCE_TYPES = ("jsonl", "text", "parquet", "npy", "demo")
+OBJECTIVES = ("pretrain", "sft", "dpo")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "robust")   # phi4_jax.posttrain.dpo's
 TOKENIZERS = ("phi4", "demo_compact")
 
 
@@ -60,6 +65,7 @@ class TrainLoopConfig:
     seed: int = 0
     log_every: int = 1
     init_from: str | None = None   # a converted / previous-stage checkpoint dir to start from (params only)
+    objective: str = "pretrain"    # "pretrain" (next token), "sft" (assistant tokens), "dpo" (preference pairs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +83,16 @@ class DataConfig:
     tokenizer: str = "phi4"        # "phi4" (the 100352-token vocabulary) or "demo_compact"
     shuffle_seed: int = 0
     sources: tuple[SourceConfig, ...] = ()
+    sft_files: str | None = None   # JSONL of {"messages": [...]} (train.objective = "sft")
+    dpo_files: str | None = None   # JSONL of {"prompt": [...], "chosen": str, "rejected": str} ("dpo")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"     # "sigmoid", "ipo", "robust" (TRL's definitions)
+    label_smoothing: float = 0.0
+    reference_free: bool = False   # True: no reference model (its log-probs taken as 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +119,7 @@ class TrainConfig:
     data: DataConfig
     checkpoint: CheckpointConfig
     demo: DemoConfig
+    dpo: DPOConfig
     raw: dict                      # the merged dict this was built from (WORKDIR/config.json holds the
                                    # resolved config instead: `resolved_config`)
 
@@ -192,7 +209,7 @@ def _positive_int(value, where):
 
 def build_train_config(data: dict) -> TrainConfig:
     data = copy.deepcopy(data)
-    known = {"model", "mesh", "optimizer", "train", "data", "checkpoint", "demo"}
+    known = {"model", "mesh", "optimizer", "train", "data", "checkpoint", "demo", "dpo"}
     unknown = set(data) - known
     if unknown:
         raise TrainConfigError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -220,6 +237,7 @@ def build_train_config(data: dict) -> TrainConfig:
     if "sample_prompts" in demo_d:
         demo_d["sample_prompts"] = tuple(demo_d["sample_prompts"])
     demo = _section(DemoConfig, demo_d, "demo")
+    dpo = _section(DPOConfig, data.get("dpo", {}), "dpo")
 
     data_d = dict(data.get("data", {}))
     sources = data_d.pop("sources", [])
@@ -257,7 +275,20 @@ def build_train_config(data: dict) -> TrainConfig:
     _positive_int(demo.max_new_tokens, "demo.max_new_tokens")
     if data_cfg.tokenizer not in TOKENIZERS:
         raise TrainConfigError(f"data.tokenizer must be one of {TOKENIZERS}, got {data_cfg.tokenizer!r}")
-    if not srcs:
+    if loop.objective not in OBJECTIVES:
+        raise TrainConfigError(f"train.objective must be one of {OBJECTIVES}, got {loop.objective!r}")
+    if loop.objective == "sft" and not data_cfg.sft_files:
+        raise TrainConfigError("train.objective 'sft' needs data.sft_files (JSONL of {\"messages\": [...]})")
+    if loop.objective == "dpo" and not data_cfg.dpo_files:
+        raise TrainConfigError("train.objective 'dpo' needs data.dpo_files (JSONL of prompt/chosen/rejected)")
+    if dpo.loss_type not in DPO_LOSS_TYPES:
+        raise TrainConfigError(f"dpo.loss_type: unknown DPO loss type {dpo.loss_type!r}; allowed: "
+                               f"{', '.join(DPO_LOSS_TYPES)}")
+    if not dpo.beta > 0:
+        raise TrainConfigError(f"dpo.beta must be > 0, got {dpo.beta}")
+    if not 0 <= dpo.label_smoothing < 0.5 or (dpo.loss_type == "ipo" and dpo.label_smoothing):
+        raise TrainConfigError(f"dpo.label_smoothing must lie in [0, 0.5) (0 for ipo), got {dpo.label_smoothing}")
+    if not srcs and loop.objective == "pretrain":
         raise TrainConfigError("data.sources is empty: add at least one [[data.sources]] table")
     names = [s.name for s in srcs]
     if len(set(names)) != len(names):
@@ -273,7 +304,7 @@ def build_train_config(data: dict) -> TrainConfig:
             raise TrainConfigError(f"data source {s.name!r}: type {s.type!r} needs a 'path'")
 
     return TrainConfig(model=model, mesh=mesh, distributed=distributed, optimizer=opt, train=loop,
-                       data=data_cfg, checkpoint=ckpt, demo=demo, raw=data)
+                       data=data_cfg, checkpoint=ckpt, demo=demo, dpo=dpo, raw=data)
 
 
 # Keys a resumed run may change without --allow-config-change (a key ending in "." covers its section): how
@@ -288,7 +319,7 @@ RESUME_CHANGEABLE = ("train.steps", "train.log_every", "train.init_from", "train
 def resolved_config(cfg: TrainConfig) -> dict:
     """Every setting of `cfg`, defaults included, as a dict that `build_train_config` accepts again."""
     sections = {name: dataclasses.asdict(getattr(cfg, name))
-                for name in ("optimizer", "train", "data", "checkpoint", "demo")}
+                for name in ("optimizer", "train", "data", "checkpoint", "demo", "dpo")}
     return {"model": dataclasses.asdict(cfg.model), "mesh": {**dataclasses.asdict(cfg.mesh), "distributed": cfg.distributed},
             **sections}
 

@@ -11,6 +11,9 @@
   data_seconds of it spent waiting for batches);
 - saves every `checkpoint.save_every` steps (async) and at the end; on SIGTERM it saves and returns;
 - a non-finite loss raises `NonFiniteLossError` naming the step; nothing is saved after the last good step.
+
+`train.objective` "sft" / "dpo" runs post-training through the same step, state and checkpoints: its data and
+loss come from `phi4_jax.posttrain` (imported only for those objectives; posttrain builds on train).
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ from phi4_jax.train.config import OptimizerConfig, TrainConfig, TrainConfigError
 from phi4_jax.train.mfu import mfu, peak_flops_per_device, training_flops_per_token
 from phi4_jax.train.optimizer import make_optimizer
 from phi4_jax.train.step import (
+    PRETRAIN,
     StepShardings,
     abstract_train_state,
+    batch_shardings,
     create_train_state,
     make_train_step,
     train_state_shardings,
@@ -69,7 +74,10 @@ class _SigtermFlag:
 
 
 def _global_batch(local: dict, batch_sharding) -> dict:
-    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in local.items()}
+    """Host arrays -> global arrays; `batch_sharding` is one sharding, or {key: sharding}."""
+    return {k: jax.make_array_from_process_local_data(
+        batch_sharding[k] if isinstance(batch_sharding, dict) else batch_sharding, np.asarray(v))
+        for k, v in local.items()}
 
 
 def prefetched_batches(dataset: grain.IterDataset, batch_sharding, *, host_buffer: int = 2,
@@ -96,7 +104,7 @@ class BuiltStep(NamedTuple):
 
 
 def build_train_step(model_cfg, mesh, *, optimizer: OptimizerConfig, total_steps: int, micro_batches: int,
-                     loss_chunk: int) -> BuiltStep:
+                     loss_chunk: int, objective=PRETRAIN) -> BuiltStep:
     """The train step for a model, optimizer and mesh: the one construction `train.py` (`setup`) and the AOT
     plan (`phi4_jax.train.plan`) share. Checks the model against the mesh (MeshError); no arrays are made.
 
@@ -106,7 +114,7 @@ def build_train_step(model_cfg, mesh, *, optimizer: OptimizerConfig, total_steps
     tx, schedule = make_optimizer(optimizer, model_cfg, total_steps)
     shardings = train_state_shardings(mesh, model_cfg, tx)
     step_fn = make_train_step(model_cfg, tx, schedule, micro_batches=micro_batches, loss_chunk=loss_chunk,
-                              mesh=mesh, shardings=shardings)
+                              mesh=mesh, shardings=shardings, objective=objective)
     return BuiltStep(step_fn, shardings, abstract_train_state(model_cfg, tx, shardings), tx)
 
 
@@ -123,8 +131,27 @@ def setup(cfg: TrainConfig, mesh=None):
         raise TrainConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                                f"{model_cfg.vocab_size}")
     built = build_train_step(model_cfg, mesh, optimizer=cfg.optimizer, total_steps=cfg.train.steps,
-                             micro_batches=cfg.train.micro_batches, loss_chunk=cfg.train.loss_chunk)
+                             micro_batches=cfg.train.micro_batches, loss_chunk=cfg.train.loss_chunk,
+                             objective=objective_of(cfg))
     return mesh, tokenizer, built
+
+
+def objective_of(cfg: TrainConfig):
+    """The `Objective` of `train.objective`: pretraining's here, post-training's from `phi4_jax.posttrain`."""
+    if cfg.train.objective == "pretrain":
+        return PRETRAIN
+    from phi4_jax.posttrain.objectives import objective_for
+
+    return objective_for(cfg)
+
+
+def run_batches(cfg: TrainConfig, tokenizer, mesh, built: BuiltStep, *, log=print, progress: bool = True):
+    """This host's batches for the run, as a grain IterDataset: the pretraining mixture, or post-training data."""
+    if cfg.train.objective == "pretrain":
+        return host_batches(cfg.data, tokenizer, cfg.model.vocab_size, cfg.train.seq_len, cfg.train.global_batch)
+    from phi4_jax.posttrain.reference import posttrain_batches
+
+    return posttrain_batches(cfg, tokenizer, mesh, built.shardings, log=log, progress=progress)
 
 
 def check_resume_config(cfg: TrainConfig, workdir: str, *, allow_change: bool = False, log=print) -> None:
@@ -171,8 +198,12 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config_json(cfg))
 
-    data_it = prefetched_batches(
-        host_batches(cfg.data, tokenizer, model_cfg.vocab_size, loop.seq_len, loop.global_batch), shardings.batch)
+    try:
+        dataset = run_batches(cfg, tokenizer, mesh, built, log=log, progress=progress and is_main)
+    except BaseException:
+        ckpt.close()
+        raise
+    data_it = prefetched_batches(dataset, batch_shardings(objective_of(cfg), shardings))
     try:
         if start is not None:
             state, start = ckpt.restore(built.abstract_state, data_it)

@@ -9,12 +9,15 @@ explicit in/out shardings and a donated state.
 Gradient accumulation is exact: each micro-batch contributes the gradient of its summed loss, and the total is
 divided once by the number of trained tokens of the whole batch, so it is the same update as one big batch (up
 to float rounding).
+
+The objective is pluggable (`Objective`): pretraining's next-token loss by default; post-training's SFT and DPO
+objectives (`phi4_jax.posttrain.objectives`) bring their own batch keys and loss through the same step.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +30,29 @@ from phi4_jax.train.loss import loss_sum_and_count
 
 BATCH_KEYS = ("input_ids", "segment_ids", "positions")
 BATCH_AXES = ("batch", "seq")
+
+
+class Objective(NamedTuple):
+    """What a train step minimizes. `batch_keys`: {name: ndim}, 2 for [G, S] arrays sharded like the tokens,
+    1 for per-row [G] arrays. `loss(params, batch, config, chunk) -> (total, count, sums)`: the summed loss of a
+    (micro-)batch, what it is averaged over (trained tokens, or pairs), and extra metrics as sums over the same
+    units; the step reports loss = total / count and each sum / count."""
+    batch_keys: dict
+    loss: Callable
+
+
+def _pretrain_loss(params, batch, config, chunk):
+    total, count = loss_sum_and_count(params, batch, config, chunk)
+    return total, count, {}
+
+
+PRETRAIN = Objective({name: 2 for name in BATCH_KEYS}, _pretrain_loss)
+
+
+def batch_shardings(objective: Objective, shardings: "StepShardings") -> dict:
+    """{name: NamedSharding} of an objective's batch: [G, S] arrays like the tokens, [G] arrays by row."""
+    row = jax.sharding.NamedSharding(shardings.batch.mesh, jax.sharding.PartitionSpec(shardings.batch.spec[0]))
+    return {name: shardings.batch if ndim == 2 else row for name, ndim in objective.batch_keys.items()}
 
 
 def init_params(config: Phi4Config, key):
@@ -101,43 +127,47 @@ def create_train_state(config: Phi4Config, tx, shardings: StepShardings, key, pa
 
 
 def make_train_step(config: Phi4Config, tx, schedule: Callable, *, micro_batches: int, loss_chunk: int,
-                    mesh, shardings: StepShardings, rules=None, donate: bool = True):
-    """jit(step)(state, batch) -> (state, metrics). batch: {input_ids, segment_ids, positions} [G, S] int32.
+                    mesh, shardings: StepShardings, rules=None, donate: bool = True,
+                    objective: Objective = PRETRAIN):
+    """jit(step)(state, batch) -> (state, metrics). batch: {input_ids, segment_ids, positions} [G, S] int32
+    (pretraining; another `objective` names its own keys).
 
-    metrics (float32 scalars): loss (mean over trained tokens), grad_norm (before clipping), lr (of this
-    step), tokens (number of trained tokens).
+    metrics (float32 scalars): loss (mean over trained tokens, or the objective's units), grad_norm (before
+    clipping), lr (of this step), tokens (the loss's count: trained tokens, or pairs), and the objective's own.
     """
     rules = rules or sharding.TRAINING_RULES
     k = int(micro_batches)
 
     def grad_of(params, batch):
         def f(p):
-            total, count = loss_sum_and_count(p, batch, config, loss_chunk)
-            return total, count
-        (total, count), grads = jax.value_and_grad(f, has_aux=True)(params)
-        return total, count, grads
+            total, count, sums = objective.loss(p, batch, config, loss_chunk)
+            return total, (count, sums)
+        (total, (count, sums)), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return total, count, sums, grads
 
     def step(state, batch):
         with sharding.activation_sharding(mesh, rules):
             params = state["params"]
             if k == 1:
-                total, count, grads = grad_of(params, batch)
+                total, count, sums, grads = grad_of(params, batch)
             else:
                 def split(x):
-                    g, s = x.shape
+                    g = x.shape[0]
                     # micro-batch m = rows m, m+k, m+2k, ...: each keeps its share of every data shard
-                    x = jnp.swapaxes(x.reshape(g // k, k, s), 0, 1)
-                    return sharding.constrain(x, (None, "batch", "seq"))
-                micro = {name: split(batch[name]) for name in BATCH_KEYS}
+                    x = jnp.swapaxes(x.reshape(g // k, k, *x.shape[1:]), 0, 1)
+                    return sharding.constrain(x, (None, *BATCH_AXES[:x.ndim - 1]))
+                micro = {name: split(batch[name]) for name in objective.batch_keys}
 
                 def body(carry, mb):
-                    tot, cnt, acc = carry
-                    t, c, g = grad_of(params, mb)
-                    return (tot + t, cnt + c, jax.tree.map(jnp.add, acc, g)), None
+                    tot, cnt, sm, acc = carry
+                    t, c, s, g = grad_of(params, mb)
+                    return (tot + t, cnt + c, jax.tree.map(jnp.add, sm, s), jax.tree.map(jnp.add, acc, g)), None
 
                 zeros = jax.tree.map(jnp.zeros_like, params)
-                (total, count, grads), _ = jax.lax.scan(
-                    body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros), micro)
+                zero_sums = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(
+                    lambda: grad_of(params, jax.tree.map(lambda x: x[0], micro))[2]))
+                (total, count, sums, grads), _ = jax.lax.scan(
+                    body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zero_sums, zeros), micro)
             denom = jnp.maximum(count, 1.0)
             grads = jax.tree.map(lambda g: g / denom, grads)
             grads = jax.lax.with_sharding_constraint(grads, shardings.params)
@@ -145,11 +175,12 @@ def make_train_step(config: Phi4Config, tx, schedule: Callable, *, micro_batches
             updates, opt_state = tx.update(grads, state["opt_state"], params)
             new_params = optax.apply_updates(params, updates)
             metrics = {"loss": total / denom, "grad_norm": grad_norm,
-                       "lr": jnp.asarray(schedule(state["step"]), jnp.float32), "tokens": count}
+                       "lr": jnp.asarray(schedule(state["step"]), jnp.float32), "tokens": count,
+                       **{name: value / denom for name, value in sums.items()}}
             new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
             return new_state, metrics
 
-    batch_sh = {name: shardings.batch for name in BATCH_KEYS}
+    batch_sh = batch_shardings(objective, shardings)
     return jax.jit(step, in_shardings=(shardings.state, batch_sh),
                    out_shardings=(shardings.state, shardings.replicated),
                    donate_argnums=(0,) if donate else ())
