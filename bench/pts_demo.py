@@ -7,16 +7,16 @@ Steps: (1) the demo model (`python train.py --workdir runs/demo`, unless that wo
 (2) built-in arithmetic problems ("Question: What is a plus b? Answer:", numeric checker on the first number after
 "is"), split into a PTS set and held-out problems with other (a, b); (3) the held-out success rate, K samples per
 problem at the PTS temperature; (4) `python -m phi4_jax.pts` on the PTS set (a subprocess: the real CLI), pairs
-counted and a few shown.
-
-The DPO step that should follow (train on the pairs, then measure the held-out success rate again) needs the DPO
-trainer, which is not on this branch yet; the script says so instead of reporting an "after" number.
+counted and a few shown; (5) DPO on the pairs from the demo model (`python train.py --config configs/demo-dpo.toml`
+with `train.init_from` the demo, `data.dpo_files` the pairs); (6) the held-out success rate of the DPO model, with
+the same problems, samples and seeds as (3).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import os
 import shutil
@@ -42,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--rollouts", type=int, default=8)
     p.add_argument("--temperature", type=float, default=1.4)
     p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--dpo-steps", type=int, default=30)
+    p.add_argument("--dpo-batch", type=int, default=8, help="pairs per DPO step")
+    p.add_argument("--dpo-lr", type=float, default=3e-5)
     p.add_argument("--write", default=None, metavar="BENCHMARKS.md")
     return p.parse_args(argv)
 
@@ -101,10 +104,11 @@ def main(argv=None) -> int:
           f"T={args.temperature}; {rate_seconds:.0f} s)", flush=True)
 
     pairs_path = os.path.join(args.workdir, "pairs.jsonl")
-    cache = os.path.join(args.workdir, "cache")
-    if os.path.exists(pairs_path):   # a fresh search each run (the CLI itself would resume)
-        os.remove(pairs_path)
+    cache, dpo_dir = os.path.join(args.workdir, "cache"), os.path.join(args.workdir, "dpo")
+    for stale in [pairs_path] + glob.glob(pairs_path + ".ref_logps-*"):   # a fresh run (the CLIs would resume)
+        os.remove(stale)
     shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(dpo_dir, ignore_errors=True)
     command = [sys.executable, "-m", "phi4_jax.pts", "--checkpoint", args.demo_workdir, "--problems", problems_path,
                "--out", pairs_path, "--rollouts", str(args.rollouts), "--temperature", str(args.temperature),
                "--max-new-tokens", str(args.max_new_tokens), "--cache", cache]
@@ -123,6 +127,24 @@ def main(argv=None) -> int:
                 f"`{p['rejected']!r}` (p={p['p_rejected']:.2f})" for p in pairs[:4]]
     print("\n".join(examples))
 
+    dpo_command = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs",
+                   "demo-dpo.toml"), "--workdir", dpo_dir, "--no-progress",
+                   "--set", f"train.init_from={os.path.abspath(args.demo_workdir)}",
+                   "--set", f"data.dpo_files={os.path.abspath(pairs_path)}", "--set", f"train.steps={args.dpo_steps}",
+                   "--set", f"train.global_batch={args.dpo_batch}", "--set", f"optimizer.lr={args.dpo_lr}"]
+    start = time.perf_counter()
+    run = subprocess.run(dpo_command, cwd=ROOT, capture_output=True, text=True)
+    dpo_seconds = time.perf_counter() - start
+    if run.returncode != 0:
+        print(run.stderr[-3000:], file=sys.stderr)
+        return run.returncode
+    last = json.loads(open(os.path.join(dpo_dir, "metrics.jsonl")).read().splitlines()[-1])
+    after = success_rate(load_policy(dpo_dir), held, samples=args.samples, temperature=args.temperature,
+                         max_new_tokens=args.max_new_tokens)
+    print(f"DPO: {args.dpo_steps} steps in {dpo_seconds:.0f} s, last loss {last['loss']:.3f}, "
+          f"reward accuracy {last['rewards/accuracies']:.2f}")
+    print(f"held-out success rate: base {before:.3f} -> after DPO on the PTS pairs {after:.3f}")
+
     if args.write:
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         cmd = "python bench/pts_demo.py " + " ".join(a for a in (argv or sys.argv[1:]))
@@ -138,8 +160,11 @@ def main(argv=None) -> int:
             "alternatives' estimates.",
             "- Example pairs:",
             *[f"  - {e}" for e in examples],
-            "- After DPO: not measured yet: the DPO trainer (issue #12 item 2, branch `sftdpo`) is not on this "
-            "branch; the pairs file is its input format.",
+            f"- DPO on the pairs ({args.dpo_steps} steps of {args.dpo_batch} pairs, lr {args.dpo_lr}, "
+            f"`configs/demo-dpo.toml` from the demo model): {dpo_seconds:.0f} s, last loss {last['loss']:.3f}, "
+            f"reward accuracy {last['rewards/accuracies']:.2f}.",
+            f"- Held-out success rate after DPO: **{after:.3f}** (before: {before:.3f}; same problems, samples "
+            "and seeds).",
         ])
         update_section(args.write, "Pivotal Token Search", "pts-demo",
                        intro="`bench/pts_demo.py`: PTS end to end on CPU (see its docstring).", append=body)
