@@ -24,6 +24,7 @@ import json
 import multiprocessing
 import os
 import re
+import sys
 import unicodedata
 from typing import Iterator
 
@@ -313,8 +314,20 @@ def open_pool(index: EvalIndex, workers: int):
     _init_worker(index)
     if workers <= 1:
         return None
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return multiprocessing.get_context(method).Pool(workers, _init_worker, (index,))
+    return multiprocessing.get_context(_start_method()).Pool(workers, _init_worker, (index,))
+
+
+def _start_method() -> str:
+    """"fork" unless the platform lacks it or JAX's backends (and their threads) are up in this process: forking
+    a multithreaded JAX process can deadlock the child, so then "spawn"."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    if "jax" in sys.modules:
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized():
+            return "spawn"
+    return "fork"
 
 
 def decontaminate_file(path: str, out_path: str, index: EvalIndex, report, *, field: str | None = None,
