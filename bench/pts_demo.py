@@ -8,8 +8,8 @@ Steps: (1) the demo model (`python train.py --workdir runs/demo`, unless that wo
 "is"), split into a PTS set and held-out problems with other (a, b); (3) the held-out success rate, K samples per
 problem at the PTS temperature; (4) `python -m phi4_jax.pts` on the PTS set (a subprocess: the real CLI), pairs
 counted and a few shown; (5) DPO on the pairs from the demo model (`python train.py --config configs/demo-dpo.toml`
-with `train.init_from` the demo, `data.dpo_files` the pairs); (6) the held-out success rate of the DPO model, with
-the same problems, samples and seeds as (3).
+with `train.init_from` the demo, `data.dpo_files` the pairs), once per `--dpo-lr`; (6) the held-out success rate of
+each DPO model, with the same problems, samples and seeds as (3).
 """
 
 from __future__ import annotations
@@ -36,15 +36,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo-workdir", default=os.path.join(ROOT, "runs", "demo"))
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "pts_demo"))
-    p.add_argument("--problems", type=int, default=24, help="problems searched by PTS")
+    p.add_argument("--problems", type=int, default=70, help="problems searched by PTS")
     p.add_argument("--held-out", type=int, default=30, help="held-out problems for the success rate")
     p.add_argument("--samples", type=int, default=16, help="samples per held-out problem")
     p.add_argument("--rollouts", type=int, default=8)
     p.add_argument("--temperature", type=float, default=1.4)
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--dpo-steps", type=int, default=30)
-    p.add_argument("--dpo-batch", type=int, default=8, help="pairs per DPO step")
-    p.add_argument("--dpo-lr", type=float, default=3e-5)
+    p.add_argument("--dpo-batch", type=int, default=16, help="pairs per DPO step")
+    p.add_argument("--dpo-lr", type=float, nargs="+", default=[3e-5, 5e-5, 1.5e-4],
+                   help="one DPO run (and held-out measurement) per learning rate")
     p.add_argument("--write", default=None, metavar="BENCHMARKS.md")
     return p.parse_args(argv)
 
@@ -127,23 +128,28 @@ def main(argv=None) -> int:
                 f"`{p['rejected']!r}` (p={p['p_rejected']:.2f})" for p in pairs[:4]]
     print("\n".join(examples))
 
-    dpo_command = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs",
-                   "demo-dpo.toml"), "--workdir", dpo_dir, "--no-progress",
-                   "--set", f"train.init_from={os.path.abspath(args.demo_workdir)}",
-                   "--set", f"data.dpo_files={os.path.abspath(pairs_path)}", "--set", f"train.steps={args.dpo_steps}",
-                   "--set", f"train.global_batch={args.dpo_batch}", "--set", f"optimizer.lr={args.dpo_lr}"]
-    start = time.perf_counter()
-    run = subprocess.run(dpo_command, cwd=ROOT, capture_output=True, text=True)
-    dpo_seconds = time.perf_counter() - start
-    if run.returncode != 0:
-        print(run.stderr[-3000:], file=sys.stderr)
-        return run.returncode
-    last = json.loads(open(os.path.join(dpo_dir, "metrics.jsonl")).read().splitlines()[-1])
-    after = success_rate(load_policy(dpo_dir), held, samples=args.samples, temperature=args.temperature,
-                         max_new_tokens=args.max_new_tokens)
-    print(f"DPO: {args.dpo_steps} steps in {dpo_seconds:.0f} s, last loss {last['loss']:.3f}, "
-          f"reward accuracy {last['rewards/accuracies']:.2f}")
-    print(f"held-out success rate: base {before:.3f} -> after DPO on the PTS pairs {after:.3f}")
+    dpo_rows = []
+    for lr in args.dpo_lr:   # each learning rate: DPO from the demo model, then the same held-out measurement
+        workdir = f"{dpo_dir}-lr{lr:g}"
+        shutil.rmtree(workdir, ignore_errors=True)
+        dpo_command = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
+                       os.path.join(ROOT, "configs", "demo-dpo.toml"), "--workdir", workdir, "--no-progress",
+                       "--set", f"train.init_from={os.path.abspath(args.demo_workdir)}",
+                       "--set", f"data.dpo_files={os.path.abspath(pairs_path)}", "--set", f"train.steps={args.dpo_steps}",
+                       "--set", f"train.global_batch={args.dpo_batch}", "--set", f"optimizer.lr={lr}"]
+        start = time.perf_counter()
+        run = subprocess.run(dpo_command, cwd=ROOT, capture_output=True, text=True)
+        dpo_seconds = time.perf_counter() - start
+        if run.returncode != 0:
+            print(run.stderr[-3000:], file=sys.stderr)
+            return run.returncode
+        last = json.loads(open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()[-1])
+        after = success_rate(load_policy(workdir), held, samples=args.samples, temperature=args.temperature,
+                             max_new_tokens=args.max_new_tokens)
+        dpo_rows.append((lr, dpo_seconds, last, after))
+        print(f"DPO lr {lr:g}: {args.dpo_steps} steps in {dpo_seconds:.0f} s, last loss {last['loss']:.3f}, reward "
+              f"accuracy {last['rewards/accuracies']:.2f}; held-out success rate {before:.3f} -> {after:.3f}",
+              flush=True)
 
     if args.write:
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -160,11 +166,14 @@ def main(argv=None) -> int:
             "alternatives' estimates.",
             "- Example pairs:",
             *[f"  - {e}" for e in examples],
-            f"- DPO on the pairs ({args.dpo_steps} steps of {args.dpo_batch} pairs, lr {args.dpo_lr}, "
-            f"`configs/demo-dpo.toml` from the demo model): {dpo_seconds:.0f} s, last loss {last['loss']:.3f}, "
-            f"reward accuracy {last['rewards/accuracies']:.2f}.",
-            f"- Held-out success rate after DPO: **{after:.3f}** (before: {before:.3f}; same problems, samples "
-            "and seeds).",
+            f"- DPO on the pairs from the demo model (`configs/demo-dpo.toml`, sigmoid loss, beta 0.1, "
+            f"{args.dpo_steps} steps of {args.dpo_batch} pairs), one run per learning rate, then the held-out success "
+            "rate with the same problems, samples and seeds as before:",
+            "",
+            "| DPO lr | seconds | last loss | reward accuracy | held-out success before | after |",
+            "|---|---|---|---|---|---|",
+            *[f"| {lr:g} | {sec:.0f} | {last['loss']:.3f} | {last['rewards/accuracies']:.2f} | {before:.3f} | "
+              f"**{after:.3f}** |" for lr, sec, last, after in dpo_rows],
         ])
         update_section(args.write, "Pivotal Token Search", "pts-demo",
                        intro="`bench/pts_demo.py`: PTS end to end on CPU (see its docstring).", append=body)
