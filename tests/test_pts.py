@@ -247,3 +247,15 @@ def test_pairs_are_written_in_the_output_id_space(tmp_path):
     assert {(r["chosen_ids"][0], r["rejected_ids"][0]) for r in rows} == {(1000 + GOOD, 1000 + BAD),
                                                                          (1000 + KEEP, 1000 + SLIP)}
     assert rows[0]["prompt_ids"] == [1001, 1010]
+
+
+def test_a_broken_oracle_is_reported_with_its_problem_line(tmp_path):
+    from phi4_jax.posttrain.oracles import OracleError
+
+    def broken(ids, problem):
+        raise OracleError("oracle 'mine:check' raised KeyError: 'answer'")
+
+    problems, _ = pts.read_problems(_problems_file(tmp_path, 1), None)
+    search = pts.PivotalTokenSearch(ScriptedSampler(), broken, pts.PTSSettings(max_new_tokens=8))
+    with pytest.raises(pts.PTSError, match=r"problems.jsonl:1: oracle 'mine:check' raised KeyError"):
+        pts.run_pts(problems, search, lambda problem: [1], str, str(tmp_path / "pairs.jsonl"), progress=False)

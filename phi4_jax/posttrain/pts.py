@@ -50,6 +50,7 @@ from phi4_jax.inference.engine import (
 )
 from phi4_jax.inference.kv_cache import KVCache, prefill
 from phi4_jax.inference.sampling import keys_from_seeds_jit
+from phi4_jax.posttrain.oracles import OracleError
 
 
 class PTSError(ValueError):
@@ -456,7 +457,10 @@ def run_pts(problems: list[Problem], search: PivotalTokenSearch, encode_prompt: 
     with open(out_path, "a", encoding="utf-8") as out:
         for problem in problems:
             prompt = encode_prompt(problem)
-            result = search.search(problem.data, problem.key, prompt)
+            try:
+                result = search.search(problem.data, problem.key, prompt)
+            except OracleError as e:   # a broken user oracle: say which problem it failed on
+                raise PTSError(f"{problem.where}: {e}") from None
             summary.in_band += result.in_band
             summary.pivots += len(result.pivots)
             summary.no_alternative += result.no_alternative
