@@ -188,11 +188,10 @@ class PivotalTokenSearch:
     `problem_key` identifies what the oracle checks against (it is part of each cache key)."""
 
     def __init__(self, sampler: RolloutSampler, judge: Callable[[list[int], dict], bool], settings: PTSSettings,
-                 cache: EstimateCache | None = None, on_rollouts: Callable[[int], None] | None = None):
+                 cache: EstimateCache | None = None):
         self.sampler, self.judge, self.settings = sampler, judge, settings
         self.cache = cache if cache is not None else EstimateCache(None)
-        self.on_rollouts = on_rollouts or (lambda n: None)
-        self.rollouts_run = 0
+        self.rollouts_run = 0       # rollouts sampled (not served from the cache)
 
     def estimate(self, problem: dict, problem_key: str, prompt: Sequence[int], prefix: Sequence[int]) -> Estimate:
         """p(success | prompt + prefix) from K rollouts (cached); a prefix ending in a stop token is judged as is."""
@@ -207,7 +206,6 @@ class PivotalTokenSearch:
             return hit
         outs = self.sampler.rollouts(context, s.rollouts, rollout_seed(s.seed, context))
         self.rollouts_run += len(outs)
-        self.on_rollouts(len(outs))
         wins = [bool(self.judge(prefix + list(out), problem)) for out in outs]
         estimate = Estimate(sum(wins) / len(wins), [int(out[0]) for out in outs if out], list(outs[0]))
         self.cache.put(key, estimate)
