@@ -102,14 +102,15 @@ def extract_code(text: str) -> str:
     return blocks[-1] if blocks else text
 
 
-def _limits(cpu_seconds: float, memory_bytes: int):
-    def apply():
-        import resource
-
-        cpu = max(1, math.ceil(cpu_seconds))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    return apply
+# Runs in the child: sets its own limits, then runs the file as __main__. (Setting them in a preexec_fn would run
+# Python between fork and exec in the parent's image, which is unsafe in a multithreaded process such as JAX's.)
+_RUNNER = """import resource, runpy, sys
+cpu, memory = int(sys.argv[1]), int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+sys.argv = sys.argv[3:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def run_python_tests(code: str, tests: str, *, timeout: float = DEFAULT_TIMEOUT_S,
@@ -117,14 +118,16 @@ def run_python_tests(code: str, tests: str, *, timeout: float = DEFAULT_TIMEOUT_
     """Whether `code` followed by `tests` exits 0 in a fresh, isolated Python process within the limits.
 
     The process gets its own session and is killed with its whole group when it outlives `timeout` seconds of wall
-    time; RLIMIT_CPU (`timeout`) and RLIMIT_AS (`memory_mb`) bound it from inside."""
+    time; RLIMIT_CPU (`timeout`, rounded up) and RLIMIT_AS (`memory_mb`), set by `resource.setrlimit` in the child
+    before the code runs, bound it from inside."""
     with tempfile.TemporaryDirectory(prefix="pts_python_") as tmp:
         path = os.path.join(tmp, "solution_and_tests.py")
         with open(path, "w", encoding="utf-8") as f:
             f.write(code + "\n\n" + tests + "\n")
-        proc = subprocess.Popen([sys.executable, "-I", path], cwd=tmp, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=_limits(timeout, int(memory_mb) * 2**20))
+        limits = [str(max(1, math.ceil(timeout))), str(int(memory_mb) * 2**20)]
+        proc = subprocess.Popen([sys.executable, "-I", "-c", _RUNNER, *limits, path], cwd=tmp,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
         try:
             return proc.wait(timeout=timeout) == 0
         except subprocess.TimeoutExpired:
