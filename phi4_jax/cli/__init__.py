@@ -5,6 +5,8 @@
 - `chat`: `python -m phi4_jax.chat`.
 - `plan`: `python -m phi4_jax.plan`.
 - `serve`: `python -m phi4_jax.serve` (the OpenAI-compatible server).
+- `pts`: `python -m phi4_jax.pts` (Pivotal Token Search).
+- `decontaminate`: `python -m phi4_jax.decontaminate`.
 
 These parse arguments, call the library, and turn its errors into one-line messages and exit codes.
 May import anything in `phi4_jax`.

@@ -1,4 +1,5 @@
-"""Post-training: the objectives that turn a pretrained phi-4 into a chat model (SFT, DPO), and LoRA.
+"""Post-training: the objectives that turn a pretrained phi-4 into a chat model (SFT, DPO), LoRA, and Pivotal
+Token Search (DPO pairs from the policy's own pivotal tokens).
 
 They run on the pretraining trainer (`python train.py` with `train.objective = "sft"` / `"dpo"`): same sharded
 step, checkpoints and resume; only the data and the loss differ.
@@ -14,8 +15,9 @@ step, checkpoints and resume; only the data and the loss differ.
 - `lora`: `LoraWeight` (a weight object for `phi4_jax.model.linear`), adapter init/merge, the LoRA train state,
   and the merged export (`python -m phi4_jax.posttrain.merge_lora`).
 - `demo_chat`: the CPU demo's chat data and its held-out evaluation.
-
-Not yet: Pivotal Token Search, decontamination.
+- `pts`: Pivotal Token Search (`PivotalTokenSearch`, `ModelSampler`, the estimate cache, `run_pts`); `oracles`: the
+  exact / numeric / python checkers and user callables; `problems`: built-in arithmetic problems for the demo;
+  `policy`: `load_policy`, a converted checkpoint or a train.py workdir with its tokenizer.
 
 May import: `phi4_jax.model`, `phi4_jax.train`, `phi4_jax.data`, `phi4_jax.inference`, `phi4_jax.checkpoint`,
 `phi4_jax.tokenizer`, `phi4_jax.special_tokens`, `phi4_jax.checks`; jax, optax, orbax, grain, numpy. Never torch.

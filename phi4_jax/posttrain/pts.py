@@ -1,0 +1,484 @@
+"""Pivotal Token Search (phi-4 tech report, §5.1.1): single tokens that change the chance of solving a problem.
+
+For a problem (prompt ids Q) and a sampled solution T = t_1..t_n, p(prefix) is the success probability of
+completions sampled after Q + prefix, estimated with K rollouts judged by an oracle (`oracles`). The search
+(`PivotalTokenSearch.search`) keeps a queue of (prefix, span) pairs starting from ((), T); whenever
+|p(prefix + span) - p(prefix)| >= threshold, a span of several tokens is split in two halves ((prefix, first half)
+and (prefix + first half, second half)) and a single token is pivotal. A prefix ending in a stop token (the
+whole solution) is judged directly, without rollouts.
+
+For each pivotal token t at position i, the alternatives are the other first tokens of the rollouts from the
+prefix before it (the most frequent `max_alternatives`), each with its own p estimate. If t raised p, it is the
+chosen token and the alternative with the lowest p (at most p(prefix)) the rejected one; if t lowered p, it is the
+rejected token and the alternative with the highest p (at least p(prefix)) the chosen one. A pivot without such an
+alternative yields no pair (counted). Everything is token ids: prompt, prefix, chosen and rejected.
+
+Samplers (`RolloutSampler`): `ModelSampler` runs a phi4_jax model: it prefills Q + T once per solution, then for a
+context Q + T[:i] (+ an alternative token) rewinds a copy of that cache to i - 1 tokens, forks it into K rows, feeds
+the context's last token with `extend` and decodes the K rollouts in one batched, on-device loop. A test can plug in
+a scripted sampler with known probabilities.
+
+Estimates are cached on disk (`EstimateCache`, one JSON line per estimate keyed by the sampler, the sampling
+settings, the problem and the context ids), and each rollout's PRNG seed is a function of (seed, context), so a
+rerun reproduces the same search and resumes where an interrupted run stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from typing import Callable, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from phi4_jax.inference.engine import (
+    MIN_NEW_BUCKET,
+    MIN_PROMPT_BUCKET,
+    bucket,
+    extend_and_sample,
+    model_params_config,
+    run_decode,
+    run_options,
+    trim_output,
+)
+from phi4_jax.inference.kv_cache import KVCache, prefill
+from phi4_jax.inference.sampling import keys_from_seeds_jit
+from phi4_jax.posttrain.oracles import OracleError
+
+
+class PTSError(ValueError):
+    """Bad settings or input for Pivotal Token Search."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PTSSettings:
+    rollouts: int = 8                      # K: rollouts per p(success | prefix) estimate
+    band: tuple[float, float] = (0.2, 0.8)  # keep problems whose p(success | prompt) lies in [lo, hi]
+    threshold: float = 0.2                 # a token is pivotal when it moves p by at least this
+    max_new_tokens: int = 256              # longest rollout
+    temperature: float = 1.0
+    seed: int = 0
+    max_alternatives: int = 4              # alternative tokens estimated per pivotal token
+
+    def __post_init__(self):
+        lo, hi = self.band
+        if self.rollouts < 1:
+            raise PTSError(f"rollouts must be at least 1, got {self.rollouts}")
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise PTSError(f"band must satisfy 0 <= low <= high <= 1, got {lo} {hi}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise PTSError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.max_new_tokens < 1:
+            raise PTSError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise PTSError(f"temperature must be > 0 (PTS samples), got {self.temperature}")
+        if self.max_alternatives < 1:
+            raise PTSError(f"max_alternatives must be at least 1, got {self.max_alternatives}")
+
+
+class RolloutSampler(Protocol):
+    """What PTS needs from a model."""
+
+    identity: str        # names the model and its sampling settings (part of every cache key)
+    stop_tokens: frozenset[int]
+
+    def prepare(self, sequence: Sequence[int]) -> None:
+        """A hint: the next contexts are prefixes of `sequence` (possibly with one other last token)."""
+
+    def rollouts(self, context: Sequence[int], k: int, seed: int) -> list[list[int]]:
+        """k sampled continuations (token ids, ending in a stop token or cut at the budget) of `context`;
+        rollout j is drawn with seed `seed + j`."""
+
+
+@dataclasses.dataclass
+class Estimate:
+    p: float                   # fraction of rollouts that solved the problem
+    first_tokens: list[int]    # the first token of each rollout (alternatives for the token at this position)
+    solution: list[int]        # the first rollout (the solution PTS bisects, for the prompt's estimate)
+
+
+class EstimateCache:
+    """Estimates on disk: DIR/estimates.jsonl, one {"key", "p", "first_tokens", "solution"} object per line, appended
+    and flushed as they are made; a torn last line (an interrupted write) is ignored. Without a directory it only
+    remembers in memory."""
+
+    def __init__(self, directory: str | None):
+        self._memory: dict[str, Estimate] = {}
+        self._file = None
+        if directory is None:
+            return
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, "estimates.jsonl")
+        for line in read_complete_lines(path):
+            try:
+                row = json.loads(line)
+                self._memory[row["key"]] = Estimate(float(row["p"]), list(row["first_tokens"]), list(row["solution"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a line from another format or a torn write: re-estimated when needed
+        self._file = open(path, "a", encoding="utf-8")
+
+    def __len__(self) -> int:
+        return len(self._memory)
+
+    def get(self, key: str) -> Estimate | None:
+        return self._memory.get(key)
+
+    def put(self, key: str, estimate: Estimate) -> None:
+        self._memory[key] = estimate
+        if self._file is not None:
+            self._file.write(json.dumps({"key": key, **dataclasses.asdict(estimate)}) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_complete_lines(path: str) -> list[str]:
+    """The newline-terminated lines of a text file (none if it is missing); a torn last line is cut off the file,
+    so appending after it starts on a fresh line."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return [line for line in data[:end].decode("utf-8").splitlines() if line.strip()]
+
+
+def digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def rollout_seed(seed: int, context: Sequence[int]) -> int:
+    """The first rollout seed of an estimate: a function of the run's seed and the context only."""
+    return int(digest("seed", int(seed), [int(t) for t in context])[:7], 16)
+
+
+@dataclasses.dataclass
+class Pivot:
+    position: int        # index of the token in the solution
+    token: int
+    p_before: float      # p(success | prompt + solution[:position])
+    p_after: float       # p(success | prompt + solution[:position + 1])
+
+
+@dataclasses.dataclass
+class ProblemResult:
+    p_prompt: float
+    in_band: bool
+    solution: list[int]
+    pivots: list[Pivot]
+    pairs: list[dict]     # {"position", "prompt_ids", "chosen_ids", "rejected_ids", "p_before", "p_chosen", ...}
+    no_alternative: int   # pivots for which no alternative token qualified
+
+
+class PivotalTokenSearch:
+    """Runs PTS with a sampler, an oracle and a cache. `judge(completion_ids, problem) -> bool` decides success;
+    `problem_key` identifies what the oracle checks against (it is part of each cache key)."""
+
+    def __init__(self, sampler: RolloutSampler, judge: Callable[[list[int], dict], bool], settings: PTSSettings,
+                 cache: EstimateCache | None = None):
+        self.sampler, self.judge, self.settings = sampler, judge, settings
+        self.cache = cache if cache is not None else EstimateCache(None)
+        self.rollouts_run = 0       # rollouts sampled (not served from the cache)
+
+    def estimate(self, problem: dict, problem_key: str, prompt: Sequence[int], prefix: Sequence[int]) -> Estimate:
+        """p(success | prompt + prefix) from K rollouts (cached); a prefix ending in a stop token is judged as is."""
+        prefix = [int(t) for t in prefix]
+        if prefix and prefix[-1] in self.sampler.stop_tokens:
+            return Estimate(float(self.judge(prefix, problem)), [], prefix)
+        s = self.settings
+        context = [int(t) for t in prompt] + prefix
+        key = digest(self.sampler.identity, s.rollouts, s.max_new_tokens, s.temperature, s.seed, problem_key, context)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        outs = self.sampler.rollouts(context, s.rollouts, rollout_seed(s.seed, context))
+        self.rollouts_run += len(outs)
+        wins = [bool(self.judge(prefix + list(out), problem)) for out in outs]
+        estimate = Estimate(sum(wins) / len(wins), [int(out[0]) for out in outs if out], list(outs[0]))
+        self.cache.put(key, estimate)
+        return estimate
+
+    def find_pivots(self, problem: dict, problem_key: str, prompt: Sequence[int], solution: Sequence[int],
+                    p_prompt: float) -> list[Pivot]:
+        """The single tokens of `solution` whose step moves p by >= threshold, by recursive bisection."""
+        solution = [int(t) for t in solution]
+        self.sampler.prepare(list(prompt) + solution)
+
+        def p(n: int) -> float:
+            if n == 0:
+                return p_prompt
+            if n == len(solution):   # the whole sampled solution: its own outcome
+                return float(self.judge(solution, problem))
+            return self.estimate(problem, problem_key, prompt, solution[:n]).p
+
+        pivots, queue = [], [(0, len(solution))]     # (prefix length, span end)
+        while queue:
+            start, end = queue.pop(0)
+            before, after = p(start), p(end)
+            if abs(after - before) < self.settings.threshold:
+                continue
+            if end - start == 1:
+                pivots.append(Pivot(start, solution[start], before, after))
+            else:
+                mid = (start + end) // 2
+                queue[:0] = [(start, mid), (mid, end)]   # depth first, left to right: pivots come out in order
+        return pivots
+
+    def pair_for(self, problem: dict, problem_key: str, prompt: Sequence[int], solution: Sequence[int],
+                 pivot: Pivot) -> dict | None:
+        """The DPO pair of one pivotal token (ids and p estimates), or None when no alternative qualifies."""
+        prefix = [int(t) for t in solution[:pivot.position]]
+        firsts = self.estimate(problem, problem_key, prompt, prefix).first_tokens   # cached by the bisection
+        counts = Counter(t for t in firsts if t != pivot.token)
+        alternatives = [t for t, _ in counts.most_common(self.settings.max_alternatives)]
+        scored = [(self.estimate(problem, problem_key, prompt, prefix + [t]).p, t) for t in alternatives]
+        raised = pivot.p_after > pivot.p_before
+        if raised:
+            worse = [(p, t) for p, t in scored if p <= pivot.p_before and p < pivot.p_after]
+            if not worse:
+                return None
+            p_other, other = min(worse, key=lambda x: (x[0], x[1]))
+            chosen, rejected, p_chosen, p_rejected = pivot.token, other, pivot.p_after, p_other
+        else:
+            better = [(p, t) for p, t in scored if p >= pivot.p_before and p > pivot.p_after]
+            if not better:
+                return None
+            p_other, other = max(better, key=lambda x: (x[0], -x[1]))
+            chosen, rejected, p_chosen, p_rejected = other, pivot.token, p_other, pivot.p_after
+        return {"position": pivot.position, "prompt_ids": list(map(int, prompt)) + prefix,
+                "chosen_ids": [int(chosen)], "rejected_ids": [int(rejected)], "p_before": pivot.p_before,
+                "p_chosen": p_chosen, "p_rejected": p_rejected}
+
+    def search(self, problem: dict, problem_key: str, prompt: Sequence[int]) -> ProblemResult:
+        """PTS for one problem: the band check, then pivots and pairs of one sampled solution."""
+        lo, hi = self.settings.band
+        head = self.estimate(problem, problem_key, prompt, [])
+        if not lo <= head.p <= hi:
+            return ProblemResult(head.p, False, head.solution, [], [], 0)
+        pivots = self.find_pivots(problem, problem_key, prompt, head.solution, head.p)
+        pairs, missing = [], 0
+        for pivot in pivots:
+            pair = self.pair_for(problem, problem_key, prompt, head.solution, pivot)
+            if pair is None:
+                missing += 1
+            else:
+                pairs.append(pair)
+        return ProblemResult(head.p, True, head.solution, pivots, pairs, missing)
+
+
+# ----------------------------------------------------------------------------- a phi4_jax model as the sampler
+
+class ModelSampler:
+    """K rollouts of a phi4_jax model from a context, batched, on a reused prefix KV cache (see the module docstring).
+
+    The cache holds the last `prepare`d (or missed) sequence; a context whose all-but-last tokens are a prefix of it
+    is served by rewinding a K-row copy of it and feeding the last token with `extend`; any other context is
+    prefilled first."""
+
+    def __init__(self, model, *, temperature: float, max_new_tokens: int, stop_tokens: Sequence[int],
+                 identity: str = "model"):
+        self.params, self.config = model_params_config(model)
+        self.max_new_tokens = int(max_new_tokens)
+        self.stop_tokens = frozenset(int(t) for t in stop_tokens)
+        self.opts = run_options(self.config, float(temperature), None, None, sorted(self.stop_tokens),
+                                None, None, None)
+        self.identity = f"{identity}|T={float(temperature)}|stops={sorted(self.stop_tokens)}"
+        self._tokens: list[int] = []
+        self._cache = None
+        self._capacity = 0
+
+    def _fill(self, sequence: list[int]) -> None:
+        limit = self.config.max_position_embeddings
+        if len(sequence) >= limit:
+            raise PTSError(f"a prompt plus solution of {len(sequence)} tokens does not fit the context ({limit})")
+        capacity = bucket(min(len(sequence) + self.max_new_tokens, limit), MIN_PROMPT_BUCKET, cap=limit)
+        width = min(bucket(len(sequence), MIN_PROMPT_BUCKET), capacity)
+        tokens = np.zeros((1, width), np.int32)
+        tokens[0, :len(sequence)] = sequence
+        self._cache = _prefill(self.params, jnp.asarray(tokens), jnp.asarray([len(sequence)], jnp.int32),
+                               config=self.config, capacity=capacity, cache_dtype=self.opts.cache_dtype)
+        self._tokens, self._capacity = list(sequence), capacity
+
+    def prepare(self, sequence: Sequence[int]) -> None:
+        sequence = [int(t) for t in sequence]
+        if self._tokens[:len(sequence)] != sequence or self._cache is None:
+            self._fill(sequence)
+
+    def rollouts(self, context: Sequence[int], k: int, seed: int) -> list[list[int]]:
+        context = [int(t) for t in context]
+        if self._cache is None or self._tokens[:len(context) - 1] != context[:-1]:
+            self._fill(context)
+        o = self.opts
+        rows = bucket(k, 1)
+        budget_one = min(self.max_new_tokens, self.config.max_position_embeddings - len(context))
+        budget = np.zeros((rows,), np.int32)
+        budget[:k] = budget_one
+        seeds = (np.arange(rows, dtype=np.int64) + int(seed)).astype(np.uint32)
+        keys = keys_from_seeds_jit(seeds, True)
+        cache = _fork(self._cache, np.int32(len(context) - 1), rows=rows)
+        tokens = np.full((rows, 1), context[-1], np.int32)
+        cache, first, done = extend_and_sample(self.params, cache, tokens, np.ones((rows,), np.int32), keys, budget,
+                                               o.stops, o.temp, o.top_p, config=self.config, sampler=o.sampler,
+                                               shard=None)
+        out, _ = run_decode(self.params, cache, first, done, budget, keys, o.stops, o.temp, o.top_p, n=rows,
+                            out_len=bucket(budget_one, MIN_NEW_BUCKET), callback=None, config=self.config,
+                            sampler=o.sampler, shard=None)
+        return [trim_output(out[i], budget_one) for i in range(k)]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "capacity", "cache_dtype"))
+def _prefill(params, tokens, lengths, *, config, capacity, cache_dtype):
+    return prefill(params, tokens, lengths, config, capacity, cache_dtype)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("rows",))
+def _fork(cache, length, *, rows):
+    """`rows` copies of a one-row cache, rewound to `length` tokens."""
+    return KVCache(jnp.repeat(cache.k, rows, axis=1), jnp.repeat(cache.v, rows, axis=1),
+                   jnp.full((rows,), length, jnp.int32))
+
+
+# ----------------------------------------------------------------------------- problems and pairs on disk
+
+@dataclasses.dataclass
+class Problem:
+    where: str          # "FILE:LINE"
+    data: dict
+    key: str            # digest of the problem (what the oracle checks against)
+
+
+def read_problems(path: str, oracle: str | None) -> tuple[list[Problem], list[str]]:
+    """(valid problems, one message per skipped line naming FILE:LINE and the problem); raises PTSError when the file
+    is missing or holds no valid problem."""
+    from phi4_jax.posttrain.oracles import ProblemError, check_problem
+
+    if not os.path.isfile(path):
+        raise PTSError(f"problems file {path!r} does not exist")
+    problems, skipped = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as e:
+                skipped.append(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            try:
+                check_problem(data, where, oracle)
+            except ProblemError as e:
+                skipped.append(str(e))
+                continue
+            problems.append(Problem(where, data, digest("problem", data, oracle)))
+    if not problems:
+        detail = f"; first problem: {skipped[0]}" if skipped else ""
+        raise PTSError(f"{path}: no usable problems ({len(skipped)} skipped{detail})")
+    return problems, skipped
+
+
+def prompt_ids(problem: Problem, encode_text: Callable[[str], list[int]],
+               encode_chat: Callable[[list], list[int]] | None) -> list[int]:
+    """A chat problem's messages in the chat format with the assistant header, or a text problem's prompt."""
+    if "messages" not in problem.data:
+        return encode_text(problem.data["prompt"])
+    if encode_chat is None:
+        raise PTSError(f"{problem.where}: this checkpoint's tokenizer has no chat format; give its problems a text "
+                       "'prompt' instead of 'messages'")
+    return encode_chat(problem.data["messages"])
+
+
+def pair_record(problem: Problem, pair: dict, decode: Callable[[list[int]], str], prompt_len: int,
+                output_ids: Callable[[list[int]], list[int]] = list) -> dict:
+    """One JSONL line of the output: the DPO fields (prompt as messages or text, chosen and rejected text) and the
+    ids, written as `output_ids` maps them (phi-4 ids for the DPO reader)."""
+    prefix_text = decode(pair["prompt_ids"][prompt_len:])
+    if "messages" in problem.data:
+        prompt = list(problem.data["messages"]) + [{"role": "assistant", "content": prefix_text}]
+    else:
+        prompt = problem.data["prompt"] + prefix_text
+    return {"prompt": prompt, "chosen": decode(pair["chosen_ids"]), "rejected": decode(pair["rejected_ids"]),
+            **{k: [int(t) for t in output_ids(pair[k])] for k in ("prompt_ids", "chosen_ids", "rejected_ids")},
+            "problem": problem.where, "problem_key": problem.key, "position": pair["position"],
+            "p_before": pair["p_before"], "p_chosen": pair["p_chosen"], "p_rejected": pair["p_rejected"]}
+
+
+def pair_identity(record: dict) -> tuple:
+    return (record["problem_key"], record["position"], tuple(record["chosen_ids"]), tuple(record["rejected_ids"]))
+
+
+@dataclasses.dataclass
+class RunSummary:
+    problems: int = 0
+    skipped: int = 0
+    in_band: int = 0
+    pivots: int = 0
+    pairs_written: int = 0
+    pairs_already_there: int = 0
+    no_alternative: int = 0
+    rollouts: int = 0
+
+
+def run_pts(problems: list[Problem], search: PivotalTokenSearch, encode_prompt: Callable[[Problem], list[int]],
+            decode: Callable[[list[int]], str], out_path: str, *, progress: bool = True,
+            log: Callable[[str], None] = lambda line: None,
+            output_ids: Callable[[list[int]], list[int]] = list) -> RunSummary:
+    """Searches every problem and appends its new pairs to `out_path`, flushed one by one (a pair already there, from
+    an interrupted run, is not written again); `log` gets one line per problem; ids are written as `output_ids`
+    maps the model's ids."""
+    existing = set()
+    for number, line in enumerate(read_complete_lines(out_path), 1):
+        try:
+            existing.add(pair_identity(json.loads(line)))
+        except (ValueError, KeyError, TypeError):
+            raise PTSError(f"{out_path}:{number} is not a PTS pair; write the pairs to a new file") from None
+    summary = RunSummary(problems=len(problems))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(problems), desc="pts", unit="problem", dynamic_ncols=True)
+    start = time.perf_counter()
+    with open(out_path, "a", encoding="utf-8") as out:
+        for problem in problems:
+            prompt = encode_prompt(problem)
+            try:
+                result = search.search(problem.data, problem.key, prompt)
+            except OracleError as e:   # a broken user oracle: say which problem it failed on
+                raise PTSError(f"{problem.where}: {e}") from None
+            summary.in_band += result.in_band
+            summary.pivots += len(result.pivots)
+            summary.no_alternative += result.no_alternative
+            for pair in result.pairs:
+                record = pair_record(problem, pair, decode, len(prompt), output_ids)
+                if pair_identity(record) in existing:
+                    summary.pairs_already_there += 1
+                    continue
+                out.write(json.dumps(record) + "\n")
+                out.flush()
+                existing.add(pair_identity(record))
+                summary.pairs_written += 1
+            summary.rollouts = search.rollouts_run
+            if bar is not None:
+                rate = search.rollouts_run / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(rollouts_per_s=f"{rate:.1f}", pairs=summary.pairs_written + summary.pairs_already_there)
+                bar.update(1)
+            log(f"{problem.where}: p={result.p_prompt:.2f} "
+                + (f"in band, {len(result.pivots)} pivotal tokens, {len(result.pairs)} pairs" if result.in_band
+                   else "outside the band"))
+    if bar is not None:
+        bar.close()
+    return summary

@@ -1,0 +1,261 @@
+"""Pivotal Token Search: a scripted model whose pivotal tokens are known by construction, the real tiny-model sampler
+against `phi4_jax.generate`, the estimate cache and resuming an interrupted run."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import pytest
+
+import phi4_jax
+from phi4_jax.model.config import get_preset
+from phi4_jax.model.decoder import model_from_params
+from phi4_jax.posttrain import pts
+from phi4_jax.train.step import init_params
+
+STOP = 0
+GOOD, BAD, KEEP, SLIP = 11, 12, 14, 15
+
+
+FILLER = list(range(20, 30))
+KEEP_AT = 2 + len(FILLER)           # position of the KEEP/SLIP choice
+
+
+def next_distribution(generated: tuple[int, ...]) -> dict[int, float]:
+    """The scripted model: 10, then GOOD or BAD (1/2 each), ten filler tokens, then (after GOOD) KEEP or SLIP (1/2
+    each) or (after BAD) KEEP, then 30, 31, STOP. It solves the problem when it said GOOD and did not SLIP."""
+    n = len(generated)
+    if n == 0:
+        return {10: 1.0}
+    if n == 1:
+        return {GOOD: 0.5, BAD: 0.5}
+    if n < KEEP_AT:
+        return {FILLER[n - 2]: 1.0}
+    if n == KEEP_AT:
+        return {KEEP: 0.5, SLIP: 0.5} if generated[1] == GOOD else {KEEP: 1.0}
+    return {KEEP_AT + 1: {30: 1.0}, KEEP_AT + 2: {31: 1.0}}.get(n, {STOP: 1.0})
+
+
+def solved(ids) -> bool:
+    return GOOD in ids and SLIP not in ids
+
+
+def completions(generated: tuple[int, ...]) -> list[tuple[tuple[int, ...], float]]:
+    """Every completion after `generated` with its probability (the scripted model's tree)."""
+    if generated and generated[-1] == STOP:
+        return [((), 1.0)]
+    out = []
+    for token, prob in next_distribution(generated).items():
+        for rest, p_rest in completions(generated + (token,)):
+            out.append(((token,) + rest, prob * p_rest))
+    return out
+
+
+def p_true(generated) -> float:
+    """p(success | generated), from the definition."""
+    generated = tuple(generated)
+    return sum(p for rest, p in completions(generated) if solved(generated + rest))
+
+
+class ScriptedSampler:
+    """K rollouts in exact proportion to the scripted model's probabilities (largest remainder), so every estimate
+    is exact; prompt [1] puts the solving completion first (the bisected solution), prompt [2] the failing one."""
+
+    identity = "scripted"
+    stop_tokens = frozenset({STOP})
+
+    def __init__(self):
+        self.calls = []
+
+    def prepare(self, sequence):
+        pass
+
+    def rollouts(self, context, k, seed):
+        self.calls.append(tuple(context))
+        prompt, generated = context[:1], tuple(context[1:])
+        tree = completions(generated)
+        quotas = [p * k for _, p in tree]
+        counts = [int(q) for q in quotas]
+        for i in sorted(range(len(tree)), key=lambda i: quotas[i] - counts[i], reverse=True)[:k - sum(counts)]:
+            counts[i] += 1
+        outs = [list(rest) for (rest, _), c in zip(tree, counts) for _ in range(c)]
+        return sorted(outs, reverse=prompt == [2])
+
+
+def scripted_search(cache=None, sampler=None, **settings):
+    settings = {"rollouts": 8, "band": (0.2, 0.8), "threshold": 0.2, "max_new_tokens": 8, **settings}
+    return pts.PivotalTokenSearch(sampler or ScriptedSampler(), lambda ids, problem: solved(ids),
+                                  pts.PTSSettings(**settings), cache)
+
+
+def expected_pivots(solution, threshold=0.2):
+    """Positions whose token moves p(success) by >= threshold, from the definition."""
+    return [i for i in range(len(solution)) if abs(p_true(solution[:i + 1]) - p_true(solution[:i])) >= threshold]
+
+
+@pytest.mark.parametrize("prompt", [[1], [2]])
+def test_scripted_model_pivots_and_pairs_are_the_known_ones(prompt):
+    search = scripted_search()
+    result = search.search({}, "problem", prompt)
+    assert result.in_band and result.p_prompt == pytest.approx(p_true(()))
+    solution = result.solution
+    assert solution == [10, GOOD if prompt == [1] else BAD, *FILLER, KEEP, 30, 31, STOP]
+    assert [p.position for p in result.pivots] == expected_pivots(solution)
+    for pivot in result.pivots:
+        assert pivot.p_before == pytest.approx(p_true(solution[:pivot.position]))
+        assert pivot.p_after == pytest.approx(p_true(solution[:pivot.position + 1]))
+    pairs = {(p["position"], p["chosen_ids"][0], p["rejected_ids"][0]) for p in result.pairs}
+    if prompt == [1]:   # GOOD raises p (0.25 -> 0.5) over BAD (0); KEEP raises it (0.5 -> 1) over SLIP (0)
+        assert pairs == {(1, GOOD, BAD), (KEEP_AT, KEEP, SLIP)}
+    else:               # BAD lowers p (0.25 -> 0) below GOOD (0.5)
+        assert pairs == {(1, GOOD, BAD)}
+    for pair in result.pairs:
+        assert pair["prompt_ids"] == prompt + solution[:pair["position"]]
+        assert pair["p_chosen"] == pytest.approx(p_true(solution[:pair["position"]] + pair["chosen_ids"]))
+        assert pair["p_rejected"] == pytest.approx(p_true(solution[:pair["position"]] + pair["rejected_ids"]))
+    # bisection: fewer estimates, alternatives included, than one per proper prefix and the prompt
+    assert len(search.sampler.calls) < len(solution)
+
+
+def test_outside_the_band_costs_one_estimate_and_yields_nothing():
+    search = scripted_search(band=(0.5, 0.8))   # p(prompt) = 0.25
+    result = search.search({}, "problem", [1])
+    assert not result.in_band and result.pairs == [] and len(search.sampler.calls) == 1
+
+
+def test_threshold_above_every_step_finds_no_pivot():
+    result = scripted_search(threshold=0.6).search({}, "problem", [1])   # the largest step is 0.5
+    assert result.in_band and result.pivots == [] and result.pairs == []
+
+
+class RefusingSampler(ScriptedSampler):
+    def rollouts(self, context, k, seed):
+        raise AssertionError(f"not cached: {context}")
+
+
+def _problems_file(tmp_path, n):
+    path = tmp_path / "problems.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "answer": "x", "checker": {"type": "exact"}}) + "\n"
+                            for i in range(n)))
+    return str(path)
+
+
+def test_resume_writes_each_pair_once_and_reuses_cached_estimates(tmp_path):
+    problems, skipped = pts.read_problems(_problems_file(tmp_path, 2), None)
+    assert skipped == []
+    encode = lambda problem: [1 if problem.data["prompt"] == "p0" else 2]  # noqa: E731
+    decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
+    out, cache_dir = str(tmp_path / "pairs.jsonl"), str(tmp_path / "cache")
+
+    cache = pts.EstimateCache(cache_dir)
+    full = pts.run_pts(problems, scripted_search(cache), encode, decode, out, progress=False)
+    cache.close()
+    lines = open(out).read().splitlines()
+    assert full.pairs_written == len(lines) == 3 and full.pairs_already_there == 0
+    rows = [json.loads(line) for line in lines]
+    assert {(r["problem"].rsplit(":", 1)[1], r["chosen_ids"][0], r["rejected_ids"][0]) for r in rows} == {
+        ("1", GOOD, BAD), ("1", KEEP, SLIP), ("2", GOOD, BAD)}
+    assert all(r["chosen"] == str(r["chosen_ids"][0]) and r["prompt_ids"][0] in (1, 2) for r in rows)
+
+    # An interruption after the first pair, in the middle of writing the second.
+    with open(out, "w") as f:
+        f.write(lines[0] + "\n" + lines[1][:25])
+    cache = pts.EstimateCache(cache_dir)
+    assert len(cache) > 0
+    again = pts.run_pts(problems, scripted_search(cache, RefusingSampler()), encode, decode, out, progress=False)
+    cache.close()
+    assert again.rollouts == 0                                    # every estimate came from the cache
+    assert again.pairs_already_there == 1 and again.pairs_written == 2
+    assert open(out).read().splitlines() == lines                 # same pairs, once each, torn line gone
+
+
+def test_cache_keys_include_the_sampling_settings(tmp_path):
+    cache = pts.EstimateCache(str(tmp_path / "cache"))
+    scripted_search(cache).search({}, "problem", [1])
+    sampler = ScriptedSampler()
+    scripted_search(cache, sampler, seed=1).search({}, "problem", [1])   # another seed: new rollouts
+    assert sampler.calls
+    with pytest.raises(AssertionError, match="not cached"):
+        scripted_search(cache, RefusingSampler()).search({}, "other problem", [1])
+
+
+def test_bad_problems_are_skipped_with_their_line_and_an_empty_file_is_an_error(tmp_path):
+    path = tmp_path / "problems.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"prompt": "What is 2+2?", "answer": 4, "checker": {"type": "numeric"}}),
+        "{not json",
+        json.dumps({"prompt": "no answer", "checker": {"type": "exact"}}),
+        json.dumps({"prompt": "x", "answer": 1, "checker": {"type": "regex"}}),
+    ]) + "\n")
+    problems, skipped = pts.read_problems(str(path), None)
+    assert [p.where for p in problems] == [f"{path}:1"]
+    assert [s.split(": ", 1)[0] for s in skipped] == [f"{path}:{i}" for i in (2, 3, 4)]
+    assert "not valid JSON" in skipped[0] and "no 'answer'" in skipped[1] and "unknown checker type 'regex'" in skipped[2]
+    path.write_text(json.dumps({"prompt": "no answer", "checker": {"type": "exact"}}) + "\n")
+    with pytest.raises(pts.PTSError, match=r"no usable problems \(1 skipped; first problem: .*:1: the problem has no"):
+        pts.read_problems(str(path), None)
+
+
+# ----------------------------------------------------------------------------- the real sampler on a tiny model
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    config = get_preset("tiny", vocab_size=64, max_position_embeddings=256)
+    return model_from_params(config, init_params(config, jax.random.key(5)))
+
+
+def test_model_rollouts_on_a_rewound_cache_equal_generate(tiny_model):
+    """Rollouts from a prefix of the prepared sequence, and from that prefix with another last token, are exactly
+    `generate`'s samples of the same contexts with the same per-row seeds (one prefill, then forks of it)."""
+    stops = [1]
+    sampler = pts.ModelSampler(tiny_model, temperature=1.0, max_new_tokens=6, stop_tokens=stops)
+    sequence = [5, 9, 17, 33, 2, 40, 41, 8, 12, 30]
+    sampler.prepare(sequence)
+    for context in (sequence[:4], sequence[:7], sequence[:6] + [50], sequence):
+        got = sampler.rollouts(context, 3, seed=100)
+        want = phi4_jax.generate(tiny_model, [context] * 3, max_new_tokens=6, temperature=1.0,
+                                 seed=[100, 101, 102], stop_tokens=stops)
+        assert got == want, context
+    assert sampler._tokens == sequence   # every context above was served from the one prefilled sequence
+
+
+def test_pts_on_the_tiny_model_finds_the_first_token_when_only_it_matters(tiny_model):
+    """Success iff the first answer token is even: p jumps to 0 or 1 at position 0 and nowhere else, so that is the
+    only pivot and its pair prefers an even token to an odd one."""
+    sampler = pts.ModelSampler(tiny_model, temperature=3.0, max_new_tokens=5, stop_tokens=[1])
+    settings = pts.PTSSettings(rollouts=8, band=(0.0, 1.0), threshold=0.2, max_new_tokens=5, temperature=3.0, seed=3)
+    prompt = [7, 3, 22]
+    search = pts.PivotalTokenSearch(sampler, lambda ids, problem: bool(ids) and ids[0] % 2 == 0, settings)
+    result = search.search({}, "even first", prompt)
+    assert 0.2 <= result.p_prompt <= 0.8
+    assert [p.position for p in result.pivots] == [0]
+    assert result.pivots[0].p_after == float(result.solution[0] % 2 == 0)
+    (pair,) = result.pairs
+    assert pair["prompt_ids"] == prompt
+    assert pair["chosen_ids"][0] % 2 == 0 and pair["rejected_ids"][0] % 2 == 1
+    assert (pair["p_chosen"], pair["p_rejected"]) == (1.0, 0.0)
+
+
+def test_pairs_are_written_in_the_output_id_space(tmp_path):
+    """The DPO reader takes phi-4 ids: a renumbered (demo) vocabulary's ids are mapped on the way out."""
+    problems, _ = pts.read_problems(_problems_file(tmp_path, 1), None)
+    out = str(tmp_path / "pairs.jsonl")
+    pts.run_pts(problems, scripted_search(), lambda problem: [1], lambda ids: "", out, progress=False,
+                output_ids=lambda ids: [1000 + t for t in ids])
+    rows = [json.loads(line) for line in open(out)]
+    assert {(r["chosen_ids"][0], r["rejected_ids"][0]) for r in rows} == {(1000 + GOOD, 1000 + BAD),
+                                                                         (1000 + KEEP, 1000 + SLIP)}
+    assert rows[0]["prompt_ids"] == [1001, 1010]
+
+
+def test_a_broken_oracle_is_reported_with_its_problem_line(tmp_path):
+    from phi4_jax.posttrain.oracles import OracleError
+
+    def broken(ids, problem):
+        raise OracleError("oracle 'mine:check' raised KeyError: 'answer'")
+
+    problems, _ = pts.read_problems(_problems_file(tmp_path, 1), None)
+    search = pts.PivotalTokenSearch(ScriptedSampler(), broken, pts.PTSSettings(max_new_tokens=8))
+    with pytest.raises(pts.PTSError, match=r"problems.jsonl:1: oracle 'mine:check' raised KeyError"):
+        pts.run_pts(problems, search, lambda problem: [1], str, str(tmp_path / "pairs.jsonl"), progress=False)
