@@ -55,18 +55,22 @@ class DecodeAttentionError(AttentionConfigError):
     """Inputs or options that decode attention cannot handle."""
 
 
-def decode_attention_reference(q, k_cache, v_cache, lengths, *, sm_scale=None):
+def decode_attention_reference(q, k_cache, v_cache, lengths, *, sm_scale=None, heads_first=False):
+    """The contract's math in XLA. `heads_first=True` takes caches laid out [B, Hkv, C, D] instead (the per-layer
+    decode layout on CPU), where both attention dots read the cache in place: with [B, C, Hkv, D], XLA:CPU copies
+    each layer's cache into that order for its dots, twice per step."""
     b, t, hq, d = q.shape
-    c, hkv = k_cache.shape[1], k_cache.shape[2]
+    c, hkv = (k_cache.shape[2], k_cache.shape[1]) if heads_first else (k_cache.shape[1], k_cache.shape[2])
     group = hq // hkv
     scale = d ** -0.5 if sm_scale is None else sm_scale
+    cache = "bhcd" if heads_first else "bchd"
     qg = q.reshape(b, t, hkv, group, d)
-    scores = jnp.einsum("bthgd,bchd->bhgtc", qg, k_cache, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum(f"bthgd,{cache}->bhgtc", qg, k_cache, preferred_element_type=jnp.float32) * scale
     q_pos = lengths[:, None] - t + jnp.arange(t)[None, :]                  # [B, T]
     visible = jnp.arange(c)[None, None, :] <= q_pos[:, :, None]           # [B, T, C]
     scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bhgtc,bchd->bthgd", probs.astype(v_cache.dtype), v_cache,
+    out = jnp.einsum(f"bhgtc,{cache}->bthgd", probs.astype(v_cache.dtype), v_cache,
                      preferred_element_type=jnp.float32)
     return out.reshape(b, t, hq, d).astype(q.dtype)
 

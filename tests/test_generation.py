@@ -118,6 +118,35 @@ def test_cached_decode_equals_full_recompute(converted, prompts):
             np.testing.assert_allclose(np.asarray(cached_logits[j][b]), full[pos], rtol=1e-4, atol=1e-4)
 
 
+def test_per_layer_decode_equals_the_stacked_layout(converted, prompts, greedy_batched, monkeypatch):
+    """On CPU, decoding runs in the per-layer layout (`engine.per_layer_decode`: per-layer weights, heads-first
+    caches); its steps must give the stacked layout's logits and cache, and `generate` the same tokens with the
+    layout switched off. Writing a new key at the wrong slot or head of a heads-first cache, or reading the
+    caches in the other order, fails this test."""
+    model, _ = converted
+    params, config = model.params, model.config
+    assert engine.per_layer_decode(params, config, None)
+    batch = prompts[:2]
+    tokens = np.zeros((2, 32), np.int32)
+    for i, p in enumerate(batch):
+        tokens[i, :len(p)] = p
+    lengths = jnp.asarray([len(p) for p in batch], jnp.int32)
+    cache, logits = jax.jit(kv_cache.prefill, static_argnums=(3, 4))(params, jnp.asarray(tokens), lengths, config, 64)
+    step = jax.jit(kv_cache.decode_step, static_argnums=(3,))
+    per_params, per_cache = jax.jit(kv_cache.unstack_layers)(params, cache)
+    for _ in range(3):
+        nxt = jnp.argmax(logits, -1).astype(jnp.int32)
+        cache, logits = step(params, cache, nxt, config)
+        per_cache, per_logits = step(per_params, per_cache, nxt, config)
+        np.testing.assert_allclose(np.asarray(per_logits), np.asarray(logits), rtol=1e-5, atol=1e-5)
+    restacked = kv_cache.stack_cache(per_cache)
+    np.testing.assert_allclose(np.asarray(restacked.k), np.asarray(cache.k), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(restacked.v), np.asarray(cache.v), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(engine, "PER_LAYER_MAX_MEMORY_FRACTION", 0.0)
+    assert not engine.per_layer_decode(params, config, None)
+    assert phi4_jax.generate(model, prompts, max_new_tokens=NEW_TOKENS, stop_tokens=[]) == greedy_batched
+
+
 def test_seeded_sampling_is_reproducible(converted, prompts):
     model, _ = converted
     kw = dict(max_new_tokens=16, temperature=1.0, stop_tokens=[])

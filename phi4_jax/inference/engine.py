@@ -33,6 +33,7 @@ from phi4_jax.inference.errors import ContextLengthError, GenerationError
 from phi4_jax.inference.kv_cache import (
     CACHE_AXES,
     KVCache,
+    decode_implementation,
     decode_step,
     extend,
     prefill,
@@ -175,18 +176,20 @@ def _decode_one(params, cache, token, done, count, budget, keys, stop_tokens, te
 PER_LAYER_MAX_MEMORY_FRACTION = 0.25
 
 
-def per_layer_decode(params, shard) -> bool:
+def per_layer_decode(params, config: Phi4Config, shard) -> bool:
     """Whether to decode in the per-layer layout (`kv_cache.unstack_layers`): on the CPU backend, unsharded, when
     a copy of the layer weights takes at most `PER_LAYER_MAX_MEMORY_FRACTION` of physical memory.
 
     Why: the layer scan slices each layer's weights out of the stacked [layers, ...] arrays, and XLA:CPU copies
     those slices before its matmuls, so a scanned decode step reads and writes every weight twice more than it
     multiplies by it; a decode step is memory-bound, so that copy was most of its time (profile in
-    BENCHMARKS.md's Decode section). Unrolled over per-layer arrays, the step reads each weight once. The copy
-    into that layout is made once per decode call. GPUs and TPUs fuse the slice into the matmul, and a sharded
-    or large model keeps the stacked layout (no second copy of the weights).
+    BENCHMARKS.md's Decode section). Unrolled over per-layer arrays, the step reads each weight once; each
+    layer's cache is kept heads first ([B, Hkv, C, D]), which the attention dots read without a copy. The copy
+    into that layout is made once per decode call. Only with XLA's decode attention (not the Pallas kernel).
+    GPUs and TPUs fuse the slice into the matmul, and a sharded or large model keeps the stacked layout (no
+    second copy of the weights).
     """
-    if shard is not None:
+    if shard is not None or config.kernel_interpret or decode_implementation(config) == "pallas":
         return False
     layers = jax.tree.leaves(params["layers"])
     if not layers or not all(isinstance(w, jax.Array) for w in layers):
@@ -360,7 +363,7 @@ def run_decode(params, cache, first, done, budget, keys, stops, temp, top_p_valu
         if callback is not None:
             callback([int(t) if t != NO_TOKEN else None for t in out[:n, 0]])
         return out, cache
-    per_layer = per_layer_decode(params, shard)
+    per_layer = per_layer_decode(params, config, shard)
     if per_layer:
         params, cache = _unstack_layers(params, cache)
     if callback is None:

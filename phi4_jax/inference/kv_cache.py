@@ -63,16 +63,18 @@ def is_per_layer(cache: KVCache) -> bool:
 
 
 def unstack_layers(params, cache: KVCache):
-    """Params and cache in the per-layer layout: layer i's weights and k/v as arrays of their own (a copy)."""
+    """Params and cache in the per-layer layout (a copy): layer i's weights as arrays of their own, and its k/v
+    as arrays of their own laid out heads first, [B, Hkv, C, D] (what the attention dots read in place)."""
     n = cache.k.shape[0]
     per_layer = [jax.tree.map(lambda w, i=i: w[i], params["layers"]) for i in range(n)]
-    return (dict(params, layers=per_layer),
-            KVCache(tuple(cache.k[i] for i in range(n)), tuple(cache.v[i] for i in range(n)), cache.lengths))
+    heads_first = lambda x: tuple(jnp.swapaxes(x[i], 1, 2) for i in range(n))  # noqa: E731
+    return dict(params, layers=per_layer), KVCache(heads_first(cache.k), heads_first(cache.v), cache.lengths)
 
 
 def stack_cache(cache: KVCache) -> KVCache:
     """A per-layer cache back in the stacked layout [layers, B, C, Hkv, D]."""
-    return KVCache(jnp.stack(cache.k), jnp.stack(cache.v), cache.lengths)
+    stack = lambda layers: jnp.stack([jnp.swapaxes(x, 1, 2) for x in layers])  # noqa: E731
+    return KVCache(stack(cache.k), stack(cache.v), cache.lengths)
 
 
 # ----------------------------------------------------------------------------- forward with a cache
@@ -147,15 +149,23 @@ def extend(params, cache: KVCache, tokens, n_new, config: Phi4Config):
     batch_index = jnp.arange(b)[:, None]
 
     def attend_and_write(q, k, v, k_cache, v_cache, index):
-        """RoPE, the new keys/values written into the cache at `index` + (batch, slot), attention over the
-        layer's cache; `index` is () for one layer's own cache [B, C, Hkv, D], or (i,) for layer i of the
-        stacked cache (written in place, where slicing it out first would copy)."""
+        """RoPE, the new keys/values written into the cache, attention over the layer's cache. `index` is (i,)
+        for layer i of the stacked cache [L, B, C, Hkv, D] (written in place, where slicing it out first would
+        copy), or () for one layer's own cache in the per-layer layout [B, Hkv, C, D]."""
         q = rope(q, slots, config)
         k = rope(k, slots, config)
-        k_cache = k_cache.at[(*index, batch_index, slots)].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[(*index, batch_index, slots)].set(v.astype(v_cache.dtype), mode="drop")
-        k_layer, v_layer = (k_cache[index[0]], v_cache[index[0]]) if index else (k_cache, v_cache)
-        return cache_attention(q.astype(k_layer.dtype), k_layer, v_layer, attend_lengths, config), (k_cache, v_cache)
+        # [B, T] slots: (i, b, slot) of the stacked cache, or (b, all heads, slot) of a heads-first one; the
+        # advanced indices' [B, T] dims come first either way, so the values [B, T, Hkv, D] fit both.
+        where = (*index, batch_index, slots) if index else (batch_index, slice(None), slots)
+        k_cache = k_cache.at[where].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[where].set(v.astype(v_cache.dtype), mode="drop")
+        if index:
+            out = cache_attention(q.astype(k_cache.dtype), k_cache[index[0]], v_cache[index[0]], attend_lengths,
+                                  config)
+        else:
+            out = kernels.decode_attention_reference(q.astype(k_cache.dtype), k_cache, v_cache, attend_lengths,
+                                                     heads_first=True)
+        return out, (k_cache, v_cache)
 
     if is_per_layer(cache):
         # Per-layer layout: each layer's weights and cache are arrays of their own, so nothing is sliced
