@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     clients = [int(c) for c in args.clients.split(",")]
     max_context = args.prompt_len + args.new_tokens
     engine = ContinuousBatchingEngine(model, max_batch=args.max_batch, max_context=max_context,
-                                      prefill_chunk=min(128, max_context), max_queue=max(clients) * 2)
+                                      prefill_chunk=128, max_queue=max(clients) * 2)
     start = time.perf_counter()
     engine.start()
     warmup_s = time.perf_counter() - start

@@ -236,6 +236,7 @@ def test_queue_full_context_and_bad_requests(converted):
     """An engine that is not started keeps every request waiting: the queue fills; bad requests are refused."""
     eng = ContinuousBatchingEngine(converted[0], max_batch=2, max_context=64, page_size=8, max_queue=2)
     assert eng.stats()["pages_total"] == 2 * 64 // 8          # no memory report on CPU: max_batch x max_context
+    assert eng.prefill_chunk == 64                            # the default chunk (128) capped at the context
     waiting = [eng.submit(GenerationRequest([5, 6, 7], 4)) for _ in range(2)]
     with pytest.raises(QueueFullError, match="max_queue=2"):
         eng.submit(GenerationRequest([5, 6, 7], 4))

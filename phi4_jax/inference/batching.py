@@ -296,7 +296,7 @@ class ContinuousBatchingEngine:
       page_size: tokens per KV page.
       kv_cache_bytes: the page pool's size in bytes (default: KV_MEMORY_FRACTION of the device's free memory
         where the backend reports it, else enough pages for max_batch requests of max_context tokens).
-      prefill_chunk: most prompt tokens prefilled per engine step.
+      prefill_chunk: most prompt tokens prefilled per engine step (at most max_context).
       max_queue: most requests waiting for a slot; `submit` raises QueueFullError beyond it.
       mesh: a jax Mesh to shard the page pool (kv heads) and activations over (rules: `serving_rules`); the
         model's parameters should be sharded on it already (`load_model(..., mesh=...)`).
@@ -318,7 +318,8 @@ class ContinuousBatchingEngine:
             raise GenerationError(f"max_context must be in [2, {limit}] (the model's max_position_embeddings), "
                                   f"got {max_context}")
         self.max_batch, self.max_context, self.page_size = int(max_batch), int(max_context), int(page_size)
-        self.prefill_chunk, self.max_queue = int(prefill_chunk), int(max_queue)
+        # A chunk never needs to be longer than the context (a longer one would pad every prefill past it).
+        self.prefill_chunk, self.max_queue = min(int(prefill_chunk), self.max_context), int(max_queue)
         self.table_width = -(-self.max_context // self.page_size)
         self.top_k = min(MAX_TOP_LOGPROBS, self.config.vocab_size)
         self.shard = None if mesh is None else MeshRules(mesh, hashable_rules(serving_rules()))
