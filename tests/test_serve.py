@@ -391,6 +391,23 @@ def test_cli_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert e.value.code == 2 and "--port must be in 1..65535" in capsys.readouterr().err
 
 
+def test_cli_quantize_options_reach_load_model(tmp_path, monkeypatch):
+    """`--quantize int4 --group-size 64 --dtype bfloat16` are passed to the one loader (`load_model`)."""
+    import phi4_jax.cli.serve as serve_cli
+    from phi4_jax.cli.chat import ChatError
+
+    seen = []
+
+    def fake_load(checkpoint, dtype, quantize=None, group_size=None):
+        seen.append((checkpoint, dtype, quantize, group_size))
+        raise ChatError("stop here")
+
+    monkeypatch.setattr(serve_cli, "load", fake_load)
+    args = ["--checkpoint", str(tmp_path), "--quantize", "int4", "--group-size", "64", "--dtype", "bfloat16"]
+    assert serve_cli.main(args) == 2
+    assert seen == [(str(tmp_path), "bfloat16", "int4", 64)]
+
+
 def test_completion_text_holds_back_possible_stop_strings():
     from phi4_jax.serve.text import CompletionText
 

@@ -41,6 +41,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    add_model_arguments(p)
+    args = p.parse_args(argv)
+    if args.max_context < 2:
+        p.error(f"--max-context must be at least 2, got {args.max_context}")
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    return args
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--dtype, --quantize and --group-size: how `load` reads the weights (shared with `python -m phi4_jax.serve`)."""
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
                    help="parameter/compute dtype (default: as stored in the checkpoint)")
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
@@ -48,12 +59,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=None,
                    help="quantization group size along the input dimension (default: per channel for int8, 128 "
                         "for int4)")
-    args = p.parse_args(argv)
-    if args.max_context < 2:
-        p.error(f"--max-context must be at least 2, got {args.max_context}")
-    if args.max_new_tokens < 1:
-        p.error(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    return args
 
 
 def load(checkpoint: str, dtype: str | None, quantize: str | None = None, group_size: int | None = None):

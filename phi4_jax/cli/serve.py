@@ -11,14 +11,15 @@ import argparse
 import os
 import sys
 
-from phi4_jax.cli.chat import ChatError, load
+from phi4_jax.cli.chat import ChatError, add_model_arguments, load
 
 EXIT_USAGE = 2
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m phi4_jax.serve", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (from convert_weights.py)")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint directory (from convert_weights.py) or a llama.cpp phi3 .gguf file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint's "
@@ -28,8 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tokens per request, prompt plus answer (default: the model's max_position_embeddings)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before the "
                                                            "server answers 429 (default 64)")
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
-                   help="parameter/compute dtype (default: as stored in the checkpoint)")
+    add_model_arguments(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = p.parse_args(argv)
     if not 0 < args.port < 65536:
@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        model, tokenizer = load(args.checkpoint, args.dtype)
+        model, tokenizer = load(args.checkpoint, args.dtype, args.quantize, args.group_size)
     except ChatError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
