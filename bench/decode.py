@@ -96,20 +96,22 @@ vocabulary, batch 1 and 8, 256 new tokens, after a warm-up; torch at 1 and at al
 prefill tokens/s and time to first token (phi4_jax's first call includes compiling the prefill). Goal on CPU:
 decode at least 2x transformers. Each run appends a table below.
 
-Where the time went (2026-12-01, `jax.profiler` trace of the decode loop, 8K vocabulary, batch 1): the layers ran
+Where the time went (2026-12-01, `jax.profiler` traces of the decode loop, 8K vocabulary): (1) the layers ran
 under `lax.scan` over the stacked [layers, ...] weights, and XLA:CPU copies each dynamic slice of a stacked
-weight before the matmul that reads it (the `dynamic-slice_bitcast_fusion` ops: about 40% of the step), so
-every step read and wrote all layer weights once more than it multiplied by them; a decode step is
-memory-bound. Unrolling over static slices was no better (25 ms a step against 7: the static slices are
-copied too, inside the loop). The change: on the CPU backend, `run_decode` copies the weights and the cache once
-per call into a per-layer layout (one array per layer; `kv_cache.unstack_layers`,
-`engine.per_layer_decode`), and the loop body is unrolled over the layers, so each weight is read once per
-step (about 1.8x fewer milliseconds per token at batch 1, 1.4x at batch 8, same tokens). It is skipped on a
-mesh, on accelerators (which fuse the slice into the matmul) and when a second copy of the layer weights would
-take more than a quarter of physical memory. What is left in the step: the matmuls themselves (the lm_head's is
-the largest: 12.6 MB at 8K, 154 MB at 100K), and at batch 8 two copies of each layer's cache into a
-[B, Hkv, C, D] order for the attention dots (a cache layout with heads before slots would remove them; a
-multiply-and-reduce form without dots was tried and was slower).
+weight before the matmul that reads it (the `dynamic-slice_bitcast_fusion` ops: about 40% of a batch-1 step),
+so every step read and wrote all layer weights once more than it multiplied by them; unrolling over static
+slices was no better (they are copied too, inside the loop). (2) At batch 8, each layer's cache was copied twice
+per step into a [B, Hkv, C, D] order for the attention dots. (3) At batch 8 the step is ~320 small ops, and
+per-op cost weighs as much as bandwidth. The change: on the CPU backend, `run_decode` copies the weights and
+the cache once per call into a per-layer layout (`kv_cache.unstack_layers`, `engine.per_layer_decode`): one
+array per layer, caches heads first (read in place by the dots), q/k/v and gate/up concatenated into one
+matmul each (`decoder.fuse_projections`), and the loop body unrolled over the layers. Measured on the 8K model
+in one process, alternating with transformers: batch 1 from 6.5-7 to ~3.9 ms a step, batch 8 from ~30 to
+12.7 ms a step, same greedy tokens. It is skipped on a mesh, with the Pallas decode kernel, on accelerators
+(which fuse the slice into the matmul) and when a second copy of the layer weights would take more than a
+quarter of physical memory. What is left: the matmuls themselves (the lm_head's is the largest: 12.6 MB of
+float32 at 8K, 154 MB at 100K, so at 100K both sides are bound by memory bandwidth and a 2x lead is not
+available), and at batch 8 the per-op cost of XLA:CPU's ~300 ops a step against torch's 2 threads.
 On a GPU (not available to this work so far), the 14B-shaped decode against the memory-bandwidth bound belongs
 to the [evidence] issue."""
 

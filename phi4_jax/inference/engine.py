@@ -184,7 +184,9 @@ def per_layer_decode(params, config: Phi4Config, shard) -> bool:
     those slices before its matmuls, so a scanned decode step reads and writes every weight twice more than it
     multiplies by it; a decode step is memory-bound, so that copy was most of its time (profile in
     BENCHMARKS.md's Decode section). Unrolled over per-layer arrays, the step reads each weight once; each
-    layer's cache is kept heads first ([B, Hkv, C, D]), which the attention dots read without a copy. The copy
+    layer's cache is kept heads first ([B, Hkv, C, D]), which the attention dots read without a copy, and q/k/v
+    and gate/up are concatenated (`decoder.fuse_projections`: fewer, larger matmuls; at batch 8 a step is
+    short of per-op overhead as much as of bandwidth). The copy
     into that layout is made once per decode call. Only with XLA's decode attention (not the Pallas kernel).
     GPUs and TPUs fuse the slice into the matmul, and a sharded or large model keeps the stacked layout (no
     second copy of the weights).

@@ -25,7 +25,15 @@ import jax.numpy as jnp
 import kernels
 from phi4_jax.model import sharding
 from phi4_jax.model.config import Phi4Config
-from phi4_jax.model.decoder import decoder_block, embed_tokens, logits_from_hidden, rms_norm, rope, rotated_attention
+from phi4_jax.model.decoder import (
+    decoder_block,
+    embed_tokens,
+    fuse_projections,
+    logits_from_hidden,
+    rms_norm,
+    rope,
+    rotated_attention,
+)
 
 CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
 
@@ -63,10 +71,11 @@ def is_per_layer(cache: KVCache) -> bool:
 
 
 def unstack_layers(params, cache: KVCache):
-    """Params and cache in the per-layer layout (a copy): layer i's weights as arrays of their own, and its k/v
-    as arrays of their own laid out heads first, [B, Hkv, C, D] (what the attention dots read in place)."""
+    """Params and cache in the per-layer layout (a copy): layer i's weights as arrays of their own (q/k/v and
+    gate/up concatenated: `fuse_projections`), and its k/v as arrays of their own laid out heads first,
+    [B, Hkv, C, D] (what the attention dots read in place)."""
     n = cache.k.shape[0]
-    per_layer = [jax.tree.map(lambda w, i=i: w[i], params["layers"]) for i in range(n)]
+    per_layer = [fuse_projections(jax.tree.map(lambda w, i=i: w[i], params["layers"])) for i in range(n)]
     heads_first = lambda x: tuple(jnp.swapaxes(x[i], 1, 2) for i in range(n))  # noqa: E731
     return dict(params, layers=per_layer), KVCache(heads_first(cache.k), heads_first(cache.v), cache.lengths)
 

@@ -103,9 +103,13 @@ def attention_projections(layer: Params, h, config: Phi4Config):
     """q [B, S, Hq, D], k and v [B, S, Hkv, D] from the normed hidden state h [B, S, E] (no RoPE yet)."""
     cd = _dtype(config.compute_dtype)
     with jax.named_scope("qkv_proj"):
-        q = linear("bse,ehd->bshd", h, layer["q_proj"], cd)
-        k = linear("bse,ehd->bshd", h, layer["k_proj"], cd)
-        v = linear("bse,ehd->bshd", h, layer["v_proj"], cd)
+        if "qkv_proj" in layer:  # q, k and v weights concatenated over heads (`fuse_projections`): one product
+            qkv = linear("bse,ehd->bshd", h, layer["qkv_proj"], cd)
+            q, k, v = jnp.split(qkv, [config.num_heads, config.num_heads + config.num_kv_heads], axis=2)
+        else:
+            q = linear("bse,ehd->bshd", h, layer["q_proj"], cd)
+            k = linear("bse,ehd->bshd", h, layer["k_proj"], cd)
+            v = linear("bse,ehd->bshd", h, layer["v_proj"], cd)
     q = sharding.constrain(q, ("batch", "seq", "q_heads", "head_dim"))
     k = sharding.constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
     v = sharding.constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
@@ -122,8 +126,11 @@ def mlp(layer: Params, h, config: Phi4Config):
     """SwiGLU: down(silu(gate(h)) * up(h))."""
     cd = _dtype(config.compute_dtype)
     with jax.named_scope("mlp"):
-        gate = linear("bse,ef->bsf", h, layer["gate_proj"], cd)
-        up = linear("bse,ef->bsf", h, layer["up_proj"], cd)
+        if "gate_up_proj" in layer:  # gate and up concatenated (`fuse_projections`): one product
+            gate, up = jnp.split(linear("bse,ef->bsf", h, layer["gate_up_proj"], cd), 2, axis=-1)
+        else:
+            gate = linear("bse,ef->bsf", h, layer["gate_proj"], cd)
+            up = linear("bse,ef->bsf", h, layer["up_proj"], cd)
         act = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
         return linear("bsf,fe->bse", act, layer["down_proj"], cd)
 
@@ -167,6 +174,21 @@ def rotated_attention(q, k, v, segment_ids, config: Phi4Config):
                                                interpret=config.kernel_interpret, **shard)
     return kernels.flash_attention(q, k, v, causal=True, segment_ids=segment_ids,
                                    implementation=config.attention_impl, interpret=config.kernel_interpret)
+
+
+def fuse_projections(layer: Params) -> Params:
+    """One layer's weights with q/k/v concatenated over heads (``qkv_proj`` [E, Hq + 2 Hkv, D]) and gate/up over
+    the mlp axis (``gate_up_proj`` [E, 2F]), so each takes one matmul (fewer, larger ops: what a small-batch CPU
+    decode step is short of). Only for plain arrays without the stacked layers axis; weight objects (quantized,
+    LoRA) are left as they are."""
+    fusable = lambda *names: all(isinstance(layer.get(n), jax.Array) and not hasattr(layer[n], "linear_einsum")  # noqa: E731
+                                 for n in names)
+    out = dict(layer)
+    if fusable("q_proj", "k_proj", "v_proj"):
+        out["qkv_proj"] = jnp.concatenate([out.pop("q_proj"), out.pop("k_proj"), out.pop("v_proj")], axis=1)
+    if fusable("gate_proj", "up_proj"):
+        out["gate_up_proj"] = jnp.concatenate([out.pop("gate_proj"), out.pop("up_proj")], axis=1)
+    return out
 
 
 def decoder_block(layer: Params, x, config: Phi4Config, attend):
