@@ -5,5 +5,6 @@
 - `pipeline`: the grain pipeline: tokenize -> weighted mixture -> host shard -> pack -> batch, checkpointable.
 - `demo`: built-in synthetic "textbook" documents for `python train.py`.
 
-May import: `phi4_jax.tokenizer`, `phi4_jax.special_tokens`, grain, numpy, pyarrow. Not the model or training.
+May import: `phi4_jax.tokenizer`, `phi4_jax.special_tokens`, `phi4_jax.paths` (files and cloud URLs), grain, numpy,
+pyarrow. Not the model or training.
 """
