@@ -15,6 +15,7 @@ shardings, in float32 master precision.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import grain
 import jax
@@ -31,6 +32,39 @@ CHANGEABLE_FIELDS = {"rope_theta", "max_position_embeddings", *RUNTIME_FIELDS}
 
 class TrainCheckpointError(RuntimeError):
     """A checkpoint that cannot be used to start or resume this run."""
+
+
+class _DataIteratorState:
+    """The data iterator as grain's checkpoint handler sees it: its state as JSON bytes (the same file grain
+    writes for a `DatasetIterator`), restored with the JSON round trip undone where grain needs it.
+
+    grain's concat-then-split packer compares its remainder slices with the tuple sentinel ``(-1, -1)`` ("no
+    remainder"); JSON brings them back as lists, and ``[-1, -1] != (-1, -1)``, so a checkpoint taken when no
+    document was split resumed on the wrong tokens (grain 0.2.x). Here they become tuples again."""
+
+    def __init__(self, iterator):
+        self.iterator = iterator
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.iterator.get_state(), indent=4).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.iterator.set_state(_with_slice_tuples(json.loads(state)))
+
+    def start_prefetch(self) -> None:
+        start = getattr(self.iterator, "start_prefetch", None)
+        if start is not None:
+            start()
+
+
+def _with_slice_tuples(state):
+    if isinstance(state, dict):
+        return {k: ({f: tuple(v) if isinstance(v, list) else v for f, v in value.items()}
+                    if k == "remainder_slices" and isinstance(value, dict) else _with_slice_tuples(value))
+                for k, value in state.items()}
+    if isinstance(state, list):
+        return [_with_slice_tuples(v) for v in state]
+    return state
 
 
 class TrainCheckpointer:
@@ -60,7 +94,7 @@ class TrainCheckpointer:
         if not force and not self.due(step):
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=grain.checkpoint.CheckpointSave(data_iterator))
+                                  data=grain.checkpoint.CheckpointSave(_DataIteratorState(data_iterator)))
         return self.manager.save(step, args=args, force=True)
 
     def restore(self, abstract_state, data_iterator, step: int | None = None):
@@ -69,7 +103,7 @@ class TrainCheckpointer:
         if step is None:
             raise TrainCheckpointError(f"no checkpoint in {self.directory}")
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                  data=grain.checkpoint.CheckpointRestore(data_iterator))
+                                  data=grain.checkpoint.CheckpointRestore(_DataIteratorState(data_iterator)))
         try:
             restored = self.manager.restore(step, args=args)
         except (ValueError, KeyError, FileNotFoundError) as e:
