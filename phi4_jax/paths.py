@@ -89,6 +89,13 @@ def read_bytes(path) -> bytes:
     return Path(path).read_bytes()
 
 
+def forget_listings(path) -> None:
+    """Drops this process's cached listings of a bucket (gcsfs caches directory listings per process); call it
+    before reading what other processes wrote there since this one last listed it. A no-op for local paths."""
+    if is_url(path):
+        Path(path)._backend.fs(normalize(path)).invalidate_cache()
+
+
 def glob(pattern: str) -> list[str]:
     """The sorted paths matching a glob pattern (`*`, `?`, `[...]` in any component) on disk or in a bucket.
 
