@@ -85,6 +85,13 @@ def test_train_on_gcs_killed_and_resumed_exactly(gcs, tmp_path):
     assert {os.path.basename(p) for p in paths.glob(f"{workdir}/checkpoints/6/*")} >= {"state", "data"}
     assert paths.exists(f"{workdir}/config.json") and len(paths.read_bytes(f"{workdir}/loss.png")) > 1000
 
+    # the next stage starts from the bucket's newest checkpoint (train.init_from = the gs:// workdir)
+    logs = []
+    stage2 = trainer.train(load_train_config(DEMO, SMALL + ["train.steps=1", f"train.init_from={workdir!r}"]),
+                           str(tmp_path / "stage2"), progress=False, log=logs.append)
+    assert f"initialized parameters from {workdir}" in logs
+    assert trainer.read_metrics(stage2["metrics_path"])[0]["loss"] < want[0][1] - 0.5   # trained, not fresh
+
     # a resume with another config is refused and changes nothing in the bucket
     before = {p: paths.read_bytes(p) for p in (f"{workdir}/metrics.jsonl", f"{workdir}/config.json")}
     changed = _run(["train.py", "--workdir", workdir, *CLI_ARGS, "--steps", "8", "--set", "optimizer.lr=1e-2"],
