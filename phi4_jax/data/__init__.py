@@ -6,5 +6,6 @@
 - `demo`: built-in synthetic "textbook" documents for `python train.py`.
 - `decontaminate`: removal of documents sharing word 13-grams (7-grams for short items) with evaluation sets.
 
-May import: `phi4_jax.tokenizer`, `phi4_jax.special_tokens`, grain, numpy, pyarrow. Not the model or training.
+May import: `phi4_jax.tokenizer`, `phi4_jax.special_tokens`, `phi4_jax.paths` (files and cloud URLs), grain, numpy,
+pyarrow. Not the model or training.
 """

@@ -3,7 +3,9 @@
 Layout: ``WORKDIR/checkpoints/<step>/{state,data}``: `state` is the train state pytree (params, optimizer
 state, step; each host writes its shards), `data` is each host's grain iterator state (JSON). Orbax
 writes a step into a temporary directory and renames it when complete, so a crash mid-save never leaves
-a partial checkpoint that resume would pick up.
+a partial checkpoint that resume would pick up. WORKDIR may be a cloud URL (gs://bucket/run): Orbax lists and
+finalizes steps through etils.epath (the client `phi4_jax.paths` uses) and TensorStore writes the arrays with its
+gcs driver; on a bucket Orbax marks a finished step with a commit file instead of a rename.
 
 `init_params_from` starts a run from a converted (`convert_weights.py`) or previous-stage checkpoint:
 parameters only (a previous stage's optimizer state is not read), restored straight into the run's
@@ -13,13 +15,14 @@ shardings, in float32 master precision.
 from __future__ import annotations
 
 import dataclasses
-import os
+import json
 
 import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from phi4_jax import paths
 from phi4_jax.model.config import RUNTIME_FIELDS, Phi4Config
 
 # Fields a run may change relative to the checkpoint it starts from (midtraining raises rope_theta and
@@ -31,11 +34,44 @@ class TrainCheckpointError(RuntimeError):
     """A checkpoint that cannot be used to start or resume this run."""
 
 
+class _DataIteratorState:
+    """The data iterator as grain's checkpoint handler sees it: its state as JSON bytes (the same file grain
+    writes for a `DatasetIterator`), restored with the JSON round trip undone where grain needs it.
+
+    grain's concat-then-split packer compares its remainder slices with the tuple sentinel ``(-1, -1)`` ("no
+    remainder"); JSON brings them back as lists, and ``[-1, -1] != (-1, -1)``, so a checkpoint taken when no
+    document was split resumed on the wrong tokens (grain 0.2.x). Here they become tuples again."""
+
+    def __init__(self, iterator):
+        self.iterator = iterator
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.iterator.get_state(), indent=4).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.iterator.set_state(_with_slice_tuples(json.loads(state)))
+
+    def start_prefetch(self) -> None:
+        start = getattr(self.iterator, "start_prefetch", None)
+        if start is not None:
+            start()
+
+
+def _with_slice_tuples(state):
+    if isinstance(state, dict):
+        return {k: ({f: tuple(v) if isinstance(v, list) else v for f, v in value.items()}
+                    if k == "remainder_slices" and isinstance(value, dict) else _with_slice_tuples(value))
+                for k, value in state.items()}
+    if isinstance(state, list):
+        return [_with_slice_tuples(v) for v in state]
+    return state
+
+
 class TrainCheckpointer:
     """Saves every `save_every` steps (async), keeps the newest `keep`, restores the newest."""
 
     def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = paths.join(workdir, "checkpoints")
         self.save_every = int(save_every)
         # The interval is applied here (Orbax's own policy would also save the first step of every run).
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -58,7 +94,7 @@ class TrainCheckpointer:
         if not force and not self.due(step):
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=grain.checkpoint.CheckpointSave(data_iterator))
+                                  data=grain.checkpoint.CheckpointSave(_DataIteratorState(data_iterator)))
         return self.manager.save(step, args=args, force=True)
 
     def restore(self, abstract_state, data_iterator, step: int | None = None):
@@ -67,7 +103,7 @@ class TrainCheckpointer:
         if step is None:
             raise TrainCheckpointError(f"no checkpoint in {self.directory}")
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                  data=grain.checkpoint.CheckpointRestore(data_iterator))
+                                  data=grain.checkpoint.CheckpointRestore(_DataIteratorState(data_iterator)))
         try:
             restored = self.manager.restore(step, args=args)
         except (ValueError, KeyError, FileNotFoundError) as e:
@@ -95,9 +131,9 @@ def init_params_from(path: str, config: Phi4Config, param_shardings):
     """
     from phi4_jax.checkpoint import load, store
 
-    if not os.path.isdir(path):
+    if not paths.isdir(path):
         raise TrainCheckpointError(f"train.init_from: {path!r} is not a directory")
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    if paths.isdir(paths.join(path, "checkpoints")):
         return _restore_train_params(path, config, param_shardings)
     try:
         stored, _ = store.read_checkpoint_config(path)
@@ -123,7 +159,7 @@ def _restore_train_params(workdir: str, config: Phi4Config, param_shardings):
     abstract = {"params": jax.tree.map(lambda spec, sh: jax.ShapeDtypeStruct(spec[0], dtype, sharding=sh),
                                        param_specs(config), param_shardings, is_leaf=is_param_spec)}
     previous = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")), item_names=("state", "data"),
+        paths.join(workdir, "checkpoints"), item_names=("state", "data"),
         options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, max_to_keep=None))
     try:
         step = previous.latest_step()
