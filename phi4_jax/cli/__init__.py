@@ -4,6 +4,7 @@
 - `convert`: `python convert_weights.py` (also `python -m phi4_jax.cli.convert`).
 - `chat`: `python -m phi4_jax.chat`.
 - `plan`: `python -m phi4_jax.plan`.
+- `tokenize`: `python -m phi4_jax.data.tokenize` (pre-tokenized ArrayRecord shards).
 
 These parse arguments, call the library, and turn its errors into one-line messages and exit codes.
 May import anything in `phi4_jax`.

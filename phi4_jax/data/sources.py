@@ -5,7 +5,8 @@
 - `ParquetSource`: a string column `text_key`;
 - `TokenArraySource`: pre-tokenized ids in ``.npy``: a 1-D token stream (documents end at `<|endoftext|>`)
   or a 2-D array (one document per row, trailing pad ids dropped);
-- the demo's synthetic documents (`phi4_jax.data.demo`).
+- the demo's synthetic documents (`phi4_jax.data.demo`);
+- pre-tokenized ArrayRecord shards with a manifest (`phi4_jax.data.shards.TokenizedSource`).
 
 `open_source` builds one from a `[[data.sources]]` entry of the train config.
 """
@@ -148,7 +149,15 @@ class TokenArraySource:
         return {"tokens": tokens}
 
 
-def open_source(src, vocab_size: int, seed: int):
+def open_source(src, vocab_size: int, seed: int, tokenizer_fingerprint: str | None = None):
+    """The random-access source for a `[[data.sources]]` entry; a "tokenized" one (the manifest of
+    `phi4_jax.data.shards`, source `src.name`) must have been made with `tokenizer_fingerprint`."""
+    if src.type == "tokenized":
+        from phi4_jax.data.shards import TokenizedSource
+
+        if tokenizer_fingerprint is None:
+            raise DataError(f"data source {src.name!r}: a tokenized source needs a tokenizer with a fingerprint")
+        return TokenizedSource(src.path, src.name, tokenizer_fingerprint=tokenizer_fingerprint)
     if src.type == "jsonl":
         return JsonlSource(src.path, src.text_key)
     if src.type == "text":

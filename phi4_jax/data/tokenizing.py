@@ -1,10 +1,14 @@
 """Document tokenizers for training data: the phi-4 tokenizer, and the demo's compact renumbering of it.
 
 Both turn a document into int32 ids ending in `<|endoftext|>` (`encode_document`); special-token text inside
-the data stays plain text (`encode_ordinary`).
+the data stays plain text (`encode_ordinary`). `fingerprint` identifies the ids a tokenizer produces
+(pre-tokenized shards record it).
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 import numpy as np
 
@@ -22,6 +26,11 @@ class Phi4TextTokenizer:
         self.tokenizer = Tokenizer()
         self.vocab_size = self.tokenizer.n_vocab
         self.endoftext_id = ENDOFTEXT_ID
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the token ids this tokenizer produces (`phi4_jax.Tokenizer.fingerprint`)."""
+        return self.tokenizer.fingerprint
 
     def encode_document(self, text: str) -> np.ndarray:
         return np.asarray(self.tokenizer.encode_ordinary(text) + [ENDOFTEXT_ID], np.int32)
@@ -63,6 +72,12 @@ class CompactTokenizer:
             for i in range(docs_per_generator):
                 ids.update(tok.encode_ordinary(src[i]["text"]))
         return cls(ids)
+
+    @property
+    def fingerprint(self) -> str:
+        """The phi-4 tokenizer's fingerprint combined with this renumbering."""
+        spec = json.dumps([self.tokenizer.fingerprint, self.phi4_ids])
+        return hashlib.sha256(spec.encode()).hexdigest()
 
     def encode(self, text: str) -> list[int]:
         return [self._to_compact.get(t, self.unk_id) for t in self.tokenizer.encode_ordinary(text)]

@@ -8,7 +8,8 @@
   after the next step is dispatched, so the device does not wait on the host;
 - appends one JSON object per logged step to WORKDIR/metrics.jsonl (step, loss, grad_norm, lr, tokens,
   tokens_per_s and mfu over the wall time between two steps' metrics, data waits included, seconds, and
-  data_seconds of it spent waiting for batches);
+  data_seconds of it spent waiting for batches, and source_tokens: {source name: tokens of this host's
+  share of the batch}, the realised mixture);
 - saves every `checkpoint.save_every` steps (async) and at the end; on SIGTERM it saves and returns;
 - a non-finite loss raises `NonFiniteLossError` naming the step; nothing is saved after the last good step.
 """
@@ -69,7 +70,9 @@ class _SigtermFlag:
 
 
 def _global_batch(local: dict, batch_sharding) -> dict:
-    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in local.items()}
+    """Device arrays for the step; `source_tokens` (this host's tokens per data source) stays on the host."""
+    return {k: np.asarray(v).sum(0) if k == "source_tokens" else
+            jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in local.items()}
 
 
 def prefetched_batches(dataset: grain.IterDataset, batch_sharding, *, host_buffer: int = 2,
@@ -205,7 +208,9 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
     stopped_by_sigterm = False
     clock = [time.perf_counter(), 0.0]   # when the previous step's metrics arrived; data waits since then
 
-    def report(done_step: int, device_metrics: dict, metrics_file):
+    source_names = [s.name for s in cfg.data.sources]
+
+    def report(done_step: int, device_metrics: dict, source_tokens, metrics_file):
         """Fetches a dispatched step's metrics, checks the loss, logs. Its wall time (`seconds`) runs from the
         previous step's report to this one: compute, waiting for data and host work, all included;
         `data_seconds` is the part of it spent waiting for batches."""
@@ -220,7 +225,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
         tokens_per_s = tokens_per_step / seconds
         record = {"step": done_step, **metrics, "tokens_per_s": tokens_per_s,
                   "mfu": mfu(flops_per_token, tokens_per_s, n_devices, peak), "seconds": seconds,
-                  "data_seconds": data_seconds}
+                  "data_seconds": data_seconds,
+                  "source_tokens": dict(zip(source_names, (int(n) for n in source_tokens)))}
         if is_main and (done_step % loop.log_every == 0 or done_step == loop.steps):
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
@@ -238,11 +244,12 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
                 except StopIteration:
                     raise DataError("the data pipeline ran out of batches") from None
                 clock[1] += time.perf_counter() - t0
+                source_tokens = batch.pop("source_tokens")
                 state, metrics = step_fn(state, batch)   # dispatched; runs while the host goes on
                 step += 1
                 if pending is not None:   # the previous step's metrics, fetched now that this step is queued
                     report(*pending, metrics_file)
-                pending = (step, metrics)
+                pending = (step, metrics, source_tokens)
                 stop = sigterm.raised
                 if ckpt.due(step) or stop or step == loop.steps:
                     report(*pending, metrics_file)   # a step's loss is checked before its state is saved
