@@ -16,3 +16,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A GCS API emulator on 127.0.0.1 for this test process (tests/gcs_emulator.py); `gcs.bucket()` makes a
+    fresh bucket."""
+    import gcs_emulator
+
+    emulator = gcs_emulator.start()
+    yield emulator
+    emulator.server.stop()

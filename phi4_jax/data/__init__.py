@@ -7,6 +7,6 @@
   `tokenize` is its command line (`python -m phi4_jax.data.tokenize`, in `phi4_jax.cli.tokenize`).
 - `demo`: built-in synthetic "textbook" documents for `python train.py`.
 
-May import: `phi4_jax.tokenizer`, `phi4_jax.special_tokens`, grain, numpy, pyarrow (and, in the thin `tokenize`
-entry point only, `phi4_jax.cli.tokenize`). Not the model or training.
+May import: `phi4_jax.tokenizer`, `phi4_jax.special_tokens`, `phi4_jax.paths` (files and cloud URLs), grain, numpy,
+pyarrow (and, in the thin `tokenize` entry point only, `phi4_jax.cli.tokenize`). Not the model or training.
 """

@@ -8,17 +8,20 @@
 - the demo's synthetic documents (`phi4_jax.data.demo`);
 - pre-tokenized ArrayRecord shards with a manifest (`phi4_jax.data.shards.TokenizedSource`).
 
+File patterns may be local globs or cloud URLs (gs://bucket/corpus/*.jsonl); files are listed and opened through
+`phi4_jax.paths`.
+
 `open_source` builds one from a `[[data.sources]]` entry of the train config.
 """
 
 from __future__ import annotations
 
-import glob
+import io
 import json
-import os
 
 import numpy as np
 
+from phi4_jax import paths
 from phi4_jax.data import demo as demo_data
 from phi4_jax.special_tokens import ENDOFTEXT_ID, PAD_ID
 
@@ -30,7 +33,10 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------- sources
 
 def _files(pattern: str, what: str) -> list[str]:
-    files = sorted(glob.glob(os.path.expanduser(pattern)))
+    try:
+        files = paths.glob(pattern)
+    except Exception as e:  # noqa: BLE001 - an unreachable bucket, bad credentials, ...
+        raise DataError(f"{what}: cannot list {pattern!r}: {e}") from None
     if not files:
         raise DataError(f"{what}: no files match {pattern!r}")
     return files
@@ -44,7 +50,7 @@ class JsonlSource:
         self.text_key = text_key
         self._index: list[tuple[int, int]] = []
         for fi, path in enumerate(self.files):
-            with open(path, "rb") as f:
+            with paths.open(path, "rb") as f:
                 offset = 0
                 for line in f:
                     if line.strip():
@@ -58,7 +64,7 @@ class JsonlSource:
 
     def __getitem__(self, i):
         fi, offset = self._index[i]
-        with open(self.files[fi], "rb") as f:
+        with paths.open(self.files[fi], "rb") as f:
             f.seek(offset)
             line = f.readline()
         try:
@@ -76,8 +82,9 @@ class TextSource:
     def __init__(self, pattern: str):
         self.docs: list[str] = []
         for path in _files(pattern, "text source"):
-            with open(path, encoding="utf-8") as f:
-                self.docs.extend(d.strip() for d in f.read().split("\n\n") if d.strip())
+            with paths.open(path, "rb") as f:
+                text = f.read().decode("utf-8").replace("\r\n", "\n")
+                self.docs.extend(d.strip() for d in text.split("\n\n") if d.strip())
         if not self.docs:
             raise DataError(f"text source {pattern!r} has no documents")
 
@@ -98,7 +105,8 @@ class ParquetSource:
         tables = []
         for path in _files(pattern, "parquet source"):
             try:
-                tables.append(pq.read_table(path, columns=[text_key]))
+                with paths.open(path, "rb") as f:
+                    tables.append(pq.read_table(f, columns=[text_key]))
             except (KeyError, pa.ArrowInvalid) as e:
                 raise DataError(f"parquet file {path}: cannot read column {text_key!r} ({e})") from None
         self.column = pa.concat_tables(tables).column(text_key)
@@ -118,7 +126,9 @@ class TokenArraySource:
     def __init__(self, pattern: str, vocab_size: int, eos_id: int = ENDOFTEXT_ID, pad_id: int = PAD_ID):
         self.spans: list[tuple[np.ndarray, int, int]] = []
         for path in _files(pattern, "npy source"):
-            arr = np.load(path, mmap_mode="r")
+            # Local files are memory-mapped; a cloud object is read into memory.
+            arr = (np.load(io.BytesIO(paths.read_bytes(path))) if paths.is_url(path)
+                   else np.load(path, mmap_mode="r"))
             if not np.issubdtype(arr.dtype, np.integer):
                 raise DataError(f"{path}: token arrays must be integers, got {arr.dtype}")
             if arr.ndim == 1:
