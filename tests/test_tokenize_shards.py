@@ -231,3 +231,22 @@ def test_bad_weights_and_empty_sources_are_refused(corpus, tmp_path):
         shards.tokenize_corpus(_sources(corpus["root"])[1:2], done, shard_tokens=SHARD_TOKENS + 1,
                                progress=False, log=lambda m: None)
     assert open(os.path.join(done, "manifest.json")).read() == before
+
+
+def test_shards_in_a_bucket_round_trip(corpus, tokenized, phi4, gcs, tmp_path, monkeypatch):
+    """Sources and output in a bucket of a GCS API emulator on 127.0.0.1; training reads the bucket's manifest
+    (each shard downloaded once, verified, into the local cache)."""
+    from phi4_jax import paths
+
+    out, manifest = tokenized
+    bucket = f"gs://{gcs.bucket()}"
+    paths.write_atomic(f"{bucket}/src/long.txt", (corpus["root"] / "long.txt").read_bytes())
+    remote = shards.tokenize_corpus([shards.CorpusSource("long", "text", f"{bucket}/src/*.txt")], f"{bucket}/tok",
+                                    shard_tokens=SHARD_TOKENS, progress=False, log=lambda m: None)
+    assert [s["sha256"] for s in remote["sources"]["long"]["shards"]] == \
+        [s["sha256"] for s in manifest["sources"]["long"]["shards"]]   # the same bytes as on local disk
+    monkeypatch.setenv("PHI4_JAX_SHARD_CACHE", str(tmp_path / "cache"))
+    src = shards.TokenizedSource(f"{bucket}/tok/manifest.json", "long", tokenizer_fingerprint=phi4.fingerprint)
+    assert [src[i]["tokens"].tolist() for i in range(len(src))] == \
+        [d.tolist() for d in _source_docs(out, "long", phi4)]
+    assert len(os.listdir(tmp_path / "cache")) == len(remote["sources"]["long"]["shards"])

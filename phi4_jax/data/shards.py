@@ -30,8 +30,11 @@ Reading (`TokenizedSource`) checks the manifest's tokenizer fingerprint against 
 every shard's sha256 before the first step, so a corrupt shard or a corpus made with another tokenizer is
 refused up front.
 
-Paths are local; every file operation goes through the `_storage` helpers below, the one place a cloud path
-layer plugs in.
+The output directory and the sources may be local or in a bucket (gs://...): every file goes through
+`phi4_jax.paths`. ArrayRecord itself reads and writes local files only, so a shard is written to a local
+staging file and uploaded whole, and training from a manifest in a bucket downloads each shard once into a
+local cache named by its checksum (`verified_local_shards`); on a pod, a gcsfuse mount of the bucket (as
+MaxText uses for ArrayRecord) gives a local manifest path and avoids the copy.
 """
 
 from __future__ import annotations
@@ -43,11 +46,13 @@ import json
 import multiprocessing
 import os
 import queue as queue_lib
+import tempfile
 import time
 import types
 
 import numpy as np
 
+from phi4_jax import paths
 from phi4_jax.data.sources import DataError, _files, open_source
 
 FORMAT = "phi4_jax.tokenized/1"
@@ -67,38 +72,35 @@ class CorpusSource:
     text_key: str = "text"
 
 
-# ----------------------------------------------------------------------------- storage (local paths)
+# ----------------------------------------------------------------------------- storage
 
-def _join(*parts: str) -> str:
-    return os.path.join(*parts)
-
-
-def _exists(path: str) -> bool:
-    return os.path.exists(path)
+def _parent(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[0] if paths.is_url(path) else os.path.dirname(os.path.abspath(path))
 
 
-def _makedirs(path: str) -> None:
-    os.makedirs(path, exist_ok=True)
-
-
-def _read_text(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read()
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _size(path: str) -> int:
+    try:
+        return max(int(paths.Path(path).stat().st_size), 1)
+    except (OSError, AttributeError, NotImplementedError):
+        return 1
 
 
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with paths.open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _publish(staged: str, dest: str) -> None:
+    """Moves a finished local file to `dest` whole: a rename on disk, one upload to a bucket."""
+    if paths.is_url(dest):
+        with open(staged, "rb") as f:
+            paths.write_atomic(dest, f.read())
+        os.remove(staged)
+    else:
+        os.replace(staged, dest)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -115,15 +117,15 @@ def _tokenize_file(task: dict, tokenizer, shard_tokens: int, out: str, queue) ->
     cfg = types.SimpleNamespace(type=task["type"], path=task["path"], text_key=task["text_key"], generator=None)
     src = open_source(cfg, tokenizer.vocab_size, seed=0)
     part, doc = task["start_part"], task["start_doc"]
-    writer, shard = None, None
+    writer, shard, staged = None, None, None
+    staging_dir = tempfile.mkdtemp(prefix="phi4_jax-shard-") if paths.is_url(out) else None
     pending_tokens = pending_docs = 0
     last_report = time.monotonic()
 
     def close_shard():
         writer.close()
-        final = _join(out, shard["path"])
-        shard["sha256"] = file_sha256(final + ".tmp")
-        os.replace(final + ".tmp", final)
+        shard["sha256"] = file_sha256(staged)
+        _publish(staged, paths.join(out, shard["path"]))
         queue.put(("shard", shard))
 
     for doc in range(task["start_doc"], len(src)):
@@ -131,8 +133,12 @@ def _tokenize_file(task: dict, tokenizer, shard_tokens: int, out: str, queue) ->
             shard = {"source": task["name"], "file": task["file_index"], "part": part,
                      "path": _shard_name(task["name"], task["file_index"], part),
                      "first_document": doc, "documents": 0, "tokens": 0}
-            _makedirs(os.path.dirname(_join(out, shard["path"])))
-            writer = ArrayRecordWriter(_join(out, shard["path"]) + ".tmp", WRITER_OPTIONS)
+            if staging_dir:   # ArrayRecord writes local files: stage there, then upload
+                staged = os.path.join(staging_dir, os.path.basename(shard["path"]))
+            else:             # beside the shard, renamed when complete
+                staged = paths.join(out, shard["path"]) + ".tmp"
+                paths.makedirs(_parent(staged))
+            writer = ArrayRecordWriter(staged, WRITER_OPTIONS)
         element = src[doc]
         ids = element["tokens"] if "tokens" in element else tokenizer.encode_document(element["text"])
         writer.write(np.asarray(ids, RECORD_DTYPE).tobytes())
@@ -149,6 +155,8 @@ def _tokenize_file(task: dict, tokenizer, shard_tokens: int, out: str, queue) ->
             last_report = time.monotonic()
     if writer is not None:
         close_shard()
+    if staging_dir:
+        os.rmdir(staging_dir)
     queue.put(("progress", pending_tokens, pending_docs))
     queue.put(("file", {"source": task["name"], "file": task["file_index"], "documents": len(src)}))
 
@@ -171,7 +179,7 @@ def _worker(worker_id: int, tasks: list[dict], shard_tokens: int, out: str, queu
 
 def _split_ranges(tasks: list[dict], n: int) -> list[list[dict]]:
     """`tasks` cut into at most `n` contiguous ranges of about equal file bytes."""
-    sizes = np.array([max(os.path.getsize(t["path"]), 1) for t in tasks], float)
+    sizes = np.array([_size(t["path"]) for t in tasks], float)
     bounds = np.cumsum(sizes) / sizes.sum()
     groups = [[] for _ in range(n)]
     for task, end in zip(tasks, bounds):
@@ -182,7 +190,7 @@ def _split_ranges(tasks: list[dict], n: int) -> list[list[dict]]:
 def _read_progress(path: str, header: dict) -> list[dict]:
     """The finished-shard and finished-file entries of an earlier run with the same header; the log is
     rewritten without a line cut short by a kill."""
-    lines = _read_text(path).splitlines()
+    lines = paths.read_text(path).splitlines()
     entries = []
     for i, line in enumerate(lines):
         try:
@@ -194,7 +202,7 @@ def _read_progress(path: str, header: dict) -> list[dict]:
     if not entries or entries[0].get("header") != header:
         raise DataError(f"{path} belongs to a run with other sources, tokenizer or shard size; use another "
                         "output directory, or delete it to start again")
-    _write_text_atomic(path, "".join(json.dumps(e) + "\n" for e in entries))
+    paths.write_atomic(path, "".join(json.dumps(e) + "\n" for e in entries))
     return entries[1:]
 
 
@@ -242,9 +250,10 @@ def tokenize_corpus(corpus: list[CorpusSource], out: str, *, shard_tokens: int =
               "sources": [{**dataclasses.asdict(s), "files": _files(s.path, f"source {s.name!r}")}
                           for s in corpus]}
 
-    manifest_path, progress_path = _join(out, MANIFEST), _join(out, PROGRESS)
-    if _exists(manifest_path):
-        manifest = json.loads(_read_text(manifest_path))
+    out = paths.normalize(out)
+    manifest_path, progress_path = paths.join(out, MANIFEST), paths.join(out, PROGRESS)
+    if paths.exists(manifest_path):
+        manifest = json.loads(paths.read_text(manifest_path))
         done = {n: {"type": s["type"], "path": s["path"], "text_key": s["text_key"], "files": s["files"]}
                 for n, s in manifest.get("sources", {}).items()}
         want = {s["name"]: {k: s[k] for k in ("type", "path", "text_key", "files")} for s in header["sources"]}
@@ -254,16 +263,19 @@ def tokenize_corpus(corpus: list[CorpusSource], out: str, *, shard_tokens: int =
         log(f"{manifest_path} exists: the corpus is already tokenized")
         return manifest
 
-    _makedirs(out)
-    entries = _read_progress(progress_path, header) if _exists(progress_path) else []
+    try:
+        paths.check_writable_dir(out, "tokenize output")
+    except paths.StorageError as e:
+        raise DataError(str(e)) from None
+    entries = _read_progress(progress_path, header) if paths.exists(progress_path) else []
     if not entries:
-        _write_text_atomic(progress_path, json.dumps({"header": header}) + "\n")
+        paths.write_atomic(progress_path, json.dumps({"header": header}) + "\n")
     files_done = {(e["file"]["source"], e["file"]["file"]) for e in entries if "file" in e}
     last_shard = {}
     for e in entries:
         if "shard" in e:
             s = e["shard"]
-            if not _exists(_join(out, s["path"])):
+            if not paths.exists(paths.join(out, s["path"])):
                 raise DataError(f"{progress_path} lists shard {s['path']}, which is missing; delete the output "
                                 "directory and start again")
             key = (s["source"], s["file"])
@@ -286,7 +298,7 @@ def tokenize_corpus(corpus: list[CorpusSource], out: str, *, shard_tokens: int =
     if tasks:
         entries += _run_workers(tasks, workers, shard_tokens, out, progress_path, progress)
     manifest = _manifest(header, tokenizer, entries)
-    _write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
+    paths.write_atomic(manifest_path, json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -305,7 +317,8 @@ def _run_workers(tasks, workers, shard_tokens, out, progress_path, progress) -> 
     try:
         for p in procs:
             p.start()
-        with open(progress_path, "a", encoding="utf-8") as log_file:
+        log_file = paths.AppendLog(progress_path)   # on a bucket, re-uploaded at most every 10 s
+        try:
             while running:
                 try:
                     msg = queue.get(timeout=1.0)
@@ -324,13 +337,15 @@ def _run_workers(tasks, workers, shard_tokens, out, progress_path, progress) -> 
                 elif kind in ("shard", "file"):
                     entry = {kind: msg[1]}
                     log_file.write(json.dumps(entry) + "\n")
-                    log_file.flush()
+                    log_file.flush()   # a lost entry only means its shard is written again
                     new_entries.append(entry)
                 elif kind == "exit":
                     running.discard(msg[1])
                     if msg[2] is not None:
                         error = msg[2]
                         break
+        finally:
+            log_file.close()
     finally:
         if bar is not None:
             bar.close()
@@ -346,10 +361,10 @@ def _run_workers(tasks, workers, shard_tokens, out, progress_path, progress) -> 
 # ----------------------------------------------------------------------------- reading
 
 def load_manifest(path: str) -> dict:
-    if not _exists(path):
+    if not paths.exists(path):
         raise DataError(f"tokenized manifest {path!r} does not exist (run python -m phi4_jax.data.tokenize)")
     try:
-        manifest = json.loads(_read_text(path))
+        manifest = json.loads(paths.read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"tokenized manifest {path!r} is not valid JSON: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -357,35 +372,47 @@ def load_manifest(path: str) -> dict:
     return manifest
 
 
-def verify_shards(root: str, shards: list[dict], what: str, progress: bool = False) -> None:
-    """Checks that every shard exists with its recorded sha256 (in threads); DataError naming the first bad one."""
-    def check(shard):
-        path = _join(root, shard["path"])
-        if not _exists(path):
-            return f"{what}: shard {path} is missing"
-        digest = file_sha256(path)
+def shard_cache_dir() -> str:
+    """Where shards read from a bucket are kept: $PHI4_JAX_SHARD_CACHE, else ~/.cache/phi4_jax/shards."""
+    return os.environ.get("PHI4_JAX_SHARD_CACHE") or os.path.expanduser("~/.cache/phi4_jax/shards")
+
+
+def verified_local_shards(root: str, shards: list[dict], what: str) -> list[str]:
+    """Local paths of the shards under `root`, each checked against its recorded sha256 (in threads).
+
+    On disk the shards are read where they are. In a bucket (ArrayRecord reads local files only) each is
+    downloaded once into `shard_cache_dir()`, named by its checksum, and checked before it is stored, so the
+    cache never holds a bad copy. DataError names the first missing or corrupt shard."""
+    remote = paths.is_url(root)
+    cache = shard_cache_dir()
+
+    def fetch(shard):
+        source = paths.join(root, shard["path"])
+        local = os.path.join(cache, shard["sha256"] + ".array_record") if remote else source
+        if remote and os.path.exists(local) and file_sha256(local) == shard["sha256"]:
+            return local   # downloaded before
+        if not paths.exists(source):
+            raise DataError(f"{what}: shard {source} is missing")
+        data = paths.read_bytes(source) if remote else None
+        digest = hashlib.sha256(data).hexdigest() if remote else file_sha256(source)
         if digest != shard["sha256"]:
-            return f"{what}: shard {path} has sha256 {digest[:16]}..., the manifest says {shard['sha256'][:16]}... " \
-                   "(corrupt or replaced; tokenize again)"
-        return None
+            raise DataError(f"{what}: shard {source} has sha256 {digest[:16]}..., the manifest says "
+                            f"{shard['sha256'][:16]}... (corrupt or replaced; tokenize again)")
+        if remote:
+            paths.write_atomic(local, data)
+        return local
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(shards) or 1)) as pool:
-        results = pool.map(check, shards)
-        if progress:
-            from tqdm.auto import tqdm
-            results = tqdm(results, total=len(shards), desc=f"verify {what}", unit="shard")
-        for problem in results:
-            if problem:
-                raise DataError(problem)
+        return list(pool.map(fetch, shards))
 
 
 class TokenizedSource:
     """Random access over the documents of one source of a pre-tokenized corpus: {"tokens": int32 [n]}.
 
     Refuses a manifest made with another tokenizer (`tokenizer_fingerprint`) and shards whose checksum does
-    not match. `mean_document_tokens` comes from the manifest (for token-weighted mixing)."""
+    not match (`verified_local_shards`; a manifest in a bucket has its shards cached locally). `mean_document_tokens` comes from the manifest (for token-weighted mixing)."""
 
-    def __init__(self, manifest_path: str, name: str, *, tokenizer_fingerprint: str, verify: bool = True):
+    def __init__(self, manifest_path: str, name: str, *, tokenizer_fingerprint: str):
         import grain
 
         manifest = load_manifest(manifest_path)
@@ -399,10 +426,8 @@ class TokenizedSource:
         entry = sources[name]
         if not entry.get("documents") or not entry.get("shards"):
             raise DataError(f"tokenized source {name!r} in {manifest_path!r} has no documents")
-        root = os.path.dirname(manifest_path)
-        if verify:
-            verify_shards(root, entry["shards"], f"tokenized source {name!r}")
-        self.source = grain.sources.ArrayRecordDataSource([_join(root, s["path"]) for s in entry["shards"]])
+        local = verified_local_shards(_parent(manifest_path), entry["shards"], f"tokenized source {name!r}")
+        self.source = grain.sources.ArrayRecordDataSource(local)
         if len(self.source) != entry["documents"]:
             raise DataError(f"tokenized source {name!r}: the shards hold {len(self.source)} documents, the "
                             f"manifest says {entry['documents']}")
