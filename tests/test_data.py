@@ -115,6 +115,10 @@ def test_file_sources_tokenize_with_phi4(tmp_path, phi4):
     for src in (sources.JsonlSource(str(tmp_path / "a.jsonl")), sources.TextSource(str(tmp_path / "b.txt")),
                 sources.ParquetSource(str(tmp_path / "c.parquet"), "content")):
         assert [src[i]["text"] for i in range(len(src))] == texts
+    (tmp_path / "blank.jsonl").write_text("\n".join(json.dumps({"text": t}) + "\n" for t in texts))
+    jsonl = sources.JsonlSource(str(tmp_path / "*.jsonl"))   # a.jsonl, then blank.jsonl (blank lines between)
+    for start in (0, 2, 4):   # one sequential pass from any document, across files
+        assert [d["text"] for d in jsonl.iter_documents(start)] == (texts + texts)[start:]
     npy = sources.TokenArraySource(str(tmp_path / "d.npy"), 100352)
     assert len(npy) == 3
     np.testing.assert_array_equal(npy[1]["tokens"], phi4.encode_document(texts[1]))

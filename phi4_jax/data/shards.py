@@ -116,7 +116,7 @@ def _tokenize_file(task: dict, tokenizer, shard_tokens: int, out: str, queue) ->
 
     cfg = types.SimpleNamespace(type=task["type"], path=task["path"], text_key=task["text_key"], generator=None)
     src = open_source(cfg, tokenizer.vocab_size, seed=0)
-    part, doc = task["start_part"], task["start_doc"]
+    part = task["start_part"]
     writer, shard, staged = None, None, None
     staging_dir = tempfile.mkdtemp(prefix="phi4_jax-shard-") if paths.is_url(out) else None
     pending_tokens = pending_docs = 0
@@ -128,7 +128,9 @@ def _tokenize_file(task: dict, tokenizer, shard_tokens: int, out: str, queue) ->
         _publish(staged, paths.join(out, shard["path"]))
         queue.put(("shard", shard))
 
-    for doc in range(task["start_doc"], len(src)):
+    documents = (src.iter_documents(task["start_doc"]) if hasattr(src, "iter_documents")
+                 else (src[d] for d in range(task["start_doc"], len(src))))
+    for doc, element in enumerate(documents, task["start_doc"]):
         if writer is None:
             shard = {"source": task["name"], "file": task["file_index"], "part": part,
                      "path": _shard_name(task["name"], task["file_index"], part),
@@ -139,7 +141,6 @@ def _tokenize_file(task: dict, tokenizer, shard_tokens: int, out: str, queue) ->
                 staged = paths.join(out, shard["path"]) + ".tmp"
                 paths.makedirs(_parent(staged))
             writer = ArrayRecordWriter(staged, WRITER_OPTIONS)
-        element = src[doc]
         ids = element["tokens"] if "tokens" in element else tokenizer.encode_document(element["text"])
         writer.write(np.asarray(ids, RECORD_DTYPE).tobytes())
         shard["documents"] += 1

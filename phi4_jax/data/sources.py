@@ -67,6 +67,28 @@ class JsonlSource:
         with paths.open(self.files[fi], "rb") as f:
             f.seek(offset)
             line = f.readline()
+        return self._record(line, fi, offset)
+
+    def iter_documents(self, start: int = 0):
+        """Documents `start`, `start + 1`, ... in order, each file opened once and read sequentially (for
+        one pass, e.g. pre-tokenizing; `__getitem__` opens and seeks per document)."""
+        f, current, pos = None, None, None
+        try:
+            for fi, offset in self._index[start:]:
+                if fi != current:
+                    if f is not None:
+                        f.close()
+                    f, current, pos = paths.open(self.files[fi], "rb"), fi, None
+                if pos != offset:
+                    f.seek(offset)
+                line = f.readline()
+                pos = offset + len(line)
+                yield self._record(line, fi, offset)
+        finally:
+            if f is not None:
+                f.close()
+
+    def _record(self, line: bytes, fi: int, offset: int) -> dict:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
