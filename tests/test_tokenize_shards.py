@@ -152,11 +152,26 @@ def test_hosts_read_disjoint_complete_shares(tokenized, phi4):
 
 
 def test_resume_on_another_host_count_is_refused(tmp_path):
-    for i in range(2):
-        (tmp_path / f"process_{i}-of-2.json").write_text("{}")
-    pipeline.check_resume_hosts(str(tmp_path), 2)
-    with pytest.raises(DataError, match="saved by 2 host.*this run has 3"):
-        pipeline.check_resume_hosts(str(tmp_path), 3)
+    """A checkpoint's data iterators written by 2 hosts (grain names each host's file process_I-of-N.json) do
+    not restore on 1 host: the trainer's restore refuses before reading anything."""
+    import grain
+    import jax.numpy as jnp
+
+    from phi4_jax.train.checkpoints import TrainCheckpointer
+
+    ckpt = TrainCheckpointer(str(tmp_path), save_every=1, keep=1, async_save=False)
+    data = iter(grain.MapDataset.range(10).to_iter_dataset())
+    next(data)
+    ckpt.save(1, {"x": jnp.zeros(2)}, data)
+    ckpt.wait()
+    state, step = ckpt.restore({"x": jnp.zeros(2)}, iter(grain.MapDataset.range(10).to_iter_dataset()))
+    assert step == 1   # same host count: restores
+    data_dir = tmp_path / "checkpoints" / "1" / "data"
+    os.rename(data_dir / "process_0-of-1.json", data_dir / "process_0-of-2.json")
+    (data_dir / "process_1-of-2.json").write_text("{}")
+    with pytest.raises(DataError, match=r"saved by 2 host\(s\) but this run has 1: .*Resume on the same number"):
+        ckpt.restore({"x": jnp.zeros(2)}, iter(grain.MapDataset.range(10).to_iter_dataset()))
+    ckpt.close()
 
 
 def test_token_weighting_gives_token_shares_and_document_weighting_document_shares(tokenized, phi4):
