@@ -218,7 +218,7 @@ def test_corrupt_shard_and_other_tokenizer_are_refused(tokenized, phi4, tmp_path
     assert CompactTokenizer([5, 6, 7]).fingerprint != phi4.fingerprint
 
 
-def test_bad_weights_and_empty_sources_are_refused(corpus, tmp_path):
+def test_bad_weights_and_empty_sources_are_refused(corpus, tokenized, tmp_path):
     base = {"data": {"tokenizer": "phi4", "sources": [{"name": "a", "type": "jsonl", "path": "x.jsonl"}]}}
     for weight in (0, -1.0, float("nan")):
         base["data"]["sources"][0]["weight"] = weight
@@ -239,13 +239,21 @@ def test_bad_weights_and_empty_sources_are_refused(corpus, tmp_path):
                                progress=False, log=lambda m: None)
     assert not os.path.exists(os.path.join(out, "manifest.json"))
     done = str(tmp_path / "done")
-    shards.tokenize_corpus(_sources(corpus["root"])[1:2], done, shard_tokens=SHARD_TOKENS, progress=False,
-                           log=lambda m: None)
-    before = open(os.path.join(done, "manifest.json")).read()
-    with pytest.raises(DataError, match="already holds a different tokenized corpus"):
-        shards.tokenize_corpus(_sources(corpus["root"])[1:2], done, shard_tokens=SHARD_TOKENS + 1,
-                               progress=False, log=lambda m: None)
-    assert open(os.path.join(done, "manifest.json")).read() == before
+    shutil.copytree(tokenized[0], done)
+    def contents():
+        return {os.path.join(root, name): open(os.path.join(root, name), "rb").read()
+                for root, _, files in os.walk(done) for name in files}
+
+    before = contents()
+    again = shards.tokenize_corpus(_sources(corpus["root"]), done, shard_tokens=SHARD_TOKENS, progress=False,
+                                   log=lambda m: None)
+    assert again == tokenized[1]   # finished: returned as it is
+    for changed in ({"shard_tokens": SHARD_TOKENS + 1, "corpus": _sources(corpus["root"])},
+                    {"shard_tokens": SHARD_TOKENS, "corpus": _sources(corpus["root"])[1:]}):
+        with pytest.raises(DataError, match="already holds a different tokenized corpus"):
+            shards.tokenize_corpus(changed["corpus"], done, shard_tokens=changed["shard_tokens"], progress=False,
+                                   log=lambda m: None)
+    assert contents() == before   # nothing already written is touched
 
 
 def test_shards_in_a_bucket_round_trip(corpus, tokenized, phi4, gcs, tmp_path, monkeypatch):

@@ -46,6 +46,7 @@ import json
 import multiprocessing
 import os
 import queue as queue_lib
+import shutil
 import tempfile
 import time
 import types
@@ -128,36 +129,38 @@ def _tokenize_file(task: dict, tokenizer, shard_tokens: int, out: str, queue) ->
         _publish(staged, paths.join(out, shard["path"]))
         queue.put(("shard", shard))
 
-    documents = (src.iter_documents(task["start_doc"]) if hasattr(src, "iter_documents")
-                 else (src[d] for d in range(task["start_doc"], len(src))))
-    for doc, element in enumerate(documents, task["start_doc"]):
-        if writer is None:
-            shard = {"source": task["name"], "file": task["file_index"], "part": part,
-                     "path": _shard_name(task["name"], task["file_index"], part),
-                     "first_document": doc, "documents": 0, "tokens": 0}
-            if staging_dir:   # ArrayRecord writes local files: stage there, then upload
-                staged = os.path.join(staging_dir, os.path.basename(shard["path"]))
-            else:             # beside the shard, renamed when complete
-                staged = paths.join(out, shard["path"]) + ".tmp"
-                paths.makedirs(_parent(staged))
-            writer = ArrayRecordWriter(staged, WRITER_OPTIONS)
-        ids = element["tokens"] if "tokens" in element else tokenizer.encode_document(element["text"])
-        writer.write(np.asarray(ids, RECORD_DTYPE).tobytes())
-        shard["documents"] += 1
-        shard["tokens"] += len(ids)
-        pending_tokens += len(ids)
-        pending_docs += 1
-        if shard["tokens"] >= shard_tokens:
+    try:
+        documents = (src.iter_documents(task["start_doc"]) if hasattr(src, "iter_documents")
+                     else (src[d] for d in range(task["start_doc"], len(src))))
+        for doc, element in enumerate(documents, task["start_doc"]):
+            if writer is None:
+                shard = {"source": task["name"], "file": task["file_index"], "part": part,
+                         "path": _shard_name(task["name"], task["file_index"], part),
+                         "first_document": doc, "documents": 0, "tokens": 0}
+                if staging_dir:   # ArrayRecord writes local files: stage there, then upload
+                    staged = os.path.join(staging_dir, os.path.basename(shard["path"]))
+                else:             # beside the shard, renamed when complete
+                    staged = paths.join(out, shard["path"]) + ".tmp"
+                    paths.makedirs(_parent(staged))
+                writer = ArrayRecordWriter(staged, WRITER_OPTIONS)
+            ids = element["tokens"] if "tokens" in element else tokenizer.encode_document(element["text"])
+            writer.write(np.asarray(ids, RECORD_DTYPE).tobytes())
+            shard["documents"] += 1
+            shard["tokens"] += len(ids)
+            pending_tokens += len(ids)
+            pending_docs += 1
+            if shard["tokens"] >= shard_tokens:
+                close_shard()
+                writer, part = None, part + 1
+            if time.monotonic() - last_report > 0.25:
+                queue.put(("progress", pending_tokens, pending_docs))
+                pending_tokens = pending_docs = 0
+                last_report = time.monotonic()
+        if writer is not None:
             close_shard()
-            writer, part = None, part + 1
-        if time.monotonic() - last_report > 0.25:
-            queue.put(("progress", pending_tokens, pending_docs))
-            pending_tokens = pending_docs = 0
-            last_report = time.monotonic()
-    if writer is not None:
-        close_shard()
-    if staging_dir:
-        os.rmdir(staging_dir)
+    finally:
+        if staging_dir:
+            shutil.rmtree(staging_dir, ignore_errors=True)
     queue.put(("progress", pending_tokens, pending_docs))
     queue.put(("file", {"source": task["name"], "file": task["file_index"], "documents": len(src)}))
 
