@@ -406,8 +406,11 @@ def verified_local_shards(root: str, shards: list[dict], what: str) -> list[str]
             paths.write_atomic(local, data)
         return local
 
+    from tqdm.auto import tqdm
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(shards) or 1)) as pool:
-        return list(pool.map(fetch, shards))
+        return list(tqdm(pool.map(fetch, shards), total=len(shards), desc=f"verify {what}", unit="shard",
+                         leave=False, disable=None))   # disable=None: no bar unless stderr is a terminal
 
 
 class TokenizedSource:
