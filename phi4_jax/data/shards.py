@@ -185,10 +185,10 @@ def _worker(worker_id: int, tasks: list[dict], shard_tokens: int, out: str, queu
 def _split_ranges(tasks: list[dict], n: int) -> list[list[dict]]:
     """`tasks` cut into at most `n` contiguous ranges of about equal file bytes."""
     sizes = np.array([_size(t["path"]) for t in tasks], float)
-    bounds = np.cumsum(sizes) / sizes.sum()
+    middles = (np.cumsum(sizes) - sizes / 2) / sizes.sum()   # where each file's bytes are centred, in [0, 1)
     groups = [[] for _ in range(n)]
-    for task, end in zip(tasks, bounds):
-        groups[min(int((end - 1e-12) * n), n - 1)].append(task)
+    for task, middle in zip(tasks, middles):
+        groups[min(int(middle * n), n - 1)].append(task)
     return [g for g in groups if g]
 
 
