@@ -273,3 +273,37 @@ def test_shards_in_a_bucket_round_trip(corpus, tokenized, phi4, gcs, tmp_path, m
     assert [src[i]["tokens"].tolist() for i in range(len(src))] == \
         [d.tolist() for d in _source_docs(out, "long", phi4)]
     assert len(os.listdir(tmp_path / "cache")) == len(remote["sources"]["long"]["shards"])
+
+
+def test_killed_cli_run_resumes_to_the_same_documents(tmp_path, phi4):
+    """A real kill: the CLI's process group gets SIGKILL once shards are logged; the same command then finishes
+    the corpus, and the shards hold exactly the documents' token ids."""
+    import signal
+    import time
+
+    rng = random.Random(1)
+    texts = [_text(rng, 50, 150) for _ in range(3000)]
+    for f in range(6):
+        (tmp_path / f"part{f}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[f::6]))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "phi4_jax.data.tokenize", "--source", f"web=jsonl:{tmp_path}/part*.jsonl",
+           "--out", str(out), "--shard-tokens", "1000", "--workers", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    log = out / "progress.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.exists() and log.read_text().count('"shard"') >= 2:
+            break
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (out / "manifest.json").exists()   # killed midway (~450K tokens remained)
+    finished = log.read_text().count('"shard"')
+
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming: {finished} shards" in result.stderr
+    got = [d.tolist() for d in _source_docs(str(out), "web", phi4)]
+    files = [texts[f::6] for f in range(6)]
+    assert got == [phi4.encode_document(t).tolist() for f in files for t in f]

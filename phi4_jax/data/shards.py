@@ -154,6 +154,9 @@ def _tokenize_file(task: dict, tokenizer, shard_tokens: int, out: str, queue) ->
                 close_shard()
                 writer, part = None, part + 1
             if time.monotonic() - last_report > 0.25:
+                parent = multiprocessing.parent_process()
+                if parent is not None and not parent.is_alive():   # the run was killed: stop too
+                    raise SystemExit(1)
                 queue.put(("progress", pending_tokens, pending_docs))
                 pending_tokens = pending_docs = 0
                 last_report = time.monotonic()
