@@ -213,6 +213,12 @@ def test_corrupt_shard_and_other_tokenizer_are_refused(tokenized, phi4, tmp_path
         shards.TokenizedSource(os.path.join(out, "manifest.json"), "table", tokenizer_fingerprint="0" * 64)
     with pytest.raises(DataError, match="has no source 'web'; it has"):
         shards.TokenizedSource(os.path.join(out, "manifest.json"), "web", tokenizer_fingerprint=phi4.fingerprint)
+    manifest["sources"]["table"].update(documents=0, tokens=0, shards=[])
+    empty_path = os.path.join(bad, "empty.json")
+    with open(empty_path, "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(DataError, match="tokenized source 'table' in '.*empty.json' has no documents"):
+        shards.TokenizedSource(empty_path, "table", tokenizer_fingerprint=phi4.fingerprint)
     # the demo's compact tokenizer numbers tokens differently: its fingerprint differs from phi-4's
     from phi4_jax.data.tokenizing import CompactTokenizer
     assert CompactTokenizer([5, 6, 7]).fingerprint != phi4.fingerprint
