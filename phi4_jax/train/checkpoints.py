@@ -3,7 +3,9 @@
 Layout: ``WORKDIR/checkpoints/<step>/{state,data}``: `state` is the train state pytree (params, optimizer
 state, step; each host writes its shards), `data` is each host's grain iterator state (JSON). Orbax
 writes a step into a temporary directory and renames it when complete, so a crash mid-save never leaves
-a partial checkpoint that resume would pick up.
+a partial checkpoint that resume would pick up. WORKDIR may be a cloud URL (gs://bucket/run): Orbax lists and
+finalizes steps through etils.epath (the client `phi4_jax.paths` uses) and TensorStore writes the arrays with its
+gcs driver; on a bucket Orbax marks a finished step with a commit file instead of a rename.
 
 `init_params_from` starts a run from a converted (`convert_weights.py`) or previous-stage checkpoint:
 parameters only (a previous stage's optimizer state is not read), restored straight into the run's
@@ -13,13 +15,13 @@ shardings, in float32 master precision.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from phi4_jax import paths
 from phi4_jax.data.pipeline import check_resume_hosts
 from phi4_jax.model.config import RUNTIME_FIELDS, Phi4Config
 
@@ -36,7 +38,7 @@ class TrainCheckpointer:
     """Saves every `save_every` steps (async), keeps the newest `keep`, restores the newest."""
 
     def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = paths.join(workdir, "checkpoints")
         self.save_every = int(save_every)
         # The interval is applied here (Orbax's own policy would also save the first step of every run).
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -68,7 +70,7 @@ class TrainCheckpointer:
         step = self.manager.latest_step() if step is None else step
         if step is None:
             raise TrainCheckpointError(f"no checkpoint in {self.directory}")
-        check_resume_hosts(os.path.join(self.directory, str(step), "data"), jax.process_count())
+        check_resume_hosts(paths.join(self.directory, str(step), "data"), jax.process_count())
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                   data=grain.checkpoint.CheckpointRestore(data_iterator))
         try:
@@ -98,9 +100,9 @@ def init_params_from(path: str, config: Phi4Config, param_shardings):
     """
     from phi4_jax.checkpoint import load, store
 
-    if not os.path.isdir(path):
+    if not paths.isdir(path):
         raise TrainCheckpointError(f"train.init_from: {path!r} is not a directory")
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    if paths.isdir(paths.join(path, "checkpoints")):
         return _restore_train_params(path, config, param_shardings)
     try:
         stored, _ = store.read_checkpoint_config(path)
@@ -126,7 +128,7 @@ def _restore_train_params(workdir: str, config: Phi4Config, param_shardings):
     abstract = {"params": jax.tree.map(lambda spec, sh: jax.ShapeDtypeStruct(spec[0], dtype, sharding=sh),
                                        param_specs(config), param_shardings, is_leaf=is_param_spec)}
     previous = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")), item_names=("state", "data"),
+        paths.join(workdir, "checkpoints"), item_names=("state", "data"),
         options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, max_to_keep=None))
     try:
         step = previous.latest_step()

@@ -28,6 +28,7 @@ import os
 import tomllib
 from typing import Any
 
+from phi4_jax import paths
 from phi4_jax.checks import check_integer
 from phi4_jax.data.pipeline import MIXTURE_WEIGHTINGS
 from phi4_jax.model.config import ConfigError, Phi4Config, get_preset
@@ -318,8 +319,7 @@ def resume_config_changes(saved_path: str, cfg: TrainConfig) -> list[str]:
     """The dotted keys whose values differ between the run's saved config.json and `cfg`, except those in
     `RESUME_CHANGEABLE`, as "key: saved -> new" lines (raises TrainConfigError if the file is unreadable)."""
     try:
-        with open(saved_path) as f:
-            saved = resolved_config(build_train_config(json.load(f)))
+        saved = resolved_config(build_train_config(json.loads(paths.read_text(saved_path))))
     except (OSError, ValueError) as e:   # json and TrainConfigError are ValueErrors
         raise TrainConfigError(f"cannot read the saved run config {saved_path!r}: {e}") from None
     old, new = _flatten(saved), _flatten(resolved_config(cfg))

@@ -6,34 +6,38 @@
   else starts from `train.init_from` (a converted or previous-stage checkpoint), else from a fresh init;
 - prepares batches ahead in background threads (`prefetched_batches`) and fetches a step's metrics only
   after the next step is dispatched, so the device does not wait on the host;
-- appends one JSON object per logged step to WORKDIR/metrics.jsonl (step, loss, grad_norm, lr, tokens,
-  tokens_per_s and mfu over the wall time between two steps' metrics, data waits included, seconds, and
-  data_seconds of it spent waiting for batches, and source_tokens: {source name: tokens of this host's
-  share of the batch}, the realised mixture);
+- WORKDIR may be a local directory or a cloud URL (gs://bucket/run): every file goes through `phi4_jax.paths`
+  (checkpoints through Orbax/TensorStore, to the same place); it is checked writable before anything else;
+- appends one JSON object per logged step to WORKDIR/metrics.jsonl, with TensorBoard events beside it
+  (`phi4_jax.train.metrics`): step, loss, grad_norm, lr, tokens, tokens_per_s (and per device) and mfu over the
+  wall time between two steps' metrics (`seconds`), that time split into data wait, compilation, checkpoint
+  and compute, the run's goodput (productive compute time over wall time since the run started), and
+  source_tokens: {source name: tokens of this host's share of the batch}, the realised data mixture;
 - saves every `checkpoint.save_every` steps (async) and at the end; on SIGTERM it saves and returns;
 - a non-finite loss raises `NonFiniteLossError` naming the step; nothing is saved after the last good step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import json
+import io
 import math
-import os
 import signal
-import time
 from typing import Any, NamedTuple
 
 import grain
 import jax
 import numpy as np
 
+from phi4_jax import paths
 from phi4_jax.data.pipeline import host_batches
 from phi4_jax.data.sources import DataError
 from phi4_jax.data.tokenizing import make_tokenizer
 from phi4_jax.model import sharding
 from phi4_jax.train.checkpoints import TrainCheckpointer, init_params_from
 from phi4_jax.train.config import OptimizerConfig, TrainConfig, TrainConfigError, config_json, resume_config_changes
+from phi4_jax.train.metrics import METRICS_FILE, MetricsWriter, StepClock, read_metrics
 from phi4_jax.train.mfu import mfu, peak_flops_per_device, training_flops_per_token
 from phi4_jax.train.optimizer import make_optimizer
 from phi4_jax.train.step import (
@@ -136,8 +140,8 @@ def check_resume_config(cfg: TrainConfig, workdir: str, *, allow_change: bool = 
     Keys in `RESUME_CHANGEABLE` (steps, logging, checkpointing, mesh, ...) may change; any other difference
     raises TrainConfigError naming the keys, unless `allow_change` (train.py --allow-config-change), in
     which case the differences are logged."""
-    saved = os.path.join(workdir, "config.json")
-    if not os.path.exists(saved):
+    saved = paths.join(workdir, "config.json")
+    if not paths.exists(saved):
         return
     changes = resume_config_changes(saved, cfg)
     if not changes:
@@ -155,8 +159,10 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
 
     `mesh`: a prebuilt `jax.sharding.Mesh` (e.g. over a subset of devices) instead of `cfg.mesh`.
     Resuming checks the config against WORKDIR/config.json (`check_resume_config`; `allow_config_change`).
+    `workdir` may be a cloud URL; it is checked writable (StorageError) before anything is set up or written.
     """
-    os.makedirs(workdir, exist_ok=True)
+    clock = StepClock()   # the run's wall time (goodput's denominator) starts now
+    workdir = paths.check_writable_dir(workdir, "workdir")
     mesh, tokenizer, built = setup(cfg, mesh)
     tx, shardings, step_fn = built.tx, built.shardings, built.step_fn
     model_cfg, loop = cfg.model, cfg.train
@@ -171,8 +177,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
             ckpt.close()
             raise
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config_json(cfg))
+        paths.write_atomic(paths.join(workdir, "config.json"), config_json(cfg))
 
     data_it = prefetched_batches(
         host_batches(cfg.data, tokenizer, model_cfg.vocab_size, loop.seq_len, loop.global_batch), shardings.batch)
@@ -188,6 +193,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
         else:
             state = create_train_state(model_cfg, tx, shardings, jax.random.key(loop.seed))
             start = 0
+        writer = MetricsWriter(workdir, start_step=start) if is_main else None
     except BaseException:
         data_it.close()
         ckpt.close()
@@ -197,7 +203,6 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
     peak = peak_flops_per_device()
     n_devices = mesh.size
     tokens_per_step = loop.global_batch * loop.seq_len
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
     last_saved = start
     bar = None
     if progress and is_main and start < loop.steps:
@@ -206,56 +211,59 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
 
     step = start
     stopped_by_sigterm = False
-    clock = [time.perf_counter(), 0.0]   # when the previous step's metrics arrived; data waits since then
 
     source_names = [s.name for s in cfg.data.sources]
 
-    def report(done_step: int, device_metrics: dict, source_tokens, metrics_file):
+    def report(done_step: int, device_metrics: dict, source_tokens):
         """Fetches a dispatched step's metrics, checks the loss, logs. Its wall time (`seconds`) runs from the
-        previous step's report to this one: compute, waiting for data and host work, all included;
-        `data_seconds` is the part of it spent waiting for batches."""
+        previous step's report to this one, split by `clock` into data wait, compilation, checkpoint and
+        compute."""
         metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-        now = time.perf_counter()
-        seconds, data_seconds, clock[:] = now - clock[0], clock[1], [now, 0.0]
+        times = clock.step_done()
         if not math.isfinite(metrics["loss"]):
             ckpt.wait()
             raise NonFiniteLossError(
                 f"non-finite loss ({metrics['loss']}) at step {done_step}; stopping. The last good "
                 f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
-        tokens_per_s = tokens_per_step / seconds
+        tokens_per_s = tokens_per_step / times["seconds"]
         record = {"step": done_step, **metrics, "tokens_per_s": tokens_per_s,
-                  "mfu": mfu(flops_per_token, tokens_per_s, n_devices, peak), "seconds": seconds,
-                  "data_seconds": data_seconds,
+                  "tokens_per_s_per_device": tokens_per_s / n_devices,
+                  "mfu": mfu(flops_per_token, tokens_per_s, n_devices, peak), **times,
                   "source_tokens": dict(zip(source_names, (int(n) for n in source_tokens)))}
-        if is_main and (done_step % loop.log_every == 0 or done_step == loop.steps):
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+        if writer is not None and (done_step % loop.log_every == 0 or done_step == loop.steps):
+            writer.write(record)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}",
+                            tok_s_dev=f"{tokens_per_s / n_devices:,.0f}", goodput=f"{times['goodput']:.0%}")
 
     try:
-        with _SigtermFlag() as sigterm, open(metrics_path, "a") as metrics_file:
+        with _SigtermFlag() as sigterm:
             pending = None   # (step, its metrics on the device): dispatched, not yet reported
+            clock.start_steps()
             while step < loop.steps:
-                t0 = time.perf_counter()
-                try:
-                    batch = next(data_it)
-                except StopIteration:
-                    raise DataError("the data pipeline ran out of batches") from None
-                clock[1] += time.perf_counter() - t0
+                with clock.timed("data"):
+                    try:
+                        batch = next(data_it)
+                    except StopIteration:
+                        raise DataError("the data pipeline ran out of batches") from None
                 source_tokens = batch.pop("source_tokens")
-                state, metrics = step_fn(state, batch)   # dispatched; runs while the host goes on
+                # The first call traces and compiles before it dispatches; later calls return at once.
+                with clock.timed("compile") if step == start else contextlib.nullcontext():
+                    state, metrics = step_fn(state, batch)   # dispatched; runs while the host goes on
                 step += 1
                 if pending is not None:   # the previous step's metrics, fetched now that this step is queued
-                    report(*pending, metrics_file)
+                    report(*pending)
                 pending = (step, metrics, source_tokens)
                 stop = sigterm.raised
                 if ckpt.due(step) or stop or step == loop.steps:
-                    report(*pending, metrics_file)   # a step's loss is checked before its state is saved
+                    report(*pending)   # a step's loss is checked before its state is saved
                     pending = None
-                    if ckpt.save(step, state, data_it):
-                        last_saved = step
+                    with clock.timed("checkpoint"):
+                        if ckpt.save(step, state, data_it):
+                            last_saved = step
+                            if writer is not None:   # the metrics of the saved steps are durable with them
+                                writer.flush()
                 if stop:
                     stopped_by_sigterm = True
                     log(f"SIGTERM: saving step {step} and stopping")
@@ -267,17 +275,14 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
             bar.close()
         ckpt.close()
         data_it.close()
+        if writer is not None:
+            writer.close()
     return {"state": state, "tokenizer": tokenizer, "last_step": step, "mesh": mesh,
-            "stopped_by_sigterm": stopped_by_sigterm, "metrics_path": metrics_path}
-
-
-def read_metrics(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+            "stopped_by_sigterm": stopped_by_sigterm, "metrics_path": paths.join(workdir, METRICS_FILE)}
 
 
 def plot_loss_curve(metrics_path: str, png_path: str) -> str:
-    """Writes the loss curve of a metrics.jsonl to a PNG (matplotlib, Agg backend)."""
+    """Writes the loss curve of a metrics.jsonl to a PNG (matplotlib, Agg backend); either may be a cloud URL."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -291,8 +296,10 @@ def plot_loss_curve(metrics_path: str, png_path: str) -> str:
     ax.set_title("training loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png_path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    paths.write_atomic(png_path, png.getvalue())
     return png_path
 
 
