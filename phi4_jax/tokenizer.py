@@ -27,6 +27,7 @@ import binascii
 import functools
 import hashlib
 import importlib.metadata
+import json
 import os
 import warnings
 from collections.abc import Collection, Mapping, Sequence
@@ -206,6 +207,16 @@ class Tokenizer:
     def special_tokens(self) -> dict[str, int]:
         """{token text: id} for all 96 special tokens, by id."""
         return dict(SPECIAL_TOKENS)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over what fixes the id of every token: the mergeable ranks (the file is verified against
+        `CL100K_SHA256` on load), the split pattern, the special tokens and n_vocab. Pre-tokenized data
+        records it (`phi4_jax.data.shards`) so training refuses shards made with another tokenizer."""
+        spec = json.dumps({"ranks_sha256": CL100K_SHA256, "pat_str": CL100K_PAT_STR,
+                           "special_tokens": sorted(SPECIAL_TOKENS.items(), key=lambda kv: kv[1]),
+                           "n_vocab": N_VOCAB}, sort_keys=True)
+        return hashlib.sha256(spec.encode()).hexdigest()
 
     @property
     def stop_ids(self) -> tuple[int, ...]:

@@ -1,5 +1,6 @@
 """The grain pipeline: sources, tokenization, weighted mixture, host sharding, packing, iterator state."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -25,13 +26,15 @@ class ByteTokenizer:
 
 
 def test_mixture_hits_weights_on_every_host():
-    docs = pipeline.mixed_documents(DEMO, ByteTokenizer(), 257)
+    # document weighting: the weights are shares of documents (token weighting: tests/test_tokenize_shards.py)
+    by_docs = dataclasses.replace(DEMO, mixture_weighting="documents")
+    docs = pipeline.mixed_documents(by_docs, ByteTokenizer(), 257)
     n = 20000
     counts = np.bincount([int(docs[i]["source"]) for i in range(n)], minlength=5)
     want = np.array(list(WEIGHTS.values()), float) / sum(WEIGHTS.values())
     np.testing.assert_allclose(counts / n, want, atol=0.01)
     # two hosts: disjoint shares of every source, each host's stream with the same proportions
-    shards = [pipeline.mixed_documents(DEMO, ByteTokenizer(), 257, i, 2) for i in range(2)]
+    shards = [pipeline.mixed_documents(by_docs, ByteTokenizer(), 257, i, 2) for i in range(2)]
     for shard in shards:
         c = np.bincount([int(shard[i]["source"]) for i in range(n // 2)], minlength=5)
         np.testing.assert_allclose(c / (n // 2), want, atol=0.01)
@@ -44,8 +47,11 @@ def test_packing_segments_positions_and_stream():
     it = iter(pipeline.packed_batches(DEMO, ByteTokenizer(), 257, seq, rows))
     batches = [next(it) for _ in range(3)]
     for b in batches:
-        assert set(b) == {"input_ids", "segment_ids", "positions"}
-        assert all(v.shape == (rows, seq) and v.dtype == np.int32 for v in b.values())
+        assert set(b) == {"input_ids", "segment_ids", "positions", "source_tokens"}
+        assert all(b[k].shape == (rows, seq) and b[k].dtype == np.int32 for k in ("input_ids", "segment_ids",
+                                                                              "positions"))
+        # every token is counted once, under its source
+        np.testing.assert_array_equal(b["source_tokens"].sum(1), (b["segment_ids"] > 0).sum(1))
     # rows are consecutive cuts of the concatenated document stream
     stream = np.concatenate([row for b in batches for row in b["input_ids"]])
     docs = pipeline.mixed_documents(DEMO, ByteTokenizer(), 257)
@@ -109,6 +115,10 @@ def test_file_sources_tokenize_with_phi4(tmp_path, phi4):
     for src in (sources.JsonlSource(str(tmp_path / "a.jsonl")), sources.TextSource(str(tmp_path / "b.txt")),
                 sources.ParquetSource(str(tmp_path / "c.parquet"), "content")):
         assert [src[i]["text"] for i in range(len(src))] == texts
+    (tmp_path / "blank.jsonl").write_text("\n".join(json.dumps({"text": t}) + "\n" for t in texts))
+    jsonl = sources.JsonlSource(str(tmp_path / "*.jsonl"))   # a.jsonl, then blank.jsonl (blank lines between)
+    for start in (0, 2, 4):   # one sequential pass from any document, across files
+        assert [d["text"] for d in jsonl.iter_documents(start)] == (texts + texts)[start:]
     npy = sources.TokenArraySource(str(tmp_path / "d.npy"), 100352)
     assert len(npy) == 3
     np.testing.assert_array_equal(npy[1]["tokens"], phi4.encode_document(texts[1]))

@@ -110,6 +110,9 @@ def test_metrics_of_a_step_are_fetched_after_the_next_step_is_dispatched(tmp_pat
     records = trainer.read_metrics(str(tmp_path / "metrics.jsonl"))
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     assert all(r["seconds"] >= r["data_seconds"] >= 0 for r in records)
+    # the realised mixture: every step's tokens (8 full rows of 64), counted under their sources
+    assert all(list(r["source_tokens"]) == [s.name for s in cfg.data.sources] for r in records)
+    assert all(sum(r["source_tokens"].values()) == 8 * 64 for r in records)
 
 
 def test_prefetched_batches_checkpoint_the_last_consumed_batch():

@@ -7,6 +7,7 @@
 - `serve`: `python -m phi4_jax.serve` (the OpenAI-compatible server).
 - `pts`: `python -m phi4_jax.pts` (Pivotal Token Search).
 - `decontaminate`: `python -m phi4_jax.decontaminate`.
+- `tokenize`: `python -m phi4_jax.data.tokenize` (pre-tokenized ArrayRecord shards).
 
 These parse arguments, call the library, and turn its errors into one-line messages and exit codes.
 May import anything in `phi4_jax`.

@@ -5,7 +5,8 @@
 - `ParquetSource`: a string column `text_key`;
 - `TokenArraySource`: pre-tokenized ids in ``.npy``: a 1-D token stream (documents end at `<|endoftext|>`)
   or a 2-D array (one document per row, trailing pad ids dropped);
-- the demo's synthetic documents (`phi4_jax.data.demo`).
+- the demo's synthetic documents (`phi4_jax.data.demo`);
+- pre-tokenized ArrayRecord shards with a manifest (`phi4_jax.data.shards.TokenizedSource`).
 
 File patterns may be local globs or cloud URLs (gs://bucket/corpus/*.jsonl); files are listed and opened through
 `phi4_jax.paths`.
@@ -66,6 +67,28 @@ class JsonlSource:
         with paths.open(self.files[fi], "rb") as f:
             f.seek(offset)
             line = f.readline()
+        return self._record(line, fi, offset)
+
+    def iter_documents(self, start: int = 0):
+        """Documents `start`, `start + 1`, ... in order, each file opened once and read sequentially (for
+        one pass, e.g. pre-tokenizing; `__getitem__` opens and seeks per document)."""
+        f, current, pos = None, None, None
+        try:
+            for fi, offset in self._index[start:]:
+                if fi != current:
+                    if f is not None:
+                        f.close()
+                    f, current, pos = paths.open(self.files[fi], "rb"), fi, None
+                if pos != offset:
+                    f.seek(offset)
+                line = f.readline()
+                pos = offset + len(line)
+                yield self._record(line, fi, offset)
+        finally:
+            if f is not None:
+                f.close()
+
+    def _record(self, line: bytes, fi: int, offset: int) -> dict:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
@@ -158,7 +181,15 @@ class TokenArraySource:
         return {"tokens": tokens}
 
 
-def open_source(src, vocab_size: int, seed: int):
+def open_source(src, vocab_size: int, seed: int, tokenizer_fingerprint: str | None = None):
+    """The random-access source for a `[[data.sources]]` entry; a "tokenized" one (the manifest of
+    `phi4_jax.data.shards`, source `src.name`) must have been made with `tokenizer_fingerprint`."""
+    if src.type == "tokenized":
+        from phi4_jax.data.shards import TokenizedSource
+
+        if tokenizer_fingerprint is None:
+            raise DataError(f"data source {src.name!r}: a tokenized source needs a tokenizer with a fingerprint")
+        return TokenizedSource(src.path, src.name, tokenizer_fingerprint=tokenizer_fingerprint)
     if src.type == "jsonl":
         return JsonlSource(src.path, src.text_key)
     if src.type == "text":

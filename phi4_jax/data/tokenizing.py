@@ -1,12 +1,15 @@
 """Document tokenizers for training data: the phi-4 tokenizer, and the demo's compact renumbering of it.
 
 Both turn a document into int32 ids ending in `<|endoftext|>` (`encode_document`); special-token text inside
-the data stays plain text (`encode_ordinary`).
+the data stays plain text (`encode_ordinary`). `fingerprint` identifies the ids a tokenizer produces
+(pre-tokenized shards record it).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 
 import numpy as np
 
@@ -26,6 +29,11 @@ class Phi4TextTokenizer:
         self.tokenizer = Tokenizer()
         self.vocab_size = self.tokenizer.n_vocab
         self.endoftext_id = ENDOFTEXT_ID
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the token ids this tokenizer produces (`phi4_jax.Tokenizer.fingerprint`)."""
+        return self.tokenizer.fingerprint
 
     def encode_document(self, text: str) -> np.ndarray:
         return np.asarray(self.tokenizer.encode_ordinary(text) + [ENDOFTEXT_ID], np.int32)
@@ -77,6 +85,12 @@ class CompactTokenizer:
                 ids.update(tok.encode_ordinary(src[i]["text"]))
         chat = [IM_START_ID, IM_SEP_ID, IM_END_ID] + [t for role in CHAT_ROLES for t in tok.encode_ordinary(role)]
         return cls(ids, extra_ids=chat)
+
+    @property
+    def fingerprint(self) -> str:
+        """The phi-4 tokenizer's fingerprint combined with this renumbering."""
+        spec = json.dumps([self.tokenizer.fingerprint, self.phi4_ids])
+        return hashlib.sha256(spec.encode()).hexdigest()
 
     def encode(self, text: str) -> list[int]:
         return self.from_phi4_ids(self.tokenizer.encode_ordinary(text)).tolist()

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from phi4_jax import paths
+from phi4_jax.data.pipeline import check_resume_hosts
 from phi4_jax.model.config import RUNTIME_FIELDS, Phi4Config
 
 # Fields a run may change relative to the checkpoint it starts from (midtraining raises rope_theta and
@@ -98,10 +99,12 @@ class TrainCheckpointer:
         return self.manager.save(step, args=args, force=True)
 
     def restore(self, abstract_state, data_iterator, step: int | None = None):
-        """(state, step) from the newest (or given) checkpoint; `data_iterator` is restored in place."""
+        """(state, step) from the newest (or given) checkpoint; `data_iterator` is restored in place.
+        A checkpoint saved by another number of hosts is refused (DataError, `check_resume_hosts`)."""
         step = self.manager.latest_step() if step is None else step
         if step is None:
             raise TrainCheckpointError(f"no checkpoint in {self.directory}")
+        check_resume_hosts(paths.join(self.directory, str(step), "data"), jax.process_count())
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                   data=grain.checkpoint.CheckpointRestore(_DataIteratorState(data_iterator)))
         try:

@@ -8,7 +8,9 @@ Sections (all optional; unknown keys are errors):
     [optimizer]  lr, warmup_steps, decay_steps, end_lr_ratio, weight_decay, b1, b2, eps, clip_norm
     [train]      steps, global_batch, seq_len, micro_batches, loss_chunk, seed, log_every, init_from,
                  objective ("pretrain", "sft", "dpo")
-    [data]       tokenizer, shuffle_seed, sources = [{name, type, weight, path, generator, text_key}],
+    [data]       tokenizer, shuffle_seed, mixture_weighting ("tokens" | "documents"), mixture_sample_docs,
+                 sources = [{name, type, weight, path, generator, text_key}] (type "tokenized": path is a
+                 manifest of `python -m phi4_jax.data.tokenize`, the source of the same name in it),
                  sft_files, dpo_files (JSONL globs for the sft / dpo objectives)
     [dpo]        beta, loss_type, label_smoothing, reference_free (the dpo objective)
     [lora]       rank (0 = off), alpha, targets, base_dtype: train low-rank adapters, base weights frozen
@@ -25,16 +27,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import tomllib
 from typing import Any
 
 from phi4_jax import paths
 from phi4_jax.checks import check_integer
+from phi4_jax.data.pipeline import MIXTURE_WEIGHTINGS
 from phi4_jax.model.config import ConfigError, Phi4Config, get_preset
 from phi4_jax.model.sharding import MeshConfig, MeshError
 
-SOURCE_TYPES = ("jsonl", "text", "parquet", "npy", "demo")
+SOURCE_TYPES = ("jsonl", "text", "parquet", "npy", "demo", "tokenized")
 OBJECTIVES = ("pretrain", "sft", "dpo")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "robust")   # phi4_jax.posttrain.dpo's
 TOKENIZERS = ("phi4", "demo_compact")
@@ -75,7 +79,7 @@ class SourceConfig:
     name: str
     type: str
     weight: float
-    path: str | None = None        # file or glob (jsonl, text, parquet, npy)
+    path: str | None = None        # file or glob (jsonl, text, parquet, npy); tokenized: the manifest.json
     generator: str | None = None   # demo sources: a generator in phi4_jax.data.demo
     text_key: str = "text"         # jsonl / parquet column holding the text
 
@@ -84,6 +88,8 @@ class SourceConfig:
 class DataConfig:
     tokenizer: str = "phi4"        # "phi4" (the 100352-token vocabulary) or "demo_compact"
     shuffle_seed: int = 0
+    mixture_weighting: str = "tokens"  # source weights are shares of "tokens" or of "documents"
+    mixture_sample_docs: int = 256     # documents per source to estimate mean tokens/document (no manifest)
     sources: tuple[SourceConfig, ...] = ()
     sft_files: str | None = None   # JSONL of {"messages": [...]} (train.objective = "sft")
     dpo_files: str | None = None   # JSONL of {"prompt": [...], "chosen": str, "rejected": str} ("dpo")
@@ -297,6 +303,10 @@ def build_train_config(data: dict) -> TrainConfig:
     _positive_int(demo.max_new_tokens, "demo.max_new_tokens")
     if data_cfg.tokenizer not in TOKENIZERS:
         raise TrainConfigError(f"data.tokenizer must be one of {TOKENIZERS}, got {data_cfg.tokenizer!r}")
+    if data_cfg.mixture_weighting not in MIXTURE_WEIGHTINGS:
+        raise TrainConfigError(f"data.mixture_weighting must be one of {MIXTURE_WEIGHTINGS}, got "
+                               f"{data_cfg.mixture_weighting!r}")
+    _positive_int(data_cfg.mixture_sample_docs, "data.mixture_sample_docs")
     if loop.objective not in OBJECTIVES:
         raise TrainConfigError(f"train.objective must be one of {OBJECTIVES}, got {loop.objective!r}")
     if loop.objective == "sft" and not data_cfg.sft_files:
@@ -332,7 +342,7 @@ def build_train_config(data: dict) -> TrainConfig:
     for s in srcs:
         if s.type not in SOURCE_TYPES:
             raise TrainConfigError(f"data source {s.name!r}: type must be one of {SOURCE_TYPES}, got {s.type!r}")
-        if not (isinstance(s.weight, (int, float)) and s.weight > 0):
+        if not (isinstance(s.weight, (int, float)) and math.isfinite(s.weight) and s.weight > 0):
             raise TrainConfigError(f"data source {s.name!r}: weight must be positive, got {s.weight!r}")
         if s.type == "demo" and not s.generator:
             raise TrainConfigError(f"data source {s.name!r}: type 'demo' needs a 'generator'")

@@ -11,7 +11,8 @@
 - appends one JSON object per logged step to WORKDIR/metrics.jsonl, with TensorBoard events beside it
   (`phi4_jax.train.metrics`): step, loss, grad_norm, lr, tokens, tokens_per_s (and per device) and mfu over the
   wall time between two steps' metrics (`seconds`), that time split into data wait, compilation, checkpoint
-  and compute, and the run's goodput (productive compute time over wall time since the run started);
+  and compute, the run's goodput (productive compute time over wall time since the run started), and
+  source_tokens: {source name: tokens of this host's share of the batch}, the realised data mixture;
 - saves every `checkpoint.save_every` steps (async) and at the end; on SIGTERM it saves and returns;
 - a non-finite loss raises `NonFiniteLossError` naming the step; nothing is saved after the last good step.
 
@@ -78,8 +79,9 @@ class _SigtermFlag:
 
 
 def _global_batch(local: dict, batch_sharding) -> dict:
-    """Host arrays -> global arrays; `batch_sharding` is one sharding, or {key: sharding}."""
-    return {k: jax.make_array_from_process_local_data(
+    """Host arrays -> global arrays; `batch_sharding` is one sharding, or {key: sharding}. `source_tokens` (this
+    host's tokens per data source) stays on the host."""
+    return {k: np.asarray(v).sum(0) if k == "source_tokens" else jax.make_array_from_process_local_data(
         batch_sharding[k] if isinstance(batch_sharding, dict) else batch_sharding, np.asarray(v))
         for k, v in local.items()}
 
@@ -251,7 +253,9 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
     step = start
     stopped_by_sigterm = False
 
-    def report(done_step: int, device_metrics: dict):
+    source_names = [s.name for s in cfg.data.sources]
+
+    def report(done_step: int, device_metrics: dict, source_tokens):
         """Fetches a dispatched step's metrics, checks the loss, logs. Its wall time (`seconds`) runs from the
         previous step's report to this one, split by `clock` into data wait, compilation, checkpoint and
         compute."""
@@ -265,7 +269,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
         tokens_per_s = tokens_per_step / times["seconds"]
         record = {"step": done_step, **metrics, "tokens_per_s": tokens_per_s,
                   "tokens_per_s_per_device": tokens_per_s / n_devices,
-                  "mfu": mfu(flops_per_token, tokens_per_s, n_devices, peak), **times}
+                  "mfu": mfu(flops_per_token, tokens_per_s, n_devices, peak), **times,
+                  "source_tokens": dict(zip(source_names, (int(n) for n in source_tokens)))}
         if writer is not None and (done_step % loop.log_every == 0 or done_step == loop.steps):
             writer.write(record)
         if bar is not None:
@@ -283,13 +288,14 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
                         batch = next(data_it)
                     except StopIteration:
                         raise DataError("the data pipeline ran out of batches") from None
+                source_tokens = batch.pop("source_tokens")
                 # The first call traces and compiles before it dispatches; later calls return at once.
                 with clock.timed("compile") if step == start else contextlib.nullcontext():
                     state, metrics = step_fn(state, batch)   # dispatched; runs while the host goes on
                 step += 1
                 if pending is not None:   # the previous step's metrics, fetched now that this step is queued
                     report(*pending)
-                pending = (step, metrics)
+                pending = (step, metrics, source_tokens)
                 stop = sigterm.raised
                 if ckpt.due(step) or stop or step == loop.steps:
                     report(*pending)   # a step's loss is checked before its state is saved
