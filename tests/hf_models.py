@@ -157,6 +157,22 @@ def make_tiny_phi3_dir(path, *, hidden=72, heads=6, kv_heads=2, layers=2, interm
     return out, model
 
 
+def convert_tiny_phi3(root, *, seed=0, **kwargs):
+    """A tiny random Phi3ForCausalLM saved by transformers under root/"hf" (one safetensors file) and converted
+    with the real `convert_weights.py` CLI into root/"ckpt". Returns (checkpoint Path, hf_model in eval mode)."""
+    import subprocess
+    import sys
+
+    root = Path(root)
+    hf_dir, hf_model = make_tiny_phi3_dir(root / "hf", fmt="safetensors", seed=seed, **kwargs)
+    dst = root / "ckpt"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(repo, "convert_weights.py"), str(hf_dir), str(dst)],
+                          capture_output=True, text=True, cwd=repo, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dst, hf_model
+
+
 def hf_logits(model, input_ids, position_ids=None):
     """float32 logits of a transformers model for int input ids [B, S] (NumPy in, NumPy out); `position_ids`
     [B, S] (default 0..S-1) go to the model's `position_ids`."""

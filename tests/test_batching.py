@@ -7,22 +7,18 @@ started engine (module-scoped) serves every test that generates, so its programs
 """
 
 import asyncio
-import os
-import subprocess
-import sys
 import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_models import hf_logits, make_tiny_phi3_dir
+from hf_models import convert_tiny_phi3, hf_logits
 
 import phi4_jax
 from phi4_jax.inference.batching import ContinuousBatchingEngine, GenerationRequest
 from phi4_jax.inference.errors import ContextLengthError, GenerationError, QueueFullError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGE = 16
 MAX_BATCH = 3
 MAX_CONTEXT = 512
@@ -33,11 +29,7 @@ NEW = 20
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("batching")
-    hf_dir, hf_model = make_tiny_phi3_dir(root / "hf", fmt="safetensors", seed=5)
-    dst = root / "ckpt"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "convert_weights.py"), str(hf_dir), str(dst)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    dst, hf_model = convert_tiny_phi3(root, seed=5)
     return phi4_jax.load_model(dst, dtype=jnp.float32), hf_model
 
 

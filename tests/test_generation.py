@@ -4,15 +4,12 @@ One tiny random Phi3ForCausalLM is saved by transformers, converted with the rea
 and loaded with `phi4_jax.load_model` (module-scoped, so every compiled program is reused).
 """
 
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_models import make_tiny_phi3_dir
+from hf_models import convert_tiny_phi3
 
 import phi4_jax
 from phi4_jax.inference import chat_session, engine, kv_cache, sampling
@@ -20,7 +17,6 @@ from phi4_jax.inference.errors import ContextLengthError, GenerationError
 from phi4_jax.inference.sampling import Sampler
 from phi4_jax.model.decoder import forward, model_from_params
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS = 2  # the tiny HF config's eos_token_id
 PROMPT_LENGTHS = (3, 29, 300, 70)  # one over 256: RoPE and the cache at real offsets
 NEW_TOKENS = 48
@@ -30,11 +26,7 @@ NEW_TOKENS = 48
 def converted(tmp_path_factory):
     """(our model, the transformers model) for one tiny random checkpoint converted through the CLI."""
     root = tmp_path_factory.mktemp("gen")
-    hf_dir, hf_model = make_tiny_phi3_dir(root / "hf", fmt="safetensors", seed=3)
-    dst = root / "ckpt"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "convert_weights.py"), str(hf_dir), str(dst)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    dst, hf_model = convert_tiny_phi3(root, seed=3)
     model = phi4_jax.load_model(dst, dtype=jnp.float32)
     assert model.config.compute_dtype == "float32"
     return model, hf_model
