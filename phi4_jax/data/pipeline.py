@@ -22,7 +22,7 @@ from typing import Iterator
 import grain
 import numpy as np
 
-from phi4_jax.data.sources import DataError, open_source
+from phi4_jax.data.sources import MIXTURE_WEIGHTINGS, DataError, open_source
 
 
 class _Tokenize(grain.transforms.Map):
@@ -37,7 +37,6 @@ class _Tokenize(grain.transforms.Map):
         return {"input_ids": tokens, "source": np.int32(self.source_index)}
 
 
-MIXTURE_WEIGHTINGS = ("tokens", "documents")
 
 
 def mean_document_tokens(source, docs: grain.MapDataset, sample_docs: int) -> float:

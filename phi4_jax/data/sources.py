@@ -25,6 +25,10 @@ from phi4_jax import paths
 from phi4_jax.data import demo as demo_data
 from phi4_jax.special_tokens import ENDOFTEXT_ID, PAD_ID
 
+# How a mixture's source weights are read: shares of tokens (the default, as the phi-4 report states its
+# mixture) or of documents. Here, not in `pipeline`, so configs can check it without importing grain.
+MIXTURE_WEIGHTINGS = ("tokens", "documents")
+
 
 class DataError(ValueError):
     """A data source that is missing, malformed, or inconsistent with the config."""

@@ -34,7 +34,7 @@ from typing import Any
 
 from phi4_jax import paths
 from phi4_jax.checks import check_integer
-from phi4_jax.data.pipeline import MIXTURE_WEIGHTINGS
+from phi4_jax.data.sources import MIXTURE_WEIGHTINGS
 from phi4_jax.model.config import ConfigError, Phi4Config, get_preset
 from phi4_jax.model.sharding import MeshConfig, MeshError
 

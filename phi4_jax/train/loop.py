@@ -269,8 +269,9 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
         tokens_per_s = tokens_per_step / times["seconds"]
         record = {"step": done_step, **metrics, "tokens_per_s": tokens_per_s,
                   "tokens_per_s_per_device": tokens_per_s / n_devices,
-                  "mfu": mfu(flops_per_token, tokens_per_s, n_devices, peak), **times,
-                  "source_tokens": dict(zip(source_names, (int(n) for n in source_tokens)))}
+                  "mfu": mfu(flops_per_token, tokens_per_s, n_devices, peak), **times}
+        if source_tokens is not None:   # pretraining mixtures; SFT/DPO batches come from their own files
+            record["source_tokens"] = dict(zip(source_names, (int(n) for n in source_tokens)))
         if writer is not None and (done_step % loop.log_every == 0 or done_step == loop.steps):
             writer.write(record)
         if bar is not None:
@@ -288,7 +289,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
                         batch = next(data_it)
                     except StopIteration:
                         raise DataError("the data pipeline ran out of batches") from None
-                source_tokens = batch.pop("source_tokens")
+                source_tokens = batch.pop("source_tokens", None)
                 # The first call traces and compiles before it dispatches; later calls return at once.
                 with clock.timed("compile") if step == start else contextlib.nullcontext():
                     state, metrics = step_fn(state, batch)   # dispatched; runs while the host goes on
