@@ -249,6 +249,9 @@ def test_error_embedded_tokenizer_differs(work, phi4_gguf, phi4_fields, capsys):
     expect_cli_error(capsys, work, [src], "out-other-tokens", "other-tokens.gguf", "not phi-4's", "token 500",
                      "'Ġnot-phi4'", "--no-tokenizer-check")
     _cli_ok(src, work / "out-other-tokens", "--no-tokenizer-check")
+    # The same check and override when the file's blocks are kept quantized.
+    expect_cli_error(capsys, work, [src], "out-other-tokens-kq", "not phi-4's", "token 500", extra=["--keep-quantized"])
+    _cli_ok(src, work / "out-other-tokens-kq", "--keep-quantized", "--no-tokenizer-check")
 
 
 class _Fields:

@@ -271,6 +271,11 @@ def test_keep_quantized_needs_a_gguf_source(converted, capsys):
     assert cli_main(dst.parent / "hf", dst.parent / "kept", "--keep-quantized") == 1
     assert capsys.readouterr().err.strip() == "error: --keep-quantized applies to a .gguf source only"
     assert not (dst.parent / "kept").exists()
+    for direction in ("--to-hf", "--to-gguf"):   # a writing direction refuses it instead of ignoring it
+        assert cli_main(direction, dst, dst.parent / "kept", "--keep-quantized") == 1
+        assert capsys.readouterr().err.strip() == ("error: --keep-quantized applies to reading a .gguf source, "
+                                                   f"not to {direction}")
+        assert not (dst.parent / "kept").exists()
 
 
 # ----------------------------------------------------------------------------- GGUF kept quantized

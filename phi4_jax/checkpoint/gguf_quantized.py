@@ -66,13 +66,14 @@ def reblock(qtype: str, raw: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray
     raise ConversionError(f"GGUF type {qtype} is not kept quantized")
 
 
-def gguf_sources(path, *, keep_quantized: bool = True) -> tuple:
+def gguf_sources(path, *, keep_quantized: bool = True, check_tokenizer: bool = True) -> tuple:
     """(config, [ParamSource] of our parameters, GGUF type names) of a phi3 GGUF file (validated first, by the
-    same checks as the dequantizing converter)."""
+    same checks as the dequantizing converter; `check_tokenizer=False` accepts an embedded tokenizer that is not
+    phi-4's)."""
     import gguf
 
     path = Path(path)
-    config, tensors, types = read_gguf_tensors(path)
+    config, tensors, types = read_gguf_tensors(path, check_tokenizer=check_tokenizer)
     _, reader = _open_reader(path)
     raw = {t.name: t for t in reader.tensors}
 
@@ -141,7 +142,8 @@ def _blocks(pieces, stored, tensors, piece_source, qtype_of):
 
 
 def gguf_to_quantized_checkpoint(src, dst, *, dtype: str | None = None, overwrite: bool = False,
-                                 compression: str | None = "zstd", progress: bool = True) -> Path:
+                                 compression: str | None = "zstd", progress: bool = True,
+                                 check_tokenizer: bool = True) -> Path:
     """``convert_weights.py SRC.gguf DST --keep-quantized``: a checkpoint holding the file's Q8_0/Q4_0/Q4_K
     tensors re-blocked (quantized format of `phi4_jax.checkpoint.quantized_load`), the other tensors in `dtype`
     (default float32)."""
@@ -152,7 +154,7 @@ def gguf_to_quantized_checkpoint(src, dst, *, dtype: str | None = None, overwrit
 
     param_dtype = parse_dtype(dtype or "float32")
     _check_distinct(src, dst)
-    config, sources, types = gguf_sources(src)
+    config, sources, types = gguf_sources(src, check_tokenizer=check_tokenizer)
     try:
         return write_sources_checkpoint(sources, config, dst, param_dtype=param_dtype,
                                         source_dtype="gguf:" + ",".join(types), overwrite=overwrite,

@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     from phi4_jax.checkpoint.hf_files import ConversionError
 
     try:
+        if args.keep_quantized and (args.to_gguf or args.to_hf):
+            raise ConversionError("--keep-quantized applies to reading a .gguf source, not to "
+                                  f"{'--to-gguf' if args.to_gguf else '--to-hf'}")
         if args.to_gguf:
             out = checkpoint_to_gguf(args.src, args.dst, gguf_type=args.gguf_type, overwrite=args.overwrite,
                                      progress=not args.no_progress, tokenizer=not args.no_tokenizer)
@@ -77,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             from phi4_jax.checkpoint.gguf_quantized import gguf_to_quantized_checkpoint
             out = gguf_to_quantized_checkpoint(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                                                compression=None if args.compression == "none" else args.compression,
-                                               progress=not args.no_progress)
+                                               progress=not args.no_progress,
+                                               check_tokenizer=not args.no_tokenizer_check)
         elif args.src.lower().endswith(".gguf"):
             out = gguf_to_checkpoint(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                                      compression=None if args.compression == "none" else args.compression,
