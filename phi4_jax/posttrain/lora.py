@@ -188,9 +188,7 @@ def restore_lora_run(workdir: str, mesh=None):
     restore: the optimizer state stays on disk), on `mesh` (default: all local devices, fsdp)."""
     import json
 
-    import orbax.checkpoint as ocp
-
-    from phi4_jax.train.checkpoints import TrainCheckpointError
+    from phi4_jax.train.checkpoints import TrainCheckpointError, restore_latest_state
     from phi4_jax.train.config import build_train_config
 
     config_path = os.path.join(workdir, "config.json")
@@ -209,18 +207,7 @@ def restore_lora_run(workdir: str, mesh=None):
                     mesh, jax.tree.map(lambda s: s[1], specs, is_leaf=_is_spec), rules)),
                 "frozen": _abstract(param_specs(cfg.model), jnp.dtype(cfg.lora.base_dtype),
                                     sharding.tree_shardings(mesh, logical_axes_tree(cfg.model), rules))}
-    manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")), item_names=("state", "data"),
-        options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, max_to_keep=None))
-    try:
-        step = manager.latest_step()
-        if step is None:
-            raise TrainCheckpointError(f"{workdir!r} has no checkpoint yet")
-        args = ocp.args.PyTreeRestore(item=abstract, partial_restore=True,
-                                      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
-        state = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
-    finally:
-        manager.close()
+    state = restore_latest_state(os.path.abspath(workdir), abstract, what="merge_lora")
     return cfg, state["frozen"], state["params"]
 
 

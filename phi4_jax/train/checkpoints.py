@@ -154,6 +154,28 @@ def init_params_from(path: str, config: Phi4Config, param_shardings):
         raise TrainCheckpointError(f"train.init_from: cannot restore parameters from {path!r}: {e}") from None
 
 
+def restore_latest_state(workdir: str, abstract: dict, *, what: str) -> dict:
+    """The parts of the newest train-state checkpoint in a train.py workdir that `abstract` names (a partial,
+    read-only restore onto its shardings). `what` starts each error message (e.g. "train.init_from")."""
+    previous = ocp.CheckpointManager(
+        paths.join(workdir, "checkpoints"), item_names=("state", "data"),
+        options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, max_to_keep=None))
+    try:
+        step = previous.latest_step()
+        if step is None:
+            raise TrainCheckpointError(f"{what}: {workdir!r} has no checkpoint yet")
+        args = ocp.args.PyTreeRestore(item=abstract, partial_restore=True,
+                                      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+        try:
+            return previous.restore(step, args=ocp.args.Composite(state=args))["state"]
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise TrainCheckpointError(
+                f"{what}: step {step} of {workdir!r} does not match this model: "
+                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    finally:
+        previous.close()
+
+
 def _restore_train_params(workdir: str, config: Phi4Config, param_shardings):
     """The params of the newest train-state checkpoint in a train.py workdir (a partial restore)."""
     from phi4_jax.model.decoder import is_param_spec, param_specs
@@ -161,21 +183,4 @@ def _restore_train_params(workdir: str, config: Phi4Config, param_shardings):
     dtype = jnp.dtype(config.param_dtype)
     abstract = {"params": jax.tree.map(lambda spec, sh: jax.ShapeDtypeStruct(spec[0], dtype, sharding=sh),
                                        param_specs(config), param_shardings, is_leaf=is_param_spec)}
-    previous = ocp.CheckpointManager(
-        paths.join(workdir, "checkpoints"), item_names=("state", "data"),
-        options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, max_to_keep=None))
-    try:
-        step = previous.latest_step()
-        if step is None:
-            raise TrainCheckpointError(f"train.init_from: {workdir!r} has no checkpoint yet")
-        args = ocp.args.PyTreeRestore(item=abstract, partial_restore=True,
-                                      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
-        try:
-            restored = previous.restore(step, args=ocp.args.Composite(state=args))
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise TrainCheckpointError(
-                f"train.init_from: step {step} of {workdir!r} does not match this model: "
-                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    finally:
-        previous.close()
-    return restored["state"]["params"]
+    return restore_latest_state(workdir, abstract, what="train.init_from")["params"]
