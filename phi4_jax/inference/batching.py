@@ -49,6 +49,7 @@ from phi4_jax.inference.engine import (
     hashable_rules,
     mesh_rules_context,
     model_params_config,
+    per_layer_decode,
     validate_prompts,
     validate_sampling,
 )
@@ -62,6 +63,7 @@ from phi4_jax.inference.paged_cache import (
     page_digests,
     paged_extend,
 )
+from phi4_jax.inference.paged_layers import init_pages_per_layer, paged_extend_per_layer, per_layer_params
 from phi4_jax.inference.sampling import Sampler, sample
 from phi4_jax.model import sharding
 from phi4_jax.model.decoder import forward
@@ -69,6 +71,7 @@ from phi4_jax.model.decoder import forward
 MAX_TOP_LOGPROBS = 20            # the most alternatives a request may ask for (the OpenAI API's limit)
 MIN_CHUNK_BUCKET = 16
 MIN_PROMPT_LOGPROBS_BUCKET = 32
+MIN_TABLE_TOKENS = 256           # the narrowest block-table bucket covers at least this many positions
 KV_MEMORY_FRACTION = 0.8         # of the device's free memory, when it reports one and no budget is given
 FINISH_REASONS = ("stop", "length", "cancelled")
 
@@ -201,11 +204,26 @@ class _Running:
     order: int                        # submission order (prefill is first come, first served)
     slot: int = -1
     pages: list | None = None
-    kv_len: int = 0                   # positions whose keys/values are written
+    kv_len: int = 0                   # positions whose keys/values are written (by steps already fetched)
     registered: int = 0               # leading pages already put in the prefix cache
     last_token: int = -1
     generated: int = 0
     generated_ids: list = field(default_factory=list)
+    fed: int = 0                      # positions written by the steps dispatched so far (>= kv_len)
+    sampled: int = 0                  # tokens sampled by the steps dispatched so far (>= generated)
+    source: tuple | None = None       # (step id, index in that step's token carry) of its newest sampled token
+
+
+@dataclass
+class _Pending:
+    """A dispatched engine step whose tokens the host has not fetched yet."""
+    step_id: int
+    prefill: _Running | None
+    chunk: int | None
+    decoding: list                    # the decode step's rows (None: idle)
+    p_out: Any                        # device outputs of the prefill chunk / the decode step (or None)
+    d_out: Any
+    carry: tuple                      # its sampled tokens as the next step reads them: (decode [B], prefill [1])
 
 
 # ----------------------------------------------------------------------------- the compiled programs
@@ -234,12 +252,20 @@ def sample_rows(logits, seeds, steps, temperature, top_p):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "top_k", "shard"), donate_argnames=("pages",))
-def engine_step(params, pages, tokens, start, n_new, block_tables, seeds, steps, temperature, top_p, want_logprobs,
-                *, config, top_k, shard):
+def engine_step(params, pages, tokens, feed, prev_decode, prev_prefill, start, n_new, block_tables, seeds, steps, temperature, top_p,
+                want_logprobs, *, config, top_k, shard):
     """`paged_extend` and sample: returns (pages, token [B], its logprob [B], top-k ids [B, k], logprobs [B, k]).
-    The logprobs are computed only when `want_logprobs` (a traced bool: some row asked for them), else zeros."""
+
+    Row b's first token is tokens[b, 0] where feed[b] < 0, else entry feed[b] of the previous step's sampled tokens
+    (still on the device: the host has not fetched them yet): its decode step's prev_decode [max_batch], then its
+    prefill chunk's prev_prefill [1]. Params in the per-layer layout (a list of layers,
+    `paged_layers.per_layer_params`) take `paged_extend_per_layer`, stacked ones `paged_extend`. The logprobs are
+    computed only when `want_logprobs` (a traced bool: some row asked for them), else zeros."""
     with mesh_rules_context(shard):
-        pages, logits = paged_extend(params, pages, tokens, start, n_new, block_tables, config)
+        fed = jnp.take(jnp.concatenate([prev_decode, prev_prefill]), jnp.maximum(feed, 0), mode="clip")
+        tokens = tokens.at[:, 0].set(jnp.where(feed >= 0, fed, tokens[:, 0]))
+        extend = paged_extend_per_layer if isinstance(params["layers"], list) else paged_extend
+        pages, logits = extend(params, pages, tokens, start, n_new, block_tables, config)
         token = sample_rows(logits, seeds, steps, temperature, top_p)
 
         def logprobs():
@@ -265,10 +291,15 @@ def prompt_logprobs_program(params, tokens, *, config, top_k, shard):
         return token_logp, top_ids.astype(jnp.int32), top_logp
 
 
-@functools.partial(jax.jit, static_argnames=("config", "num_pages", "page_size", "dtype", "shard"))
-def _new_pages(*, config, num_pages, page_size, dtype, shard):
+@functools.partial(jax.jit, static_argnames=("config", "num_pages", "page_size", "dtype", "shard", "per_layer"))
+def _new_pages(*, config, num_pages, page_size, dtype, shard, per_layer=False):
+    if per_layer:
+        return init_pages_per_layer(config, num_pages, page_size, dtype)
     with mesh_rules_context(shard):
         return init_pages(config, num_pages, page_size, dtype)
+
+
+_per_layer_params = jax.jit(per_layer_params)
 
 
 def _free_device_bytes() -> int | None:
@@ -337,8 +368,13 @@ class ContinuousBatchingEngine:
             raise GenerationError(f"kv_cache_bytes={kv_cache_bytes} holds {num_pages} pages of {per_page} bytes; "
                                   "the engine needs at least 2 (one is the null page)")
         self.pool = PagePool(num_pages, self.page_size)
+        # On the CPU backend the step runs on a per-layer copy of the layer weights and a per-layer page pool,
+        # made once here (`paged_layers`; `engine.per_layer_decode` says when: unsharded, XLA attention, the copy
+        # within a quarter of physical memory); elsewhere on the model's stacked params and a stacked pool.
+        self.per_layer = per_layer_decode(self.params, self.config, self.shard)
+        self.step_params = _per_layer_params(self.params) if self.per_layer else self.params
         self.pages: PagedKV = _new_pages(config=self.config, num_pages=num_pages, page_size=self.page_size,
-                                         dtype=None, shard=self.shard)
+                                         dtype=None, shard=self.shard, per_layer=self.per_layer)
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -352,6 +388,14 @@ class ContinuousBatchingEngine:
         self._tokens_generated = 0
         self._warm = False
         self._order = itertools.count()
+        self._step_ids = itertools.count()
+        self._pending: _Pending | None = None     # the step dispatched last, its tokens not fetched yet
+        # Placed like a step's token outputs (committed to the device / replicated on the mesh): a host array
+        # in their place would compile each program a second time.
+        placement = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None
+                     else jax.local_devices()[0])
+        self._zero_carry = jax.device_put((np.zeros((self.max_batch,), np.int32), np.zeros((1,), np.int32)),
+                                          placement)
 
     # -- public API --
     def start(self) -> "ContinuousBatchingEngine":
@@ -513,7 +557,7 @@ class ContinuousBatchingEngine:
             req.slot = self._slots.index(None)
             self._slots[req.slot] = req
             req.pages = shared + fresh
-            req.kv_len = len(shared) * self.page_size
+            req.kv_len = req.fed = len(shared) * self.page_size
             req.registered = len(shared)
             self._prefix_cache_hits += len(shared)
 
@@ -535,10 +579,11 @@ class ContinuousBatchingEngine:
             self._end(req, "length")
 
     # -- the step loop --
-    def _table(self, req: _Running | None) -> np.ndarray:
-        row = np.full((self.table_width,), NULL_PAGE, np.int32)
+    def _table(self, req: _Running | None, width: int) -> np.ndarray:
+        row = np.full((width,), NULL_PAGE, np.int32)
         if req is not None and req.pages:
-            row[:len(req.pages)] = req.pages
+            pages = req.pages[:width]
+            row[:len(pages)] = pages
         return row
 
     def _chunk_buckets(self) -> list[int]:
@@ -548,72 +593,145 @@ class ContinuousBatchingEngine:
             size *= 2
         return sizes + [self.prefill_chunk]
 
-    def _dispatch(self, rows: list[_Running | None], tokens: np.ndarray, n_new: np.ndarray):
-        """Dispatches one `engine_step` over rows (None: an idle row); returns its device outputs (token,
-        logprob, top-k ids, top-k logprobs)."""
-        start = np.array([r.kv_len if r is not None else 0 for r in rows], np.int32)
-        tables = np.stack([self._table(r) for r in rows])
+    def table_widths(self) -> list[int]:
+        """The block-table widths (pages) a step may take: powers of two from MIN_TABLE_TOKENS' worth of pages,
+        and the full width (max_context / page_size). A step takes the narrowest that covers its rows' positions,
+        so attention reads the pages in use (rounded up), not max_context's."""
+        widths, width = [], max(1, -(-MIN_TABLE_TOKENS // self.page_size))
+        while width < self.table_width:
+            widths.append(width)
+            width *= 2
+        return widths + [self.table_width]
+
+    def _width(self, positions: int) -> int:
+        """The narrowest table width whose pages hold `positions` positions."""
+        pages = -(-positions // self.page_size)
+        return next(w for w in self.table_widths() if w >= pages)
+
+    def program_shapes(self) -> list[tuple[int, int, int]]:
+        """(rows, new tokens, table width) of every program `warmup` compiles: the decode step [max_batch, 1] at
+        each table width, and each prefill-chunk bucket [1, size] at each width that holds the chunk."""
+        decode = [(self.max_batch, 1, w) for w in self.table_widths()]
+        prefill = [(1, size, w) for size in self._chunk_buckets() for w in self.table_widths()
+                   if w >= self._width(size)]
+        return decode + prefill
+
+    def _dispatch(self, rows, tokens, feed, carry, start, n_new, steps, width):
+        """Dispatches one `engine_step` over rows (None: an idle row) with block tables `width` pages wide;
+        returns its device outputs (token, logprob, top-k ids, top-k logprobs)."""
+        tables = np.stack([self._table(r, width) for r in rows])
         seeds = np.array([r.seed if r is not None else 0 for r in rows], np.uint32)
-        steps = np.array([r.generated if r is not None else 0 for r in rows], np.int32)
         temp = np.array([r.temperature if r is not None else 0.0 for r in rows], np.float32)
         top_p = np.array([r.top_p if r is not None else 1.0 for r in rows], np.float32)
         want_logprobs = np.bool_(any(r is not None and r.logprobs is not None for r in rows))
-        self.pages, *outs = engine_step(self.params, self.pages, tokens, start, n_new, tables, seeds, steps, temp,
-                                        top_p, want_logprobs, config=self.config, top_k=self.top_k, shard=self.shard)
+        self.pages, *outs = engine_step(self.step_params, self.pages, tokens, feed, *carry, start, n_new, tables,
+                                        seeds, steps, temp, top_p, want_logprobs, config=self.config,
+                                        top_k=self.top_k, shard=self.shard)
         return outs
 
     def warmup(self) -> None:
-        """Compiles the decode step and every prefill-chunk bucket (idle rows: nothing is written)."""
+        """Compiles every program `program_shapes` lists (idle rows: nothing is written)."""
         if self._warm:
             return
-        outs = [self._dispatch([None] * self.max_batch, np.zeros((self.max_batch, 1), np.int32),
-                               np.zeros(self.max_batch, np.int32))]
-        for size in self._chunk_buckets():
-            outs.append(self._dispatch([None], np.zeros((1, size), np.int32), np.zeros(1, np.int32)))
+        outs = []
+        carry = self._carry(None, None)
+        for rows, size, width in self.program_shapes():
+            zeros = np.zeros(rows, np.int32)
+            outs.append(self._dispatch([None] * rows, np.zeros((rows, size), np.int32), zeros - 1, carry, zeros,
+                                       zeros, zeros, width))
         jax.block_until_ready(outs)
         self._warm = True
 
-    def _step(self) -> bool:
-        """One engine step (see the module docstring); False when there was nothing to do."""
-        with self._lock:
-            self._admit()
-            running = [r for r in self._slots if r is not None]
-            prefilling = sorted((r for r in running if r.kv_len < len(r.prompt)), key=lambda r: r.order)
-            decoding = [r if (r is not None and r.kv_len >= len(r.prompt)) else None for r in self._slots]
-            prefill = prefilling[0] if prefilling else None
-            if prefill is not None:
-                chunk = min(self.prefill_chunk, len(prefill.prompt) - prefill.kv_len)
-                size = next(s for s in self._chunk_buckets() if s >= chunk)
-                p_tokens = np.zeros((1, size), np.int32)
-                p_tokens[0, :chunk] = prefill.prompt[prefill.kv_len:prefill.kv_len + chunk]
+    def _plan(self) -> _Pending | None:
+        """Under the lock: admits waiting requests and dispatches the next step (at most one prefill chunk and one
+        decode step for every decoding slot), advancing the requests' dispatched counters. A slot whose previous
+        token is still on the device (the step before, not fetched yet) is fed from there. None: nothing to do."""
+        self._admit()
+        running = [r for r in self._slots if r is not None and not r.stream.finished]
+        prefilling = sorted((r for r in running if r.fed < len(r.prompt)), key=lambda r: r.order)
+        decoding = [r if (r is not None and not r.stream.finished and len(r.prompt) <= r.fed
+                          and r.sampled < r.budget) else None for r in self._slots]
+        prefill = prefilling[0] if prefilling else None
+        if prefill is None and all(r is None for r in decoding):
+            return None
+        pending, step_id = self._pending, next(self._step_ids)
+        carry = pending.carry if pending is not None else self._carry(None, None)
+
+        def feed_from(req: _Running) -> int:
+            if pending is not None and req.source is not None and req.source[0] == pending.step_id:
+                return req.source[1]
+            return -1
+
+        p_out = chunk = None
+        if prefill is not None:
+            chunk = min(self.prefill_chunk, len(prefill.prompt) - prefill.fed)
+            size = next(s for s in self._chunk_buckets() if s >= chunk)
+            p_tokens = np.zeros((1, size), np.int32)
+            p_tokens[0, :chunk] = prefill.prompt[prefill.fed:prefill.fed + chunk]
+            start = np.array([prefill.fed], np.int32)
+            p_out = self._dispatch([prefill], p_tokens, np.full(1, -1, np.int32), carry, start,
+                                   np.array([chunk], np.int32), np.zeros(1, np.int32),
+                                   self._width(max(prefill.fed + chunk, size)))
+            prefill.fed += chunk
+            if prefill.fed == len(prefill.prompt):
+                prefill.sampled, prefill.source = 1, (step_id, self.max_batch)
+        d_out = None
+        if any(r is not None for r in decoding):
+            active = [r for r in decoding if r is not None]
             d_tokens = np.array([[r.last_token if r is not None else 0] for r in decoding], np.int32)
-            d_new = np.array([r is not None for r in decoding], np.int32)
-        if prefill is None and not d_new.any():
-            return False
-        # Device work runs outside the lock; a request cancelled meanwhile has its results dropped (`_emit`).
-        # Both programs are dispatched before one fetch of both steps' outputs.
-        p_out = self._dispatch([prefill], p_tokens, np.array([chunk], np.int32)) if prefill is not None else None
-        d_out = self._dispatch(decoding, d_tokens, d_new) if d_new.any() else None
-        p_out, d_out = jax.device_get((p_out, d_out))
+            feed = np.array([feed_from(r) if r is not None else -1 for r in decoding], np.int32)
+            start = np.array([r.fed if r is not None else 0 for r in decoding], np.int32)
+            n_new = np.array([r is not None for r in decoding], np.int32)
+            steps = np.array([r.sampled if r is not None else 0 for r in decoding], np.int32)
+            d_out = self._dispatch(decoding, d_tokens, feed, carry, start, n_new, steps,
+                                   self._width(max(r.fed for r in active) + 1))
+            for b, r in enumerate(decoding):
+                if r is not None:
+                    r.fed, r.sampled, r.source = r.fed + 1, r.sampled + 1, (step_id, b)
+        return _Pending(step_id, prefill, chunk, decoding, p_out, d_out, self._carry(p_out, d_out))
+
+    def _carry(self, p_out, d_out) -> tuple:
+        """A step's sampled tokens as the next step reads them (decode rows [max_batch], prefill row [1]); zeros
+        for a program the step did not run."""
+        return (d_out[0] if d_out is not None else self._zero_carry[0],
+                p_out[0] if p_out is not None else self._zero_carry[1])
+
+    def _process(self, step: _Pending) -> None:
+        """Fetches a dispatched step's tokens (one transfer) and emits them. A request that ended meanwhile (a stop
+        token in the step before, a cancel) has its token dropped: its extra step wrote only into its own pages,
+        past the positions the prefix cache holds, and its pages were freed after that step was queued."""
+        p_out, d_out = jax.device_get((step.p_out, step.d_out))
         with self._lock:
+            prefill = step.prefill
             if prefill is not None and not prefill.stream.finished:
-                prefill.kv_len += chunk
-                self._prefill_tokens += chunk
+                prefill.kv_len += step.chunk
+                self._prefill_tokens += step.chunk
                 self._register_pages(prefill)
                 if prefill.kv_len == len(prefill.prompt):
                     self._emit(prefill, int(p_out[0][0]), p_out[1][0], p_out[2][0], p_out[3][0])
-            if d_new.any():
-                for b, req in enumerate(decoding):
+            if d_out is not None:
+                for b, req in enumerate(step.decoding):
                     if req is not None and not req.stream.finished:
                         req.kv_len += 1
                         self._emit(req, int(d_out[0][b]), d_out[1][b], d_out[2][b], d_out[3][b])
-        return True
+
+    def _step(self) -> bool:
+        """One engine step: dispatches the next step, then fetches and emits the previous one's tokens, so the
+        device computes step k+1 while the host streams step k's (no host round trip per token); False when there
+        was nothing to do."""
+        with self._lock:
+            step = self._plan()
+        previous, self._pending = self._pending, step
+        if previous is not None:
+            self._process(previous)
+        return step is not None or previous is not None
 
     def _loop(self) -> None:
         try:
             while True:
                 with self._lock:
-                    while not self._stopping and not self._waiting and all(r is None for r in self._slots):
+                    while (not self._stopping and not self._waiting and self._pending is None
+                           and all(r is None for r in self._slots)):
                         self._wake.wait()
                     if self._stopping:
                         return

@@ -62,6 +62,17 @@ def paged_implementation(config: Phi4Config) -> str | None:
     return decode_implementation(config)
 
 
+def paged_write_targets(tokens, start, n_new, block_tables, page_size: int, num_pages: int):
+    """(positions, page, row), each [B, T], of right-padded new tokens [B, T] fed after start[b] positions: token t
+    of sequence b sits at position start[b] + t, in page block_tables[b, position // page_size], row position %
+    page_size; padding (t >= n_new[b]) gets page num_pages, out of range, so a scatter with mode="drop" skips it."""
+    t = tokens.shape[1]
+    positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]            # [B, T]
+    real = jnp.arange(t, dtype=jnp.int32)[None] < n_new[:, None]
+    page = jnp.take_along_axis(block_tables, positions // page_size, axis=1, mode="clip")
+    return positions, jnp.where(real, page, num_pages), positions % page_size
+
+
 def paged_extend(params, pages: PagedKV, tokens, start, n_new, block_tables, config: Phi4Config):
     """Feeds tokens [B, T] after each sequence's first start[b] positions; returns (pages, logits [B, vocab]).
 
@@ -72,11 +83,7 @@ def paged_extend(params, pages: PagedKV, tokens, start, n_new, block_tables, con
     """
     b, t = tokens.shape
     num_pages, page_size = pages.k.shape[1], pages.k.shape[2]
-    positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]            # [B, T]
-    real = jnp.arange(t, dtype=jnp.int32)[None] < n_new[:, None]
-    page = jnp.take_along_axis(block_tables, positions // page_size, axis=1, mode="clip")
-    page = jnp.where(real, page, num_pages)                                        # out of range: dropped
-    row = positions % page_size
+    positions, page, row = paged_write_targets(tokens, start, n_new, block_tables, page_size, num_pages)
     attend_lengths = start + t                                                     # query t sits at start + t
     implementation = paged_implementation(config)
     x = embed_tokens(params, tokens, config)

@@ -1,0 +1,72 @@
+"""The paged KV cache in the per-layer layout, for the serving engine on the CPU backend.
+
+Why: `paged_cache.paged_extend` scans the layers over the stacked [layers, ...] weights and page pool, and
+XLA:CPU copies every dynamic slice of a stacked weight before the matmul that reads it, so a memory-bound decode
+step reads and writes each weight once more than it multiplies by it (the profile in BENCHMARKS.md's Decode
+section; `engine.per_layer_decode` says when the layout is used). Here each layer's weights are arrays of their
+own with q/k/v and gate/up concatenated (`decoder.fuse_projections`: fewer, larger matmuls), built once when the
+engine is made (`per_layer_params`), and each layer's pages are an array of their own,
+``[num_pages, page_size, kv_heads, head_dim]`` (`PagedKV` whose k and v are tuples, one array per layer). The
+step is unrolled over the layers (`paged_extend_per_layer`), so nothing is sliced out of a stacked array.
+
+Page layout: the attention gathers a sequence's pages through its block table (`kernels.paged_attention`'s XLA
+path). A heads-first pool ([num_pages, kv_heads, page_size, head_dim], gathered and transposed to
+[B, kv_heads, tokens, head_dim] for the dots, as the dense per-layer cache is kept) measured no faster than this
+token-major one on the 87M-shaped model at batch 1 and 8 (interleaved runs, within the noise of a shared machine;
+BENCHMARKS.md's Serving section), so the pool keeps the kernels' own page layout.
+
+Same math and contract as `paged_extend` (the layer math is the model's own `decoder_block`); tested against it in
+tests/test_engine_speed.py.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+import kernels
+from phi4_jax.inference.paged_cache import PagedKV, paged_write_targets
+from phi4_jax.model.config import Phi4Config
+from phi4_jax.model.decoder import decoder_block, embed_tokens, fuse_projections, logits_from_hidden, rms_norm, rope
+
+
+def per_layer_params(params):
+    """The model's params with the stacked layers as a list of per-layer dicts, q/k/v and gate/up fused (a copy
+    of the layer weights; the embedding, final norm and lm_head are shared, not copied)."""
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    layers = [fuse_projections(jax.tree.map(lambda w, i=i: w[i], params["layers"])) for i in range(n)]
+    return dict(params, layers=layers)
+
+
+def init_pages_per_layer(config: Phi4Config, num_pages: int, page_size: int, dtype=None) -> PagedKV:
+    """A zeroed page pool in the per-layer layout (see the module docstring)."""
+    shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
+    dtype = jnp.dtype(dtype or config.compute_dtype)
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))  # noqa: E731
+    return PagedKV(zeros(), zeros())
+
+
+def paged_extend_per_layer(params, pages: PagedKV, tokens, start, n_new, block_tables, config: Phi4Config):
+    """`paged_cache.paged_extend` for per-layer params (`per_layer_params`) and pages (`init_pages_per_layer`):
+    returns (pages, float32 logits [B, vocab] at each sequence's last real new token)."""
+    num_pages, page_size = pages.k[0].shape[:2]
+    positions, page, row = paged_write_targets(tokens, start, n_new, block_tables, page_size, num_pages)
+    attend_lengths = start + tokens.shape[1]                                       # query t sits at start + t
+    x = embed_tokens(params, tokens, config)
+    ks, vs = [], []
+    for layer, k_pages, v_pages in zip(params["layers"], pages.k, pages.v):
+        def attend(q, k, v, k_pages=k_pages, v_pages=v_pages):
+            q = rope(q, positions, config)
+            k = rope(k, positions, config)
+            k_pages = k_pages.at[page, row].set(k.astype(k_pages.dtype), mode="drop")
+            v_pages = v_pages.at[page, row].set(v.astype(v_pages.dtype), mode="drop")
+            out = kernels.paged_attention(q.astype(k_pages.dtype), k_pages, v_pages, block_tables, attend_lengths,
+                                          implementation="xla")
+            return out, (k_pages, v_pages)
+
+        x, (k_pages, v_pages) = decoder_block(layer, x, config, attend)
+        ks.append(k_pages)
+        vs.append(v_pages)
+    last = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]   # [B, E]
+    h = rms_norm(last, params["final_norm"], config.rms_norm_eps)
+    return PagedKV(tuple(ks), tuple(vs)), logits_from_hidden(params, h, config)
