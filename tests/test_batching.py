@@ -311,3 +311,75 @@ def test_pool_sizing_from_free_memory_and_budget(converted, monkeypatch):
         small.submit(GenerationRequest([5] * 10, 16))
     with pytest.raises(GenerationError, match="at least 2"):
         ContinuousBatchingEngine(model, max_context=64, page_size=8, kv_cache_bytes=per_page)
+
+
+# ----------------------------------------------------------------------------- step loop speed (dispatch-ahead)
+
+def test_stops_never_leak_a_token_with_dispatch_ahead(engine, converted, prompts, references):
+    """Step k+1 is dispatched before step k's tokens are read, so a request that stops at step k has one more
+    token computed: it must be dropped (not streamed, not counted), its slot and pages freed, and the extra
+    key/value it wrote must not spoil the prefix cache (the next turn, built on the stopped answer, equals a full
+    prefill's answer). Stops at the first token (sampled by the prefill chunk), the second, and mid-stream."""
+    assert engine.per_layer and isinstance(engine.step_params["layers"], list)   # the CPU layout, built once
+    layer_weights = engine.step_params["layers"]
+    cases = [(0, 0), (1, 1), (2, 5), (3, 13), (4, NEW - 2)]   # (prompt, index of the stop token in its answer)
+    stops = [references[i][j] for i, j in cases]
+    want = [references[i][:references[i].index(stop) + 1] for (i, _), stop in zip(cases, stops)]
+    before = engine.stats()
+    streams = [engine.submit(GenerationRequest(prompts[i], NEW, stop_token_ids=(stop,)))
+               for (i, _), stop in zip(cases, stops)]
+    got = [[e.token_id for e in s] for s in streams]
+    assert got == want
+    assert all(s.finish_reason == "stop" and s.completion_tokens == len(w) for s, w in zip(streams, want))
+    assert wait_until(lambda: engine.stats()["running"] == 0)
+    after = engine.stats()
+    assert after["tokens_generated"] - before["tokens_generated"] == sum(map(len, want))
+    assert after["pages_in_use"] == 0
+    # The next turn of the 300-token chat: its prompt's pages come from the prefix cache, written by the stopped
+    # request (whose extra step wrote one more position than it kept).
+    turn2 = prompts[2] + want[2] + [7, 8, 9]
+    hits = after["prefix_cache_hits"]
+    answer, _ = run(engine, GenerationRequest(turn2, NEW))
+    assert engine.stats()["prefix_cache_hits"] - hits == (len(prompts[2]) + len(want[2]) - 1) // PAGE
+    assert answer == hf_greedy(converted[1], turn2, NEW)
+    assert engine.step_params["layers"] is layer_weights
+
+
+def test_next_step_is_dispatched_before_the_previous_tokens_are_fetched(engine, prompts, references, monkeypatch):
+    """While a request decodes, the engine plans (and dispatches) step k+1 before it fetches step k's tokens, and
+    a decoding step takes the narrowest block table that holds its positions (not max_context's)."""
+    events, widths = [], []
+    plan, process, dispatch = engine._plan, engine._process, engine._dispatch
+
+    def record_plan():
+        step = plan()
+        if step is not None:
+            events.append(("dispatch", step.step_id))
+        return step
+
+    def record_process(step):
+        events.append(("fetch", step.step_id))
+        process(step)
+
+    def record_dispatch(rows, tokens, feed, carry, start, n_new, steps, width):
+        widths.append((max(int(np.max(start + n_new)), tokens.shape[1]), width))   # (positions to hold, width)
+        return dispatch(rows, tokens, feed, carry, start, n_new, steps, width)
+
+    monkeypatch.setattr(engine, "_plan", record_plan)
+    monkeypatch.setattr(engine, "_process", record_process)
+    monkeypatch.setattr(engine, "_dispatch", record_dispatch)
+    assert run(engine, GenerationRequest(prompts[0], NEW))[0] == references[0]
+    assert run(engine, GenerationRequest(prompts[2], NEW))[0] == references[2]
+    assert wait_until(lambda: engine._pending is None)
+    monkeypatch.undo()
+    fetched = [k for kind, k in events if kind == "fetch"]
+    dispatched = [k for kind, k in events if kind == "dispatch"]
+    assert len(fetched) == len(dispatched) >= 2 * NEW
+    ahead = [k for k in fetched if ("dispatch", k + 1) in events
+             and events.index(("dispatch", k + 1)) < events.index(("fetch", k))]
+    assert len(ahead) >= 2 * (NEW - 2)          # every step of a stream but its last has the next one queued first
+    assert engine.table_widths() == [256 // PAGE, MAX_CONTEXT // PAGE]
+    for positions, width in widths:
+        assert width == (256 // PAGE if positions <= 256 else MAX_CONTEXT // PAGE), positions
+    assert {w for _, w in widths} == {256 // PAGE, MAX_CONTEXT // PAGE}
+    assert len(engine.program_shapes()) == 2 + 3 * 2   # decode at 2 widths, 3 chunk buckets at 2 widths

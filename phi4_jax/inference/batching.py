@@ -13,11 +13,27 @@ async) of `TokenEvent`s. A background thread (`start()`) runs the step loop; eac
 
 So new requests join and finished ones leave the running batch at token granularity, and a long prompt does not
 starve running streams (they advance every step). Every program has a fixed shape (the decode step [max_batch,
-1]; a prefill chunk [1, bucket]; block tables [*, max_context / page_size]), sampling settings are per-slot
-arrays, so nothing recompiles per request (`start` compiles them all first). Per step, the host uploads the
-step's token ids and block tables and fetches the sampled tokens (with their logprobs) in one transfer. The layer
-math is the model's own (`paged_cache.paged_extend`), attending with `kernels.paged_attention` (the Pallas kernel
-for attention_impl "pallas_tpu" or on a TPU, see `paged_cache.paged_implementation`).
+1]; a prefill chunk [1, bucket]; block tables [*, width] with the width bucketed: powers of two of pages from
+MIN_TABLE_TOKENS' worth up to max_context / page_size, the narrowest that holds the step's positions, so attention
+costs the pages in use, not max_context), sampling settings are per-slot arrays, so nothing recompiles per request
+(`start` compiles every shape in `program_shapes` first).
+
+Dispatch-ahead: step k+1 is dispatched before step k's tokens are fetched. Its decode rows take their input token
+from step k's sampled tokens still on the device (`engine_step`'s `feed`), so the host only uploads block tables
+and settings and reads each step's tokens (with their logprobs, one transfer) one step behind, for streaming and
+stop checks. The host knows each request's positions and budget ahead; only a stop token is learned late: a
+request that stopped at step k has had step k+1 computed, whose token is dropped (never streamed) and whose
+key/value went into its own page past what the prefix cache holds; its slot and pages are freed when step k is
+read. Cancelling frees them at once the same way (later steps are queued after the in-flight one).
+
+The layer math is the model's own (`paged_cache.paged_extend`), attending with `kernels.paged_attention` (the
+Pallas kernel for attention_impl "pallas_tpu" or on a TPU, see `paged_cache.paged_implementation`). On the CPU
+backend (`engine.per_layer_decode`'s rule) the engine keeps its own per-layer copy of the layer weights and a
+per-layer page pool, made once at construction (`paged_layers`), and runs `paged_layers.paged_extend_per_layer`.
+
+One prefill chunk per step: chunks of several waiting requests in one program would multiply the compiled shapes
+(rows x chunk buckets x table widths) while on a CPU a prefill's cost grows with its tokens whichever request they
+belong to, so it would save dispatches, not compute; requests whose prefill is done decode together.
 
 Sampling follows `sampling.sample` with per-request seeds: the k-th new token of a request with seed s is drawn
 with key fold_in(key(s), k), as `generate(..., seed=[s])` draws it; temperature 0 is greedy.
