@@ -5,6 +5,7 @@
 - `engine`: `generate` (the public `phi4_jax.generate`): bucketed prefill and the on-device decode loop.
 - `chat_session`: `ChatSession` (KV cache kept between turns), `TextStreamer`, and text-level helpers.
 - `paged_cache`: the paged KV cache (`PagedKV`, `paged_extend`) and its allocator with prefix caching (`PagePool`).
+- `paged_layers`: the paged cache and the weights in a per-layer layout, for the serving engine on the CPU backend.
 - `batching`: the serving engine, `ContinuousBatchingEngine` (continuous batching, chunked prefill, streams).
 - `errors`: `GenerationError`, `ContextLengthError`, `QueueFullError`, `EngineError`.
 
