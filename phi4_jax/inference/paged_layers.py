@@ -15,8 +15,9 @@ path). A heads-first pool ([num_pages, kv_heads, page_size, head_dim], gathered 
 token-major one on the 87M-shaped model at batch 1 and 8 (interleaved runs, within the noise of a shared machine;
 BENCHMARKS.md's Serving section), so the pool keeps the kernels' own page layout.
 
-Same math and contract as `paged_extend` (the layer math is the model's own `decoder_block`); tested against it in
-tests/test_engine_speed.py.
+Same math and contract as `paged_extend` (the layer math is the model's own `decoder_block`); the engine tests
+(tests/test_batching.py) run it on CPU against transformers' greedy answers and `generate`, and the mesh and
+Pallas-kernel engine tests run the stacked `paged_extend`.
 """
 
 from __future__ import annotations
