@@ -64,11 +64,12 @@ from phi4_jax.inference.paged_cache import (
 )
 from phi4_jax.inference.sampling import Sampler, sample
 from phi4_jax.model import sharding
-from phi4_jax.model.decoder import forward
+from phi4_jax.model.decoder import hidden_states, logits_from_hidden
 
 MAX_TOP_LOGPROBS = 20            # the most alternatives a request may ask for (the OpenAI API's limit)
 MIN_CHUNK_BUCKET = 16
 MIN_PROMPT_LOGPROBS_BUCKET = 32
+PROMPT_LOGPROBS_ROWS = 128      # prompt positions whose [rows, vocab] log-softmax exists at once
 KV_MEMORY_FRACTION = 0.8         # of the device's free memory, when it reports one and no budget is given
 FINISH_REASONS = ("stop", "length", "cancelled")
 
@@ -255,14 +256,31 @@ def engine_step(params, pages, tokens, start, n_new, block_tables, seeds, steps,
         return pages, token, *jax.lax.cond(want_logprobs, logprobs, none)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "top_k", "shard"))
-def prompt_logprobs_program(params, tokens, *, config, top_k, shard):
-    """For tokens [1, S]: the logprob of token s+1 given 0..s [S-1] and the top-k (ids, logprobs) [S-1, k] there."""
+@functools.partial(jax.jit, static_argnames=("config", "top_k", "rows", "shard"))
+def prompt_logprobs_program(params, tokens, *, config, top_k, rows, shard):
+    """For tokens [1, S]: the logprob of token s+1 given 0..s [S-1] and the top-k (ids, logprobs) [S-1, k] there.
+
+    The model runs once over the whole prompt up to its final hidden states [S, E]; the lm_head, log-softmax and
+    top-k then run `rows` positions at a time (`lax.map`), so float32 logits exist for [rows, vocab] at once, never
+    [S, vocab], and only the per-position results are returned."""
     with mesh_rules_context(shard):
-        logp = jax.nn.log_softmax(forward(params, tokens, config)[0, :-1], axis=-1)      # [S-1, V]
-        token_logp = jnp.take_along_axis(logp, tokens[0, 1:, None], axis=-1)[:, 0]
-        top_logp, top_ids = jax.lax.top_k(logp, top_k)
-        return token_logp, top_ids.astype(jnp.int32), top_logp
+        h = hidden_states(params, tokens, config)[0, :-1]                              # [S-1, E]
+        targets = tokens[0, 1:]
+        n = h.shape[0]
+        rows = min(rows, n)
+        pad = -n % rows
+        h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, rows, h.shape[-1])
+        targets = jnp.pad(targets, (0, pad)).reshape(-1, rows)
+
+        def chunk(xs):
+            h_i, t_i = xs
+            logp = jax.nn.log_softmax(logits_from_hidden(params, h_i, config), axis=-1)  # [rows, V]
+            token_logp = jnp.take_along_axis(logp, t_i[:, None], axis=-1)[:, 0]
+            top_logp, top_ids = jax.lax.top_k(logp, top_k)
+            return token_logp, top_ids.astype(jnp.int32), top_logp
+
+        token_logp, top_ids, top_logp = jax.lax.map(chunk, (h, targets))
+        return token_logp.reshape(-1)[:n], top_ids.reshape(-1, top_k)[:n], top_logp.reshape(-1, top_k)[:n]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_pages", "page_size", "dtype", "shard"))
@@ -398,20 +416,43 @@ class ContinuousBatchingEngine:
 
     def prompt_logprobs(self, prompt_ids, top_k: int = 0) -> list[TokenEvent | None]:
         """The logprob of each prompt token given the ones before it (None for the first), with the top_k
-        alternatives at each position. Runs the model's plain forward (bucketed length) on the caller's thread."""
+        alternatives at each position. Runs `prompt_logprobs_program` on the caller's thread, on the prompt padded
+        to a bucket (`prompt_logprobs_lengths`; `warmup_prompt_logprobs` compiles them all)."""
         prompt = validate_prompts([prompt_ids], self.config)[0]
         self._check_context(len(prompt), 0)
         self._check_top_k(top_k)
         length = min(bucket(len(prompt), MIN_PROMPT_LOGPROBS_BUCKET), self.max_context)
         tokens = np.zeros((1, length), np.int32)
         tokens[0, :len(prompt)] = prompt
-        token_logp, top_ids, top_logp = jax.device_get(prompt_logprobs_program(
-            self.params, tokens, config=self.config, top_k=self.top_k, shard=self.shard))
+        token_logp, top_ids, top_logp = jax.device_get(self._prompt_logprobs_dispatch(tokens))
         out: list[TokenEvent | None] = [None]
         for s in range(len(prompt) - 1):
             top = [(int(i), float(v)) for i, v in zip(top_ids[s, :top_k], top_logp[s, :top_k])]
             out.append(TokenEvent(prompt[s + 1], float(token_logp[s]), top))
         return out
+
+    def prompt_logprobs_lengths(self) -> list[int]:
+        """The padded prompt lengths `prompt_logprobs` runs at: powers of two from MIN_PROMPT_LOGPROBS_BUCKET,
+        capped at max_context."""
+        lengths = [min(MIN_PROMPT_LOGPROBS_BUCKET, self.max_context)]
+        while lengths[-1] < self.max_context:
+            lengths.append(min(2 * lengths[-1], self.max_context))
+        return lengths
+
+    def warmup_prompt_logprobs(self, progress: bool = False) -> None:
+        """Compiles `prompt_logprobs` for every padded length (`prompt_logprobs_lengths`; a tqdm bar with
+        `progress`), so no request compiles. A server that answers echo + logprobs (lm-evaluation-harness's
+        loglikelihood) calls it once."""
+        lengths = self.prompt_logprobs_lengths()
+        if progress:
+            from tqdm.auto import tqdm
+            lengths = tqdm(lengths, desc="compiling prompt logprobs", unit="length", dynamic_ncols=True)
+        for length in lengths:
+            jax.block_until_ready(self._prompt_logprobs_dispatch(np.zeros((1, length), np.int32)))
+
+    def _prompt_logprobs_dispatch(self, tokens: np.ndarray):
+        return prompt_logprobs_program(self.params, tokens, config=self.config, top_k=self.top_k,
+                                       rows=PROMPT_LOGPROBS_ROWS, shard=self.shard)
 
     def stats(self) -> dict:
         """Counters for monitoring: queue_length, running, pages_in_use, pages_total, prefix_cache_hits (pages
