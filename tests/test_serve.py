@@ -575,3 +575,47 @@ def test_prompt_logprobs_chunked_warmed_up_and_equal_transformers(served, hf_mod
         engine.params, np.zeros((1, length), np.int32), config=engine.config, top_k=engine.top_k, rows=32,
         shard=None).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < length * vocab * 4
+
+
+# ----------------------------------------------------------------------------- requests wait for KV pages
+
+def test_requests_wait_for_free_pages(served):
+    """With a page pool that holds one request at a time, concurrent requests queue for pages (none fails) and
+    each answer equals its single-request answer; a request larger than the whole pool is a clear 400."""
+    from phi4_jax.inference.paged_cache import page_bytes
+
+    model, tokenizer = served["model"], served["tokenizer"]
+    engine = ContinuousBatchingEngine(model, max_batch=4, max_context=128, page_size=16, prefill_chunk=16,
+                                      kv_cache_bytes=5 * page_bytes(model.config, 16))   # 4 pages + the null page
+    prompts = [tokenizer.encode(f"Waiting request {i}: " + "more words here " * 7) for i in range(3)]
+    assert all(25 <= len(p) < 32 for p in prompts)       # 25 + 24 new tokens -> 3 of the 4 pages each
+    expected = [text for _, text in references(served, prompts, [NEW] * 3)]
+    seen, done = [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.append(engine.stats())
+            time.sleep(0.002)
+
+    engine.start()
+    try:
+        with serve_in_thread(create_app(engine, tokenizer, MODEL)) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+            results = [None] * 3
+            threads = [threading.Thread(target=watch)] + [threading.Thread(target=lambda i=i: results.__setitem__(
+                i, client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=NEW, temperature=0)))
+                for i in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads[1:]:
+                t.join(timeout=120)
+            done.set()
+            threads[0].join()
+            assert [r.choices[0].text for r in results] == expected
+            assert max(s["queue_length"] for s in seen) >= 1 and max(s["running"] for s in seen) == 1
+            response = httpx.post(url + "/v1/completions", timeout=60,
+                                  json={"model": MODEL, "prompt": prompts[0], "max_tokens": 60})
+            assert response.status_code == 400 and "needs 6 KV pages" in error_of(response)["message"]
+    finally:
+        done.set()
+        engine.shutdown()
