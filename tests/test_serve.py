@@ -2,8 +2,9 @@
 batching engine on a tiny converted phi-4-vocabulary model, and outside clients: the official `openai` package,
 httpx for raw HTTP, and lm-evaluation-harness's `local-completions` model.
 
-Answers are checked against `phi4_jax.generate` (greedy) and log-likelihoods against the model's own log-softmax,
-computed directly here.
+Answers are checked against `phi4_jax.generate` (greedy); lm-eval's log-likelihoods against the model's own
+log-softmax, computed directly here; chat, echo and prompt log-probs against transformers' log-softmax (the tiny
+model's Phi3ForCausalLM, saved before conversion).
 """
 
 import json
