@@ -152,6 +152,8 @@ class Server:
         self.stop_ids = tuple(t for t in tokenizer.stop_ids if t < self.vocab_size)
         self.metrics = ServerMetrics(engine)
         self.created = int(time.time())
+        # One prompt log-probs forward at a time: each holds activations for its whole (padded) prompt.
+        self.prompt_logprobs_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ request pieces
     def check_model(self, body: dict) -> None:
@@ -295,7 +297,8 @@ class Server:
         budgets = [self.budget(p, sampling, COMPLETIONS_DEFAULT_MAX_TOKENS) for p in prompts]
         prompt_events = None
         if echo and logprobs is not None:
-            prompt_events = [await asyncio.to_thread(self.prompt_logprobs, p, logprobs) for p in prompts]
+            async with self.prompt_logprobs_lock:
+                prompt_events = [await asyncio.to_thread(self.prompt_logprobs, p, logprobs) for p in prompts]
         choices = self.submit(prompts, budgets, sampling)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
