@@ -8,8 +8,9 @@ Each choice is one engine request (`n` choices per prompt); streamed responses a
 `data: [DONE]`. Log-probs: /v1/completions `logprobs: k` (OpenAI's tokens / token_logprobs / top_logprobs /
 text_offset; with `echo`, the prompt's own come from `ContinuousBatchingEngine.prompt_logprobs`, and a streamed echo
 sends the prompt's text and log-probs as each choice's first chunk) and /v1/chat/completions `logprobs: true,
-top_logprobs: k` (content[j] = {token, logprob, bytes, top_logprobs}, in each streamed chunk for its tokens). A client that goes away mid-stream cancels its engine requests at once (the response's `finally`),
-as does a stop string matched on the decoded text. Bad requests get OpenAI-style JSON errors (4xx; 429 when the
+top_logprobs: k` (content[j] = {token, logprob, bytes, top_logprobs}, in each streamed chunk for its tokens).
+A client that goes away mid-stream cancels its engine requests at once (the response's `finally`), as does a stop
+string matched on the decoded text. Bad requests get OpenAI-style JSON errors (4xx; 429 when the
 engine queue is full); anything unexpected is logged and answered with a plain 500 JSON error, never a traceback.
 """
 

@@ -3,7 +3,7 @@
 `APIError(status, message, param=..., code=...)` is what a handler raises for a bad request; the app turns it
 into ``{"error": {"message", "type", "param", "code"}}`` with that HTTP status. `parse_sampling` checks the fields
 both completion endpoints share (max_tokens, temperature, top_p, n, seed, stop, stop_token_ids, stream, logprobs)
-and returns a `Sampling`.
+and returns a `Sampling`; `parse_chat_logprobs` reads chat's `logprobs` / `top_logprobs`.
 """
 
 from __future__ import annotations
