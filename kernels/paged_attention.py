@@ -27,6 +27,10 @@ last needed page's block index (so no new copy is made) and their compute is ski
 accumulator in VMEM scratch), and the last page step writes the normalized output. On TPU it needs head_dim a
 multiple of 128 and page_size a multiple of 8 (16 for bf16). `interpret=True` runs it in the TPU interpreter on a
 CPU. `implementation=None` picks it on a TPU when the shapes allow, the reference elsewhere.
+
+`implementation="pallas_gpu"` is the GPU kernel (Pallas on Triton, reading the pages in place with a split-K
+online softmax): `kernels.paged_attention_gpu`. It is opt-in: the GPU default stays the reference until a
+hardware run is recorded (kernels.dispatch's HARDWARE_RUNS rule).
 """
 
 from __future__ import annotations
@@ -41,8 +45,9 @@ from jax.experimental.pallas import tpu as pltpu
 from kernels.attention_reference import MASK_VALUE
 from kernels.decode_attention import DecodeAttentionError, decode_attention_reference
 from kernels.pallas_compat import on_tpu, tpu_interpret_params
+from kernels.paged_attention_gpu import paged_attention_gpu
 
-PAGED_IMPLEMENTATIONS = ("xla", "pallas")
+PAGED_IMPLEMENTATIONS = ("xla", "pallas", "pallas_gpu")
 
 
 def gather_pages(pages, block_tables, layer=None):
@@ -181,8 +186,9 @@ def paged_attention_pallas(q, k_pages, v_pages, block_tables, lengths, *, layer=
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, layer=None, sm_scale=None, implementation=None,
                     interpret=False):
     """Paged decode attention (see the module docstring). `implementation`: None (the Pallas kernel on a TPU
-    when head_dim % 128 == 0 and page_size % 8 == 0, or when `interpret`; else the reference), "xla" or
-    "pallas" (`interpret=True` runs it on a CPU)."""
+    when head_dim % 128 == 0 and page_size % 8 == 0, or when `interpret`; else the reference), "xla", "pallas"
+    (the TPU kernel) or "pallas_gpu" (the Triton kernel of `kernels.paged_attention_gpu`; not a default yet);
+    `interpret=True` runs a Pallas kernel on a CPU."""
     _check(q, k_pages, v_pages, block_tables, lengths, layer)
     if implementation is None:
         fits = q.shape[-1] % 128 == 0 and k_pages.shape[-3] % 8 == 0
@@ -193,4 +199,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, layer=None, s
     if implementation == "pallas":
         return paged_attention_pallas(q, k_pages, v_pages, block_tables, lengths, layer=layer, sm_scale=sm_scale,
                                       interpret=interpret)
+    if implementation == "pallas_gpu":
+        return paged_attention_gpu(q, k_pages, v_pages, block_tables, lengths, layer=layer, sm_scale=sm_scale,
+                                   interpret=interpret)
     return paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, layer=layer, sm_scale=sm_scale)
