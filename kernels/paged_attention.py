@@ -44,8 +44,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels.attention_reference import MASK_VALUE
 from kernels.decode_attention import DecodeAttentionError, decode_attention_reference
-from kernels.pallas_compat import on_tpu, tpu_interpret_params
 from kernels.paged_attention_gpu import paged_attention_gpu
+from kernels.pallas_compat import on_tpu, tpu_interpret_params
 
 PAGED_IMPLEMENTATIONS = ("xla", "pallas", "pallas_gpu")
 

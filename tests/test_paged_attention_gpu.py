@@ -124,7 +124,7 @@ def test_lowered_for_cuda_at_phi4_shapes(dtype, monkeypatch):
     """`jax.export` for CUDA runs the Pallas Triton lowering on this CPU; the Triton module of each kernel is
     checked by MLIR's verifier. A decode step (8 sequences x 1 token) and a prefill chunk (1 x 128 tokens) over a
     stacked 4-layer pool of 16-token pages, read at a traced layer index."""
-    from jax._src.pallas.triton import pallas_call_registration   # private: where the Triton module is built
+    from jax._src.pallas.triton import pallas_call_registration  # private: where the Triton module is built
 
     lower_module = pallas_call_registration.lowering.lower_jaxpr_to_triton_module
     verified = []
