@@ -66,13 +66,12 @@ def test_kernel_matches_float64_oracle(name):
     np.testing.assert_allclose(got, _oracle(q, k_pages, v_pages, tables, lengths, 1), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("num_splits", [1, 3, 8])
-def test_splits_and_a_single_layer_pool(num_splits):
-    """Explicit splits (more splits than a short sequence has blocks: empty splits must not count), one page per
-    block, and the unstacked [num_pages, page_size, Hkv, D] pool."""
+def test_splits_and_a_single_layer_pool():
+    """Explicit splits (5: more than the short sequences have blocks, so some splits are empty and must not count),
+    one page per block, and the unstacked [num_pages, page_size, Hkv, D] pool."""
     q, k_pages, v_pages, tables, lengths = _case(7, t=2, d=64, page=16, hq=4, hkv=2, width=8,
                                                  lengths=[2, 128, 70, 16])
-    run = jax.jit(lambda *a: paged_attention_gpu(*a, pages_per_block=1, num_splits=num_splits, interpret=INTERPRET))
+    run = jax.jit(lambda *a: paged_attention_gpu(*a, pages_per_block=1, num_splits=5, interpret=INTERPRET))
     got = np.asarray(run(q, k_pages[0], v_pages[0], tables, lengths))
     np.testing.assert_allclose(got, _oracle(q, k_pages, v_pages, tables, lengths, 0), rtol=2e-5, atol=2e-5)
 
