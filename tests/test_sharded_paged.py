@@ -127,3 +127,13 @@ def test_a_pool_split_over_pages_is_refused():
     rules = {**serving_rules(), "kv_pages": "tensor", "kv_heads": None}
     with sharding.activation_sharding(mesh, rules), pytest.raises(sharding.MeshError, match="kv_pages over 'tensor'"):
         sharding.sharded_paged_args("pallas", paged_cache.PAGE_AXES)
+
+
+def test_a_mesh_that_cannot_split_the_kv_heads_is_refused():
+    _need(2)
+    mesh = sharding.build_mesh("tensor=2", devices=jax.devices()[:2])
+    q, pages = jnp.zeros((2, 1, 6, 64)), jnp.zeros((5, 8, 3, 64))
+    with pytest.raises(kernels.AttentionConfigError, match="does not divide kv heads=3"):
+        kernels.sharded_paged_attention(q, pages, pages, jnp.ones((2, 2), jnp.int32), jnp.ones((2,), jnp.int32),
+                                        mesh=mesh, q_head_axes="tensor", kv_head_axes="tensor",
+                                        implementation="pallas_gpu", interpret=True)
