@@ -251,10 +251,12 @@ def test_engine_step_with_the_sharded_pallas_paged_kernel_compiles_for_phi4(tpu_
     8 sequences against a 16K-token page pool, on an fsdp=4 x tensor=2 v5p mesh laid out by `serving_rules`, with
     attention_impl "pallas_tpu": the Mosaic paged kernel runs inside `kernels.sharded_paged_attention`'s shard_map
     on each device's 5 of phi-4's 10 kv heads. Memory by hand: bf16 params split over fsdp (embed) and tensor
-    (heads, mlp, vocab); the pool split over kv heads only, donated and updated in place."""
+    (heads, mlp, vocab); the pool split over kv heads only, donated and updated in place, and never copied inside
+    the layer loop (bench/paged_tpu_compile.py)."""
     import functools
     import re
 
+    from bench.paged_tpu_compile import pool_copies_in_layer_loop
     from phi4_jax.inference import batching, paged_cache
     from phi4_jax.inference.engine import MeshRules, hashable_rules
 
@@ -276,8 +278,11 @@ def test_engine_step_with_the_sharded_pallas_paged_kernel_compiles_for_phi4(tpu_
     step = functools.partial(batching.engine_step, config=config, top_k=batching.MAX_TOP_LOGPROBS,
                              shard=MeshRules(mesh, hashable_rules(rules)))
     compiled = compile_for(mesh, jax.jit(step, donate_argnums=(1,)), *args, attention="pallas_tpu paged")
+    hlo = compiled.as_text()
     # the kernel's per-device output: 8 sequences x 5 kv heads x 8 (4 q heads x 1 token, padded) rows x 128
-    assert re.search(r"bf16\[8,5,8,128\][^\n]*custom-call\([^\n]*tpu_custom_call", compiled.as_text())
+    assert re.search(r"bf16\[8,5,8,128\][^\n]*custom-call\([^\n]*tpu_custom_call", hlo)
+    # the kernel reads the pool in its own layout: no relayout copy of the pool inside the layer loop
+    assert pool_copies_in_layer_loop(hlo, math.prod(pool.sharding.shard_shape(pool_shape))) == 0
     param_bytes = _param_shard_bytes(config, {"fsdp": 4, "tensor": 2}, {"embed": "fsdp", "vocab": "tensor",
                                      "q_heads": "tensor", "kv_heads": "tensor", "mlp": "tensor"}, 2)
     pool_bytes = 2 * math.prod(pool_shape) * 2 // 2                     # k and v, bf16, kv heads over tensor
