@@ -19,14 +19,22 @@ table into a contiguous [B, W * page_size, Hkv, D] view and run `decode_attentio
 softmax, positions at or past the length masked). It runs on CPU and GPU.
 
 `paged_attention_pallas` is a Pallas TPU (Mosaic) kernel that reads the pages in place, with no gathered copy:
-grid (batch, kv head, page); the block tables, lengths and layer index are scalar-prefetched into SMEM, so each
-step's K/V block (one page of one kv head: a (page_size, head_dim) tile of the [layers, pages, page_size,
-Hkv * head_dim] view) is DMA'd straight from the page the table names. Pages past a sequence's length repeat the
-last needed page's block index (so no new copy is made) and their compute is skipped. A step processes all
-`group * T` queries of its kv head against the page with an online softmax (float32 running max, sum and
-accumulator in VMEM scratch), and the last page step writes the normalized output. On TPU it needs head_dim a
-multiple of 128 and page_size a multiple of 8 (16 for bf16). `interpret=True` runs it in the TPU interpreter on a
-CPU. `implementation=None` picks it on a TPU when the shapes allow, the reference elsewhere.
+grid (batch, page); the block tables, lengths and layer index are scalar-prefetched into SMEM, so each step's K/V
+block (one page of all kv heads: a (page_size, kv_heads, head_dim) block of the [layers, pages, page_size, kv_heads,
+head_dim] pool, in the pool's own layout) is DMA'd straight from the page the table names. The block is read whole
+because a view of the pool that would give one head's (page_size, head_dim) tile, [.., page_size, kv_heads *
+head_dim], is not free on TPU: XLA tiles the two minor dimensions, so that reshape relays out every layer's pages
+before each call (bench/paged_tpu_compile.py counted 4 whole-pool copies per layer). Pages past a sequence's length
+repeat the last needed page's block index (so no new copy is made) and their compute is skipped. A step processes,
+for each kv head in turn, its `group * T` queries against the head's [page_size, head_dim] slice of the block with
+an online softmax (float32 running max, sum and accumulator per head in VMEM scratch), and the last page step
+writes the normalized output of every head. On TPU it needs head_dim a multiple of 128 and page_size a multiple of
+8. `interpret=True` runs it in the TPU interpreter on a CPU. `implementation=None` picks it on a TPU when the
+shapes allow, the reference elsewhere.
+
+`implementation="pallas_gpu"` is the GPU kernel (Pallas on Triton, reading the pages in place with a split-K
+online softmax): `kernels.paged_attention_gpu`. It is opt-in: the GPU default stays the reference until a
+hardware run is recorded (kernels.dispatch's HARDWARE_RUNS rule).
 """
 
 from __future__ import annotations
@@ -40,9 +48,10 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels.attention_reference import MASK_VALUE
 from kernels.decode_attention import DecodeAttentionError, decode_attention_reference
+from kernels.paged_attention_gpu import paged_attention_gpu
 from kernels.pallas_compat import on_tpu, tpu_interpret_params
 
-PAGED_IMPLEMENTATIONS = ("xla", "pallas")
+PAGED_IMPLEMENTATIONS = ("xla", "pallas", "pallas_gpu")
 
 
 def gather_pages(pages, block_tables, layer=None):
@@ -90,9 +99,10 @@ def _check(q, k_pages, v_pages, block_tables, lengths, layer):
 
 def _page_kernel(lengths_ref, tables_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *,
                  scale, t, page_size):
-    """One (batch, kv head, page) step: online softmax of the head's query rows over one page."""
-    b, p = pl.program_id(0), pl.program_id(2)
+    """One (batch, page) step: online softmax of every kv head's query rows over one page of all kv heads."""
+    b, p = pl.program_id(0), pl.program_id(1)
     length = lengths_ref[b]
+    hkv, rows = q_ref.shape[0], q_ref.shape[1]
 
     @pl.when(p == 0)
     def _init():
@@ -102,24 +112,22 @@ def _page_kernel(lengths_ref, tables_ref, layer_ref, q_ref, k_ref, v_ref, o_ref,
 
     @pl.when(p * page_size < length)
     def _compute():
-        q = q_ref[...]                                                   # [R, D], row r = g * T + t
-        k = k_ref[...]
-        v = v_ref[...]
-        rows = q.shape[0]
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-        q_pos = length - t + jax.lax.broadcasted_iota(jnp.int32, (rows, page_size), 0) % t
+        q_pos = length - t + jax.lax.broadcasted_iota(jnp.int32, (rows, page_size), 0) % t   # row r = g * T + t
         k_pos = p * page_size + jax.lax.broadcasted_iota(jnp.int32, (rows, page_size), 1)
         visible = k_pos <= q_pos
-        s = jnp.where(visible, s, MASK_VALUE)
-        m_prev = m_ref[...]
-        m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
-        probs = jnp.where(visible, jnp.exp(s - m_new), 0.0)
-        corr = jnp.exp(m_prev - m_new)
-        l_ref[...] = corr * l_ref[...] + probs.sum(axis=1, keepdims=True)
-        acc_ref[...] = corr * acc_ref[...] + jnp.dot(probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        m_ref[...] = m_new
+        for h in range(hkv):                                             # kv head h: a [page_size, D] slice
+            q, k, v = q_ref[h], k_ref[:, h, :], v_ref[:, h, :]
+            s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+            s = jnp.where(visible, s, MASK_VALUE)
+            m_prev = m_ref[h]
+            m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
+            probs = jnp.where(visible, jnp.exp(s - m_new), 0.0)
+            corr = jnp.exp(m_prev - m_new)
+            l_ref[h] = corr * l_ref[h] + probs.sum(axis=1, keepdims=True)
+            acc_ref[h] = corr * acc_ref[h] + jnp.dot(probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            m_ref[h] = m_new
 
-    @pl.when(p == pl.num_programs(2) - 1)
+    @pl.when(p == pl.num_programs(1) - 1)
     def _finish():
         l = l_ref[...]
         o_ref[...] = (acc_ref[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
@@ -131,49 +139,48 @@ def paged_attention_pallas(q, k_pages, v_pages, block_tables, lengths, *, layer=
     b, t, hq, d = q.shape
     if layer is None:
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
-    n_layers, num_pages, page_size, hkv = k_pages.shape[:4]
+    page_size, hkv = k_pages.shape[2], k_pages.shape[3]
     group = hq // hkv
     scale = float(d ** -0.5 if sm_scale is None else sm_scale)
     params = tpu_interpret_params(interpret)
     if not params and (d % 128 or page_size % 8):
         raise DecodeAttentionError(
             f"the Pallas paged attention kernel on TPU needs head_dim a multiple of 128 and page_size a multiple of "
-            f"8 (it reads (page_size, head_dim) tiles of the [pages, page_size, kv_heads * head_dim] pool), got "
-            f"head_dim {d}, page_size {page_size}; use implementation='xla'")
+            f"8 (its (page_size, head_dim) tiles of one kv head), got head_dim {d}, page_size {page_size}; use "
+            "implementation='xla'")
     width = block_tables.shape[1]
     rows = group * t
     padded_rows = -(-rows // 8) * 8
     qr = q.reshape(b, t, hkv, group, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, rows, d)
     if padded_rows != rows:   # zero rows pad the tile to a multiple of 8; they are dropped after the kernel
         qr = jnp.pad(qr, [(0, 0), (0, 0), (0, padded_rows - rows), (0, 0)])
-    k_flat = k_pages.reshape(n_layers, num_pages, page_size, hkv * d)   # free view: head h is lane block h
-    v_flat = v_pages.reshape(n_layers, num_pages, page_size, hkv * d)
 
-    def page_block(bi, h, p, lengths_ref, tables_ref, layer_ref):
+    def page_block(bi, p, lengths_ref, tables_ref, layer_ref):
         last = jnp.maximum(lengths_ref[bi] - 1, 0) // page_size            # pages past it repeat the last one
-        return layer_ref[0], tables_ref[bi, jnp.minimum(p, last)], 0, h
+        return layer_ref[0], tables_ref[bi, jnp.minimum(p, last)], 0, 0, 0
 
     kernel = functools.partial(_page_kernel, scale=scale, t=t, page_size=page_size)
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3,
-            grid=(b, hkv, width),
+            grid=(b, width),
             in_specs=[
-                pl.BlockSpec((None, None, padded_rows, d), lambda bi, h, p, *_: (bi, h, 0, 0)),
-                pl.BlockSpec((None, None, page_size, d), page_block),
-                pl.BlockSpec((None, None, page_size, d), page_block),
+                pl.BlockSpec((None, hkv, padded_rows, d), lambda bi, p, *_: (bi, 0, 0, 0)),
+                pl.BlockSpec((None, None, page_size, hkv, d), page_block),
+                pl.BlockSpec((None, None, page_size, hkv, d), page_block),
             ],
-            out_specs=pl.BlockSpec((None, None, padded_rows, d), lambda bi, h, p, *_: (bi, h, 0, 0)),
-            scratch_shapes=[pltpu.VMEM((padded_rows, 1), jnp.float32), pltpu.VMEM((padded_rows, 1), jnp.float32),
-                            pltpu.VMEM((padded_rows, d), jnp.float32)],
+            out_specs=pl.BlockSpec((None, hkv, padded_rows, d), lambda bi, p, *_: (bi, 0, 0, 0)),
+            scratch_shapes=[pltpu.VMEM((hkv, padded_rows, 1), jnp.float32),
+                            pltpu.VMEM((hkv, padded_rows, 1), jnp.float32),
+                            pltpu.VMEM((hkv, padded_rows, d), jnp.float32)],
         ),
         out_shape=jax.ShapeDtypeStruct((b, hkv, padded_rows, d), q.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=params,
         name="paged_attention",
     )(lengths.astype(jnp.int32), block_tables.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1),
-      qr, k_flat, v_flat)
+      qr, k_pages, v_pages)
     out = out[:, :, :rows].reshape(b, hkv, group, t, d).transpose(0, 3, 1, 2, 4)
     return out.reshape(b, t, hq, d)
 
@@ -181,8 +188,9 @@ def paged_attention_pallas(q, k_pages, v_pages, block_tables, lengths, *, layer=
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, layer=None, sm_scale=None, implementation=None,
                     interpret=False):
     """Paged decode attention (see the module docstring). `implementation`: None (the Pallas kernel on a TPU
-    when head_dim % 128 == 0 and page_size % 8 == 0, or when `interpret`; else the reference), "xla" or
-    "pallas" (`interpret=True` runs it on a CPU)."""
+    when head_dim % 128 == 0 and page_size % 8 == 0, or when `interpret`; else the reference), "xla", "pallas"
+    (the TPU kernel) or "pallas_gpu" (the Triton kernel of `kernels.paged_attention_gpu`; not a default yet);
+    `interpret=True` runs a Pallas kernel on a CPU."""
     _check(q, k_pages, v_pages, block_tables, lengths, layer)
     if implementation is None:
         fits = q.shape[-1] % 128 == 0 and k_pages.shape[-3] % 8 == 0
@@ -193,4 +201,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, layer=None, s
     if implementation == "pallas":
         return paged_attention_pallas(q, k_pages, v_pages, block_tables, lengths, layer=layer, sm_scale=sm_scale,
                                       interpret=interpret)
+    if implementation == "pallas_gpu":
+        return paged_attention_gpu(q, k_pages, v_pages, block_tables, lengths, layer=layer, sm_scale=sm_scale,
+                                   interpret=interpret)
     return paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, layer=layer, sm_scale=sm_scale)

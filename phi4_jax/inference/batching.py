@@ -16,8 +16,9 @@ starve running streams (they advance every step). Every program has a fixed shap
 1]; a prefill chunk [1, bucket]; block tables [*, max_context / page_size]), sampling settings are per-slot
 arrays, so nothing recompiles per request (`start` compiles them all first). Per step, the host uploads the
 step's token ids and block tables and fetches the sampled tokens (with their logprobs) in one transfer. The layer
-math is the model's own (`paged_cache.paged_extend`), attending with `kernels.paged_attention` (the Pallas kernel
-for attention_impl "pallas_tpu" or on a TPU, see `paged_cache.paged_implementation`).
+math is the model's own (`paged_cache.paged_extend`), attending with `kernels.paged_attention` (the Pallas TPU kernel
+for attention_impl "pallas_tpu" or on a TPU, the Pallas GPU kernel for "pallas_gpu", in shard_map on a mesh; see
+`paged_cache.attend_pages`).
 
 Sampling follows `sampling.sample` with per-request seeds: the k-th new token of a request with seed s is drawn
 with key fold_in(key(s), k), as `generate(..., seed=[s])` draws it; temperature 0 is greedy.

@@ -54,12 +54,25 @@ def init_pages(config: Phi4Config, num_pages: int, page_size: int, dtype=None) -
 
 
 def paged_implementation(config: Phi4Config) -> str | None:
-    """`kernels.paged_attention`'s implementation: as `kv_cache.decode_implementation` chooses for the dense cache
-    (the Pallas kernel for attention_impl "pallas_tpu", the kernels' own default for None, else XLA), but always
-    XLA on a mesh (a bare Pallas call cannot be partitioned; the gather-based reference can)."""
-    if sharding.has_active_mesh():
-        return "xla"
+    """`kernels.paged_attention`'s implementation: the Pallas GPU (Triton) kernel for attention_impl "pallas_gpu";
+    otherwise as `kv_cache.decode_implementation` chooses for the dense cache (the Pallas TPU kernel for
+    "pallas_tpu", the kernels' own default for None, else XLA). On a mesh a Pallas kernel runs in shard_map
+    (`attend_pages`)."""
+    if config.attention_impl == "pallas_gpu":
+        return "pallas_gpu"
     return decode_implementation(config)
+
+
+def attend_pages(q, k_pages, v_pages, block_tables, lengths, layer, config: Phi4Config):
+    """`kernels.paged_attention` at `paged_implementation(config)`: on an active mesh through
+    `kernels.sharded_paged_attention` (kv heads split as the rules table lays out the pool) where
+    `sharding.sharded_paged_args` says so, else a plain call."""
+    implementation = paged_implementation(config)
+    kwargs = {"layer": layer, "implementation": implementation, "interpret": config.kernel_interpret}
+    shard = sharding.sharded_paged_args(implementation, PAGE_AXES)
+    if shard is not None:
+        return kernels.sharded_paged_attention(q, k_pages, v_pages, block_tables, lengths, **kwargs, **shard)
+    return kernels.paged_attention(q, k_pages, v_pages, block_tables, lengths, **kwargs)
 
 
 def paged_extend(params, pages: PagedKV, tokens, start, n_new, block_tables, config: Phi4Config):
@@ -67,8 +80,9 @@ def paged_extend(params, pages: PagedKV, tokens, start, n_new, block_tables, con
 
     Sequence b has n_new[b] real tokens (right-padded to T) at positions start[b] + t, whose keys/values are
     written into its pages (block_tables [B, W]); padding is not written. Queries attend with
-    `kernels.paged_attention` (causal among the new tokens; implementation: `paged_implementation`). The float32 logits are those at each sequence's last
-    real new token (meaningless where n_new[b] = 0). The layer math is the model's own `decoder_block`.
+    `kernels.paged_attention` (causal among the new tokens; implementation and mesh: `attend_pages`). The float32
+    logits are those at each sequence's last real new token (meaningless where n_new[b] = 0). The layer math is the
+    model's own `decoder_block`.
     """
     b, t = tokens.shape
     num_pages, page_size = pages.k.shape[1], pages.k.shape[2]
@@ -78,7 +92,6 @@ def paged_extend(params, pages: PagedKV, tokens, start, n_new, block_tables, con
     page = jnp.where(real, page, num_pages)                                        # out of range: dropped
     row = positions % page_size
     attend_lengths = start + t                                                     # query t sits at start + t
-    implementation = paged_implementation(config)
     x = embed_tokens(params, tokens, config)
 
     def body(carry, xs):
@@ -90,9 +103,7 @@ def paged_extend(params, pages: PagedKV, tokens, start, n_new, block_tables, con
             k = rope(k, positions, config)
             k_all_new = k_all.at[i, page, row].set(k.astype(k_all.dtype), mode="drop")
             v_all_new = v_all.at[i, page, row].set(v.astype(v_all.dtype), mode="drop")
-            out = kernels.paged_attention(q.astype(k_all.dtype), k_all_new, v_all_new, block_tables,
-                                          attend_lengths, layer=i, implementation=implementation,
-                                          interpret=config.kernel_interpret)
+            out = attend_pages(q.astype(k_all.dtype), k_all_new, v_all_new, block_tables, attend_lengths, i, config)
             return out, (k_all_new, v_all_new)
 
         x, (k_all, v_all) = decoder_block(layer, x, config, attend)
