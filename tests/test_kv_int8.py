@@ -245,3 +245,20 @@ def test_generate_and_chat_session_with_int8_cache(converted, logits_errors):
     conversation = [prompts[0], prompts[0] + first + turn]
     assert greedy_agreement(hf_model, prompts + conversation, answers + [first, second],
                             logits_errors["int8"]) >= 3
+
+
+def test_cli_kv_cache_dtype_flag(converted, capsys):
+    """`--kv-cache-dtype` of `python -m phi4_jax.chat` reaches the ChatSession; `python -m phi4_jax.serve` takes
+    it too; a bad value is a one-line usage error naming the choices."""
+    from phi4_jax.cli import chat, serve
+
+    args = chat.parse_args(["--checkpoint", "x", "--kv-cache-dtype", "int8"])
+    session = chat.new_session(converted[0], phi4_jax.Tokenizer(), args, 64)
+    assert session._opts.cache_dtype == "int8"
+    assert serve.parse_args(["--checkpoint", "x", "--kv-cache-dtype", "int8"]).kv_cache_dtype == "int8"
+    for parse in (chat.parse_args, serve.parse_args):
+        with pytest.raises(SystemExit) as info:
+            parse(["--checkpoint", "x", "--kv-cache-dtype", "int4"])
+        assert info.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "--kv-cache-dtype: invalid choice: 'int4'" in error and "int8" in error, error
