@@ -262,3 +262,31 @@ def test_cli_kv_cache_dtype_flag(converted, capsys):
         assert info.value.code == 2
         error = capsys.readouterr().err.strip().splitlines()[-1]
         assert "--kv-cache-dtype: invalid choice: 'int4'" in error and "int8" in error, error
+
+
+def test_int8_engine_on_a_mesh_equals_single_device():
+    """On a tensor=2 mesh of simulated CPU devices the int8 pages and their scales are split over kv heads, and
+    greedy answers equal the single-device int8 engine's (itself checked against transformers above)."""
+    from flax import nnx
+
+    from phi4_jax.inference.batching import serving_rules
+    from phi4_jax.model import sharding
+    from phi4_jax.model.decoder import Phi4ForCausalLM, logical_axes_tree, model_from_params
+
+    config = get_preset("tiny", max_position_embeddings=128)
+    model = Phi4ForCausalLM(config, rngs=nnx.Rngs(4))
+    mesh = sharding.build_mesh("tensor=2")
+    params = jax.device_put(model.params, sharding.tree_shardings(mesh, logical_axes_tree(config), serving_rules()))
+    prompts = [list(range(3, 40)), list(range(100, 121))]
+    answers = []
+    for eng_model, eng_mesh in ((model, None), (model_from_params(config, params), mesh)):
+        eng = ContinuousBatchingEngine(eng_model, max_batch=2, page_size=16, prefill_chunk=16, mesh=eng_mesh,
+                                       cache_dtype="int8").start()
+        try:
+            if eng_mesh is not None:
+                assert eng.pages.k.sharding.spec[3] == "tensor" and eng.pages.k_scale.sharding.spec[2] == "tensor"
+            streams = [eng.submit(GenerationRequest(p, 6)) for p in prompts]
+            answers.append([[e.token_id for e in s] for s in streams])
+        finally:
+            eng.shutdown()
+    assert answers[0] == answers[1]
