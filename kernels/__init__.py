@@ -8,7 +8,7 @@ Public entry points (the project's contract):
 - `flash_attention_rope(q, k, v, positions, *, theta, ...)`: RoPE on q/k then attention (fused on TPU)
 - `decode_attention(q, k_cache, v_cache, lengths, ...)`: a few new queries against a KV cache
 - `paged_attention(q, k_pages, v_pages, block_tables, lengths, ...)`: the same against a paged KV cache (float or
-  int8 pages with scales; `dequantized_attention_reference` is its int8 math over a contiguous cache)
+  int8 pages with scales; `decode_attention_reference` takes an int8 cache's scales too)
 - `sharded_flash_attention`, `sharded_apply_rope`, `sharded_decode_attention`: the same inside `shard_map` on a
   mesh (kernels.sharded), with context parallelism over the sequence axis (kernels.context_parallel)
 
@@ -27,7 +27,7 @@ from kernels.dispatch import (
     flash_attention_rope,
     is_hopper_gpu,
 )
-from kernels.paged_attention import dequantized_attention_reference, paged_attention, paged_attention_reference
+from kernels.paged_attention import paged_attention, paged_attention_reference
 from kernels.rope_reference import apply_rope_reference
 from kernels.sharded import sharded_apply_rope, sharded_decode_attention, sharded_flash_attention
 
@@ -42,7 +42,6 @@ __all__ = [
     "decode_attention",
     "decode_attention_reference",
     "default_implementation",
-    "dequantized_attention_reference",
     "flash_attention",
     "flash_attention_rope",
     "is_hopper_gpu",

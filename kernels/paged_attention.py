@@ -24,8 +24,8 @@ layer=None, sm_scale=None, implementation=None, interpret=False)`
 
 `paged_attention_reference` is the XLA statement of that math: gather each sequence's pages through its block
 table into a contiguous [B, W * page_size, Hkv, D] view and run `decode_attention_reference` on it (float32
-softmax, positions at or past the length masked; for int8 pages `dequantized_attention_reference`, the same math
-with the scales applied after the dots). It runs on CPU and GPU.
+softmax, positions at or past the length masked; for int8 pages with the gathered scales, which it applies after
+the dots). It runs on CPU and GPU.
 
 `paged_attention_pallas` is a Pallas TPU (Mosaic) kernel that reads the pages in place, with no gathered copy:
 grid (batch, kv head, page); the block tables, lengths and layer index are scalar-prefetched into SMEM, so each
@@ -34,10 +34,10 @@ Hkv * head_dim] view) is DMA'd straight from the page the table names. Pages pas
 last needed page's block index (so no new copy is made) and their compute is skipped. A step processes all
 `group * T` queries of its kv head against the page with an online softmax (float32 running max, sum and
 accumulator in VMEM scratch), and the last page step writes the normalized output. With int8 pages the page's
-(Hkv, page_size) scale tiles come in with the same page index, and the step uses row h of each as above. On TPU it needs head_dim a
-multiple of 128 and page_size a multiple of 8 (Mosaic compiles int8 pages of 8, 16 and 32 rows for v6e; 32 rows is
-int8's native tile height, 16 bf16's). `interpret=True` runs it in the TPU interpreter on a
-CPU. `implementation=None` picks it on a TPU when the shapes allow, the reference elsewhere.
+(Hkv, page_size) k and v scale tiles come in with the same page index, and the step uses row h of each as above.
+On TPU it needs head_dim a multiple of 128 and page_size a multiple of 8 (Mosaic compiles int8 pages of 8, 16 and
+32 rows for v6e; 32 rows is int8's native tile height, 16 bf16's). `interpret=True` runs it in the TPU interpreter
+on a CPU. `implementation=None` picks it on a TPU when the shapes allow, the reference elsewhere.
 """
 
 from __future__ import annotations
@@ -72,26 +72,6 @@ def gather_scales(scales, block_tables, layer=None):
     return jnp.swapaxes(gathered, 2, 3).reshape(b, w * scales.shape[-1], scales.shape[-2])
 
 
-def dequantized_attention_reference(q, k, k_scale, v, v_scale, lengths, *, sm_scale=None):
-    """`decode_attention_reference`'s math over an int8 cache k, v [B, C, Hkv, D] with scales [B, C, Hkv]
-    (key c of head h is k[:, c, h] * k_scale[:, c, h]), the scales applied after the dots (module docstring)."""
-    b, t, hq, d = q.shape
-    c, hkv = k.shape[1], k.shape[2]
-    group = hq // hkv
-    scale = d ** -0.5 if sm_scale is None else sm_scale
-    column = lambda s: jnp.transpose(s, (0, 2, 1))[:, :, None, None, :]   # [B, C, Hkv] -> [B, Hkv, 1, 1, C]  # noqa: E731
-    qg = q.reshape(b, t, hkv, group, d)
-    scores = jnp.einsum("bthgd,bchd->bhgtc", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores = scores * (column(k_scale.astype(jnp.float32)) * scale)
-    q_pos = lengths[:, None] - t + jnp.arange(t)[None, :]                  # [B, T]
-    visible = jnp.arange(c)[None, None, :] <= q_pos[:, :, None]           # [B, T, C]
-    scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1) * column(v_scale.astype(jnp.float32))
-    out = jnp.einsum("bhgtc,bchd->bthgd", probs.astype(q.dtype), v.astype(q.dtype),
-                     preferred_element_type=jnp.float32)
-    return out.reshape(b, t, hq, d).astype(q.dtype)
-
-
 def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *, k_scales=None, v_scales=None,
                               layer=None, sm_scale=None):
     """Gathers the pages (and scales) and attends over them (see the module docstring)."""
@@ -99,8 +79,9 @@ def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *, k_s
     v = gather_pages(v_pages, block_tables, layer)
     if k_scales is None:
         return decode_attention_reference(q, k, v, lengths, sm_scale=sm_scale)
-    return dequantized_attention_reference(q, k, gather_scales(k_scales, block_tables, layer), v,
-                                           gather_scales(v_scales, block_tables, layer), lengths, sm_scale=sm_scale)
+    return decode_attention_reference(q, k, v, lengths, sm_scale=sm_scale,
+                                      k_scale=gather_scales(k_scales, block_tables, layer),
+                                      v_scale=gather_scales(v_scales, block_tables, layer))
 
 
 def _check_scales(k_pages, v_pages, k_scales, v_scales):

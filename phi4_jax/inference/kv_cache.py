@@ -3,12 +3,14 @@
 Layout (`KVCache`): k, v ``[layers, batch, capacity, kv_heads, head_dim]`` (logical axes `CACHE_AXES`),
 lengths ``[batch]`` int32. Sequence b occupies slots 0 .. lengths[b]-1 and the token in slot s sits at position s
 (prompts are right-padded, so RoPE positions need no offsets). The cache is GQA-sized and stored in the compute
-dtype unless asked otherwise; under a mesh it is laid out by the rules table like every activation. An int8 cache
-(`cache_dtype="int8"`, see `kv_quant`) holds int8 k/v and float32 scales k_scale, v_scale ``[layers, batch,
-capacity, kv_heads]``: the prefill attends over its own float keys/values and stores them quantized, `extend`
-quantizes what it writes and attends with `kernels.dequantized_attention_reference` (scales after the dots), in
-the stacked layout only. The layer
+dtype unless asked otherwise; under a mesh it is laid out by the rules table like every activation. The layer
 math is the model's own: each layer is `decoder_block` with an attention over the cache plugged in.
+
+An int8 cache (`cache_dtype="int8"`, see `kv_quant`) holds int8 k/v and float32 scales k_scale, v_scale
+``[layers, batch, capacity, kv_heads]``: the prefill attends over its own float keys/values and stores them
+quantized; `extend` quantizes what it writes and attends with `kernels.decode_attention_reference` given the
+scales (XLA, the scales applied after the dots), in the stacked layout only (not the CPU per-layer layout, not
+the Pallas decode kernel).
 
 Attention follows `config.attention_impl`: the prefill attends over the prompt with `decoder.rotated_attention`
 (RoPE applied first, since the cache keeps rotated keys), and `extend` / `decode_step` with `cache_attention`
@@ -213,8 +215,8 @@ def extend(params, cache: KVCache, tokens, n_new, config: Phi4Config):
                                    v=c.v.at[where].set(v_codes, mode="drop"),
                                    k_scale=c.k_scale.at[where].set(k_scale, mode="drop"),
                                    v_scale=c.v_scale.at[where].set(v_scale, mode="drop"))
-                out = kernels.dequantized_attention_reference(q, c_new.k[i], c_new.k_scale[i], c_new.v[i],
-                                                              c_new.v_scale[i], attend_lengths)
+                out = kernels.decode_attention_reference(q, c_new.k[i], c_new.v[i], attend_lengths,
+                                                         k_scale=c_new.k_scale[i], v_scale=c_new.v_scale[i])
                 return out, c_new
 
             x, c = decoder_block(layer, x, config, attend)
@@ -223,7 +225,8 @@ def extend(params, cache: KVCache, tokens, n_new, config: Phi4Config):
         layer_index = jnp.arange(config.num_layers)
         (x, c), _ = jax.lax.scan(body_int8, (x, cache), (params["layers"], layer_index))
         k_all, v_all = sharding.constrain(c.k, CACHE_AXES), sharding.constrain(c.v, CACHE_AXES)
-        k_scale_all, v_scale_all = sharding.constrain(c.k_scale, SCALE_AXES), sharding.constrain(c.v_scale, SCALE_AXES)
+        k_scale_all = sharding.constrain(c.k_scale, SCALE_AXES)
+        v_scale_all = sharding.constrain(c.v_scale, SCALE_AXES)
     elif is_per_layer(cache):
         # Per-layer layout: each layer's weights and cache are arrays of their own, so nothing is sliced
         # out of a stacked array per step (see `per_layer_decode`).

@@ -98,7 +98,8 @@ def paged_extend(params, pages: PagedKV, tokens, start, n_new, block_tables, con
     """Feeds tokens [B, T] after each sequence's first start[b] positions; returns (pages, logits [B, vocab]).
 
     Sequence b has n_new[b] real tokens (right-padded to T) at positions start[b] + t, whose keys/values are
-    written into its pages (block_tables [B, W]); padding is not written. Queries attend with
+    written into its pages (block_tables [B, W]; quantized with their scales in an int8 pool, `write_pages`);
+    padding is not written. Queries attend with
     `kernels.paged_attention` (causal among the new tokens; implementation: `paged_implementation`). The float32 logits are those at each sequence's last
     real new token (meaningless where n_new[b] = 0). The layer math is the model's own `decoder_block`.
     """
