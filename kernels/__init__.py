@@ -7,7 +7,8 @@ Public entry points (the project's contract):
 - `apply_rope(x, positions, *, theta, implementation=None, interpret=False)`
 - `flash_attention_rope(q, k, v, positions, *, theta, ...)`: RoPE on q/k then attention (fused on TPU)
 - `decode_attention(q, k_cache, v_cache, lengths, ...)`: a few new queries against a KV cache
-- `paged_attention(q, k_pages, v_pages, block_tables, lengths, ...)`: the same against a paged KV cache
+- `paged_attention(q, k_pages, v_pages, block_tables, lengths, ...)`: the same against a paged KV cache (float or
+  int8 pages with scales; `decode_attention_reference` takes an int8 cache's scales too)
 - `sharded_flash_attention`, `sharded_apply_rope`, `sharded_decode_attention`, `sharded_paged_attention`: the same
   inside `shard_map` on a mesh (kernels.sharded), with context parallelism over the sequence axis
   (kernels.context_parallel)

@@ -282,18 +282,24 @@ def sharded_decode_attention(q, k_cache, v_cache, lengths, *, mesh, batch_axes=N
 # ----------------------------------------------------------------------------- paged attention
 
 def sharded_paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mesh, batch_axes=None, q_head_axes=None,
-                            kv_head_axes=None, layer=None, sm_scale=None, implementation=None, interpret=False):
+                            kv_head_axes=None, k_scales=None, v_scales=None, layer=None, sm_scale=None,
+                            implementation=None, interpret=False):
     """`kernels.paged_attention` on a mesh: q [B, T, Hq, D] split over batch and heads (whole GQA groups per
-    device), the page pool ([num_pages, page_size, Hkv, D], or [layers, ...] read at `layer`) over kv heads only
-    (pages are shared by all sequences, so every device keeps every page of its heads), block_tables [B, W] and
-    lengths [B] over batch; `layer` (a scalar, possibly traced) is replicated."""
-    def paged(q, kp, vp, tables, n, *layer_arg):
-        return paged_attention(q, kp, vp, tables, n, layer=layer_arg[0] if layer_arg else None, sm_scale=sm_scale,
+    device), the page pool ([num_pages, page_size, Hkv, D], or [layers, ...] read at `layer`) and an int8 pool's
+    scales ([.., num_pages, Hkv, page_size]) over kv heads only (pages are shared by all sequences, so every device
+    keeps every page of its heads), block_tables [B, W] and lengths [B] over batch; `layer` (a scalar, possibly
+    traced) is replicated."""
+    quantized = k_scales is not None
+
+    def paged(q, kp, vp, tables, n, *rest):
+        scales, rest = (rest[:2], rest[2:]) if quantized else ((None, None), rest)
+        return paged_attention(q, kp, vp, tables, n, k_scales=scales[0], v_scales=scales[1],
+                               layer=rest[0] if rest else None, sm_scale=sm_scale,
                                implementation=implementation, interpret=interpret)
 
-    layer_args = () if layer is None else (jnp.asarray(layer, jnp.int32),)
+    extra = ((k_scales, v_scales) if quantized else ()) + (() if layer is None else (jnp.asarray(layer, jnp.int32),))
     if _is_trivial(mesh, batch_axes, q_head_axes, kv_head_axes):
-        return paged(q, k_pages, v_pages, block_tables, lengths, *layer_args)
+        return paged(q, k_pages, v_pages, block_tables, lengths, *extra)
     _check_same_head_axes(mesh, q_head_axes, kv_head_axes)
     b, _, hq, _ = q.shape
     _check_axes(mesh, {"batch_axes": (batch_axes, [("batch", b)]),
@@ -302,6 +308,8 @@ def sharded_paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mesh,
     _check_interpret_threads(mesh, implementation if implementation is not None else "pallas", interpret)
     lead = (None,) * (k_pages.ndim - 2)                      # [layers,] pages, page rows: never split
     pspec = P(*lead, _entry(kv_head_axes), None)
+    sspec = P(*lead[:-1], _entry(kv_head_axes), None)       # scales: [layers,] pages, kv heads, page rows
     qspec = P(_entry(batch_axes), None, _entry(q_head_axes), None)
-    specs = (qspec, pspec, pspec, P(_entry(batch_axes), None), P(_entry(batch_axes))) + ((P(),) if layer_args else ())
-    return _shard_map(paged, mesh, specs, qspec)(q, k_pages, v_pages, block_tables, lengths, *layer_args)
+    specs = ((qspec, pspec, pspec, P(_entry(batch_axes), None), P(_entry(batch_axes)))
+             + ((sspec, sspec) if quantized else ()) + ((P(),) if layer is not None else ()))
+    return _shard_map(paged, mesh, specs, qspec)(q, k_pages, v_pages, block_tables, lengths, *extra)

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     max_context = min(args.max_context or model.config.max_position_embeddings, model.config.max_position_embeddings)
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
     engine = ContinuousBatchingEngine(model, max_batch=args.max_batch, max_context=max_context,
-                                      prefill_chunk=128, max_queue=args.max_queue)
+                                      prefill_chunk=128, max_queue=args.max_queue, cache_dtype=args.kv_cache_dtype)
     print("compiling the engine's programs ...", file=sys.stderr, flush=True)
     engine.start()
     try:
