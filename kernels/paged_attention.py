@@ -38,8 +38,8 @@ repeat the last needed page's block index (so no new copy is made) and their com
 for each kv head in turn, its `group * T` queries against the head's [page_size, head_dim] slice of the block with
 an online softmax (float32 running max, sum and accumulator per head in VMEM scratch), and the last page step
 writes the normalized output of every head. With int8 pages the page's (Hkv, page_size) k and v scale tiles come
-in with the same page index, and head h's step uses row h of each as above (Mosaic compiles int8 pages of 8, 16
-and 32 rows for v6e). On TPU it needs head_dim a multiple of 128 and page_size a multiple of
+in with the same page index, the int8 block is widened to q's dtype in VMEM (Mosaic cannot take one head's slice
+of an int8 block: its layout pass aborts), and head h's step uses row h of each scale tile as above. On TPU it needs head_dim a multiple of 128 and page_size a multiple of
 8. `interpret=True` runs it in the TPU interpreter on a CPU. `implementation=None` picks it on a TPU when the
 shapes allow, the reference elsewhere.
 
@@ -158,10 +158,14 @@ def _page_kernel(lengths_ref, tables_ref, layer_ref, q_ref, k_ref, v_ref, *refs,
         q_pos = length - t + jax.lax.broadcasted_iota(jnp.int32, (rows, page_size), 0) % t   # row r = g * T + t
         k_pos = p * page_size + jax.lax.broadcasted_iota(jnp.int32, (rows, page_size), 1)
         visible = k_pos <= q_pos
+        if quantized:   # the int8 block is widened whole (Mosaic cannot slice one head out of an int8 tile)
+            k_all, v_all = k_ref[...].astype(q_ref.dtype), v_ref[...].astype(q_ref.dtype)
         for h in range(hkv):                                             # kv head h: a [page_size, D] slice
-            q, k, v = q_ref[h], k_ref[:, h, :], v_ref[:, h, :]
+            q = q_ref[h]
             if quantized:   # int8 is exact in q's dtype; the scales are applied after the dots
-                k, v = k.astype(q.dtype), v.astype(q.dtype)
+                k, v = k_all[:, h, :], v_all[:, h, :]
+            else:
+                k, v = k_ref[:, h, :], v_ref[:, h, :]
             s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
             if quantized:
                 s = s * ks_ref[pl.ds(h, 1), :]                           # [1, page_size]: one scale per column
