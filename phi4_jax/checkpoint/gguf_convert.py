@@ -182,13 +182,17 @@ def _fused_qkv(parts: list[SourceTensor], hf_name: str) -> SourceTensor:
     return SourceTensor(hf_name, parts[0].file, parts[0].dtype, (int(bounds[-1]), *parts[0].shape[1:]), reader)
 
 
-def read_gguf_tensors(path, *, check_tokenizer: bool = True
+def read_gguf_tensors(path, *, check_tokenizer: bool = True, reader=None
                       ) -> tuple[Phi4Config, dict[str, SourceTensor], list[str]]:
     """(config, {HF name: tensor}, GGUF type names) of a phi3 GGUF file; validated (one row of each tensor is
     decoded to check its type; an embedded tokenizer must be phi-4's if `check_tokenizer`), the data is read
-    later."""
+    later. `reader`: the file's `gguf.GGUFReader`, when the caller has opened it already (parsing a file with
+    phi-4's 100352-token vocabulary takes seconds)."""
     path = Path(path)
-    gguf, reader = _open_reader(path)
+    if reader is None:
+        gguf, reader = _open_reader(path)
+    else:
+        gguf = _gguf()
     by_name = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in by_name:
         raise ConversionError(f"{path.name}: missing tensor 'token_embd.weight'")

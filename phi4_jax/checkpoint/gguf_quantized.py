@@ -98,8 +98,8 @@ def gguf_sources(path, *, keep_quantized: bool = True, check_tokenizer: bool = T
     import gguf
 
     path = Path(path)
-    config, tensors, types = read_gguf_tensors(path, check_tokenizer=check_tokenizer)
     _, reader = _open_reader(path)
+    config, tensors, types = read_gguf_tensors(path, check_tokenizer=check_tokenizer, reader=reader)
     raw = {t.name: t for t in reader.tensors}
 
     def parts_of(hf_name: str) -> list:
