@@ -16,6 +16,10 @@ offsets are zero for Q4_0 layers); any other type (F32, F16, BF16, Q5_K, Q6_K, .
 layers mix families, as Q4_K_M files do for attn_v and ffn_down) is dequantized with `gguf.quants.dequantize`
 and, in `load_model`, quantized by our own scheme when ``quantize=`` asks for it. Norms are F32 in GGUF files
 and stay float.
+
+The other way (``--to-gguf`` of such a checkpoint), `gguf_blocks` turns int8 / int4 rows in groups of 32 without
+offsets back into Q8_0 / Q4_0 blocks exactly (the scales are float16 values already); anything else is
+dequantized and quantized by `gguf.quants`.
 """
 
 from __future__ import annotations
