@@ -52,7 +52,8 @@ INTRO = """`bench/llamacpp_check.py`: a random phi-4-shaped model with phi-4's 1
 `convert_weights.py --to-gguf --type T` and run by llama.cpp itself (`llama-cpp-python`, built from source on
 this machine) against phi4_jax on the same GGUF (converted back, float32): tokenization of sample texts against
 tiktoken, both sides' logits along llama.cpp's greedy continuation of a random prompt, greedy agreement, and
-decode tokens/s of both. Each run appends a table."""
+decode tokens/s of both; for q8_0 / q4_0 also phi4_jax with the file's blocks kept as int8 / int4
+(`load_model("x.gguf")`). Each run appends a table."""
 TEXTS = [
     "Hello World! I've been 'told he's there, 'RE you sure? We'Ve a'lL",
     "3 33 333 3333 33333 333333 3333333 3.3 3..3 3...3 1,000,000.25",
