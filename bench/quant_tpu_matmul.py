@@ -1,0 +1,383 @@
+"""Does the TPU compiler read each quantized weight byte once in a decode matmul? Its own plan, no TPU needed.
+
+    python bench/quant_tpu_matmul.py                          # v5e and v5p, int8 / int4, batch 1 / 8 / 64
+    python bench/quant_tpu_matmul.py --write BENCHMARKS.md    # also the table in the "Quantized inference" section
+    python bench/quant_tpu_matmul.py --decode-step            # also phi-4 14B's whole decode step (a minute more)
+
+The product is phi-4's gate projection, x [B, 5120] bf16 times W [5120, 17920] stored as `QuantizedWeight`
+(int8 with one bf16 scale per output channel, or int4 packed two per byte with a bf16 scale per group of 128:
+`load_model(..., quantize=...)`'s defaults), compiled with libtpu for the first chip of `--topologies`:
+
+- "XLA": `QuantizedWeight.linear_einsum` as the model calls it. That matrix has more values than
+  `MAX_DEQUANTIZED_VALUES`, so our code multiplies it in `lax.map` slices of rows; the traffic is measured on one
+  slice's program (what each loop step runs, loop-free) times the slice count, the buffers on the whole program;
+- "kernel": `kernels.dequant_matmul` (Pallas, compiled by Mosaic);
+- "bf16 peer": the same product with a bf16 W, as XLA compiles it: how close XLA gets to its ideal with no
+  dequantization in the way.
+
+Columns. *ideal* = the bytes that must move: the weight's stored bytes + its scales + x + the output.
+*HBM bytes* = what the optimized HLO moves to or from HBM: every top-level instruction's operands and results
+that live in HBM (memory space 0; the compiler puts some intermediates in VMEM, memory space 1, and those are not
+counted), with the layout's tile padding; a Mosaic kernel counts each operand once (its BlockSpecs fetch each
+block once; see kernels/dequant_matmul.py). *XLA bytes accessed* = `compiled.cost_analysis()` (no number for a
+custom call). *temporaries* = `memory_analysis()` (HBM). *weight-sized intermediates* = results of top-level
+instructions (loop bodies included) with at least a quarter as many elements as the (sliced) weight has values:
+a dequantized, unpacked or broadcast copy that the matmul reads instead of the stored bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import math
+import os
+import re
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+K_IN, N_OUT = 5120, 17920
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+               "s64": 8, "u64": 8, "f64": 8, "s4": 1, "u4": 1}
+NOT_MEMORY_OPS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional", "call",
+                  "after-all", "copy-done", "partition-id", "replica-id", "opt-barrier", "iota"}
+HBM, VMEM = 0, 1
+
+
+# ----------------------------------------------------------------------------- reading optimized TPU HLO
+
+@dataclasses.dataclass(frozen=True)
+class Buffer:
+    dtype: str
+    shape: tuple[int, ...]
+    memory_space: int          # 0 = HBM, 1 = VMEM (TPU), others: SMEM, semaphores
+    padded_bytes: int
+
+    @property
+    def elements(self) -> int:
+        return math.prod(self.shape)
+
+    def describe(self) -> str:
+        where = {HBM: "HBM", VMEM: "VMEM"}.get(self.memory_space, f"S({self.memory_space})")
+        return f"{self.dtype}[{','.join(map(str, self.shape))}] in {where}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+    name: str
+    opcode: str
+    results: tuple[Buffer, ...]
+    operands: tuple[str, ...]
+    text: str
+
+
+def _parse_buffers(type_text: str) -> tuple[Buffer, ...]:
+    """`bf16[4,64]{1,0:T(8,128)(2,1)S(1)}` or a tuple of such -> Buffers (padding from the first tile)."""
+    out = []
+    for m in re.finditer(r"\b([a-z]+\d*)\[([\d,]*)\](?:\{([^}]*)\})?", type_text):
+        dtype, dims, layout = m.group(1), m.group(2), m.group(3) or ""
+        if dtype not in DTYPE_BYTES:
+            continue
+        shape = tuple(int(d) for d in dims.split(",") if d)
+        space = re.search(r"S\((\d+)\)", layout)
+        padded = list(shape)
+        order = [int(d) for d in layout.split(":")[0].split(",") if d.strip().isdigit()] if layout else []
+        tile = re.search(r"T\(([\d,]+)\)", layout)
+        if tile and order and len(order) == len(shape):
+            tdims = [int(t) for t in tile.group(1).split(",")]
+            minor_first = order[:len(tdims)]                   # the most minor dimensions, minor first
+            for t, dim in zip(reversed(tdims), minor_first):
+                padded[dim] = -(-padded[dim] // t) * t
+        out.append(Buffer(dtype, shape, int(space.group(1)) if space else HBM,
+                          math.prod(padded) * DTYPE_BYTES[dtype]))
+    return tuple(out)
+
+
+def _split_type(rest: str) -> tuple[str, str]:
+    """'TYPE opcode(...)...' -> (TYPE, the rest); TYPE may be a parenthesized tuple."""
+    if rest.startswith("("):
+        depth = 0
+        for i, c in enumerate(rest):
+            depth += c == "("
+            depth -= c == ")"
+            if depth == 0:
+                return rest[:i + 1], rest[i + 1:].lstrip()
+    type_text, _, tail = rest.partition(" ")
+    return type_text, tail
+
+
+def parse_hlo(text: str) -> tuple[dict[str, list[Instruction]], str]:
+    """Optimized HLO text -> ({computation name: instructions}, the entry computation's name)."""
+    comps: dict[str, list[Instruction]] = {}
+    entry, current = None, None
+    for line in text.splitlines():
+        head = re.match(r"^(ENTRY )?%(\S+) .*\{\s*$", line)
+        if head and not line.startswith(" "):
+            current = head.group(2)
+            comps[current] = []
+            if head.group(1):
+                entry = current
+            continue
+        m = re.match(r"^\s+(?:ROOT )?%(\S+) = (.*)$", line)
+        if m and current is not None:
+            type_text, tail = _split_type(m.group(2))
+            op = re.match(r"([\w-]+)\((.*)", tail)
+            if not op:
+                continue
+            operands = tuple(re.findall(r"%([\w.\-]+)", op.group(2).split(")")[0]))
+            comps[current].append(Instruction(m.group(1), op.group(1), _parse_buffers(type_text), operands, line))
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    return comps, entry
+
+
+def top_level(comps: dict[str, list[Instruction]], entry: str) -> list[tuple[Instruction, dict, bool]]:
+    """(instruction, its computation's name -> instruction map, inside a loop?) for the entry computation and every
+    while loop body / condition reachable from it: the instructions that run as separate kernels."""
+    out, stack, seen = [], [(entry, False)], set()
+    while stack:
+        name, in_loop = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        by_name = {i.name: i for i in comps[name]}
+        for inst in comps[name]:
+            out.append((inst, by_name, in_loop))
+            if inst.opcode in ("while", "conditional", "call"):
+                for callee in re.findall(r"(?:body|condition|to_apply|branch_computations=\{[^}]*)=?%([\w.\-]+)",
+                                         inst.text):
+                    if callee in comps:
+                        stack.append((callee, in_loop or inst.opcode == "while"))
+    return out
+
+
+def hbm_bytes(text: str) -> int:
+    """HBM bytes read and written by a loop-free program's top-level instructions (see the module docstring).
+
+    An asynchronous `copy-start` / `slice-start` moves its destination's bytes (its result is (source alias,
+    destination, context)); a slice reads as many bytes as it writes; any other instruction reads its operands
+    whole (an upper bound for a fusion that reads part of one) and writes its results."""
+    comps, entry = parse_hlo(text)
+    total = 0
+    for inst, by_name, in_loop in top_level(comps, entry):
+        if in_loop:
+            raise ValueError("hbm_bytes counts loop-free programs only")
+        if inst.opcode in NOT_MEMORY_OPS or inst.opcode.endswith("-done") or "AllocateBuffer" in inst.text:
+            continue
+        sources = [b for name in inst.operands if name in by_name for b in by_name[name].results]
+        if inst.opcode in ("copy-start", "slice-start"):
+            dest = inst.results[1]
+            total += dest.padded_bytes * ((dest.memory_space == HBM) + any(b.memory_space == HBM for b in sources[:1]))
+            continue
+        if inst.opcode in ("slice", "dynamic-slice"):
+            total += sum(b.padded_bytes * ((b.memory_space == HBM) + (sources[0].memory_space == HBM))
+                         for b in inst.results)
+            continue
+        total += sum(b.padded_bytes for b in inst.results if b.memory_space == HBM)
+        total += sum(b.padded_bytes for b in sources if b.memory_space == HBM)
+    return total
+
+
+def weight_sized_intermediates(text: str, weight_values: int) -> list[str]:
+    """Results of top-level instructions (loop bodies too) with >= weight_values / 4 elements."""
+    comps, entry = parse_hlo(text)
+    found = []
+    for inst, _, in_loop in top_level(comps, entry):
+        if (inst.opcode in NOT_MEMORY_OPS or inst.opcode.endswith(("-start", "-done")) or "AllocateBuffer" in inst.text
+                or "tpu_custom_call" in inst.text):
+            continue
+        for b in inst.results:
+            if b.elements * 4 >= weight_values:
+                found.append(f"{inst.opcode} -> {b.describe()}{' (in a loop)' if in_loop else ''}")
+    return found
+
+
+# ----------------------------------------------------------------------------- the programs
+
+def quantized_weight_spec(bits: int, n: int, k: int, on):
+    """A `QuantizedWeight` of ShapeDtypeStructs for an [k in, n out] matrix with load_model's default scheme."""
+    import jax
+    import jax.numpy as jnp
+
+    from phi4_jax.quant.weights import DEFAULT_INT4_GROUP_SIZE, QuantizedWeight
+
+    group = k if bits == 8 else DEFAULT_INT4_GROUP_SIZE
+    values = jax.ShapeDtypeStruct((n, k // 2 if bits == 4 else k), jnp.uint8 if bits == 4 else jnp.int8, sharding=on)
+    scales = jax.ShapeDtypeStruct((n, k // group), jnp.bfloat16, sharding=on)
+    return QuantizedWeight(values, scales, None, bits, group, (k,), (n,))
+
+
+def ideal_bytes(w, rows: int) -> int:
+    n, k = w.out_shape[0], w.k
+    return (math.prod(w.values.shape) * w.values.dtype.itemsize + math.prod(w.scales.shape) * 2
+            + rows * k * 2 + rows * n * 2)
+
+
+def compile_on(device, fn, *args):
+    """jit(fn).lower(*args).compile() for a compile-only TPU device (kernels see the TPU via an abstract mesh)."""
+    import jax
+    import numpy as np
+
+    mesh = jax.sharding.Mesh(np.array([device]), ("x",))
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        lowered = jax.jit(fn).lower(*args)
+    return lowered.compile()
+
+
+@dataclasses.dataclass
+class Row:
+    topology: str
+    chip: str
+    weights: str
+    batch: int
+    path: str
+    ideal: int
+    hbm: int
+    xla_bytes: float | None
+    temporaries: int
+    intermediates: list[str]
+    seconds: float
+
+
+def measure(topology: str, device, bits: int, batch: int) -> list[Row]:
+    import jax
+    import jax.numpy as jnp
+
+    from kernels.dequant_matmul import dequant_matmul
+    from phi4_jax.quant.weights import MAX_DEQUANTIZED_VALUES, _row_slices
+
+    on = jax.sharding.SingleDeviceSharding(device)
+    x = jax.ShapeDtypeStruct((batch, K_IN), jnp.bfloat16, sharding=on)
+    w = quantized_weight_spec(bits, N_OUT, K_IN, on)
+    label = "int8 per channel" if bits == 8 else f"int4, groups of {w.group_size}"
+    rows = []
+
+    def row(path, ideal, hbm, compiled, intermediates, seconds):
+        cost = compiled.cost_analysis() or {}
+        rows.append(Row(topology, device.device_kind, label, batch, path, ideal, hbm, cost.get("bytes accessed"),
+                        compiled.memory_analysis().temp_size_in_bytes, intermediates, seconds))
+        print(rows[-1], flush=True)
+
+    product = lambda x, w: w.linear_einsum("bk,kn->bn", x, jnp.bfloat16)  # noqa: E731
+    t = time.perf_counter()
+    whole = compile_on(device, product, x, w)
+    slices = _row_slices(N_OUT, K_IN) if N_OUT * K_IN > MAX_DEQUANTIZED_VALUES else 1
+    block = quantized_weight_spec(bits, N_OUT // slices, K_IN, on)
+    one = compile_on(device, product, x, block)
+    seconds = time.perf_counter() - t
+    per_block = math.prod(block.values.shape) * (2 if bits == 4 else 1)
+    inter = weight_sized_intermediates(whole.as_text(), per_block)
+    row(f"XLA (our linear_einsum, {slices} slices)", ideal_bytes(w, batch), slices * hbm_bytes(one.as_text()),
+        whole, inter, seconds)
+    rows[-1].xla_bytes = None if rows[-1].xla_bytes is None else slices * (one.cost_analysis() or {}).get(
+        "bytes accessed", 0)
+
+    t = time.perf_counter()
+    kern = compile_on(device, lambda x, v, s: dequant_matmul(x, v, s, bits=bits, group_size=w.group_size),
+                      x, w.values, w.scales)
+    row("Pallas kernel (kernels.dequant_matmul)", ideal_bytes(w, batch), hbm_bytes(kern.as_text()), kern,
+        weight_sized_intermediates(kern.as_text(), N_OUT * K_IN), time.perf_counter() - t)
+    rows[-1].xla_bytes = None          # cost_analysis has no total for a Mosaic custom call
+
+    if bits == 8:
+        t = time.perf_counter()
+        wb = jax.ShapeDtypeStruct((K_IN, N_OUT), jnp.bfloat16, sharding=on)
+        dense = compile_on(device, lambda x, w: jnp.einsum("bk,kn->bn", x, w), x, wb)
+        row("bf16 peer (XLA, bf16 W)", 2 * K_IN * N_OUT + batch * (K_IN + N_OUT) * 2, hbm_bytes(dense.as_text()),
+            dense, weight_sized_intermediates(dense.as_text(), N_OUT * K_IN), time.perf_counter() - t)
+    return rows
+
+
+def decode_step_rows(topology: str, device, bits: int, context: int) -> list[str]:
+    """phi-4 14B's jitted decode step (quantized weights, XLA attention): temporaries and weight-sized
+    intermediates inside the layer scan, XLA path vs the kernel (use_dequant_kernel, max_rows=1)."""
+    import jax
+    import jax.numpy as jnp
+
+    from phi4_jax.inference import kv_cache as generation
+    from phi4_jax.model.config import get_preset
+    from phi4_jax.quant.tpu_kernel import use_dequant_kernel
+    from phi4_jax.quant.weights import QuantizeOptions, abstract_quantized_params
+
+    on = jax.sharding.SingleDeviceSharding(device)
+    place = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on), tree)  # noqa
+    config = get_preset("phi4-14b", param_dtype="bfloat16", compute_dtype="bfloat16", remat_policy="none",
+                        attention_impl="xla")
+    mode = "int8" if bits == 8 else "int4"
+    params = place(abstract_quantized_params(config, QuantizeOptions(mode), "bfloat16"))
+    cache = place(jax.eval_shape(lambda: generation.init_cache(config, 1, context)))
+    token = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=on)
+    lines = []
+    for path, p in (("XLA", params), ("kernel", use_dequant_kernel(params, max_rows=1))):
+        t = time.perf_counter()
+        compiled = compile_on(device, lambda p, c, t: generation.decode_step(p, c, t, config), p, cache, token)
+        ma = compiled.memory_analysis()
+        inter = weight_sized_intermediates(compiled.as_text(), config.hidden_size * config.hidden_size)
+        lines.append(f"| {mode} | {path} | {ma.temp_size_in_bytes / 2**20:,.1f} MiB | "
+                     f"{'; '.join(sorted(set(inter))) or 'none'} | {time.perf_counter() - t:.0f} s |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def table(rows: list[Row]) -> list[str]:
+    mb = lambda n: f"{n / 1e6:,.1f}"  # noqa: E731
+    out = ["| chip | weights | B | program | ideal MB | HBM MB | HBM / ideal | XLA bytes accessed MB | temporaries MB "
+           "| weight-sized intermediates |", "|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        out.append(f"| {r.chip} | {r.weights} | {r.batch} | {r.path} | {mb(r.ideal)} | {mb(r.hbm)} | "
+                   f"**{r.hbm / r.ideal:.2f}x** | {'n/a' if not r.xla_bytes else mb(r.xla_bytes)} | "
+                   f"{mb(r.temporaries)} | {'; '.join(sorted(set(r.intermediates))) or 'none'} |")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--topologies", default="v5e:2x2,v5p:2x2x2", help="TPU topologies; each one's first chip")
+    p.add_argument("--batches", default="1,8,64")
+    p.add_argument("--decode-step", action="store_true", help="also phi-4 14B's decode step, int8 and int4")
+    p.add_argument("--context", type=int, default=2048, help="KV cache length for --decode-step")
+    p.add_argument("--write", metavar="BENCHMARKS_MD", default=None)
+    args = p.parse_args(argv)
+
+    from importlib import metadata
+
+    import jax
+
+    from phi4_jax.train.plan import tpu_topology_devices
+
+    rows, step_lines = [], []
+    for topology in args.topologies.split(","):
+        device = tpu_topology_devices(topology)[0]
+        for bits in (8, 4):
+            for batch in (int(b) for b in args.batches.split(",")):
+                rows += measure(topology, device, bits, batch)
+        if args.decode_step:
+            step_lines += [f"| {device.device_kind} " + line for line in
+                           decode_step_rows(topology, device, 8, args.context)
+                           + decode_step_rows(topology, device, 4, args.context)]
+    command = "python bench/quant_tpu_matmul.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, `{command.strip()}`", "",
+             f"TPU compiler: libtpu {metadata.version('libtpu')}, jax {jax.__version__}, compile-only devices "
+             f"({args.topologies}; first chip), on this CPU machine: compiled, not run. x [B, {K_IN}] bf16 times "
+             f"W [{K_IN}, {N_OUT}] (phi-4's gate projection); columns as in the script's docstring.", ""]
+    lines += table(rows)
+    if step_lines:
+        lines += ["", f"phi-4 14B decode step (batch 1, {args.context}-token bf16 cache, XLA attention; weight-sized = "
+                      f">= 5120 x 5120 / 4 elements):", "",
+                  "| chip | weights | matmuls | temporaries | weight-sized intermediates | compile |",
+                  "|---|---|---|---:|---|---:|", *step_lines]
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        from bench.decode import update_section
+
+        update_section(args.write, "Quantized inference", "quant-tpu-matmul", append=text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
