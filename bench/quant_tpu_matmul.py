@@ -135,64 +135,149 @@ def parse_hlo(text: str) -> tuple[dict[str, list[Instruction]], str]:
     return comps, entry
 
 
-def top_level(comps: dict[str, list[Instruction]], entry: str) -> list[tuple[Instruction, dict, bool]]:
-    """(instruction, its computation's name -> instruction map, inside a loop?) for the entry computation and every
-    while loop body / condition reachable from it: the instructions that run as separate kernels."""
-    out, stack, seen = [], [(entry, False)], set()
+def _trip_count(comps: dict, condition: str) -> int:
+    """A counted loop's trip count: its condition compares the counter (from 0) with a constant, LT."""
+    by_name = {i.name: i for i in comps[condition]}
+    for inst in comps[condition]:
+        if inst.opcode == "compare" and "direction=LT" in inst.text:
+            for name in inst.operands:
+                const = re.search(r"constant\((\d+)\)", by_name[name].text) if name in by_name else None
+                if const:
+                    return int(const.group(1))
+    raise ValueError(f"cannot read the trip count of loop condition {condition}")
+
+
+def top_level(comps: dict[str, list[Instruction]], entry: str) -> list[tuple[Instruction, dict, int]]:
+    """(instruction, its computation's name -> instruction map, times it runs) for the entry computation and every
+    while loop body reachable from it (times = the product of the enclosing loops' trip counts): the
+    instructions that run as separate kernels."""
+    out, stack = [], [(entry, 1)]
     while stack:
-        name, in_loop = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
+        name, times = stack.pop()
         by_name = {i.name: i for i in comps[name]}
         for inst in comps[name]:
-            out.append((inst, by_name, in_loop))
-            if inst.opcode in ("while", "conditional", "call"):
-                for callee in re.findall(r"(?:body|condition|to_apply|branch_computations=\{[^}]*)=?%([\w.\-]+)",
-                                         inst.text):
-                    if callee in comps:
-                        stack.append((callee, in_loop or inst.opcode == "while"))
+            out.append((inst, by_name, times))
+            if inst.opcode == "while":
+                body = re.search(r"body=%([\w.\-]+)", inst.text).group(1)
+                condition = re.search(r"condition=%([\w.\-]+)", inst.text).group(1)
+                stack.append((body, times * _trip_count(comps, condition)))
+            elif inst.opcode in ("conditional", "call"):
+                raise ValueError(f"{inst.opcode} is not counted: {inst.name}")
     return out
 
 
-def hbm_bytes(text: str) -> int:
-    """HBM bytes read and written by a loop-free program's top-level instructions (see the module docstring).
+def _operand_read(comps: dict, fusion: Instruction, index: int, full: int) -> int:
+    """Bytes a fusion reads of its operand `index`: the dynamic slices (or gathered rows) taken of it when every
+    use inside the fused computation is one (directly, through a copy/bitcast of the whole, or inside a nested
+    fusion), else all of it."""
+    got = _param_sliced_bytes(comps, fusion, index, 0) if fusion.opcode == "fusion" else None
+    return full if got is None else min(got, full)
+
+
+def _param_sliced_bytes(comps: dict, fusion: Instruction, index: int, depth: int) -> int | None:
+    callee = re.search(r"calls=%([\w.\-]+)", fusion.text)
+    if not callee or callee.group(1) not in comps or depth > 4:
+        return None
+    body = comps[callee.group(1)]
+    params = [i for i in body if i.opcode == "parameter" and re.search(rf"parameter\({index}\)", i.text)]
+    return _sliced_bytes(comps, body, params[0].name, depth) if params else None
+
+
+def _sliced_bytes(comps: dict, body: list, name: str, depth: int) -> int | None:
+    users = [i for i in body if name in i.operands]
+    total = 0
+    for user in users:
+        if user.opcode in ("dynamic-slice", "gather") and user.operands[0] == name:
+            total += sum(b.padded_bytes for b in user.results)
+            continue
+        relayout = user.opcode == "fusion" and len(user.operands) == 1 and "calls=%copy_fusion" in user.text
+        if depth < 4 and (user.opcode in ("bitcast", "copy") or relayout):
+            inner = _sliced_bytes(comps, body, user.name, depth + 1)           # a relayout of the whole operand
+        elif user.opcode == "fusion" and user.operands.count(name) == 1:
+            inner = _param_sliced_bytes(comps, user, user.operands.index(name), depth + 1)
+        else:
+            return None
+        if inner is None:
+            return None
+        total += inner
+    return total if users else None
+
+
+def hbm_bytes(text: str, kernel_layers: int | None = None) -> int:
+    """HBM bytes read and written by a program's top-level instructions, loop bodies times their trip counts (see
+    the module docstring).
 
     An asynchronous `copy-start` / `slice-start` moves its destination's bytes (its result is (source alias,
-    destination, context)); a slice reads as many bytes as it writes; any other instruction reads its operands
-    whole (an upper bound for a fusion that reads part of one) and writes its results."""
+    destination, context)); a slice or gather reads as many bytes as it writes; a fusion reads the dynamic slices
+    (or gathered rows) it takes of an operand, or the whole operand (an upper bound for a fusion that reads part of one in another way); a
+    Mosaic kernel reads each operand once, or with `kernel_layers`, one layer's share of an operand whose
+    leading dimension is that many layers (kernels.dequant_matmul's `layer` index maps read that layer's blocks
+    only: by the kernel's construction, not seen in the HLO); every instruction writes its results."""
     comps, entry = parse_hlo(text)
     total = 0
-    for inst, by_name, in_loop in top_level(comps, entry):
-        if in_loop:
-            raise ValueError("hbm_bytes counts loop-free programs only")
+    for inst, by_name, times in top_level(comps, entry):
         if inst.opcode in NOT_MEMORY_OPS or inst.opcode.endswith("-done") or "AllocateBuffer" in inst.text:
             continue
-        sources = [b for name in inst.operands if name in by_name for b in by_name[name].results]
+        sources = [by_name[name].results for name in inst.operands if name in by_name]
         if inst.opcode in ("copy-start", "slice-start"):
             dest = inst.results[1]
-            total += dest.padded_bytes * ((dest.memory_space == HBM) + any(b.memory_space == HBM for b in sources[:1]))
-            continue
-        if inst.opcode in ("slice", "dynamic-slice"):
-            total += sum(b.padded_bytes * ((b.memory_space == HBM) + (sources[0].memory_space == HBM))
-                         for b in inst.results)
-            continue
-        total += sum(b.padded_bytes for b in inst.results if b.memory_space == HBM)
-        total += sum(b.padded_bytes for b in sources if b.memory_space == HBM)
+            moved = dest.padded_bytes * ((dest.memory_space == HBM) + (sources[0][0].memory_space == HBM))
+        elif inst.opcode in ("slice", "dynamic-slice", "gather"):
+            moved = sum(b.padded_bytes * ((b.memory_space == HBM) + (sources[0][0].memory_space == HBM))
+                        for b in inst.results)
+        else:
+            in_place = _in_place_update(comps, inst)
+            if in_place is None:
+                moved = sum(b.padded_bytes for b in inst.results if b.memory_space == HBM)
+            else:                                      # writes the update into the operand's buffer, in place
+                updated, update_bytes = in_place
+                moved = update_bytes * (inst.results[0].memory_space == HBM)
+            for index, buffers in enumerate(sources):
+                full = sum(b.padded_bytes for b in buffers if b.memory_space == HBM)
+                if in_place is not None and index == updated:
+                    continue
+                if kernel_layers and "tpu_custom_call" in inst.text and buffers[0].shape[:1] == (kernel_layers,):
+                    full //= kernel_layers
+                moved += _operand_read(comps, inst, index, full) if full else 0
+        total += times * moved
     return total
 
 
+def _in_place_update(comps: dict, inst: Instruction) -> tuple[int, int] | None:
+    """(operand index updated in place, bytes written) for a dynamic-update-slice, or a fusion whose root is
+    one of a parameter; None otherwise."""
+    if inst.opcode == "dynamic-update-slice":
+        return 0, 0
+    callee = re.search(r"calls=%([\w.\-]+)", inst.text)
+    if inst.opcode != "fusion" or not callee or callee.group(1) not in comps:
+        return None
+    body = comps[callee.group(1)]
+    by_name = {i.name: i for i in body}
+    root = next((i for i in body if i.text.lstrip().startswith("ROOT ")), None)
+    while root is not None and root.opcode == "bitcast" and root.operands[0] in by_name:
+        root = by_name[root.operands[0]]
+    if root is None or root.opcode != "dynamic-update-slice" or root.operands[0] not in by_name:
+        return None
+    target = by_name[root.operands[0]]
+    index = re.search(r"parameter\((\d+)\)", target.text) if target.opcode == "parameter" else None
+    if index is None:
+        return None
+    update = by_name.get(root.operands[1])
+    return int(index.group(1)), sum(b.padded_bytes for b in update.results) if update else 0
+
+
 def weight_sized_intermediates(text: str, weight_values: int) -> list[str]:
-    """Results of top-level instructions (loop bodies too) with >= weight_values / 4 elements."""
+    """Results of top-level instructions (loop bodies too) with >= weight_values / 4 elements (not counting
+    in-place updates of an operand, such as a KV cache's dynamic-update-slice)."""
     comps, entry = parse_hlo(text)
     found = []
-    for inst, _, in_loop in top_level(comps, entry):
+    for inst, _, times in top_level(comps, entry):
         if (inst.opcode in NOT_MEMORY_OPS or inst.opcode.endswith(("-start", "-done")) or "AllocateBuffer" in inst.text
-                or "tpu_custom_call" in inst.text):
+                or "tpu_custom_call" in inst.text or _in_place_update(comps, inst) is not None):
             continue
         for b in inst.results:
             if b.elements * 4 >= weight_values:
-                found.append(f"{inst.opcode} -> {b.describe()}{' (in a loop)' if in_loop else ''}")
+                found.append(f"{inst.opcode} -> {b.describe()}{' (in a loop)' if times > 1 else ''}")
     return found
 
 
@@ -217,14 +302,14 @@ def ideal_bytes(w, rows: int) -> int:
             + rows * k * 2 + rows * n * 2)
 
 
-def compile_on(device, fn, *args):
+def compile_on(device, fn, *args, donate=()):
     """jit(fn).lower(*args).compile() for a compile-only TPU device (kernels see the TPU via an abstract mesh)."""
     import jax
     import numpy as np
 
     mesh = jax.sharding.Mesh(np.array([device]), ("x",))
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        lowered = jax.jit(fn).lower(*args)
+        lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
     return lowered.compile()
 
 
@@ -264,17 +349,12 @@ def measure(topology: str, device, bits: int, batch: int) -> list[Row]:
 
     product = lambda x, w: w.linear_einsum("bk,kn->bn", x, jnp.bfloat16)  # noqa: E731
     t = time.perf_counter()
-    whole = compile_on(device, product, x, w)
+    xla = compile_on(device, product, x, w)
     slices = _row_slices(N_OUT, K_IN) if N_OUT * K_IN > MAX_DEQUANTIZED_VALUES else 1
-    block = quantized_weight_spec(bits, N_OUT // slices, K_IN, on)
-    one = compile_on(device, product, x, block)
-    seconds = time.perf_counter() - t
-    per_block = math.prod(block.values.shape) * (2 if bits == 4 else 1)
-    inter = weight_sized_intermediates(whole.as_text(), per_block)
-    row(f"XLA (our linear_einsum, {slices} slices)", ideal_bytes(w, batch), slices * hbm_bytes(one.as_text()),
-        whole, inter, seconds)
-    rows[-1].xla_bytes = None if rows[-1].xla_bytes is None else slices * (one.cost_analysis() or {}).get(
-        "bytes accessed", 0)
+    per_slice = N_OUT // slices * K_IN
+    row(f"XLA (our linear_einsum: {slices} slices in a loop)", ideal_bytes(w, batch), hbm_bytes(xla.as_text()), xla,
+        weight_sized_intermediates(xla.as_text(), per_slice), time.perf_counter() - t)
+    rows[-1].xla_bytes = None          # cost_analysis counts a loop body once
 
     t = time.perf_counter()
     kern = compile_on(device, lambda x, v, s: dequant_matmul(x, v, s, bits=bits, group_size=w.group_size),
@@ -292,9 +372,52 @@ def measure(topology: str, device, bits: int, batch: int) -> list[Row]:
     return rows
 
 
+def scan_rows(topology: str, device, bits: int, layers: int, batch: int = 1) -> list[Row]:
+    """The same product for `layers` stacked layers inside `lax.scan`, as the decode step runs it: XLA on the
+    scan's slices; the kernel on the scan's slices; the kernel on the stacked weights with the layer index."""
+    import jax
+    import jax.numpy as jnp
+
+    from kernels.dequant_matmul import dequant_matmul
+
+    on = jax.sharding.SingleDeviceSharding(device)
+    x = jax.ShapeDtypeStruct((batch, K_IN), jnp.bfloat16, sharding=on)
+    one = quantized_weight_spec(bits, N_OUT, K_IN, on)
+    stack = lambda a: jax.ShapeDtypeStruct((layers, *a.shape), a.dtype, sharding=on)  # noqa: E731
+    w = dataclasses.replace(one, values=stack(one.values), scales=stack(one.scales))
+    g = one.group_size
+    label = "int8 per channel" if bits == 8 else f"int4, groups of {g}"
+    ideal = layers * (ideal_bytes(one, batch) - batch * K_IN * 2) + batch * K_IN * 2
+
+    def xla(x, w):
+        return jax.lax.scan(lambda c, wl: (c, wl.linear_einsum("bk,kn->bn", x, jnp.bfloat16)), 0, w)[1]
+
+    def kernel_on_slices(x, w):
+        body = lambda c, vs: (c, dequant_matmul(x, vs[0], vs[1], bits=bits, group_size=g))  # noqa: E731
+        return jax.lax.scan(body, 0, (w.values, w.scales))[1]
+
+    def kernel_with_layer(x, w):
+        body = lambda c, i: (c, dequant_matmul(x, w.values, w.scales, bits=bits, group_size=g, layer=i))  # noqa
+        return jax.lax.scan(body, 0, jnp.arange(layers))[1]
+
+    rows = []
+    for path, fn in ((f"XLA in a {layers}-layer scan", xla), (f"kernel on the scan's slices ({layers} layers)",
+                                                            kernel_on_slices),
+                     (f"kernel with the layer index ({layers} layers)", kernel_with_layer)):
+        t = time.perf_counter()
+        compiled = compile_on(device, fn, x, w)
+        text = compiled.as_text()
+        rows.append(Row(topology, device.device_kind, label, batch, path, ideal,
+                        hbm_bytes(text, layers if fn is kernel_with_layer else None), None,
+                        compiled.memory_analysis().temp_size_in_bytes,
+                        weight_sized_intermediates(text, N_OUT // 4 * K_IN), time.perf_counter() - t))
+        print(rows[-1], flush=True)
+    return rows
+
+
 def decode_step_rows(topology: str, device, bits: int, context: int) -> list[str]:
-    """phi-4 14B's jitted decode step (quantized weights, XLA attention): temporaries and weight-sized
-    intermediates inside the layer scan, XLA path vs the kernel (use_dequant_kernel, max_rows=1)."""
+    """phi-4 14B's jitted decode step (quantized weights, XLA attention): HBM bytes, temporaries and weight-sized
+    intermediates, with the XLA path, the kernel for the lm_head, and the kernel for every matrix."""
     import jax
     import jax.numpy as jnp
 
@@ -312,13 +435,20 @@ def decode_step_rows(topology: str, device, bits: int, context: int) -> list[str
     cache = place(jax.eval_shape(lambda: generation.init_cache(config, 1, context)))
     token = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=on)
     lines = []
-    for path, p in (("XLA", params), ("kernel", use_dequant_kernel(params, max_rows=1))):
+    for path, p in (("XLA", params), ("kernel for the lm_head", use_dequant_kernel(params, max_rows=1)),
+                    ("kernel for all (layers=True)", use_dequant_kernel(params, max_rows=1, layers=True))):
         t = time.perf_counter()
-        compiled = compile_on(device, lambda p, c, t: generation.decode_step(p, c, t, config), p, cache, token)
+        compiled = compile_on(device, lambda p, c, t: generation.decode_step(p, c, t, config), p, cache, token,
+                              donate=(1,))
         ma = compiled.memory_analysis()
-        inter = weight_sized_intermediates(compiled.as_text(), config.hidden_size * config.hidden_size)
-        lines.append(f"| {mode} | {path} | {ma.temp_size_in_bytes / 2**20:,.1f} MiB | "
-                     f"{'; '.join(sorted(set(inter))) or 'none'} | {time.perf_counter() - t:.0f} s |")
+        text = compiled.as_text()
+        inter = weight_sized_intermediates(text, config.hidden_size * config.hidden_size)
+        in_hbm = sorted({i for i in inter if " in HBM" in i})
+        moved = hbm_bytes(text)
+        lines.append(f"| {mode} | {path} | {ma.argument_size_in_bytes / 1e9:.2f} | {moved / 1e9:.2f} | "
+                     f"**{moved / ma.argument_size_in_bytes:.2f}x** | {ma.temp_size_in_bytes / 2**20:,.0f} MiB | "
+                     f"{'; '.join(in_hbm) or 'none'} | {len(inter) - len([i for i in inter if ' in HBM' in i])} "
+                     f"| {time.perf_counter() - t:.0f} s |")
         print(lines[-1], flush=True)
     return lines
 
@@ -338,6 +468,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--topologies", default="v5e:2x2,v5p:2x2x2", help="TPU topologies; each one's first chip")
     p.add_argument("--batches", default="1,8,64")
+    p.add_argument("--layers", type=int, default=40, help="layers in the scan rows (phi-4 has 40)")
     p.add_argument("--decode-step", action="store_true", help="also phi-4 14B's decode step, int8 and int4")
     p.add_argument("--context", type=int, default=2048, help="KV cache length for --decode-step")
     p.add_argument("--write", metavar="BENCHMARKS_MD", default=None)
@@ -355,6 +486,7 @@ def main(argv=None) -> int:
         for bits in (8, 4):
             for batch in (int(b) for b in args.batches.split(",")):
                 rows += measure(topology, device, bits, batch)
+            rows += scan_rows(topology, device, bits, args.layers)
         if args.decode_step:
             step_lines += [f"| {device.device_kind} " + line for line in
                            decode_step_rows(topology, device, 8, args.context)
@@ -366,10 +498,13 @@ def main(argv=None) -> int:
              f"W [{K_IN}, {N_OUT}] (phi-4's gate projection); columns as in the script's docstring.", ""]
     lines += table(rows)
     if step_lines:
-        lines += ["", f"phi-4 14B decode step (batch 1, {args.context}-token bf16 cache, XLA attention; weight-sized = "
-                      f">= 5120 x 5120 / 4 elements):", "",
-                  "| chip | weights | matmuls | temporaries | weight-sized intermediates | compile |",
-                  "|---|---|---|---:|---|---:|", *step_lines]
+        lines += ["", f"phi-4 14B decode step (`kv_cache.decode_step`, batch 1, {args.context}-token bf16 cache donated, "
+                      "XLA attention, load_model's default scheme; matmuls through XLA, or the kernel via "
+                      "`use_dequant_kernel(max_rows=1[, layers=True])`); HBM bytes counted as above, against the arguments (every "
+                      "weight and the whole cache, read once); weight-sized = at least 5120 x 5120 / 4 elements:", "",
+                  "| chip | weights | matmuls | arguments GB | HBM GB | HBM / arguments | temporaries "
+                  "| weight-sized intermediates in HBM | in VMEM | compile |",
+                  "|---|---|---|---:|---:|---:|---:|---|---:|---:|", *step_lines]
     text = "\n".join(lines)
     print(text)
     if args.write:

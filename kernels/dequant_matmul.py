@@ -1,36 +1,46 @@
 """Dequantize-matmul for decode on TPU: `x @ W.T` with W stored as int8 or packed int4 plus scales (Pallas TPU).
 
-Contract: `dequant_matmul(x, values, scales, *, bits, group_size, block_n=None, block_k=None, interpret=False)`
+Contract: `dequant_matmul(x, values, scales, *, bits, group_size, layer=None, block_n=None, block_k=None,
+interpret=False)`
 
 - x [M, K] float (the compute dtype: the product is taken in x's dtype with float32 accumulation);
 - values: int8 [N, K] for bits=8, or int4 packed two per byte, uint8 (or int8) [N, K / 2] for bits=4 (input
   feature 2j in the low nibble of byte j, 2j + 1 in the high one, each a 4-bit two's complement value);
 - scales [N, K / group_size] float: ``W[n, k] = q[n, k] * scales[n, k // group_size]`` (group_size == K: one
   scale per output row, "per channel");
-- returns [M, N] in x's dtype: ``sum_k x[m, k] * W[n, k]``.
+- returns [M, N] in x's dtype: ``sum_k x[m, k] * W[n, k]``;
+- `layer`: with an int32 scalar, values [L, N, ...] and scales [L, N, K / group_size] hold every layer's matrix
+  and the kernel multiplies by layer `layer`'s, reading its blocks in place (the index is scalar-prefetched into
+  SMEM and used by the BlockSpecs' index maps), as `paged_attention` reads a layer's pages.
 
-Why it exists: the TPU compiler does not fuse the int4 unpack of `phi4_jax.quant` (shifts, masks, the sign fix,
-the group scale broadcast) into the matmul's operand: it writes the unpacked int8 nibbles and a full-size bf16
-scale (or dequantized weight) array, several times the packed bytes (bench/quant_tpu_matmul.py, BENCHMARKS.md).
-Decode is bandwidth-bound, so this kernel reads each packed byte once and dequantizes in VMEM.
+Why it exists: the TPU compiler fuses an int8 convert into the matmul's operand, but not the int4 unpack of
+`phi4_jax.quant` (masks, shifts, the sign fix, the group-scale broadcast): it writes the unpacked nibbles and a
+full-size bf16 scale array (at batch 64 also the dequantized bf16 weight) first, into VMEM or HBM as its memory
+plan decides, up to about 12x the ideal bytes (bench/quant_tpu_matmul.py, BENCHMARKS.md). This kernel reads each
+packed byte once and dequantizes in VMEM. Inside a `lax.scan` over layers, pass the stacked weights and `layer`:
+a layer's slice given to a kernel is first copied whole by XLA.
 
 Blocking: grid (N / block_n, K / block_k), the K axis innermost ("arbitrary") with a float32 [M, block_n]
 accumulator in VMEM. Each step DMAs one [block_n, block_k] block of int8 values (a [block_n, block_k / 2] block of
-packed bytes for int4) and the x block; the block_n rows' scales [block_n, K / group_size] are one block whose
-index changes only with N, so they are fetched once per row block. In VMEM:
+packed bytes for int4). x is one block (fetched once, sliced per K step in VMEM), and so are the block_n rows'
+scales, passed transposed as [K / group_size, N] (lane-dense; the TPU's default layout of an [N, K / g] array
+with K / g < 128 is column-major already, so the transpose costs nothing there), whose block index changes only
+with N. In VMEM:
 - per channel: the int8 block becomes the compute dtype (exact) and meets x on the MXU; the scales multiply the
   accumulated [M, block_n] result at the end (the scale factors out of the contraction);
-- groups: each value's scale is selected by a one-hot matmul (scales [block_n, K / g] times a [K / g, cols]
-  0/1 matrix picking the group of each column of this K step, exact at HIGHEST precision), the values are
-  multiplied by it in float32, rounded to the compute dtype (as XLA's path rounds ``q * s``), and fed to the MXU;
-- int4: the packed byte b (read as int8) holds the high nibble as ``b >> 4`` and the low one as
-  ``(b << 28) >> 28`` in int32 arithmetic (sign-extending shifts). Rather than interleaving the unpacked nibbles
-  along lanes, x is split outside the kernel into its even and odd input features ([M, K / 2] each, a few KB), and
-  the low / high nibble blocks are contracted with them: ``x_even @ lo.T + x_odd @ hi.T``.
+- groups: each value's scale is selected by a one-hot matmul (the block's scales, transposed in VMEM to
+  [block_n, K / g], times a [K / g, cols] 0/1 matrix picking the group of each column of this K step, exact at
+  HIGHEST precision), the values are multiplied by it in float32, rounded to the compute dtype (as XLA's path
+  rounds ``q * s``), and fed to the MXU;
+- int4: the packed byte b (as int32, 0..255) holds the low nibble as ``(b << 28) >> 28`` and the high one as
+  ``(b << 24) >> 28`` (arithmetic shifts sign-extend each 4-bit value). Rather than interleaving the unpacked
+  nibbles along lanes, x is split outside the kernel into its even and odd input features ([M, K / 2] each, a
+  few KB at decode sizes), and the low / high nibble blocks are contracted with them:
+  ``x_even @ lo.T + x_odd @ hi.T``.
 
 Shapes on TPU: block_n must divide N and be a multiple of 128; block_k must divide K, be a multiple of
-group_size (groups) and of 128 (256 for int4, whose packed block is block_k / 2 lanes). M is any size (the whole
-batch is one block: this is a decode kernel; prefill-sized M belongs to XLA). `interpret=True` runs it in the
+group_size (groups) and of 128 (256 for int4, whose packed block is block_k / 2 lanes). M is any size up to
+`MAX_X_BYTES` of x (the whole batch is one block: this is a decode kernel; prefill-sized M belongs to XLA). `interpret=True` runs it in the
 TPU interpreter on a CPU (`kernels.pallas_compat.tpu_interpret_params`).
 
 `dequant_matmul_reference` is the XLA statement of the same math (dequantize, then one matmul in x's dtype with
@@ -138,9 +148,9 @@ def _int4_nibbles(packed):
 
 def _group_scales(s_ref, cols: int, per_col: int, kstep):
     """[block_n, cols] float32: the scale of each column of this K step (column c is in group
-    kstep * cols / per_col + c // per_col), picked from the row block's [block_n, K / g] scales by a one-hot
-    matmul (exact: a 0/1 matrix at HIGHEST precision)."""
-    s = s_ref[...].astype(jnp.float32)
+    kstep * cols / per_col + c // per_col), picked from the row block's scales ([K / g, block_n], lane-dense,
+    transposed in VMEM) by a one-hot matmul (exact: a 0/1 matrix at HIGHEST precision)."""
+    s = s_ref[...].astype(jnp.float32).T                                      # [block_n, K / g]
     groups = s.shape[1]
     g_idx = jax.lax.broadcasted_iota(jnp.int32, (groups, cols), 0)
     c_idx = jax.lax.broadcasted_iota(jnp.int32, (groups, cols), 1)
@@ -153,7 +163,8 @@ def _dot_t(x, w):
     return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _kernel(*refs, bits: int, per_channel: bool, group_size: int, block_k: int):
+def _kernel(layer_ref, *refs, bits: int, per_channel: bool, group_size: int, block_k: int):
+    del layer_ref                                        # used by the index maps only
     if bits == 4:
         xe_ref, xo_ref, v_ref, s_ref, o_ref, acc_ref = refs
     else:
@@ -185,14 +196,22 @@ def _kernel(*refs, bits: int, per_channel: bool, group_size: int, block_k: int):
     def _finish():
         acc = acc_ref[...]
         if per_channel:
-            acc = acc * s_ref[...].astype(jnp.float32)          # [1, block_n] row of per-channel scales
+            acc = acc * s_ref[...].astype(jnp.float32)          # [1, block_n]: the per-channel scales
         o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def dequant_matmul(x, values, scales, *, bits: int, group_size: int, block_n: int | None = None,
+def dequant_matmul(x, values, scales, *, bits: int, group_size: int, layer=None, block_n: int | None = None,
                    block_k: int | None = None, interpret=False):
-    """The Pallas TPU kernel (see the module docstring)."""
-    m, n, k = _check(x, values, scales, bits, group_size)
+    """The Pallas TPU kernel (see the module docstring). With `layer` (an int32 scalar, traced or not), `values`
+    and `scales` are every layer's, [L, N, ...], and the kernel reads layer `layer`'s blocks in place: inside a
+    `lax.scan` over layers, a layer's slice handed to a kernel would first be copied whole by XLA."""
+    if layer is None:
+        values, scales = values[None], scales[None]
+        layer = 0
+    elif values.ndim != 3 or scales.ndim != 3 or values.shape[0] != scales.shape[0]:
+        raise DequantMatmulError(f"with `layer`, values and scales must be [layers, N, ...]; got values "
+                                 f"{values.shape}, scales {scales.shape}")
+    m, n, k = _check(x, values[0], scales[0], bits, group_size)
     if m * k * x.dtype.itemsize > MAX_X_BYTES:
         raise DequantMatmulError(f"x [{m}, {k}] ({x.dtype}) is larger than the {MAX_X_BYTES >> 20} MiB this decode "
                                  "kernel keeps in VMEM: use the XLA path for prefill-sized inputs")
@@ -200,29 +219,27 @@ def dequant_matmul(x, values, scales, *, bits: int, group_size: int, block_n: in
     params = tpu_interpret_params(interpret)
     per_channel = group_size == k
     grid = (n // block_n, k // block_k)
-    if bits == 4:
-        xs = (x[:, 0::2], x[:, 1::2])
-        x_specs = [pl.BlockSpec((m, k // 2), lambda i, j: (0, 0))] * 2
-        v_spec = pl.BlockSpec((block_n, block_k // 2), lambda i, j: (i, j))
-    else:
-        xs = (x,)
-        x_specs = [pl.BlockSpec((m, k), lambda i, j: (0, 0))]
-        v_spec = pl.BlockSpec((block_n, block_k), lambda i, j: (i, j))
-    if per_channel:
-        scales = scales.reshape(1, n)                      # a row: it multiplies the [M, block_n] result
-        s_spec = pl.BlockSpec((1, block_n), lambda i, j: (0, i))
-    else:
-        s_spec = pl.BlockSpec((block_n, k // group_size), lambda i, j: (i, 0))
+    cols = block_k // 2 if bits == 4 else block_k
+    xs = (x[:, 0::2], x[:, 1::2]) if bits == 4 else (x,)
+    x_specs = [pl.BlockSpec((m, x.shape[1] // len(xs)), lambda i, j, layer: (0, 0))] * len(xs)
+    v_spec = pl.BlockSpec((None, block_n, cols), lambda i, j, layer: (layer[0], i, j))
+    # Scales go in as [L, K / g, N]: lane-dense (N along lanes), and the TPU's default layout of an [N, K / g] array
+    # with K / g < 128 is column-major already, so the transpose costs nothing there.
+    scales = jnp.swapaxes(scales, -1, -2)
+    s_spec = pl.BlockSpec((None, k // group_size, block_n), lambda i, j, layer: (layer[0], 0, i))
     kernel = functools.partial(_kernel, bits=bits, per_channel=per_channel, group_size=group_size,
                                block_k=block_k)
     return pl.pallas_call(
         kernel,
-        grid=grid,
-        in_specs=[*x_specs, v_spec, s_spec],
-        out_specs=pl.BlockSpec((m, block_n), lambda i, j: (0, i)),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=grid,
+            in_specs=[*x_specs, v_spec, s_spec],
+            out_specs=pl.BlockSpec((m, block_n), lambda i, j, layer: (0, i)),
+            scratch_shapes=[pltpu.VMEM((m, block_n), jnp.float32)],
+        ),
         out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
-        scratch_shapes=[pltpu.VMEM((m, block_n), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=params,
         name=f"dequant_matmul_int{bits}",
-    )(*xs, values, scales)
+    )(jnp.asarray(layer, jnp.int32).reshape(1), *xs, values, scales)
