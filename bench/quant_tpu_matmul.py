@@ -2,27 +2,33 @@
 
     python bench/quant_tpu_matmul.py                          # v5e and v5p, int8 / int4, batch 1 / 8 / 64
     python bench/quant_tpu_matmul.py --write BENCHMARKS.md    # also the table in the "Quantized inference" section
-    python bench/quant_tpu_matmul.py --decode-step            # also phi-4 14B's whole decode step (a minute more)
+    python bench/quant_tpu_matmul.py --decode-step            # also phi-4 14B's decode step (minutes more)
 
 The product is phi-4's gate projection, x [B, 5120] bf16 times W [5120, 17920] stored as `QuantizedWeight`
 (int8 with one bf16 scale per output channel, or int4 packed two per byte with a bf16 scale per group of 128:
 `load_model(..., quantize=...)`'s defaults), compiled with libtpu for the first chip of `--topologies`:
 
-- "XLA": `QuantizedWeight.linear_einsum` as the model calls it. That matrix has more values than
-  `MAX_DEQUANTIZED_VALUES`, so our code multiplies it in `lax.map` slices of rows; the traffic is measured on one
-  slice's program (what each loop step runs, loop-free) times the slice count, the buffers on the whole program;
+- "XLA": `QuantizedWeight.linear_einsum` as the model calls it (that matrix has more values than
+  `MAX_DEQUANTIZED_VALUES`, so our code multiplies it in `lax.map` slices of rows: a loop);
 - "kernel": `kernels.dequant_matmul` (Pallas, compiled by Mosaic);
 - "bf16 peer": the same product with a bf16 W, as XLA compiles it: how close XLA gets to its ideal with no
-  dequantization in the way.
+  dequantization in the way;
+- "layer scan" rows: the product for 40 stacked layers inside `lax.scan`, as the decode step runs it: XLA on the
+  scan's slices, the kernel on the scan's slices, and the kernel given the stacked weights and the layer index;
+- with `--decode-step`: phi-4 14B's whole jitted decode step, with XLA matmuls, the kernel for the lm_head, and
+  the kernel for every matrix (`use_dequant_kernel(..., layers=True)`).
 
 Columns. *ideal* = the bytes that must move: the weight's stored bytes + its scales + x + the output.
 *HBM bytes* = what the optimized HLO moves to or from HBM: every top-level instruction's operands and results
 that live in HBM (memory space 0; the compiler puts some intermediates in VMEM, memory space 1, and those are not
-counted), with the layout's tile padding; a Mosaic kernel counts each operand once (its BlockSpecs fetch each
-block once; see kernels/dequant_matmul.py). *XLA bytes accessed* = `compiled.cost_analysis()` (no number for a
-custom call). *temporaries* = `memory_analysis()` (HBM). *weight-sized intermediates* = results of top-level
-instructions (loop bodies included) with at least a quarter as many elements as the (sliced) weight has values:
-a dequantized, unpacked or broadcast copy that the matmul reads instead of the stored bytes.
+counted), with the layout's tile padding, loop bodies times their trip counts, dynamic slices and in-place
+updates counted by the bytes they touch (`hbm_bytes`); a Mosaic kernel counts each operand once (its BlockSpecs
+fetch each block once; see kernels/dequant_matmul.py), and with the layer index one layer's share of the
+stacked operands (by the kernel's construction: the HLO cannot show it). *XLA bytes accessed* =
+`compiled.cost_analysis()` (none for a custom call, and it counts a loop body once, so only loop-free rows have
+it). *temporaries* = `memory_analysis()` (HBM). *weight-sized intermediates* = results of top-level instructions
+(loop bodies included; in-place updates not) with at least a quarter as many elements as the (sliced) weight has
+values: a dequantized, unpacked or broadcast copy that the matmul reads instead of the stored bytes.
 """
 
 from __future__ import annotations
@@ -209,7 +215,8 @@ def hbm_bytes(text: str, kernel_layers: int | None = None) -> int:
 
     An asynchronous `copy-start` / `slice-start` moves its destination's bytes (its result is (source alias,
     destination, context)); a slice or gather reads as many bytes as it writes; a fusion reads the dynamic slices
-    (or gathered rows) it takes of an operand, or the whole operand (an upper bound for a fusion that reads part of one in another way); a
+    (or gathered rows) it takes of an operand, or the whole operand (an upper bound for a fusion that reads part
+    of one in another way); a
     Mosaic kernel reads each operand once, or with `kernel_layers`, one layer's share of an operand whose
     leading dimension is that many layers (kernels.dequant_matmul's `layer` index maps read that layer's blocks
     only: by the kernel's construction, not seen in the HLO); every instruction writes its results."""
@@ -498,10 +505,11 @@ def main(argv=None) -> int:
              f"W [{K_IN}, {N_OUT}] (phi-4's gate projection); columns as in the script's docstring.", ""]
     lines += table(rows)
     if step_lines:
-        lines += ["", f"phi-4 14B decode step (`kv_cache.decode_step`, batch 1, {args.context}-token bf16 cache donated, "
-                      "XLA attention, load_model's default scheme; matmuls through XLA, or the kernel via "
-                      "`use_dequant_kernel(max_rows=1[, layers=True])`); HBM bytes counted as above, against the arguments (every "
-                      "weight and the whole cache, read once); weight-sized = at least 5120 x 5120 / 4 elements:", "",
+        lines += ["", f"phi-4 14B decode step (`kv_cache.decode_step`, batch 1, {args.context}-token bf16 cache "
+                      "donated, XLA attention, load_model's default scheme; matmuls through XLA, or the kernel via "
+                      "`use_dequant_kernel(max_rows=1[, layers=True])`); HBM bytes counted as above, against the "
+                      "arguments (every weight and the whole cache, read once); weight-sized = at least "
+                      "5120 x 5120 / 4 elements:", "",
                   "| chip | weights | matmuls | arguments GB | HBM GB | HBM / arguments | temporaries "
                   "| weight-sized intermediates in HBM | in VMEM | compile |",
                   "|---|---|---|---:|---:|---:|---:|---|---:|---:|", *step_lines]
