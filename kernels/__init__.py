@@ -13,6 +13,9 @@ Public entry points (the project's contract):
   inside `shard_map` on a mesh (kernels.sharded), with context parallelism over the sequence axis
   (kernels.context_parallel)
 
+Also, imported from its module: `kernels.dequant_matmul.dequant_matmul` (int8 / int4 weights times activations
+for decode, a Pallas TPU kernel that dequantizes in VMEM; `phi4_jax.quant.tpu_kernel` routes to it, opt-in).
+
 This package never imports `phi4_jax`: the model depends on the kernels, not the reverse.
 """
 
