@@ -26,6 +26,7 @@ class Policy:
     stop_tokens: list[int]
     name: str
     to_phi4_ids: Callable[[list[int]], list[int]]      # the model's ids as phi-4 ids (the demo renumbers them)
+    token_limit: int | None = None   # ids from here on are rows the tokenizer never uses (None: every row is a token)
 
 
 def _from_train_workdir(path: str, dtype) -> Policy:
@@ -52,8 +53,9 @@ def _from_train_workdir(path: str, dtype) -> Policy:
         raise PolicyError(f"cannot load {path!r}: {e}") from None
     phi4_ids = getattr(tokenizer, "phi4_ids", None)
     to_phi4 = list if phi4_ids is None else (lambda ids: [phi4_ids[int(i)] for i in ids])
+    limit = tokenizer.vocab_size if tokenizer.vocab_size < config.vocab_size else None
     return Policy(model_from_params(config, params), tokenizer.encode, None, tokenizer.decode,
-                  [tokenizer.endoftext_id], f"workdir:{os.path.abspath(path)}", to_phi4)
+                  [tokenizer.endoftext_id], f"workdir:{os.path.abspath(path)}", to_phi4, limit)
 
 
 def load_policy(path: str, dtype: str | None = None) -> Policy:
