@@ -314,6 +314,25 @@ def test_pairs_are_written_in_the_output_id_space(tmp_path):
     assert rows[0]["prompt_ids"] == [1001, 1010]
 
 
+def test_a_pair_with_an_id_the_tokenizer_lacks_is_counted_not_written(tmp_path):
+    """A sampled id past the tokenizer's table (an untrained row of the demo model) cannot be written as a phi-4 id."""
+    from phi4_jax.posttrain.policy import _mapped_ids
+
+    with pytest.raises(pts.UnmappedTokenError, match=r"model ids \[5\] have no token .*below 2"):
+        _mapped_ids([7, 8], [1, 5])
+    table = [100 + i for i in range(SLIP)]   # ids 0..14: the GOOD/BAD pair maps; the KEEP/SLIP pair (SLIP = 15) not
+
+    def output_ids(ids):
+        return _mapped_ids(table, ids)
+
+    problems, _ = pts.read_problems(_problems_file(tmp_path, 1), None)
+    out = str(tmp_path / "pairs.jsonl")
+    summary = pts.run_pts(problems, scripted_search(), lambda problem: [1], str, out, progress=False,
+                          output_ids=output_ids)
+    assert (summary.pairs_written, summary.pairs_unmapped) == (1, 1)
+    assert [json.loads(line)["rejected_ids"] for line in open(out)] == [[100 + BAD]]
+
+
 def test_a_broken_oracle_is_reported_with_its_problem_line(tmp_path):
     from phi4_jax.posttrain.oracles import OracleError
 

@@ -94,7 +94,8 @@ def main(argv=None) -> int:
     print(f"problems {summary.problems} (skipped {len(skipped)}), in band {summary.in_band}, pivotal tokens "
           f"{summary.pivots}, pairs written {summary.pairs_written} (already there {summary.pairs_already_there}, "
           f"alternative from the model's distribution {summary.pairs_from_distribution}, no alternative "
-          f"{summary.no_alternative}), rollouts {summary.rollouts} -> {args.out}")
+          f"{summary.no_alternative}, holding an id outside the tokenizer {summary.pairs_unmapped}), rollouts "
+          f"{summary.rollouts} -> {args.out}")
     return 0
 
 

@@ -66,6 +66,10 @@ class PTSError(ValueError):
     """Bad settings or input for Pivotal Token Search."""
 
 
+class UnmappedTokenError(ValueError):
+    """`output_ids` met a model id that has no token in the output vocabulary."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PTSSettings:
     rollouts: int = 8                      # K: rollouts per p(success | prefix) estimate
@@ -490,14 +494,16 @@ def prompt_ids(problem: Problem, encode_text: Callable[[str], list[int]],
 def pair_record(problem: Problem, pair: dict, decode: Callable[[list[int]], str], prompt_len: int,
                 output_ids: Callable[[list[int]], list[int]] = list) -> dict:
     """One JSONL line of the output: the DPO fields (prompt as messages or text, chosen and rejected text) and the
-    ids, written as `output_ids` maps them (phi-4 ids for the DPO reader)."""
+    ids, written as `output_ids` maps them (phi-4 ids for the DPO reader; it raises UnmappedTokenError for an id it
+    cannot map)."""
+    ids = {k: [int(t) for t in output_ids(pair[k])] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
     prefix_text = decode(pair["prompt_ids"][prompt_len:])
     if "messages" in problem.data:
         prompt = list(problem.data["messages"]) + [{"role": "assistant", "content": prefix_text}]
     else:
         prompt = problem.data["prompt"] + prefix_text
     return {"prompt": prompt, "chosen": decode(pair["chosen_ids"]), "rejected": decode(pair["rejected_ids"]),
-            **{k: [int(t) for t in output_ids(pair[k])] for k in ("prompt_ids", "chosen_ids", "rejected_ids")},
+            **ids,
             "problem": problem.where, "problem_key": problem.key, "position": pair["position"],
             "p_before": pair["p_before"], "p_chosen": pair["p_chosen"], "p_rejected": pair["p_rejected"],
             "alternative_from": pair.get("alternative_from", "rollouts")}
@@ -516,6 +522,7 @@ class RunSummary:
     pivots: int = 0
     pairs_written: int = 0
     pairs_already_there: int = 0
+    pairs_unmapped: int = 0            # pairs holding an id that `output_ids` cannot map (not written)
     no_alternative: int = 0
     pairs_from_distribution: int = 0   # of the pairs written, those whose alternative came from `top_tokens`
     rollouts: int = 0
@@ -552,7 +559,11 @@ def run_pts(problems: list[Problem], search: PivotalTokenSearch, encode_prompt: 
             summary.pivots += len(result.pivots)
             summary.no_alternative += result.no_alternative
             for pair in result.pairs:
-                record = pair_record(problem, pair, decode, len(prompt), output_ids)
+                try:
+                    record = pair_record(problem, pair, decode, len(prompt), output_ids)
+                except UnmappedTokenError:   # a sampled id the tokenizer never uses (an untrained row of the model)
+                    summary.pairs_unmapped += 1
+                    continue
                 if pair_identity(record) in existing:
                     summary.pairs_already_there += 1
                     continue
