@@ -173,6 +173,15 @@ def test_an_alternative_from_the_model_distribution_when_the_rollouts_offer_none
     assert result.no_alternative == 0 and result.from_distribution == 1
 
 
+def test_min_margin_keeps_only_pairs_that_far_apart():
+    """GOOD/BAD is 0.5 apart (0.5 vs 0), KEEP/SLIP 1 apart: a margin of 0.6 keeps only the second."""
+    result = scripted_search(min_margin=0.6).search({}, "problem", [1])
+    assert [(p["chosen_ids"][0], p["rejected_ids"][0]) for p in result.pairs] == [(KEEP, SLIP)]
+    assert result.no_alternative == 1
+    with pytest.raises(pts.PTSError, match=r"min_margin must be in \[0, 1\], got 1.5"):
+        pts.PTSSettings(min_margin=1.5)
+
+
 def test_outside_the_band_costs_one_estimate_and_yields_nothing():
     search = scripted_search(band=(0.5, 0.8))   # p(prompt) = 0.25
     result = search.search({}, "problem", [1])

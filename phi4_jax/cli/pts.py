@@ -3,6 +3,7 @@
     python -m phi4_jax.pts --checkpoint DIR --problems FILE.jsonl --out PAIRS.jsonl [--oracle exact|numeric|python|
         module:function] [--rollouts 8] [--band 0.2 0.8] [--threshold 0.2] [--max-new-tokens 256]
         [--temperature 1.0] [--seed 0] [--cache DIR] [--max-alternatives 4] [--solutions 1] [--top-alternatives 0]
+        [--min-margin THRESHOLD]
 
 DIR is a converted checkpoint (chat problems: {"messages": [...]}) or a `python train.py` workdir (text problems:
 {"prompt": "..."}); each problem has an "answer" and a "checker" (see `phi4_jax.posttrain.oracles`). Pairs are
@@ -40,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-alternatives", type=int, default=4,
                    help="alternative tokens from the rollouts tried per pivot (default 4)")
     p.add_argument("--solutions", type=int, default=1, help="distinct sampled solutions bisected per problem (default 1)")
+    p.add_argument("--min-margin", type=float, default=None,
+                   help="keep a pair only when p_chosen - p_rejected >= this (default: the threshold)")
     p.add_argument("--top-alternatives", type=int, default=0,
                    help="then the model's N most probable next tokens, where the rollouts offered none (default 0)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"])
@@ -61,7 +64,7 @@ def main(argv=None) -> int:
         settings = pts.PTSSettings(rollouts=args.rollouts, band=tuple(args.band), threshold=args.threshold,
                                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                                    max_alternatives=args.max_alternatives, solutions=args.solutions,
-                                   top_alternatives=args.top_alternatives)
+                                   top_alternatives=args.top_alternatives, min_margin=args.min_margin)
         oracle = make_judge(args.oracle)
         problems, skipped = pts.read_problems(args.problems, args.oracle)
     except (pts.PTSError, OracleError) as e:

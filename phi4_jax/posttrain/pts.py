@@ -18,7 +18,8 @@ such an alternative and the search has a `top_tokens` function (`ModelTopTokens`
 distribution at the prefix) with `PTSSettings.top_alternatives` > 0, the most probable next tokens (that many, other
 than t and the ones already tried) are estimated the same way and chosen from by the same rule, so chosen and rejected
 are the token that raises p and the one that lowers it (the tech report's choice), their p at least the threshold
-apart. A pivot without such an alternative yields no pair (counted). Everything is token ids: prompt, prefix, chosen
+apart (`min_margin` asks for more: noisy K-rollout estimates otherwise let chance differences through). A pivot
+without such an alternative yields no pair (counted). Everything is token ids: prompt, prefix, chosen
 and rejected.
 
 Samplers (`RolloutSampler`): `ModelSampler` runs a phi4_jax model: it prefills Q + T once per solution, then for a
@@ -81,6 +82,7 @@ class PTSSettings:
     max_alternatives: int = 4              # alternative tokens (from the rollouts) estimated per pivotal token
     solutions: int = 1                     # distinct sampled solutions bisected per problem
     top_alternatives: int = 0              # then this many of the model's most probable next tokens (0: none)
+    min_margin: float | None = None        # a pair needs p_chosen - p_rejected >= this (None: the threshold)
 
     def __post_init__(self):
         lo, hi = self.band
@@ -100,6 +102,8 @@ class PTSSettings:
             raise PTSError(f"solutions must be at least 1, got {self.solutions}")
         if self.top_alternatives < 0:
             raise PTSError(f"top_alternatives must be at least 0, got {self.top_alternatives}")
+        if self.min_margin is not None and not 0.0 <= self.min_margin <= 1.0:
+            raise PTSError(f"min_margin must be in [0, 1], got {self.min_margin}")
 
 
 class RolloutSampler(Protocol):
@@ -285,13 +289,14 @@ class PivotalTokenSearch:
         counts = Counter(t for t in firsts if t != pivot.token)
         alternatives = [t for t, _ in counts.most_common(self.settings.max_alternatives)]
         scored = [(self.estimate(problem, problem_key, prompt, prefix + [t]).p, t) for t in alternatives]
-        pair, source = self._best_pair(pivot, scored), "rollouts"
+        margin = self.settings.threshold if self.settings.min_margin is None else self.settings.min_margin
+        pair, source = self._best_pair(pivot, scored, margin), "rollouts"
         if pair is None and self.top_tokens is not None and self.settings.top_alternatives > 0:
             tried = {pivot.token, *alternatives}
             ranked = self.top_tokens(list(map(int, prompt)) + prefix, self.settings.top_alternatives + len(tried))
             extra = [int(t) for t in ranked if int(t) not in tried][:self.settings.top_alternatives]
             scored = [(self.estimate(problem, problem_key, prompt, prefix + [t]).p, t) for t in extra]
-            pair, source = self._best_pair(pivot, scored), "distribution"
+            pair, source = self._best_pair(pivot, scored, margin), "distribution"
         if pair is None:
             return None
         chosen, rejected, p_chosen, p_rejected = pair
@@ -300,17 +305,19 @@ class PivotalTokenSearch:
                 "p_chosen": p_chosen, "p_rejected": p_rejected, "alternative_from": source}
 
     @staticmethod
-    def _best_pair(pivot: Pivot, scored: list[tuple[float, int]]):
+    def _best_pair(pivot: Pivot, scored: list[tuple[float, int]], margin: float):
         """(chosen, rejected, p_chosen, p_rejected) from the pivot and its scored alternatives, or None: a pivot that
         raised p is chosen over the worst alternative at most p_before; one that lowered p is rejected for the best
-        alternative at least p_before (so |p_chosen - p_rejected| >= |p_after - p_before| >= threshold)."""
+        alternative at least p_before (so |p_chosen - p_rejected| >= |p_after - p_before| >= threshold); and
+        p_chosen - p_rejected >= margin."""
         if pivot.p_after > pivot.p_before:
-            worse = [(p, t) for p, t in scored if p <= pivot.p_before and p < pivot.p_after]
+            worse = [(p, t) for p, t in scored if p <= pivot.p_before and p < pivot.p_after
+                     and pivot.p_after - p >= margin]
             if not worse:
                 return None
             p_other, other = min(worse, key=lambda x: (x[0], x[1]))
             return pivot.token, other, pivot.p_after, p_other
-        better = [(p, t) for p, t in scored if p >= pivot.p_before and p > pivot.p_after]
+        better = [(p, t) for p, t in scored if p >= pivot.p_before and p > pivot.p_after and p - pivot.p_after >= margin]
         if not better:
             return None
         p_other, other = max(better, key=lambda x: (x[0], -x[1]))
