@@ -150,7 +150,7 @@ def main(argv=None) -> int:
 
     pairs_path = os.path.join(args.workdir, "pairs.jsonl")
     cache, dpo_dir = os.path.join(args.workdir, "cache"), os.path.join(args.workdir, "dpo")
-    for stale in [pairs_path] + glob.glob(pairs_path + ".ref_logps-*"):   # a fresh run (the CLIs would resume)
+    for stale in glob.glob(pairs_path) + glob.glob(pairs_path + ".ref_logps-*"):   # a fresh run (the CLIs resume)
         os.remove(stale)
     shutil.rmtree(cache, ignore_errors=True)
     command = [sys.executable, "-m", "phi4_jax.pts", "--checkpoint", args.demo_workdir, "--problems", problems_path,
