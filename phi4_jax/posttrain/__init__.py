@@ -16,8 +16,8 @@ step, checkpoints and resume; only the data and the loss differ.
 - `lora`: `LoraWeight` (a weight object for `phi4_jax.model.linear`), adapter init/merge, the LoRA train state,
   and the merged export (`python -m phi4_jax.posttrain.merge_lora`).
 - `demo_chat`: the CPU demo's chat data and its held-out evaluation.
-- `pts`: Pivotal Token Search (`PivotalTokenSearch`, `ModelSampler`, `ModelTopTokens`, the estimate cache, `run_pts`); `oracles`: the
-  exact / numeric / python checkers and user callables; `problems`: built-in arithmetic problems for the demo;
+- `pts`: Pivotal Token Search (`PivotalTokenSearch`, `ModelSampler`, `ModelTopTokens`, the estimate cache,
+  `run_pts`); `oracles`: the exact / numeric / python checkers and user callables; `problems`: built-in arithmetic problems for the demo;
   `policy`: `load_policy`, a converted checkpoint or a train.py workdir with its tokenizer.
 
 May import: `phi4_jax.model`, `phi4_jax.train`, `phi4_jax.data`, `phi4_jax.inference`, `phi4_jax.checkpoint`,
