@@ -130,6 +130,29 @@ def test_dpo_objective_loss_types_equal_trl_in_torch(tiny, pair_batch, loss_type
                   *trl_reference(hf, pair_batch, 0.2, loss_type, ls))
 
 
+def torch_chosen_nll(hf, b):
+    """TRL 1.16's "sft" loss term (rpo_alpha's NLL): -chosen_per_token_logps[chosen_mask].mean() over the batch."""
+    with torch.no_grad():
+        logits = hf(torch.as_tensor(b["chosen_input_ids"], dtype=torch.long)).logits.double()
+    logp = torch.log_softmax(logits[:, :-1], -1)
+    tok = torch.gather(logp, 2, torch.as_tensor(b["chosen_input_ids"][:, 1:], dtype=torch.long)[..., None])[..., 0]
+    return -tok[torch.as_tensor(b["chosen_loss_mask"][:, 1:]).bool()].mean().item()
+
+
+def test_rpo_alpha_adds_trls_chosen_nll(tiny, pair_batch):
+    """dpo.rpo_alpha: the loss is TRL's sigmoid loss + alpha x the mean NLL of the batch's chosen tokens (chosen
+    completions of different lengths, so a per-pair mean or a sum would not match)."""
+    hf, config, params = tiny
+    alpha = 0.7
+    total, count, sums = jax.jit(dpo_objective(0.1, "sigmoid", rpo_alpha=alpha).loss, static_argnums=(2, 3))(
+        params, {k: jnp.asarray(v) for k, v in pair_batch.items()}, config, 32)
+    dpo, chosen_r, rejected_r = trl_reference(hf, pair_batch, 0.1, "sigmoid", 0.0)
+    nll = torch_chosen_nll(hf, pair_batch)
+    metrics = {"loss": total / count, **{k: v / count for k, v in sums.items()}}
+    check_metrics(metrics, dpo + alpha * nll, chosen_r, rejected_r)
+    np.testing.assert_allclose(float(metrics["nll/chosen"]), nll, rtol=1e-4)
+
+
 PAIR_ROWS = [
     {"prompt": [{"role": "user", "content": f"Question: What is {a} plus {b}?"}],
      "chosen": f"{a} plus {b} is {a + b}.", "rejected": f"{a} plus {b} is {a + b + 1}."}
@@ -191,6 +214,8 @@ def test_dpo_train_run_precomputes_reference_and_logs_rewards(tmp_path):
 def test_dpo_bad_input(tmp_path):
     with pytest.raises(TrainConfigError, match="dpo.loss_type: unknown DPO loss type 'hinge'"):
         dpo_config("x.jsonl", None, loss_type="hinge")
+    with pytest.raises(TrainConfigError, match="dpo.rpo_alpha must be a number >= 0, got -1"):
+        dpo_config("x.jsonl", None, rpo_alpha=-1)
     with pytest.raises(TrainConfigError, match="needs data.dpo_files"):
         build_train_config({"train": {"objective": "dpo"}, "data": {"sources": []}})
     tok = make_tokenizer(dpo_config("x", None).data)

@@ -6,14 +6,15 @@
 - DPO: chosen and rejected rows are concatenated into one [2G, S] forward pass; their summed completion
   log-probs and the precomputed reference log-probs give `dpo_loss` (summed over pairs; the step divides by the
   number of pairs, so accumulation over micro-batches is exact) and TRL's metrics `rewards/chosen`,
-  `rewards/rejected`, `rewards/margins`, `rewards/accuracies`, logged beside the loss.
+  `rewards/rejected`, `rewards/margins`, `rewards/accuracies`, `logps/chosen`, `logps/rejected`, logged beside the
+  loss. With `dpo.rpo_alpha` > 0 (RPO) the chosen tokens' NLL is added, weighted by it, and logged as `nll/chosen`.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from phi4_jax.posttrain.dpo import dpo_loss, dpo_metrics
+from phi4_jax.posttrain.dpo import dpo_loss, dpo_metrics, rpo_nll_loss
 from phi4_jax.posttrain.logps import sequence_logps_from_params, target_weights
 from phi4_jax.train.step import Objective
 
@@ -42,20 +43,24 @@ def dpo_pair_logps(params, config, batch, chunk):
 
 
 def dpo_objective(beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                  reference_free: bool = False) -> Objective:
-    """The DPO objective with TRL's loss `loss_type` (``ipo`` length-normalized, as TRL does)."""
+                  reference_free: bool = False, rpo_alpha: float = 0.0) -> Objective:
+    """The DPO objective with TRL's loss `loss_type` (``ipo`` length-normalized, as TRL does), plus `rpo_alpha` times
+    the chosen completions' per-token NLL (`rpo_nll_loss`, averaged over the (micro-)batch's chosen tokens as TRL
+    does per forward batch) when `rpo_alpha` > 0."""
     def loss(params, batch, config, chunk):
         chosen, rejected = dpo_pair_logps(params, config, batch, chunk)
         refs = (None, None) if reference_free else (batch["ref_chosen_logps"], batch["ref_rejected_logps"])
-        lengths = {}
-        if loss_type == "ipo":
-            lengths = {f"{side}_lengths": jnp.sum(target_weights(
-                batch[f"{side}_input_ids"], batch[f"{side}_loss_mask"], batch[f"{side}_segment_ids"])[1], axis=1)
-                for side in DPO_SIDES}
+        lengths = {side: jnp.sum(target_weights(batch[f"{side}_input_ids"], batch[f"{side}_loss_mask"],
+                                                batch[f"{side}_segment_ids"])[1], axis=1) for side in DPO_SIDES}
+        ipo_lengths = ({f"{side}_lengths": lengths[side] for side in DPO_SIDES} if loss_type == "ipo" else {})
         n = chosen.shape[0]
         mean = dpo_loss(chosen, rejected, *refs, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                        **lengths)
+                        **ipo_lengths)
         metrics = dpo_metrics(chosen, rejected, *refs, beta=beta)
+        if rpo_alpha:
+            nll = rpo_nll_loss(chosen, lengths["chosen"])
+            mean = mean + rpo_alpha * nll
+            metrics["nll/chosen"] = nll
         return mean * n, jnp.float32(n), {k: v * n for k, v in metrics.items()}
 
     return Objective(DPO_BATCH_KEYS, loss)
@@ -70,5 +75,5 @@ def objective_for(cfg) -> Objective:
         return SFT
     if cfg.train.objective == "dpo":
         d = cfg.dpo
-        return dpo_objective(d.beta, d.loss_type, d.label_smoothing, d.reference_free)
+        return dpo_objective(d.beta, d.loss_type, d.label_smoothing, d.reference_free, d.rpo_alpha)
     raise ValueError(f"no post-training objective {cfg.train.objective!r}")
