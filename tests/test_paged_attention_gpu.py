@@ -95,9 +95,14 @@ def test_bad_inputs_and_targets_are_refused_clearly():
     tables, lengths = jnp.ones((2, 3), jnp.int32), jnp.ones((2,), jnp.int32)
     gpu = lambda q, k, v, **kw: kernels.paged_attention(q, k, v, tables, lengths, implementation="pallas_gpu",  # noqa: E731
                                                         interpret=True, **kw)
+    int8_pages, scales = pages.astype(jnp.int8), jnp.ones((5, 2, 16), jnp.float32)
+    with pytest.raises(DecodeAttentionError, match="int8 pages need k_scales and v_scales"):
+        gpu(q, int8_pages, int8_pages)
+    with pytest.raises(DecodeAttentionError, match="the GPU paged attention kernel reads float pages only"):
+        gpu(q, int8_pages, int8_pages, k_scales=scales, v_scales=scales)
     with pytest.raises(DecodeAttentionError, match="one dtype among bfloat16, float16, float32; got q float32, "
-                                                   "k_pages int8"):
-        gpu(q, pages.astype(jnp.int8), pages.astype(jnp.int8))
+                                                   "k_pages float16"):
+        gpu(q, pages.astype(jnp.float16), pages.astype(jnp.float16))
     with pytest.raises(DecodeAttentionError, match="got q bfloat16, k_pages float32"):
         gpu(q.astype(jnp.bfloat16), pages, pages)
     with pytest.raises(DecodeAttentionError, match="head_dim a power of two >= 16 .* got head_dim 96"):
