@@ -108,6 +108,7 @@ class BuiltStep(NamedTuple):
     abstract_state: Any     # the train state as sharded ShapeDtypeStructs (AOT `lower`, restore)
     tx: Any                 # the optax optimizer (to create a train state)
     create_state: Any       # (key, init_from=None) -> a new train state, sharded (from init_from's params if given)
+    frozen_base: Any = None  # LoRA: `posttrain.lora.FrozenBase` (state["frozen"] is referenced, not checkpointed)
 
 
 def build_train_step(model_cfg, mesh, *, optimizer: OptimizerConfig, total_steps: int, micro_batches: int,
@@ -225,13 +226,20 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
         ckpt.close()
         raise
     data_it = prefetched_batches(dataset, batch_shardings(objective_of(cfg), shardings))
+    base_reference = None   # LoRA: what checkpoints store instead of the frozen base weights
     try:
         if start is not None:
             state, start = ckpt.restore(built.abstract_state, data_it)
+            if built.frozen_base is not None:
+                state["frozen"], base_reference = built.frozen_base.reload(
+                    ckpt.base_reference(start), jax.random.key(loop.seed), loop.init_from,
+                    where=f"checkpoint step {start} in {ckpt.directory}")
             log(f"resumed from {ckpt.directory} at step {start}")
         else:
             state = built.create_state(jax.random.key(loop.seed), init_from=loop.init_from)
             start = 0
+            if built.frozen_base is not None:
+                base_reference = built.frozen_base.reference(state["frozen"], loop.init_from)
             if loop.init_from:
                 log(f"initialized parameters from {loop.init_from}")
         writer = MetricsWriter(workdir, start_step=start) if is_main else None
@@ -302,7 +310,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
                     report(*pending)   # a step's loss is checked before its state is saved
                     pending = None
                     with clock.timed("checkpoint"):
-                        if ckpt.save(step, state, data_it):
+                        if ckpt.save(step, state, data_it, base_reference=base_reference):
                             last_saved = step
                             if writer is not None:   # the metrics of the saved steps are durable with them
                                 writer.flush()
@@ -311,7 +319,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
                     log(f"SIGTERM: saving step {step} and stopping")
                     break
             if step != last_saved:
-                ckpt.save(step, state, data_it, force=True)
+                ckpt.save(step, state, data_it, force=True, base_reference=base_reference)
     finally:
         if bar is not None:
             bar.close()
