@@ -11,7 +11,7 @@
 - appends one JSON object per logged step to WORKDIR/metrics.jsonl, with TensorBoard events beside it
   (`phi4_jax.train.metrics`): step, loss, grad_norm, lr, tokens, tokens_per_s (and per device) and mfu over the
   wall time between two steps' metrics (`seconds`), that time split into data wait, compilation, checkpoint
-  and compute, the run's goodput (productive compute time over wall time since the run started), and
+  and compute (tokens count the batch's non-padding tokens: packed SFT/DPO rows are not full), the run's goodput (productive compute time over wall time since the run started), and
   source_tokens: {source name: tokens of this host's share of the batch}, the realised data mixture;
 - saves every `checkpoint.save_every` steps (async) and at the end; on SIGTERM it saves and returns;
 - a non-finite loss raises `NonFiniteLossError` naming the step; nothing is saved after the last good step.
@@ -274,7 +274,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
             raise NonFiniteLossError(
                 f"non-finite loss ({metrics['loss']}) at step {done_step}; stopping. The last good "
                 f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
-        tokens_per_s = tokens_per_step / times["seconds"]
+        tokens_per_s = metrics.pop("batch_tokens", tokens_per_step) / times["seconds"]   # real tokens, no padding
         record = {"step": done_step, **metrics, "tokens_per_s": tokens_per_s,
                   "tokens_per_s_per_device": tokens_per_s / n_devices,
                   "mfu": mfu(flops_per_token, tokens_per_s, n_devices, peak), **times}
