@@ -1,6 +1,7 @@
 """DPO through the train step: the step's loss and metrics on packed rows (several pairs per row) of a converted tiny
 Phi3ForCausalLM against TRL's formulas computed in torch on the same pairs unpacked (with gradient accumulation),
-the packed loss equal to one pair per row, one step raising the chosen-vs-rejected margin, and a `train()` run that precomputes the reference log-probs beside the data (checked against torch),
+the packed loss equal to one pair per row, one step raising the chosen-vs-rejected margin, and a `train()` run that
+precomputes the reference log-probs beside the data (checked against torch),
 logs TRL's reward metrics and counts skipped pairs."""
 
 import glob

@@ -17,7 +17,8 @@ they get AdamW moments), and ``frozen`` holds the base weights in `lora.base_dty
 Checkpoints hold the adapters, their optimizer state and the step, not the base: each step stores a reference to
 it instead (`FrozenBase.reference`: the absolute `train.init_from` path, or none for a seeded init, and a content
 fingerprint of the weights as trained on). Resume and merge reload the base the same way and refuse one whose
-fingerprint differs (the adapters only fit the base they were trained on). `merge_params` folds the adapters back into plain weights;
+fingerprint differs (the adapters only fit the base they were trained on).
+`merge_params` folds the adapters back into plain weights;
 ``python -m phi4_jax.posttrain.merge_lora WORKDIR DST`` writes the merged model as a normal checkpoint, which
 `convert_weights.py --to-hf` exports.
 """

@@ -11,7 +11,8 @@
 - appends one JSON object per logged step to WORKDIR/metrics.jsonl, with TensorBoard events beside it
   (`phi4_jax.train.metrics`): step, loss, grad_norm, lr, tokens, tokens_per_s (and per device) and mfu over the
   wall time between two steps' metrics (`seconds`), that time split into data wait, compilation, checkpoint
-  and compute (tokens count the batch's non-padding tokens: packed SFT/DPO rows are not full), the run's goodput (productive compute time over wall time since the run started), and
+  and compute (tokens count the batch's non-padding tokens: packed SFT/DPO rows are not full), the run's
+  goodput (productive compute time over wall time since the run started), and
   source_tokens: {source name: tokens of this host's share of the batch}, the realised data mixture;
 - saves every `checkpoint.save_every` steps (async) and at the end; on SIGTERM it saves and returns;
 - a non-finite loss raises `NonFiniteLossError` naming the step; nothing is saved after the last good step.
