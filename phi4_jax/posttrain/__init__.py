@@ -9,12 +9,14 @@ step, checkpoints and resume; only the data and the loss differ.
   (RPO's chosen-token NLL, TRL's `rpo_alpha` term) and `dpo_metrics` (TRL's rewards/chosen, rewards/rejected,
   rewards/margins, rewards/accuracies, logps/chosen, logps/rejected).
 - `sft`: `encode_sft_example`, a chat conversation -> token ids + the loss mask of its assistant turns.
-- `data`: SFT and DPO JSONL readers (errors name file:line; skips counted), first-fit packing, DPO batches.
+- `data`: SFT and DPO JSONL readers (errors name file:line; skips counted), first-fit packing of SFT examples
+  and of DPO pairs (several pairs a row, chosen and rejected side by side), their batches.
 - `objectives`: the SFT and DPO `Objective`s the train step runs.
 - `reference`: DPO's reference log-probs, precomputed once and stored beside the data
   (`python -m phi4_jax.posttrain.precompute_ref`); `posttrain_batches`, the loop's data for these objectives.
-- `lora`: `LoraWeight` (a weight object for `phi4_jax.model.linear`), adapter init/merge, the LoRA train state,
-  and the merged export (`python -m phi4_jax.posttrain.merge_lora`).
+- `lora`: `LoraWeight` (a weight object for `phi4_jax.model.linear`), adapter init/merge, the LoRA train state
+  (checkpointed without its frozen base: `FrozenBase` reloads and fingerprint-checks it), and the merged export
+  (`python -m phi4_jax.posttrain.merge_lora`).
 - `demo_chat`: the CPU demo's chat data and its held-out evaluation.
 - `pts`: Pivotal Token Search (`PivotalTokenSearch`, `ModelSampler`, `ModelTopTokens`, the estimate cache,
   `run_pts`); `oracles`: the exact / numeric / python checkers and user callables; `problems`: built-in arithmetic problems for the demo;
