@@ -11,7 +11,10 @@ polling), checks that the round trip is bit-exact tensor by tensor, and appends 
 command, shard layout) to the "Weight conversion" section of BENCHMARKS.md.
 
     python bench/convert_memory.py [--layers 8] [--shard-size 4.9GB] [--vocab 100352] [--workdir /tmp]
-                                   [--compression zstd|none] [--no-record]
+                                   [--compression zstd|none] [--to-gguf q8_0,f16] [--no-record]
+
+`--to-gguf TYPES` also measures `convert_weights.py --to-gguf` from the converted checkpoint, once per type (with
+phi-4's tokenizer when the vocabulary is phi-4's, else weights only).
 
 Peak RSS includes the Python interpreter plus imported JAX / Orbax / TensorStore, so the script also measures
 a child that only imports those, and reports (peak - baseline) / largest tensor.
@@ -160,6 +163,7 @@ def main() -> int:
     parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     parser.add_argument("--note", default="", help="a line added to the entry (e.g. which code was measured)")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic files")
+    parser.add_argument("--to-gguf", default="", help="comma-separated GGUF types to measure --to-gguf with")
     args = parser.parse_args()
 
     from phi4_jax.checkpoint.hf_files import parse_size
@@ -180,8 +184,13 @@ def main() -> int:
         cli = [sys.executable, "convert_weights.py"]
         to_ours = cli + [str(src), str(ours), "--compression", args.compression]
         to_hf = cli + ["--to-hf", str(ours), str(back)]
+        steps = [("HF -> orbax", to_ours), ("orbax -> HF (--to-hf)", to_hf)]
+        for gguf_type in filter(None, args.to_gguf.split(",")):
+            steps.append((f"orbax -> GGUF (--to-gguf --type {gguf_type})",
+                          cli + ["--to-gguf", str(ours), str(work / f"out-{gguf_type}.gguf"), "--type", gguf_type,
+                                 *([] if args.vocab == 100352 else ["--no-tokenizer"])]))
         results = []
-        for label, cmd in (("HF -> orbax", to_ours), ("orbax -> HF (--to-hf)", to_hf)):
+        for label, cmd in steps:
             wall, peak, code = run_measured(cmd)
             if code != 0:
                 raise SystemExit(f"{label} failed with exit code {code}")
@@ -201,8 +210,10 @@ def main() -> int:
         "",
         f"- machine: {describe_machine(with_load=False)}",
         f"- command: `python bench/convert_memory.py --layers {args.layers} --shard-size {args.shard_size} "
-        f"--vocab {args.vocab} --compression {args.compression}` (runs `convert_weights.py SRC DST --compression "
-        f"{args.compression}` and `convert_weights.py --to-hf`)",
+        f"--vocab {args.vocab} --compression {args.compression}"
+        f"{f' --to-gguf {args.to_gguf}' if args.to_gguf else ''}` (runs `convert_weights.py SRC DST --compression "
+        f"{args.compression}` and `convert_weights.py --to-hf`"
+        + "".join(f", `--to-gguf --type {t}`" for t in filter(None, args.to_gguf.split(","))) + ")",
         *([f"- {args.note}"] if args.note else []),
         "- layout: " + "; ".join(layout),
         f"- largest tensor {largest / 2**30:.2f} GiB; interpreter + imports baseline RSS {baseline / 2**30:.2f} GiB; "

@@ -19,7 +19,12 @@ back from that GGUF to ours (so both sides run exactly the weights the file hold
   difference is not zero);
 - decode tokens/s of both on this machine: llama.cpp's `eval` of one token at a time (at each of
   `--llama-threads`; on a loaded 2-core machine OpenMP's spinning threads can be far slower with 2) and
-  `phi4_jax.generate` (float32 dequantized weights, XLA's threads), as in bench/decode.py: (N-1) / (t_N - t_1).
+  `phi4_jax.generate` (float32 dequantized weights, XLA's threads), as in bench/decode.py: (N-1) / (t_N - t_1);
+- for q8_0 and q4_0, also phi4_jax with the file's blocks kept quantized (`load_model("model-q8_0.gguf")`: Q8_0 ->
+  int8, Q4_0 -> int4, groups of 32, the output layer of a q4_0 file int8; what `--keep-quantized` stores): its
+  logits against the float32 model's on the same sequence (the same weights: only rounding differs) and its
+  decode tokens/s, against llama.cpp's on the same file in the same run; and, for comparison, our own quantizer on
+  the same weights (`load_model(..., quantize="int8")`: per output channel; `"int4"`: groups of 128).
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ INTRO = """`bench/llamacpp_check.py`: a random phi-4-shaped model with phi-4's 1
 `convert_weights.py --to-gguf --type T` and run by llama.cpp itself (`llama-cpp-python`, built from source on
 this machine) against phi4_jax on the same GGUF (converted back, float32): tokenization of sample texts against
 tiktoken, both sides' logits along llama.cpp's greedy continuation of a random prompt, greedy agreement, and
-decode tokens/s of both. Each run appends a table."""
+decode tokens/s of both; for q8_0 / q4_0 also phi4_jax with the file's blocks kept as int8 / int4
+(`load_model("x.gguf")`). Each run appends a table."""
 TEXTS = [
     "Hello World! I've been 'told he's there, 'RE you sure? We'Ve a'lL",
     "3 33 333 3333 33333 333333 3333333 3.3 3..3 3...3 1,000,000.25",
@@ -160,16 +166,36 @@ def check_type(work: Path, ours_ckpt: Path, gguf_type: str, args, prompt: list[i
         llama_cpp.llama_set_n_threads(llm.ctx, threads, threads)
         speeds[threads] = tokens_per_s(llama_runner(llm, prompt), n, args.repeats)
     ot = tokens_per_s(ours_runner(model, prompt), n, args.repeats)
+    kept_err = kept_tps = ours_q_tps = None
+    if gguf_type in ("q8_0", "q4_0"):
+        from phi4_jax.quant.weights import QuantizedWeight
+
+        kept = load_model(path)  # the file's Q8_0 / Q4_0 blocks as int8 / int4 weights, float32 compute
+        if not isinstance(kept.params["layers"]["gate_proj"], QuantizedWeight):
+            raise SystemExit(f"{path.name}: load_model did not keep the {gguf_type} blocks quantized")
+        kept_logits = np.asarray(kept(np.asarray([seq], np.int32)))[0]
+        kept_err = float(np.max(np.abs(kept_logits - ours_logits))) / scale
+        kept_tps = tokens_per_s(ours_runner(kept, prompt), n, args.repeats)
+        del kept
+        mode = "int8" if gguf_type == "q8_0" else "int4"  # our own quantizer on the same weights, for comparison
+        requantized = load_model(work / f"back-{gguf_type}", quantize=mode)
+        ours_q_tps = tokens_per_s(ours_runner(requantized, prompt), n, args.repeats)
     row = {"type": gguf_type, "mib": path.stat().st_size / 2**20, "tokenize_ok": len(TEXTS) - len(bad),
            "logit_err": err, "forced": forced, "agree": agree, "margin": margin, "llama_tps": speeds,
-           "ours_tps": ot}
+           "ours_tps": ot, "kept_err": kept_err, "kept_tps": kept_tps, "ours_q_tps": ours_q_tps}
     best = max(speeds, key=speeds.get)
     print(f"{gguf_type}: {row['mib']:.0f} MiB; tokenization {row['tokenize_ok']}/{len(TEXTS)} texts equal tiktoken; "
           f"logits max err {err:.2e} of max |logit|; top-1 equal at {forced}/{n} positions of llama.cpp's greedy "
           f"sequence; free-running greedy agreement {agree}/{n}"
           f"{'' if margin is None else f' (then ours prefers its token by {margin:.1e} of max |logit|)'}; decode "
-          f"llama.cpp {speeds[best]:.1f} tok/s ({best} threads), phi4_jax (f32) {ot:.1f} tok/s", flush=True)
+          f"llama.cpp {speeds[best]:.1f} tok/s ({best} threads), phi4_jax (f32) {ot:.1f} tok/s"
+          + ("" if kept_tps is None else f", phi4_jax kept quantized {kept_tps:.1f} tok/s (logits {kept_err:.1e} "
+                                         f"from f32), quantize= {ours_q_tps:.1f} tok/s"), flush=True)
     return row
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def main(argv=None) -> int:
@@ -198,8 +224,10 @@ def main(argv=None) -> int:
         "",
         "| type | file MiB | texts tokenized as tiktoken | logits: max err / max \\|logit\\| "
         "| same top-1 (teacher-forced) | free-running greedy agreement (ours' margin at the split) "
-        "| llama.cpp decode tok/s (best threads; others) | phi4_jax decode tok/s (f32) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| llama.cpp decode tok/s (best threads; others) | phi4_jax decode tok/s (f32) "
+        "| phi4_jax decode tok/s, blocks kept (int8 / int4) | kept vs f32 logits "
+        "| phi4_jax decode tok/s, load_model(quantize=int8 / int4: ours, per channel / groups of 128) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     n = args.new_tokens
     for r in rows:
@@ -209,7 +237,8 @@ def main(argv=None) -> int:
         split = "" if r["margin"] is None else f" ({r['margin']:.1e})"
         lines.append(f"| {r['type']} | {r['mib']:.0f} | {r['tokenize_ok']}/{len(TEXTS)} | {r['logit_err']:.2e} "
                      f"| {r['forced']}/{n} | {r['agree']}/{n}{split} | {speeds[best]:.1f} ({best}; {others}) "
-                     f"| {r['ours_tps']:.1f} |")
+                     f"| {r['ours_tps']:.1f} | {_fmt(r['kept_tps'], '.1f')} | {_fmt(r['kept_err'], '.1e')} "
+                     f"| {_fmt(r['ours_q_tps'], '.1f')} |")
     text = "\n".join(lines)
     print(text)
     if args.write:

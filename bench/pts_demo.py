@@ -5,11 +5,14 @@
 
 Steps: (1) the demo model (`python train.py --workdir runs/demo`, unless that workdir has a checkpoint);
 (2) built-in arithmetic problems ("Question: What is a plus b? Answer:", numeric checker on the first number after
-"is"), split into a PTS set and held-out problems with other (a, b); (3) the held-out success rate, K samples per
-problem at the PTS temperature; (4) `python -m phi4_jax.pts` on the PTS set (a subprocess: the real CLI), pairs
-counted and a few shown; (5) DPO on the pairs from the demo model (`python train.py --config configs/demo-dpo.toml`
-with `train.init_from` the demo, `data.dpo_files` the pairs), once per `--dpo-lr`; (6) the held-out success rate of
-each DPO model, with the same problems, samples and seeds as (3).
+"is"), split into a PTS set and held-out problems with other (a, b); (3) the held-out success rate, `--samples`
+samples per problem at the PTS temperature; (4) `python -m phi4_jax.pts` on the PTS set (a subprocess: the real CLI;
+`--solutions` sampled solutions per problem, `--top-alternatives` tokens from the model's own next-token distribution
+where the rollouts offered no alternative), pairs counted and a few shown; (5) DPO on the pairs from the demo model
+(`python train.py --config configs/demo-dpo.toml` with `train.init_from` the demo, `data.dpo_files` the pairs,
+`--dpo-epochs` passes over them), once per `--dpo` setting (learning rate, beta, RPO's rpo_alpha); (6) the held-out
+success rate of each DPO model, with the same problems, samples and seeds as (3), and its change with a paired
+standard error (per-problem differences: the same problems and seeds before and after).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import datetime
 import glob
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -31,6 +35,24 @@ if ROOT not in sys.path:
 from bench.decode import update_section  # noqa: E402
 from bench.machine_info import describe_machine  # noqa: E402
 
+DPO_KEYS = {"lr": "optimizer.lr", "beta": "dpo.beta", "rpo_alpha": "dpo.rpo_alpha"}
+
+
+def dpo_setting(text: str) -> dict:
+    """"lr=5e-5,beta=0.1,rpo_alpha=1" -> {"lr": 5e-5, "beta": 0.1, "rpo_alpha": 1.0} (lr required)."""
+    out = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in DPO_KEYS:
+            raise argparse.ArgumentTypeError(f"--dpo {text!r}: unknown key {key!r}; known: {', '.join(DPO_KEYS)}")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--dpo {text!r}: {key} must be a number, got {value!r}") from None
+    if "lr" not in out:
+        raise argparse.ArgumentTypeError(f"--dpo {text!r}: needs lr=")
+    return {"beta": 0.1, "rpo_alpha": 0.0, **out}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -38,14 +60,20 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "pts_demo"))
     p.add_argument("--problems", type=int, default=70, help="problems searched by PTS")
     p.add_argument("--held-out", type=int, default=30, help="held-out problems for the success rate")
-    p.add_argument("--samples", type=int, default=16, help="samples per held-out problem")
+    p.add_argument("--samples", type=int, default=32, help="samples per held-out problem")
     p.add_argument("--rollouts", type=int, default=8)
+    p.add_argument("--solutions", type=int, default=4, help="sampled solutions bisected per PTS problem")
+    p.add_argument("--top-alternatives", type=int, default=4,
+                   help="tokens from the model's next-token distribution tried where the rollouts offered none")
+    p.add_argument("--min-margin", type=float, default=0.6, help="PTS keeps pairs with p_chosen - p_rejected >= this")
     p.add_argument("--temperature", type=float, default=1.4)
     p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--dpo-steps", type=int, default=30)
+    p.add_argument("--dpo-epochs", type=float, default=4.0, help="passes over the pairs per DPO run")
     p.add_argument("--dpo-batch", type=int, default=16, help="pairs per DPO step")
-    p.add_argument("--dpo-lr", type=float, nargs="+", default=[3e-5, 5e-5, 1.5e-4],
-                   help="one DPO run (and held-out measurement) per learning rate")
+    p.add_argument("--dpo", type=dpo_setting, nargs="+", metavar="lr=X[,beta=B][,rpo_alpha=A]",
+                   default=[dpo_setting(x) for x in ("lr=5e-5", "lr=5e-5,rpo_alpha=1", "lr=1e-4,rpo_alpha=1",
+                                                     "lr=1e-4,beta=0.05,rpo_alpha=1")],
+                   help="one DPO run (and held-out measurement) per setting")
     p.add_argument("--write", default=None, metavar="BENCHMARKS.md")
     return p.parse_args(argv)
 
@@ -68,7 +96,8 @@ def split_problems(n_pts: int, n_held: int):
     return pts_set, held
 
 
-def success_rate(policy, problems, *, samples, temperature, max_new_tokens, seed=12345) -> float:
+def successes(policy, problems, *, samples, temperature, max_new_tokens, seed=12345) -> list[int]:
+    """Solved samples per problem (problem i's samples drawn with seeds seed + 1000 i + j)."""
     from phi4_jax.posttrain.oracles import make_judge
     from phi4_jax.posttrain.pts import ModelSampler
 
@@ -76,11 +105,26 @@ def success_rate(policy, problems, *, samples, temperature, max_new_tokens, seed
     sampler = ModelSampler(policy.model, temperature=temperature, max_new_tokens=max_new_tokens,
                            stop_tokens=policy.stop_tokens)
     stops = set(policy.stop_tokens)
-    wins = 0
+    wins = []
     for i, problem in enumerate(problems):
-        for out in sampler.rollouts(policy.encode_text(problem["prompt"]), samples, seed + 1000 * i):
-            wins += judge(policy.decode([t for t in out if t not in stops]), problem)
-    return wins / (samples * len(problems))
+        outs = sampler.rollouts(policy.encode_text(problem["prompt"]), samples, seed + 1000 * i)
+        wins.append(sum(judge(policy.decode([t for t in out if t not in stops]), problem) for out in outs))
+    return wins
+
+
+def rate_and_error(wins: list[int], samples: int) -> tuple[float, float]:
+    """(success rate, its binomial standard error sqrt(p (1 - p) / n))."""
+    n = samples * len(wins)
+    p = sum(wins) / n
+    return p, math.sqrt(p * (1 - p) / n)
+
+
+def paired_change(before: list[int], after: list[int], samples: int) -> tuple[float, float]:
+    """(mean change of the per-problem success rate, its standard error over problems)."""
+    d = [(a - b) / samples for a, b in zip(after, before)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1)
+    return mean, math.sqrt(var / len(d))
 
 
 def main(argv=None) -> int:
@@ -96,23 +140,23 @@ def main(argv=None) -> int:
     problems_path = os.path.join(args.workdir, "problems.jsonl")
     with open(problems_path, "w") as f:
         f.writelines(json.dumps(p) + "\n" for p in pts_set)
+    measure = dict(samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
 
     start = time.perf_counter()
-    before = success_rate(policy, held, samples=args.samples, temperature=args.temperature,
-                          max_new_tokens=args.max_new_tokens)
-    rate_seconds = time.perf_counter() - start
-    print(f"held-out success rate (base): {before:.3f} ({len(held)} problems x {args.samples} samples, "
-          f"T={args.temperature}; {rate_seconds:.0f} s)", flush=True)
+    base = successes(policy, held, **measure)
+    before, before_se = rate_and_error(base, args.samples)
+    print(f"held-out success rate (base): {before:.3f} ± {before_se:.3f} ({len(held)} problems x {args.samples} "
+          f"samples, T={args.temperature}; {time.perf_counter() - start:.0f} s)", flush=True)
 
     pairs_path = os.path.join(args.workdir, "pairs.jsonl")
     cache, dpo_dir = os.path.join(args.workdir, "cache"), os.path.join(args.workdir, "dpo")
-    for stale in [pairs_path] + glob.glob(pairs_path + ".ref_logps-*"):   # a fresh run (the CLIs would resume)
+    for stale in glob.glob(pairs_path) + glob.glob(pairs_path + ".ref_logps-*"):   # a fresh run (the CLIs resume)
         os.remove(stale)
     shutil.rmtree(cache, ignore_errors=True)
-    shutil.rmtree(dpo_dir, ignore_errors=True)
     command = [sys.executable, "-m", "phi4_jax.pts", "--checkpoint", args.demo_workdir, "--problems", problems_path,
                "--out", pairs_path, "--rollouts", str(args.rollouts), "--temperature", str(args.temperature),
-               "--max-new-tokens", str(args.max_new_tokens), "--cache", cache]
+               "--max-new-tokens", str(args.max_new_tokens), "--cache", cache, "--solutions", str(args.solutions),
+               "--top-alternatives", str(args.top_alternatives), "--min-margin", str(args.min_margin), "--no-progress"]
     start = time.perf_counter()
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     pts_seconds = time.perf_counter() - start
@@ -120,23 +164,29 @@ def main(argv=None) -> int:
         print(run.stderr[-3000:], file=sys.stderr)
         return run.returncode
     summary_line = run.stdout.strip().splitlines()[-1]
-    print(summary_line)
+    print(summary_line, flush=True)
     pairs = [json.loads(line) for line in open(pairs_path)]
     estimates = sum(1 for _ in open(os.path.join(cache, "estimates.jsonl")))
     rollouts = estimates * args.rollouts
+    shown = [p for p in pairs if p["alternative_from"] == "rollouts"][:2] + \
+        [p for p in pairs if p["alternative_from"] == "distribution"][:2]
     examples = [f"`{p['prompt'][-28:]!r}` + chosen `{p['chosen']!r}` (p={p['p_chosen']:.2f}) / rejected "
-                f"`{p['rejected']!r}` (p={p['p_rejected']:.2f})" for p in pairs[:4]]
+                f"`{p['rejected']!r}` (p={p['p_rejected']:.2f}), alternative from the {p['alternative_from']}"
+                for p in shown]
     print("\n".join(examples))
 
+    steps = max(1, math.ceil(args.dpo_epochs * len(pairs) / args.dpo_batch))
     dpo_rows = []
-    for lr in args.dpo_lr:   # each learning rate: DPO from the demo model, then the same held-out measurement
-        workdir = f"{dpo_dir}-lr{lr:g}"
+    for setting in args.dpo:   # each setting: DPO from the demo model, then the same held-out measurement
+        name = "-".join(f"{k}{v:g}" for k, v in setting.items())
+        workdir = f"{dpo_dir}-{name}"
         shutil.rmtree(workdir, ignore_errors=True)
         dpo_command = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
                        os.path.join(ROOT, "configs", "demo-dpo.toml"), "--workdir", workdir, "--no-progress",
                        "--set", f"train.init_from={os.path.abspath(args.demo_workdir)}",
-                       "--set", f"data.dpo_files={os.path.abspath(pairs_path)}", "--set", f"train.steps={args.dpo_steps}",
-                       "--set", f"train.global_batch={args.dpo_batch}", "--set", f"optimizer.lr={lr}"]
+                       "--set", f"data.dpo_files={os.path.abspath(pairs_path)}", "--set", f"train.steps={steps}",
+                       "--set", f"train.global_batch={args.dpo_batch}", "--set", f"checkpoint.save_every={steps}",
+                       *[x for k, v in setting.items() for x in ("--set", f"{DPO_KEYS[k]}={v!r}")]]
         start = time.perf_counter()
         run = subprocess.run(dpo_command, cwd=ROOT, capture_output=True, text=True)
         dpo_seconds = time.perf_counter() - start
@@ -144,39 +194,47 @@ def main(argv=None) -> int:
             print(run.stderr[-3000:], file=sys.stderr)
             return run.returncode
         last = json.loads(open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()[-1])
-        after = success_rate(load_policy(workdir), held, samples=args.samples, temperature=args.temperature,
-                             max_new_tokens=args.max_new_tokens)
-        dpo_rows.append((lr, dpo_seconds, last, after))
-        print(f"DPO lr {lr:g}: {args.dpo_steps} steps in {dpo_seconds:.0f} s, last loss {last['loss']:.3f}, reward "
-              f"accuracy {last['rewards/accuracies']:.2f}; held-out success rate {before:.3f} -> {after:.3f}",
-              flush=True)
+        wins = successes(load_policy(workdir), held, **measure)
+        after, after_se = rate_and_error(wins, args.samples)
+        change, change_se = paired_change(base, wins, args.samples)
+        dpo_rows.append((setting, dpo_seconds, last, after, after_se, change, change_se))
+        print(f"DPO {name}: {steps} steps in {dpo_seconds:.0f} s, last loss {last['loss']:.3f}, reward accuracy "
+              f"{last['rewards/accuracies']:.2f}; held-out success rate {before:.3f} -> {after:.3f} ± {after_se:.3f} "
+              f"(change {change:+.3f} ± {change_se:.3f})", flush=True)
 
     if args.write:
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         cmd = "python bench/pts_demo.py " + " ".join(a for a in (argv or sys.argv[1:]))
         body = "\n".join([
+            "`bench/pts_demo.py`: PTS end to end on CPU (see its docstring).",
+            "",
             f"Run {date}, `{cmd.strip()}`, on {describe_machine()}.",
             "",
             f"- Model: the `python train.py` demo (0.85M parameters), sampled at T={args.temperature}, "
             f"at most {args.max_new_tokens} new tokens.",
-            f"- Held-out success rate before DPO: **{before:.3f}** ({len(held)} problems x {args.samples} samples).",
-            f"- PTS on {len(pts_set)} problems, K={args.rollouts}, band 0.2-0.8, threshold 0.2: {summary_line}; "
-            f"{pts_seconds:.0f} s wall including start-up and compiles ({rollouts / pts_seconds:.1f} rollouts/s).",
+            f"- Held-out success rate before DPO: **{before:.3f}** ± {before_se:.3f} (binomial standard error; "
+            f"{len(held)} problems x {args.samples} samples).",
+            f"- PTS on {len(pts_set)} problems, K={args.rollouts}, band 0.2-0.8, threshold 0.2, {args.solutions} "
+            f"sampled solutions per problem, up to {args.top_alternatives} alternatives from the model's next-token "
+            f"distribution where the rollouts offered none, pairs at least {args.min_margin:g} apart in p: "
+            f"{summary_line}; {pts_seconds:.0f} s wall including "
+            f"start-up and compiles ({rollouts / pts_seconds:.1f} rollouts/s).",
             f"- {estimates} p estimates ({rollouts} rollouts) in all: the band checks, the bisections and the "
             "alternatives' estimates.",
             "- Example pairs:",
             *[f"  - {e}" for e in examples],
-            f"- DPO on the pairs from the demo model (`configs/demo-dpo.toml`, sigmoid loss, beta 0.1, "
-            f"{args.dpo_steps} steps of {args.dpo_batch} pairs), one run per learning rate, then the held-out success "
-            "rate with the same problems, samples and seeds as before:",
+            f"- DPO on the {len(pairs)} pairs from the demo model (`configs/demo-dpo.toml`, sigmoid loss, "
+            f"{steps} steps of {args.dpo_batch} pairs = {args.dpo_epochs:g} epochs), one run per setting, then the "
+            "held-out success rate with the same problems, samples and seeds as before; the change is the mean "
+            "per-problem change with its standard error over the problems:",
             "",
-            "| DPO lr | seconds | last loss | reward accuracy | held-out success before | after |",
-            "|---|---|---|---|---|---|",
-            *[f"| {lr:g} | {sec:.0f} | {last['loss']:.3f} | {last['rewards/accuracies']:.2f} | {before:.3f} | "
-              f"**{after:.3f}** |" for lr, sec, last, after in dpo_rows],
+            "| DPO lr | beta | rpo_alpha | seconds | last loss | reward accuracy | held-out before | after | change |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *[f"| {st['lr']:g} | {st['beta']:g} | {st['rpo_alpha']:g} | {sec:.0f} | {last['loss']:.3f} | "
+              f"{last['rewards/accuracies']:.2f} | {before:.3f} | **{after:.3f}** ± {ase:.3f} | {ch:+.3f} ± {chse:.3f} |"
+              for st, sec, last, after, ase, ch, chse in dpo_rows],
         ])
-        update_section(args.write, "Pivotal Token Search", "pts-demo",
-                       intro="`bench/pts_demo.py`: PTS end to end on CPU (see its docstring).", append=body)
+        update_section(args.write, "Pivotal Token Search", "pts-demo", replace=body)
     return 0
 
 

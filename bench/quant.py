@@ -34,8 +34,9 @@ weights every quantization error is amplified into the near-tied logits (bf16 al
 tokens), so these are worst-case accuracy numbers and the int4 rows say little about a trained model; the
 correctness of the quantized forward is pinned by tests/test_quant.py (transformers on the dequantized weights, to
 1e-4). Memory of phi-4 14B in int4 with a 16K bf16 cache: `bench/inference_memory.py --quantize int4` (XLA:CPU's
-plan) and `bench/quant_tpu_memory.py` (the TPU compiler's plan for one 16 GB v5e chip): it fits both. Not
-measured here: llama.cpp's speed on the same GGUF (not built in this work) and 14B int8 decode on a GPU."""
+plan) and `bench/quant_tpu_memory.py` (the TPU compiler's plan for one 16 GB v5e chip): it fits both. Our int8 /
+int4 decode against llama.cpp's on the same Q8_0 / Q4_0 file: `bench/llamacpp_check.py` ("GGUF and llama.cpp").
+Not measured here: 14B int8 decode on a GPU."""
 
 
 def parse_args(argv=None):

@@ -15,6 +15,9 @@ as against the pure-JAX references, so a mistake shared by a kernel and its refe
 - `rope(x, positions, theta)`: NeoX rotate-half, inv_freq_i = theta^(-2i/D), angle = position * inv_freq,
   out = x cos(emb) + rotate_half(x) sin(emb), emb = concat(angles, angles), rotate_half(x) = concat(-x2, x1);
   `rope(..., inverse=True)` rotates back (the gradient of a rotation is its transpose).
+- `dequant_matmul(x, values, scales, bits=..., group_size=...)`: x @ W.T with W[n, k] = q[n, k] *
+  scales[n, k // group_size], q the int8 values or, for 4 bits, byte j's low nibble (k = 2j) and high nibble
+  (k = 2j + 1), each read as a 4-bit two's complement number.
 Inputs may be JAX or NumPy arrays of any float dtype; everything is computed in float64.
 """
 
@@ -170,3 +173,17 @@ def assert_attention_close(fn, q, k, v, dout=None, *, causal=True, segment_ids=N
             assert err <= grad_rtol * scale, (
                 f"{name} differs from the float64 oracle by {err:.3g} > {grad_rtol:.3g} x max|{name}| {scale:.3g}")
     return errors
+
+
+def dequant_matmul(x, values, scales, *, bits: int, group_size: int) -> np.ndarray:
+    """[M, N] float64: x [M, K] times the dequantized W [N, K] (see the module docstring)."""
+    v = np.asarray(values)
+    if bits == 4:
+        u = v.view(np.uint8).astype(np.int64)
+        nibbles = np.empty((u.shape[0], 2 * u.shape[1]), np.int64)
+        nibbles[:, 0::2], nibbles[:, 1::2] = u % 16, u // 16
+        q = np.where(nibbles >= 8, nibbles - 16, nibbles)
+    else:
+        q = v.astype(np.int64)
+    s = np.repeat(_f64(scales), group_size, axis=1)
+    return _f64(x) @ (q * s).T

@@ -1,6 +1,7 @@
-"""DPO through the train step: the step's loss and metrics on a converted tiny Phi3ForCausalLM against TRL's
-formulas computed in torch on the same batch (with gradient accumulation), one step raising the chosen-vs-rejected
-margin, and a `train()` run that precomputes the reference log-probs beside the data (checked against torch),
+"""DPO through the train step: the step's loss and metrics on packed rows (several pairs per row) of a converted tiny
+Phi3ForCausalLM against TRL's formulas computed in torch on the same pairs unpacked (with gradient accumulation),
+the packed loss equal to one pair per row, one step raising the chosen-vs-rejected margin, and a `train()` run that
+precomputes the reference log-probs beside the data (checked against torch),
 logs TRL's reward metrics and counts skipped pairs."""
 
 import glob
@@ -21,7 +22,7 @@ from phi4_jax.data.sources import DataError
 from phi4_jax.data.tokenizing import make_tokenizer
 from phi4_jax.model import sharding
 from phi4_jax.model.config import Phi4Config
-from phi4_jax.posttrain.data import read_dpo_pairs
+from phi4_jax.posttrain.data import pack_dpo_pairs, packed_ref_logps, read_dpo_pairs
 from phi4_jax.posttrain.objectives import dpo_objective, dpo_pair_logps
 from phi4_jax.posttrain.reference import load_or_compute_reference
 from phi4_jax.train.config import OptimizerConfig, TrainConfigError, build_train_config
@@ -30,7 +31,7 @@ from phi4_jax.train.optimizer import make_optimizer
 from phi4_jax.train.step import create_train_state, make_train_step, train_state_shardings
 
 SEQ = 160
-PAIRS = 4
+PAIRS = 6
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +44,15 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def pair_batch():
-    """4 pairs: a shared prompt per pair, chosen and rejected completions of different lengths, right-padded."""
+    """6 pairs, one per row (`read_dpo_pairs`' form): a shared prompt per pair, chosen and rejected completions of
+    different lengths, right-padded; at most 50 tokens a side, so 3 pairs pack into a row."""
     rng = np.random.default_rng(0)
     batch = {f"{s}_{k}": np.zeros((PAIRS, SEQ), np.int32) for s in ("chosen", "rejected")
              for k in ("input_ids", "segment_ids", "loss_mask")}
     for i in range(PAIRS):
-        prompt = rng.integers(3, 257, int(rng.integers(40, 100)))
+        prompt = rng.integers(3, 257, int(rng.integers(10, 26)))
         for side in ("chosen", "rejected"):
-            completion = rng.integers(3, 257, int(rng.integers(20, SEQ - len(prompt))))
+            completion = rng.integers(3, 257, int(rng.integers(5, 25)))
             n = len(prompt) + len(completion)
             batch[f"{side}_input_ids"][i, :n] = np.concatenate([prompt, completion])
             batch[f"{side}_segment_ids"][i, :n] = 1
@@ -58,6 +60,25 @@ def pair_batch():
     batch["ref_chosen_logps"] = rng.normal(-1400.0, 30.0, PAIRS).astype(np.float32)
     batch["ref_rejected_logps"] = rng.normal(-1400.0, 30.0, PAIRS).astype(np.float32)
     return batch
+
+
+def packed(pairs, one_per_row=False):
+    """The train step's DPO batch of `pairs`: packed first-fit, or one pair per row (K = 1)."""
+    refs = {k: pairs[k] for k in ("ref_chosen_logps", "ref_rejected_logps")}
+    rows = {k: v for k, v in pairs.items() if k not in refs}
+    if one_per_row:
+        out = {k: v for k, v in rows.items()}
+        for side in ("chosen", "rejected"):
+            out[f"{side}_positions"] = np.arange(SEQ, dtype=np.int32)[None] * out[f"{side}_segment_ids"]
+        out["pair_index"] = np.arange(PAIRS, dtype=np.int32)[:, None]
+    else:
+        out = pack_dpo_pairs(rows)
+    return {**{k: v for k, v in out.items() if k != "pair_index"}, **packed_ref_logps(out, refs)}
+
+
+@pytest.fixture(scope="module")
+def packed_batch(pair_batch):
+    return packed(pair_batch)
 
 
 def torch_logps(hf, ids, mask):
@@ -79,10 +100,10 @@ def one_step(config, params, batch, objective, *, micro_batches, lr=1e-3):
 
 
 @pytest.fixture(scope="module")
-def sigmoid_step(tiny, pair_batch):
-    """One sigmoid-DPO train step, its batch accumulated over 2 micro-batches."""
+def sigmoid_step(tiny, packed_batch):
+    """One sigmoid-DPO train step on the packed rows, accumulated over 2 micro-batches (a row each)."""
     _, config, params = tiny
-    return one_step(config, params, pair_batch, dpo_objective(0.1, "sigmoid"), micro_batches=2)
+    return one_step(config, params, packed_batch, dpo_objective(0.1, "sigmoid"), micro_batches=2)
 
 
 def trl_reference(hf, b, beta, loss_type, ls):
@@ -112,6 +133,9 @@ def test_dpo_step_loss_and_metrics_equal_trl_in_torch(tiny, pair_batch, sigmoid_
     # TRL's formula over the whole batch: accumulating 2 micro-batches must report the same batch means
     check_metrics(metrics, *trl_reference(hf, pair_batch, 0.1, "sigmoid", 0.0))
     assert float(metrics["tokens"]) == PAIRS
+    # tokens/s and MFU count the tokens the forward pass ran on, not the padding
+    real = sum(int(pair_batch[f"{side}_segment_ids"].sum()) for side in ("chosen", "rejected"))
+    assert float(metrics["batch_tokens"]) == real
     # the step's update moves the policy toward the chosen completions: the mean margin grows
     logps = jax.jit(dpo_pair_logps, static_argnums=(1, 3))
     jb = {k: jnp.asarray(v) for k, v in pair_batch.items()}
@@ -121,13 +145,47 @@ def test_dpo_step_loss_and_metrics_equal_trl_in_torch(tiny, pair_batch, sigmoid_
 
 
 @pytest.mark.parametrize("loss_type,ls", [("robust", 0.1), ("ipo", 0.0)])
-def test_dpo_objective_loss_types_equal_trl_in_torch(tiny, pair_batch, loss_type, ls):
+def test_dpo_objective_loss_types_equal_trl_in_torch(tiny, pair_batch, packed_batch, loss_type, ls):
     hf, config, params = tiny
     objective = dpo_objective(0.2, loss_type, ls)
     total, count, sums = jax.jit(objective.loss, static_argnums=(2, 3))(
-        params, {k: jnp.asarray(v) for k, v in pair_batch.items()}, config, 32)
+        params, {k: jnp.asarray(v) for k, v in packed_batch.items()}, config, 32)
     check_metrics({"loss": total / count, **{k: v / count for k, v in sums.items()}},
                   *trl_reference(hf, pair_batch, 0.2, loss_type, ls))
+
+
+def torch_chosen_nll(hf, b):
+    """TRL 1.16's "sft" loss term (rpo_alpha's NLL): -chosen_per_token_logps[chosen_mask].mean() over the batch."""
+    with torch.no_grad():
+        logits = hf(torch.as_tensor(b["chosen_input_ids"], dtype=torch.long)).logits.double()
+    logp = torch.log_softmax(logits[:, :-1], -1)
+    tok = torch.gather(logp, 2, torch.as_tensor(b["chosen_input_ids"][:, 1:], dtype=torch.long)[..., None])[..., 0]
+    return -tok[torch.as_tensor(b["chosen_loss_mask"][:, 1:]).bool()].mean().item()
+
+
+def test_rpo_alpha_adds_trls_chosen_nll(tiny, pair_batch, packed_batch):
+    """dpo.rpo_alpha: the loss is TRL's sigmoid loss + alpha x the mean NLL of the batch's chosen tokens (chosen
+    completions of different lengths, so a per-pair mean or a sum would not match)."""
+    hf, config, params = tiny
+    alpha = 0.7
+    total, count, sums = jax.jit(dpo_objective(0.1, "sigmoid", rpo_alpha=alpha).loss, static_argnums=(2, 3))(
+        params, {k: jnp.asarray(v) for k, v in packed_batch.items()}, config, 32)
+    dpo, chosen_r, rejected_r = trl_reference(hf, pair_batch, 0.1, "sigmoid", 0.0)
+    nll = torch_chosen_nll(hf, pair_batch)
+    metrics = {"loss": total / count, **{k: v / count for k, v in sums.items()}}
+    check_metrics(metrics, dpo + alpha * nll, chosen_r, rejected_r)
+    np.testing.assert_allclose(float(metrics["nll/chosen"]), nll, rtol=1e-4)
+
+
+def test_packed_dpo_loss_equals_one_pair_per_row(tiny, pair_batch, packed_batch):
+    _, config, params = tiny
+    rows, slots = packed_batch["pair_mask"].shape
+    assert rows == 2 and slots >= 3 and packed_batch["pair_mask"].sum() == PAIRS   # packing happened
+    assert np.unique(packed_batch["chosen_segment_ids"]).tolist() == list(range(slots + 1))
+    loss = jax.jit(dpo_objective(0.1, "ipo").loss, static_argnums=(2, 3))
+    got = loss(params, {k: jnp.asarray(v) for k, v in packed_batch.items()}, config, 32)
+    want = loss(params, {k: jnp.asarray(v) for k, v in packed(pair_batch, one_per_row=True).items()}, config, 32)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), got, want)
 
 
 PAIR_ROWS = [
@@ -143,7 +201,7 @@ def dpo_config(data, init_from, **dpo):
                   "num_heads": 4, "num_kv_heads": 2, "head_dim": 12, "max_position_embeddings": 64,
                   "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},   # the tiny HF model's
         "optimizer": {"lr": 1e-3, "warmup_steps": 0},
-        "train": {"objective": "dpo", "steps": 2, "global_batch": 2, "seq_len": 64, "loss_chunk": 64,
+        "train": {"objective": "dpo", "steps": 2, "global_batch": 3, "seq_len": 64, "loss_chunk": 64,   # rows
                   "init_from": init_from},
         "data": {"tokenizer": "demo_compact", "dpo_files": data},
         "checkpoint": {"save_every": 2, "async_save": False},
@@ -180,7 +238,8 @@ def test_dpo_train_run_precomputes_reference_and_logs_rewards(tmp_path):
     # step 1's policy is the reference: every reward is 0 and the sigmoid loss is log 2
     assert m[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert m[0]["rewards/chosen"] == pytest.approx(0, abs=1e-5) and m[0]["rewards/margins"] == pytest.approx(0, abs=1e-5)
-    assert m[1]["rewards/margins"] > 0   # after one step the policy prefers the chosen completions
+    # each step is all 6 pairs (2 a row, 3 rows): after one step the policy prefers their chosen completions
+    assert m[0]["tokens"] == m[1]["tokens"] == 6 and m[1]["rewards/margins"] > 0
     # the next run finds the stored file instead of recomputing it (no reference model is loaded)
     logs.clear()
     got = load_or_compute_reference(cfg, pairs, mesh, None, log=logs.append, progress=False)
@@ -191,6 +250,8 @@ def test_dpo_train_run_precomputes_reference_and_logs_rewards(tmp_path):
 def test_dpo_bad_input(tmp_path):
     with pytest.raises(TrainConfigError, match="dpo.loss_type: unknown DPO loss type 'hinge'"):
         dpo_config("x.jsonl", None, loss_type="hinge")
+    with pytest.raises(TrainConfigError, match="dpo.rpo_alpha must be a number >= 0, got -1"):
+        dpo_config("x.jsonl", None, rpo_alpha=-1)
     with pytest.raises(TrainConfigError, match="needs data.dpo_files"):
         build_train_config({"train": {"objective": "dpo"}, "data": {"sources": []}})
     tok = make_tokenizer(dpo_config("x", None).data)

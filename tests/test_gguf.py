@@ -233,7 +233,8 @@ def test_ours_to_gguf_tensors_and_metadata(work, hf_model, ours_f32, gguf_type):
     """--to-gguf: gguf.GGUFReader reads every llama.cpp phi3 tensor name with its HF tensor's data encoded as
     gguf.quants.quantize encodes it (so f32 is exact; 1-D norms stay F32), dims in GGUF order, and the phi3
     hyper-parameter keys equal the transformers config; --no-tokenizer marks the file weights-only (llama.cpp's
-    "none" tokenizer). A transposed, misnamed or mis-encoded tensor, or a wrong/missing key, fails."""
+    "none" tokenizer); with q4_0 the output layer is q8_0, as llama.cpp's quantizer keeps it. A transposed,
+    misnamed or mis-encoded tensor, a q4_0 output layer, or a wrong/missing key, fails."""
     out = work / f"out-{gguf_type}.gguf"
     assert cli_main("--to-gguf", ours_f32, out, "--type", gguf_type, "--no-tokenizer") == 0
     reader = gguf.GGUFReader(out)
@@ -257,6 +258,8 @@ def test_ours_to_gguf_tensors_and_metadata(work, hf_model, ours_f32, gguf_type):
         t = tensors[names[hf_name]]
         assert list(t.shape) == list(reversed(want.shape)), hf_name  # GGUF lists the innermost dim first
         qtype = gguf.GGMLQuantizationType.F32 if want.ndim == 1 else gguf.GGMLQuantizationType[gguf_type.upper()]
+        if hf_name == "lm_head.weight" and gguf_type == "q4_0":  # llama.cpp keeps the output layer above 4 bits
+            qtype = gguf.GGMLQuantizationType.Q8_0
         assert t.tensor_type == qtype, hf_name
         np.testing.assert_array_equal(np.asarray(t.data).reshape(-1).view(np.uint8),
                                       gguf.quants.quantize(want, qtype).reshape(-1).view(np.uint8), err_msg=hf_name)

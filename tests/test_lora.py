@@ -19,6 +19,7 @@ from phi4_jax.model.decoder import forward
 from phi4_jax.model.linear import linear
 from phi4_jax.posttrain.lora import LoraWeight, adapter_specs, attach, init_adapters, merge_params, restore_lora_run
 from phi4_jax.posttrain.merge_lora import merge_main
+from phi4_jax.train.checkpoints import TrainCheckpointError
 from phi4_jax.train.config import TrainConfigError, build_train_config
 from phi4_jax.train.loop import read_metrics, train
 from phi4_jax.train.step import init_params
@@ -71,16 +72,20 @@ def test_adapter_shapes_keep_the_layers_axis_first():
         adapter_specs(CFG, 8, ("lm_head",))
 
 
-def lora_config(data, steps=2, **lora):
+def lora_config(data, steps=2, seed=0, **lora):
     return build_train_config({   # the demo tokenizer's ids (pad 0, <|endoftext|> 1), which transformers checks
         "model": {"preset": "tiny", "vocab_size": 256, "max_position_embeddings": 256, "pad_token_id": 0,
                   "bos_token_id": 1, "eos_token_id": 1},
-        "optimizer": {"lr": 1e-2, "warmup_steps": 0},
-        "train": {"objective": "sft", "steps": steps, "global_batch": 2, "seq_len": 64, "loss_chunk": 64},
+        "optimizer": {"lr": 1e-2, "warmup_steps": 0, "decay_steps": 10},   # the same lr whatever train.steps
+        "train": {"objective": "sft", "steps": steps, "seed": seed, "global_batch": 2, "seq_len": 64, "loss_chunk": 64},
         "data": {"tokenizer": "demo_compact", "sft_files": data},
         "checkpoint": {"save_every": 1, "async_save": False},
         "lora": {"rank": 4, "alpha": 8.0, "base_dtype": "float32", **lora},
     })
+
+
+def _dir_bytes(path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def test_lora_sft_run_merges_and_exports_to_transformers(tmp_path):
@@ -90,10 +95,22 @@ def test_lora_sft_run_merges_and_exports_to_transformers(tmp_path):
         {"role": "assistant", "content": f"{i} plus 1 is {i + 1}."}]}) + "\n" for i in range(10)))
     cfg = lora_config(str(data))
     mesh = sharding.build_mesh("fsdp=1", devices=jax.devices()[:1])
-    train(cfg, str(tmp_path / "run"), progress=False, log=lambda *_: None, mesh=mesh)
-    logs = []   # resume to step 3: the LoRA state (adapters, their AdamW moments, frozen base) restores
+    quiet = dict(progress=False, log=lambda *_: None, mesh=mesh)
+    train(cfg, str(tmp_path / "run"), **quiet)
+    # the checkpoint holds the adapters and their AdamW moments, not the (float32 here) base weights
+    base_bytes = sum(x.nbytes for x in jax.tree.leaves(init_params(cfg.model, jax.random.key(0))))
+    adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(init_adapters(cfg.model, 4, cfg.lora.targets,
+                                                                         jax.random.key(0))))
+    saved = _dir_bytes(tmp_path / "run" / "checkpoints" / "2" / "state")
+    assert 3 * adapter_bytes <= saved < 3 * adapter_bytes + base_bytes // 4, (saved, adapter_bytes, base_bytes)
+    logs = []   # resume to step 3: adapters, their AdamW moments and the step restore; the base is reloaded
     out = train(lora_config(str(data), steps=3), str(tmp_path / "run"), progress=False, log=logs.append, mesh=mesh)
     assert out["last_step"] == 3 and any("resumed" in line and "step 2" in line for line in logs), logs
+    # the resumed step 3 has the loss of an uninterrupted 3-step run
+    train(lora_config(str(data), steps=3), str(tmp_path / "straight"), **quiet)
+    resumed, straight = (read_metrics(str(tmp_path / d / "metrics.jsonl"))[-1] for d in ("run", "straight"))
+    assert resumed["step"] == straight["step"] == 3
+    np.testing.assert_allclose(resumed["loss"], straight["loss"], rtol=1e-6)
     state = out["state"]
     # only the adapters are trained and carry AdamW moments; the base is frozen
     assert set(state["params"]["layers"]) == set(cfg.lora.targets)
@@ -121,6 +138,10 @@ def test_lora_sft_run_merges_and_exports_to_transformers(tmp_path):
     with torch.no_grad():
         hf_logits = hf(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(hf_logits, adapted, rtol=1e-4, atol=1e-4)
+    # last (it rewrites the run's config.json): another base (here another seed's init) is refused on resume
+    with pytest.raises(TrainCheckpointError, match="trained on base weights .* now gives different weights"):
+        train(lora_config(str(data), steps=4, seed=1), str(tmp_path / "run"),
+              allow_config_change=True, **quiet)
 
 
 def test_lora_config_errors():

@@ -125,6 +125,8 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
     base = ["--problems", str(problems), "--out", str(tmp_path / "o.jsonl"), "--checkpoint", str(tmp_path / "none")]
     cases = [(["--oracle", "nope"], "error: unknown oracle 'nope'"),
              (["--band", "0.9", "0.1"], "error: band must satisfy"),
+             (["--solutions", "0"], "error: solutions must be at least 1, got 0"),
+             (["--min-margin", "2"], "error: min_margin must be in [0, 1], got 2.0"),
              ([], f"error: checkpoint directory '{tmp_path / 'none'}' does not exist")]
     for extra, message in cases:
         assert pts_cli.main(base + extra) == 2

@@ -13,6 +13,7 @@ from phi4_jax.checkpoint.hf_mapping import params_from_hf_state_dict
 from phi4_jax.model.config import Phi4Config
 from phi4_jax.model.decoder import ModelInputError, model_from_params
 from phi4_jax.posttrain import dpo_loss, dpo_metrics, encode_sft_example, sequence_logps, sequence_logps_from_params
+from phi4_jax.posttrain.dpo import rpo_nll_loss
 
 SEQ = 300  # >= 256 tokens per row
 
@@ -180,6 +181,26 @@ def test_ipo_length_normalization_matches_trl(logps):
     np.testing.assert_allclose(float(got), ref.item(), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(grads[0]), pc.grad.numpy(), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(np.asarray(grads[1]), pr.grad.numpy(), rtol=1e-4, atol=1e-7)
+
+
+def test_rpo_nll_and_its_gradient_match_trl(logps):
+    """TRL's RPO term (1.16: loss_type "sft", weight rpo_alpha): the chosen tokens' mean NLL over the batch."""
+    g = torch.Generator().manual_seed(2)
+    lengths = torch.randint(1, 30, (16,), generator=g)
+    tokens = [-torch.rand(int(n), generator=g, dtype=torch.float64) * 3 for n in lengths]   # per-token log-probs
+    per_token = torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True).requires_grad_(True)
+    mask = torch.arange(per_token.shape[1])[None] < lengths[:, None]
+    pc, pr, rc, rr = logps
+    ref = (torch_dpo_losses(pc, pr, rc, rr, 0.1, "sigmoid", 0.0).mean() - 0.5 * per_token[mask].mean())
+    ref.backward()
+
+    def loss(per_token_logps):
+        chosen = jnp.sum(per_token_logps * jnp.asarray(mask.numpy()), axis=1)
+        return dpo_loss(pc.numpy(), pr.numpy(), rc.numpy(), rr.numpy()) + 0.5 * rpo_nll_loss(chosen, lengths.numpy())
+
+    got, grad = jax.value_and_grad(loss)(jnp.asarray(per_token.detach().numpy(), jnp.float32))
+    np.testing.assert_allclose(float(got), ref.item(), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad), per_token.grad.numpy(), rtol=1e-4, atol=1e-7)
 
 
 def test_reference_free_dpo_is_a_zero_reference(logps):

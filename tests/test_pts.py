@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import jax
+import numpy as np
 import pytest
 
 import phi4_jax
@@ -41,13 +42,13 @@ def solved(ids) -> bool:
     return GOOD in ids and SLIP not in ids
 
 
-def completions(generated: tuple[int, ...]) -> list[tuple[tuple[int, ...], float]]:
+def completions(generated: tuple[int, ...], distribution=next_distribution) -> list[tuple[tuple[int, ...], float]]:
     """Every completion after `generated` with its probability (the scripted model's tree)."""
     if generated and generated[-1] == STOP:
         return [((), 1.0)]
     out = []
-    for token, prob in next_distribution(generated).items():
-        for rest, p_rest in completions(generated + (token,)):
+    for token, prob in distribution(generated).items():
+        for rest, p_rest in completions(generated + (token,), distribution):
             out.append(((token,) + rest, prob * p_rest))
     return out
 
@@ -65,8 +66,8 @@ class ScriptedSampler:
     identity = "scripted"
     stop_tokens = frozenset({STOP})
 
-    def __init__(self):
-        self.calls = []
+    def __init__(self, distribution=next_distribution):
+        self.calls, self.distribution = [], distribution
 
     def prepare(self, sequence):
         pass
@@ -74,7 +75,7 @@ class ScriptedSampler:
     def rollouts(self, context, k, seed):
         self.calls.append(tuple(context))
         prompt, generated = context[:1], tuple(context[1:])
-        tree = completions(generated)
+        tree = completions(generated, self.distribution)
         quotas = [p * k for _, p in tree]
         counts = [int(q) for q in quotas]
         for i in sorted(range(len(tree)), key=lambda i: quotas[i] - counts[i], reverse=True)[:k - sum(counts)]:
@@ -116,6 +117,69 @@ def test_scripted_model_pivots_and_pairs_are_the_known_ones(prompt):
         assert pair["p_rejected"] == pytest.approx(p_true(solution[:pair["position"]] + pair["rejected_ids"]))
     # bisection: fewer estimates, alternatives included, than one per proper prefix and the prompt
     assert len(search.sampler.calls) < len(solution)
+
+
+def test_several_solutions_are_bisected_and_shared_pairs_kept_once():
+    """The three distinct rollouts (GOOD..KEEP, GOOD..SLIP, BAD..KEEP) are bisected; their 5 pivots give only the
+    2 distinct pairs (same prefix, same chosen and rejected)."""
+    result = scripted_search(solutions=5).search({}, "problem", [1])
+    assert result.solutions == [[10, GOOD, *FILLER, KEEP, 30, 31, STOP], [10, GOOD, *FILLER, SLIP, 30, 31, STOP],
+                                [10, BAD, *FILLER, KEEP, 30, 31, STOP]]
+    for index, solution in enumerate(result.solutions):
+        assert [p.position for p in result.pivots if p.solution == index] == expected_pivots(solution)
+    assert len(result.pivots) == 5
+    assert sorted((p["position"], p["chosen_ids"][0], p["rejected_ids"][0]) for p in result.pairs) == [
+        (1, GOOD, BAD), (KEEP_AT, KEEP, SLIP)]
+
+
+MEH = 13
+
+
+def meh_distribution(generated):
+    """10, then GOOD (1/2; then solved), MEH (5/16; then KEEP 4/5 or SLIP 1/5) or BAD (3/16; never solved)."""
+    n = len(generated)
+    if n == 0:
+        return {10: 1.0}
+    if n == 1:
+        return {GOOD: 0.5, MEH: 0.3125, BAD: 0.1875}
+    if n == 2 and generated[1] == GOOD:
+        return {30: 1.0}
+    if n == 2 and generated[1] == MEH:
+        return {KEEP: 0.8, SLIP: 0.2}
+    return {STOP: 1.0}
+
+
+def test_an_alternative_from_the_model_distribution_when_the_rollouts_offer_none():
+    """GOOD raises p (0.75 -> 1). The rollouts' most frequent other first token, MEH (p 0.8), is no worse, so with one
+    rollout alternative there is no pair; the model's next-token ranking (GOOD, MEH, BAD) then offers BAD (p 0)."""
+    judge = lambda ids, problem: BAD not in ids and SLIP not in ids  # noqa: E731
+    settings = pts.PTSSettings(rollouts=16, max_new_tokens=8, max_alternatives=1, top_alternatives=2)
+    asked = []
+
+    def top_tokens(context, n):
+        asked.append((list(context), n))
+        return [GOOD, MEH, BAD, 10][:n]
+
+    without = pts.PivotalTokenSearch(ScriptedSampler(meh_distribution), judge, settings).search({}, "q", [1])
+    assert without.solution == [10, GOOD, 30, STOP] and without.p_prompt == pytest.approx(0.75)
+    assert [(p.position, p.p_before, p.p_after) for p in without.pivots] == [(1, 0.75, 1.0)]
+    assert without.pairs == [] and without.no_alternative == 1
+    result = pts.PivotalTokenSearch(ScriptedSampler(meh_distribution), judge, settings, top_tokens=top_tokens).search(
+        {}, "q", [1])
+    assert asked == [([1, 10], 4)]          # the prefix before the pivot; enough to skip GOOD and MEH
+    (pair,) = result.pairs
+    assert (pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"]) == ([1, 10], [GOOD], [BAD])
+    assert (pair["p_chosen"], pair["p_rejected"], pair["alternative_from"]) == (1.0, 0.0, "distribution")
+    assert result.no_alternative == 0 and result.from_distribution == 1
+
+
+def test_min_margin_keeps_only_pairs_that_far_apart():
+    """GOOD/BAD is 0.5 apart (0.5 vs 0), KEEP/SLIP 1 apart: a margin of 0.6 keeps only the second."""
+    result = scripted_search(min_margin=0.6).search({}, "problem", [1])
+    assert [(p["chosen_ids"][0], p["rejected_ids"][0]) for p in result.pairs] == [(KEEP, SLIP)]
+    assert result.no_alternative == 1
+    with pytest.raises(pts.PTSError, match=r"min_margin must be in \[0, 1\], got 1.5"):
+        pts.PTSSettings(min_margin=1.5)
 
 
 def test_outside_the_band_costs_one_estimate_and_yields_nothing():
@@ -220,6 +284,16 @@ def test_model_rollouts_on_a_rewound_cache_equal_generate(tiny_model):
     assert sampler._tokens == sequence   # every context above was served from the one prefilled sequence
 
 
+def test_model_top_tokens_are_the_models_most_probable_next_tokens(tiny_model):
+    top = pts.ModelTopTokens(tiny_model)
+    context = [5, 9, 17, 40, 2]                        # padded to a 32-token bucket inside
+    logits = np.asarray(tiny_model(np.asarray([context], np.int32))[0, -1])
+    ranked = list(np.argsort(-logits, kind="stable"))
+    assert top(context, 5) == ranked[:5]
+    limit = int(min(ranked[:3])) + 1            # a tokenizer with fewer ids than the model's rows
+    assert pts.ModelTopTokens(tiny_model, limit)(context, 3) == [t for t in ranked if t < limit][:3]
+
+
 def test_pts_on_the_tiny_model_finds_the_first_token_when_only_it_matters(tiny_model):
     """Success iff the first answer token is even: p jumps to 0 or 1 at position 0 and nowhere else, so that is the
     only pivot and its pair prefers an even token to an odd one."""
@@ -247,6 +321,25 @@ def test_pairs_are_written_in_the_output_id_space(tmp_path):
     assert {(r["chosen_ids"][0], r["rejected_ids"][0]) for r in rows} == {(1000 + GOOD, 1000 + BAD),
                                                                          (1000 + KEEP, 1000 + SLIP)}
     assert rows[0]["prompt_ids"] == [1001, 1010]
+
+
+def test_a_pair_with_an_id_the_tokenizer_lacks_is_counted_not_written(tmp_path):
+    """A sampled id past the tokenizer's table (an untrained row of the demo model) cannot be written as a phi-4 id."""
+    from phi4_jax.posttrain.policy import _mapped_ids
+
+    with pytest.raises(pts.UnmappedTokenError, match=r"model ids \[5\] have no token .*below 2"):
+        _mapped_ids([7, 8], [1, 5])
+    table = [100 + i for i in range(SLIP)]   # ids 0..14: the GOOD/BAD pair maps; the KEEP/SLIP pair (SLIP = 15) not
+
+    def output_ids(ids):
+        return _mapped_ids(table, ids)
+
+    problems, _ = pts.read_problems(_problems_file(tmp_path, 1), None)
+    out = str(tmp_path / "pairs.jsonl")
+    summary = pts.run_pts(problems, scripted_search(), lambda problem: [1], str, out, progress=False,
+                          output_ids=output_ids)
+    assert (summary.pairs_written, summary.pairs_unmapped) == (1, 1)
+    assert [json.loads(line)["rejected_ids"] for line in open(out)] == [[100 + BAD]]
 
 
 def test_a_broken_oracle_is_reported_with_its_problem_line(tmp_path):

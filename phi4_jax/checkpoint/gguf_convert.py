@@ -11,13 +11,17 @@ from the ``phi3.*`` metadata, the vocabulary size from ``token_embd``. An embedd
 (`gguf_tokenizer.check_gguf_tokenizer`) unless the check is turned off.
 
 `checkpoint_to_gguf` writes a checkpoint as a phi3 GGUF (f32, f16, bf16, q8_0 or q4_0 weights, encoded by
-`gguf.quants.quantize`; norms stay f32, as llama.cpp keeps them) with the hyper-parameter metadata llama.cpp
-reads and phi-4's tokenizer and chat template (`gguf_tokenizer.add_phi4_tokenizer`; a weights-only file with
-``tokenizer=False``), one tensor in memory at a time, to a temporary file renamed into place when complete.
+`gguf.quants.quantize`; norms stay f32, as llama.cpp keeps them, and with q4_0 the output layer is q8_0, as
+llama.cpp's quantizer keeps it at higher precision) with the hyper-parameter metadata llama.cpp reads and phi-4's
+tokenizer and chat template (`gguf_tokenizer.add_phi4_tokenizer`; a weights-only file with ``tokenizer=False``).
+It streams: each tensor is read, encoded and appended in blocks of rows, to a temporary file renamed into place
+when complete. A ``--keep-quantized`` checkpoint's int8 / int4 groups of 32 become Q8_0 / Q4_0 blocks exactly
+(`gguf_quantized.gguf_blocks`); other quantized tensors are dequantized first.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -26,16 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from phi4_jax.checkpoint.gguf_tokenizer import add_no_tokenizer, add_phi4_tokenizer, check_gguf_tokenizer
-from phi4_jax.checkpoint.hf_convert import (
-    _check_distinct,
-    _progress,
-    open_checkpoint_arrays,
-    read_hf_tensor,
-    write_converted_checkpoint,
-)
+from phi4_jax.checkpoint.hf_convert import _check_distinct, _progress, write_converted_checkpoint
 from phi4_jax.checkpoint.hf_files import ConversionError, SourceTensor, parse_dtype, validate_tensors
 from phi4_jax.checkpoint.hf_mapping import hf_tensor_shapes
 from phi4_jax.model.config import ConfigError, Phi4Config
+from phi4_jax.special_tokens import ENDOFTEXT_ID, IM_END_ID, N_VOCAB
 
 ARCH = "phi3"
 
@@ -52,6 +51,7 @@ GGUF_TO_HF_PATTERNS = {
     "blk.{bid}.ffn_down": "model.layers.{bid}.mlp.down_proj.weight",
 }
 SPLIT_QKV = ("attn_q", "attn_k", "attn_v")  # some phi3 GGUFs store q, k, v separately
+_log = logging.getLogger(__name__)
 GGUF_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}  # --type -> GGMLQuantizationType
 
 
@@ -138,6 +138,13 @@ def config_from_gguf(reader, path: Path, vocab_size: int) -> Phi4Config:
         value = _field(reader, f"tokenizer.ggml.{theirs}", path, required=False)
         if value is not None:
             hf[ours] = int(value)
+    if vocab_size == N_VOCAB and hf.get("eos_token_id") == ENDOFTEXT_ID:
+        # Some phi-4 GGUFs state <|endoftext|> as eos (microsoft/phi-4's first tokenizer_config.json did). The chat
+        # format ends answers with <|im_end|>: that is the eos, and <|endoftext|> still stops generation
+        # (`inference.engine.default_stop_tokens` stops at both).
+        _log.info("%s: eos_token_id is %d (<|endoftext|>); using phi-4's <|im_end|> (%d) as eos", path.name,
+                  ENDOFTEXT_ID, IM_END_ID)
+        hf["eos_token_id"] = IM_END_ID
     try:
         return Phi4Config.from_hf_dict(hf)
     except ConfigError as e:
@@ -175,13 +182,17 @@ def _fused_qkv(parts: list[SourceTensor], hf_name: str) -> SourceTensor:
     return SourceTensor(hf_name, parts[0].file, parts[0].dtype, (int(bounds[-1]), *parts[0].shape[1:]), reader)
 
 
-def read_gguf_tensors(path, *, check_tokenizer: bool = True
+def read_gguf_tensors(path, *, check_tokenizer: bool = True, reader=None
                       ) -> tuple[Phi4Config, dict[str, SourceTensor], list[str]]:
     """(config, {HF name: tensor}, GGUF type names) of a phi3 GGUF file; validated (one row of each tensor is
     decoded to check its type; an embedded tokenizer must be phi-4's if `check_tokenizer`), the data is read
-    later."""
+    later. `reader`: the file's `gguf.GGUFReader`, when the caller has opened it already (parsing a file with
+    phi-4's 100352-token vocabulary takes seconds)."""
     path = Path(path)
-    gguf, reader = _open_reader(path)
+    if reader is None:
+        gguf, reader = _open_reader(path)
+    else:
+        gguf = _gguf()
     by_name = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in by_name:
         raise ConversionError(f"{path.name}: missing tensor 'token_embd.weight'")
@@ -233,22 +244,44 @@ def gguf_to_checkpoint(src, dst, *, dtype: str | None = None, overwrite: bool = 
 
 # ----------------------------------------------------------------------------- ours -> GGUF
 
-def _encode(gguf, name: str, tensor: np.ndarray, qtype) -> np.ndarray:
-    """float32 HF tensor -> the bytes (or f32/f16 array) of `qtype`; 1-D tensors (norms) stay F32."""
-    if tensor.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-        return tensor.astype(np.float32)
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
-    if tensor.shape[-1] % block:
-        raise ConversionError(f"--type {qtype.name.lower()} needs rows that are a multiple of {block} values; "
-                              f"tensor {name!r} has rows of {tensor.shape[-1]}")
-    return gguf.quants.quantize(tensor, qtype)
+def tensor_type(gguf, name: str, shape: tuple[int, ...], qtype):
+    """The GGUF type `--type` gives HF tensor `name`: norms (1-D) stay F32; with Q4_0 the output layer (lm_head)
+    is Q8_0, as llama.cpp's own quantizer keeps it at higher precision (it picks Q6_K, which the gguf package
+    cannot encode); every other matrix is `qtype`."""
+    if len(shape) == 1:
+        return gguf.GGMLQuantizationType.F32
+    if name == "lm_head.weight" and qtype == gguf.GGMLQuantizationType.Q4_0:
+        return gguf.GGMLQuantizationType.Q8_0
+    return qtype
+
+
+def _encode_block(gguf, block, qtype, kept_quantized: list) -> np.ndarray:
+    """A `RowBlock` as the bytes (or f32/f16 values) of GGUF type `qtype`: quantized rows whose groups are the
+    type's blocks are re-blocked exactly (`gguf_blocks`); other rows are dequantized (if quantized) and encoded by
+    `gguf.quants.quantize`. `kept_quantized` gets one bool per block: whether it was re-blocked."""
+    from phi4_jax.checkpoint.gguf_quantized import gguf_blocks  # gguf_quantized imports this module
+
+    if block.weight is not None and qtype.name in ("Q8_0", "Q4_0"):
+        raw = gguf_blocks(qtype.name, block.weight)
+        kept_quantized.append(raw is not None)
+        if raw is not None:
+            return raw
+    rows = block.float_rows(np.float32)
+    return rows if qtype == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(rows, qtype)
 
 
 def checkpoint_to_gguf(src, dst, *, gguf_type: str = "f16", overwrite: bool = False, progress: bool = True,
                        tokenizer: bool = True) -> Path:
-    """Writes a phi4_jax checkpoint as a llama.cpp phi3 GGUF file at `dst` (one tensor in memory at a time),
-    with phi-4's tokenizer and chat template, or weights only (``tokenizer=False``)."""
+    """Writes a phi4_jax checkpoint as a llama.cpp phi3 GGUF file at `dst`, streaming: each tensor is read,
+    encoded and written in blocks of rows (`rows.CheckpointRows`), so memory holds one piece of one tensor (at
+    most a layer of one parameter) plus a block, never a whole tensor. phi-4's tokenizer and chat template are
+    embedded, or nothing (weights only, ``tokenizer=False``). A ``--keep-quantized`` checkpoint's int8 / int4
+    groups of 32 become Q8_0 / Q4_0 blocks exactly (no re-quantization); other quantized tensors are dequantized
+    and quantized again, and a warning names them. The file is written to a temporary name and renamed into
+    place when complete."""
     gguf = _gguf()
+    from phi4_jax.checkpoint.rows import CheckpointRows
+
     if gguf_type not in GGUF_TYPES:
         raise ConversionError(f"unsupported --type {gguf_type!r}: choose one of {sorted(GGUF_TYPES)}")
     qtype = gguf.GGMLQuantizationType[GGUF_TYPES[gguf_type]]
@@ -259,15 +292,18 @@ def checkpoint_to_gguf(src, dst, *, gguf_type: str = "f16", overwrite: bool = Fa
         raise ConversionError(f"output {str(dst)!r} exists; pass --overwrite to replace it")
     if dst.is_dir():
         raise ConversionError(f"output {str(dst)!r} is a directory; --to-gguf writes a file")
-    config, _, read = open_checkpoint_arrays(src)
-    c = config
+    source = CheckpointRows(src)
+    c = source.config
     shapes = hf_tensor_shapes(c)
-
-    def encoded(name):
-        return _encode(gguf, name, read_hf_tensor(name, shapes[name], c, read).astype(np.float32, copy=False),
-                       qtype)
+    types = {name: tensor_type(gguf, name, shape, qtype) for name, shape in shapes.items()}
+    for name, shape in shapes.items():
+        block = gguf.GGML_QUANT_SIZES[types[name]][0]
+        if shape[-1] % block:
+            raise ConversionError(f"--type {gguf_type} needs rows that are a multiple of {block} values; "
+                                  f"tensor {name!r} has rows of {shape[-1]}")
 
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    requantized = []
     try:
         writer = gguf.GGUFWriter(tmp, ARCH)
         writer.add_name(Path(src).name)
@@ -289,27 +325,46 @@ def checkpoint_to_gguf(src, dst, *, gguf_type: str = "f16", overwrite: bool = Fa
                              else gguf.LlamaFileType[f"MOSTLY_{GGUF_TYPES[gguf_type]}"])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         # Tensor infos need each tensor's encoded size: computed from the shape (no data read).
+        sizes = {}
         for name, shape in shapes.items():
-            q = gguf.GGMLQuantizationType.F32 if len(shape) == 1 else qtype
-            block, type_size = gguf.GGML_QUANT_SIZES[q]
-            if shape[-1] % block:
-                raise ConversionError(f"--type {gguf_type} needs rows that are a multiple of {block} values; "
-                                      f"tensor {name!r} has rows of {shape[-1]}")
-            nbytes = math.prod(shape) // block * type_size
-            writer.add_tensor_info(gguf_name_for_hf(name), shape, np.dtype(np.float32), nbytes, raw_dtype=q)
+            block, type_size = gguf.GGML_QUANT_SIZES[types[name]]
+            sizes[name] = math.prod(shape) // block * type_size
+            writer.add_tensor_info(gguf_name_for_hf(name), shape, np.dtype(np.float32), sizes[name],
+                                   raw_dtype=types[name])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        total = sum(math.prod(s) for s in shapes.values())
-        with _progress(total, f"writing {dst.name}", progress) as bar:
-            for name, shape in shapes.items():
-                writer.write_tensor_data(encoded(name))
-                bar.update(math.prod(shape))
+        alignment = writer.data_alignment
         writer.close()
-        with open(tmp, "rb") as f:
+        # The tensor data, appended block by block in the order (and at the aligned offsets) of the tensor infos.
+        total = sum(math.prod(s) for s in shapes.values())
+        with open(tmp, "r+b") as f, _progress(total, f"writing {dst.name}", progress) as bar:
+            f.seek(0, os.SEEK_END)
+            f.write(bytes(-f.tell() % alignment))
+            for name, shape in shapes.items():
+                written, kept = 0, []
+                row_bytes = math.prod(shape[1:]) * 4
+                for block in source.blocks(name, row_bytes):
+                    data = _encode_block(gguf, block, types[name], kept)
+                    f.write(memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
+                    written += data.nbytes
+                    bar.update(block.n * math.prod(shape[1:]))
+                    del data, block
+                if written != sizes[name]:
+                    raise ConversionError(f"internal error: {name!r} encoded to {written} bytes, expected "
+                                          f"{sizes[name]}")
+                f.write(bytes(-written % alignment))
+                if not all(kept):
+                    requantized.append(gguf_name_for_hf(name))
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dst)
     finally:
         if tmp.exists():
             tmp.unlink()
+    if requantized:
+        _log.warning("note: %d tensor(s) held quantized in the checkpoint have no exact %s form (groups other than "
+                     "32, offsets, int8 into q4_0, or scales float16 cannot hold), so they were dequantized and "
+                     "quantized again: %s", len(requantized), gguf_type,
+                     ", ".join(requantized[:6]) + (" ..." if len(requantized) > 6 else ""))
     return dst

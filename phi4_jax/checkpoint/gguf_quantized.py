@@ -16,6 +16,10 @@ offsets are zero for Q4_0 layers); any other type (F32, F16, BF16, Q5_K, Q6_K, .
 layers mix families, as Q4_K_M files do for attn_v and ffn_down) is dequantized with `gguf.quants.dequantize`
 and, in `load_model`, quantized by our own scheme when ``quantize=`` asks for it. Norms are F32 in GGUF files
 and stay float.
+
+The other way (``--to-gguf`` of such a checkpoint), `gguf_blocks` turns int8 / int4 rows in groups of 32 without
+offsets back into Q8_0 / Q4_0 blocks exactly (the scales are float16 values already); anything else is
+dequantized and quantized by `gguf.quants`.
 """
 
 from __future__ import annotations
@@ -66,6 +70,31 @@ def reblock(qtype: str, raw: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray
     raise ConversionError(f"GGUF type {qtype} is not kept quantized")
 
 
+def gguf_blocks(qtype: str, weight) -> np.ndarray | None:
+    """The inverse of `reblock` for Q8_0 and Q4_0: rows of a `QuantizedWeight` (NumPy leaves [n, ...]) as GGUF
+    blocks [n, bytes], exactly (the same values and scales, no re-quantization), or None where the rows do not fit
+    the block format: groups other than 32, offsets, int8 values into Q4_0, or scales that float16 does not hold
+    exactly. (int4 rows fit Q8_0 as well: values -8..7 with the same scale.)"""
+    if weight.group_size != GROUP or weight.offsets is not None or (qtype == "Q4_0" and weight.bits != 4):
+        return None
+    if qtype not in ("Q8_0", "Q4_0"):
+        return None
+    scales = np.asarray(weight.scales, np.float32)
+    d = scales.astype(np.float16)
+    if not np.array_equal(d.astype(np.float32), scales):
+        return None
+    q = np.asarray(weight.int_values(), np.int8)
+    n, k = q.shape
+    head = d.view(np.uint8).reshape(n, k // GROUP, 2)
+    q = q.reshape(n, k // GROUP, GROUP)
+    if qtype == "Q8_0":
+        body = q.view(np.uint8)
+    else:
+        u = (q + 8).astype(np.uint8)  # 0..15
+        body = u[..., :16] | (u[..., 16:] << 4)  # value j in the low nibble of byte j, value j + 16 in the high one
+    return np.concatenate([head, body], axis=-1).reshape(n, -1)
+
+
 def gguf_sources(path, *, keep_quantized: bool = True, check_tokenizer: bool = True) -> tuple:
     """(config, [ParamSource] of our parameters, GGUF type names) of a phi3 GGUF file (validated first, by the
     same checks as the dequantizing converter; `check_tokenizer=False` accepts an embedded tokenizer that is not
@@ -73,8 +102,8 @@ def gguf_sources(path, *, keep_quantized: bool = True, check_tokenizer: bool = T
     import gguf
 
     path = Path(path)
-    config, tensors, types = read_gguf_tensors(path, check_tokenizer=check_tokenizer)
     _, reader = _open_reader(path)
+    config, tensors, types = read_gguf_tensors(path, check_tokenizer=check_tokenizer, reader=reader)
     raw = {t.name: t for t in reader.tensors}
 
     def parts_of(hf_name: str) -> list:

@@ -19,8 +19,9 @@ llama.cpp runs from token ids), because the compact tokenizer's id mapping is no
 
 `check_gguf_tokenizer` compares a GGUF's embedded tokenizer with phi-4's: model and pre-tokenizer, every token,
 the merges (phi-4's must all be there, in the same order; a file may list extra redundant ones, as Hugging Face's
-tiktoken conversion does), and the bos / eos / padding ids. A file without a tokenizer (or with ``"none"``) is
-not checked.
+tiktoken conversion does), and the bos / eos / padding ids (eos may be <|im_end|> or, as some phi-4 GGUFs ship,
+<|endoftext|>: `gguf_convert.config_from_gguf` then takes <|im_end|> as the eos). A file without a tokenizer (or
+with ``"none"``) is not checked.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ from phi4_jax.special_tokens import ENDOFTEXT_ID, IM_END_ID, N_VOCAB, NUM_MERGEA
 
 TOKENIZER_MODEL = "gpt2"
 TOKENIZER_PRE = "dbrx"
-# (GGUF key, phi-4's id) for the special ids a file may state.
-SPECIAL_ID_KEYS = (("tokenizer.ggml.bos_token_id", ENDOFTEXT_ID), ("tokenizer.ggml.eos_token_id", IM_END_ID),
-                   ("tokenizer.ggml.padding_token_id", PAD_ID))
-NO_CHECK_HINT = "pass --no-tokenizer-check to convert it anyway"
+# (GGUF key, the ids phi-4's tokenizer may state there): some phi-4 GGUFs give <|endoftext|> (100257) as eos, as
+# microsoft/phi-4's first tokenizer_config.json did; the chat format still ends answers with <|im_end|>.
+SPECIAL_ID_KEYS = (("tokenizer.ggml.bos_token_id", (ENDOFTEXT_ID,)),
+                   ("tokenizer.ggml.eos_token_id", (IM_END_ID, ENDOFTEXT_ID)),
+                   ("tokenizer.ggml.padding_token_id", (PAD_ID,)))
+NO_CHECK_HINT = "pass --no-tokenizer-check (load_model: check_tokenizer=False) to use it anyway"
 
 
 @functools.lru_cache(maxsize=1)
@@ -184,7 +187,7 @@ def check_gguf_tokenizer(reader, path: Path) -> None:
         if at < last:
             raise mismatch(f"merge {_show(ours)} comes before an earlier phi-4 merge (merge order differs)")
         last = at
-    for key, want in SPECIAL_ID_KEYS:
+    for key, allowed in SPECIAL_ID_KEYS:
         value = field(key)
-        if value is not None and int(value) != want:
-            raise mismatch(f"{key} is {int(value)}, phi-4's is {want} ({tokens[want]})")
+        if value is not None and int(value) not in allowed:
+            raise mismatch(f"{key} is {int(value)}, phi-4's is {' or '.join(f'{i} ({tokens[i]})' for i in allowed)}")

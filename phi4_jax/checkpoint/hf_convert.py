@@ -31,8 +31,8 @@ from phi4_jax.checkpoint.hf_files import (
     parse_size,
     validate_tensors,
 )
-from phi4_jax.checkpoint.hf_mapping import Piece, hf_pieces, hf_tensor_shapes
-from phi4_jax.checkpoint.store import contiguous_copy
+from phi4_jax.checkpoint.hf_mapping import hf_pieces, hf_tensor_shapes
+from phi4_jax.checkpoint.rows import CheckpointRows, piece_read_blocks
 from phi4_jax.model.config import Phi4Config
 
 # ----------------------------------------------------------------------------- HF -> ours
@@ -116,55 +116,14 @@ def _whole_param_split_axes(config: Phi4Config) -> dict[tuple[str, ...], int]:
             if p.layer is None and p.row_axis is not None}
 
 
-def _read_blocks(piece: Piece, chunks: tuple[int, ...]) -> list[tuple[int, int, tuple]]:
-    """[(first row, end row, index into our array)] covering the piece: one block per chunk along the row
-    axis when the array is chunked along it (embed, lm_head), else one block of all rows."""
-    layer = () if piece.layer is None else (piece.layer,)
-    if piece.row_axis is None or chunks[len(layer) + piece.row_axis] >= piece.rows:
-        return [(0, piece.rows, layer)]
-    step = chunks[len(layer) + piece.row_axis]
-    lead = layer + (slice(None),) * piece.row_axis
-    return [(a, min(piece.rows, a + step), lead + (slice(a, min(piece.rows, a + step)),))
-            for a in range(0, piece.rows, step)]
-
-
 def _convert_tensor(t: SourceTensor, config: Phi4Config, writer: ckpt.ParamArrayWriter) -> None:
     """Reads each piece of `t` (in row blocks where it streams) and writes it into its parameter's slot."""
     for piece in hf_pieces(t.name, config):
-        for a, b, index in _read_blocks(piece, writer.chunks[piece.path]):
+        for a, b, index in piece_read_blocks(piece, writer.chunks[piece.path]):
             writer.write(piece.path, piece.to_ours(t.read((piece.r0 + a, piece.r0 + b))), index)
 
 
 # ----------------------------------------------------------------------------- ours -> HF
-
-def open_checkpoint_arrays(src):
-    """A phi4_jax checkpoint's config, its parameter arrays (TensorStore, opened lazily) and
-    `read(path, index)`, which reads a block of one as NumPy (errors name the parameter)."""
-    try:
-        config, meta = ckpt.read_checkpoint_config(src)
-        params_dir = ckpt.params_directory(src, meta)
-        stored = ckpt.check_params_metadata(params_dir, config)
-        ckpt.check_chunk_files(params_dir, stored)
-        arrays = ckpt.open_param_arrays(params_dir, list(stored))
-    except ckpt.CheckpointError as e:
-        raise ConversionError(str(e)) from None
-
-    def read(path, index):
-        try:
-            return arrays[path][index].read().result()
-        except Exception as e:
-            raise ConversionError(f"cannot read parameter {'/'.join(path)!r} from {str(params_dir)!r}: "
-                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-
-    return config, arrays, read
-
-
-def read_hf_tensor(name: str, shape: tuple[int, ...], config: Phi4Config, read) -> np.ndarray:
-    """One whole HF tensor assembled from a checkpoint's pieces (in memory: one tensor at a time)."""
-    parts = [piece.to_hf(read(piece.path, () if piece.layer is None else (piece.layer,)), shape[1:])
-             for piece in hf_pieces(name, config)]
-    return np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0))
-
 
 def _plan_shards(items: list[tuple[str, tuple[int, ...]]], itemsize: int, max_shard_bytes: int
                  ) -> list[list[tuple[str, tuple[int, ...]]]]:
@@ -195,18 +154,21 @@ def _safetensors_header(entries: list[tuple[str, tuple[int, ...]]], dtype: np.dt
 
 def checkpoint_to_hf(src, dst, *, dtype: str | None = None, overwrite: bool = False,
                      max_shard_size: str | int = "5GB", progress: bool = True) -> Path:
-    """Writes a phi4_jax checkpoint back as a transformers directory (safetensors shards, index, config.json)."""
+    """Writes a phi4_jax checkpoint back as a transformers directory (safetensors shards, index, config.json).
+    A checkpoint holding quantized tensors (``--keep-quantized``) is dequantized (float32, then `dtype`, default
+    the checkpoint's parameter dtype) block by block."""
     out_dtype = parse_dtype(dtype)
     _check_distinct(src, dst)
     max_bytes = parse_size(max_shard_size)
     if max_bytes <= 0:
         raise ConversionError("--max-shard-size must be positive")
-    config, arrays, read = open_checkpoint_arrays(src)
-    stored_dtypes = sorted({np.dtype(a.dtype.numpy_dtype).name for a in arrays.values()})
+    source = CheckpointRows(src)
+    config = source.config
     if out_dtype is None:
+        stored_dtypes = source.float_dtypes()
         if len(stored_dtypes) > 1:
             raise ConversionError(f"checkpoint parameters mix dtypes {stored_dtypes}; pass --dtype to pick one")
-        out_dtype = np.dtype(next(iter(arrays.values())).dtype.numpy_dtype)
+        out_dtype = np.dtype(stored_dtypes[0])
     if out_dtype.name not in SAFETENSORS_CODES:
         raise ConversionError(f"cannot write dtype {out_dtype.name} to safetensors")
 
@@ -217,20 +179,13 @@ def checkpoint_to_hf(src, dst, *, dtype: str | None = None, overwrite: bool = Fa
     _check_free_space(dst.parent, total)
 
     def write_tensor(f, name, shape):
-        """Each piece of HF tensor `name`, read in blocks (`_read_blocks`), goes to the file in row order;
-        the only copy is the cast-and-transpose of at most ~CHUNK_TARGET_BYTES of HF rows at a time."""
-        row_bytes = math.prod(shape[1:]) * out_dtype.itemsize
-        step = max(1, ckpt.CHUNK_TARGET_BYTES // max(1, row_bytes))
-        for piece in hf_pieces(name, config):
-            chunks = arrays[piece.path].chunk_layout.read_chunk.shape or arrays[piece.path].shape
-            for _, _, index in _read_blocks(piece, chunks):
-                rows = piece.to_hf(read(piece.path, index), shape[1:])
-                for r in range(0, rows.shape[0], step):
-                    block = contiguous_copy(rows[r:r + step], out_dtype)
-                    f.write(memoryview(block.reshape(-1).view(np.uint8)))
-                    yield block.nbytes
-                    del block
-                del rows  # before the next read: one piece in memory at a time
+        """HF tensor `name`, block by block (`CheckpointRows.blocks`), goes to the file in row order; the only
+        copy is the cast (or dequantization) of at most ~CHUNK_TARGET_BYTES of HF rows at a time."""
+        for rows in source.blocks(name, math.prod(shape[1:]) * out_dtype.itemsize):
+            block = rows.float_rows(out_dtype)
+            f.write(memoryview(block.reshape(-1).view(np.uint8)))
+            yield block.nbytes
+            del block, rows
 
     n = len(shards)
     names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors" for i in range(n)]

@@ -1,4 +1,5 @@
-"""Reading a checkpoint back: `restore_params` (onto any shardings, in any dtype) and `load_model`."""
+"""Reading a checkpoint back: `restore_params` (onto any shardings, in any dtype; quantized tensors kept or
+dequantized) and `load_model`."""
 
 from __future__ import annotations
 
@@ -51,9 +52,49 @@ def _target_shardings(config: Phi4Config, sharding: ShardingSpec):
 def restore_params(path: str | os.PathLike, config: Phi4Config | None = None, *, dtype=None,
                    sharding: ShardingSpec = None) -> dict:
     """Restores the nested params dict of a checkpoint with Orbax, cast to `dtype` (None: as stored), placed
-    on `sharding` (None: the first device; a Sharding for all; a pytree; or callable(path, shape, axes))."""
+    on `sharding` (None: the first device; a Sharding for all; a pytree; or callable(path, shape, axes)).
+
+    A checkpoint holding quantized tensors (``convert_weights.py X.gguf DST --keep-quantized``) gives, with
+    ``dtype=None``, `phi4_jax.quant.QuantizedWeight` leaves for them (scales and the float parameters in the
+    checkpoint's parameter dtype; one device: `sharding` must be None), the tree `load_model` runs; with a float
+    `dtype` every quantized tensor is dequantized (in float32, then cast), one at a time, and placed like a plain
+    checkpoint's parameters."""
     stored_config, meta = read_checkpoint_config(path)
+    if meta.get("quantized"):
+        return _restore_quantized(params_directory(path, meta), config or stored_config, meta, dtype, sharding)
     return _restore(params_directory(path, meta), config or stored_config, dtype, sharding)
+
+
+def _restore_quantized(params_dir, config: Phi4Config, meta: dict, dtype, sharding: ShardingSpec) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from phi4_jax.checkpoint.quantized_load import assemble, checkpoint_sources, load_params
+    from phi4_jax.quant.weights import QuantizationError, QuantizedWeight
+
+    sources = checkpoint_sources(params_dir, config, meta)
+    dtype_name = _resolve_dtype(dtype)
+    if dtype_name is None:
+        _check_unsharded(sharding)
+        return load_params(sources, None, meta.get("param_dtype", config.param_dtype), progress=False)
+    shardings = _target_shardings(config, sharding)
+    params: dict = {"layers": {}}
+    for source in sources:
+        try:
+            leaf = assemble(source, None, "float32")
+        except QuantizationError as e:
+            raise CheckpointError(str(e)) from None
+        if isinstance(leaf, QuantizedWeight):
+            leaf = leaf.dequantize(jnp.float32, name=source.name)
+        path = source.path
+        try:
+            shard = shardings[path[0]] if len(path) == 1 else shardings[path[0]][path[1]]
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"sharding does not match the parameter tree: {e}") from None
+        value = jax.device_put(leaf.astype(dtype_name), shard)
+        del leaf
+        (params["layers"] if path[0] == "layers" else params)[path[-1]] = value
+    return params
 
 
 def _restore(params_dir, config: Phi4Config, dtype, sharding: ShardingSpec) -> dict:
@@ -85,7 +126,7 @@ def _restore(params_dir, config: Phi4Config, dtype, sharding: ShardingSpec) -> d
 
 def load_model(path: str | os.PathLike, dtype=None, *, quantize: str | None = None, group_size: int | None = None,
                quantize_embed: str | None = "int8", quantize_lm_head: bool = True, sharding: ShardingSpec = None,
-               compute_dtype=None, progress: bool = False, **config_overrides: Any):
+               compute_dtype=None, progress: bool = False, check_tokenizer: bool = True, **config_overrides: Any):
     """Loads a converted checkpoint (or a llama.cpp phi3 ``.gguf`` file) as a `Phi4ForCausalLM`.
 
     `dtype` casts the parameters (e.g. ``jnp.bfloat16`` for inference; None keeps the stored dtype; a GGUF file
@@ -102,13 +143,18 @@ def load_model(path: str | os.PathLike, dtype=None, *, quantize: str | None = No
     GGUF file already holds quantized (Q8_0 -> int8, Q4_0/Q4_K -> int4, in groups of 32) are used as they are,
     whatever `quantize` says. A quantized model loads onto one device (`sharding` must be None) and is for
     inference (generate, chat, serve); `progress=True` shows a bar while it loads.
+
+    A ``.gguf`` file's embedded tokenizer must be phi-4's (the converter's check); `check_tokenizer=False` loads a
+    file whose tokenizer differs anyway (``convert_weights.py --no-tokenizer-check``). Checkpoint directories
+    hold no tokenizer, so it does not apply to them.
     """
     from phi4_jax.model.decoder import model_from_params
 
     dtype_name = _resolve_dtype(dtype)
     options = _quantize_options(quantize, group_size, quantize_embed, quantize_lm_head)
     if str(path).endswith(".gguf"):
-        return _load_gguf_model(path, dtype_name, options, sharding, compute_dtype, progress, config_overrides)
+        return _load_gguf_model(path, dtype_name, options, sharding, compute_dtype, progress, check_tokenizer,
+                                config_overrides)
     stored_config, meta = read_checkpoint_config(path)
     param_dtype = dtype_name or meta.get("param_dtype", stored_config.param_dtype)
     config = _runtime_config(stored_config, param_dtype, compute_dtype, config_overrides)
@@ -161,7 +207,7 @@ def _quantized_model(config: Phi4Config, sources, options, param_dtype: str, pro
         raise CheckpointError(str(e)) from None
 
 
-def _load_gguf_model(path, dtype_name, options, sharding, compute_dtype, progress, overrides):
+def _load_gguf_model(path, dtype_name, options, sharding, compute_dtype, progress, check_tokenizer, overrides):
     """`load_model` of a ``.gguf`` file: its quantized blocks kept (re-blocked), other tensors in `dtype`."""
     from phi4_jax.checkpoint.gguf_quantized import gguf_sources
     from phi4_jax.checkpoint.hf_files import ConversionError
@@ -169,7 +215,7 @@ def _load_gguf_model(path, dtype_name, options, sharding, compute_dtype, progres
     _check_unsharded(sharding)
     param_dtype = dtype_name or "float32"
     try:
-        stored_config, sources, _ = gguf_sources(path)
+        stored_config, sources, _ = gguf_sources(path, check_tokenizer=check_tokenizer)
         config = _runtime_config(stored_config, param_dtype, compute_dtype, overrides)
         return _quantized_model(config, sources, options, param_dtype, progress, f"loading {Path(path).name}")
     except ConversionError as e:

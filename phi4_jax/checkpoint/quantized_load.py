@@ -182,20 +182,25 @@ def _quantized_blocks(shape, reads: dict, stacked: bool) -> Callable[[], Iterato
     return blocks
 
 
-def checkpoint_sources(params_dir: Path, config: Phi4Config, meta: dict) -> list[ParamSource]:
-    """`ParamSource`s of a checkpoint's parameters (plain or holding quantized tensors), shapes checked."""
+def open_checkpoint_parts(params_dir: Path, config: Phi4Config, meta: dict
+                          ) -> tuple[dict, dict[tuple[str, ...], tuple[int, int, bool]], Callable]:
+    """A checkpoint's stored arrays, plain or holding quantized tensors, checked against the config and opened
+    lazily: ({array path: TensorStore array}, {parameter path: (bits, group size, has offsets)} of the quantized
+    parameters, `read(array path, index)` -> NumPy, whose errors name the array). A quantized parameter's arrays
+    are ``path + ("values",)``, ``("scales",)`` and, with offsets, ``("offsets",)``."""
     from phi4_jax.model.decoder import flat_param_specs
 
-    quantized = meta.get(QUANTIZED_KEY) or {}
+    quantized_meta = meta.get(QUANTIZED_KEY) or {}
     specs = flat_param_specs(config)
-    if not quantized:
+    quantized: dict[tuple[str, ...], tuple[int, int, bool]] = {}
+    if not quantized_meta:
         stored = check_params_metadata(params_dir, config)
         array_paths = list(stored)
     else:
         stored = _orbax_tree_metadata(params_dir)
         array_paths = []
         for path, (shape, _) in specs.items():
-            q = quantized.get(".".join(path))
+            q = quantized_meta.get(".".join(path))
             wanted = [path] if q is None else [path + (p,) for p in PARTS if p != "offsets" or q.get("offsets")]
             for p in wanted:
                 if p not in stored:
@@ -206,7 +211,8 @@ def checkpoint_sources(params_dir: Path, config: Phi4Config, meta: dict) -> list
                                       f"{tuple(stored[path].shape)}, the config needs {shape}")
             if q is not None:
                 try:
-                    want = part_shapes(path[-1], shape, int(q["bits"]), int(q["group_size"]), bool(q.get("offsets")))
+                    scheme = (int(q["bits"]), int(q["group_size"]), bool(q.get("offsets")))
+                    want = part_shapes(path[-1], shape, *scheme)
                 except (QuantizationError, KeyError, TypeError, ValueError) as e:
                     raise CheckpointError(f"checkpoint {str(params_dir)!r}: bad quantization entry for "
                                           f"{'/'.join(path)!r}: {e}") from None
@@ -215,29 +221,39 @@ def checkpoint_sources(params_dir: Path, config: Phi4Config, meta: dict) -> list
                     if got != part_shape:
                         raise CheckpointError(f"parameter {'/'.join(path + (part,))!r} in {str(params_dir)!r} "
                                               f"has shape {got}, expected {part_shape}")
+                quantized[path] = scheme
     check_chunk_files(params_dir, array_paths)
     arrays = open_param_arrays(params_dir, array_paths)
 
+    def read(path, index):
+        try:
+            return arrays[path][index].read().result()
+        except Exception as e:  # tensorstore errors for corrupt chunks
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"corrupt or incomplete checkpoint {str(params_dir)!r}: cannot read "
+                                  f"{'/'.join(path)!r}: {first}") from None
+
+    return arrays, quantized, read
+
+
+def checkpoint_sources(params_dir: Path, config: Phi4Config, meta: dict) -> list[ParamSource]:
+    """`ParamSource`s of a checkpoint's parameters (plain or holding quantized tensors), shapes checked."""
+    from phi4_jax.model.decoder import flat_param_specs
+
+    arrays, quantized, read = open_checkpoint_parts(params_dir, config, meta)
+
     def reader(path):
-        def read(index):
-            try:
-                return arrays[path][index].read().result()
-            except Exception as e:  # tensorstore errors for corrupt chunks
-                first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise CheckpointError(f"corrupt or incomplete checkpoint {str(params_dir)!r}: cannot read "
-                                      f"{'/'.join(path)!r}: {first}") from None
-        return read
+        return lambda index: read(path, index)
 
     sources = []
-    for path, (shape, _) in specs.items():
-        q = quantized.get(".".join(path))
-        if q is None:
+    for path, (shape, _) in flat_param_specs(config).items():
+        scheme = quantized.get(path)
+        if scheme is None:
             sources.append(ParamSource(path, shape, None, _float_blocks(path[-1], shape, reader(path),
                                                                            path[0] == "layers")))
         else:
             reads = {p: reader(path + (p,)) for p in PARTS if path + (p,) in arrays}
-            sources.append(ParamSource(path, shape, (int(q["bits"]), int(q["group_size"]), bool(q.get("offsets"))),
-                                       _quantized_blocks(shape, reads, path[0] == "layers")))
+            sources.append(ParamSource(path, shape, scheme, _quantized_blocks(shape, reads, path[0] == "layers")))
     return sources
 
 

@@ -7,6 +7,9 @@
     python convert_weights.py SRC.gguf DST_DIR --keep-quantized   # Q8_0 / Q4_0 / Q4_K stay int8 / int4
     python convert_weights.py --to-gguf SRC_DIR DST.gguf [--type f32|f16|bf16|q8_0|q4_0]   # -> llama.cpp GGUF
 
+--to-hf and --to-gguf also read --keep-quantized checkpoints (dequantized; for --to-gguf q8_0 / q4_0, int8 / int4
+groups of 32 are written back as Q8_0 / Q4_0 blocks as they are).
+
 Conversion streams piece by piece (beyond the interpreter, peak memory is a fraction of the largest tensor,
 for any shard layout), runs JAX on the CPU (unless JAX_PLATFORMS says otherwise), validates the source before
 writing, and writes the output atomically. Errors print one line, `error: ...`, and exit 1.
@@ -38,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     direction.add_argument("--to-gguf", action="store_true",
                            help="convert a phi4_jax checkpoint to a llama.cpp phi3 GGUF file")
     parser.add_argument("--type", choices=GGUF_TYPES, default="f16", dest="gguf_type",
-                        help="weight type written by --to-gguf (default f16; 1-D norms stay f32)")
+                        help="weight type written by --to-gguf (default f16; 1-D norms stay f32; with q4_0 the "
+                             "output layer is q8_0)")
     parser.add_argument("--no-tokenizer", action="store_true",
                         help="--to-gguf: write weights only, without phi-4's tokenizer and chat template "
                              "(needed for a model whose vocabulary is not phi-4's 100352 tokens)")

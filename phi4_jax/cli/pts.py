@@ -2,13 +2,16 @@
 
     python -m phi4_jax.pts --checkpoint DIR --problems FILE.jsonl --out PAIRS.jsonl [--oracle exact|numeric|python|
         module:function] [--rollouts 8] [--band 0.2 0.8] [--threshold 0.2] [--max-new-tokens 256]
-        [--temperature 1.0] [--seed 0] [--cache DIR] [--max-alternatives 4]
+        [--temperature 1.0] [--seed 0] [--cache DIR] [--max-alternatives 4] [--solutions 1] [--top-alternatives 0]
+        [--min-margin THRESHOLD]
 
 DIR is a converted checkpoint (chat problems: {"messages": [...]}) or a `python train.py` workdir (text problems:
 {"prompt": "..."}); each problem has an "answer" and a "checker" (see `phi4_jax.posttrain.oracles`). Pairs are
 appended to PAIRS.jsonl as {"prompt", "chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids", "problem",
 "position", "p_before", "p_chosen", "p_rejected", ...}: the DPO trainer's input (ids are phi-4 token ids; the demo's
-compact vocabulary is mapped back id by id). Estimates are cached in --cache
+compact vocabulary is mapped back id by id). --solutions N bisects N distinct sampled solutions per problem;
+--top-alternatives N tries the model's N most probable next tokens at a pivot where no rollout offered a qualifying
+alternative ("alternative_from": "distribution" in the pair). Estimates are cached in --cache
 (default PAIRS.jsonl.cache/); rerunning the same command resumes and writes no pair twice.
 
 Exit status: 0 done; 2 bad input (unknown oracle, no usable problems, unloadable checkpoint, a broken user oracle).
@@ -35,7 +38,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=None, help="estimate cache directory (default OUT.cache)")
-    p.add_argument("--max-alternatives", type=int, default=4, help="alternative tokens tried per pivot (default 4)")
+    p.add_argument("--max-alternatives", type=int, default=4,
+                   help="alternative tokens from the rollouts tried per pivot (default 4)")
+    p.add_argument("--solutions", type=int, default=1, help="distinct sampled solutions bisected per problem (default 1)")
+    p.add_argument("--min-margin", type=float, default=None,
+                   help="keep a pair only when p_chosen - p_rejected >= this (default: the threshold)")
+    p.add_argument("--top-alternatives", type=int, default=0,
+                   help="then the model's N most probable next tokens, where the rollouts offered none (default 0)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"])
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -54,7 +63,8 @@ def main(argv=None) -> int:
     try:
         settings = pts.PTSSettings(rollouts=args.rollouts, band=tuple(args.band), threshold=args.threshold,
                                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                                   max_alternatives=args.max_alternatives)
+                                   max_alternatives=args.max_alternatives, solutions=args.solutions,
+                                   top_alternatives=args.top_alternatives, min_margin=args.min_margin)
         oracle = make_judge(args.oracle)
         problems, skipped = pts.read_problems(args.problems, args.oracle)
     except (pts.PTSError, OracleError) as e:
@@ -73,7 +83,8 @@ def main(argv=None) -> int:
     sampler = pts.ModelSampler(policy.model, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                                stop_tokens=policy.stop_tokens, identity=policy.name)
     cache = pts.EstimateCache(args.cache or args.out + ".cache")
-    search = pts.PivotalTokenSearch(sampler, judge, settings, cache)
+    top_tokens = pts.ModelTopTokens(policy.model, policy.token_limit) if args.top_alternatives else None
+    search = pts.PivotalTokenSearch(sampler, judge, settings, cache, top_tokens)
     log = (lambda line: None) if not args.no_progress else print
     try:
         summary = pts.run_pts(problems, search, lambda p: pts.prompt_ids(p, policy.encode_text, policy.encode_chat),
@@ -85,7 +96,9 @@ def main(argv=None) -> int:
         cache.close()
     print(f"problems {summary.problems} (skipped {len(skipped)}), in band {summary.in_band}, pivotal tokens "
           f"{summary.pivots}, pairs written {summary.pairs_written} (already there {summary.pairs_already_there}, "
-          f"no alternative {summary.no_alternative}), rollouts {summary.rollouts} -> {args.out}")
+          f"alternative from the model's distribution {summary.pairs_from_distribution}, no alternative "
+          f"{summary.no_alternative}, holding an id outside the tokenizer {summary.pairs_unmapped}), rollouts "
+          f"{summary.rollouts} -> {args.out}")
     return 0
 
 

@@ -4,6 +4,7 @@
 - `sampling`: greedy / temperature / top-k / top-p sampling with reproducible per-sequence keys.
 - `engine`: `generate` (the public `phi4_jax.generate`): bucketed prefill and the on-device decode loop.
 - `chat_session`: `ChatSession` (KV cache kept between turns), `TextStreamer`, and text-level helpers.
+- `kv_quant`: the int8 KV cache's number format (`quantize_kv`) and the one check of a `cache_dtype`.
 - `paged_cache`: the paged KV cache (`PagedKV`, `paged_extend`) and its allocator with prefix caching (`PagePool`).
 - `paged_layers`: the paged cache and the weights in a per-layer layout, for the serving engine on the CPU backend.
 - `batching`: the serving engine, `ContinuousBatchingEngine` (continuous batching, chunked prefill, streams).

@@ -32,6 +32,7 @@ from phi4_jax.checks import check_integer, first_out_of_range, is_integer, is_nu
 from phi4_jax.inference.errors import ContextLengthError, GenerationError
 from phi4_jax.inference.kv_cache import (
     CACHE_AXES,
+    SCALE_AXES,
     KVCache,
     decode_implementation,
     decode_step,
@@ -40,9 +41,10 @@ from phi4_jax.inference.kv_cache import (
     stack_cache,
     unstack_layers,
 )
+from phi4_jax.inference.kv_quant import cache_dtype_name as kv_cache_dtype_name
 from phi4_jax.inference.sampling import Sampler, keys_from_seeds_jit, sample, seed_array
 from phi4_jax.model import sharding
-from phi4_jax.model.config import DTYPES, Phi4Config
+from phi4_jax.model.config import Phi4Config
 from phi4_jax.special_tokens import ENDOFTEXT_ID
 
 NO_TOKEN = -1  # placeholder in output buffers after a sequence has finished
@@ -121,7 +123,12 @@ def grow_cache(cache, *, capacity, shard):
         shape = cache.k.shape[:2] + (capacity,) + cache.k.shape[3:]
         k = jax.lax.dynamic_update_slice(jnp.zeros(shape, cache.k.dtype), cache.k, (0, 0, 0, 0, 0))
         v = jax.lax.dynamic_update_slice(jnp.zeros(shape, cache.v.dtype), cache.v, (0, 0, 0, 0, 0))
-        return KVCache(sharding.constrain(k, CACHE_AXES), sharding.constrain(v, CACHE_AXES), cache.lengths)
+        grown = KVCache(sharding.constrain(k, CACHE_AXES), sharding.constrain(v, CACHE_AXES), cache.lengths)
+        if cache.k_scale is not None:   # an int8 cache's scales grow with it
+            grow = lambda s: sharding.constrain(jax.lax.dynamic_update_slice(  # noqa: E731
+                jnp.zeros(shape[:-1], s.dtype), s, (0, 0, 0, 0)), SCALE_AXES)
+            grown = grown._replace(k_scale=grow(cache.k_scale), v_scale=grow(cache.v_scale))
+        return grown
 
 
 @jax.jit
@@ -276,14 +283,7 @@ def run_options(config, temperature, top_k, top_p, stop_tokens, mesh, rules, cac
     if (mesh is None) != (rules is None):
         raise GenerationError("pass both mesh and rules (or neither) to shard generation")
     shard = None if mesh is None else MeshRules(mesh, hashable_rules(rules))
-    cache_dtype_name = None
-    if cache_dtype is not None:
-        try:
-            cache_dtype_name = jnp.dtype(cache_dtype).name
-        except TypeError:
-            cache_dtype_name = None
-        if cache_dtype_name not in DTYPES:
-            raise GenerationError(f"cache_dtype must be one of {', '.join(DTYPES)}, got {cache_dtype!r}")
+    cache_dtype_name = kv_cache_dtype_name(cache_dtype)
     stops = np.full((bucket(len(stop_tokens), MIN_STOP_BUCKET),), NO_TOKEN, np.int32)
     stops[:len(stop_tokens)] = stop_tokens
     greedy = float(temperature) == 0.0
@@ -309,7 +309,8 @@ def generate(model, prompts, *, max_new_tokens, temperature=0.0, top_k=None, top
       callback: called after each step with one entry per prompt: its new token, or None once finished.
         Streaming runs a host loop (one dispatch per token); without it the loop runs on the device.
       mesh, rules: a jax Mesh and logical-axis rules table to shard the cache and activations by.
-      cache_dtype: KV cache dtype (default: the model's compute dtype).
+      cache_dtype: KV cache dtype (default: the model's compute dtype): "bfloat16", "float16", "float32" or
+        "int8" (int8 keys/values with a float32 scale per token and kv head, see `kv_quant`).
 
     Raises GenerationError for bad arguments, ContextLengthError for a prompt that cannot fit.
     """
@@ -365,7 +366,7 @@ def run_decode(params, cache, first, done, budget, keys, stops, temp, top_p_valu
         if callback is not None:
             callback([int(t) if t != NO_TOKEN else None for t in out[:n, 0]])
         return out, cache
-    per_layer = per_layer_decode(params, config, shard)
+    per_layer = per_layer_decode(params, config, shard) and cache.k_scale is None   # int8: stacked layout
     if per_layer:
         params, cache = _unstack_layers(params, cache)
     if callback is None:

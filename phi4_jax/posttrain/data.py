@@ -10,8 +10,12 @@
   each completion is closed with ``<|im_end|>``; if it is an assistant message, that turn is left open and the
   completions continue it (no ``<|im_end|>``): the form Pivotal Token Search's pairs take. Token-level pairs
   ``{"prompt_ids": [...], "chosen_ids": [...], "rejected_ids": [...]}`` (phi-4 ids) are taken as they are.
-  Batch: ``{chosen,rejected}_{input_ids,segment_ids,loss_mask}`` [G, S] int32, one right-padded pair per row,
-  and ``ref_{chosen,rejected}_logps`` [G] float32 (`phi4_jax.posttrain.reference`).
+  `read_dpo_pairs` gives one right-padded sequence per pair and side (the reference log-probs are computed on
+  those); `pack_dpo_pairs` then packs several pairs per row, first-fit: pair j of a row is segment j+1 of both its
+  chosen row and its rejected row (positions restart at 0 per segment), so a pair's two sides stay in one forward
+  pass and their log-probs line up slot by slot. Batch: ``{chosen,rejected}_{input_ids,segment_ids,positions,
+  loss_mask}`` [G, S] int32, ``pair_mask`` [G, K] int32 (1 where slot k holds a pair) and
+  ``ref_{chosen,rejected}_logps`` [G, K] float32 (`phi4_jax.posttrain.reference`; 0 in empty slots).
 
 Every line is checked when the run starts (one pass, with a progress bar). A line that cannot be read (invalid
 JSON, missing or mistyped fields, malformed messages) is an error naming ``file:line``. An item that can be
@@ -224,14 +228,68 @@ def read_dpo_pairs(pattern: str, tokenizer, seq_len: int, *, progress: bool = Tr
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}, report
 
 
+DPO_SIDES = ("chosen", "rejected")
+
+
+def pack_dpo_pairs(pairs: dict, *, slot_multiple: int = 1) -> dict:
+    """`read_dpo_pairs`' one-pair-per-row arrays packed first-fit (in data order) into rows of the same length:
+    {side}_{input_ids,segment_ids,positions,loss_mask} [R, S] int32 and ``pair_index`` [R, K] int32 (the pair in
+    each slot, -1 = empty; K = the most pairs in a row, rounded up to `slot_multiple`). Pair `pair_index[r, k]` is
+    segment k+1 of both `chosen` row r and `rejected` row r."""
+    seq_len = pairs["chosen_input_ids"].shape[1]
+    lengths = {side: pairs[f"{side}_segment_ids"].sum(1) for side in DPO_SIDES}
+    rows: list[list[int]] = []       # pair indices per row
+    fill: list[dict] = []            # tokens used per row and side
+    for i in range(len(lengths["chosen"])):
+        need = {side: int(lengths[side][i]) for side in DPO_SIDES}
+        for r, used in enumerate(fill):
+            if all(used[side] + need[side] <= seq_len for side in DPO_SIDES):
+                break
+        else:
+            r = len(rows)
+            rows.append([])
+            fill.append(dict.fromkeys(DPO_SIDES, 0))
+        rows[r].append(i)
+        for side in DPO_SIDES:
+            fill[r][side] += need[side]
+    k = -(-max(map(len, rows)) // slot_multiple) * slot_multiple
+    out = {f"{side}_{name}": np.zeros((len(rows), seq_len), np.int32) for side in DPO_SIDES
+           for name in ("input_ids", "segment_ids", "positions", "loss_mask")}
+    out["pair_index"] = np.full((len(rows), k), -1, np.int32)
+    for r, members in enumerate(rows):
+        out["pair_index"][r, :len(members)] = members
+        for side in DPO_SIDES:
+            at = 0
+            for slot, i in enumerate(members):
+                n = int(lengths[side][i])
+                out[f"{side}_input_ids"][r, at:at + n] = pairs[f"{side}_input_ids"][i, :n]
+                out[f"{side}_loss_mask"][r, at:at + n] = pairs[f"{side}_loss_mask"][i, :n]
+                out[f"{side}_segment_ids"][r, at:at + n] = slot + 1
+                out[f"{side}_positions"][r, at:at + n] = np.arange(n)
+                at += n
+    return out
+
+
+def packed_ref_logps(packed: dict, ref_logps: dict) -> dict:
+    """{"ref_chosen_logps", "ref_rejected_logps"} [R, K] float32 and ``pair_mask`` [R, K] int32: each slot's
+    reference log-probs (from the per-pair [N] arrays), 0 in empty slots."""
+    index = packed["pair_index"]
+    valid = index >= 0
+    out = {k: np.where(valid, np.asarray(v, np.float32)[np.maximum(index, 0)], np.float32(0))
+           for k, v in ref_logps.items()}
+    return {**out, "pair_mask": valid.astype(np.int32)}
+
+
 def dpo_batches(pairs: dict, ref_logps: dict, host_batch: int, *, seed: int = 0, process_index: int = 0,
-                process_count: int = 1) -> grain.IterDataset:
-    """DPO batches of `host_batch` pairs: `pairs` (`read_dpo_pairs`) and their reference log-probs
-    {"ref_chosen_logps", "ref_rejected_logps"} [N] float32, shuffled each epoch, this host's share."""
-    n = len(next(iter(pairs.values())))
-    table = {**pairs, **ref_logps}
-    ds = grain.MapDataset.range(n).shuffle(seed=seed)
-    ds = _host_share(ds, "the DPO data", process_index, process_count).repeat(None)
+                process_count: int = 1, slot_multiple: int = 1) -> grain.IterDataset:
+    """DPO batches of `host_batch` packed rows (`pack_dpo_pairs` of `read_dpo_pairs`' pairs) with their reference
+    log-probs ({"ref_chosen_logps", "ref_rejected_logps"} [N] float32 per pair), rows shuffled each epoch, this
+    host's share. `slot_multiple`: K (pair slots per row) is a multiple of it (the mesh's sequence axis size)."""
+    packed = pack_dpo_pairs(pairs, slot_multiple=slot_multiple)
+    table = {k: v for k, v in packed.items() if k != "pair_index"}
+    table.update(packed_ref_logps(packed, ref_logps))
+    ds = grain.MapDataset.range(len(packed["pair_index"])).shuffle(seed=seed)
+    ds = _host_share(ds, "the packed DPO rows", process_index, process_count).repeat(None)
     return ds.map(lambda i: {k: v[i] for k, v in table.items()}).to_iter_dataset().batch(
         host_batch, drop_remainder=True)
 

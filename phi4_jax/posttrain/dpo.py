@@ -12,6 +12,11 @@ With chosen/rejected log-probs of the policy (pi) and the reference (ref), summe
   does not apply to it (an error).
 - ``robust``: (-(1 - eps) * logsigmoid(beta * z) + eps * logsigmoid(-beta * z)) / (1 - 2 * eps), eps in [0, 0.5).
 Reference-free DPO: pass None for both reference log-probs (treated as 0).
+
+RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"): `rpo_nll_loss` is the negative log-likelihood
+of the chosen completions, averaged over their tokens in the batch; the objective adds ``rpo_alpha`` times it to the
+DPO loss. That is TRL's ``rpo_alpha`` (TRL 0.x: ``rpo_alpha * nll_loss``) and, in TRL 1.16, the ``sft`` term of
+``loss_type=["sigmoid", "sft"]`` with ``loss_weights=[1, rpo_alpha]`` (``-chosen_per_token_logps[chosen_mask].mean()``).
 """
 
 from __future__ import annotations
@@ -89,10 +94,19 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     return jnp.mean(losses)
 
 
+def rpo_nll_loss(chosen_logps, chosen_lengths):
+    """The chosen completions' negative log-likelihood per token (float32 scalar): -sum(chosen_logps) over the
+    batch's total chosen token count (`chosen_lengths`, [batch]), as TRL averages it over the batch's chosen tokens."""
+    chosen = _logps_array("chosen_logps", chosen_logps)
+    lengths = _logps_array("chosen_lengths", chosen_lengths, chosen.shape)
+    return -jnp.sum(chosen) / jnp.maximum(jnp.sum(lengths), 1.0)
+
+
 def dpo_metrics(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta=0.1):
     """TRL's logged DPO metrics, batch means (float32 scalars): ``rewards/chosen`` = beta * (pi_chosen -
-    ref_chosen), ``rewards/rejected``, ``rewards/margins`` (chosen - rejected) and ``rewards/accuracies``
-    (fraction with chosen reward > rejected reward)."""
+    ref_chosen), ``rewards/rejected``, ``rewards/margins`` (chosen - rejected), ``rewards/accuracies``
+    (fraction with chosen reward > rejected reward), and ``logps/chosen`` / ``logps/rejected`` (the policy's
+    summed completion log-probs)."""
     _check_beta(beta)
     chosen_ratio, rejected_ratio = _log_ratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     chosen_rewards, rejected_rewards = beta * chosen_ratio, beta * rejected_ratio
@@ -101,4 +115,6 @@ def dpo_metrics(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_log
         "rewards/rejected": jnp.mean(rejected_rewards),
         "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
         "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
+        "logps/chosen": jnp.mean(_logps_array("chosen_logps", chosen_logps)),
+        "logps/rejected": jnp.mean(_logps_array("rejected_logps", rejected_logps)),
     }

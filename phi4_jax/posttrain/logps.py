@@ -28,20 +28,30 @@ def target_weights(input_ids, loss_mask, segment_ids):
     return targets, valid * mask_next.astype(jnp.float32)
 
 
+def segment_weights(weights, segment_ids, n_segments: int):
+    """[B, S, n_segments] float32: `weights` [B, S] split into one column per segment id 1..n_segments (a
+    target's weight goes to the segment of the position that predicts it)."""
+    ids = jnp.arange(1, n_segments + 1, dtype=segment_ids.dtype)
+    return weights[..., None] * (segment_ids[..., None] == ids).astype(jnp.float32)
+
+
 def sequence_logps_from_params(params, config, input_ids, loss_mask, *, positions=None, segment_ids=None,
-                               chunk: int = DEFAULT_CHUNK):
-    """Pure, differentiable form of `sequence_logps` on a params dict: float32 [B]."""
+                               chunk: int = DEFAULT_CHUNK, n_segments: int | None = None):
+    """Pure, differentiable form of `sequence_logps` on a params dict: float32 [B]; with `n_segments` (packed
+    rows), one sum per segment id 1..n_segments: float32 [B, n_segments] (0 for an absent segment)."""
     b, s = input_ids.shape
     if segment_ids is None:
         segment_ids = jnp.ones((b, s), jnp.int32)
     h = hidden_states(params, input_ids, config, positions=positions, segment_ids=segment_ids)
     targets, weights = target_weights(input_ids, loss_mask, segment_ids)
+    if n_segments is not None:
+        weights = segment_weights(weights, segment_ids, n_segments)
     chunk = min(chunk, s)
     pad = -s % chunk  # pad the tail so the chunk divides the sequence; padded positions weigh 0
     if pad:
         h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        weights = jnp.pad(weights, ((0, 0), (0, pad)))
+        weights = jnp.pad(weights, ((0, 0), (0, pad)) + ((0, 0),) * (weights.ndim - 2))
     return chunked_target_logprob_sums(params, h, targets, weights, config, chunk)
 
 

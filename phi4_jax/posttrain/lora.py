@@ -13,8 +13,12 @@ Flax module methods and finds the weight as an attribute of the current module (
 adapters could not get the stacked layers axis; a weight object at the one `linear` seam is a few lines instead.
 
 Training (`[lora] rank > 0` in the train config): the train state's ``params`` are the adapters only (so only
-they get AdamW moments), and ``frozen`` holds the base weights in `lora.base_dtype` (bf16 on accelerators); both
-are checkpointed, so a run resumes as any other. `merge_params` folds the adapters back into plain weights;
+they get AdamW moments), and ``frozen`` holds the base weights in `lora.base_dtype` (bf16 on accelerators).
+Checkpoints hold the adapters, their optimizer state and the step, not the base: each step stores a reference to
+it instead (`FrozenBase.reference`: the absolute `train.init_from` path, or none for a seeded init, and a content
+fingerprint of the weights as trained on). Resume and merge reload the base the same way and refuse one whose
+fingerprint differs (the adapters only fit the base they were trained on).
+`merge_params` folds the adapters back into plain weights;
 ``python -m phi4_jax.posttrain.merge_lora WORKDIR DST`` writes the merged model as a normal checkpoint, which
 `convert_weights.py --to-hf` exports.
 """
@@ -22,8 +26,10 @@ are checkpointed, so a run resumes as any other. `merge_params` folds the adapte
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import string
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -134,15 +140,78 @@ def _abstract(tree_of_specs, dtype, shardings):
                         shardings, is_leaf=_is_spec)
 
 
+_HASH_MUL = (np.uint32(0x9E3779B1), np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35))
+
+
+def _leaf_hash(x):
+    """uint32: the sum (mod 2^32) over elements of a mix of each element's bits and its index. Integer sums do
+    not depend on reduction order, so any sharding of the same weights gives the same value."""
+    bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize])
+    bits = bits.astype(jnp.uint32)
+    index, stride = jnp.zeros(x.shape, jnp.uint32), 1
+    for d in reversed(range(x.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * np.uint32(stride % 2**32)
+        stride *= x.shape[d]
+    v = bits ^ (index * _HASH_MUL[0])
+    v = (v ^ (v >> 16)) * _HASH_MUL[1]
+    v = (v ^ (v >> 13)) * _HASH_MUL[2]
+    return jnp.sum(v ^ (v >> 16), dtype=jnp.uint32)
+
+
+_leaf_hashes = jax.jit(lambda tree: jax.tree.map(_leaf_hash, tree))
+
+
+def base_fingerprint(base: dict) -> str:
+    """A hex content fingerprint of a params tree (names, shapes, dtypes and every weight's bits)."""
+    hashes = jax.device_get(_leaf_hashes(base))
+    h = hashlib.sha256()
+    for (path, leaf), value in zip(jax.tree_util.tree_leaves_with_path(base), jax.tree.leaves(hashes)):
+        h.update(f"{jax.tree_util.keystr(path)}:{leaf.shape}:{leaf.dtype}:{int(value)};".encode())
+    return h.hexdigest()[:24]
+
+
+class FrozenBase(NamedTuple):
+    """A LoRA run's frozen base weights, which checkpoints reference instead of storing.
+
+    `load(key, init_from)`: the base on its shardings in `lora.base_dtype`, from `init_from` (a converted
+    checkpoint or a train.py workdir) or, without one, a fresh init from `key` (the run's seed)."""
+    load: Callable
+
+    @staticmethod
+    def reference(base: dict, init_from) -> dict:
+        """What a checkpoint stores about the base: its source and its content fingerprint."""
+        return {"init_from": os.path.abspath(init_from) if init_from else None,
+                "fingerprint": base_fingerprint(base)}
+
+    def reload(self, saved: dict | None, key, init_from, *, where: str) -> tuple[dict, dict]:
+        """(base, its reference): the base loaded again from `init_from` (or `key`), checked against the reference
+        `saved` with checkpoint `where`; a different base (or none saved) is a TrainCheckpointError."""
+        from phi4_jax.train.checkpoints import TrainCheckpointError
+
+        if not saved or "fingerprint" not in saved:
+            raise TrainCheckpointError(f"{where} has no reference to its LoRA base weights (saved by an older "
+                                       "version that stored the base itself?); start a new workdir")
+        source = init_from or "a fresh init from train.seed"
+        base = self.load(key, init_from)
+        now = self.reference(base, init_from)
+        if now["fingerprint"] != saved["fingerprint"]:
+            trained_on = saved.get("init_from") or "a fresh init from train.seed"
+            raise TrainCheckpointError(
+                f"{where}: its LoRA adapters were trained on base weights {trained_on} (fingerprint "
+                f"{saved['fingerprint']}), but {source} now gives different weights (fingerprint "
+                f"{now['fingerprint']}); point train.init_from at the original base, or start a new workdir")
+        return base, now
+
+
 def build_lora_train_step(config, mesh, lora, *, optimizer, total_steps: int, micro_batches: int, loss_chunk: int,
                           objective):
-    """(step_fn, StepShardings, abstract state, tx, create_state) for LoRA training (`phi4_jax.train.loop.BuiltStep`'s
-    fields). State: {"step", "params": adapters (float32), "opt_state" (AdamW over the adapters only),
-    "frozen": base weights in `lora.base_dtype`}; `create_state(key, init_from)` loads the base from `init_from`
-    (or initializes it from `key`) and starts the adapters from `key`."""
-    from phi4_jax.train.checkpoints import init_params_from
+    """(step_fn, StepShardings, abstract state, tx, create_state, FrozenBase) for LoRA training
+    (`phi4_jax.train.loop.BuiltStep`'s fields). State: {"step", "params": adapters (float32), "opt_state" (AdamW
+    over the adapters only), "frozen": base weights in `lora.base_dtype`, never checkpointed};
+    `create_state(key, init_from)` loads the base from `init_from` (or initializes it from `key`) and starts the
+    adapters from `key`."""
     from phi4_jax.train.optimizer import make_optimizer
-    from phi4_jax.train.step import StepShardings, init_params, make_train_step
+    from phi4_jax.train.step import StepShardings, make_train_step
 
     rules = sharding.TRAINING_RULES
     specs = adapter_specs(config, lora.rank, lora.targets)
@@ -167,25 +236,40 @@ def build_lora_train_step(config, mesh, lora, *, optimizer, total_steps: int, mi
                               shardings=shardings, objective=objective,
                               combine=lambda adapters, base: attach(base, adapters, scale))
 
+    frozen_base = FrozenBase(load_base(config, lora, base_sh))
+
     def create_state(key, init_from=None):
-        if init_from:
-            base = init_params_from(init_from, config, base_sh)
-            base = jax.jit(lambda p: jax.tree.map(lambda w: w.astype(base_dtype), p), out_shardings=base_sh)(base)
-        else:
-            base = jax.jit(lambda k: jax.tree.map(lambda w: w.astype(base_dtype), init_params(config, k)),
-                           out_shardings=base_sh)(jax.random.fold_in(key, 1))
+        base = frozen_base.load(key, init_from)
         adapters = jax.jit(lambda k: init_adapters(config, lora.rank, lora.targets, k), out_shardings=adapter_sh)(key)
         return {"step": jax.device_put(jnp.zeros((), jnp.int32), rep), "params": adapters,
                 "opt_state": jax.jit(tx.init, out_shardings=opt_sh)(adapters), "frozen": base}
 
-    return step_fn, shardings, abstract_state, tx, create_state
+    return step_fn, shardings, abstract_state, tx, create_state, frozen_base
+
+
+def load_base(config, lora, base_sh):
+    """`FrozenBase.load` for a model and LoRA config on the base shardings `base_sh`."""
+    from phi4_jax.train.checkpoints import init_params_from
+    from phi4_jax.train.step import init_params
+
+    base_dtype = jnp.dtype(lora.base_dtype)
+
+    def load(key, init_from=None):
+        if init_from:
+            base = init_params_from(init_from, config, base_sh)
+            return jax.jit(lambda p: jax.tree.map(lambda w: w.astype(base_dtype), p), out_shardings=base_sh)(base)
+        return jax.jit(lambda k: jax.tree.map(lambda w: w.astype(base_dtype), init_params(config, k)),
+                       out_shardings=base_sh)(jax.random.fold_in(key, 1))
+
+    return load
 
 
 # ----------------------------------------------------------------------------- export: merge into a plain checkpoint
 
 def restore_lora_run(workdir: str, mesh=None):
     """(TrainConfig, base params, adapters) of the newest checkpoint of a LoRA train.py workdir (a partial
-    restore: the optimizer state stays on disk), on `mesh` (default: all local devices, fsdp)."""
+    restore: the optimizer state stays on disk), on `mesh` (default: all local devices, fsdp). The base is
+    reloaded from where the run loaded it (the checkpoint's reference) and checked against its fingerprint."""
     import json
 
     from phi4_jax.train.checkpoints import TrainCheckpointError, restore_latest_state
@@ -204,11 +288,14 @@ def restore_lora_run(workdir: str, mesh=None):
     rules = sharding.TRAINING_RULES
     specs = adapter_specs(cfg.model, cfg.lora.rank, cfg.lora.targets)
     abstract = {"params": _abstract(specs, jnp.float32, sharding.tree_shardings(
-                    mesh, jax.tree.map(lambda s: s[1], specs, is_leaf=_is_spec), rules)),
-                "frozen": _abstract(param_specs(cfg.model), jnp.dtype(cfg.lora.base_dtype),
-                                    sharding.tree_shardings(mesh, logical_axes_tree(cfg.model), rules))}
-    state = restore_latest_state(os.path.abspath(workdir), abstract, what="merge_lora")
-    return cfg, state["frozen"], state["params"]
+                    mesh, jax.tree.map(lambda s: s[1], specs, is_leaf=_is_spec), rules))}
+    state, saved = restore_latest_state(os.path.abspath(workdir), abstract, what="merge_lora",
+                                        with_base_reference=True)
+    frozen = FrozenBase(load_base(cfg.model, cfg.lora,
+                                  sharding.tree_shardings(mesh, logical_axes_tree(cfg.model), rules)))
+    base, _ = frozen.reload(saved, jax.random.key(cfg.train.seed), (saved or {}).get("init_from"),
+                            where=f"merge_lora {workdir!r}")
+    return cfg, base, state["params"]
 
 
 def write_merged_checkpoint(cfg, base: dict, adapters: dict, dst, *, dtype: str = "float32", overwrite: bool = False,

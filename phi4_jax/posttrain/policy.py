@@ -8,6 +8,7 @@ compact one for `python train.py`, which has no chat format).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Callable
@@ -26,6 +27,18 @@ class Policy:
     stop_tokens: list[int]
     name: str
     to_phi4_ids: Callable[[list[int]], list[int]]      # the model's ids as phi-4 ids (the demo renumbers them)
+    token_limit: int | None = None   # ids from here on are rows the tokenizer never uses (None: every row is a token)
+
+
+def _mapped_ids(table: list[int], ids) -> list[int]:
+    """`ids` looked up in `table`; an id past its end (a model row no token uses) is an UnmappedTokenError."""
+    from phi4_jax.posttrain.pts import UnmappedTokenError
+
+    try:
+        return [table[int(i)] for i in ids]
+    except IndexError:
+        raise UnmappedTokenError(f"model ids {[int(i) for i in ids if int(i) >= len(table)]} have no token in this "
+                                 f"tokenizer (it uses ids below {len(table)})") from None
 
 
 def _from_train_workdir(path: str, dtype) -> Policy:
@@ -51,9 +64,10 @@ def _from_train_workdir(path: str, dtype) -> Policy:
     except (TrainCheckpointError, DataError) as e:
         raise PolicyError(f"cannot load {path!r}: {e}") from None
     phi4_ids = getattr(tokenizer, "phi4_ids", None)
-    to_phi4 = list if phi4_ids is None else (lambda ids: [phi4_ids[int(i)] for i in ids])
+    to_phi4 = list if phi4_ids is None else functools.partial(_mapped_ids, phi4_ids)
+    limit = tokenizer.vocab_size if tokenizer.vocab_size < config.vocab_size else None
     return Policy(model_from_params(config, params), tokenizer.encode, None, tokenizer.decode,
-                  [tokenizer.endoftext_id], f"workdir:{os.path.abspath(path)}", to_phi4)
+                  [tokenizer.endoftext_id], f"workdir:{os.path.abspath(path)}", to_phi4, limit)
 
 
 def load_policy(path: str, dtype: str | None = None) -> Policy:

@@ -7,11 +7,20 @@ completions sampled after Q + prefix, estimated with K rollouts judged by an ora
 and (prefix + first half, second half)) and a single token is pivotal. A prefix ending in a stop token (the
 whole solution) is judged directly, without rollouts.
 
+`PTSSettings.solutions` > 1 bisects several distinct sampled solutions of a problem (the first distinct ones among
+the K rollouts of its band check); a pair found from two solutions that share the prefix is kept once.
+
 For each pivotal token t at position i, the alternatives are the other first tokens of the rollouts from the
 prefix before it (the most frequent `max_alternatives`), each with its own p estimate. If t raised p, it is the
 chosen token and the alternative with the lowest p (at most p(prefix)) the rejected one; if t lowered p, it is the
-rejected token and the alternative with the highest p (at least p(prefix)) the chosen one. A pivot without such an
-alternative yields no pair (counted). Everything is token ids: prompt, prefix, chosen and rejected.
+rejected token and the alternative with the highest p (at least p(prefix)) the chosen one. When no rollout offered
+such an alternative and the search has a `top_tokens` function (`ModelTopTokens`: the model's own next-token
+distribution at the prefix) with `PTSSettings.top_alternatives` > 0, the most probable next tokens (that many, other
+than t and the ones already tried) are estimated the same way and chosen from by the same rule, so chosen and rejected
+are the token that raises p and the one that lowers it (the tech report's choice), their p at least the threshold
+apart (`min_margin` asks for more: noisy K-rollout estimates otherwise let chance differences through). A pivot
+without such an alternative yields no pair (counted). Everything is token ids: prompt, prefix, chosen
+and rejected.
 
 Samplers (`RolloutSampler`): `ModelSampler` runs a phi4_jax model: it prefills Q + T once per solution, then for a
 context Q + T[:i] (+ an alternative token) rewinds a copy of that cache to i - 1 tokens, forks it into K rows, feeds
@@ -50,11 +59,16 @@ from phi4_jax.inference.engine import (
 )
 from phi4_jax.inference.kv_cache import KVCache, prefill
 from phi4_jax.inference.sampling import keys_from_seeds_jit
+from phi4_jax.model.decoder import hidden_states, logits_from_hidden
 from phi4_jax.posttrain.oracles import OracleError
 
 
 class PTSError(ValueError):
     """Bad settings or input for Pivotal Token Search."""
+
+
+class UnmappedTokenError(ValueError):
+    """`output_ids` met a model id that has no token in the output vocabulary."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +79,10 @@ class PTSSettings:
     max_new_tokens: int = 256              # longest rollout
     temperature: float = 1.0
     seed: int = 0
-    max_alternatives: int = 4              # alternative tokens estimated per pivotal token
+    max_alternatives: int = 4              # alternative tokens (from the rollouts) estimated per pivotal token
+    solutions: int = 1                     # distinct sampled solutions bisected per problem
+    top_alternatives: int = 0              # then this many of the model's most probable next tokens (0: none)
+    min_margin: float | None = None        # a pair needs p_chosen - p_rejected >= this (None: the threshold)
 
     def __post_init__(self):
         lo, hi = self.band
@@ -81,6 +98,12 @@ class PTSSettings:
             raise PTSError(f"temperature must be > 0 (PTS samples), got {self.temperature}")
         if self.max_alternatives < 1:
             raise PTSError(f"max_alternatives must be at least 1, got {self.max_alternatives}")
+        if self.solutions < 1:
+            raise PTSError(f"solutions must be at least 1, got {self.solutions}")
+        if self.top_alternatives < 0:
+            raise PTSError(f"top_alternatives must be at least 0, got {self.top_alternatives}")
+        if self.min_margin is not None and not 0.0 <= self.min_margin <= 1.0:
+            raise PTSError(f"min_margin must be in [0, 1], got {self.min_margin}")
 
 
 class RolloutSampler(Protocol):
@@ -102,10 +125,22 @@ class Estimate:
     p: float                   # fraction of rollouts that solved the problem
     first_tokens: list[int]    # the first token of each rollout (alternatives for the token at this position)
     solution: list[int]        # the first rollout (the solution PTS bisects, for the prompt's estimate)
+    solutions: list[list[int]] = dataclasses.field(default_factory=list)   # every rollout, in order
+
+    def distinct_solutions(self, n: int) -> list[list[int]]:
+        """The first n distinct non-empty rollouts (the first is `solution`)."""
+        out = []
+        for candidate in self.solutions or [self.solution]:
+            if candidate and candidate not in out:
+                out.append(list(candidate))
+            if len(out) == n:
+                break
+        return out
 
 
 class EstimateCache:
-    """Estimates on disk: DIR/estimates.jsonl, one {"key", "p", "first_tokens", "solution"} object per line, appended
+    """Estimates on disk: DIR/estimates.jsonl, one {"key", "p", "first_tokens", "solution", "solutions"} object per
+    line (a line without "solutions", from an older run, is read with none), appended
     and flushed as they are made; a torn last line (an interrupted write) is ignored. Without a directory it only
     remembers in memory."""
 
@@ -119,7 +154,8 @@ class EstimateCache:
         for line in read_complete_lines(path):
             try:
                 row = json.loads(line)
-                self._memory[row["key"]] = Estimate(float(row["p"]), list(row["first_tokens"]), list(row["solution"]))
+                self._memory[row["key"]] = Estimate(float(row["p"]), list(row["first_tokens"]), list(row["solution"]),
+                                                    [list(x) for x in row.get("solutions", [])])
             except (ValueError, KeyError, TypeError):
                 continue  # a line from another format or a torn write: re-estimated when needed
         self._file = open(path, "a", encoding="utf-8")
@@ -171,25 +207,31 @@ class Pivot:
     token: int
     p_before: float      # p(success | prompt + solution[:position])
     p_after: float       # p(success | prompt + solution[:position + 1])
+    solution: int = 0    # which of the problem's bisected solutions (index into ProblemResult.solutions)
 
 
 @dataclasses.dataclass
 class ProblemResult:
     p_prompt: float
     in_band: bool
-    solution: list[int]
+    solution: list[int]   # the first bisected solution
     pivots: list[Pivot]
     pairs: list[dict]     # {"position", "prompt_ids", "chosen_ids", "rejected_ids", "p_before", "p_chosen", ...}
     no_alternative: int   # pivots for which no alternative token qualified
+    solutions: list[list[int]] = dataclasses.field(default_factory=list)   # every bisected solution
+    from_distribution: int = 0   # pairs whose alternative came from the model's next-token distribution
 
 
 class PivotalTokenSearch:
     """Runs PTS with a sampler, an oracle and a cache. `judge(completion_ids, problem) -> bool` decides success;
-    `problem_key` identifies what the oracle checks against (it is part of each cache key)."""
+    `problem_key` identifies what the oracle checks against (it is part of each cache key). `top_tokens(context, n)`
+    (optional) gives the model's n most probable next tokens after a context (`ModelTopTokens`)."""
 
     def __init__(self, sampler: RolloutSampler, judge: Callable[[list[int], dict], bool], settings: PTSSettings,
-                 cache: EstimateCache | None = None):
+                 cache: EstimateCache | None = None,
+                 top_tokens: Callable[[list[int], int], list[int]] | None = None):
         self.sampler, self.judge, self.settings = sampler, judge, settings
+        self.top_tokens = top_tokens
         self.cache = cache if cache is not None else EstimateCache(None)
         self.rollouts_run = 0       # rollouts sampled (not served from the cache)
 
@@ -197,7 +239,7 @@ class PivotalTokenSearch:
         """p(success | prompt + prefix) from K rollouts (cached); a prefix ending in a stop token is judged as is."""
         prefix = [int(t) for t in prefix]
         if prefix and prefix[-1] in self.sampler.stop_tokens:
-            return Estimate(float(self.judge(prefix, problem)), [], prefix)
+            return Estimate(float(self.judge(prefix, problem)), [], prefix, [prefix])
         s = self.settings
         context = [int(t) for t in prompt] + prefix
         key = digest(self.sampler.identity, s.rollouts, s.max_new_tokens, s.temperature, s.seed, problem_key, context)
@@ -207,12 +249,13 @@ class PivotalTokenSearch:
         outs = self.sampler.rollouts(context, s.rollouts, rollout_seed(s.seed, context))
         self.rollouts_run += len(outs)
         wins = [bool(self.judge(prefix + list(out), problem)) for out in outs]
-        estimate = Estimate(sum(wins) / len(wins), [int(out[0]) for out in outs if out], list(outs[0]))
+        estimate = Estimate(sum(wins) / len(wins), [int(out[0]) for out in outs if out], list(outs[0]),
+                            [list(map(int, out)) for out in outs])
         self.cache.put(key, estimate)
         return estimate
 
     def find_pivots(self, problem: dict, problem_key: str, prompt: Sequence[int], solution: Sequence[int],
-                    p_prompt: float) -> list[Pivot]:
+                    p_prompt: float, index: int = 0) -> list[Pivot]:
         """The single tokens of `solution` whose step moves p by >= threshold, by recursive bisection."""
         solution = [int(t) for t in solution]
         self.sampler.prepare(list(prompt) + solution)
@@ -231,7 +274,7 @@ class PivotalTokenSearch:
             if abs(after - before) < self.settings.threshold:
                 continue
             if end - start == 1:
-                pivots.append(Pivot(start, solution[start], before, after))
+                pivots.append(Pivot(start, solution[start], before, after, index))
             else:
                 mid = (start + end) // 2
                 queue[:0] = [(start, mid), (mid, end)]   # depth first, left to right: pivots come out in order
@@ -239,44 +282,69 @@ class PivotalTokenSearch:
 
     def pair_for(self, problem: dict, problem_key: str, prompt: Sequence[int], solution: Sequence[int],
                  pivot: Pivot) -> dict | None:
-        """The DPO pair of one pivotal token (ids and p estimates), or None when no alternative qualifies."""
+        """The DPO pair of one pivotal token (ids and p estimates, "alternative_from": "rollouts" or "distribution"),
+        or None when no alternative qualifies."""
         prefix = [int(t) for t in solution[:pivot.position]]
         firsts = self.estimate(problem, problem_key, prompt, prefix).first_tokens   # cached by the bisection
         counts = Counter(t for t in firsts if t != pivot.token)
         alternatives = [t for t, _ in counts.most_common(self.settings.max_alternatives)]
         scored = [(self.estimate(problem, problem_key, prompt, prefix + [t]).p, t) for t in alternatives]
-        raised = pivot.p_after > pivot.p_before
-        if raised:
-            worse = [(p, t) for p, t in scored if p <= pivot.p_before and p < pivot.p_after]
+        margin = self.settings.threshold if self.settings.min_margin is None else self.settings.min_margin
+        pair, source = self._best_pair(pivot, scored, margin), "rollouts"
+        if pair is None and self.top_tokens is not None and self.settings.top_alternatives > 0:
+            tried = {pivot.token, *alternatives}
+            ranked = self.top_tokens(list(map(int, prompt)) + prefix, self.settings.top_alternatives + len(tried))
+            extra = [int(t) for t in ranked if int(t) not in tried][:self.settings.top_alternatives]
+            scored = [(self.estimate(problem, problem_key, prompt, prefix + [t]).p, t) for t in extra]
+            pair, source = self._best_pair(pivot, scored, margin), "distribution"
+        if pair is None:
+            return None
+        chosen, rejected, p_chosen, p_rejected = pair
+        return {"position": pivot.position, "prompt_ids": list(map(int, prompt)) + prefix,
+                "chosen_ids": [int(chosen)], "rejected_ids": [int(rejected)], "p_before": pivot.p_before,
+                "p_chosen": p_chosen, "p_rejected": p_rejected, "alternative_from": source}
+
+    @staticmethod
+    def _best_pair(pivot: Pivot, scored: list[tuple[float, int]], margin: float):
+        """(chosen, rejected, p_chosen, p_rejected) from the pivot and its scored alternatives, or None: a pivot that
+        raised p is chosen over the worst alternative at most p_before; one that lowered p is rejected for the best
+        alternative at least p_before (so |p_chosen - p_rejected| >= |p_after - p_before| >= threshold); and
+        p_chosen - p_rejected >= margin."""
+        if pivot.p_after > pivot.p_before:
+            worse = [(p, t) for p, t in scored if p <= pivot.p_before and p < pivot.p_after
+                     and pivot.p_after - p >= margin]
             if not worse:
                 return None
             p_other, other = min(worse, key=lambda x: (x[0], x[1]))
-            chosen, rejected, p_chosen, p_rejected = pivot.token, other, pivot.p_after, p_other
-        else:
-            better = [(p, t) for p, t in scored if p >= pivot.p_before and p > pivot.p_after]
-            if not better:
-                return None
-            p_other, other = max(better, key=lambda x: (x[0], -x[1]))
-            chosen, rejected, p_chosen, p_rejected = other, pivot.token, p_other, pivot.p_after
-        return {"position": pivot.position, "prompt_ids": list(map(int, prompt)) + prefix,
-                "chosen_ids": [int(chosen)], "rejected_ids": [int(rejected)], "p_before": pivot.p_before,
-                "p_chosen": p_chosen, "p_rejected": p_rejected}
+            return pivot.token, other, pivot.p_after, p_other
+        better = [(p, t) for p, t in scored if p >= pivot.p_before and p > pivot.p_after and p - pivot.p_after >= margin]
+        if not better:
+            return None
+        p_other, other = max(better, key=lambda x: (x[0], -x[1]))
+        return other, pivot.token, p_other, pivot.p_after
 
     def search(self, problem: dict, problem_key: str, prompt: Sequence[int]) -> ProblemResult:
-        """PTS for one problem: the band check, then pivots and pairs of one sampled solution."""
+        """PTS for one problem: the band check, then pivots and pairs of `settings.solutions` sampled solutions."""
         lo, hi = self.settings.band
         head = self.estimate(problem, problem_key, prompt, [])
+        solutions = head.distinct_solutions(self.settings.solutions)
         if not lo <= head.p <= hi:
-            return ProblemResult(head.p, False, head.solution, [], [], 0)
-        pivots = self.find_pivots(problem, problem_key, prompt, head.solution, head.p)
-        pairs, missing = [], 0
-        for pivot in pivots:
-            pair = self.pair_for(problem, problem_key, prompt, head.solution, pivot)
-            if pair is None:
-                missing += 1
-            else:
-                pairs.append(pair)
-        return ProblemResult(head.p, True, head.solution, pivots, pairs, missing)
+            return ProblemResult(head.p, False, head.solution, [], [], 0, solutions)
+        all_pivots, pairs, missing, seen = [], [], 0, set()
+        for index, solution in enumerate(solutions):
+            pivots = self.find_pivots(problem, problem_key, prompt, solution, head.p, index)
+            all_pivots += pivots
+            for pivot in pivots:
+                pair = self.pair_for(problem, problem_key, prompt, solution, pivot)
+                if pair is None:
+                    missing += 1
+                    continue
+                key = (tuple(pair["prompt_ids"]), tuple(pair["chosen_ids"]), tuple(pair["rejected_ids"]))
+                if key not in seen:    # two solutions with the same prefix give the same pair
+                    seen.add(key)
+                    pairs.append(pair)
+        from_distribution = sum(pair["alternative_from"] == "distribution" for pair in pairs)
+        return ProblemResult(head.p, True, head.solution, all_pivots, pairs, missing, solutions, from_distribution)
 
 
 # ----------------------------------------------------------------------------- a phi4_jax model as the sampler
@@ -337,6 +405,35 @@ class ModelSampler:
                             out_len=bucket(budget_one, MIN_NEW_BUCKET), callback=None, config=self.config,
                             sampler=o.sampler, shard=None)
         return [trim_output(out[i], budget_one) for i in range(k)]
+
+
+class ModelTopTokens:
+    """`top_tokens(context, n)`: a phi4_jax model's n most probable next tokens after `context` (token ids, most
+    probable first; the order does not depend on the sampling temperature), from one forward pass over the context
+    padded to a bucketed length. With `token_limit`, only ids below it (rows its tokenizer uses) are ranked."""
+
+    def __init__(self, model, token_limit: int | None = None):
+        self.params, self.config = model_params_config(model)
+        self.token_limit = self.config.vocab_size if token_limit is None else int(token_limit)
+
+    def __call__(self, context: Sequence[int], n: int) -> list[int]:
+        context = [int(t) for t in context]
+        limit = self.config.max_position_embeddings
+        if not 0 < len(context) <= limit:
+            raise PTSError(f"a context of {len(context)} tokens does not fit the model ({limit} positions)")
+        n = min(int(n), self.token_limit)
+        tokens = np.zeros((1, bucket(len(context), MIN_PROMPT_BUCKET, cap=limit)), np.int32)
+        tokens[0, :len(context)] = context
+        return [int(t) for t in _top_next_tokens(self.params, jnp.asarray(tokens), np.int32(len(context) - 1),
+                                                 config=self.config, n=n, token_limit=self.token_limit)]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "n", "token_limit"))
+def _top_next_tokens(params, tokens, last, *, config, n, token_limit):
+    h = hidden_states(params, tokens, config)[0, last]
+    logits = logits_from_hidden(params, h, config)
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < token_limit, logits, -jnp.inf)
+    return jax.lax.top_k(logits, n)[1]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "capacity", "cache_dtype"))
@@ -404,20 +501,24 @@ def prompt_ids(problem: Problem, encode_text: Callable[[str], list[int]],
 def pair_record(problem: Problem, pair: dict, decode: Callable[[list[int]], str], prompt_len: int,
                 output_ids: Callable[[list[int]], list[int]] = list) -> dict:
     """One JSONL line of the output: the DPO fields (prompt as messages or text, chosen and rejected text) and the
-    ids, written as `output_ids` maps them (phi-4 ids for the DPO reader)."""
+    ids, written as `output_ids` maps them (phi-4 ids for the DPO reader; it raises UnmappedTokenError for an id it
+    cannot map)."""
+    ids = {k: [int(t) for t in output_ids(pair[k])] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
     prefix_text = decode(pair["prompt_ids"][prompt_len:])
     if "messages" in problem.data:
         prompt = list(problem.data["messages"]) + [{"role": "assistant", "content": prefix_text}]
     else:
         prompt = problem.data["prompt"] + prefix_text
     return {"prompt": prompt, "chosen": decode(pair["chosen_ids"]), "rejected": decode(pair["rejected_ids"]),
-            **{k: [int(t) for t in output_ids(pair[k])] for k in ("prompt_ids", "chosen_ids", "rejected_ids")},
+            **ids,
             "problem": problem.where, "problem_key": problem.key, "position": pair["position"],
-            "p_before": pair["p_before"], "p_chosen": pair["p_chosen"], "p_rejected": pair["p_rejected"]}
+            "p_before": pair["p_before"], "p_chosen": pair["p_chosen"], "p_rejected": pair["p_rejected"],
+            "alternative_from": pair.get("alternative_from", "rollouts")}
 
 
 def pair_identity(record: dict) -> tuple:
-    return (record["problem_key"], record["position"], tuple(record["chosen_ids"]), tuple(record["rejected_ids"]))
+    return (record["problem_key"], tuple(record["prompt_ids"]), tuple(record["chosen_ids"]),
+            tuple(record["rejected_ids"]))
 
 
 @dataclasses.dataclass
@@ -428,7 +529,9 @@ class RunSummary:
     pivots: int = 0
     pairs_written: int = 0
     pairs_already_there: int = 0
+    pairs_unmapped: int = 0            # pairs holding an id that `output_ids` cannot map (not written)
     no_alternative: int = 0
+    pairs_from_distribution: int = 0   # of the pairs written, those whose alternative came from `top_tokens`
     rollouts: int = 0
 
 
@@ -463,7 +566,11 @@ def run_pts(problems: list[Problem], search: PivotalTokenSearch, encode_prompt: 
             summary.pivots += len(result.pivots)
             summary.no_alternative += result.no_alternative
             for pair in result.pairs:
-                record = pair_record(problem, pair, decode, len(prompt), output_ids)
+                try:
+                    record = pair_record(problem, pair, decode, len(prompt), output_ids)
+                except UnmappedTokenError:   # a sampled id the tokenizer never uses (an untrained row of the model)
+                    summary.pairs_unmapped += 1
+                    continue
                 if pair_identity(record) in existing:
                     summary.pairs_already_there += 1
                     continue
@@ -471,6 +578,7 @@ def run_pts(problems: list[Problem], search: PivotalTokenSearch, encode_prompt: 
                 out.flush()
                 existing.add(pair_identity(record))
                 summary.pairs_written += 1
+                summary.pairs_from_distribution += record["alternative_from"] == "distribution"
             summary.rollouts = search.rollouts_run
             if bar is not None:
                 rate = search.rollouts_run / max(time.perf_counter() - start, 1e-9)

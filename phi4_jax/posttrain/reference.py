@@ -117,7 +117,7 @@ def posttrain_batches(cfg, tokenizer, mesh, shardings, *, log=print, progress: b
     log(report.summary("dpo data"))
     refs = load_or_compute_reference(cfg, pairs, mesh, shardings, log=log, progress=progress)
     return dpo_batches(pairs, refs, host_batch, seed=cfg.data.shuffle_seed, process_index=index,
-                       process_count=count)
+                       process_count=count, slot_multiple=dict(mesh.shape).get("context", 1))
 
 
 def main(argv=None) -> int:

@@ -16,11 +16,15 @@ Our quantizer (`quantize_matrix`) is symmetric absmax: per group ``scale = max|w
 Products. `QuantizedWeight.linear_einsum` is what `phi4_jax.model.linear.linear` calls: per-channel int8 runs
 the einsum on the int8 values converted to the compute dtype and scales the output channels afterwards (the
 scale factors out of the contraction); group-wise weights are dequantized to the compute dtype inside the jitted
-step, one matrix (one layer's, under `lax.scan`) at a time, and fed to the einsum, which XLA fuses on GPU/TPU;
-a matrix with more than `MAX_DEQUANTIZED_VALUES` values (phi-4's 100352 x 5120 lm_head) is multiplied in slices of
-output rows under `lax.map`, so its transient is a slice. Only the int8/int4 values and their scales are held
-between steps: no full-precision copy of the weights exists outside that bounded transient. `take_rows` gathers embedding rows and dequantizes only
-those. The leaves keep the stacked ``layers`` axis first, so `lax.scan` slices a `QuantizedWeight` like an array.
+step, one matrix (one layer's, under `lax.scan`) at a time, and fed to the einsum. The TPU compiler fuses the
+int8 convert into the matmul (each byte read once) but not the int4 unpack and group-scale broadcast, which it
+writes out first (bench/quant_tpu_matmul.py; the GPU compiler's choice is unmeasured). A matrix with more than
+`MAX_DEQUANTIZED_VALUES` values (phi-4's 100352 x 5120 lm_head) is multiplied in slices of output rows under
+`lax.map`, so its transient is a slice. On a TPU, decode-sized products can instead go to the Pallas
+dequantize-matmul kernel (`kernels.dequant_matmul`), opt-in through `phi4_jax.quant.tpu_kernel.use_dequant_kernel`.
+Only the int8/int4 values and their scales are held between steps: no full-precision copy of the weights exists
+outside that bounded transient. `take_rows` gathers embedding rows and dequantizes only those. The leaves keep
+the stacked ``layers`` axis first, so `lax.scan` slices a `QuantizedWeight` like an array.
 
 Why not qwix: qwix's post-training quantization (``qwix.quantize_model`` with a ``PtqProvider``) quantizes an NNX
 model that already holds its full-precision weights (it clones the module and runs it once), and it finds the
@@ -174,12 +178,14 @@ def part_shapes(name: str, shape: tuple[int, ...], bits: int, group: int, offset
 # ----------------------------------------------------------------------------- the weight object
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["values", "scales", "offsets"],
-                   meta_fields=["bits", "group_size", "in_shape", "out_shape"])
+                   meta_fields=["bits", "group_size", "in_shape", "out_shape", "kernel_rows"])
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeight:
     """A weight-only quantized matrix (see the module docstring for the layout). Leaves: `values`, `scales`,
     `offsets` (None when symmetric), each with the stacked layer axes first. Static: `bits` (8 or 4),
-    `group_size`, and the per-layer `in_shape` / `out_shape` of the matrix in our parameter layout."""
+    `group_size`, the per-layer `in_shape` / `out_shape` of the matrix in our parameter layout, and
+    `kernel_rows`: products of at most that many rows use the Pallas TPU dequantize-matmul kernel when compiled
+    for a TPU (0, the default: never; set by `phi4_jax.quant.tpu_kernel.use_dequant_kernel`)."""
     values: Any
     scales: Any
     offsets: Any
@@ -187,6 +193,7 @@ class QuantizedWeight:
     group_size: int
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
+    kernel_rows: int = 0
 
     @property
     def k(self) -> int:
@@ -220,6 +227,12 @@ class QuantizedWeight:
             raise QuantizationError(f"einsum {equation!r} does not fit a weight of input shape {self.in_shape} "
                                     f"and output shape {self.out_shape}")
         w_in, w_out = ws[:n_in], ws[n_in:]
+        if self.kernel_rows:
+            from phi4_jax.quant.tpu_kernel import kernel_product
+
+            y = kernel_product(self, equation, x, compute_dtype, einsum_kwargs)
+            if y is not None:
+                return y
         n = math.prod(self.out_shape)
         slices = _row_slices(n, self.k) if len(self.out_shape) == 1 and out.endswith(w_out) else 1
         if slices > 1 and self.values.ndim == 2:

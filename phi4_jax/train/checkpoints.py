@@ -1,7 +1,9 @@
 """Training checkpoints with Orbax's CheckpointManager: train state + data iterator, async, keep-K, resume.
 
 Layout: ``WORKDIR/checkpoints/<step>/{state,data}``: `state` is the train state pytree (params, optimizer
-state, step; each host writes its shards), `data` is each host's grain iterator state (JSON). Orbax
+state, step; each host writes its shards), `data` is each host's grain iterator state (JSON). A state's
+``"frozen"`` entry (LoRA's base weights) is not written: the step holds a `frozen_base` item instead (JSON: where
+the base came from and its content fingerprint), and the run reloads and checks the base on resume. Orbax
 writes a step into a temporary directory and renames it when complete, so a crash mid-save never leaves
 a partial checkpoint that resume would pick up. WORKDIR may be a cloud URL (gs://bucket/run): Orbax lists and
 finalizes steps through etils.epath (the client `phi4_jax.paths` uses) and TensorStore writes the arrays with its
@@ -33,6 +35,15 @@ CHANGEABLE_FIELDS = {"rope_theta", "max_position_embeddings", *RUNTIME_FIELDS}
 
 class TrainCheckpointError(RuntimeError):
     """A checkpoint that cannot be used to start or resume this run."""
+
+
+FROZEN = "frozen"              # a train-state entry that is never checkpointed (LoRA's frozen base weights)
+BASE_ITEM = "frozen_base"      # the checkpoint item that names that base instead (JSON)
+ITEMS = ("state", "data", BASE_ITEM)
+
+
+def _without_frozen(tree):
+    return {k: v for k, v in tree.items() if k != FROZEN} if isinstance(tree, dict) else tree
 
 
 class _DataIteratorState:
@@ -77,8 +88,7 @@ class TrainCheckpointer:
         # The interval is applied here (Orbax's own policy would also save the first step of every run).
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -87,25 +97,31 @@ class TrainCheckpointer:
         """Whether `save(step, ...)` will save (step is a multiple of `save_every`)."""
         return step % self.save_every == 0
 
-    def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
+    def save(self, step: int, state, data_iterator, *, force: bool = False, base_reference: dict | None = None) -> bool:
         """Saves if `step` is a multiple of `save_every` (or `force`); returns whether a save started.
 
         The data iterator's state is captured now; array data is copied off the devices before this
-        returns and written in the background when async (so the state may be donated afterwards)."""
+        returns and written in the background when async (so the state may be donated afterwards). A state with
+        a ``"frozen"`` entry needs `base_reference` (JSON-able), saved in its place."""
         if not force and not self.due(step):
             return False
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=grain.checkpoint.CheckpointSave(_DataIteratorState(data_iterator)))
-        return self.manager.save(step, args=args, force=True)
+        items = {"state": ocp.args.StandardSave(_without_frozen(state)),
+                 "data": grain.checkpoint.CheckpointSave(_DataIteratorState(data_iterator))}
+        if isinstance(state, dict) and FROZEN in state:
+            if base_reference is None:
+                raise ValueError("a train state with frozen weights is saved with a base_reference naming them")
+            items[BASE_ITEM] = ocp.args.JsonSave(base_reference)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, abstract_state, data_iterator, step: int | None = None):
         """(state, step) from the newest (or given) checkpoint; `data_iterator` is restored in place.
-        A checkpoint saved by another number of hosts is refused (DataError, `check_resume_hosts`)."""
+        A checkpoint saved by another number of hosts is refused (DataError, `check_resume_hosts`). A ``"frozen"``
+        entry of `abstract_state` is not restored (the returned state has none; see `base_reference`)."""
         step = self.manager.latest_step() if step is None else step
         if step is None:
             raise TrainCheckpointError(f"no checkpoint in {self.directory}")
         check_resume_hosts(paths.join(self.directory, str(step), "data"), jax.process_count())
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(_without_frozen(abstract_state)),
                                   data=grain.checkpoint.CheckpointRestore(_DataIteratorState(data_iterator)))
         try:
             restored = self.manager.restore(step, args=args)
@@ -114,6 +130,10 @@ class TrainCheckpointer:
                 f"checkpoint step {step} in {self.directory} does not match this run's model/optimizer: "
                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         return restored["state"], step
+
+    def base_reference(self, step: int) -> dict | None:
+        """The `base_reference` saved with checkpoint `step` (None when it has none: not a frozen-base run)."""
+        return _read_base_reference(self.manager, self.directory, step)
 
     def wait(self):
         self.manager.wait_until_finished()
@@ -154,11 +174,19 @@ def init_params_from(path: str, config: Phi4Config, param_shardings):
         raise TrainCheckpointError(f"train.init_from: cannot restore parameters from {path!r}: {e}") from None
 
 
-def restore_latest_state(workdir: str, abstract: dict, *, what: str) -> dict:
+def _read_base_reference(manager, directory: str, step: int) -> dict | None:
+    if not paths.exists(paths.join(directory, str(step), BASE_ITEM)):
+        return None
+    return manager.restore(step, args=ocp.args.Composite(**{BASE_ITEM: ocp.args.JsonRestore()}))[BASE_ITEM]
+
+
+def restore_latest_state(workdir: str, abstract: dict, *, what: str, with_base_reference: bool = False):
     """The parts of the newest train-state checkpoint in a train.py workdir that `abstract` names (a partial,
-    read-only restore onto its shardings). `what` starts each error message (e.g. "train.init_from")."""
+    read-only restore onto its shardings). `what` starts each error message (e.g. "train.init_from").
+    `with_base_reference`: returns (state, the step's saved base reference or None)."""
+    directory = paths.join(workdir, "checkpoints")
     previous = ocp.CheckpointManager(
-        paths.join(workdir, "checkpoints"), item_names=("state", "data"),
+        directory, item_names=ITEMS,
         options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, max_to_keep=None))
     try:
         step = previous.latest_step()
@@ -167,7 +195,10 @@ def restore_latest_state(workdir: str, abstract: dict, *, what: str) -> dict:
         args = ocp.args.PyTreeRestore(item=abstract, partial_restore=True,
                                       restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
         try:
-            return previous.restore(step, args=ocp.args.Composite(state=args))["state"]
+            state = previous.restore(step, args=ocp.args.Composite(state=args))["state"]
+            if with_base_reference:
+                return state, _read_base_reference(previous, directory, step)
+            return state
         except (ValueError, KeyError, FileNotFoundError) as e:
             raise TrainCheckpointError(
                 f"{what}: step {step} of {workdir!r} does not match this model: "

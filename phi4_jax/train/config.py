@@ -12,7 +12,7 @@ Sections (all optional; unknown keys are errors):
                  sources = [{name, type, weight, path, generator, text_key}] (type "tokenized": path is a
                  manifest of `python -m phi4_jax.data.tokenize`, the source of the same name in it),
                  sft_files, dpo_files (JSONL globs for the sft / dpo objectives)
-    [dpo]        beta, loss_type, label_smoothing, reference_free (the dpo objective)
+    [dpo]        beta, loss_type, label_smoothing, reference_free, rpo_alpha (the dpo objective)
     [lora]       rank (0 = off), alpha, targets, base_dtype: train low-rank adapters, base weights frozen
     [checkpoint] save_every, keep, async_save
     [demo]       sample_prompts, max_new_tokens, plot
@@ -116,6 +116,7 @@ class DPOConfig:
     loss_type: str = "sigmoid"     # "sigmoid", "ipo", "robust" (TRL's definitions)
     label_smoothing: float = 0.0
     reference_free: bool = False   # True: no reference model (its log-probs taken as 0)
+    rpo_alpha: float = 0.0         # > 0: add rpo_alpha x the chosen tokens' NLL (RPO; TRL's rpo_alpha)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,6 +319,9 @@ def build_train_config(data: dict) -> TrainConfig:
                                f"{', '.join(DPO_LOSS_TYPES)}")
     if not dpo.beta > 0:
         raise TrainConfigError(f"dpo.beta must be > 0, got {dpo.beta}")
+    alpha = dpo.rpo_alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+        raise TrainConfigError(f"dpo.rpo_alpha must be a number >= 0, got {alpha!r}")
     if not 0 <= dpo.label_smoothing < 0.5 or (dpo.loss_type == "ipo" and dpo.label_smoothing):
         raise TrainConfigError(f"dpo.label_smoothing must lie in [0, 0.5) (0 for ipo), got {dpo.label_smoothing}")
     if not (isinstance(lora.rank, int) and lora.rank >= 0):

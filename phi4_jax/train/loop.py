@@ -11,7 +11,8 @@
 - appends one JSON object per logged step to WORKDIR/metrics.jsonl, with TensorBoard events beside it
   (`phi4_jax.train.metrics`): step, loss, grad_norm, lr, tokens, tokens_per_s (and per device) and mfu over the
   wall time between two steps' metrics (`seconds`), that time split into data wait, compilation, checkpoint
-  and compute, the run's goodput (productive compute time over wall time since the run started), and
+  and compute (tokens count the batch's non-padding tokens: packed SFT/DPO rows are not full), the run's
+  goodput (productive compute time over wall time since the run started), and
   source_tokens: {source name: tokens of this host's share of the batch}, the realised data mixture;
 - saves every `checkpoint.save_every` steps (async) and at the end; on SIGTERM it saves and returns;
 - a non-finite loss raises `NonFiniteLossError` naming the step; nothing is saved after the last good step.
@@ -108,6 +109,7 @@ class BuiltStep(NamedTuple):
     abstract_state: Any     # the train state as sharded ShapeDtypeStructs (AOT `lower`, restore)
     tx: Any                 # the optax optimizer (to create a train state)
     create_state: Any       # (key, init_from=None) -> a new train state, sharded (from init_from's params if given)
+    frozen_base: Any = None  # LoRA: `posttrain.lora.FrozenBase` (state["frozen"] is referenced, not checkpointed)
 
 
 def build_train_step(model_cfg, mesh, *, optimizer: OptimizerConfig, total_steps: int, micro_batches: int,
@@ -225,13 +227,20 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
         ckpt.close()
         raise
     data_it = prefetched_batches(dataset, batch_shardings(objective_of(cfg), shardings))
+    base_reference = None   # LoRA: what checkpoints store instead of the frozen base weights
     try:
         if start is not None:
             state, start = ckpt.restore(built.abstract_state, data_it)
+            if built.frozen_base is not None:
+                state["frozen"], base_reference = built.frozen_base.reload(
+                    ckpt.base_reference(start), jax.random.key(loop.seed), loop.init_from,
+                    where=f"checkpoint step {start} in {ckpt.directory}")
             log(f"resumed from {ckpt.directory} at step {start}")
         else:
             state = built.create_state(jax.random.key(loop.seed), init_from=loop.init_from)
             start = 0
+            if built.frozen_base is not None:
+                base_reference = built.frozen_base.reference(state["frozen"], loop.init_from)
             if loop.init_from:
                 log(f"initialized parameters from {loop.init_from}")
         writer = MetricsWriter(workdir, start_step=start) if is_main else None
@@ -266,7 +275,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
             raise NonFiniteLossError(
                 f"non-finite loss ({metrics['loss']}) at step {done_step}; stopping. The last good "
                 f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
-        tokens_per_s = tokens_per_step / times["seconds"]
+        tokens_per_s = metrics.pop("batch_tokens", tokens_per_step) / times["seconds"]   # real tokens, no padding
         record = {"step": done_step, **metrics, "tokens_per_s": tokens_per_s,
                   "tokens_per_s_per_device": tokens_per_s / n_devices,
                   "mfu": mfu(flops_per_token, tokens_per_s, n_devices, peak), **times}
@@ -302,7 +311,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
                     report(*pending)   # a step's loss is checked before its state is saved
                     pending = None
                     with clock.timed("checkpoint"):
-                        if ckpt.save(step, state, data_it):
+                        if ckpt.save(step, state, data_it, base_reference=base_reference):
                             last_saved = step
                             if writer is not None:   # the metrics of the saved steps are durable with them
                                 writer.flush()
@@ -311,7 +320,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
                     log(f"SIGTERM: saving step {step} and stopping")
                     break
             if step != last_saved:
-                ckpt.save(step, state, data_it, force=True)
+                ckpt.save(step, state, data_it, force=True, base_reference=base_reference)
     finally:
         if bar is not None:
             bar.close()

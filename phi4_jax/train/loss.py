@@ -29,6 +29,8 @@ def next_token_targets(input_ids, segment_ids):
 
 def chunked_target_logprob_sums(params, h, targets, weights, config, chunk: int):
     """Per row, the sum over positions of weights * log p(target), from hidden states h [B, S, E]: float32 [B].
+    `weights` may have trailing axes ([B, S, K...]: e.g. one weight column per packed segment); the sums then
+    have them too ([B, K...]).
 
     The one chunked lm_head + log-softmax pass: the training loss and post-training's sequence log-probs
     both use it. `S` must be divisible by `min(chunk, S)`.
@@ -41,7 +43,7 @@ def chunked_target_logprob_sums(params, h, targets, weights, config, chunk: int)
     # [B, chunk, n, ...] -> scan over n: chunk i = tokens i, i+n, i+2n, ...
     hc = jnp.moveaxis(h.reshape(b, chunk, n, e), 2, 0)
     tc = jnp.moveaxis(targets.reshape(b, chunk, n), 2, 0)
-    wc = jnp.moveaxis(weights.reshape(b, chunk, n), 2, 0)
+    wc = jnp.moveaxis(weights.reshape(b, chunk, n, *weights.shape[2:]), 2, 0)
 
     @jax.checkpoint
     def one_chunk(total, xs):
@@ -51,9 +53,10 @@ def chunked_target_logprob_sums(params, h, targets, weights, config, chunk: int)
         logits = sharding.constrain(logits, ("batch", "seq", "vocab"))
         lse = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, t_i[..., None], axis=-1)[..., 0]
-        return total + jnp.sum((target_logit - lse) * w_i, axis=-1), None
+        lp = (target_logit - lse).reshape(*target_logit.shape, *(1,) * (w_i.ndim - 2))
+        return total + jnp.sum(lp * w_i, axis=1), None
 
-    total, _ = jax.lax.scan(one_chunk, jnp.zeros((b,), jnp.float32), (hc, tc, wc))
+    total, _ = jax.lax.scan(one_chunk, jnp.zeros((b, *weights.shape[2:]), jnp.float32), (hc, tc, wc))
     return total
 
 

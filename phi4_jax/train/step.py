@@ -133,7 +133,8 @@ def make_train_step(config: Phi4Config, tx, schedule: Callable, *, micro_batches
     (pretraining; another `objective` names its own keys).
 
     metrics (float32 scalars): loss (mean over trained tokens, or the objective's units), grad_norm (before
-    clipping), lr (of this step), tokens (the loss's count: trained tokens, or pairs), and the objective's own.
+    clipping), lr (of this step), tokens (the loss's count: trained tokens, or pairs), batch_tokens (the
+    non-padding tokens the step ran the model on), and the objective's own.
 
     `combine(trainable, frozen) -> model params`, for a state with a ``"frozen"`` entry that is not trained
     (LoRA: adapters + frozen base weights); gradients and optimizer state cover ``state["params"]`` only.
@@ -178,8 +179,12 @@ def make_train_step(config: Phi4Config, tx, schedule: Callable, *, micro_batches
             grad_norm = optax.tree.norm(grads)
             updates, opt_state = tx.update(grads, state["opt_state"], params)
             new_params = optax.apply_updates(params, updates)
+            # tokens the forward pass ran on (not padding; every [G, S] "*segment_ids" of the batch): tokens/s, MFU
+            real = sum(jnp.sum(batch[name] != 0, dtype=jnp.float32) for name in objective.batch_keys
+                       if name.endswith("segment_ids"))
             metrics = {"loss": total / denom, "grad_norm": grad_norm,
                        "lr": jnp.asarray(schedule(state["step"]), jnp.float32), "tokens": count,
+                       "batch_tokens": real,
                        **{name: value / denom for name, value in sums.items()}}
             new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
             if frozen is not None:
