@@ -158,7 +158,7 @@ def shared_engine(model, *, batch: int, context: int, mesh=None, rules=None, cac
         old = engines.get(key)
         if old is not None and _fits(old, params, need_batch, need_context):
             return old
-        if old is not None and old._thread is None and _same_params(old.params, params):
+        if old is not None and _same_params(old.params, params):
             need_batch, need_context = max(need_batch, old.max_batch), max(need_context, old.max_context)
         engine = ContinuousBatchingEngine(
             model, max_batch=need_batch, max_context=need_context, kv_cache_bytes=_exact_pool_bytes(

@@ -306,9 +306,11 @@ class ModelSampler:
     def rollouts(self, context: Sequence[int], k: int, seed: int) -> list[list[int]]:
         context = [int(t) for t in context]
         self._rows = max(self._rows, int(k))
-        engine = self._engine_for(len(context))
-        if self._prepared[:len(context) - 1] != context[:-1] or self._engine is not engine:
+        if self._prepared[:len(context) - 1] == context[:-1]:
+            self.prepare(self._prepared)        # prefilled again only if the engine changed
+        else:
             self._fill(context)
+        engine = self._engine
         budget = min(self.max_new_tokens, self.config.max_position_embeddings - len(context))
         stops = tuple(sorted(self.stop_tokens))
         streams = [engine.submit(GenerationRequest(context, budget, temperature=self.temperature, seed=int(seed) + j,
