@@ -610,6 +610,7 @@ class ContinuousBatchingEngine:
     def _admit(self) -> None:
         while self._waiting and None in self._slots:
             req = self._waiting[0]
+            from_cache = 0
             if req.resume is not None:
                 shared, cached = self._resumed_pages(req)
                 req.pages = shared                 # held by the request from now on, admitted or waiting
@@ -618,7 +619,7 @@ class ContinuousBatchingEngine:
             else:
                 cacheable = (len(req.prompt) - 1) // self.page_size    # keep >= 1 prompt token to prefill
                 shared = self.pool.match_prefix(page_digests(req.prompt, self.page_size, cacheable))
-                cached = len(shared) * self.page_size
+                cached, from_cache = len(shared) * self.page_size, len(shared)
             needed = -(-(len(req.prompt) + req.budget - 1) // self.page_size) - len(shared)
             fresh = self.pool.allocate(needed)
             if fresh is None:
@@ -634,7 +635,7 @@ class ContinuousBatchingEngine:
             req.kv_len = cached
             req.registered = cached // self.page_size
             req.stream.cached_tokens = cached
-            self._prefix_cache_hits += len(shared)
+            self._prefix_cache_hits += from_cache
 
     def _emit(self, req: _Running, token: int, logp, top_ids, top_logp) -> None:
         if req.stream.finished:

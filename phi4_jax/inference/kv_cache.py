@@ -1,4 +1,7 @@
-"""The KV cache and the forward passes that fill and read it: `prefill`, `extend`, `decode_step`.
+"""A contiguous KV cache and the forward passes that fill and read it: `prefill`, `extend`, `decode_step`.
+
+Generation itself runs on the paged cache of the serving engine (`paged_cache`, `batching`); these functions are
+the plain per-sequence-cache forms the decode-bandwidth and inference-memory benchmarks compile and time.
 
 Layout (`KVCache`): k, v ``[layers, batch, capacity, kv_heads, head_dim]`` (logical axes `CACHE_AXES`),
 lengths ``[batch]`` int32. Sequence b occupies slots 0 .. lengths[b]-1 and the token in slot s sits at position s
