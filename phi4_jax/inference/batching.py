@@ -447,8 +447,9 @@ class ContinuousBatchingEngine:
         Callers on several threads take turns (each step runs on one thread at a time).
 
         If anything raises (on_step included), the unfinished streams are cancelled (their slots and pages freed)
-        and the error propagates. Raises EngineError when no step can make progress (waiting requests need more
-        pages than the pool can free).
+        and the error propagates; if the page pool was lost with it (donated to a step that failed), the engine is
+        marked failed (`submit` then raises EngineError). Raises EngineError when no step can make progress
+        (waiting requests need more pages than the pool can free).
         """
         if self._thread is not None:
             raise GenerationError("the engine runs its own step loop (start()); iterate the streams instead")
@@ -460,9 +461,12 @@ class ContinuousBatchingEngine:
                                           f"than the {self.pool.available()} free ones")
                     if on_step is not None:
                         on_step()
-        except BaseException:
+        except BaseException as error:
             for stream in streams:
                 stream.cancel()
+            if any(page.is_deleted() for page in jax.tree.leaves(self.pages)):
+                with self._lock:
+                    self._error = error
             raise
 
     def prompt_logprobs(self, prompt_ids, top_k: int = 0) -> list[TokenEvent | None]:

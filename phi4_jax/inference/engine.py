@@ -146,7 +146,7 @@ _ENGINES_LOCK = threading.Lock()
 def shared_engine(model, *, batch: int, context: int, mesh=None, rules=None, cache_dtype=None):
     """The model's cached `ContinuousBatchingEngine` for (mesh, rules, cache_dtype) when it fits `batch` sequences
     of up to `context` tokens (slots, context and free pages; same parameter arrays; not running a background
-    thread), else a new one sized for the larger of the two (see the module docstring) that replaces it."""
+    thread; not failed), else a new one sized for the larger of the two (see the module docstring) that replaces it."""
     from phi4_jax.inference.batching import ContinuousBatchingEngine
 
     params, config = model_params_config(model)
@@ -175,7 +175,7 @@ def _same_params(a, b) -> bool:
 
 def _fits(engine, params, batch: int, context: int) -> bool:
     pages = batch * -(-context // engine.page_size)
-    return (engine._thread is None and engine.max_batch >= batch and engine.max_context >= context
+    return (engine._thread is None and engine._error is None and engine.max_batch >= batch and engine.max_context >= context
             and engine.pool.available() >= pages and _same_params(engine.params, params))
 
 
