@@ -175,8 +175,9 @@ def _same_params(a, b) -> bool:
 
 def _fits(engine, params, batch: int, context: int) -> bool:
     pages = batch * -(-context // engine.page_size)
-    return (engine._thread is None and engine._error is None and engine.max_batch >= batch and engine.max_context >= context
-            and engine.pool.available() >= pages and _same_params(engine.params, params))
+    return (engine._thread is None and engine._error is None and engine.max_batch >= batch
+            and engine.max_context >= context and engine.pool.available() >= pages
+            and _same_params(engine.params, params))
 
 
 def _exact_pool_bytes(config: Phi4Config, batch: int, context: int, cache_dtype) -> int:
@@ -246,9 +247,22 @@ def generate(model, prompts, *, max_new_tokens, temperature=0.0, top_k=None, top
     engine = shared_engine(model, batch=len(prompts), context=max(len(p) + b for p, b in zip(prompts, budgets)),
                            mesh=mesh, rules=rules, cache_dtype=cache_dtype)
     sampling = request_sampling(temperature, top_k, top_p)
-    streams = [engine.submit(GenerationRequest(p, b, stop_token_ids=stops, key=k, **sampling))
-               for p, b, k in zip(prompts, budgets, keys)]
-    return run_streams(engine, streams, callback)
+    return run_streams(engine, submit_all(engine, [GenerationRequest(p, b, stop_token_ids=stops, key=k, **sampling)
+                                                   for p, b, k in zip(prompts, budgets, keys)]), callback)
+
+
+def submit_all(engine, requests) -> list:
+    """Submits every request (`engine.submit`) and returns their streams; if one is refused, the ones already
+    queued are cancelled before the error propagates."""
+    streams = []
+    try:
+        for request in requests:
+            streams.append(engine.submit(request))
+    except BaseException:
+        for stream in streams:
+            stream.cancel()
+        raise
+    return streams
 
 
 def request_sampling(temperature, top_k, top_p) -> dict:

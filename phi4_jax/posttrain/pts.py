@@ -35,7 +35,7 @@ from collections import Counter
 from typing import Callable, Protocol, Sequence
 
 from phi4_jax.inference.batching import GenerationRequest
-from phi4_jax.inference.engine import model_params_config, run_streams, shared_engine
+from phi4_jax.inference.engine import model_params_config, run_streams, shared_engine, submit_all
 from phi4_jax.posttrain.oracles import OracleError
 
 
@@ -313,9 +313,9 @@ class ModelSampler:
         engine = self._engine
         budget = min(self.max_new_tokens, self.config.max_position_embeddings - len(context))
         stops = tuple(sorted(self.stop_tokens))
-        streams = [engine.submit(GenerationRequest(context, budget, temperature=self.temperature, seed=int(seed) + j,
-                                                   stop_token_ids=stops)) for j in range(k)]
-        return run_streams(engine, streams)
+        return run_streams(engine, submit_all(engine, [
+            GenerationRequest(context, budget, temperature=self.temperature, seed=int(seed) + j, stop_token_ids=stops)
+            for j in range(k)]))
 
 
 # ----------------------------------------------------------------------------- problems and pairs on disk
