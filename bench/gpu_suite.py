@@ -83,7 +83,7 @@ from bench.attention_probe import SEMANTICS_ENV  # noqa: E402
 from bench.killable import run_killable  # noqa: E402
 
 KERNEL_TEST_FILES = ("tests/test_flash_attention_gpu.py", "tests/test_decode_attention.py",
-                     "tests/test_rope_kernel.py")
+                     "tests/test_rope_kernel.py", "tests/test_paged_attention_gpu.py")
 KERNEL_TESTS_FIRST = (   # phi-4-shaped first: GQA 4:1 at head_dim 128 (fwd+bwd, segments), fused RoPE at 128
     "tests/test_flash_attention_gpu.py::test_wgmma_path_needs_gpu",
     "tests/test_flash_attention_gpu.py::test_fused_rope_head_dim_128_gqa2_through_dispatch",
@@ -93,6 +93,7 @@ SMOKE_KERNEL_TESTS = (   # one quick test per file, interpreted
     "tests/test_flash_attention_gpu.py::test_one_warpgroup_forward[True]",
     "tests/test_decode_attention.py::DispatchTest::test_dispatch_pallas_bf16__with_jit",
     "tests/test_rope_kernel.py::test_matches_reference_bf16",
+    "tests/test_paged_attention_gpu.py::test_kernel_matches_float64_oracle[decode_gqa3_d64_p8]",
 )
 TARGETS = {  # name: (stage, description, comparison, value)
     "attention_fwd": ("attention_16k", "Attention forward, ours, bf16 causal 40/10 heads, d 128, 16K", ">=", 650.0),

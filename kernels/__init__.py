@@ -7,9 +7,11 @@ Public entry points (the project's contract):
 - `apply_rope(x, positions, *, theta, implementation=None, interpret=False)`
 - `flash_attention_rope(q, k, v, positions, *, theta, ...)`: RoPE on q/k then attention (fused on TPU)
 - `decode_attention(q, k_cache, v_cache, lengths, ...)`: a few new queries against a KV cache
-- `paged_attention(q, k_pages, v_pages, block_tables, lengths, ...)`: the same against a paged KV cache
-- `sharded_flash_attention`, `sharded_apply_rope`, `sharded_decode_attention`: the same inside `shard_map` on a
-  mesh (kernels.sharded), with context parallelism over the sequence axis (kernels.context_parallel)
+- `paged_attention(q, k_pages, v_pages, block_tables, lengths, ...)`: the same against a paged KV cache (float or
+  int8 pages with scales; `decode_attention_reference` takes an int8 cache's scales too)
+- `sharded_flash_attention`, `sharded_apply_rope`, `sharded_decode_attention`, `sharded_paged_attention`: the same
+  inside `shard_map` on a mesh (kernels.sharded), with context parallelism over the sequence axis
+  (kernels.context_parallel)
 
 This package never imports `phi4_jax`: the model depends on the kernels, not the reverse.
 """
@@ -28,7 +30,12 @@ from kernels.dispatch import (
 )
 from kernels.paged_attention import paged_attention, paged_attention_reference
 from kernels.rope_reference import apply_rope_reference
-from kernels.sharded import sharded_apply_rope, sharded_decode_attention, sharded_flash_attention
+from kernels.sharded import (
+    sharded_apply_rope,
+    sharded_decode_attention,
+    sharded_flash_attention,
+    sharded_paged_attention,
+)
 
 __all__ = [
     "HARDWARE_RUNS",
@@ -49,4 +56,5 @@ __all__ = [
     "sharded_apply_rope",
     "sharded_decode_attention",
     "sharded_flash_attention",
+    "sharded_paged_attention",
 ]

@@ -110,12 +110,15 @@ def rope_tile(x, positions_col, inv_freq_row, head_dim: int, *, inverse: bool = 
     return rotate_with(x, cos, sin, head_dim, tpu=tpu)
 
 
-# ------------------------------------------------------------------ Hopper-only kernels: decided by the target
+# ------------------------------------------------------------------ GPU-only kernels: decided by the target
 
-def _hopper_target_error(where: str, what: str) -> PallasUnavailableError:
+_NEEDS = {True: "a Hopper GPU (CUDA sm_90: wgmma, TMA)", False: "an NVIDIA GPU (CUDA)"}
+
+
+def _target_error(where: str, what: str, hopper: bool) -> PallasUnavailableError:
     return PallasUnavailableError(
-        f"{what} needs a Hopper GPU (CUDA sm_90: wgmma, TMA), but {where}; on a CPU pass interpret=True "
-        "(Mosaic GPU interpret mode), or use implementation='xla'")
+        f"{what} needs {_NEEDS[hopper]}, but {where}; on a CPU pass interpret=True "
+        f"({'Mosaic GPU' if hopper else 'Pallas'} interpret mode), or use implementation='xla'")
 
 
 def _local_gpu():
@@ -128,53 +131,61 @@ def _local_gpu():
     return devices[0] if devices else None
 
 
-def _hopper_guard_impl(x, *, what):
-    # Run eagerly: it executes on the default device right now, so that device must be a Hopper GPU.
+def _fits(device, hopper: bool) -> bool:
     from kernels.dispatch import is_hopper_gpu
 
+    return is_hopper_gpu(device) if hopper else device.platform == "gpu"
+
+
+def _gpu_guard_impl(x, *, what, hopper):
+    # Run eagerly: it executes on the default device right now, so that device must be a fitting GPU.
     device = jax.devices()[0]
-    if not is_hopper_gpu(device):
-        raise _hopper_target_error(f"it would run eagerly on {device.device_kind!r} ({device.platform})", what)
+    if not _fits(device, hopper):
+        raise _target_error(f"it would run eagerly on {device.device_kind!r} ({device.platform})", what, hopper)
     return x
 
 
-def _hopper_guard_lowering_other(ctx, x, *, what):
+def _gpu_guard_lowering_other(ctx, x, *, what, hopper):
     platforms = getattr(ctx.module_context, "platforms", None) or ("?",)
-    raise _hopper_target_error(f"it is being lowered for {', '.join(platforms)}", what)
+    raise _target_error(f"it is being lowered for {', '.join(platforms)}", what, hopper)
 
 
-def _hopper_guard_lowering_cuda(ctx, x, *, what):
-    from kernels.dispatch import is_hopper_gpu
-
+def _gpu_guard_lowering_cuda(ctx, x, *, what, hopper):
     gpu = _local_gpu()
-    # No local GPU: an ahead-of-time lowering (jax.export for "cuda" on a CPU host); Mosaic GPU targets sm_90a.
-    if gpu is not None and not is_hopper_gpu(gpu):
-        raise _hopper_target_error(f"this process's GPU is {gpu.device_kind!r}", what)
+    # No local GPU: an ahead-of-time lowering (jax.export for "cuda" on a CPU host).
+    if gpu is not None and not _fits(gpu, hopper):
+        raise _target_error(f"this process's GPU is {gpu.device_kind!r}", what, hopper)
     return [x]
 
 
-def _make_hopper_guard():
+def _make_gpu_guard():
     from jax.extend.core import Primitive
     from jax.interpreters import batching, mlir
 
-    prim = Primitive("phi4_hopper_target_guard")
-    prim.def_impl(_hopper_guard_impl)
-    prim.def_abstract_eval(lambda aval, *, what: aval)
-    mlir.register_lowering(prim, _hopper_guard_lowering_other)
-    mlir.register_lowering(prim, _hopper_guard_lowering_cuda, platform="cuda")
-    batching.primitive_batchers[prim] = lambda args, dims, *, what: (prim.bind(*args, what=what), dims[0])
+    prim = Primitive("phi4_gpu_target_guard")
+    prim.def_impl(_gpu_guard_impl)
+    prim.def_abstract_eval(lambda aval, **_: aval)
+    mlir.register_lowering(prim, _gpu_guard_lowering_other)
+    mlir.register_lowering(prim, _gpu_guard_lowering_cuda, platform="cuda")
+    batching.primitive_batchers[prim] = lambda args, dims, **params: (prim.bind(*args, **params), dims[0])
     return prim
 
 
-_hopper_guard_p = _make_hopper_guard()
+_gpu_guard_p = _make_gpu_guard()
 
 
 def require_hopper_target(x, *, what: str = "the Mosaic GPU kernel"):
     """Identity on x that refuses, with a `PallasUnavailableError`, to run or lower anywhere but a Hopper GPU.
 
     The check follows the lowering target, not the default backend: lowered for "cuda" it passes (so
-    `jax.export(..., platforms=["cuda"])` works on a CPU host) unless this process's own GPU is not a Hopper;
-    lowered for any other platform (jit on a CPU, TPU, ROCm) it raises; run eagerly, the default device must be
-    a Hopper GPU. Feed a kernel's first operand through it so the check comes first.
+    `jax.export(..., platforms=["cuda"])` works on a CPU host; Mosaic GPU targets sm_90a) unless this process's
+    own GPU is not a Hopper; lowered for any other platform (jit on a CPU, TPU, ROCm) it raises; run eagerly, the
+    default device must be a Hopper GPU. Feed a kernel's first operand through it so the check comes first.
     """
-    return _hopper_guard_p.bind(x, what=what)
+    return _gpu_guard_p.bind(x, what=what, hopper=True)
+
+
+def require_gpu_target(x, *, what: str = "the Pallas Triton kernel"):
+    """`require_hopper_target` for kernels that run on any CUDA GPU (the Triton backend): lowered for "cuda" it
+    passes; for any other platform, or run eagerly off a GPU, it raises `PallasUnavailableError`."""
+    return _gpu_guard_p.bind(x, what=what, hopper=False)

@@ -14,6 +14,9 @@ per device on that device's shard (`jax.shard_map`, every mesh axis manual):
   interpret=False)`.
 - `sharded_decode_attention(q, k_cache, v_cache, lengths, *, mesh, batch_axes, q_head_axes, kv_head_axes,
   sm_scale=None, implementation=None, interpret=False)`: the cache is split by batch and kv heads (not by length).
+- `sharded_paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mesh, batch_axes, q_head_axes,
+  kv_head_axes, layer=None, sm_scale=None, implementation=None, interpret=False)`: the page pool is split by kv
+  heads only (every device holds every page, of its heads); q, block tables and lengths by batch.
 
 The mesh-axis arguments name, for each logical dimension, the mesh axis (a name, a tuple of names, or None) it is
 split over; this package does not know any rules table: the caller (phi4_jax) derives them from its own. With no
@@ -34,6 +37,7 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
@@ -47,6 +51,7 @@ from kernels.dispatch import (
     flash_attention,
     flash_attention_rope,
 )
+from kernels.paged_attention import paged_attention
 
 PALLAS_ATTENTION = ("pallas_tpu", "pallas_gpu")
 _SIMULATED_DEVICES = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
@@ -140,6 +145,14 @@ def _check_interpret_threads(mesh, implementation, interpret):
             f"interpret-mode Pallas kernels on {n} CPU devices need at least {interpret_threads_needed(n)} CPU "
             f"client threads, but this process has {threads} (they would deadlock); set NPROC="
             f"{interpret_threads_needed(n)} or more in the environment before JAX starts")
+
+
+def _check_same_head_axes(mesh, q_head_axes, kv_head_axes):
+    """Query and kv heads split over the same mesh axes (or neither split), so each device holds whole GQA groups."""
+    if _axes(q_head_axes) != _axes(kv_head_axes) and (_size(mesh, q_head_axes) > 1 or
+                                                      _size(mesh, kv_head_axes) > 1):
+        raise AttentionConfigError(
+            f"q heads ({q_head_axes!r}) and kv heads ({kv_head_axes!r}) must be split over the same mesh axes")
 
 
 def _shard_map(fn, mesh, in_specs, out_specs):
@@ -253,10 +266,7 @@ def sharded_decode_attention(q, k_cache, v_cache, lengths, *, mesh, batch_axes=N
                                                     implementation=implementation, interpret=interpret)
     if _is_trivial(mesh, batch_axes, q_head_axes, kv_head_axes):
         return decode(q, k_cache, v_cache, lengths)
-    if _axes(q_head_axes) != _axes(kv_head_axes) and (_size(mesh, q_head_axes) > 1 or
-                                                      _size(mesh, kv_head_axes) > 1):
-        raise AttentionConfigError(
-            f"q heads ({q_head_axes!r}) and kv heads ({kv_head_axes!r}) must be split over the same mesh axes")
+    _check_same_head_axes(mesh, q_head_axes, kv_head_axes)
     b, _, hq, _ = q.shape
     _check_axes(mesh, {"batch_axes": (batch_axes, [("batch", b)]),
                        "q_head_axes": (q_head_axes, [("query heads", hq)]),
@@ -267,3 +277,39 @@ def sharded_decode_attention(q, k_cache, v_cache, lengths, *, mesh, batch_axes=N
     cspec = P(_entry(batch_axes), None, _entry(kv_head_axes), None)
     return _shard_map(decode, mesh, (qspec, cspec, cspec, P(_entry(batch_axes))), qspec)(
         q, k_cache, v_cache, lengths)
+
+
+# ----------------------------------------------------------------------------- paged attention
+
+def sharded_paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mesh, batch_axes=None, q_head_axes=None,
+                            kv_head_axes=None, k_scales=None, v_scales=None, layer=None, sm_scale=None,
+                            implementation=None, interpret=False):
+    """`kernels.paged_attention` on a mesh: q [B, T, Hq, D] split over batch and heads (whole GQA groups per
+    device), the page pool ([num_pages, page_size, Hkv, D], or [layers, ...] read at `layer`) and an int8 pool's
+    scales ([.., num_pages, Hkv, page_size]) over kv heads only (pages are shared by all sequences, so every device
+    keeps every page of its heads), block_tables [B, W] and lengths [B] over batch; `layer` (a scalar, possibly
+    traced) is replicated."""
+    quantized = k_scales is not None
+
+    def paged(q, kp, vp, tables, n, *rest):
+        scales, rest = (rest[:2], rest[2:]) if quantized else ((None, None), rest)
+        return paged_attention(q, kp, vp, tables, n, k_scales=scales[0], v_scales=scales[1],
+                               layer=rest[0] if rest else None, sm_scale=sm_scale,
+                               implementation=implementation, interpret=interpret)
+
+    extra = ((k_scales, v_scales) if quantized else ()) + (() if layer is None else (jnp.asarray(layer, jnp.int32),))
+    if _is_trivial(mesh, batch_axes, q_head_axes, kv_head_axes):
+        return paged(q, k_pages, v_pages, block_tables, lengths, *extra)
+    _check_same_head_axes(mesh, q_head_axes, kv_head_axes)
+    b, _, hq, _ = q.shape
+    _check_axes(mesh, {"batch_axes": (batch_axes, [("batch", b)]),
+                       "q_head_axes": (q_head_axes, [("query heads", hq)]),
+                       "kv_head_axes": (kv_head_axes, [("kv heads", k_pages.shape[-2])])})
+    _check_interpret_threads(mesh, implementation if implementation is not None else "pallas", interpret)
+    lead = (None,) * (k_pages.ndim - 2)                      # [layers,] pages, page rows: never split
+    pspec = P(*lead, _entry(kv_head_axes), None)
+    sspec = P(*lead[:-1], _entry(kv_head_axes), None)       # scales: [layers,] pages, kv heads, page rows
+    qspec = P(_entry(batch_axes), None, _entry(q_head_axes), None)
+    specs = ((qspec, pspec, pspec, P(_entry(batch_axes), None), P(_entry(batch_axes)))
+             + ((sspec, sspec) if quantized else ()) + ((P(),) if layer is not None else ()))
+    return _shard_map(paged, mesh, specs, qspec)(q, k_pages, v_pages, block_tables, lengths, *extra)

@@ -292,7 +292,7 @@ def test_bad_arguments_get_clear_errors(converted):
         (dict(prompts=[[1]], top_k=0), "top_k"),
         (dict(prompts=[[1]], top_p=1.5), "top_p"),
         (dict(prompts=[[1], [2]], seed=[1]), "seed"),
-        (dict(prompts=[[1]], cache_dtype="int8"), "cache_dtype"),
+        (dict(prompts=[[1]], cache_dtype="int4"), "cache_dtype"),
     ]
     for kwargs, match in cases:
         kwargs.setdefault("max_new_tokens", 4)

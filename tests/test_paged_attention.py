@@ -93,13 +93,16 @@ _AOT_SCRIPT = textwrap.dedent("""
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
     hq, hkv, d = 40, 10, 128                                     # phi-4 heads
     pages = sds((4, 300, 16, hkv, d), jnp.bfloat16)              # [layers, pages, page_size, kv heads, head_dim]
-    fn = lambda q, k, v, tables, n, layer: paged_attention_pallas(q, k, v, tables, n, layer=layer)
+    int8_pages, scales = sds((4, 300, 16, hkv, d), jnp.int8), sds((4, 300, hkv, 16), jnp.float32)
+    fn = lambda q, k, v, ks, vs, tables, n, layer: paged_attention_pallas(q, k, v, tables, n, k_scales=ks,
+                                                                          v_scales=vs, layer=layer)
     for t, b in ((1, 8), (128, 1)):                              # a decode step and a prefill chunk
-        args = (sds((b, t, hq, d), jnp.bfloat16), pages, pages, sds((b, 64), jnp.int32), sds((b,), jnp.int32),
-                sds((), jnp.int32))
-        with tpu_target(device.device_kind, 1):
-            lowered = jax.jit(fn).lower(*args)
-        lowered.compile()
+        for kv in ((pages, pages, None, None), (int8_pages, int8_pages, scales, scales)):   # bf16 and int8 pages
+            args = (sds((b, t, hq, d), jnp.bfloat16), *kv, sds((b, 64), jnp.int32), sds((b,), jnp.int32),
+                    sds((), jnp.int32))
+            with tpu_target(device.device_kind, 1):
+                lowered = jax.jit(fn).lower(*args)
+            lowered.compile()
     print("COMPILED_ALL")
 """)
 
@@ -115,7 +118,8 @@ def _libtpu_path() -> str | None:
 @pytest.mark.skipif(_libtpu_path() is None,
                     reason="needs libtpu==0.0.42.* (pip install -e '.[tpu-aot]', or PHI4_LIBTPU_DIR) to compile for TPU")
 def test_pallas_kernel_compiles_with_mosaic_for_tpu():
-    """The full Mosaic compiler (libtpu, no TPU needed) takes the kernel at phi-4's shapes in bf16."""
+    """The full Mosaic compiler (libtpu, no TPU needed) takes the kernel at phi-4's shapes with bf16 pages and with
+    int8 pages and their scales."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [_libtpu_path(), root]))}

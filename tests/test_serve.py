@@ -2,8 +2,9 @@
 batching engine on a tiny converted phi-4-vocabulary model, and outside clients: the official `openai` package,
 httpx for raw HTTP, and lm-evaluation-harness's `local-completions` model.
 
-Answers are checked against `phi4_jax.generate` (greedy) and log-likelihoods against the model's own log-softmax,
-computed directly here.
+Answers are checked against `phi4_jax.generate` (greedy); lm-eval's log-likelihoods against the model's own
+log-softmax, computed directly here; chat, echo and prompt log-probs against transformers' log-softmax (the tiny
+model's Phi3ForCausalLM, saved before conversion).
 """
 
 import json
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
+from hf_models import hf_logits
 from test_chat_cli import make_chat_checkpoint
 
 import phi4_jax
@@ -52,10 +54,12 @@ def served(tmp_path_factory):
     model, tokenizer = phi4_jax.load_model(checkpoint), phi4_jax.Tokenizer()
     engine = ContinuousBatchingEngine(model, max_batch=8, max_context=MAX_CONTEXT, prefill_chunk=16, max_queue=64)
     engine.start()
+    engine.warmup_prompt_logprobs()  # as `python -m phi4_jax.serve` does
     recorder = RecordingEngine(engine)
     try:
         with serve_in_thread(create_app(recorder, tokenizer, MODEL)) as base_url:
             yield {"model": model, "tokenizer": tokenizer, "engine": engine, "recorder": recorder,
+                   "hf_dir": checkpoint.parent / "hf",
                    "url": base_url, "client": openai.OpenAI(base_url=base_url + "/v1", api_key="none",
                                                             max_retries=0, timeout=120)}
     finally:
@@ -423,3 +427,196 @@ def test_completion_text_holds_back_possible_stop_strings():
         for piece in pieces:  # nothing past the cut is ever sent, and no piece holds half a character
             sent += piece
             assert cut.startswith(sent) and "\ufffd" not in piece
+
+
+# ----------------------------------------------------------------------------- logprobs against transformers
+
+@pytest.fixture(scope="module")
+def hf_model(served):
+    from transformers import Phi3ForCausalLM
+
+    return Phi3ForCausalLM.from_pretrained(served["hf_dir"]).eval()
+
+
+def hf_greedy_logp(hf_model, prompt, new_tokens):
+    """transformers' greedy continuation of `prompt` (no stop token) and float64 log-softmax of its logits over
+    prompt + continuation: (new ids, logp [S, V]; row s predicts token s + 1)."""
+    import torch
+
+    hf_model.generation_config.eos_token_id = None
+    hf_model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)
+    ids = out[0].tolist()
+    return ids[len(prompt):], hf_log_softmax(hf_model, ids)
+
+
+def hf_log_softmax(hf_model, ids):
+    """float64 log-softmax of transformers' logits for one sequence: [S, V]."""
+    logits = hf_logits(hf_model, [ids])[0].astype(np.float64)
+    logits -= logits.max(axis=-1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+
+
+def token_bytes(tokenizer, token_id):
+    return list(tokenizer.decode_bytes([int(token_id)]))
+
+
+def test_chat_logprobs_equal_transformers_streamed_and_not(served, hf_model):
+    """`logprobs: true, top_logprobs: 3` on /v1/chat/completions: OpenAI's chat shape (content[j] = token,
+    logprob, bytes, top_logprobs), each value the log-softmax of transformers' logits; streamed chunks carry the
+    same entries; the stop token (no text in the message) has none."""
+    client, tokenizer = served["client"], served["tokenizer"]
+    messages = chat_messages("Name three colors.")
+    prompt = tokenizer.encode_chat_ordinary(messages, add_generation_prompt=True)
+    new, logp = hf_greedy_logp(hf_model, prompt, 16)
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+                                           logprobs=True, top_logprobs=3)
+    message = reply.choices[0].message.content
+    content = reply.choices[0].logprobs.content
+    stops = set(tokenizer.stop_ids)
+    n = next((j for j, t in enumerate(new) if t in stops), len(new))   # tokens before the stop token
+    assert len(content) == n == reply.usage.completion_tokens - (n < len(new)) and n > 0
+    for j, entry in enumerate(content):
+        row = logp[len(prompt) - 1 + j]
+        assert entry.bytes == token_bytes(tokenizer, new[j])
+        assert entry.token == tokenizer.decode_bytes([new[j]]).decode("utf-8", errors="replace")
+        np.testing.assert_allclose(entry.logprob, row[new[j]], atol=1e-4)
+        top = np.argsort(-row)[:3]
+        assert [t.bytes for t in entry.top_logprobs] == [token_bytes(tokenizer, t) for t in top]
+        np.testing.assert_allclose([t.logprob for t in entry.top_logprobs], row[top], atol=1e-4)
+    assert bytes(b for e in content for b in e.bytes).decode("utf-8", errors="replace") == message
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+                                                 logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == message
+
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, top_logprobs=2)
+    assert e.value.body["param"] == "top_logprobs"
+
+
+def test_completions_echo_with_stream(served, hf_model):
+    """`echo` with `stream`: each choice's first chunk is the prompt's text and (asked for) its logprobs, then
+    the generated tokens follow; the chunks add up to the non-streamed answer; values equal transformers'."""
+    client, tokenizer = served["client"], served["tokenizer"]
+    prompt = "The quick brown fox jumps over the lazy dog."
+    ids = tokenizer.encode(prompt)
+    new, logp = hf_greedy_logp(hf_model, ids, 6)
+    kwargs = dict(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, echo=True, logprobs=2,
+                  extra_body={"stop_token_ids": []})
+    whole = client.completions.create(**kwargs).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**kwargs, stream=True)]
+    first = chunks[0]
+    assert first.text == prompt and first.logprobs.tokens == [tokenizer.decode([t]) for t in ids]
+    assert first.logprobs.token_logprobs[0] is None and first.logprobs.text_offset[0] == 0
+    np.testing.assert_allclose(first.logprobs.token_logprobs[1:], [logp[s - 1, ids[s]] for s in range(1, len(ids))],
+                               atol=1e-4)
+    assert "".join(c.text for c in chunks) == whole.text == prompt + tokenizer.decode(new)
+    for name in ("tokens", "token_logprobs", "text_offset", "top_logprobs"):
+        joined = [v for c in chunks if c.logprobs for v in getattr(c.logprobs, name)]
+        assert joined == getattr(whole.logprobs, name), name
+    seq = ids + new
+    np.testing.assert_allclose(whole.logprobs.token_logprobs[1:], [logp[s - 1, seq[s]] for s in range(1, len(seq))],
+                               atol=1e-4)
+    for s in range(1, len(seq)):
+        best = [tokenizer.decode([t]) for t in np.argsort(-logp[s - 1])[:2]]
+        assert set(best) <= set(whole.logprobs.top_logprobs[s])
+
+    # n = 2 without logprobs, and max_tokens 0 (the prompt alone, as a loglikelihood request sends)
+    chunks = [c.choices[0] for c in client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, n=2,
+                                                             temperature=0, echo=True, stream=True)]
+    for index in (0, 1):
+        mine = [c for c in chunks if c.index == index]
+        assert mine[0].text == prompt and mine[0].logprobs is None
+        assert "".join(c.text for c in mine).startswith(prompt) and mine[-1].finish_reason is not None
+    chunks = [c.choices[0] for c in client.completions.create(model=MODEL, prompt=prompt, max_tokens=0,
+                                                             echo=True, logprobs=0, stream=True)]
+    assert [c.text for c in chunks] == [prompt, ""] and chunks[-1].finish_reason == "length"
+    np.testing.assert_allclose(chunks[0].logprobs.token_logprobs[1:], first.logprobs.token_logprobs[1:], atol=1e-6)
+
+
+def test_prompt_logprobs_chunked_warmed_up_and_equal_transformers(served, hf_model):
+    """`ContinuousBatchingEngine.prompt_logprobs` equals transformers' log-softmax over a 300-token prompt (three
+    row chunks); after `warmup_prompt_logprobs` no prompt length compiles anything; and the compiled program
+    never holds [S, vocab] float32 logits (its scratch memory is below one such array)."""
+    from phi4_jax.inference import batching
+
+    engine = served["engine"]
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(0, 100256, 300).tolist()
+    logp = hf_log_softmax(hf_model, prompt)
+
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        events = engine.prompt_logprobs(prompt, top_k=4)
+        for n in (2, 40, 70, 200, MAX_CONTEXT):      # every padded length (32 .. MAX_CONTEXT)
+            assert len(engine.prompt_logprobs(rng.integers(0, 100256, n).tolist())) == n
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    assert events[0] is None and [e.token_id for e in events[1:]] == prompt[1:]
+    np.testing.assert_allclose([e.logprob for e in events[1:]], [logp[s - 1, prompt[s]] for s in range(1, 300)],
+                               atol=1e-4)
+    for s in (1, 127, 128, 129, 299):
+        assert [i for i, _ in events[s].top_logprobs] == np.argsort(-logp[s - 1])[:4].tolist()
+
+    length, vocab = MAX_CONTEXT, engine.config.vocab_size
+    compiled = batching.prompt_logprobs_program.lower(
+        engine.params, np.zeros((1, length), np.int32), config=engine.config, top_k=engine.top_k, rows=32,
+        shard=None).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < length * vocab * 4
+
+
+# ----------------------------------------------------------------------------- requests wait for KV pages
+
+def test_requests_wait_for_free_pages(served):
+    """With a page pool that holds one request at a time, concurrent requests queue for pages (none fails) and
+    each answer equals its single-request answer; a request larger than the whole pool is a clear 400."""
+    from phi4_jax.inference.paged_cache import page_bytes
+
+    model, tokenizer = served["model"], served["tokenizer"]
+    engine = ContinuousBatchingEngine(model, max_batch=4, max_context=128, page_size=16, prefill_chunk=16,
+                                      kv_cache_bytes=5 * page_bytes(model.config, 16))   # 4 pages + the null page
+    prompts = [tokenizer.encode(f"Waiting request {i}: " + "more words here " * 7) for i in range(3)]
+    assert all(25 <= len(p) < 32 for p in prompts)       # 25 + 24 new tokens -> 3 of the 4 pages each
+    expected = [text for _, text in references(served, prompts, [NEW] * 3)]
+    seen, done = [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.append(engine.stats())
+            time.sleep(0.002)
+
+    engine.start()
+    try:
+        with serve_in_thread(create_app(engine, tokenizer, MODEL)) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+            results = [None] * 3
+            threads = [threading.Thread(target=watch)] + [threading.Thread(target=lambda i=i: results.__setitem__(
+                i, client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=NEW, temperature=0)))
+                for i in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads[1:]:
+                t.join(timeout=120)
+            done.set()
+            threads[0].join()
+            assert [r.choices[0].text for r in results] == expected
+            assert max(s["queue_length"] for s in seen) >= 1 and max(s["running"] for s in seen) == 1
+            response = httpx.post(url + "/v1/completions", timeout=60,
+                                  json={"model": MODEL, "prompt": prompts[0], "max_tokens": 60})
+            assert response.status_code == 400 and "needs 6 KV pages" in error_of(response)["message"]
+    finally:
+        done.set()
+        engine.shutdown()

@@ -242,6 +242,51 @@ def test_decode_step_with_the_tpu_default_decode_kernel_compiles(tpu_devices, at
     assert "tpu_custom_call" in compiled.as_text()
 
 
+def test_engine_step_with_the_sharded_pallas_paged_kernel_compiles_for_phi4(tpu_devices):
+    """The serving engine's step (`batching.engine_step`: `paged_extend` and sampling) for phi-4 14B in bf16, decoding
+    8 sequences against a 16K-token page pool, on an fsdp=4 x tensor=2 v5p mesh laid out by `serving_rules`, with
+    attention_impl "pallas_tpu": the Mosaic paged kernel runs inside `kernels.sharded_paged_attention`'s shard_map
+    on each device's 5 of phi-4's 10 kv heads. Memory by hand: bf16 params split over fsdp (embed) and tensor
+    (heads, mlp, vocab); the pool split over kv heads only, donated and updated in place, and never copied inside
+    the layer loop (bench/paged_tpu_compile.py)."""
+    import functools
+    import re
+
+    from bench.paged_tpu_compile import pool_copies_in_layer_loop
+    from phi4_jax.inference import batching, paged_cache
+    from phi4_jax.inference.engine import MeshRules, hashable_rules
+
+    config = get_preset("phi4-14b", param_dtype="bfloat16", compute_dtype="bfloat16", attention_impl="pallas_tpu")
+    mesh = sharding.build_mesh("fsdp=4,tensor=2", devices=tpu_devices)
+    rules = batching.serving_rules()
+
+    def sds(shape, dtype, spec=P()):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+    params = jax.tree.map(lambda s, axes: sds(s.shape, s.dtype, sharding.logical_to_spec(axes, rules)),
+                          _abstract_params(config), logical_axes_tree(config))
+    b, page, num_pages, width = 8, 16, 1025, 1024                       # 1024 pages of 16 tokens + the null page
+    pool_shape = (config.num_layers, num_pages, page, config.num_kv_heads, config.head_dim)
+    pool = sds(pool_shape, jnp.bfloat16, sharding.logical_to_spec(paged_cache.PAGE_AXES, rules))
+    i32, f32 = (lambda *s: sds(s, jnp.int32)), (lambda *s: sds(s, jnp.float32))
+    args = (params, paged_cache.PagedKV(pool, pool), i32(b, 1), i32(b), i32(b), i32(b, width), i32(b), i32(b),
+            f32(b), f32(b), sds((), jnp.bool_))
+    step = functools.partial(batching.engine_step, config=config, top_k=batching.MAX_TOP_LOGPROBS,
+                             shard=MeshRules(mesh, hashable_rules(rules)))
+    compiled = compile_for(mesh, jax.jit(step, donate_argnums=(1,)), *args, attention="pallas_tpu paged")
+    hlo = compiled.as_text()
+    # the kernel's per-device output: 8 sequences x 5 kv heads x 8 (4 q heads x 1 token, padded) rows x 128
+    assert re.search(r"bf16\[8,5,8,128\][^\n]*custom-call\([^\n]*tpu_custom_call", hlo)
+    # the kernel reads the pool in its own layout: no relayout copy of the pool inside the layer loop
+    assert pool_copies_in_layer_loop(hlo, math.prod(pool.sharding.shard_shape(pool_shape))) == 0
+    param_bytes = _param_shard_bytes(config, {"fsdp": 4, "tensor": 2}, {"embed": "fsdp", "vocab": "tensor",
+                                     "q_heads": "tensor", "kv_heads": "tensor", "mlp": "tensor"}, 2)
+    pool_bytes = 2 * math.prod(pool_shape) * 2 // 2                     # k and v, bf16, kv heads over tensor
+    mem, small = MemoryPlan.of(compiled), 64 * 1024
+    assert param_bytes + pool_bytes <= mem.arguments <= param_bytes + pool_bytes + small, (mem, param_bytes)
+    assert pool_bytes <= mem.aliased <= pool_bytes + small, mem
+
+
 def test_a_program_larger_than_hbm_is_a_does_not_fit_error(tpu_devices):
     """The TPU compiler checks its plan against the chip's HBM; that refusal becomes DoesNotFitError."""
     mesh = Mesh(np.asarray(tpu_devices), ("x",))

@@ -5,7 +5,8 @@ multi-turn chat in the phi-4 chat format, an optional system prompt (`--system`)
 16384 tokens (`--max-context`), tokens streamed as they are generated, and tokens/s after each answer
 (on stderr). `--prompt "..."` answers once and exits, so it can be scripted. Ctrl-D or Ctrl-C at the
 prompt exits; Ctrl-C during an answer stops that answer. `--quantize int8|int4` (and `--group-size`) loads the
-weights quantized (`load_model(..., quantize=...)`); `--checkpoint` may also be a llama.cpp phi3 ``.gguf`` file, whose
+weights quantized (`load_model(..., quantize=...)`) and `--kv-cache-dtype int8` keeps the KV cache in int8;
+`--checkpoint` may also be a llama.cpp phi3 ``.gguf`` file, whose
 Q8_0 / Q4_0 / Q4_K blocks run as they are.
 
 The conversation's KV pages are kept between turns (`phi4_jax.inference.chat_session.ChatSession`, on the model's
@@ -51,7 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """--dtype, --quantize and --group-size: how `load` reads the weights (shared with `python -m phi4_jax.serve`)."""
+    """--dtype, --quantize and --group-size: how `load` reads the weights; --kv-cache-dtype: the KV cache's dtype
+    (shared with `python -m phi4_jax.serve`)."""
+    from phi4_jax.inference.kv_quant import KV_CACHE_DTYPES
+
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
                    help="parameter/compute dtype (default: as stored in the checkpoint)")
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
@@ -59,6 +63,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=None,
                    help="quantization group size along the input dimension (default: per channel for int8, 128 "
                         "for int4)")
+    p.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
+                   help="KV cache dtype (default: the compute dtype); int8 stores keys/values in int8 with a float32 "
+                        "scale per token and kv head: about half the bytes of bfloat16")
 
 
 def load(checkpoint: str, dtype: str | None, quantize: str | None = None, group_size: int | None = None):
@@ -122,7 +129,8 @@ def new_session(model, tokenizer, args, max_context: int):
 
     try:
         return ChatSession(model, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                           stop_tokens=chat_stop_tokens(model.config, tokenizer), max_context=max_context)
+                           stop_tokens=chat_stop_tokens(model.config, tokenizer), max_context=max_context,
+                           cache_dtype=args.kv_cache_dtype)
     except GenerationError as e:
         raise ChatError(str(e)) from None
 

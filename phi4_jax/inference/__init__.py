@@ -5,6 +5,7 @@
 - `engine`: `generate` (the public `phi4_jax.generate`) on the model's shared serving engine (`shared_engine`), and the
   argument checks generation shares.
 - `chat_session`: `ChatSession` (the conversation's KV pages kept between turns), `TextStreamer`, text-level helpers.
+- `kv_quant`: the int8 KV cache's number format (`quantize_kv`) and the one check of a `cache_dtype`.
 - `paged_cache`: the paged KV cache (`PagedKV`, `paged_extend`) and its allocator with prefix caching (`PagePool`).
 - `batching`: the engine, `ContinuousBatchingEngine` (continuous batching, chunked prefill, streams), the one decode
   path: the server runs it on a background thread, `generate` / `ChatSession` / PTS on the caller's.

@@ -16,8 +16,9 @@ starve running streams (they advance every step). Every program has a fixed shap
 1]; a prefill chunk [1, bucket]; block tables [*, max_context / page_size]), sampling settings are per-slot
 arrays, so nothing recompiles per request (`start` compiles them all first). Per step, the host uploads the
 step's token ids and block tables and fetches the sampled tokens (with their logprobs) in one transfer. The layer
-math is the model's own (`paged_cache.paged_extend`), attending with `kernels.paged_attention` (the Pallas kernel
-for attention_impl "pallas_tpu" or on a TPU, see `paged_cache.paged_implementation`).
+math is the model's own (`paged_cache.paged_extend`), attending with `kernels.paged_attention` (the Pallas TPU kernel
+for attention_impl "pallas_tpu" or on a TPU, the Pallas GPU kernel for "pallas_gpu", in shard_map on a mesh; see
+`paged_cache.attend_pages`).
 
 Sampling follows `sampling.sample_rows` with per-request settings (temperature, top_k, top_p) and keys: the k-th
 new token of a request with seed s is drawn with key fold_in(key(s), k), as `generate(..., seed=[s])` draws it (a
@@ -60,6 +61,7 @@ from phi4_jax.inference.engine import (
     validate_sampling,
 )
 from phi4_jax.inference.errors import ContextLengthError, EngineError, GenerationError, QueueFullError
+from phi4_jax.inference.kv_quant import cache_dtype_name
 from phi4_jax.inference.paged_cache import (
     NULL_PAGE,
     PagedKV,
@@ -71,12 +73,13 @@ from phi4_jax.inference.paged_cache import (
 )
 from phi4_jax.inference.sampling import sample_rows
 from phi4_jax.model import sharding
-from phi4_jax.model.decoder import forward
+from phi4_jax.model.decoder import hidden_states, logits_from_hidden
 
 MAX_TOP_LOGPROBS = 20            # the most alternatives a request may ask for (the OpenAI API's limit)
 MIN_CHUNK_BUCKET = 16
 DEFAULT_PAGE_SIZE = 16
 MIN_PROMPT_LOGPROBS_BUCKET = 32
+PROMPT_LOGPROBS_ROWS = 128      # prompt positions whose [rows, vocab] log-softmax exists at once
 KV_MEMORY_FRACTION = 0.8         # of the device's free memory, when it reports one and no budget is given
 FINISH_REASONS = ("stop", "length", "cancelled")
 
@@ -264,14 +267,31 @@ def engine_step(params, pages, tokens, start, n_new, block_tables, keys, steps, 
         return pages, token, *jax.lax.cond(want_logprobs, logprobs, none)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "top_k", "shard"))
-def prompt_logprobs_program(params, tokens, *, config, top_k, shard):
-    """For tokens [1, S]: the logprob of token s+1 given 0..s [S-1] and the top-k (ids, logprobs) [S-1, k] there."""
+@functools.partial(jax.jit, static_argnames=("config", "top_k", "rows", "shard"))
+def prompt_logprobs_program(params, tokens, *, config, top_k, rows, shard):
+    """For tokens [1, S]: the logprob of token s+1 given 0..s [S-1] and the top-k (ids, logprobs) [S-1, k] there.
+
+    The model runs once over the whole prompt up to its final hidden states [S, E]; the lm_head, log-softmax and
+    top-k then run `rows` positions at a time (`lax.map`), so float32 logits exist for [rows, vocab] at once, never
+    [S, vocab], and only the per-position results are returned."""
     with mesh_rules_context(shard):
-        logp = jax.nn.log_softmax(forward(params, tokens, config)[0, :-1], axis=-1)      # [S-1, V]
-        token_logp = jnp.take_along_axis(logp, tokens[0, 1:, None], axis=-1)[:, 0]
-        top_logp, top_ids = jax.lax.top_k(logp, top_k)
-        return token_logp, top_ids.astype(jnp.int32), top_logp
+        h = hidden_states(params, tokens, config)[0, :-1]                              # [S-1, E]
+        targets = tokens[0, 1:]
+        n = h.shape[0]
+        rows = min(rows, n)
+        pad = -n % rows
+        h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, rows, h.shape[-1])
+        targets = jnp.pad(targets, (0, pad)).reshape(-1, rows)
+
+        def chunk(xs):
+            h_i, t_i = xs
+            logp = jax.nn.log_softmax(logits_from_hidden(params, h_i, config), axis=-1)  # [rows, V]
+            token_logp = jnp.take_along_axis(logp, t_i[:, None], axis=-1)[:, 0]
+            top_logp, top_ids = jax.lax.top_k(logp, top_k)
+            return token_logp, top_ids.astype(jnp.int32), top_logp
+
+        token_logp, top_ids, top_logp = jax.lax.map(chunk, (h, targets))
+        return token_logp.reshape(-1)[:n], top_ids.reshape(-1, top_k)[:n], top_logp.reshape(-1, top_k)[:n]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_pages", "page_size", "dtype", "shard"))
@@ -317,7 +337,9 @@ class ContinuousBatchingEngine:
       mesh: a jax Mesh to shard the page pool (kv heads) and activations over (rules: `serving_rules(rules)`); the
         model's parameters should be sharded on it already (`load_model(..., mesh=...)`).
       rules: the logical-axis rules table for the mesh (default: the training table).
-      cache_dtype: the page pool's dtype (default: the model's compute dtype).
+      cache_dtype: the page pool's dtype: None (the model's compute dtype), "bfloat16", "float16", "float32", or
+        "int8" (int8 pages with a float32 scale per token and kv head: about 2x the tokens of bf16 in
+        kv_cache_bytes; see `kv_quant`).
     """
 
     def __init__(self, model, *, max_batch=8, max_context=None, page_size=DEFAULT_PAGE_SIZE, kv_cache_bytes=None,
@@ -341,8 +363,7 @@ class ContinuousBatchingEngine:
         self.table_width = -(-self.max_context // self.page_size)
         self.top_k = min(MAX_TOP_LOGPROBS, self.config.vocab_size)
         self.shard = None if mesh is None else MeshRules(mesh, hashable_rules(serving_rules(rules)))
-        self.cache_dtype = None if cache_dtype is None else jnp.dtype(cache_dtype).name
-
+        self.cache_dtype = cache_dtype_name(cache_dtype)
         per_page = page_bytes(self.config, self.page_size, self.cache_dtype)
         if kv_cache_bytes is None:
             free = _free_device_bytes()
@@ -471,20 +492,43 @@ class ContinuousBatchingEngine:
 
     def prompt_logprobs(self, prompt_ids, top_k: int = 0) -> list[TokenEvent | None]:
         """The logprob of each prompt token given the ones before it (None for the first), with the top_k
-        alternatives at each position. Runs the model's plain forward (bucketed length) on the caller's thread."""
+        alternatives at each position. Runs `prompt_logprobs_program` on the caller's thread, on the prompt padded
+        to a bucket (`prompt_logprobs_lengths`; `warmup_prompt_logprobs` compiles them all)."""
         prompt = validate_prompts([prompt_ids], self.config)[0]
         self._check_context(len(prompt), 0)
         self._check_top_k(top_k)
         length = min(bucket(len(prompt), MIN_PROMPT_LOGPROBS_BUCKET), self.max_context)
         tokens = np.zeros((1, length), np.int32)
         tokens[0, :len(prompt)] = prompt
-        token_logp, top_ids, top_logp = jax.device_get(prompt_logprobs_program(
-            self.params, tokens, config=self.config, top_k=self.top_k, shard=self.shard))
+        token_logp, top_ids, top_logp = jax.device_get(self._prompt_logprobs_dispatch(tokens))
         out: list[TokenEvent | None] = [None]
         for s in range(len(prompt) - 1):
             top = [(int(i), float(v)) for i, v in zip(top_ids[s, :top_k], top_logp[s, :top_k])]
             out.append(TokenEvent(prompt[s + 1], float(token_logp[s]), top))
         return out
+
+    def prompt_logprobs_lengths(self) -> list[int]:
+        """The padded prompt lengths `prompt_logprobs` runs at: powers of two from MIN_PROMPT_LOGPROBS_BUCKET,
+        capped at max_context."""
+        lengths = [min(MIN_PROMPT_LOGPROBS_BUCKET, self.max_context)]
+        while lengths[-1] < self.max_context:
+            lengths.append(min(2 * lengths[-1], self.max_context))
+        return lengths
+
+    def warmup_prompt_logprobs(self, progress: bool = False) -> None:
+        """Compiles `prompt_logprobs` for every padded length (`prompt_logprobs_lengths`; a tqdm bar with
+        `progress`), so no request compiles. A server that answers echo + logprobs (lm-evaluation-harness's
+        loglikelihood) calls it once."""
+        lengths = self.prompt_logprobs_lengths()
+        if progress:
+            from tqdm.auto import tqdm
+            lengths = tqdm(lengths, desc="compiling prompt logprobs", unit="length", dynamic_ncols=True)
+        for length in lengths:
+            jax.block_until_ready(self._prompt_logprobs_dispatch(np.zeros((1, length), np.int32)))
+
+    def _prompt_logprobs_dispatch(self, tokens: np.ndarray):
+        return prompt_logprobs_program(self.params, tokens, config=self.config, top_k=self.top_k,
+                                       rows=PROMPT_LOGPROBS_ROWS, shard=self.shard)
 
     def stats(self) -> dict:
         """Counters for monitoring: queue_length, running, pages_in_use, pages_total, prefix_cache_hits (pages

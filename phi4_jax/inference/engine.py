@@ -24,14 +24,14 @@ import weakref
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from phi4_jax.checks import check_integer, first_out_of_range, is_integer, is_number
 from phi4_jax.inference.errors import ContextLengthError, GenerationError
+from phi4_jax.inference.kv_quant import cache_dtype_name
 from phi4_jax.inference.sampling import sequence_keys
 from phi4_jax.model import sharding
-from phi4_jax.model.config import DTYPES, Phi4Config
+from phi4_jax.model.config import Phi4Config
 from phi4_jax.special_tokens import ENDOFTEXT_ID
 
 MIN_CONTEXT_BUCKET = 32
@@ -126,15 +126,7 @@ def check_options(config: Phi4Config, stop_tokens, mesh, rules, cache_dtype) -> 
         raise GenerationError(f"stop_tokens must be integer token ids, got {stop_tokens!r}")
     if (mesh is None) != (rules is None):
         raise GenerationError("pass both mesh and rules (or neither) to shard generation")
-    name = None
-    if cache_dtype is not None:
-        try:
-            name = jnp.dtype(cache_dtype).name
-        except TypeError:
-            name = None
-        if name not in DTYPES:
-            raise GenerationError(f"cache_dtype must be one of {', '.join(DTYPES)}, got {cache_dtype!r}")
-    return tuple(int(t) for t in stop_tokens), name
+    return tuple(int(t) for t in stop_tokens), cache_dtype_name(cache_dtype)
 
 
 # ----------------------------------------------------------------------------- one engine per model

@@ -9,6 +9,12 @@ lengths ``[batch]`` int32. Sequence b occupies slots 0 .. lengths[b]-1 and the t
 dtype unless asked otherwise; under a mesh it is laid out by the rules table like every activation. The layer
 math is the model's own: each layer is `decoder_block` with an attention over the cache plugged in.
 
+An int8 cache (`cache_dtype="int8"`, see `kv_quant`) holds int8 k/v and float32 scales k_scale, v_scale
+``[layers, batch, capacity, kv_heads]``: the prefill attends over its own float keys/values and stores them
+quantized; `extend` quantizes what it writes and attends with `kernels.decode_attention_reference` given the
+scales (XLA, the scales applied after the dots), in the stacked layout only (not the CPU per-layer layout, not
+the Pallas decode kernel).
+
 Attention follows `config.attention_impl`: the prefill attends over the prompt with `decoder.rotated_attention`
 (RoPE applied first, since the cache keeps rotated keys), and `extend` / `decode_step` with `cache_attention`
 (`kernels.decode_attention`, the Pallas decode kernel for "pallas_tpu"; see `decode_implementation`). Under an active
@@ -26,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
+from phi4_jax.inference.kv_quant import SCALE_DTYPE, is_int8, quantize_kv
 from phi4_jax.model import sharding
 from phi4_jax.model.config import Phi4Config
 from phi4_jax.model.decoder import (
@@ -38,13 +45,16 @@ from phi4_jax.model.decoder import (
 )
 
 CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+SCALE_AXES = CACHE_AXES[:-1]
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer; see the module docstring for the layout."""
+    """Keys and values of every layer (and their scales when int8, else None); see the module docstring."""
     k: jax.Array
     v: jax.Array
     lengths: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
 
 
 def cache_sharding(mesh, rules):
@@ -53,18 +63,25 @@ def cache_sharding(mesh, rules):
 
 
 def cache_bytes(config: Phi4Config, batch: int, capacity: int, dtype=None) -> int:
-    """Bytes of a KV cache: 2 (k and v) x layers x batch x capacity x kv_heads x head_dim x itemsize."""
-    itemsize = jnp.dtype(dtype or config.compute_dtype).itemsize
-    return 2 * config.num_layers * batch * capacity * config.num_kv_heads * config.head_dim * itemsize
+    """Bytes of a KV cache: 2 (k and v) x layers x batch x capacity x kv_heads x head_dim x itemsize (plus an int8
+    cache's float32 scale per token and kv head)."""
+    dtype = jnp.dtype(dtype or config.compute_dtype)
+    per_head = config.head_dim * dtype.itemsize + (jnp.dtype(SCALE_DTYPE).itemsize if is_int8(dtype) else 0)
+    return 2 * config.num_layers * batch * capacity * config.num_kv_heads * per_head
 
 
 def init_cache(config: Phi4Config, batch: int, capacity: int, dtype=None) -> KVCache:
-    """An empty cache (call inside jit / an activation_sharding context to get it sharded)."""
+    """An empty cache, int8 with scales for dtype "int8" (call inside jit / an activation_sharding context to get
+    it sharded)."""
     shape = (config.num_layers, batch, capacity, config.num_kv_heads, config.head_dim)
     dtype = jnp.dtype(dtype or config.compute_dtype)
     k = sharding.constrain(jnp.zeros(shape, dtype), CACHE_AXES)
     v = sharding.constrain(jnp.zeros(shape, dtype), CACHE_AXES)
-    return KVCache(k, v, jnp.zeros((batch,), jnp.int32))
+    cache = KVCache(k, v, jnp.zeros((batch,), jnp.int32))
+    if is_int8(dtype):
+        scales = lambda: sharding.constrain(jnp.zeros(shape[:-1], SCALE_DTYPE), SCALE_AXES)  # noqa: E731
+        cache = cache._replace(k_scale=scales(), v_scale=scales())
+    return cache
 
 
 # ----------------------------------------------------------------------------- forward with a cache
@@ -100,10 +117,13 @@ def prefill(params, tokens, lengths, config: Phi4Config, capacity: int, cache_dt
     cache = init_cache(config, b, capacity, cache_dtype)
     x = embed_tokens(params, tokens, config)
 
+    quantized = cache.k_scale is not None
+    kv_dtype = config.compute_dtype if quantized else cache.k.dtype
+
     def attend(q, k, v):
         q = rope(q, positions, config)
         k = rope(k, positions, config)
-        k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+        k, v = k.astype(kv_dtype), v.astype(kv_dtype)
         # Into an empty cache: plain causal attention over the prompt (in shard_map on a mesh). Padding sits
         # after every real token, so causality alone keeps it out of real tokens' attention.
         return rotated_attention(q.astype(k.dtype), k, v, None, config), (k, v)
@@ -112,12 +132,16 @@ def prefill(params, tokens, lengths, config: Phi4Config, capacity: int, cache_dt
         return decoder_block(layer, x, config, attend)
 
     x, (ks, vs) = jax.lax.scan(body, x, params["layers"])      # ks [L, B, P, Hkv, D]
-    k_cache = jax.lax.dynamic_update_slice(cache.k, ks, (0, 0, 0, 0, 0))
-    v_cache = jax.lax.dynamic_update_slice(cache.v, vs, (0, 0, 0, 0, 0))
+    put = lambda into, new, axes: sharding.constrain(  # noqa: E731
+        jax.lax.dynamic_update_slice(into, new, (0,) * into.ndim), axes)
+    if quantized:
+        (ks, k_scale), (vs, v_scale) = quantize_kv(ks), quantize_kv(vs)
+        cache = cache._replace(k_scale=put(cache.k_scale, k_scale, SCALE_AXES),
+                               v_scale=put(cache.v_scale, v_scale, SCALE_AXES))
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]   # [B, E]
     h = rms_norm(last, params["final_norm"], config.rms_norm_eps)
-    cache = KVCache(sharding.constrain(k_cache, CACHE_AXES), sharding.constrain(v_cache, CACHE_AXES),
-                    lengths.astype(jnp.int32))
+    cache = cache._replace(k=put(cache.k, ks, CACHE_AXES), v=put(cache.v, vs, CACHE_AXES),
+                           lengths=lengths.astype(jnp.int32))
     return cache, logits_from_hidden(params, h, config)
 
 
@@ -149,21 +173,49 @@ def extend(params, cache: KVCache, tokens, n_new, config: Phi4Config):
         out = cache_attention(q.astype(k_cache.dtype), k_cache[i], v_cache[i], attend_lengths, config)
         return out, (k_cache, v_cache)
 
-    def body(carry, xs):
-        x, k_all, v_all = carry
-        layer, i = xs
-        attend = functools.partial(attend_and_write, k_cache=k_all, v_cache=v_all, i=i)
-        x, (k_all, v_all) = decoder_block(layer, x, config, attend)
-        return (x, k_all, v_all), None
+    k_scale_all = v_scale_all = None
+    if cache.k_scale is not None:
+        # int8: each layer's new keys/values quantized as they are written; attention applies the scales.
+        def body_int8(carry, xs):
+            x, c = carry
+            layer, i = xs
 
-    layer_index = jnp.arange(config.num_layers)
-    (x, k_all, v_all), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params["layers"], layer_index))
-    k_all = sharding.constrain(k_all, CACHE_AXES)
-    v_all = sharding.constrain(v_all, CACHE_AXES)
+            def attend(q, k, v):
+                q, k = rope(q, slots, config), rope(k, slots, config)
+                (k_codes, k_scale), (v_codes, v_scale) = quantize_kv(k), quantize_kv(v)
+                where = (i, batch_index, slots)
+                c_new = c._replace(k=c.k.at[where].set(k_codes, mode="drop"),
+                                   v=c.v.at[where].set(v_codes, mode="drop"),
+                                   k_scale=c.k_scale.at[where].set(k_scale, mode="drop"),
+                                   v_scale=c.v_scale.at[where].set(v_scale, mode="drop"))
+                out = kernels.decode_attention_reference(q, c_new.k[i], c_new.v[i], attend_lengths,
+                                                         k_scale=c_new.k_scale[i], v_scale=c_new.v_scale[i])
+                return out, c_new
+
+            x, c = decoder_block(layer, x, config, attend)
+            return (x, c), None
+
+        layer_index = jnp.arange(config.num_layers)
+        (x, c), _ = jax.lax.scan(body_int8, (x, cache), (params["layers"], layer_index))
+        k_all, v_all = sharding.constrain(c.k, CACHE_AXES), sharding.constrain(c.v, CACHE_AXES)
+        k_scale_all = sharding.constrain(c.k_scale, SCALE_AXES)
+        v_scale_all = sharding.constrain(c.v_scale, SCALE_AXES)
+    else:
+        def body(carry, xs):
+            x, k_all, v_all = carry
+            layer, i = xs
+            attend = functools.partial(attend_and_write, k_cache=k_all, v_cache=v_all, i=i)
+            x, (k_all, v_all) = decoder_block(layer, x, config, attend)
+            return (x, k_all, v_all), None
+
+        layer_index = jnp.arange(config.num_layers)
+        (x, k_all, v_all), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params["layers"], layer_index))
+        k_all = sharding.constrain(k_all, CACHE_AXES)
+        v_all = sharding.constrain(v_all, CACHE_AXES)
     n_new = n_new.astype(jnp.int32)
     last = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]   # [B, E]
     h = rms_norm(last, params["final_norm"], config.rms_norm_eps)
-    return KVCache(k_all, v_all, start + n_new), logits_from_hidden(params, h, config)
+    return KVCache(k_all, v_all, start + n_new, k_scale_all, v_scale_all), logits_from_hidden(params, h, config)
 
 
 def decode_step(params, cache: KVCache, tokens, config: Phi4Config, active=None):

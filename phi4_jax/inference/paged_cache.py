@@ -5,6 +5,11 @@ Device layout (`PagedKV`): k, v ``[layers, num_pages, page_size, kv_heads, head_
 position p lives in page ``block_table[p // page_size]``, row ``p % page_size``. Page 0 is the null page: it is
 never handed out, and unused block-table entries point at it (it is read only by masked-out positions).
 
+An int8 pool (`init_pages(..., dtype="int8")`) stores int8 k/v pages plus float32 scale pages k_scale, v_scale
+``[layers, num_pages, kv_heads, page_size]`` (one scale per token and kv head, `kv_quant`): `paged_extend`
+quantizes each new key/value as it writes it, and `kernels.paged_attention` applies the scales after its dots.
+`page_bytes` counts the scales, so a byte budget holds 1.94x the tokens of a bf16 pool (3.9x float32).
+
 Host side (`PagePool`): a free list, a reference count per page, and the prefix cache. A full page of a prompt is
 named by a chain hash of token ids (`page_digests`: sha256 of the previous page's digest and this page's ids, so a
 digest names the whole prefix up to the page's end). Pages are shared read-only by every request whose prompt
@@ -25,84 +30,126 @@ import numpy as np
 
 import kernels
 from phi4_jax.inference.kv_cache import decode_implementation
+from phi4_jax.inference.kv_quant import SCALE_DTYPE, is_int8, quantize_kv
 from phi4_jax.model import sharding
 from phi4_jax.model.config import Phi4Config
 from phi4_jax.model.decoder import decoder_block, embed_tokens, logits_from_hidden, rms_norm, rope
 
 PAGE_AXES = ("layers", "kv_pages", "page_rows", "kv_heads", "head_dim")
+SCALE_AXES = ("layers", "kv_pages", "kv_heads", "page_rows")
 NULL_PAGE = 0
 
 
 class PagedKV(NamedTuple):
-    """Keys and values of every layer in pages; see the module docstring for the layout."""
+    """Keys and values of every layer in pages, and their scales when the pages are int8 (else None); see the
+    module docstring for the layout."""
     k: jax.Array
     v: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
 
 
 def page_bytes(config: Phi4Config, page_size: int, dtype=None) -> int:
-    """Bytes of one page of k and v over all layers."""
-    itemsize = jnp.dtype(dtype or config.compute_dtype).itemsize
-    return 2 * config.num_layers * page_size * config.num_kv_heads * config.head_dim * itemsize
+    """Bytes of one page of k and v over all layers (with an int8 pool's scales)."""
+    dtype = jnp.dtype(dtype or config.compute_dtype)
+    per_token = config.num_kv_heads * (config.head_dim * dtype.itemsize
+                                       + (jnp.dtype(SCALE_DTYPE).itemsize if is_int8(dtype) else 0))
+    return 2 * config.num_layers * page_size * per_token
 
 
 def init_pages(config: Phi4Config, num_pages: int, page_size: int, dtype=None) -> PagedKV:
-    """A zeroed page pool (call inside jit / an activation_sharding context to get it sharded)."""
+    """A zeroed page pool, int8 with scale pages for dtype "int8" (call inside jit / an activation_sharding
+    context to get it sharded)."""
     shape = (config.num_layers, num_pages, page_size, config.num_kv_heads, config.head_dim)
     dtype = jnp.dtype(dtype or config.compute_dtype)
-    return PagedKV(sharding.constrain(jnp.zeros(shape, dtype), PAGE_AXES),
-                   sharding.constrain(jnp.zeros(shape, dtype), PAGE_AXES))
+    zeros = lambda shape, dtype, axes: sharding.constrain(jnp.zeros(shape, dtype), axes)  # noqa: E731
+    pages = PagedKV(zeros(shape, dtype, PAGE_AXES), zeros(shape, dtype, PAGE_AXES))
+    if is_int8(dtype):
+        scale_shape = (config.num_layers, num_pages, config.num_kv_heads, page_size)
+        pages = pages._replace(k_scale=zeros(scale_shape, SCALE_DTYPE, SCALE_AXES),
+                               v_scale=zeros(scale_shape, SCALE_DTYPE, SCALE_AXES))
+    return pages
+
+
+def write_pages(pages: PagedKV, layer, page, row, k, v) -> PagedKV:
+    """Layer `layer`'s pool with keys/values k, v [B, T, Hkv, D] written at (page, row) [B, T] (entries with
+    page == num_pages are dropped); an int8 pool gets them quantized (`kv_quant.quantize_kv`) with their scales."""
+    if pages.k_scale is None:
+        return PagedKV(pages.k.at[layer, page, row].set(k.astype(pages.k.dtype), mode="drop"),
+                       pages.v.at[layer, page, row].set(v.astype(pages.v.dtype), mode="drop"))
+    (k_codes, k_scale), (v_codes, v_scale) = quantize_kv(k), quantize_kv(v)
+    at_scale = (layer, page, slice(None), row)        # [B, T] indices around the heads axis: values [B, T, Hkv]
+    return PagedKV(pages.k.at[layer, page, row].set(k_codes, mode="drop"),
+                   pages.v.at[layer, page, row].set(v_codes, mode="drop"),
+                   pages.k_scale.at[at_scale].set(k_scale, mode="drop"),
+                   pages.v_scale.at[at_scale].set(v_scale, mode="drop"))
 
 
 def paged_implementation(config: Phi4Config) -> str | None:
-    """`kernels.paged_attention`'s implementation: as `kv_cache.decode_implementation` chooses for the dense cache
-    (the Pallas kernel for attention_impl "pallas_tpu", the kernels' own default for None, else XLA), but always
-    XLA on a mesh (a bare Pallas call cannot be partitioned; the gather-based reference can)."""
-    if sharding.has_active_mesh():
-        return "xla"
+    """`kernels.paged_attention`'s implementation: the Pallas GPU (Triton) kernel for attention_impl "pallas_gpu";
+    otherwise as `kv_cache.decode_implementation` chooses for the dense cache (the Pallas TPU kernel for
+    "pallas_tpu", the kernels' own default for None, else XLA). On a mesh a Pallas kernel runs in shard_map
+    (`attend_pages`)."""
+    if config.attention_impl == "pallas_gpu":
+        return "pallas_gpu"
     return decode_implementation(config)
+
+
+def attend_pages(q, pool: PagedKV, block_tables, lengths, layer, config: Phi4Config):
+    """`kernels.paged_attention` over the pool (with its scales when it is int8) at `paged_implementation(config)`:
+    on an active mesh through `kernels.sharded_paged_attention` (kv heads split as the rules table lays out the
+    pool) where `sharding.sharded_paged_args` says so, else a plain call."""
+    implementation = paged_implementation(config)
+    kwargs = {"k_scales": pool.k_scale, "v_scales": pool.v_scale, "layer": layer, "implementation": implementation,
+              "interpret": config.kernel_interpret}
+    shard = sharding.sharded_paged_args(implementation, PAGE_AXES)
+    if shard is not None:
+        return kernels.sharded_paged_attention(q, pool.k, pool.v, block_tables, lengths, **kwargs, **shard)
+    return kernels.paged_attention(q, pool.k, pool.v, block_tables, lengths, **kwargs)
 
 
 def paged_extend(params, pages: PagedKV, tokens, start, n_new, block_tables, config: Phi4Config):
     """Feeds tokens [B, T] after each sequence's first start[b] positions; returns (pages, logits [B, vocab]).
 
     Sequence b has n_new[b] real tokens (right-padded to T) at positions start[b] + t, whose keys/values are
-    written into its pages (block_tables [B, W]); padding is not written. Queries attend with
-    `kernels.paged_attention` (causal among the new tokens; implementation: `paged_implementation`). The float32 logits are those at each sequence's last
-    real new token (meaningless where n_new[b] = 0). The layer math is the model's own `decoder_block`.
+    written into its pages (block_tables [B, W]; quantized with their scales in an int8 pool, `write_pages`);
+    padding is not written. Queries attend with `kernels.paged_attention` (causal among the new tokens;
+    implementation and mesh: `attend_pages`). The float32 logits are those at each sequence's last real new token
+    (meaningless where n_new[b] = 0). The layer math is the model's own `decoder_block`.
     """
     b, t = tokens.shape
     num_pages, page_size = pages.k.shape[1], pages.k.shape[2]
+    q_dtype = config.compute_dtype if pages.k_scale is not None else pages.k.dtype
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]            # [B, T]
     real = jnp.arange(t, dtype=jnp.int32)[None] < n_new[:, None]
     page = jnp.take_along_axis(block_tables, positions // page_size, axis=1, mode="clip")
     page = jnp.where(real, page, num_pages)                                        # out of range: dropped
     row = positions % page_size
     attend_lengths = start + t                                                     # query t sits at start + t
-    implementation = paged_implementation(config)
     x = embed_tokens(params, tokens, config)
 
     def body(carry, xs):
-        x, k_all, v_all = carry
+        x, pool = carry
         layer, i = xs
 
         def attend(q, k, v):
             q = rope(q, positions, config)
             k = rope(k, positions, config)
-            k_all_new = k_all.at[i, page, row].set(k.astype(k_all.dtype), mode="drop")
-            v_all_new = v_all.at[i, page, row].set(v.astype(v_all.dtype), mode="drop")
-            out = kernels.paged_attention(q.astype(k_all.dtype), k_all_new, v_all_new, block_tables,
-                                          attend_lengths, layer=i, implementation=implementation,
-                                          interpret=config.kernel_interpret)
-            return out, (k_all_new, v_all_new)
+            new = write_pages(pool, i, page, row, k, v)
+            out = attend_pages(q.astype(q_dtype), new, block_tables, attend_lengths, i, config)
+            return out, new
 
-        x, (k_all, v_all) = decoder_block(layer, x, config, attend)
-        return (x, k_all, v_all), None
+        x, pool = decoder_block(layer, x, config, attend)
+        return (x, pool), None
 
     layer_index = jnp.arange(config.num_layers)
-    (x, k_all, v_all), _ = jax.lax.scan(body, (x, pages.k, pages.v), (params["layers"], layer_index))
+    (x, pool), _ = jax.lax.scan(body, (x, pages), (params["layers"], layer_index))
     last = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]   # [B, E]
     h = rms_norm(last, params["final_norm"], config.rms_norm_eps)
-    pages = PagedKV(sharding.constrain(k_all, PAGE_AXES), sharding.constrain(v_all, PAGE_AXES))
+    pages = PagedKV(sharding.constrain(pool.k, PAGE_AXES), sharding.constrain(pool.v, PAGE_AXES))
+    if pool.k_scale is not None:
+        pages = pages._replace(k_scale=sharding.constrain(pool.k_scale, SCALE_AXES),
+                               v_scale=sharding.constrain(pool.v_scale, SCALE_AXES))
     return pages, logits_from_hidden(params, h, config)
 
 

@@ -101,6 +101,28 @@ def sharded_decode_args(implementation):
             "kv_head_axes": axes["kv_head_axes"]}
 
 
+def sharded_paged_args(implementation, page_axes):
+    """Mesh and mesh axes for `kernels.sharded_paged_attention` under the active `activation_sharding`, from its
+    rules: q and the block tables / lengths split like `sharded_decode_args` says (batch, heads), and the page pool,
+    whose logical axes are `page_axes` ([layers,] pages, page rows, kv heads, head_dim), split over its kv-head
+    axes only, as the rules lay it out (a pool split along any other axis is refused: every device must hold
+    whole pages of its heads).
+
+    None when a plain call is right: no active mesh, or implementation "xla" (XLA partitions the gather-based
+    reference itself). The Pallas kernels ("pallas", "pallas_gpu", and None, which picks the TPU kernel on a
+    TPU) get the shard_map wrapper.
+    """
+    args = sharded_decode_args(implementation)
+    if args is None:
+        return None
+    pool = logical_to_spec(page_axes, _ACTIVE.get()[1])
+    split = [(name, axes) for name, axes in zip(page_axes, pool) if axes is not None and name != "kv_heads"]
+    if split:
+        raise MeshError(f"the paged attention kernels need the page pool split over kv heads only; the rules split "
+                        f"{', '.join(f'{name} over {axes!r}' for name, axes in split)}")
+    return {**args, "kv_head_axes": pool[page_axes.index("kv_heads")]}
+
+
 def constrain(x, logical_axes):
     """Constrains activation x to the sharding its logical axes map to (no-op without an active mesh)."""
     active = _ACTIVE.get()

@@ -5,8 +5,12 @@ and vLLM's tokenizer routes (GET /tokenizer_info, POST /tokenize, POST /detokeni
 `local-completions` uses (`tokenizer_backend=remote`) to count context tokens without downloading a tokenizer.
 
 Each choice is one engine request (`n` choices per prompt); streamed responses are server-sent events ending in
-`data: [DONE]`. A client that goes away mid-stream cancels its engine requests at once (the response's `finally`),
-as does a stop string matched on the decoded text. Bad requests get OpenAI-style JSON errors (4xx; 429 when the
+`data: [DONE]`. Log-probs: /v1/completions `logprobs: k` (OpenAI's tokens / token_logprobs / top_logprobs /
+text_offset; with `echo`, the prompt's own come from `ContinuousBatchingEngine.prompt_logprobs`, and a streamed echo
+sends the prompt's text and log-probs as each choice's first chunk) and /v1/chat/completions `logprobs: true,
+top_logprobs: k` (content[j] = {token, logprob, bytes, top_logprobs}, in each streamed chunk for its tokens).
+A client that goes away mid-stream cancels its engine requests at once (the response's `finally`), as does a stop
+string matched on the decoded text. Bad requests get OpenAI-style JSON errors (4xx; 429 when the
 engine queue is full); anything unexpected is logged and answered with a plain 500 JSON error, never a traceback.
 """
 
@@ -37,11 +41,12 @@ from phi4_jax.serve.protocol import (
     _integer,
     check_token_ids,
     invalid,
+    parse_chat_logprobs,
     parse_messages,
     parse_prompts,
     parse_sampling,
 )
-from phi4_jax.serve.text import CompletionText, token_entries
+from phi4_jax.serve.text import CompletionText, chat_logprobs_content, token_entries
 
 log = logging.getLogger("phi4_jax.serve")
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
@@ -148,6 +153,8 @@ class Server:
         self.stop_ids = tuple(t for t in tokenizer.stop_ids if t < self.vocab_size)
         self.metrics = ServerMetrics(engine)
         self.created = int(time.time())
+        # One prompt log-probs forward at a time: each holds activations for its whole (padded) prompt.
+        self.prompt_logprobs_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ request pieces
     def check_model(self, body: dict) -> None:
@@ -231,9 +238,9 @@ class Server:
         finally:
             cancel(choices)
 
-    def stream(self, choices: list[Choice], chunk, usage_chunk) -> _StreamResponse:
-        """SSE of `chunk(choice, piece, event, finish_reason)` dicts as the choices advance, then the usage
-        chunk (when asked for) and [DONE]."""
+    def stream(self, choices: list[Choice], chunk, usage_chunk, first_chunk=None) -> _StreamResponse:
+        """SSE of `chunk(choice, piece, event, finish_reason)` dicts as the choices advance (each choice's
+        `first_chunk(choice)` before its tokens, when given), then the usage chunk (when asked for) and [DONE]."""
         queue: asyncio.Queue = asyncio.Queue()
         tasks = []
         failures = []
@@ -244,6 +251,8 @@ class Server:
 
         async def run(choice):
             try:
+                if first_chunk is not None:
+                    await queue.put(first_chunk(choice))
                 await self.run_choice(choice, on_piece)
                 await queue.put(chunk(choice, "", None, choice.finish_reason))
             except Exception as e:  # noqa: BLE001 - reported in the stream below
@@ -285,13 +294,12 @@ class Server:
         echo = _boolean(body, "echo")
         logprobs = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
         sampling = parse_sampling(body, allow_zero_tokens=echo, logprobs=logprobs)
-        if sampling.stream and echo:
-            raise invalid("'echo' is not supported with 'stream'", "echo")
         prompts = [self.tokenizer.encode(p) if isinstance(p, str) else p for p in parse_prompts(body)]
         budgets = [self.budget(p, sampling, COMPLETIONS_DEFAULT_MAX_TOKENS) for p in prompts]
         prompt_events = None
         if echo and logprobs is not None:
-            prompt_events = [await asyncio.to_thread(self.prompt_logprobs, p, logprobs) for p in prompts]
+            async with self.prompt_logprobs_lock:
+                prompt_events = [await asyncio.to_thread(self.prompt_logprobs, p, logprobs) for p in prompts]
         choices = self.submit(prompts, budgets, sampling)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -300,17 +308,26 @@ class Server:
                     "choices": choices_json}
 
         if sampling.stream:
+            # With echo, each choice's first chunk is its prompt's text (and the prompt's logprobs); the generated
+            # tokens' text_offset then counts from the end of that text.
+            echoed = [self.tokenizer.decode(p) if echo else "" for p in prompts]
+
             def chunk(choice, piece, event, finish_reason):
                 if not piece and finish_reason is None and logprobs is None:
                     return None
                 lp = None
                 if logprobs is not None and event is not None:
-                    lp = token_entries(self.tokenizer, [(event.token_id, event.logprob, event.top_logprobs)],
-                                       len(choice.text.text) - len(piece))
+                    offset = len(echoed[choice.index // sampling.n]) + len(choice.text.text) - len(piece)
+                    lp = token_entries(self.tokenizer, [(event.token_id, event.logprob, event.top_logprobs)], offset)
                 return base([{"index": choice.index, "text": piece, "logprobs": lp, "finish_reason": finish_reason}])
 
+            def prompt_chunk(choice):
+                p = choice.index // sampling.n
+                lp = None if prompt_events is None else token_entries(self.tokenizer, prompt_events[p])
+                return base([{"index": choice.index, "text": echoed[p], "logprobs": lp, "finish_reason": None}])
+
             usage = (lambda: {**base([]), "usage": self.usage(prompts, choices)}) if sampling.include_usage else None
-            return self.stream(choices, chunk, usage)
+            return self.stream(choices, chunk, usage, prompt_chunk if echo else None)
 
         await self.collect(request, choices)
         out = []
@@ -334,9 +351,8 @@ class Server:
         body = await read_json(request)
         self.check_model(body)
         messages = parse_messages(body)
-        if body.get("logprobs"):
-            raise invalid("'logprobs' is not supported for chat completions; use /v1/completions", "logprobs")
-        sampling = parse_sampling(body, max_tokens_field="max_completion_tokens")
+        sampling = parse_sampling(body, max_tokens_field="max_completion_tokens", logprobs=parse_chat_logprobs(body))
+        logprobs = sampling.logprobs
         prompt = self.tokenizer.encode_chat_ordinary(messages, add_generation_prompt=True)
         budget = self.budget(prompt, sampling, None)
         choices = self.submit([prompt], [budget], sampling)
@@ -356,9 +372,14 @@ class Server:
                     delta["role"] = "assistant"
                 if piece:
                     delta["content"] = piece
-                if not delta and finish_reason is None:
+                lp = None
+                if logprobs is not None and event is not None:
+                    content = chat_logprobs_content(self.tokenizer, [(event.token_id, event.logprob,
+                                                                      event.top_logprobs)], choice.text.stop_token_ids)
+                    lp = {"content": content} if content else None
+                if not delta and lp is None and finish_reason is None:
                     return None
-                return base("chat.completion.chunk", [{"index": choice.index, "delta": delta, "logprobs": None,
+                return base("chat.completion.chunk", [{"index": choice.index, "delta": delta, "logprobs": lp,
                                                         "finish_reason": finish_reason}])
 
             usage = ((lambda: {**base("chat.completion.chunk", []), "usage": self.usage([prompt], choices)})
@@ -366,7 +387,9 @@ class Server:
             return self.stream(choices, chunk, usage)
 
         await self.collect(request, choices)
-        out = [{"index": c.index, "message": {"role": "assistant", "content": c.text.text}, "logprobs": None,
+        out = [{"index": c.index, "message": {"role": "assistant", "content": c.text.text},
+                "logprobs": None if logprobs is None else {
+                    "content": chat_logprobs_content(self.tokenizer, c.events, c.text.stop_token_ids)},
                 "finish_reason": c.finish_reason} for c in choices]
         return JSONResponse({**base("chat.completion", out), "usage": self.usage([prompt], choices)})
 

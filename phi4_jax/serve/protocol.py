@@ -3,7 +3,7 @@
 `APIError(status, message, param=..., code=...)` is what a handler raises for a bad request; the app turns it
 into ``{"error": {"message", "type", "param", "code"}}`` with that HTTP status. `parse_sampling` checks the fields
 both completion endpoints share (max_tokens, temperature, top_p, n, seed, stop, stop_token_ids, stream, logprobs)
-and returns a `Sampling`.
+and returns a `Sampling`; `parse_chat_logprobs` reads chat's `logprobs` / `top_logprobs`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Sampling:
     stop_token_ids: tuple[int, ...]
     stream: bool
     include_usage: bool           # stream_options.include_usage: a last chunk with the usage
-    logprobs: int | None          # completions: top-k alternatives per token (0 = the chosen token's only)
+    logprobs: int | None          # top-k alternatives per token (0 = the chosen token's only); None: no logprobs
 
 
 def _optional(body: dict, name: str, default):
@@ -101,6 +101,16 @@ def parse_sampling(body: dict, *, max_tokens_field: str = "max_tokens", allow_ze
     include_usage = _boolean(options, "include_usage")
     return Sampling(max_tokens, float(temperature), float(top_p), n, seed,
                     tuple(s for s in stop if isinstance(s, str)), tuple(stop_ids), stream, include_usage, logprobs)
+
+
+def parse_chat_logprobs(body: dict) -> int | None:
+    """/v1/chat/completions `logprobs` (true/false) and `top_logprobs` (0..MAX_TOP_LOGPROBS alternatives per
+    token): the number of alternatives, or None when no logprobs are asked for."""
+    wanted = _boolean(body, "logprobs")
+    top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+    if top is not None and not wanted:
+        raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if wanted else None
 
 
 def check_token_ids(ids, vocab_size: int, param: str) -> None:

@@ -4,7 +4,8 @@
 without adding their own text. Stop strings are matched on the decoded text: the text is cut just before the
 first match, and text that could still be the beginning of a stop string is held back (not streamed) until the
 next tokens decide it. `token_entries` builds OpenAI's completions `logprobs` object (tokens, token_logprobs,
-top_logprobs, text_offset).
+top_logprobs, text_offset), `chat_logprobs_content` the chat completions one (per token: token, logprob, bytes,
+top_logprobs).
 """
 
 from __future__ import annotations
@@ -100,3 +101,17 @@ def token_entries(tokenizer, events, start_offset: int = 0) -> dict:
             "token_logprobs": [None if lp is None else float(lp) for _, lp, _ in events],
             "top_logprobs": tops,
             "text_offset": [start_offset + o for o in offsets]}
+
+
+def _chat_token(tokenizer, token_id: int, logprob: float) -> dict:
+    raw = tokenizer.decode_bytes([int(token_id)])
+    return {"token": raw.decode("utf-8", errors="replace"), "logprob": float(logprob), "bytes": list(raw)}
+
+
+def chat_logprobs_content(tokenizer, events, skip_ids=frozenset()) -> list[dict]:
+    """OpenAI chat `logprobs.content` for a list of (token_id, logprob, top [(id, logprob)] | None): per token
+    {token, logprob, bytes, top_logprobs: [{token, logprob, bytes}, ...]} (most likely first). Tokens in
+    `skip_ids` (the stop tokens, which add no text to the message) are left out."""
+    return [{**_chat_token(tokenizer, token_id, logprob),
+             "top_logprobs": [_chat_token(tokenizer, t, lp) for t, lp in (top or [])]}
+            for token_id, logprob, top in events if token_id not in skip_ids]
