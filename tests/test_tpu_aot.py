@@ -269,8 +269,8 @@ def test_engine_step_with_the_sharded_pallas_paged_kernel_compiles_for_phi4(tpu_
     pool_shape = (config.num_layers, num_pages, page, config.num_kv_heads, config.head_dim)
     pool = sds(pool_shape, jnp.bfloat16, sharding.logical_to_spec(paged_cache.PAGE_AXES, rules))
     i32, f32 = (lambda *s: sds(s, jnp.int32)), (lambda *s: sds(s, jnp.float32))
-    args = (params, paged_cache.PagedKV(pool, pool), i32(b, 1), i32(b), i32(b), i32(b, width), i32(b), i32(b),
-            f32(b), f32(b), sds((), jnp.bool_))
+    args = (params, paged_cache.PagedKV(pool, pool), i32(b, 1), i32(b), i32(b), i32(b, width),
+            sds((b, 2), jnp.uint32), i32(b), f32(b), i32(b), f32(b), sds((), jnp.bool_))   # keys, steps, T, top-k, top-p
     step = functools.partial(batching.engine_step, config=config, top_k=batching.MAX_TOP_LOGPROBS,
                              shard=MeshRules(mesh, hashable_rules(rules)))
     compiled = compile_for(mesh, jax.jit(step, donate_argnums=(1,)), *args, attention="pallas_tpu paged")
