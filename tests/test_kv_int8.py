@@ -254,7 +254,7 @@ def test_cli_kv_cache_dtype_flag(converted, capsys):
 
     args = chat.parse_args(["--checkpoint", "x", "--kv-cache-dtype", "int8"])
     session = chat.new_session(converted[0], phi4_jax.Tokenizer(), args, 64)
-    assert session._opts.cache_dtype == "int8"
+    assert session._cache_dtype == "int8"
     assert serve.parse_args(["--checkpoint", "x", "--kv-cache-dtype", "int8"]).kv_cache_dtype == "int8"
     for parse in (chat.parse_args, serve.parse_args):
         with pytest.raises(SystemExit) as info:
