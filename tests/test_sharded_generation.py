@@ -2,9 +2,8 @@
 simulated CPU devices equal unsharded generation on the XLA path, token for token.
 
 Both run on the serving engine (`batching.ContinuousBatchingEngine`, the one decode path): on a mesh every prefill
-chunk and decode step attends through `kernels.paged_attention` over the sharded page pool (kv heads over `tensor`,
-the batch replicated: `batching.serving_rules`; the implementation `paged_cache.paged_implementation` picks for a
-mesh). A tiny model (head_dim 128, as the TPU kernels' tiles need; fp32) with random weights; prompts of
+chunk and decode step attends through `kernels.sharded_paged_attention` (the Pallas paged kernel in shard_map) over
+the sharded page pool (kv heads over `tensor`, the batch replicated: `batching.serving_rules`). A tiny model (head_dim 128, as the TPU kernels' tiles need; fp32) with random weights; prompts of
 different lengths under 64 tokens, 8 new tokens. The reference is the same weights on one device with
 attention_impl="xla" (the path tests/test_generation.py checks against Hugging Face transformers).
 """
@@ -51,10 +50,11 @@ def _kernel_model_on(mesh, params, rules):
 
 
 def _counting_kernel_calls(monkeypatch):
-    """Counts the paged attention calls the generation traces (so the test proves it took the engine's path)."""
+    """Counts the sharded paged attention calls the generation traces (so the test proves it took the engine's
+    path, with the kernel in shard_map)."""
     import kernels
 
-    calls = {"paged_attention": 0}
+    calls = {"sharded_paged_attention": 0}
     for name in calls:
         original = getattr(kernels, name)
 
@@ -76,7 +76,7 @@ def test_greedy_generation_on_a_mesh_with_pallas_kernels_matches_xla(setup, mesh
     got = phi4_jax.generate(_kernel_model_on(mesh, params, rules), prompts, max_new_tokens=NEW, stop_tokens=[],
                             mesh=mesh, rules=rules)
     assert got == want
-    assert calls["paged_attention"] > 0, calls
+    assert calls["sharded_paged_attention"] > 0, calls
 
 
 def test_chat_session_turns_on_a_mesh_with_pallas_kernels(setup, monkeypatch):
@@ -97,4 +97,4 @@ def test_chat_session_turns_on_a_mesh_with_pallas_kernels(setup, monkeypatch):
         assert got == expected, f"turn {turn} differs"
         conversation = conversation + got
     assert not session.last_turn["rebuilt"]     # the second turn resumed from the held pages
-    assert calls["paged_attention"] > 0, calls
+    assert calls["sharded_paged_attention"] > 0, calls
