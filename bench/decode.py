@@ -47,10 +47,16 @@ def parse_args(argv=None):
 
 
 def ours_runner(model, prompts):
+    """Each call's prompts differ from the last call's in their first token: `generate` runs on the model's engine,
+    whose prefix cache would otherwise skip the prefill of a repeated prompt (prefill would look faster than it is)."""
     import phi4_jax
 
+    calls = [0]
+
     def run(n):
-        out = phi4_jax.generate(model, prompts, max_new_tokens=n, stop_tokens=[])
+        calls[0] += 1
+        fresh = [[(p[0] + calls[0]) % 1000 + 3] + p[1:] for p in prompts]
+        out = phi4_jax.generate(model, fresh, max_new_tokens=n, stop_tokens=[])
         assert all(len(o) == n for o in out)
     return run
 
@@ -96,7 +102,7 @@ def bench_pair(runners: dict, new_tokens: int, repeats: int) -> dict:
     """{name: (first call incl. compile, median t_1, median t_N)}; the sides alternate, so load hits both alike."""
     cold = {name: seconds(run, 1) for name, run in runners.items()}
     for run in runners.values():
-        run(new_tokens)  # warm-up (phi4_jax: compiles the decode loop)
+        run(new_tokens)  # warm-up (phi4_jax: compiles the engine's decode step and prefill chunks)
     t1 = {name: [] for name in runners}
     tn = {name: [] for name in runners}
     for _ in range(repeats):
@@ -106,7 +112,8 @@ def bench_pair(runners: dict, new_tokens: int, repeats: int) -> dict:
     return {name: (cold[name], statistics.median(t1[name]), statistics.median(tn[name])) for name in runners}
 
 
-DECODE_INTRO = """`bench/decode.py`: decode tokens/s of `phi4_jax.generate` (KV cache, on-device `lax.while_loop`) against
+DECODE_INTRO = """`bench/decode.py`: decode tokens/s of `phi4_jax.generate` (the serving engine's paged KV cache and step,
+driven on the caller's thread; before the one-decode-path change, a contiguous KV cache and an on-device loop) against
 transformers' `generate` (its KV cache), same random phi-4-shaped model and weights, float32 on both sides, same
 machine and run; phi-4-shaped layers (hidden 384, 6 layers, 6/2 heads) with an 8K and with phi-4's 100K
 vocabulary, batch 1 and 8, 256 new tokens, after a warm-up; torch at 1 and at all cores, the faster compared; also
@@ -130,7 +137,8 @@ quarter of physical memory. What is left: the matmuls themselves (the lm_head's 
 float32 at 8K, 154 MB at 100K, so at 100K both sides are bound by memory bandwidth and a 2x lead is not
 available), and at batch 8 the per-op cost of XLA:CPU's ~300 ops a step against torch's 2 threads.
 On a GPU (not available to this work so far), the 14B-shaped decode against the memory-bandwidth bound belongs
-to the [evidence] issue."""
+to the [evidence] issue. (That per-layer layout belonged to the contiguous decode loop, which was removed when
+`generate` moved onto the serving engine; see the "One decode path" section.)"""
 
 
 def update_section(path: str, heading: str, key: str, *, intro: str = "", append: str | None = None,

@@ -96,8 +96,9 @@ def test_interactive_multi_turn_exits_cleanly_on_eof(checkpoint, chat_model):
 
 
 def test_cached_session_equals_full_reprefill_when_turns_are_dropped(checkpoint, chat_model):
-    """In-process chat turns with a small --max-context: the cached session reuses the cache while the
-    conversation fits, rebuilds it when the oldest turns are dropped, and answers like a full re-prefill."""
+    """In-process chat turns with a small --max-context: the session reuses its held pages while the
+    conversation fits, keeps only the system prompt's part when the oldest turns are dropped, and answers like a
+    full re-prefill."""
     from phi4_jax.cli.chat import Conversation, answer, new_session, parse_args
 
     model, tokenizer = chat_model
@@ -117,9 +118,12 @@ def test_cached_session_equals_full_reprefill_when_turns_are_dropped(checkpoint,
         conversation.add_answer(text)
         assert text == want
         assert stats["tokens"] >= 1 and stats["time_to_first_token"] <= stats["seconds"]
-        turns.append(dict(session.last_turn, history=len(conversation.turns)))
-    assert any(not t["rebuilt"] and t["reused"] > 0 for t in turns[1:]), turns  # the cache was reused ...
-    assert any(t["rebuilt"] for t in turns[1:]), turns                          # ... and rebuilt after a trim
+        turns.append(dict(session.last_turn, history=len(conversation.turns), prompt=len(ids)))
+    untrimmed = [t for prev, t in zip(turns, turns[1:]) if t["history"] > prev["history"]]
+    trimmed = [(prev, t) for prev, t in zip(turns, turns[1:]) if t["history"] <= prev["history"]]
+    assert untrimmed and all(not t["rebuilt"] and t["reused"] > 0 for t in untrimmed), turns   # pages reused ...
+    system = len(tokenizer.encode_chat([{"role": "system", "content": SYSTEM}]))
+    assert trimmed and all(system <= t["reused"] < prev["prompt"] for prev, t in trimmed), turns  # ... and cut
 
 
 def test_bad_checkpoint_path_is_a_clear_error(tmp_path):

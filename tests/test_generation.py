@@ -12,9 +12,8 @@ import pytest
 from hf_models import convert_tiny_phi3
 
 import phi4_jax
-from phi4_jax.inference import chat_session, engine, kv_cache, sampling
+from phi4_jax.inference import batching, chat_session, engine, kv_cache, sampling
 from phi4_jax.inference.errors import ContextLengthError, GenerationError
-from phi4_jax.inference.sampling import Sampler
 from phi4_jax.model.decoder import forward, model_from_params
 
 EOS = 2  # the tiny HF config's eos_token_id
@@ -110,35 +109,6 @@ def test_cached_decode_equals_full_recompute(converted, prompts):
             np.testing.assert_allclose(np.asarray(cached_logits[j][b]), full[pos], rtol=1e-4, atol=1e-4)
 
 
-def test_per_layer_decode_equals_the_stacked_layout(converted, prompts, greedy_batched, monkeypatch):
-    """On CPU, decoding runs in the per-layer layout (`engine.per_layer_decode`: per-layer weights, heads-first
-    caches); its steps must give the stacked layout's logits and cache, and `generate` the same tokens with the
-    layout switched off. Writing a new key at the wrong slot or head of a heads-first cache, or reading the
-    caches in the other order, fails this test."""
-    model, _ = converted
-    params, config = model.params, model.config
-    assert engine.per_layer_decode(params, config, None)
-    batch = prompts[:2]
-    tokens = np.zeros((2, 32), np.int32)
-    for i, p in enumerate(batch):
-        tokens[i, :len(p)] = p
-    lengths = jnp.asarray([len(p) for p in batch], jnp.int32)
-    cache, logits = jax.jit(kv_cache.prefill, static_argnums=(3, 4))(params, jnp.asarray(tokens), lengths, config, 64)
-    step = jax.jit(kv_cache.decode_step, static_argnums=(3,))
-    per_params, per_cache = jax.jit(kv_cache.unstack_layers)(params, cache)
-    for _ in range(3):
-        nxt = jnp.argmax(logits, -1).astype(jnp.int32)
-        cache, logits = step(params, cache, nxt, config)
-        per_cache, per_logits = step(per_params, per_cache, nxt, config)
-        np.testing.assert_allclose(np.asarray(per_logits), np.asarray(logits), rtol=1e-5, atol=1e-5)
-    restacked = kv_cache.stack_cache(per_cache)
-    np.testing.assert_allclose(np.asarray(restacked.k), np.asarray(cache.k), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(restacked.v), np.asarray(cache.v), rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(engine, "PER_LAYER_MAX_MEMORY_FRACTION", 0.0)
-    assert not engine.per_layer_decode(params, config, None)
-    assert phi4_jax.generate(model, prompts, max_new_tokens=NEW_TOKENS, stop_tokens=[]) == greedy_batched
-
-
 def test_seeded_sampling_is_reproducible(converted, prompts):
     model, _ = converted
     kw = dict(max_new_tokens=16, temperature=1.0, stop_tokens=[])
@@ -161,20 +131,48 @@ def _allowed(logits, top_k, top_p):
     return set(keep.tolist())
 
 
-@pytest.mark.parametrize("top_k,top_p", [(7, None), (None, 0.6), (12, 0.5)])
+def _draw_rows(logits, steps, temperature, top_k, top_p):
+    """`sampling.sample_rows` at each of `steps` (one setting per row) -> drawn tokens [steps, B]."""
+    b = logits.shape[0]
+    keys = sampling.sequence_keys(0, b)
+    rows = lambda value, dtype: jnp.broadcast_to(jnp.asarray(value, dtype), (b,))  # noqa: E731
+    draw = jax.jit(jax.vmap(lambda s: sampling.sample_rows(
+        logits, keys, jnp.full((b,), s, jnp.int32), rows(temperature, jnp.float32), rows(top_k, jnp.int32),
+        rows(top_p, jnp.float32))))
+    return np.asarray(draw(jnp.arange(steps)))
+
+
+@pytest.mark.parametrize("top_k,top_p", [(7, None), (None, 0.6), (12, 0.5), ((1, 7, 0, 64), (1.0, 0.5, 0.3, 1.0))])
 def test_top_k_top_p_never_emit_excluded_tokens(top_k, top_p):
+    """Per-row settings (the last case mixes them in one batch, as the engine's rows do)."""
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(4, 64)) * 2.0, jnp.float32)
-    keys = sampling.sequence_keys(0, 4)
-    sampler = Sampler(greedy=False, top_k=top_k, use_top_p=top_p is not None)
-    draw = jax.jit(jax.vmap(lambda s: sampling.sample(logits, keys, s, sampler, 1.0,
-                                                        1.0 if top_p is None else top_p)))
-    drawn = np.asarray(draw(jnp.arange(400)))  # [steps, B]
+    drawn = _draw_rows(logits, 400, 1.0, 0 if top_k is None else top_k, 1.0 if top_p is None else top_p)
     for b in range(4):
-        allowed = _allowed(np.asarray(logits[b]), top_k, top_p)
+        k = top_k[b] if isinstance(top_k, tuple) else top_k
+        p = top_p[b] if isinstance(top_p, tuple) else top_p
+        allowed = _allowed(np.asarray(logits[b]), k, p)
         seen = set(drawn[:, b].tolist())
         assert seen <= allowed, f"sequence {b} drew excluded tokens {sorted(seen - allowed)}"
         assert len(seen) >= min(2, len(allowed))
+    # temperature 0 rows are greedy whatever their top_k / top_p
+    greedy = _draw_rows(logits, 3, jnp.asarray([0.0, 1.0, 0.0, 1.0]), 0 if top_k is None else top_k,
+                        1.0 if top_p is None else top_p)
+    np.testing.assert_array_equal(greedy[:, [0, 2]], np.broadcast_to(np.argmax(np.asarray(logits), -1)[[0, 2]], (3, 2)))
+
+
+def test_top_k_mask_equals_sorted_definition():
+    """The k largest logits of each row, from float64 NumPy's sort; ties at the boundary all kept; 0 keeps all."""
+    rng = np.random.default_rng(1)
+    logits = (rng.normal(size=(5, 3000)) * 3.0).astype(np.float32)
+    logits[1, :10] = -np.inf                                        # masked entries (after top-p, say)
+    logits[2, 100:104] = np.sort(logits[2])[-5]                     # ties at the 5th largest value
+    ks = np.array([1, 17, 5, 0, 2999], np.int32)
+    got = np.asarray(jax.jit(sampling.top_k_mask)(jnp.asarray(logits), jnp.asarray(ks)))
+    for b, k in enumerate(ks):
+        want = np.ones(logits.shape[1], bool) if k == 0 else logits[b] >= np.sort(logits[b].astype(np.float64))[-k]
+        np.testing.assert_array_equal(got[b], want, err_msg=f"row {b}, k {k}")
+    assert got[2].sum() == 4 + 1 + 4                                # the 4 larger, the 5th and its 4 copies
 
 
 def _nucleus_reference(logits, top_p):
@@ -202,10 +200,7 @@ def test_top_p_mask_equals_sorted_definition(scale):
             assert want.any() and got[b].any()
             np.testing.assert_array_equal(got[b][decided], want[decided], err_msg=f"scale {scale} top_p {top_p}")
     # sampling with top_p alone draws only nucleus tokens, and both sides of a wide nucleus
-    keys = sampling.sequence_keys(0, 6)
-    sampler = Sampler(greedy=False, top_k=None, use_top_p=True)
-    draw = jax.jit(jax.vmap(lambda s: sampling.sample(jnp.asarray(logits), keys, s, sampler, 1.0, 0.6)))
-    drawn = np.asarray(draw(jnp.arange(200)))
+    drawn = _draw_rows(jnp.asarray(logits), 200, 1.0, 0, 0.6)
     for b in range(logits.shape[0]):
         allowed = np.flatnonzero(_nucleus_reference(logits[b], 0.6)[0])
         assert set(drawn[:, b].tolist()) <= set(allowed.tolist())
@@ -244,44 +239,35 @@ def test_streaming_callback_matches_and_reports_each_step(converted, prompts, gr
         assert streamed[:len(seq)] == seq and all(t is None for t in streamed[len(seq):])
 
 
-def test_streaming_dispatches_the_next_step_before_fetching_tokens(converted, prompts, monkeypatch):
-    """Step k+1 is already dispatched when step k's tokens reach the callback (async dispatch), and the extra
-    step at the end leaves a ChatSession's cache exactly as the device loop does."""
+def test_streaming_leaves_a_chat_session_as_without(converted, prompts):
+    """A streamed turn (callback) gives the tokens of an unstreamed one and holds the same pages; a stop token ends
+    the turn early, and the pages then hold the prompt and every generated token but the stop token."""
     model, _ = converted
-    expected = phi4_jax.generate(model, prompts[:2], max_new_tokens=9, stop_tokens=[])
     plain = chat_session.ChatSession(model, stop_tokens=[])
     plain_out = plain.generate(prompts[1], max_new_tokens=9)
-    real, dispatched, seen = engine._decode_one, [0], []
-
-    def counting(*args, **kwargs):
-        dispatched[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "_decode_one", counting)
-    out = phi4_jax.generate(model, prompts[:2], max_new_tokens=9, stop_tokens=[],
-                            callback=lambda column: seen.append(dispatched[0]))
-    assert out == expected
-    # column k (k = 0 is the prefill's token) arrives after decode step k+1 was dispatched: 9 columns, and
-    # one speculative step after the last (the output buffer has 16 slots, so it is not bounded away)
-    assert seen == list(range(1, 10))
     streamed = chat_session.ChatSession(model, stop_tokens=[])
-    assert streamed.generate(prompts[1], max_new_tokens=9, callback=lambda column: None) == plain_out
+    columns = []
+    assert streamed.generate(prompts[1], max_new_tokens=9, callback=columns.append) == plain_out
+    assert columns == [[t] for t in plain_out]
     assert streamed.cached_length == plain.cached_length == len(prompts[1]) + 8
-    assert int(streamed._cache.lengths[0]) == streamed.cached_length
-    stop = plain_out[2]  # a stop token ends the turn early; the speculative step after it does not advance
+    assert streamed._held.tokens == prompts[1] + plain_out[:-1]
+    stop = plain_out[2]
     stopper = chat_session.ChatSession(model, stop_tokens=[stop])
     assert stopper.generate(prompts[1], max_new_tokens=9, callback=lambda column: None) == plain_out[:3]
-    assert int(stopper._cache.lengths[0]) == stopper.cached_length == len(prompts[1]) + 2
+    assert stopper.cached_length == len(prompts[1]) + 2
+    for session in (plain, streamed, stopper):
+        session.reset()
+        assert session.cached_length == 0
 
 
 def test_no_recompile_across_prompt_lengths_and_token_counts(converted):
     model, _ = converted
     rng = np.random.default_rng(1)
     phi4_jax.generate(model, [rng.integers(3, 311, 40).tolist()], max_new_tokens=5, stop_tokens=[])
-    sizes = (engine.prefill_and_sample._cache_size(), engine._decode_loop._cache_size())
-    for n, new in ((33, 9), (50, 12), (60, 4)):  # same buckets: prompt 64, cache 64, output 16
+    size = batching.engine_step._cache_size()
+    for n, new in ((33, 9), (50, 12), (60, 4)):  # same buckets: prefill chunk 64, engine context and batch
         phi4_jax.generate(model, [rng.integers(3, 311, n).tolist()], max_new_tokens=new, stop_tokens=[])
-    assert (engine.prefill_and_sample._cache_size(), engine._decode_loop._cache_size()) == sizes
+    assert batching.engine_step._cache_size() == size
 
 
 def test_context_limit(converted, prompts):
@@ -394,13 +380,13 @@ def test_chat_session_three_turns_equal_full_reprefill(converted):
             assert session.last_turn["prefilled"] == user + 1
         conversation = conversation + got
         assert session.tokens == conversation
-        assert session.cached_length == len(conversation) - 1 == int(session._cache.lengths[0])
-    assert session._cache.k.shape[2] == 128  # grew 32 -> 64 -> 128 as the conversation did
+        assert session.cached_length == len(conversation) - 1
+        assert session._held.tokens == conversation[:-1]
 
 
 def test_chat_session_rebuilds_after_trimming_and_on_divergence(converted):
-    """A conversation whose start was dropped (little reusable) is re-prefilled; one that diverges late is
-    rewound to the common prefix. Both equal `generate`, and a stop token ends a turn like in `generate`."""
+    """A conversation whose start was dropped keeps only what still matches (the system prompt); one that diverges
+    late is rewound to the common prefix. Both equal `generate`, and a stop token ends a turn like in `generate`."""
     model, _ = converted
     rng = np.random.default_rng(5)
     session = chat_session.ChatSession(model, stop_tokens=[])
@@ -409,7 +395,7 @@ def test_chat_session_rebuilds_after_trimming_and_on_divergence(converted):
     trimmed = system + user                        # the old turn dropped: only the system part is reusable
     out = session.generate(trimmed, max_new_tokens=10)
     assert out == phi4_jax.generate(model, [trimmed], max_new_tokens=10, stop_tokens=[])[0]
-    assert session.last_turn["rebuilt"] and session.last_turn["reused"] == 0
+    assert not session.last_turn["rebuilt"] and session.last_turn["reused"] == len(system)
     diverged = trimmed + out[:4] + [(out[4] % 300) + 3] + rng.integers(3, 311, 3).tolist()
     out2 = session.generate(diverged, max_new_tokens=10)
     assert out2 == phi4_jax.generate(model, [diverged], max_new_tokens=10, stop_tokens=[])[0]
@@ -419,7 +405,7 @@ def test_chat_session_rebuilds_after_trimming_and_on_divergence(converted):
         pass
 
     def interrupt(column):
-        raise Interrupted  # like Ctrl-C while an answer streams: the (donated) cache is dropped
+        raise Interrupted  # like Ctrl-C while an answer streams: the turn's pages are freed
     with pytest.raises(Interrupted):
         session.generate(diverged + out2, max_new_tokens=10, callback=interrupt)
     assert session.cached_length == 0 and session.tokens == []
@@ -433,8 +419,8 @@ def test_chat_session_rebuilds_after_trimming_and_on_divergence(converted):
 
 
 def test_chat_session_no_recompile_across_turns(converted):
-    """Turns of different lengths within one bucket (extension width 32, capacity 128, output 16) reuse
-    the compiled extension, prefill and decode programs."""
+    """Turns of different lengths within the same prefill-chunk buckets (128 for the first turn, 16 for the
+    others) reuse the engine's compiled programs."""
     model, _ = converted
     rng = np.random.default_rng(6)
 
@@ -445,8 +431,7 @@ def test_chat_session_no_recompile_across_turns(converted):
             session.extend(rng.integers(3, 311, user).tolist(), max_new_tokens=new)
             assert not session.last_turn["rebuilt"]
 
-    programs = (engine.extend_and_sample, engine.prefill_and_sample, engine._decode_loop)
     conversation(70, [(10, 6), (10, 6)])
-    sizes = [p._cache_size() for p in programs]
-    conversation(65, [(3, 9), (17, 4), (1, 12)])
-    assert [p._cache_size() for p in programs] == sizes
+    size = batching.engine_step._cache_size()
+    conversation(65, [(3, 9), (12, 4), (1, 12)])
+    assert batching.engine_step._cache_size() == size

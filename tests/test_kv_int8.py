@@ -231,8 +231,8 @@ def test_bad_cache_dtype_is_refused_in_one_line(converted):
 
 
 def test_generate_and_chat_session_with_int8_cache(converted, logits_errors):
-    """The contiguous cache in int8 (`generate`, and a two-turn `ChatSession` whose second turn extends and grows
-    the cache): greedy answers agree with transformers as the engine's do."""
+    """`generate` and a two-turn `ChatSession` (the second turn resumes from its held pages) on the engine's int8
+    pages: greedy answers agree with transformers as the engine's do."""
     model, hf_model = converted
     rng = np.random.default_rng(5)
     prompts = [rng.integers(3, 311, n).tolist() for n in (40, 200)]
@@ -241,7 +241,7 @@ def test_generate_and_chat_session_with_int8_cache(converted, logits_errors):
     first = session.generate(prompts[0], max_new_tokens=8)
     turn = rng.integers(3, 311, 30).tolist()
     second = session.extend(turn, max_new_tokens=12)
-    assert session.last_turn is not None and session._cache.k.dtype == jnp.int8
+    assert not session.last_turn["rebuilt"] and session._engine.pages.k.dtype == jnp.int8
     conversation = [prompts[0], prompts[0] + first + turn]
     assert greedy_agreement(hf_model, prompts + conversation, answers + [first, second],
                             logits_errors["int8"]) >= 3
@@ -254,7 +254,7 @@ def test_cli_kv_cache_dtype_flag(converted, capsys):
 
     args = chat.parse_args(["--checkpoint", "x", "--kv-cache-dtype", "int8"])
     session = chat.new_session(converted[0], phi4_jax.Tokenizer(), args, 64)
-    assert session._opts.cache_dtype == "int8"
+    assert session._cache_dtype == "int8"
     assert serve.parse_args(["--checkpoint", "x", "--kv-cache-dtype", "int8"]).kv_cache_dtype == "int8"
     for parse in (chat.parse_args, serve.parse_args):
         with pytest.raises(SystemExit) as info:

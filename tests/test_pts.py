@@ -271,7 +271,8 @@ def tiny_model():
 
 def test_model_rollouts_on_a_rewound_cache_equal_generate(tiny_model):
     """Rollouts from a prefix of the prepared sequence, and from that prefix with another last token, are exactly
-    `generate`'s samples of the same contexts with the same per-row seeds (one prefill, then forks of it)."""
+    `generate`'s samples of the same contexts with the same per-row seeds (one prefill, whose pages the rollouts
+    share through the engine's prefix cache)."""
     stops = [1]
     sampler = pts.ModelSampler(tiny_model, temperature=1.0, max_new_tokens=6, stop_tokens=stops)
     sequence = [5, 9, 17, 33, 2, 40, 41, 8, 12, 30]
@@ -281,7 +282,7 @@ def test_model_rollouts_on_a_rewound_cache_equal_generate(tiny_model):
         want = phi4_jax.generate(tiny_model, [context] * 3, max_new_tokens=6, temperature=1.0,
                                  seed=[100, 101, 102], stop_tokens=stops)
         assert got == want, context
-    assert sampler._tokens == sequence   # every context above was served from the one prefilled sequence
+    assert sampler._prepared == sequence   # every context above was served from the one prefilled sequence
 
 
 def test_model_top_tokens_are_the_models_most_probable_next_tokens(tiny_model):

@@ -1,9 +1,9 @@
-"""Generation on a mesh with the Pallas kernels: `generate` and `ChatSession` with attention_impl="pallas_tpu"
-(interpret mode) on 8 simulated CPU devices equal unsharded generation on the XLA path, token for token.
+"""Generation on a mesh: `generate` and `ChatSession` with attention_impl="pallas_tpu" (interpret mode) on 8
+simulated CPU devices equal unsharded generation on the XLA path, token for token.
 
-On a mesh the prefill attends through `kernels.sharded_flash_attention` and every decode / extend step through
-`kernels.sharded_decode_attention` (the Pallas decode kernel, batch over the rules' batch axes, kv heads over
-`tensor`). A tiny model (head_dim 128, as the TPU kernels' tiles need; fp32) with random weights; prompts of
+Both run on the serving engine (`batching.ContinuousBatchingEngine`, the one decode path): on a mesh every prefill
+chunk and decode step attends through `kernels.sharded_paged_attention` (the Pallas paged kernel in shard_map) over
+the sharded page pool (kv heads over `tensor`, the batch replicated: `batching.serving_rules`). A tiny model (head_dim 128, as the TPU kernels' tiles need; fp32) with random weights; prompts of
 different lengths under 64 tokens, 8 new tokens. The reference is the same weights on one device with
 attention_impl="xla" (the path tests/test_generation.py checks against Hugging Face transformers).
 """
@@ -50,10 +50,11 @@ def _kernel_model_on(mesh, params, rules):
 
 
 def _counting_kernel_calls(monkeypatch):
-    """Counts the sharded kernel wrappers the generation traces (so the test proves it took the sharded path)."""
+    """Counts the sharded paged attention calls the generation traces (so the test proves it took the engine's
+    path, with the kernel in shard_map)."""
     import kernels
 
-    calls = {"sharded_flash_attention": 0, "sharded_decode_attention": 0}
+    calls = {"sharded_paged_attention": 0}
     for name in calls:
         original = getattr(kernels, name)
 
@@ -75,13 +76,13 @@ def test_greedy_generation_on_a_mesh_with_pallas_kernels_matches_xla(setup, mesh
     got = phi4_jax.generate(_kernel_model_on(mesh, params, rules), prompts, max_new_tokens=NEW, stop_tokens=[],
                             mesh=mesh, rules=rules)
     assert got == want
-    assert calls["sharded_flash_attention"] > 0 and calls["sharded_decode_attention"] > 0, calls
+    assert calls["sharded_paged_attention"] > 0, calls
 
 
 def test_chat_session_turns_on_a_mesh_with_pallas_kernels(setup, monkeypatch):
-    """Two turns of one ChatSession on a tensor=2 mesh (batch of one, replicated): the second turn feeds the user's
-    tokens with `extend` (several new queries per sequence against the cache). Each equals unsharded XLA `generate`
-    re-prefilling the whole conversation."""
+    """Two turns of one ChatSession on a tensor=2 mesh (batch of one, replicated): the second turn resumes from the
+    held pages and prefills the user's tokens as one chunk (several new queries per sequence against the pages).
+    Each equals unsharded XLA `generate` re-prefilling the whole conversation."""
     _need_8()
     params, prompts, reference, _ = setup
     mesh = sharding.build_mesh("data=1,fsdp=1,tensor=2", devices=jax.devices()[:2])
@@ -95,5 +96,5 @@ def test_chat_session_turns_on_a_mesh_with_pallas_kernels(setup, monkeypatch):
         got = session.generate(conversation, max_new_tokens=NEW)
         assert got == expected, f"turn {turn} differs"
         conversation = conversation + got
-    assert not session.last_turn["rebuilt"]     # the second turn extended the cache
-    assert calls["sharded_flash_attention"] > 0 and calls["sharded_decode_attention"] > 0, calls
+    assert not session.last_turn["rebuilt"]     # the second turn resumed from the held pages
+    assert calls["sharded_paged_attention"] > 0, calls

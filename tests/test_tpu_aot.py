@@ -105,53 +105,49 @@ def test_attention_default_is_the_tpu_runs_not_the_hosts(tpu_devices):
 
 # ----------------------------------------------------------------------------- generation: prefill and decode
 
-def test_prefill_and_decode_steps_compile_for_tpu(tpu_devices):
-    """The engine's jitted prefill and decode-step programs, KV cache and params sharded over a data x tensor
-    mesh (serving layout: heads split over `tensor`, sequences over `data`)."""
-    from phi4_jax.inference import engine
-    from phi4_jax.inference.kv_cache import CACHE_AXES, KVCache
-    from phi4_jax.inference.sampling import Sampler
+def test_engine_steps_compile_for_tpu(tpu_devices):
+    """The engine's jitted step (`batching.engine_step`, the one decode path of `generate`, chat and the server): a
+    decode step over 8 slots and a 128-token prefill chunk, params and page pool sharded over a data x tensor mesh
+    (serving layout: heads split over `tensor`, the batch replicated)."""
+    from phi4_jax.inference import batching, engine
+    from phi4_jax.inference.paged_cache import PAGE_AXES, PagedKV
 
     config = get_preset("tiny", **TPU_TINY, param_dtype="bfloat16", attention_impl="xla")
     mesh = Mesh(np.asarray(tpu_devices).reshape(4, 2), ("data", "tensor"))
-    rules = {"batch": "data", "q_heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
+    rules = batching.serving_rules({"q_heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"})
     shard = engine.MeshRules(mesh, engine.hashable_rules(rules))
-    b, prompt, capacity = 8, 128, 1024
+    b, chunk, context, page = 8, 128, 1024, 16
+    num_pages, width = b * context // page + 1, context // page
 
     def sds(shape, dtype, spec=P()):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
 
     params = jax.tree.map(lambda s, axes: sds(s.shape, s.dtype, sharding.logical_to_spec(axes, rules)),
                           _abstract_params(config), logical_axes_tree(config))
-    per_seq = sds((b,), jnp.int32, P("data"))
-    keys = sds((b,), jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b)).dtype, P("data"))  # typed keys
-    stops, scalar = sds((4,), jnp.int32), sds((), jnp.float32)
-    sampler = Sampler(greedy=True, top_k=None, use_top_p=False)
+    page_shape = (config.num_layers, num_pages, page, config.num_kv_heads, config.head_dim)
+    page_spec = sharding.logical_to_spec(PAGE_AXES, rules)
+    pages = PagedKV(sds(page_shape, jnp.bfloat16, page_spec), sds(page_shape, jnp.bfloat16, page_spec))
 
-    # attention_impl "xla": the XLA reference decode attention, which XLA partitions itself (the Pallas decode
-    # kernel in shard_map: test_decode_step_with_the_tpu_default_decode_kernel_compiles below).
-    prefill = engine.prefill_and_sample.lower(
-        params, sds((b, prompt), jnp.int32, P("data")), per_seq, keys, per_seq, stops, scalar, scalar,
-        config=config, capacity=capacity, cache_dtype=None, sampler=sampler, shard=shard).compile()
-    cache_spec = sharding.logical_to_spec(CACHE_AXES, rules)
-    cache_shape = (config.num_layers, b, capacity, config.num_kv_heads, config.head_dim)
-    cache = KVCache(sds(cache_shape, jnp.bfloat16, cache_spec), sds(cache_shape, jnp.bfloat16, cache_spec), per_seq)
-    decode = engine._decode_one.lower(
-        params, cache, per_seq, sds((b,), jnp.bool_, P("data")), sds((), jnp.int32), per_seq, keys, stops,
-        scalar, scalar, config=config, sampler=sampler, shard=shard).compile()
+    def step(rows, t):
+        per_row = lambda dtype: sds((rows,), dtype)  # noqa: E731
+        return batching.engine_step.lower(
+            params, pages, sds((rows, t), jnp.int32), per_row(jnp.int32), per_row(jnp.int32),
+            sds((rows, width), jnp.int32), sds((rows, 2), jnp.uint32), per_row(jnp.int32), per_row(jnp.float32),
+            per_row(jnp.int32), per_row(jnp.float32), sds((), jnp.bool_), config=config, top_k=20,
+            shard=shard).compile()
 
-    # by hand: bf16 params, head / mlp / vocab axes split over tensor (2); the cache split over data (4) and
-    # kv heads over tensor (2): 2 (k, v) x layers x batch x capacity x kv_heads x head_dim x 2 bytes / 8
+    decode, prefill = step(b, 1), step(1, chunk)
+
+    # by hand: bf16 params, head / mlp / vocab axes split over tensor (2); the pages split over kv heads (2):
+    # 2 (k, v) x layers x pages x page rows x kv_heads x head_dim x 2 bytes / 2
     param_bytes = _param_shard_bytes(config, {"tensor": 2},
                                      {"q_heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}, 2)
-    cache_bytes = 2 * config.num_layers * b * capacity * config.num_kv_heads * config.head_dim * 2 // 8
-    small = 4096      # tokens, lengths, flags, keys, stop ids, scalars
-    pre, dec = MemoryPlan.of(prefill), MemoryPlan.of(decode)
-    assert param_bytes <= pre.arguments <= param_bytes + small, (pre, param_bytes)
-    assert cache_bytes <= pre.outputs <= cache_bytes + small, (pre, cache_bytes)   # the new cache comes out
-    assert param_bytes + cache_bytes <= dec.arguments <= param_bytes + cache_bytes + small, (dec, param_bytes)
-    assert cache_bytes <= dec.aliased <= cache_bytes + small       # the donated cache is updated in place
-    assert pre.temporaries > 0 and dec.temporaries > 0
+    page_bytes = 2 * math.prod(page_shape) * 2 // 2
+    small = 16384     # tokens, positions, block tables, keys, sampling settings: 11 small arrays, tile-padded
+    for plan in (MemoryPlan.of(decode), MemoryPlan.of(prefill)):
+        assert param_bytes + page_bytes <= plan.arguments <= param_bytes + page_bytes + small, (plan, param_bytes)
+        assert page_bytes <= plan.aliased <= page_bytes + small       # the donated pages are updated in place
+        assert plan.temporaries > 0
 
 
 def _abstract_params(config):
@@ -273,8 +269,8 @@ def test_engine_step_with_the_sharded_pallas_paged_kernel_compiles_for_phi4(tpu_
     pool_shape = (config.num_layers, num_pages, page, config.num_kv_heads, config.head_dim)
     pool = sds(pool_shape, jnp.bfloat16, sharding.logical_to_spec(paged_cache.PAGE_AXES, rules))
     i32, f32 = (lambda *s: sds(s, jnp.int32)), (lambda *s: sds(s, jnp.float32))
-    args = (params, paged_cache.PagedKV(pool, pool), i32(b, 1), i32(b), i32(b), i32(b, width), i32(b), i32(b),
-            f32(b), f32(b), sds((), jnp.bool_))
+    args = (params, paged_cache.PagedKV(pool, pool), i32(b, 1), i32(b), i32(b), i32(b, width),
+            sds((b, 2), jnp.uint32), i32(b), f32(b), i32(b), f32(b), sds((), jnp.bool_))   # keys, steps, T, top-k, top-p
     step = functools.partial(batching.engine_step, config=config, top_k=batching.MAX_TOP_LOGPROBS,
                              shard=MeshRules(mesh, hashable_rules(rules)))
     compiled = compile_for(mesh, jax.jit(step, donate_argnums=(1,)), *args, attention="pallas_tpu paged")

@@ -9,10 +9,10 @@ weights quantized (`load_model(..., quantize=...)`) and `--kv-cache-dtype int8` 
 `--checkpoint` may also be a llama.cpp phi3 ``.gguf`` file, whose
 Q8_0 / Q4_0 / Q4_K blocks run as they are.
 
-The KV cache is kept between turns (`phi4_jax.inference.chat_session.ChatSession`): each answer prefills only the
-new tokens (the previous answer's tail and the new user message), not the whole conversation. When the
-conversation outgrows the context, the oldest turns (never the system prompt) are dropped and the cache
-is rebuilt from the trimmed conversation.
+The conversation's KV pages are kept between turns (`phi4_jax.inference.chat_session.ChatSession`, on the model's
+serving engine, sized for --max-context): each answer prefills only the new tokens (the previous answer's tail and
+the new user message), not the whole conversation. When the conversation outgrows the context, the oldest turns
+(never the system prompt) are dropped and only what still matches (the system prompt) is kept.
 """
 
 from __future__ import annotations

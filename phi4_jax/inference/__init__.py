@@ -1,13 +1,15 @@
 """Inference: the KV cache, sampling, the generation engine, and multi-turn chat sessions.
 
 - `kv_cache`: `KVCache` and the forward passes that fill and read it (`prefill`, `extend`, `decode_step`).
-- `sampling`: greedy / temperature / top-k / top-p sampling with reproducible per-sequence keys.
-- `engine`: `generate` (the public `phi4_jax.generate`): bucketed prefill and the on-device decode loop.
-- `chat_session`: `ChatSession` (KV cache kept between turns), `TextStreamer`, and text-level helpers.
+- `sampling`: per-row greedy / temperature / top-k / top-p sampling with reproducible per-sequence keys.
+- `engine`: `generate` (the public `phi4_jax.generate`) on the model's shared serving engine (`shared_engine`), and the
+  argument checks generation shares.
+- `chat_session`: `ChatSession` (the conversation's KV pages kept between turns), `TextStreamer`, text-level helpers.
 - `kv_quant`: the int8 KV cache's number format (`quantize_kv`) and the one check of a `cache_dtype`.
 - `paged_cache`: the paged KV cache (`PagedKV`, `paged_extend`) and its allocator with prefix caching (`PagePool`).
-- `paged_layers`: the paged cache and the weights in a per-layer layout, for the serving engine on the CPU backend.
-- `batching`: the serving engine, `ContinuousBatchingEngine` (continuous batching, chunked prefill, streams).
+- `paged_layers`: the paged cache and the weights in a per-layer layout, for the engine on the CPU backend.
+- `batching`: the engine, `ContinuousBatchingEngine` (continuous batching, chunked prefill, streams), the one decode
+  path: the server runs it on a background thread, `generate` / `ChatSession` / PTS on the caller's.
 - `errors`: `GenerationError`, `ContextLengthError`, `QueueFullError`, `EngineError`.
 
 May import: `phi4_jax.model`, `phi4_jax.special_tokens`, `phi4_jax.checks`, `kernels`. Not training or data code.

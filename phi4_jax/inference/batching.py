@@ -29,15 +29,22 @@ read. Cancelling frees them at once the same way (later steps are queued after t
 The layer math is the model's own (`paged_cache.paged_extend`), attending with `kernels.paged_attention` (the
 Pallas TPU kernel for attention_impl "pallas_tpu" or on a TPU, the Pallas GPU kernel for "pallas_gpu", in shard_map
 on a mesh; see `paged_cache.attend_pages`). On the CPU
-backend (`engine.per_layer_decode`'s rule) the engine keeps its own per-layer copy of the layer weights and a
+backend (`paged_layers.per_layer_decode`'s rule) the engine keeps its own per-layer copy of the layer weights and a
 per-layer page pool, made once at construction (`paged_layers`), and runs `paged_layers.paged_extend_per_layer`.
 
 One prefill chunk per step: chunks of several waiting requests in one program would multiply the compiled shapes
 (rows x chunk buckets x table widths) while on a CPU a prefill's cost grows with its tokens whichever request they
 belong to, so it would save dispatches, not compute; requests whose prefill is done decode together.
 
-Sampling follows `sampling.sample` with per-request seeds: the k-th new token of a request with seed s is drawn
-with key fold_in(key(s), k), as `generate(..., seed=[s])` draws it; temperature 0 is greedy.
+Sampling follows `sampling.sample_rows` with per-request settings (temperature, top_k, top_p) and keys: the k-th
+new token of a request with seed s is drawn with key fold_in(key(s), k), as `generate(..., seed=[s])` draws it (a
+request may bring its own key instead: `GenerationRequest.key`); temperature 0 is greedy.
+
+The engine runs either on its background thread (`start`, for the server) or on the caller's thread
+(`run_to_completion`, for `generate`, `ChatSession` and PTS rollouts); both run the same `_step`. A request
+submitted with `hold=True` keeps its pages when it ends (`RequestStream.held`, a `HeldSequence`), and a later
+request that continues the same token sequence resumes from them (`submit(..., resume=held)`): only the tokens
+after the longest common prefix are prefilled (`ChatSession` keeps a conversation this way).
 
 A request ends when it samples one of its `stop_token_ids` (that token is its last event; finish_reason
 "stop"), after `max_new_tokens` tokens or when the context is full ("length"), or when cancelled ("cancelled":
@@ -66,7 +73,6 @@ from phi4_jax.inference.engine import (
     hashable_rules,
     mesh_rules_context,
     model_params_config,
-    per_layer_decode,
     validate_prompts,
     validate_sampling,
 )
@@ -82,13 +88,19 @@ from phi4_jax.inference.paged_cache import (
     paged_extend,
     paged_implementation,
 )
-from phi4_jax.inference.paged_layers import init_pages_per_layer, paged_extend_per_layer, per_layer_params
-from phi4_jax.inference.sampling import Sampler, sample
+from phi4_jax.inference.paged_layers import (
+    init_pages_per_layer,
+    paged_extend_per_layer,
+    per_layer_decode,
+    per_layer_params,
+)
+from phi4_jax.inference.sampling import sample_rows
 from phi4_jax.model import sharding
 from phi4_jax.model.decoder import hidden_states, logits_from_hidden
 
 MAX_TOP_LOGPROBS = 20            # the most alternatives a request may ask for (the OpenAI API's limit)
 MIN_CHUNK_BUCKET = 16
+DEFAULT_PAGE_SIZE = 16
 MIN_PROMPT_LOGPROBS_BUCKET = 32
 PROMPT_LOGPROBS_ROWS = 128      # prompt positions whose [rows, vocab] log-softmax exists at once
 MIN_TABLE_TOKENS = 256           # the narrowest block-table bucket covers at least this many positions
@@ -107,6 +119,17 @@ class GenerationRequest:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None
+    top_k: int | None = None
+    key: Any = None    # PRNG key data (`jax.random.key_data` of one key) to sample with instead of key(seed)
+
+
+@dataclass
+class HeldSequence:
+    """The pages a finished `hold=True` request kept: `tokens` are the ids whose keys/values they hold, in order.
+    Pass it to `submit(..., resume=held)` to continue the sequence, or to `release` to free the pages."""
+    engine: "ContinuousBatchingEngine"
+    tokens: list[int]
+    pages: list[int]
 
 
 @dataclass
@@ -133,6 +156,8 @@ class RequestStream:
         self.finish_reason: str | None = None
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
+        self.cached_tokens = 0                 # prompt tokens not prefilled (resumed or from the prefix cache)
+        self.held: HeldSequence | None = None  # a hold=True request's pages, once it ended with "stop" or "length"
 
     @property
     def finished(self) -> bool:
@@ -169,6 +194,13 @@ class RequestStream:
             self._notify()
 
     # -- consumer side --
+    def take_ready(self) -> list[TokenEvent]:
+        """The events generated so far and not yet read, without waiting."""
+        with self._lock:
+            events = list(self._events)
+            self._events.clear()
+        return events
+
     def _pop(self):
         """(True, event) or (False, None) when finished and drained; raises the engine's error."""
         if self._events:
@@ -216,12 +248,15 @@ class _Running:
     stream: RequestStream
     prompt: list[int]
     budget: int                       # new tokens it may generate
-    seed: int
+    key: np.ndarray                   # PRNG key data
     temperature: float
+    top_k: int                        # 0: no limit
     top_p: float
     stops: frozenset
     logprobs: int | None
     order: int                        # submission order (prefill is first come, first served)
+    hold: bool = False                # keep the pages when it ends (`HeldSequence`)
+    resume: HeldSequence | None = None
     slot: int = -1
     pages: list | None = None
     kv_len: int = 0                   # positions whose keys/values are written (by steps already fetched)
@@ -248,33 +283,11 @@ class _Pending:
 
 # ----------------------------------------------------------------------------- the compiled programs
 
-def sample_rows(logits, seeds, steps, temperature, top_p):
-    """Per-row sampling of float32 logits [B, V]: greedy where temperature[b] == 0, else `sampling.sample` at that
-    row's temperature and top_p with key fold_in(key(seeds[b]), steps[b]).
-
-    The sampling pass (and within it the top-p nucleus search, 31 passes over the vocabulary) runs only when some
-    row needs it (`lax.cond`): an all-greedy batch costs one argmax."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def sampled(use_top_p):
-        sampler = Sampler(greedy=False, top_k=None, use_top_p=use_top_p)
-
-        def one(row, seed, step, temp, p):
-            key = jax.random.key(seed)[None]
-            return sample(row[None], key, step, sampler, jnp.where(temp > 0, temp, 1.0), p)[0]
-
-        return jnp.where(temperature > 0, jax.vmap(one)(logits, seeds, steps, temperature, top_p), greedy)
-
-    any_top_p = jnp.any((temperature > 0) & (top_p < 1.0))
-    return jax.lax.cond(jnp.any(temperature > 0),
-                        lambda: jax.lax.cond(any_top_p, lambda: sampled(True), lambda: sampled(False)),
-                        lambda: greedy)
-
-
 @functools.partial(jax.jit, static_argnames=("config", "top_k", "shard"), donate_argnames=("pages",))
-def engine_step(params, pages, tokens, feed, prev_decode, prev_prefill, start, n_new, block_tables, seeds, steps,
-                temperature, top_p, want_logprobs, *, config, top_k, shard):
-    """`paged_extend` and sample: returns (pages, token [B], its logprob [B], top-k ids [B, k], logprobs [B, k]).
+def engine_step(params, pages, tokens, feed, prev_decode, prev_prefill, start, n_new, block_tables, keys, steps,
+                temperature, sample_top_k, top_p, want_logprobs, *, config, top_k, shard):
+    """`paged_extend` and sample (`sample_rows`; keys: PRNG key data [B, ...]): returns (pages, token [B], its
+    logprob [B], top-k ids [B, k], logprobs [B, k]).
 
     Row b's first token is tokens[b, 0] where feed[b] < 0, else entry feed[b] of the previous step's sampled tokens
     (still on the device: the host has not fetched them yet): its decode step's prev_decode [max_batch], then its
@@ -286,7 +299,7 @@ def engine_step(params, pages, tokens, feed, prev_decode, prev_prefill, start, n
         tokens = tokens.at[:, 0].set(jnp.where(feed >= 0, fed, tokens[:, 0]))
         extend = paged_extend_per_layer if isinstance(params["layers"], list) else paged_extend
         pages, logits = extend(params, pages, tokens, start, n_new, block_tables, config)
-        token = sample_rows(logits, seeds, steps, temperature, top_p)
+        token = sample_rows(logits, jax.random.wrap_key_data(keys), steps, temperature, sample_top_k, top_p)
 
         def logprobs():
             logp = jax.nn.log_softmax(logits, axis=-1)
@@ -339,6 +352,12 @@ def _new_pages(*, config, num_pages, page_size, dtype, shard, per_layer=False):
 _per_layer_params = jax.jit(per_layer_params)
 
 
+@functools.cache
+def _key_data_shape() -> tuple[int, ...]:
+    """The shape of one PRNG key's data under the default implementation."""
+    return tuple(jax.random.key_data(jax.random.key(0)).shape)
+
+
 def _free_device_bytes() -> int | None:
     stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" not in stats:
@@ -346,10 +365,11 @@ def _free_device_bytes() -> int | None:
     return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
 
 
-def serving_rules() -> dict:
-    """The rules table the engine shards by on a mesh: the training table with the batch replicated (decode slots
-    are few) and the page pool's page axes whole; kv heads split as the table says."""
-    return {**sharding.TRAINING_RULES, "batch": None, "kv_pages": None, "page_rows": None}
+def serving_rules(rules=None) -> dict:
+    """The rules table the engine shards by on a mesh: `rules` (default: the training table) with the batch
+    replicated (decode slots are few) and the page pool's page axes whole; kv heads split as the table says."""
+    return {**(sharding.TRAINING_RULES if rules is None else dict(rules)), "batch": None, "kv_pages": None,
+            "page_rows": None}
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -366,15 +386,16 @@ class ContinuousBatchingEngine:
         where the backend reports it, else enough pages for max_batch requests of max_context tokens).
       prefill_chunk: most prompt tokens prefilled per engine step (at most max_context).
       max_queue: most requests waiting for a slot; `submit` raises QueueFullError beyond it.
-      mesh: a jax Mesh to shard the page pool (kv heads) and activations over (rules: `serving_rules`); the
+      mesh: a jax Mesh to shard the page pool (kv heads) and activations over (rules: `serving_rules(rules)`); the
         model's parameters should be sharded on it already (`load_model(..., mesh=...)`).
+      rules: the logical-axis rules table for the mesh (default: the training table).
       cache_dtype: the page pool's dtype: None (the model's compute dtype), "bfloat16", "float16", "float32", or
         "int8" (int8 pages with a float32 scale per token and kv head: about 2x the tokens of bf16 in
         kv_cache_bytes; see `kv_quant`).
     """
 
-    def __init__(self, model, *, max_batch=8, max_context=None, page_size=16, kv_cache_bytes=None,
-                 prefill_chunk=128, max_queue=64, mesh=None, cache_dtype=None):
+    def __init__(self, model, *, max_batch=8, max_context=None, page_size=DEFAULT_PAGE_SIZE, kv_cache_bytes=None,
+                 prefill_chunk=128, max_queue=64, mesh=None, rules=None, cache_dtype=None):
         self.params, self.config = model_params_config(model)
         limit = self.config.max_position_embeddings
         for name, value in (("max_batch", max_batch), ("page_size", page_size), ("prefill_chunk", prefill_chunk),
@@ -393,8 +414,7 @@ class ContinuousBatchingEngine:
         self.prefill_chunk, self.max_queue = min(int(prefill_chunk), self.max_context), int(max_queue)
         self.table_width = -(-self.max_context // self.page_size)
         self.top_k = min(MAX_TOP_LOGPROBS, self.config.vocab_size)
-        self.shard = None if mesh is None else MeshRules(mesh, hashable_rules(serving_rules()))
-
+        self.shard = None if mesh is None else MeshRules(mesh, hashable_rules(serving_rules(rules)))
         self.cache_dtype = cache_dtype_name(cache_dtype)
         per_page = page_bytes(self.config, self.page_size, self.cache_dtype)
         if kv_cache_bytes is None:
@@ -410,7 +430,7 @@ class ContinuousBatchingEngine:
                                   "the engine needs at least 2 (one is the null page)")
         self.pool = PagePool(num_pages, self.page_size)
         # On the CPU backend the step runs on a per-layer copy of the layer weights and a per-layer page pool,
-        # made once here (`paged_layers`; `engine.per_layer_decode` says when: unsharded, XLA attention, the copy
+        # made once here (`paged_layers`; `paged_layers.per_layer_decode` says when: unsharded, XLA attention, the copy
         # within a quarter of physical memory; float pages, not int8); elsewhere on the model's stacked params and a
         # stacked pool.
         self.per_layer = (per_layer_decode(self.params, self.config, self.shard) and not is_int8(self.cache_dtype)
@@ -424,6 +444,7 @@ class ContinuousBatchingEngine:
         self._waiting: deque[_Running] = deque()
         self._slots: list[_Running | None] = [None] * self.max_batch
         self._thread: threading.Thread | None = None
+        self._driving = threading.Lock()   # one caller thread at a time runs steps (`run_to_completion`)
         self._stopping = False
         self._error: BaseException | None = None
         self._prefix_cache_hits = 0
@@ -467,11 +488,24 @@ class ContinuousBatchingEngine:
     def __exit__(self, *exc):
         self.shutdown()
 
-    def submit(self, request: GenerationRequest) -> RequestStream:
+    def submit(self, request: GenerationRequest, *, hold: bool = False,
+               resume: HeldSequence | None = None) -> RequestStream:
         """Queues a request; returns its stream. Raises GenerationError for bad settings, ContextLengthError when
-        the prompt leaves no room for a new token, QueueFullError when max_queue requests are waiting."""
+        the prompt leaves no room for a new token, QueueFullError when max_queue requests are waiting.
+
+        hold: keep the request's pages when it ends with "stop" or "length" (`stream.held`, a `HeldSequence`;
+          a cancelled request frees them). resume: a `HeldSequence` of this engine to continue: the request keeps
+          the pages of the longest common prefix of `resume.tokens` and its prompt (all but the prompt's last
+          token) and prefills only the rest; its other pages are freed (`resume` is used up either way).
+        """
         req = self._validate(request)
+        req.hold = bool(hold)
         with self._lock:
+            if resume is not None:
+                if not isinstance(resume, HeldSequence) or resume.engine is not self or resume.pages is None:
+                    raise GenerationError("resume must be a HeldSequence of this engine that was not resumed or "
+                                          "released already")
+                req.resume = resume
             if self._error is not None:
                 raise EngineError(f"the serving engine failed: {self._error}")
             if self._stopping:
@@ -479,9 +513,49 @@ class ContinuousBatchingEngine:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue}); "
                                      "retry later")
+            if resume is not None:
+                req.resume = HeldSequence(self, resume.tokens, resume.pages)
+                resume.pages = None
             self._waiting.append(req)
             self._wake.notify_all()
         return req.stream
+
+    def release(self, held: HeldSequence) -> None:
+        """Frees the pages of a `HeldSequence` (their full pages stay in the prefix cache); a no-op when it was
+        released or resumed already."""
+        with self._lock:
+            if held.engine is self and held.pages is not None:
+                self.pool.release(held.pages)
+                held.pages = None
+
+    def run_to_completion(self, streams, on_step=None) -> None:
+        """Runs engine steps on the caller's thread until every stream in `streams` has finished (for an engine
+        without the background thread: `start` not called). Each iteration is one `_step`, the step the background
+        loop runs, so every request in the engine advances, not only these; `on_step()` is called after each step.
+        Callers on several threads take turns (each step runs on one thread at a time).
+
+        If anything raises (on_step included), the unfinished streams are cancelled (their slots and pages freed)
+        and the error propagates; if the page pool was lost with it (donated to a step that failed), the engine is
+        marked failed (`submit` then raises EngineError). Raises EngineError when no step can make progress
+        (waiting requests need more pages than the pool can free).
+        """
+        if self._thread is not None:
+            raise GenerationError("the engine runs its own step loop (start()); iterate the streams instead")
+        try:
+            with self._driving:
+                while not all(stream.finished for stream in streams):
+                    if not self._step():
+                        raise EngineError(f"the engine cannot admit its waiting requests: they need more KV pages "
+                                          f"than the {self.pool.available()} free ones")
+                    if on_step is not None:
+                        on_step()
+        except BaseException as error:
+            for stream in streams:
+                stream.cancel()
+            if any(page.is_deleted() for page in jax.tree.leaves(self.pages)):
+                with self._lock:
+                    self._error = error
+            raise
 
     def prompt_logprobs(self, prompt_ids, top_k: int = 0) -> list[TokenEvent | None]:
         """The logprob of each prompt token given the ones before it (None for the first), with the top_k
@@ -556,7 +630,7 @@ class ContinuousBatchingEngine:
             raise GenerationError(f"submit takes a GenerationRequest, got {type(request).__name__}")
         r = request
         prompt = validate_prompts([r.prompt_ids], self.config)[0]
-        validate_sampling(r.max_new_tokens, r.temperature, None, r.top_p)
+        validate_sampling(r.max_new_tokens, r.temperature, r.top_k, r.top_p)
         if r.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be >= 1, got {r.max_new_tokens}")
         if r.top_p is None:
@@ -574,8 +648,18 @@ class ContinuousBatchingEngine:
             raise GenerationError(
                 f"the request needs {needed} KV pages ({len(prompt)} prompt + {budget} new tokens) but the cache "
                 f"holds {self.pool.pages_total}; lower max_tokens or give the engine more kv_cache_bytes")
-        seed = int.from_bytes(os.urandom(4), "little") if r.seed is None else int(r.seed) % 2**32
-        return _Running(RequestStream(self, len(prompt)), prompt, budget, seed, float(r.temperature),
+        if r.key is not None:
+            key = np.asarray(r.key)
+            if key.dtype != np.uint32 or key.shape != _key_data_shape():
+                raise GenerationError(f"key must be the uint32 key data of one PRNG key, shape {_key_data_shape()}, "
+                                      f"got {key.dtype} {key.shape}")
+        else:
+            seed = int.from_bytes(os.urandom(4), "little") if r.seed is None else int(r.seed) % 2**32
+            key = np.asarray(jax.random.key_data(jax.random.key(np.uint32(seed))))
+        top_k = 0 if r.top_k is None else int(r.top_k)
+        if top_k < 0:
+            raise GenerationError(f"top_k must be >= 0 or None, got {r.top_k}")
+        return _Running(RequestStream(self, len(prompt)), prompt, budget, key, float(r.temperature), top_k,
                         float(r.top_p), frozenset(int(t) for t in r.stop_token_ids), r.logprobs,
                         next(self._order))
 
@@ -589,10 +673,20 @@ class ContinuousBatchingEngine:
                     return
 
     def _end(self, req: _Running, reason: str) -> None:
-        """Finishes a request: its full written pages go to the prefix cache, its pages and slot are freed."""
+        """Finishes a request: its full written pages go to the prefix cache, its pages and slot are freed (or held:
+        `submit(hold=True)`)."""
+        if req.resume is not None:              # ended before admission: its held pages are freed
+            self.pool.release(req.resume.pages)
+            req.resume = None
         if req.pages is not None:
             self._register_pages(req)
-            self.pool.release(req.pages)
+            if req.hold and reason != "cancelled":
+                written = -(-req.kv_len // self.page_size)
+                self.pool.release(req.pages[written:])
+                req.stream.held = HeldSequence(self, (req.prompt + req.generated_ids)[:req.kv_len],
+                                               req.pages[:written])
+            else:
+                self.pool.release(req.pages)
             req.pages = None
         if req.slot >= 0 and self._slots[req.slot] is req:
             self._slots[req.slot] = None
@@ -609,23 +703,54 @@ class ContinuousBatchingEngine:
             self.pool.register(req.pages[i], digest)
         req.registered = max(req.registered, full)
 
+    def _resumed_pages(self, req: _Running) -> tuple[list[int], int]:
+        """(pages kept, tokens they hold) of a resumed request: those of the longest common prefix of the held
+        tokens and its prompt but the last token; the held pages past them are freed. A page it will write into
+        (the prefix ends inside it) leaves the prefix cache, or, when another request shares it, is not kept."""
+        held, req.resume = req.resume, None
+        keep = 0
+        for old, new in zip(held.tokens, req.prompt[:-1]):
+            if old != new:
+                break
+            keep += 1
+        kept = held.pages[:-(-keep // self.page_size)]
+        self.pool.release(held.pages[len(kept):])
+        if keep % self.page_size and self.pool.refcount[kept[-1]] > 1:
+            self.pool.release(kept[-1:])
+            kept, keep = kept[:-1], len(kept[:-1]) * self.page_size
+        elif keep % self.page_size:
+            self.pool.unregister(kept[-1])
+        return kept, keep
+
     def _admit(self) -> None:
         while self._waiting and None in self._slots:
             req = self._waiting[0]
-            cacheable = (len(req.prompt) - 1) // self.page_size    # keep >= 1 prompt token to prefill
-            shared = self.pool.match_prefix(page_digests(req.prompt, self.page_size, cacheable))
+            from_cache = 0
+            if req.resume is not None:
+                shared, cached = self._resumed_pages(req)
+                req.pages = shared                 # held by the request from now on, admitted or waiting
+            elif req.pages is not None:            # resumed earlier, still waiting for pages
+                shared, cached = req.pages, req.kv_len
+            else:
+                cacheable = (len(req.prompt) - 1) // self.page_size    # keep >= 1 prompt token to prefill
+                shared = self.pool.match_prefix(page_digests(req.prompt, self.page_size, cacheable))
+                cached, from_cache = len(shared) * self.page_size, len(shared)
             needed = -(-(len(req.prompt) + req.budget - 1) // self.page_size) - len(shared)
             fresh = self.pool.allocate(needed)
             if fresh is None:
-                self.pool.release(shared)
+                if req.pages is None:
+                    self.pool.release(shared)
+                else:
+                    req.kv_len = cached
                 return                          # wait for pages to be freed
             self._waiting.popleft()
             req.slot = self._slots.index(None)
             self._slots[req.slot] = req
             req.pages = shared + fresh
-            req.kv_len = req.fed = len(shared) * self.page_size
-            req.registered = len(shared)
-            self._prefix_cache_hits += len(shared)
+            req.kv_len = req.fed = cached
+            req.registered = cached // self.page_size
+            req.stream.cached_tokens = cached
+            self._prefix_cache_hits += from_cache
 
     def _emit(self, req: _Running, token: int, logp, top_ids, top_logp) -> None:
         if req.stream.finished:
@@ -686,12 +811,13 @@ class ContinuousBatchingEngine:
         """Dispatches one `engine_step` over rows (None: an idle row) with block tables `width` pages wide;
         returns its device outputs (token, logprob, top-k ids, top-k logprobs)."""
         tables = np.stack([self._table(r, width) for r in rows])
-        seeds = np.array([r.seed if r is not None else 0 for r in rows], np.uint32)
+        keys = np.stack([r.key if r is not None else np.zeros(_key_data_shape(), np.uint32) for r in rows])
         temp = np.array([r.temperature if r is not None else 0.0 for r in rows], np.float32)
+        top_k = np.array([r.top_k if r is not None else 0 for r in rows], np.int32)
         top_p = np.array([r.top_p if r is not None else 1.0 for r in rows], np.float32)
         want_logprobs = np.bool_(any(r is not None and r.logprobs is not None for r in rows))
         self.pages, *outs = engine_step(self.step_params, self.pages, tokens, feed, *carry, start, n_new, tables,
-                                        seeds, steps, temp, top_p, want_logprobs, config=self.config,
+                                        keys, steps, temp, top_k, top_p, want_logprobs, config=self.config,
                                         top_k=self.top_k, shard=self.shard)
         return outs
 

@@ -1,8 +1,9 @@
-"""Multi-turn chat on one KV cache (`ChatSession`), streaming text, and text-level helpers.
+"""Multi-turn chat whose conversation stays in the engine's KV pages (`ChatSession`), streaming text, and text-level
+helpers.
 
-`ChatSession` keeps the cache between calls: a new turn keeps the longest cached prefix of the conversation
-and feeds only the rest with `extend` (in bucketed chunks), then decodes as `generate` does; it rebuilds the
-cache with `prefill` when little of it is reusable (e.g. after the oldest turns were dropped).
+`ChatSession` runs its turns on the model's `engine.shared_engine` (the one decode path) and keeps the
+conversation's pages between turns (a `batching.HeldSequence`): a new turn resumes from them, so only the tokens
+after the longest common prefix are prefilled.
 """
 
 from __future__ import annotations
@@ -10,64 +11,52 @@ from __future__ import annotations
 import codecs
 from typing import Callable, Sequence
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 
 from phi4_jax.checks import check_integer, is_integer
+from phi4_jax.inference.batching import GenerationRequest, HeldSequence
 from phi4_jax.inference.engine import (
-    MIN_NEW_BUCKET,
-    MIN_PROMPT_BUCKET,
-    advance_keys,
-    bucket,
+    check_options,
     default_stop_tokens,
-    extend_and_sample,
     generate,
-    grow_cache,
     model_params_config,
-    prefill_and_sample,
-    run_decode,
-    run_options,
-    trim_output,
+    request_sampling,
+    run_streams,
+    shared_engine,
     validate_prompts,
     validate_sampling,
 )
 from phi4_jax.inference.errors import ContextLengthError, GenerationError
-from phi4_jax.inference.kv_cache import KVCache
 from phi4_jax.inference.sampling import sequence_keys
-
-_MAX_EXTEND_CHUNK = 512  # new tokens per `extend` call (bounds the [new, capacity] attention scores)
 
 
 class ChatSession:
-    """Multi-turn generation for one conversation that keeps its KV cache between turns.
+    """Multi-turn generation for one conversation that keeps its KV pages between turns.
 
     `generate(prompt, ...)` takes the whole conversation so far as token ids (e.g. the chat template
     applied to every message) and returns the new tokens, like `generate(model, [prompt], ...)`, but
-    prefills only what the cache does not already hold:
+    prefills only what the held pages do not already hold: the longest common prefix of `prompt` (all but its
+    last token) and the held tokens is kept, so a re-tokenized earlier answer that differs from the generated ids
+    is recomputed from the first differing token on, and a conversation whose oldest turns were dropped keeps only
+    what still matches (e.g. the system prompt). When nothing matches, the turn may still take pages from the
+    engine's prefix cache.
 
-    - the longest common prefix of `prompt` and the cached tokens is kept (the cache's length is rewound
-      to it, so a re-tokenized earlier answer that differs from the generated ids is recomputed from the
-      first differing token on), and the rest is fed with `extend` at positions offset by that prefix, in
-      chunks of at most 512 tokens, each padded to a power of two (>= 32): new-token counts in one bucket
-      share one compiled program;
-    - the cache is rebuilt with a full `prefill` of `prompt` when there is none yet or when the reusable
-      prefix is shorter than the rest (e.g. after the caller dropped the oldest turns to fit the context);
-    - the cache capacity is bucketed as in `generate` (a power of two, at most max_context) and grows by
-      copying when the conversation outgrows it;
-    - decoding then runs exactly as in `generate` (on the device, or a host loop with `callback`).
-
-    Greedy answers equal `generate`'s full re-prefill (up to float rounding in the logits). After a turn
-    the cache holds the prompt and every generated token but the last (sampled, never fed); `tokens` is
-    prompt + generated tokens, and `extend(new_tokens, ...)` continues from it. `last_turn` says how the
-    turn was prefilled: {"reused", "prefilled", "rebuilt", "generated"}.
+    The session's engine (`engine.shared_engine`, batch 1, sized for `max_context` tokens) is chosen on the first
+    turn and kept. Greedy answers equal `generate`'s full prefill (up to float rounding in the logits). After a
+    turn the held pages hold the prompt and every generated token but the last (sampled, never fed); `tokens` is
+    prompt + generated tokens, and `extend(new_tokens, ...)` continues from it. `last_turn` says how the turn was
+    prefilled: {"reused": prompt tokens not prefilled, "prefilled", "rebuilt": nothing of the held conversation
+    was reused, "generated"}.
 
     PRNG: the first turn samples with the key `generate(..., seed=seed)` gives a single prompt; the key
     is split after every turn, so later turns draw fresh but reproducible randomness. If a turn raises
-    (e.g. KeyboardInterrupt from the callback), the cache is dropped and the next turn rebuilds it.
+    (e.g. KeyboardInterrupt from the callback), its pages are freed and the next turn starts afresh.
     """
 
     def __init__(self, model, *, temperature=0.0, top_k=None, top_p=None, seed: int = 0, stop_tokens=None,
                  max_context: int | None = None, mesh=None, rules=None, cache_dtype=None):
+        self.model = model
         self.params, self.config = model_params_config(model)
         validate_sampling(1, temperature, top_k, top_p)
         if not is_integer(seed):
@@ -75,21 +64,30 @@ class ChatSession:
         limit = self.config.max_position_embeddings
         self.max_context = min(check_integer(limit if max_context is None else max_context, "max_context",
                                              GenerationError, minimum=2), limit)
-        self._opts = run_options(self.config, temperature, top_k, top_p, stop_tokens, mesh, rules, cache_dtype)
-        self._keys = sequence_keys(int(seed), 1)
-        self._cache: KVCache | None = None
-        self._cached: list[int] = []       # the ids whose keys/values are in the cache, in slot order
+        self._stops, self._cache_dtype = check_options(self.config, stop_tokens, mesh, rules, cache_dtype)
+        self._mesh, self._rules = mesh, rules
+        self._sampling = request_sampling(temperature, top_k, top_p)
+        self._key = sequence_keys(int(seed), 1)[0]
+        self._engine = None
+        self._held: HeldSequence | None = None
         self.tokens: list[int] = []
         self.last_turn: dict | None = None
 
     @property
     def cached_length(self) -> int:
-        """How many tokens the cache holds."""
-        return len(self._cached)
+        """How many tokens the held pages hold."""
+        return 0 if self._held is None else len(self._held.tokens)
 
     def reset(self) -> None:
-        """Forgets the conversation and its cache (the PRNG key is kept)."""
-        self._cache, self._cached, self.tokens = None, [], []
+        """Forgets the conversation and frees its pages (the PRNG key is kept). A session dropped without it leaves
+        its pages held; `shared_engine` then gives later calls a fresh engine once the pool runs short."""
+        self._release()
+        self.tokens = []
+
+    def _release(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.engine.release(held)
 
     def extend(self, new_tokens: Sequence[int], *, max_new_tokens: int, callback=None) -> list[int]:
         """Appends new_tokens to `tokens` (the conversation so far) and generates; see `generate`."""
@@ -98,7 +96,8 @@ class ChatSession:
 
     def generate(self, prompt: Sequence[int], *, max_new_tokens: int,
                  callback: Callable[[list[int | None]], None] | None = None) -> list[int]:
-        """New tokens after `prompt` (the whole conversation as ids), reusing the cache; callback as in `generate`.
+        """New tokens after `prompt` (the whole conversation as ids), resuming from the held pages; callback as in
+        `generate`.
 
         Raises ContextLengthError when the prompt leaves no room for a new token within max_context.
         """
@@ -107,54 +106,26 @@ class ChatSession:
         if len(prompt) >= self.max_context:
             raise ContextLengthError(f"the prompt has {len(prompt)} tokens but the context holds {self.max_context} "
                                      "(max_context), leaving no room for a new token; shorten the conversation")
-        n_budget = min(int(max_new_tokens), self.max_context - len(prompt))
-        capacity = bucket(min(len(prompt) + int(max_new_tokens), self.max_context), MIN_PROMPT_BUCKET,
-                          cap=self.max_context)
-        keep = 0
-        for cached, new in zip(self._cached, prompt[:-1]):   # at least one token must be fed
-            if cached != new:
-                break
-            keep += 1
-        rebuild = self._cache is None or keep < len(prompt) - keep
-        o, params, config = self._opts, self.params, self.config
-        budget = np.array([n_budget], np.int32)
-        cache, self._cache, self._cached = self._cache, None, []   # dropped unless the turn completes
+        if self._engine is None:
+            self._engine = shared_engine(self.model, batch=1, context=self.max_context, mesh=self._mesh,
+                                         rules=self._rules, cache_dtype=self._cache_dtype)
+        budget = min(int(max_new_tokens), self.max_context - len(prompt))
+        request = GenerationRequest(prompt, budget, stop_token_ids=self._stops,
+                                    key=np.asarray(jax.random.key_data(self._key)), **self._sampling)
+        held, self._held, self.tokens = self._held, None, []     # used up by this turn, whatever happens
         try:
-            if rebuild:
-                del cache
-                tokens = np.zeros((1, min(bucket(len(prompt), MIN_PROMPT_BUCKET), capacity)), np.int32)
-                tokens[0, :len(prompt)] = prompt
-                cache, first, done = prefill_and_sample(
-                    params, tokens, np.array([len(prompt)], np.int32), self._keys, budget, o.stops, o.temp,
-                    o.top_p, config=config, capacity=capacity, cache_dtype=o.cache_dtype, sampler=o.sampler,
-                    shard=o.shard)
-                keep = 0
-            else:
-                if cache.k.shape[2] < capacity:
-                    cache = grow_cache(cache, capacity=capacity, shard=o.shard)
-                cache = cache._replace(lengths=jnp.asarray(np.array([keep], np.int32)))
-                rest = prompt[keep:]
-                for start in range(0, len(rest), _MAX_EXTEND_CHUNK):
-                    chunk = rest[start:start + _MAX_EXTEND_CHUNK]
-                    width = min(bucket(len(chunk), MIN_PROMPT_BUCKET, cap=_MAX_EXTEND_CHUNK), cache.k.shape[2])
-                    tokens = np.zeros((1, width), np.int32)
-                    tokens[0, :len(chunk)] = chunk
-                    cache, first, done = extend_and_sample(
-                        params, cache, tokens, np.array([len(chunk)], np.int32), self._keys, budget, o.stops,
-                        o.temp, o.top_p, config=config, sampler=o.sampler, shard=o.shard)
-            out, cache = run_decode(params, cache, first, done, budget, self._keys, o.stops, o.temp, o.top_p,
-                                     n=1, out_len=bucket(n_budget, MIN_NEW_BUCKET), callback=callback,
-                                     config=config, sampler=o.sampler, shard=o.shard)
-            new = trim_output(out[0], n_budget)
-            cached_length = int(np.asarray(cache.lengths)[0])
+            stream = self._engine.submit(request, hold=True, resume=held)
         except BaseException:
-            self.tokens = []
+            if held is not None:
+                self._engine.release(held)
             raise
+        new = run_streams(self._engine, [stream], callback)[0]
+        self._held = stream.held
         self.tokens = prompt + new
-        self._cache, self._cached = cache, self.tokens[:cached_length]
-        self._keys = advance_keys(self._keys)
-        self.last_turn = {"reused": keep, "prefilled": len(prompt) - keep, "rebuilt": rebuild,
-                          "generated": len(new)}
+        self._key = jax.random.split(self._key)[1]
+        reused = stream.cached_tokens
+        self.last_turn = {"reused": reused, "prefilled": len(prompt) - reused,
+                          "rebuilt": held is None or reused == 0, "generated": len(new)}
         return new
 
 
@@ -192,8 +163,8 @@ def stream_text(run: Callable, tokenizer, stop_tokens: Sequence[int], *, on_text
     """Runs `run(callback) -> new token ids` (`generate` of one prompt, or `ChatSession.generate`), streaming.
 
     `on_text(piece)` gets the decoded text as it grows (stop tokens skipped; a UTF-8 character split across
-    tokens waits for the rest), `on_token(id)` each new token. Without either, `run` gets callback=None (the
-    decode loop then stays on the device). Returns (new ids, their text without stop tokens).
+    tokens waits for the rest), `on_token(id)` each new token. Without either, `run` gets callback=None.
+    Returns (new ids, their text without stop tokens).
     """
     callback = None
     if on_text is not None or on_token is not None:

@@ -1,4 +1,7 @@
-"""The KV cache and the forward passes that fill and read it: `prefill`, `extend`, `decode_step`.
+"""A contiguous KV cache and the forward passes that fill and read it: `prefill`, `extend`, `decode_step`.
+
+Generation itself runs on the paged cache of the serving engine (`paged_cache`, `batching`); these functions are
+the plain per-sequence-cache forms the decode-bandwidth and inference-memory benchmarks compile and time.
 
 Layout (`KVCache`): k, v ``[layers, batch, capacity, kv_heads, head_dim]`` (logical axes `CACHE_AXES`),
 lengths ``[batch]`` int32. Sequence b occupies slots 0 .. lengths[b]-1 and the token in slot s sits at position s
@@ -35,7 +38,6 @@ from phi4_jax.model.config import Phi4Config
 from phi4_jax.model.decoder import (
     decoder_block,
     embed_tokens,
-    fuse_projections,
     logits_from_hidden,
     rms_norm,
     rope,
@@ -80,27 +82,6 @@ def init_cache(config: Phi4Config, batch: int, capacity: int, dtype=None) -> KVC
         scales = lambda: sharding.constrain(jnp.zeros(shape[:-1], SCALE_DTYPE), SCALE_AXES)  # noqa: E731
         cache = cache._replace(k_scale=scales(), v_scale=scales())
     return cache
-
-
-def is_per_layer(cache: KVCache) -> bool:
-    """Whether the cache is in the per-layer layout (tuples of [B, C, Hkv, D] arrays, one per layer)."""
-    return isinstance(cache.k, (list, tuple))
-
-
-def unstack_layers(params, cache: KVCache):
-    """Params and cache in the per-layer layout (a copy): layer i's weights as arrays of their own (q/k/v and
-    gate/up concatenated: `fuse_projections`), and its k/v as arrays of their own laid out heads first,
-    [B, Hkv, C, D] (what the attention dots read in place)."""
-    n = cache.k.shape[0]
-    per_layer = [fuse_projections(jax.tree.map(lambda w, i=i: w[i], params["layers"])) for i in range(n)]
-    heads_first = lambda x: tuple(jnp.swapaxes(x[i], 1, 2) for i in range(n))  # noqa: E731
-    return dict(params, layers=per_layer), KVCache(heads_first(cache.k), heads_first(cache.v), cache.lengths)
-
-
-def stack_cache(cache: KVCache) -> KVCache:
-    """A per-layer cache back in the stacked layout [layers, B, C, Hkv, D]."""
-    stack = lambda layers: jnp.stack([jnp.swapaxes(x, 1, 2) for x in layers])  # noqa: E731
-    return KVCache(stack(cache.k), stack(cache.v), cache.lengths)
 
 
 # ----------------------------------------------------------------------------- forward with a cache
@@ -181,23 +162,15 @@ def extend(params, cache: KVCache, tokens, n_new, config: Phi4Config):
     x = embed_tokens(params, tokens, config)                                # [B, T, E]
     batch_index = jnp.arange(b)[:, None]
 
-    def attend_and_write(q, k, v, k_cache, v_cache, index):
-        """RoPE, the new keys/values written into the cache, attention over the layer's cache. `index` is (i,)
-        for layer i of the stacked cache [L, B, C, Hkv, D] (written in place, where slicing it out first would
-        copy), or () for one layer's own cache in the per-layer layout [B, Hkv, C, D]."""
+    def attend_and_write(q, k, v, k_cache, v_cache, i):
+        """RoPE, the new keys/values written into layer i of the stacked cache [L, B, C, Hkv, D] (in place, where
+        slicing the layer out first would copy), attention over that layer's cache."""
         q = rope(q, slots, config)
         k = rope(k, slots, config)
-        # [B, T] slots: (i, b, slot) of the stacked cache, or (b, all heads, slot) of a heads-first one; the
-        # advanced indices' [B, T] dims come first either way, so the values [B, T, Hkv, D] fit both.
-        where = (*index, batch_index, slots) if index else (batch_index, slice(None), slots)
+        where = (i, batch_index, slots)
         k_cache = k_cache.at[where].set(k.astype(k_cache.dtype), mode="drop")
         v_cache = v_cache.at[where].set(v.astype(v_cache.dtype), mode="drop")
-        if index:
-            out = cache_attention(q.astype(k_cache.dtype), k_cache[index[0]], v_cache[index[0]], attend_lengths,
-                                  config)
-        else:
-            out = kernels.decode_attention_reference(q.astype(k_cache.dtype), k_cache, v_cache, attend_lengths,
-                                                     heads_first=True)
+        out = cache_attention(q.astype(k_cache.dtype), k_cache[i], v_cache[i], attend_lengths, config)
         return out, (k_cache, v_cache)
 
     k_scale_all = v_scale_all = None
@@ -227,21 +200,11 @@ def extend(params, cache: KVCache, tokens, n_new, config: Phi4Config):
         k_all, v_all = sharding.constrain(c.k, CACHE_AXES), sharding.constrain(c.v, CACHE_AXES)
         k_scale_all = sharding.constrain(c.k_scale, SCALE_AXES)
         v_scale_all = sharding.constrain(c.v_scale, SCALE_AXES)
-    elif is_per_layer(cache):
-        # Per-layer layout: each layer's weights and cache are arrays of their own, so nothing is sliced
-        # out of a stacked array per step (see `per_layer_decode`).
-        ks, vs = [], []
-        for layer, k_layer, v_layer in zip(params["layers"], cache.k, cache.v):
-            attend = functools.partial(attend_and_write, k_cache=k_layer, v_cache=v_layer, index=())
-            x, (k_layer, v_layer) = decoder_block(layer, x, config, attend)
-            ks.append(k_layer)
-            vs.append(v_layer)
-        k_all, v_all = tuple(ks), tuple(vs)
     else:
         def body(carry, xs):
             x, k_all, v_all = carry
             layer, i = xs
-            attend = functools.partial(attend_and_write, k_cache=k_all, v_cache=v_all, index=(i,))
+            attend = functools.partial(attend_and_write, k_cache=k_all, v_cache=v_all, i=i)
             x, (k_all, v_all) = decoder_block(layer, x, config, attend)
             return (x, k_all, v_all), None
 

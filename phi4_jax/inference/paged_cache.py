@@ -249,3 +249,9 @@ class PagePool:
         if digest not in self.page_of and page not in self.digest_of:
             self.page_of[digest] = page
             self.digest_of[page] = digest
+
+    def unregister(self, page: int) -> None:
+        """Takes a page out of the prefix cache (its holder is about to overwrite part of it)."""
+        digest = self.digest_of.pop(page, None)
+        if digest is not None:
+            del self.page_of[digest]

@@ -3,7 +3,7 @@
 Why: `paged_cache.paged_extend` scans the layers over the stacked [layers, ...] weights and page pool, and
 XLA:CPU copies every dynamic slice of a stacked weight before the matmul that reads it, so a memory-bound decode
 step reads and writes each weight once more than it multiplies by it (the profile in BENCHMARKS.md's Decode
-section; `engine.per_layer_decode` says when the layout is used). Here each layer's weights are arrays of their
+section; `per_layer_decode` says when the layout is used). Here each layer's weights are arrays of their
 own with q/k/v and gate/up concatenated (`decoder.fuse_projections`: fewer, larger matmuls), built once when the
 engine is made (`per_layer_params`), and each layer's pages are an array of their own,
 ``[num_pages, page_size, kv_heads, head_dim]`` (`PagedKV` whose k and v are tuples, one array per layer). The
@@ -22,13 +22,37 @@ Pallas-kernel engine tests run the stacked `paged_extend`.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
 import kernels
-from phi4_jax.inference.paged_cache import PagedKV, paged_write_targets
+from phi4_jax.inference.paged_cache import PagedKV, paged_implementation, paged_write_targets
 from phi4_jax.model.config import Phi4Config
 from phi4_jax.model.decoder import decoder_block, embed_tokens, fuse_projections, logits_from_hidden, rms_norm, rope
+
+PER_LAYER_MAX_MEMORY_FRACTION = 0.25   # of physical memory: the most a second copy of the layer weights may take
+
+
+def per_layer_decode(params, config: Phi4Config, shard) -> bool:
+    """Whether the engine keeps the per-layer layout (see the module docstring): on the CPU backend, unsharded,
+    with XLA's paged attention (not a Pallas kernel), plain array weights, and when the copy of the layer weights
+    takes at most `PER_LAYER_MAX_MEMORY_FRACTION` of physical memory. GPUs and TPUs fuse the slice into the
+    matmul, and a sharded or large model keeps the stacked layout (no second copy of the weights)."""
+    if shard is not None or config.kernel_interpret or paged_implementation(config) in ("pallas", "pallas_gpu"):
+        return False
+    layers = jax.tree.leaves(params["layers"])
+    if not layers or not all(isinstance(w, jax.Array) for w in layers):
+        return False
+    if any(d.platform != "cpu" for w in layers for d in w.devices()):
+        return False
+    layer_bytes = sum(w.size * w.dtype.itemsize for w in layers)
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return False
+    return layer_bytes <= PER_LAYER_MAX_MEMORY_FRACTION * physical
 
 
 def per_layer_params(params):

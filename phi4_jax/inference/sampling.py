@@ -1,12 +1,13 @@
-"""Sampling the next token: greedy, temperature, top-k and top-p, with reproducible per-sequence PRNG keys.
+"""Sampling the next token: greedy, temperature, top-k and top-p, per row, with reproducible per-sequence PRNG keys.
 
-Sequence b draws its token t with key `fold_in(key_b, t)`; key_b comes from `seed` (see `sequence_keys`), so
+Sequence b draws its t-th new token with key `fold_in(key_b, t)`; key_b comes from `seed` (see `sequence_keys`), so
 results are reproducible, and with one seed per prompt a prompt's tokens do not depend on the rest of the batch.
+Every setting is a per-row array (`sample_rows`), so one compiled program serves any mix of requests.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,38 +16,65 @@ import numpy as np
 from phi4_jax.inference.errors import GenerationError
 
 
-class Sampler(NamedTuple):
-    """Static sampling choices (part of the compiled program); temperature and top_p values are dynamic."""
-    greedy: bool
-    top_k: int | None
-    use_top_p: bool
+def sample_rows(logits, keys, steps, temperature, top_k, top_p):
+    """Next token per row of float32 logits [B, V], each row with its own settings.
+
+    Row b is greedy (argmax) where temperature[b] == 0; else it is drawn with key fold_in(keys[b], steps[b]) (keys:
+    typed PRNG keys [B]) from softmax(logits[b] / temperature[b]) restricted to the top_k[b] most likely tokens
+    (`top_k_mask`; 0 = no limit) and then to the nucleus of mass top_p[b] of what is left (`top_p_mask`; 1 = no
+    limit). The passes over the vocabulary that top-k and top-p need run only when some row uses them
+    (`lax.cond`): an all-greedy batch costs one argmax.
+    """
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    top_k = jnp.asarray(top_k, jnp.int32)
+    top_p = jnp.asarray(top_p, jnp.float32)
+
+    def restrict(x, needed, mask_fn, setting):
+        return jax.lax.cond(jnp.any(needed), lambda: jnp.where(mask_fn(x, setting), x, -jnp.inf), lambda: x)
+
+    def sampled():
+        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        scaled = restrict(scaled, (temperature > 0) & (top_k > 0), top_k_mask, top_k)
+        scaled = restrict(scaled, (temperature > 0) & (top_p < 1.0), top_p_mask, top_p)
+        step_keys = jax.vmap(jax.random.fold_in)(keys, steps)
+        drawn = jax.vmap(jax.random.categorical)(step_keys, scaled).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
 
 
-def sample(logits, keys, step, sampler: Sampler, temperature, top_p):
-    """Next token per sequence from float32 logits [B, V]; keys [B] (typed PRNG keys), step scalar.
+def _ordered_bits(x):
+    """uint32 keys of float32 x that order like the numbers (-inf smallest, +inf largest)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    negative = bits >= jnp.uint32(0x80000000)
+    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
 
-    top-k takes `lax.top_k` of k values; top-p without top-k keeps the nucleus found by `top_p_mask` on the
-    unsorted vocabulary (no full sort per token)."""
-    if sampler.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
-    if sampler.top_k is None:
-        if sampler.use_top_p:
-            logits = jnp.where(top_p_mask(logits, top_p), logits, -jnp.inf)
-        return jax.vmap(jax.random.categorical)(step_keys, logits).astype(jnp.int32)
-    values, ids = jax.lax.top_k(logits, min(sampler.top_k, logits.shape[-1]))   # descending
-    if sampler.use_top_p:
-        probs = jax.nn.softmax(values, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
-        values = jnp.where(mass_before < top_p, values, -jnp.inf)
-    choice = jax.vmap(jax.random.categorical)(step_keys, values)
-    return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+def top_k_mask(logits, top_k):
+    """The top_k[b] largest logits of each row [B, V] as a bool mask, without sorting the vocabulary.
+
+    The k-th largest value is the largest t with count(logits >= t) >= k, found exactly by a binary search over the
+    32-bit order-preserving keys of the float32 values (`_ordered_bits`), 32 passes over the unsorted row. Values
+    tied with the k-th largest are all kept (a sort keeps an arbitrary part of them); top_k <= 0 or >= V keeps all.
+    """
+    keys = _ordered_bits(logits)
+    k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), logits.shape[:1])
+
+    def halve(_, bounds):                                  # invariant: count(keys >= lo) >= k
+        lo, hi = bounds
+        mid = lo + (hi - lo + 1) // 2
+        enough = jnp.sum(keys >= mid[:, None], axis=-1) >= k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+
+    lo = jnp.zeros(logits.shape[:1], jnp.uint32)
+    kth, _ = jax.lax.fori_loop(0, 32, halve, (lo, jnp.max(keys, axis=-1)))
+    return (keys >= kth[:, None]) | (k[:, None] <= 0)
 
 
 def top_p_mask(logits, top_p):
-    """The nucleus of float32 logits [B, V] as a bool mask [B, V], without sorting the vocabulary.
+    """The nucleus of float32 logits [B, V] as a bool mask [B, V], without sorting the vocabulary; top_p is a scalar or
+    one value per row.
 
     Definition (the sorted one): sort the probabilities in descending order and keep each token whose
     preceding mass is below `top_p`, i.e. the smallest prefix whose mass reaches `top_p`. For distinct
@@ -57,7 +85,7 @@ def top_p_mask(logits, top_p):
     probabilities at the boundary are all kept (a sort keeps an arbitrary part of them); top_p >= 1 keeps all.
     """
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    top_p = jnp.asarray(top_p, jnp.float32)
+    top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), probs.shape[:1])
 
     def mass_above(bits):                                   # bits [B] int32 -> mass of probs > float(bits)
         t = jax.lax.bitcast_convert_type(bits, jnp.float32)[:, None]
@@ -72,7 +100,7 @@ def top_p_mask(logits, top_p):
     hi = jax.lax.bitcast_convert_type(jnp.max(probs, axis=-1), jnp.int32)   # mass above the max is 0
     _, tau_bits = jax.lax.fori_loop(0, 31, halve, (jnp.zeros_like(hi), hi))
     tau = jax.lax.bitcast_convert_type(tau_bits, jnp.float32)[:, None]
-    return (probs >= tau) | (top_p >= 1.0)
+    return (probs >= tau) | (top_p[:, None] >= 1.0)
 
 
 def seed_array(seed: int | Sequence[int], n: int, batch: int) -> tuple[np.ndarray, bool]:
@@ -94,9 +122,6 @@ def keys_from_seeds(seeds, per_prompt: bool):
     if per_prompt:
         return keys
     return jax.vmap(jax.random.fold_in)(keys, jnp.arange(seeds.shape[0], dtype=jnp.uint32))
-
-
-keys_from_seeds_jit = jax.jit(keys_from_seeds, static_argnums=1)
 
 
 def sequence_keys(seed: int | Sequence[int], n: int):

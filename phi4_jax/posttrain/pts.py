@@ -22,10 +22,11 @@ apart (`min_margin` asks for more: noisy K-rollout estimates otherwise let chanc
 without such an alternative yields no pair (counted). Everything is token ids: prompt, prefix, chosen
 and rejected.
 
-Samplers (`RolloutSampler`): `ModelSampler` runs a phi4_jax model: it prefills Q + T once per solution, then for a
-context Q + T[:i] (+ an alternative token) rewinds a copy of that cache to i - 1 tokens, forks it into K rows, feeds
-the context's last token with `extend` and decodes the K rollouts in one batched, on-device loop. A test can plug in
-a scripted sampler with known probabilities.
+Samplers (`RolloutSampler`): `ModelSampler` runs a phi4_jax model on its shared serving engine
+(`inference.engine.shared_engine`): it prefills Q + T once per solution, which puts its full KV pages in the engine's
+prefix cache; the K rollouts of a context Q + T[:i] (+ an alternative token) are K requests that share those pages,
+prefill only the rest of the context (less than a page), and decode in one batch. A test can plug in a scripted
+sampler with known probabilities.
 
 Estimates are cached on disk (`EstimateCache`, one JSON line per estimate keyed by the sampler, the sampling
 settings, the problem and the context ids), and each rollout's PRNG seed is a function of (seed, context), so a
@@ -47,18 +48,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from phi4_jax.inference.batching import GenerationRequest
 from phi4_jax.inference.engine import (
-    MIN_NEW_BUCKET,
-    MIN_PROMPT_BUCKET,
+    MIN_CONTEXT_BUCKET,
     bucket,
-    extend_and_sample,
     model_params_config,
-    run_decode,
-    run_options,
-    trim_output,
+    run_streams,
+    shared_engine,
+    submit_all,
 )
-from phi4_jax.inference.kv_cache import KVCache, prefill
-from phi4_jax.inference.sampling import keys_from_seeds_jit
 from phi4_jax.model.decoder import hidden_states, logits_from_hidden
 from phi4_jax.posttrain.oracles import OracleError
 
@@ -350,61 +348,54 @@ class PivotalTokenSearch:
 # ----------------------------------------------------------------------------- a phi4_jax model as the sampler
 
 class ModelSampler:
-    """K rollouts of a phi4_jax model from a context, batched, on a reused prefix KV cache (see the module docstring).
+    """K rollouts of a phi4_jax model from a context, batched, sharing the context's prefix pages (see the module
+    docstring).
 
-    The cache holds the last `prepare`d (or missed) sequence; a context whose all-but-last tokens are a prefix of it
-    is served by rewinding a K-row copy of it and feeding the last token with `extend`; any other context is
-    prefilled first."""
+    The engine's prefix cache holds the last `prepare`d (or missed) sequence; a context whose all-but-last tokens
+    are a prefix of it is served from those pages; any other context is prefilled first (one request of one new
+    token, whose full pages then stay cached)."""
 
     def __init__(self, model, *, temperature: float, max_new_tokens: int, stop_tokens: Sequence[int],
                  identity: str = "model"):
+        self.model = model
         self.params, self.config = model_params_config(model)
         self.max_new_tokens = int(max_new_tokens)
+        self.temperature = float(temperature)
         self.stop_tokens = frozenset(int(t) for t in stop_tokens)
-        self.opts = run_options(self.config, float(temperature), None, None, sorted(self.stop_tokens),
-                                None, None, None)
         self.identity = f"{identity}|T={float(temperature)}|stops={sorted(self.stop_tokens)}"
-        self._tokens: list[int] = []
-        self._cache = None
-        self._capacity = 0
+        self._prepared: list[int] = []     # the sequence whose pages were last put in the prefix cache
+        self._engine = None                # ... of this engine
+        self._rows = 1                     # the most rollouts asked for at once (the engine is sized for them)
+
+    def _engine_for(self, length: int):
+        limit = self.config.max_position_embeddings
+        if length >= limit:
+            raise PTSError(f"a prompt plus solution of {length} tokens does not fit the context ({limit})")
+        return shared_engine(self.model, batch=self._rows, context=min(length + self.max_new_tokens, limit))
 
     def _fill(self, sequence: list[int]) -> None:
-        limit = self.config.max_position_embeddings
-        if len(sequence) >= limit:
-            raise PTSError(f"a prompt plus solution of {len(sequence)} tokens does not fit the context ({limit})")
-        capacity = bucket(min(len(sequence) + self.max_new_tokens, limit), MIN_PROMPT_BUCKET, cap=limit)
-        width = min(bucket(len(sequence), MIN_PROMPT_BUCKET), capacity)
-        tokens = np.zeros((1, width), np.int32)
-        tokens[0, :len(sequence)] = sequence
-        self._cache = _prefill(self.params, jnp.asarray(tokens), jnp.asarray([len(sequence)], jnp.int32),
-                               config=self.config, capacity=capacity, cache_dtype=self.opts.cache_dtype)
-        self._tokens, self._capacity = list(sequence), capacity
+        engine = self._engine_for(len(sequence))
+        run_streams(engine, [engine.submit(GenerationRequest(sequence, 1))])
+        self._prepared, self._engine = list(sequence), engine
 
     def prepare(self, sequence: Sequence[int]) -> None:
         sequence = [int(t) for t in sequence]
-        if self._tokens[:len(sequence)] != sequence or self._cache is None:
+        if self._prepared[:len(sequence)] != sequence or self._engine is not self._engine_for(len(sequence)):
             self._fill(sequence)
 
     def rollouts(self, context: Sequence[int], k: int, seed: int) -> list[list[int]]:
         context = [int(t) for t in context]
-        if self._cache is None or self._tokens[:len(context) - 1] != context[:-1]:
+        self._rows = max(self._rows, int(k))
+        if self._prepared[:len(context) - 1] == context[:-1]:
+            self.prepare(self._prepared)        # prefilled again only if the engine changed
+        else:
             self._fill(context)
-        o = self.opts
-        rows = bucket(k, 1)
-        budget_one = min(self.max_new_tokens, self.config.max_position_embeddings - len(context))
-        budget = np.zeros((rows,), np.int32)
-        budget[:k] = budget_one
-        seeds = (np.arange(rows, dtype=np.int64) + int(seed)).astype(np.uint32)
-        keys = keys_from_seeds_jit(seeds, True)
-        cache = _fork(self._cache, np.int32(len(context) - 1), rows=rows)
-        tokens = np.full((rows, 1), context[-1], np.int32)
-        cache, first, done = extend_and_sample(self.params, cache, tokens, np.ones((rows,), np.int32), keys, budget,
-                                               o.stops, o.temp, o.top_p, config=self.config, sampler=o.sampler,
-                                               shard=None)
-        out, _ = run_decode(self.params, cache, first, done, budget, keys, o.stops, o.temp, o.top_p, n=rows,
-                            out_len=bucket(budget_one, MIN_NEW_BUCKET), callback=None, config=self.config,
-                            sampler=o.sampler, shard=None)
-        return [trim_output(out[i], budget_one) for i in range(k)]
+        engine = self._engine
+        budget = min(self.max_new_tokens, self.config.max_position_embeddings - len(context))
+        stops = tuple(sorted(self.stop_tokens))
+        return run_streams(engine, submit_all(engine, [
+            GenerationRequest(context, budget, temperature=self.temperature, seed=int(seed) + j, stop_token_ids=stops)
+            for j in range(k)]))
 
 
 class ModelTopTokens:
@@ -422,7 +413,7 @@ class ModelTopTokens:
         if not 0 < len(context) <= limit:
             raise PTSError(f"a context of {len(context)} tokens does not fit the model ({limit} positions)")
         n = min(int(n), self.token_limit)
-        tokens = np.zeros((1, bucket(len(context), MIN_PROMPT_BUCKET, cap=limit)), np.int32)
+        tokens = np.zeros((1, bucket(len(context), MIN_CONTEXT_BUCKET, cap=limit)), np.int32)
         tokens[0, :len(context)] = context
         return [int(t) for t in _top_next_tokens(self.params, jnp.asarray(tokens), np.int32(len(context) - 1),
                                                  config=self.config, n=n, token_limit=self.token_limit)]
@@ -434,18 +425,6 @@ def _top_next_tokens(params, tokens, last, *, config, n, token_limit):
     logits = logits_from_hidden(params, h, config)
     logits = jnp.where(jnp.arange(logits.shape[-1]) < token_limit, logits, -jnp.inf)
     return jax.lax.top_k(logits, n)[1]
-
-
-@functools.partial(jax.jit, static_argnames=("config", "capacity", "cache_dtype"))
-def _prefill(params, tokens, lengths, *, config, capacity, cache_dtype):
-    return prefill(params, tokens, lengths, config, capacity, cache_dtype)[0]
-
-
-@functools.partial(jax.jit, static_argnames=("rows",))
-def _fork(cache, length, *, rows):
-    """`rows` copies of a one-row cache, rewound to `length` tokens."""
-    return KVCache(jnp.repeat(cache.k, rows, axis=1), jnp.repeat(cache.v, rows, axis=1),
-                   jnp.full((rows,), length, jnp.int32))
 
 
 # ----------------------------------------------------------------------------- problems and pairs on disk
