@@ -61,8 +61,9 @@ def compile_step(attention_impl, devices, args):
                              shard=MeshRules(mesh, hashable_rules(rules)))
     start = time.perf_counter()
     compiled = compile_for(mesh, jax.jit(step, donate_argnums=(1,)), params, paged_cache.PagedKV(pool, pool),
-                           i32(b, 1), i32(b), i32(b), i32(b, width), sds((b, 2), jnp.uint32), i32(b), f32(b),
-                           i32(b), f32(b), sds((), jnp.bool_), attention=attention_impl)
+                           i32(b, 1), i32(b), i32(b), i32(1), i32(b), i32(b), i32(b, width),
+                           sds((b, 2), jnp.uint32), i32(b), f32(b), i32(b), f32(b), sds((), jnp.bool_),
+                           attention=attention_impl)
     return time.perf_counter() - start, compiled, pool
 
 

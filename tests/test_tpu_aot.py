@@ -131,8 +131,8 @@ def test_engine_steps_compile_for_tpu(tpu_devices):
     def step(rows, t):
         per_row = lambda dtype: sds((rows,), dtype)  # noqa: E731
         return batching.engine_step.lower(
-            params, pages, sds((rows, t), jnp.int32), per_row(jnp.int32), per_row(jnp.int32),
-            sds((rows, width), jnp.int32), sds((rows, 2), jnp.uint32), per_row(jnp.int32), per_row(jnp.float32),
+            params, pages, sds((rows, t), jnp.int32), per_row(jnp.int32), sds((b,), jnp.int32), sds((1,), jnp.int32),
+            per_row(jnp.int32), per_row(jnp.int32), sds((rows, width), jnp.int32), sds((rows, 2), jnp.uint32), per_row(jnp.int32), per_row(jnp.float32),
             per_row(jnp.int32), per_row(jnp.float32), sds((), jnp.bool_), config=config, top_k=20,
             shard=shard).compile()
 
@@ -143,7 +143,7 @@ def test_engine_steps_compile_for_tpu(tpu_devices):
     param_bytes = _param_shard_bytes(config, {"tensor": 2},
                                      {"q_heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}, 2)
     page_bytes = 2 * math.prod(page_shape) * 2 // 2
-    small = 16384     # tokens, positions, block tables, keys, sampling settings: 11 small arrays, tile-padded
+    small = 32768     # tokens, fed tokens, positions, block tables, keys, sampling settings: 14 small arrays, tile-padded
     for plan in (MemoryPlan.of(decode), MemoryPlan.of(prefill)):
         assert param_bytes + page_bytes <= plan.arguments <= param_bytes + page_bytes + small, (plan, param_bytes)
         assert page_bytes <= plan.aliased <= page_bytes + small       # the donated pages are updated in place
@@ -269,8 +269,9 @@ def test_engine_step_with_the_sharded_pallas_paged_kernel_compiles_for_phi4(tpu_
     pool_shape = (config.num_layers, num_pages, page, config.num_kv_heads, config.head_dim)
     pool = sds(pool_shape, jnp.bfloat16, sharding.logical_to_spec(paged_cache.PAGE_AXES, rules))
     i32, f32 = (lambda *s: sds(s, jnp.int32)), (lambda *s: sds(s, jnp.float32))
-    args = (params, paged_cache.PagedKV(pool, pool), i32(b, 1), i32(b), i32(b), i32(b, width),
-            sds((b, 2), jnp.uint32), i32(b), f32(b), i32(b), f32(b), sds((), jnp.bool_))   # keys, steps, T, top-k, top-p
+    args = (params, paged_cache.PagedKV(pool, pool), i32(b, 1), i32(b), i32(b), i32(1),   # tokens, feed, fed tokens
+            i32(b), i32(b), i32(b, width), sds((b, 2), jnp.uint32), i32(b), f32(b), i32(b), f32(b),
+            sds((), jnp.bool_))                                  # start, n_new, tables, keys, steps, T, top-k, top-p
     step = functools.partial(batching.engine_step, config=config, top_k=batching.MAX_TOP_LOGPROBS,
                              shard=MeshRules(mesh, hashable_rules(rules)))
     compiled = compile_for(mesh, jax.jit(step, donate_argnums=(1,)), *args, attention="pallas_tpu paged")
