@@ -295,6 +295,18 @@ def test_load_model_tokenizer_check_and_override(other_tokens_gguf, phi4_vocab_m
     model = load_model(other_tokens_gguf, check_tokenizer=False)
     embed = model_state(phi4_vocab_model)["model.embed_tokens.weight"]
     np.testing.assert_array_equal(np.asarray(model.params["embed"]), embed.astype(np.float16).astype(np.float32))
+    # the chat and serve CLIs load through cli.chat.load: the same check, and --no-tokenizer-check to override it
+    import argparse
+
+    from phi4_jax.cli.chat import ChatError, add_model_arguments, load
+
+    with pytest.raises(ChatError, match="not phi-4's: token 500"):
+        load(str(other_tokens_gguf), None)
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    args = parser.parse_args(["--no-tokenizer-check"])
+    cli_model, _ = load(str(other_tokens_gguf), None, check_tokenizer=not args.no_tokenizer_check)
+    np.testing.assert_array_equal(np.asarray(cli_model.params["embed"]), np.asarray(model.params["embed"]))
 
 
 def test_gguf_with_endoftext_as_eos_is_accepted(work, phi4_vocab_ours, phi4_fields):

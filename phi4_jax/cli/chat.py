@@ -52,8 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """--dtype, --quantize and --group-size: how `load` reads the weights; --kv-cache-dtype: the KV cache's dtype
-    (shared with `python -m phi4_jax.serve`)."""
+    """--dtype, --quantize, --group-size and --no-tokenizer-check: how `load` reads the weights; --kv-cache-dtype:
+    the KV cache's dtype (shared with `python -m phi4_jax.serve`)."""
     from phi4_jax.inference.kv_quant import KV_CACHE_DTYPES
 
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
@@ -63,13 +63,18 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=None,
                    help="quantization group size along the input dimension (default: per channel for int8, 128 "
                         "for int4)")
+    p.add_argument("--no-tokenizer-check", action="store_true",
+                   help="load a .gguf checkpoint whose embedded tokenizer differs from phi-4's (load_model's "
+                        "check_tokenizer=False); the model still runs with phi-4's tokenizer")
     p.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
                    help="KV cache dtype (default: the compute dtype); int8 stores keys/values in int8 with a float32 "
                         "scale per token and kv head: about half the bytes of bfloat16")
 
 
-def load(checkpoint: str, dtype: str | None, quantize: str | None = None, group_size: int | None = None):
-    """(model, tokenizer), with clear ChatErrors for a missing or broken checkpoint."""
+def load(checkpoint: str, dtype: str | None, quantize: str | None = None, group_size: int | None = None,
+         check_tokenizer: bool = True):
+    """(model, tokenizer), with clear ChatErrors for a missing or broken checkpoint (`check_tokenizer`: a .gguf
+    file's embedded tokenizer must be phi-4's, as `load_model` checks)."""
     gguf_file = checkpoint.lower().endswith(".gguf") and os.path.isfile(checkpoint)
     if not os.path.isdir(checkpoint) and not gguf_file:
         raise ChatError(f"checkpoint directory {checkpoint!r} does not exist "
@@ -80,7 +85,8 @@ def load(checkpoint: str, dtype: str | None, quantize: str | None = None, group_
     from phi4_jax.tokenizer import Tokenizer
 
     try:
-        model = load_model(checkpoint, dtype=dtype, quantize=quantize, group_size=group_size)
+        model = load_model(checkpoint, dtype=dtype, quantize=quantize, group_size=group_size,
+                           check_tokenizer=check_tokenizer)
     except (CheckpointError, ConfigError) as e:
         raise ChatError(f"cannot load checkpoint {checkpoint!r}: {e}") from None
     tokenizer = Tokenizer()
@@ -172,7 +178,8 @@ def _report(stats: dict) -> None:
 
 
 def run(args) -> int:
-    model, tokenizer = load(args.checkpoint, args.dtype, args.quantize, args.group_size)
+    model, tokenizer = load(args.checkpoint, args.dtype, args.quantize, args.group_size,
+                            check_tokenizer=not args.no_tokenizer_check)
     max_context = min(args.max_context, model.config.max_position_embeddings)
     conversation = Conversation(tokenizer, args.system, max_context)
     session = new_session(model, tokenizer, args, max_context)

@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        model, tokenizer = load(args.checkpoint, args.dtype, args.quantize, args.group_size)
+        model, tokenizer = load(args.checkpoint, args.dtype, args.quantize, args.group_size,
+                                check_tokenizer=not args.no_tokenizer_check)
     except ChatError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
