@@ -396,20 +396,22 @@ def test_cli_bad_arguments_are_one_line_errors(tmp_path, capsys):
 
 
 def test_cli_quantize_options_reach_load_model(tmp_path, monkeypatch):
-    """`--quantize int4 --group-size 64 --dtype bfloat16` are passed to the one loader (`load_model`)."""
+    """`--quantize int4 --group-size 64 --dtype bfloat16` (and `--no-tokenizer-check`) are passed to the one loader
+    (`load_model`)."""
     import phi4_jax.cli.serve as serve_cli
     from phi4_jax.cli.chat import ChatError
 
     seen = []
 
-    def fake_load(checkpoint, dtype, quantize=None, group_size=None):
-        seen.append((checkpoint, dtype, quantize, group_size))
+    def fake_load(checkpoint, dtype, quantize=None, group_size=None, check_tokenizer=True):
+        seen.append((checkpoint, dtype, quantize, group_size, check_tokenizer))
         raise ChatError("stop here")
 
     monkeypatch.setattr(serve_cli, "load", fake_load)
     args = ["--checkpoint", str(tmp_path), "--quantize", "int4", "--group-size", "64", "--dtype", "bfloat16"]
     assert serve_cli.main(args) == 2
-    assert seen == [(str(tmp_path), "bfloat16", "int4", 64)]
+    assert serve_cli.main(args + ["--no-tokenizer-check"]) == 2
+    assert seen == [(str(tmp_path), "bfloat16", "int4", 64, True), (str(tmp_path), "bfloat16", "int4", 64, False)]
 
 
 def test_completion_text_holds_back_possible_stop_strings():
