@@ -127,7 +127,7 @@ so every step read and wrote all layer weights once more than it multiplied by t
 slices was no better (they are copied too, inside the loop). (2) At batch 8, each layer's cache was copied twice
 per step into a [B, Hkv, C, D] order for the attention dots. (3) At batch 8 the step is ~320 small ops, and
 per-op cost weighs as much as bandwidth. The change: on the CPU backend, `run_decode` copies the weights and
-the cache once per call into a per-layer layout (`kv_cache.unstack_layers`, `engine.per_layer_decode`): one
+the cache once per call into a per-layer layout (then `kv_cache.unstack_layers`; now `paged_layers`): one
 array per layer, caches heads first (read in place by the dots), q/k/v and gate/up concatenated into one
 matmul each (`decoder.fuse_projections`), and the loop body unrolled over the layers. Measured on the 8K model
 in one process, alternating with transformers: batch 1 from 6.5-7 to ~3.9 ms a step, batch 8 from ~30 to

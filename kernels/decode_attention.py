@@ -55,29 +55,26 @@ class DecodeAttentionError(AttentionConfigError):
     """Inputs or options that decode attention cannot handle."""
 
 
-def decode_attention_reference(q, k_cache, v_cache, lengths, *, sm_scale=None, heads_first=False, k_scale=None,
-                               v_scale=None):
-    """The contract's math in XLA. `heads_first=True` takes caches laid out [B, Hkv, C, D] instead (the per-layer
-    decode layout on CPU), where both attention dots read the cache in place: with [B, C, Hkv, D], XLA:CPU copies
-    each layer's cache into that order for its dots, twice per step.
+def decode_attention_reference(q, k_cache, v_cache, lengths, *, sm_scale=None, k_scale=None, v_scale=None):
+    """The contract's math in XLA.
 
-    An int8 cache comes with float scales k_scale, v_scale [B, C, Hkv] ([B, Hkv, C] heads first): key c of head h
-    is k_cache[b, c, h] * k_scale[b, c, h]. A scale is constant along head_dim, so it is applied after the dots,
+    An int8 cache comes with float scales k_scale, v_scale [B, C, Hkv]: key c of head h is
+    k_cache[b, c, h] * k_scale[b, c, h]. A scale is constant along head_dim, so it is applied after the dots,
     exactly: the k scale to score column c, the v scale to probability column c (no dequantized cache is made;
     int8 values are exact in q's dtype, which the dots read them in)."""
     b, t, hq, d = q.shape
-    c, hkv = (k_cache.shape[2], k_cache.shape[1]) if heads_first else (k_cache.shape[1], k_cache.shape[2])
+    c, hkv = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
     scale = d ** -0.5 if sm_scale is None else sm_scale
-    cache = "bhcd" if heads_first else "bchd"
     quantized = k_scale is not None
     if quantized:
         k_cache, v_cache = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-    def columns(s):   # scales -> [B, Hkv, 1, 1, C], against the scores [B, Hkv, group, T, C]
-        return (s if heads_first else jnp.swapaxes(s, 1, 2)).astype(jnp.float32)[:, :, None, None]
+
+    def columns(s):   # scales [B, C, Hkv] -> [B, Hkv, 1, 1, C], against the scores [B, Hkv, group, T, C]
+        return jnp.swapaxes(s, 1, 2).astype(jnp.float32)[:, :, None, None]
 
     qg = q.reshape(b, t, hkv, group, d)
-    scores = jnp.einsum(f"bthgd,{cache}->bhgtc", qg, k_cache, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("bthgd,bchd->bhgtc", qg, k_cache, preferred_element_type=jnp.float32) * scale
     if quantized:
         scores = scores * columns(k_scale)
     q_pos = lengths[:, None] - t + jnp.arange(t)[None, :]                  # [B, T]
@@ -86,7 +83,7 @@ def decode_attention_reference(q, k_cache, v_cache, lengths, *, sm_scale=None, h
     probs = jax.nn.softmax(scores, axis=-1)
     if quantized:
         probs = probs * columns(v_scale)
-    out = jnp.einsum(f"bhgtc,{cache}->bthgd", probs.astype(v_cache.dtype), v_cache,
+    out = jnp.einsum("bhgtc,bchd->bthgd", probs.astype(v_cache.dtype), v_cache,
                      preferred_element_type=jnp.float32)
     return out.reshape(b, t, hq, d).astype(q.dtype)
 
