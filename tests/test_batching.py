@@ -136,11 +136,14 @@ def test_cancel_frees_slot_and_pages_at_once(engine, prompts, references):
     other = engine.submit(GenerationRequest(prompts[1], NEW))
     for _ in range(3):
         next(long)
-    held = engine.stats()["pages_in_use"]
+    with engine._lock:              # pages come on demand: exactly those of the positions its dispatched steps write
+        req = next(r for r in engine._slots if r is not None and r.stream is long)
+        assert len(req.pages) == -(-req.fed // PAGE) < -(-(len(prompts[4]) + 399) // PAGE)
+        own = [p for p in req.pages if engine.pool.refcount[p] == 1]
     long.cancel()
-    after = engine.stats()          # no engine step in between: the cancel itself freed them
+    with engine._lock:              # no engine step in between: the cancel itself freed them
+        assert own and all(engine.pool.refcount[p] == 0 for p in own)
     assert long.finish_reason == "cancelled"
-    assert held - after["pages_in_use"] >= -(-(len(prompts[4]) + 399) // PAGE) - len(prompts[4]) // PAGE
     assert list(long) == []          # the stream ends at once
     assert [e.token_id for e in other] == references[1]
     assert wait_until(lambda: engine.stats()["running"] == 0)
@@ -383,3 +386,119 @@ def test_next_step_is_dispatched_before_the_previous_tokens_are_fetched(engine, 
         assert width == (256 // PAGE if positions <= 256 else MAX_CONTEXT // PAGE), positions
     assert {w for _, w in widths} == {256 // PAGE, MAX_CONTEXT // PAGE}
     assert len(engine.program_shapes()) == 2 + 3 * 2   # decode at 2 widths, 3 chunk buckets at 2 widths
+
+
+# ----------------------------------------------------------------------------- pages on demand, preemption
+
+SMALL_POOL = 8          # usable pages: the longest request below needs 6 alone, all six at once need 26
+
+
+@pytest.fixture(scope="module")
+def small_pool_engine(converted):
+    """An engine driven on the test's thread (`run_to_completion`: deterministic steps) whose pool is far too small
+    for its requests' prompts + max_new_tokens at once."""
+    from phi4_jax.inference.paged_cache import page_bytes
+
+    model = converted[0]
+    return ContinuousBatchingEngine(model, max_batch=4, max_context=128, page_size=PAGE, prefill_chunk=32,
+                                    kv_cache_bytes=(SMALL_POOL + 1) * page_bytes(model.config, PAGE))
+
+
+def record_preemptions(engine, monkeypatch):
+    """Wraps `engine._preempt`: records (victim's stream, tokens it had streamed, whether a step of it was in flight)."""
+    seen, preempt = [], engine._preempt
+
+    def recording(req):
+        pending = engine._pending
+        in_flight = pending is not None and (pending.prefill is req or req in pending.decoding)
+        seen.append((req.stream, req.generated, in_flight))
+        preempt(req)
+
+    monkeypatch.setattr(engine, "_preempt", recording)
+    return seen
+
+
+def assert_no_leak(engine):
+    stats = engine.stats()
+    pool = engine.pool
+    assert stats["running"] == stats["queue_length"] == stats["pages_in_use"] == 0
+    assert not pool.refcount.any() and len(pool.free) + len(pool.evictable) == pool.pages_total
+
+
+def test_pool_too_small_preempts_and_answers_equal_single_requests(small_pool_engine, converted, monkeypatch):
+    """Six concurrent greedy requests whose prompts + max_new_tokens need three times the pool: requests are
+    admitted on their prompt's pages, grow a page at a time, and the newest running one is preempted when the pool
+    runs out (also with a step of it in flight) and recomputed later; each answer equals its single-request answer
+    (on the same engine, never preempted) and transformers' greedy generate, and no page leaks."""
+    eng, hf_model = small_pool_engine, converted[1]
+    rng = np.random.default_rng(21)
+    prompts = [rng.integers(3, 311, n).tolist() for n in (5, 20, 33, 50, 12, 40)]
+    budgets = [40, 45, 30, 39, 50, 35]
+    alone = []
+    for p, n in zip(prompts, budgets):
+        stream = eng.submit(GenerationRequest(p, n))
+        eng.run_to_completion([stream])
+        alone.append([e.token_id for e in stream])
+    assert eng.stats()["preemptions"] == 0
+    assert alone == [hf_greedy(hf_model, p, n) for p, n in zip(prompts, budgets)]
+    seen = record_preemptions(eng, monkeypatch)
+    streams = [eng.submit(GenerationRequest(p, n)) for p, n in zip(prompts, budgets)]
+    eng.run_to_completion(streams)
+    assert [[e.token_id for e in s] for s in streams] == alone
+    assert all(s.finish_reason == "length" and s.completion_tokens == n for s, n in zip(streams, budgets))
+    assert eng.stats()["preemptions"] == len(seen) > 0
+    assert any(generated > 0 and in_flight for _, generated, in_flight in seen)   # mid-stream, a step in flight
+    assert_no_leak(eng)
+
+
+def test_seeded_request_preempted_mid_stream_samples_the_same_tokens(small_pool_engine, converted, monkeypatch):
+    """A sampled request with a seed, submitted last (so it is the one preempted) while older greedy requests fill
+    the pool, streams the same tokens as `generate` with that seed: its stream resumes without repeating a token,
+    and its k-th token is still drawn with fold_in(key(seed), k)."""
+    eng = small_pool_engine
+    rng = np.random.default_rng(5)
+    sampled = dict(temperature=0.9, top_p=0.9)
+    prompt = rng.integers(3, 311, 30).tolist()
+    want = phi4_jax.generate(converted[0], [prompt], max_new_tokens=60, seed=[77], stop_tokens=[], **sampled)[0]
+    seen = record_preemptions(eng, monkeypatch)
+    others = [eng.submit(GenerationRequest(rng.integers(3, 311, 40).tolist(), 60)) for _ in range(3)]
+    target = eng.submit(GenerationRequest(prompt, 60, seed=77, logprobs=1, **sampled))
+    eng.run_to_completion(others + [target])
+    events = list(target)
+    assert [e.token_id for e in events] == want and target.completion_tokens == 60
+    assert any(stream is target and generated > 0 for stream, generated, _ in seen)
+    assert all(e.top_logprobs is not None for e in events)
+    assert_no_leak(eng)
+
+
+def test_metrics_and_stats_report_preemptions(small_pool_engine):
+    from phi4_jax.serve.metrics import ServerMetrics
+
+    text = ServerMetrics(small_pool_engine).render().decode()
+    count = small_pool_engine.stats()["preemptions"]
+    assert count > 0 and f"phi4_serve_preemptions_total {float(count)}" in text
+
+
+def test_dropped_chat_session_releases_its_pages(converted):
+    """A ChatSession garbage-collected without reset() frees its held pages, also when the collection runs while
+    the engine's lock is held (as on the engine's own thread mid-step): then at the engine's next admission."""
+    import gc
+
+    from phi4_jax.inference.chat_session import ChatSession
+
+    model = converted[0]
+    session = ChatSession(model, max_context=128, stop_tokens=[])
+    session.generate(list(range(3, 40)), max_new_tokens=5)
+    engine = session._engine
+    assert engine.stats()["pages_in_use"] == -(-session.cached_length // PAGE) > 0
+    del session
+    gc.collect()
+    assert engine.stats()["pages_in_use"] == 0
+
+    session = ChatSession(model, max_context=128, stop_tokens=[])
+    session.generate(list(range(3, 40)), max_new_tokens=5)
+    with engine._lock:
+        del session
+        gc.collect()                               # the finalizer must not wait for the lock
+        assert engine.pool.pages_in_use > 0        # not freed yet: the lock is held
+    assert engine.stats()["pages_in_use"] == 0

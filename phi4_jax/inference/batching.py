@@ -4,9 +4,11 @@
 (`max_batch`). `submit(GenerationRequest)` queues a request and returns its `RequestStream`, an iterator (sync or
 async) of `TokenEvent`s. A background thread (`start()`) runs the step loop; each engine step
 
-1. admits waiting requests (first come, first served) into free slots: the longest cached prefix of the prompt's
-   full pages is taken from the prefix cache (not prefilled again), and pages for the rest of the prompt and all
-   `max_new_tokens` are reserved up front (so a running request never runs out of pages);
+1. gives every request that decodes this step the page its next position needs, when it crosses a page boundary
+   (`_grow_pages`; preempting when the pool has none, below), then admits waiting requests (first come, first
+   served) into free slots while the pool has pages for their prompt: the longest cached prefix of the prompt's
+   full pages is taken from the prefix cache (not prefilled again), and pages for the rest of the prompt are taken
+   (pages for new tokens come one at a time, as the request needs them);
 2. prefills one chunk (at most `prefill_chunk` tokens, padded to a bucket: powers of two from 16, and
    `prefill_chunk`) of the oldest request still prefilling; the chunk that ends its prompt samples its first token;
 3. runs one decode step for every request that is decoding: one token per slot, all slots in one program.
@@ -45,6 +47,18 @@ The engine runs either on its background thread (`start`, for the server) or on 
 submitted with `hold=True` keeps its pages when it ends (`RequestStream.held`, a `HeldSequence`), and a later
 request that continues the same token sequence resumes from them (`submit(..., resume=held)`): only the tokens
 after the longest common prefix are prefilled (`ChatSession` keeps a conversation this way).
+
+Preemption (recompute, as vLLM does): when the pool has no page for a decoding request's next position, the running
+request submitted last is preempted (`_preempt`; it may be the one that needs the page): its full written pages go to
+the prefix cache, all its pages and its slot are freed, and it goes back to the head of the queue with the tokens
+it streamed appended to its prompt. Re-admitted, it prefills them again (mostly from the prefix cache when its pages
+were not evicted meanwhile) and continues its stream where it stopped: no token is streamed twice, and its k-th new
+token is still drawn with fold_in(key, k), so seeded and greedy output equal an unpreempted run's. A step of it
+still in flight (dispatch-ahead) is dropped when fetched (`_Running.dropped_through`): its token is sampled again
+by the recompute, and the key/value it wrote went past the positions the prefix cache holds. The oldest running
+request is never preempted for a newer one, and a request whose prompt + max_new_tokens cannot fit the pool
+alone is refused at submit, so the pool never deadlocks on running requests (pages held by `HeldSequence`s are
+not preempted). `stats()["preemptions"]` counts them.
 
 A request ends when it samples one of its `stop_token_ids` (that token is its last event; finish_reason
 "stop"), after `max_new_tokens` tokens or when the context is full ("length"), or when cancelled ("cancelled":
@@ -267,6 +281,8 @@ class _Running:
     fed: int = 0                      # positions written by the steps dispatched so far (>= kv_len)
     sampled: int = 0                  # tokens sampled by the steps dispatched so far (>= generated)
     source: tuple | None = None       # (step id, index in that step's token carry) of its newest sampled token
+    preempted: int = 0                # times preempted (its prompt then holds the tokens streamed before)
+    dropped_through: int = -1         # results of steps up to this id are dropped (dispatched before a preemption)
 
 
 @dataclass
@@ -448,6 +464,8 @@ class ContinuousBatchingEngine:
         self._stopping = False
         self._error: BaseException | None = None
         self._prefix_cache_hits = 0
+        self._preemptions = 0
+        self._dropped_held: deque[list[int]] = deque()   # pages of `release_soon`, freed at the next admission
         self._prefill_tokens = 0
         self._tokens_generated = 0
         self._warm = False
@@ -528,6 +546,25 @@ class ContinuousBatchingEngine:
                 self.pool.release(held.pages)
                 held.pages = None
 
+    def release_soon(self, held: HeldSequence) -> None:
+        """`release` without waiting for the engine's lock, for finalizers (a garbage collection may run them on any
+        thread, the engine's own in the middle of a step included): the pages are freed at once when the lock is free,
+        else at the engine's next admission (or `stats()`)."""
+        pages, held.pages = held.pages, None
+        if held.engine is not self or pages is None:
+            return
+        self._dropped_held.append(pages)          # deque.append is atomic: no lock needed
+        if self._lock.acquire(blocking=False):
+            try:
+                self._free_dropped_held()
+                self._wake.notify_all()
+            finally:
+                self._lock.release()
+
+    def _free_dropped_held(self) -> None:
+        while self._dropped_held:
+            self.pool.release(self._dropped_held.popleft())
+
     def run_to_completion(self, streams, on_step=None) -> None:
         """Runs engine steps on the caller's thread until every stream in `streams` has finished (for an engine
         without the background thread: `start` not called). Each iteration is one `_step`, the step the background
@@ -599,8 +636,10 @@ class ContinuousBatchingEngine:
 
     def stats(self) -> dict:
         """Counters for monitoring: queue_length, running, pages_in_use, pages_total, prefix_cache_hits (pages
-        taken from the prefix cache), tokens_generated and prefill_tokens (cumulative), max_batch."""
+        taken from the prefix cache), preemptions (running requests sent back to the queue for lack of pages),
+        tokens_generated and prefill_tokens (cumulative), max_batch."""
         with self._lock:
+            self._free_dropped_held()
             return {
                 "queue_length": len(self._waiting),
                 "running": sum(r is not None for r in self._slots),
@@ -609,6 +648,7 @@ class ContinuousBatchingEngine:
                 "pages_total": self.pool.pages_total,
                 "pages_cached": self.pool.pages_cached,
                 "prefix_cache_hits": self._prefix_cache_hits,
+                "preemptions": self._preemptions,
                 "prefill_tokens": self._prefill_tokens,
                 "tokens_generated": self._tokens_generated,
             }
@@ -723,6 +763,9 @@ class ContinuousBatchingEngine:
         return kept, keep
 
     def _admit(self) -> None:
+        """Admits waiting requests, first come first served, into free slots while the pool has pages for the part of
+        their prompt the prefix cache (or their held pages) does not hold; the head of the queue waits otherwise."""
+        self._free_dropped_held()
         while self._waiting and None in self._slots:
             req = self._waiting[0]
             from_cache = 0
@@ -735,7 +778,7 @@ class ContinuousBatchingEngine:
                 cacheable = (len(req.prompt) - 1) // self.page_size    # keep >= 1 prompt token to prefill
                 shared = self.pool.match_prefix(page_digests(req.prompt, self.page_size, cacheable))
                 cached, from_cache = len(shared) * self.page_size, len(shared)
-            needed = -(-(len(req.prompt) + req.budget - 1) // self.page_size) - len(shared)
+            needed = -(-len(req.prompt) // self.page_size) - len(shared)
             fresh = self.pool.allocate(needed)
             if fresh is None:
                 if req.pages is None:
@@ -749,8 +792,48 @@ class ContinuousBatchingEngine:
             req.pages = shared + fresh
             req.kv_len = req.fed = cached
             req.registered = cached // self.page_size
-            req.stream.cached_tokens = cached
+            if not req.preempted:             # a re-admitted request's cache hits are its own tokens
+                req.stream.cached_tokens = cached
             self._prefix_cache_hits += from_cache
+
+    def _decodes_next(self, req: _Running | None) -> bool:
+        """Whether a slot's request runs a decode row in the next step (its prompt is fed, its budget not spent)."""
+        return req is not None and not req.stream.finished and len(req.prompt) <= req.fed and req.sampled < req.budget
+
+    def _grow_pages(self) -> None:
+        """Gives each request that decodes in the next step the page its next position (`fed`) falls in when it has
+        none yet, oldest request first; while the pool has no page, preempts the running request submitted last
+        (`_preempt`, possibly the one that needs the page). The oldest running request thus always gets its page:
+        alone it fits the pool (`_validate`), unless `HeldSequence`s hold the rest."""
+        for req in sorted((r for r in self._slots if self._decodes_next(r)), key=lambda r: r.order):
+            while req.slot >= 0 and len(req.pages) <= req.fed // self.page_size:
+                page = self.pool.allocate(1)
+                if page is not None:
+                    req.pages += page
+                else:
+                    self._preempt(max((r for r in self._slots if r is not None), key=lambda r: r.order))
+
+    def _preempt(self, req: _Running) -> None:
+        """Frees a running request's slot and pages (its full written pages go to the prefix cache first) and puts it
+        back at the head of the queue to recompute: its prompt becomes prompt + the tokens it streamed, its sampling
+        continues at step `generated` (`_plan` samples the first token after a prefill at step `sampled`), and the
+        results of its steps in flight are dropped when fetched (`_current`)."""
+        self._register_pages(req)
+        self.pool.release(req.pages)
+        self._slots[req.slot] = None
+        req.pages, req.slot, req.source = None, -1, None
+        req.prompt, req.generated_ids = req.prompt + req.generated_ids, []
+        req.kv_len = req.fed = req.registered = 0
+        req.sampled = req.generated
+        req.dropped_through = self._pending.step_id if self._pending is not None else -1
+        req.preempted += 1
+        self._preemptions += 1
+        self._waiting.appendleft(req)
+
+    def _current(self, req: _Running, step: _Pending) -> bool:
+        """Whether a fetched step's result for `req` still counts: the request has not ended, and the step was not
+        dispatched before it was preempted."""
+        return not req.stream.finished and step.step_id > req.dropped_through
 
     def _emit(self, req: _Running, token: int, logp, top_ids, top_logp) -> None:
         if req.stream.finished:
@@ -835,14 +918,15 @@ class ContinuousBatchingEngine:
         self._warm = True
 
     def _plan(self) -> _Pending | None:
-        """Under the lock: admits waiting requests and dispatches the next step (at most one prefill chunk and one
+        """Under the lock: gives decoding requests their next page (`_grow_pages`, preempting when short), admits
+        waiting requests and dispatches the next step (at most one prefill chunk and one
         decode step for every decoding slot), advancing the requests' dispatched counters. A slot whose previous
         token is still on the device (the step before, not fetched yet) is fed from there. None: nothing to do."""
+        self._grow_pages()
         self._admit()
         running = [r for r in self._slots if r is not None and not r.stream.finished]
         prefilling = sorted((r for r in running if r.fed < len(r.prompt)), key=lambda r: r.order)
-        decoding = [r if (r is not None and not r.stream.finished and len(r.prompt) <= r.fed
-                          and r.sampled < r.budget) else None for r in self._slots]
+        decoding = [r if self._decodes_next(r) else None for r in self._slots]
         prefill = prefilling[0] if prefilling else None
         if prefill is None and all(r is None for r in decoding):
             return None
@@ -862,11 +946,11 @@ class ContinuousBatchingEngine:
             p_tokens[0, :chunk] = prefill.prompt[prefill.fed:prefill.fed + chunk]
             start = np.array([prefill.fed], np.int32)
             p_out = self._dispatch([prefill], p_tokens, np.full(1, -1, np.int32), carry, start,
-                                   np.array([chunk], np.int32), np.zeros(1, np.int32),
+                                   np.array([chunk], np.int32), np.array([prefill.sampled], np.int32),
                                    self._width(max(prefill.fed + chunk, size)))
             prefill.fed += chunk
             if prefill.fed == len(prefill.prompt):
-                prefill.sampled, prefill.source = 1, (step_id, self.max_batch)
+                prefill.sampled, prefill.source = prefill.sampled + 1, (step_id, self.max_batch)
         d_out = None
         if any(r is not None for r in decoding):
             active = [r for r in decoding if r is not None]
@@ -890,12 +974,13 @@ class ContinuousBatchingEngine:
 
     def _process(self, step: _Pending) -> None:
         """Fetches a dispatched step's tokens (one transfer) and emits them. A request that ended meanwhile (a stop
-        token in the step before, a cancel) has its token dropped: its extra step wrote only into its own pages,
-        past the positions the prefix cache holds, and its pages were freed after that step was queued."""
+        token in the step before, a cancel, a preemption: `_current`) has its token dropped: its extra step wrote only
+        into its own pages, past the positions the prefix cache holds, and its pages were freed after that step was
+        queued."""
         p_out, d_out = jax.device_get((step.p_out, step.d_out))
         with self._lock:
             prefill = step.prefill
-            if prefill is not None and not prefill.stream.finished:
+            if prefill is not None and self._current(prefill, step):
                 prefill.kv_len += step.chunk
                 self._prefill_tokens += step.chunk
                 self._register_pages(prefill)
@@ -903,7 +988,7 @@ class ContinuousBatchingEngine:
                     self._emit(prefill, int(p_out[0][0]), p_out[1][0], p_out[2][0], p_out[3][0])
             if d_out is not None:
                 for b, req in enumerate(step.decoding):
-                    if req is not None and not req.stream.finished:
+                    if req is not None and self._current(req, step):
                         req.kv_len += 1
                         self._emit(req, int(d_out[0][b]), d_out[1][b], d_out[2][b], d_out[3][b])
 

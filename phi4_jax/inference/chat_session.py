@@ -9,6 +9,7 @@ after the longest common prefix are prefilled.
 from __future__ import annotations
 
 import codecs
+import weakref
 from typing import Callable, Sequence
 
 import jax
@@ -69,9 +70,18 @@ class ChatSession:
         self._sampling = request_sampling(temperature, top_k, top_p)
         self._key = sequence_keys(int(seed), 1)[0]
         self._engine = None
-        self._held: HeldSequence | None = None
+        self._held_box: list[HeldSequence | None] = [None]     # what a dropped session's finalizer releases
+        weakref.finalize(self, _release_dropped, self._held_box)
         self.tokens: list[int] = []
         self.last_turn: dict | None = None
+
+    @property
+    def _held(self) -> HeldSequence | None:
+        return self._held_box[0]
+
+    @_held.setter
+    def _held(self, held: HeldSequence | None) -> None:
+        self._held_box[0] = held
 
     @property
     def cached_length(self) -> int:
@@ -79,8 +89,8 @@ class ChatSession:
         return 0 if self._held is None else len(self._held.tokens)
 
     def reset(self) -> None:
-        """Forgets the conversation and frees its pages (the PRNG key is kept). A session dropped without it leaves
-        its pages held; `shared_engine` then gives later calls a fresh engine once the pool runs short."""
+        """Forgets the conversation and frees its pages (the PRNG key is kept). A session dropped without it (garbage
+        collected) has its pages freed by a finalizer (`ContinuousBatchingEngine.release_soon`)."""
         self._release()
         self.tokens = []
 
@@ -127,6 +137,13 @@ class ChatSession:
         self.last_turn = {"reused": reused, "prefilled": len(prompt) - reused,
                           "rebuilt": held is None or reused == 0, "generated": len(new)}
         return new
+
+
+def _release_dropped(held_box: list) -> None:
+    """A garbage-collected session's finalizer: frees its held pages (without blocking on the engine's lock)."""
+    held, held_box[0] = held_box[0], None
+    if held is not None:
+        held.engine.release_soon(held)
 
 
 # ----------------------------------------------------------------------------- text level
