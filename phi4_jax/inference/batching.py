@@ -550,8 +550,10 @@ class ContinuousBatchingEngine:
         """`release` without waiting for the engine's lock, for finalizers (a garbage collection may run them on any
         thread, the engine's own in the middle of a step included): the pages are freed at once when the lock is free,
         else at the engine's next admission (or `stats()`)."""
+        if held.engine is not self:
+            return
         pages, held.pages = held.pages, None
-        if held.engine is not self or pages is None:
+        if pages is None:
             return
         self._dropped_held.append(pages)          # deque.append is atomic: no lock needed
         if self._lock.acquire(blocking=False):
