@@ -583,8 +583,10 @@ def test_prompt_logprobs_chunked_warmed_up_and_equal_transformers(served, hf_mod
 # ----------------------------------------------------------------------------- requests wait for KV pages
 
 def test_requests_wait_for_free_pages(served):
-    """With a page pool that holds one request at a time, concurrent requests queue for pages (none fails) and
-    each answer equals its single-request answer; a request larger than the whole pool is a clear 400."""
+    """With a page pool that holds one whole request at a time, concurrent requests queue for pages (none fails;
+    two run at once on their prompt pages and the newer is preempted when the pool runs out, see
+    tests/test_batching.py) and each answer equals its single-request answer, with no page left in use; a request
+    larger than the whole pool is a clear 400."""
     from phi4_jax.inference.paged_cache import page_bytes
 
     model, tokenizer = served["model"], served["tokenizer"]
@@ -615,7 +617,8 @@ def test_requests_wait_for_free_pages(served):
             done.set()
             threads[0].join()
             assert [r.choices[0].text for r in results] == expected
-            assert max(s["queue_length"] for s in seen) >= 1 and max(s["running"] for s in seen) == 1
+            assert max(s["queue_length"] for s in seen) >= 1 and max(s["running"] for s in seen) <= 2
+            assert engine.stats()["pages_in_use"] == 0
             response = httpx.post(url + "/v1/completions", timeout=60,
                                   json={"model": MODEL, "prompt": prompts[0], "max_tokens": 60})
             assert response.status_code == 400 and "needs 6 KV pages" in error_of(response)["message"]
