@@ -405,7 +405,7 @@ def small_pool_engine(converted):
 
 
 def record_preemptions(engine, monkeypatch):
-    """Wraps `engine._preempt`: records (victim's stream, tokens it had streamed, whether a step of it was in flight)."""
+    """Wraps `engine._preempt`: records (victim's stream, tokens it had streamed, whether a step of it is in flight)."""
     seen, preempt = [], engine._preempt
 
     def recording(req):
@@ -472,10 +472,14 @@ def test_seeded_request_preempted_mid_stream_samples_the_same_tokens(small_pool_
 
 
 def test_metrics_and_stats_report_preemptions(small_pool_engine):
+    """The server's Prometheus text counts the engine's preemptions."""
     from phi4_jax.serve.metrics import ServerMetrics
 
-    text = ServerMetrics(small_pool_engine).render().decode()
-    count = small_pool_engine.stats()["preemptions"]
+    eng = small_pool_engine
+    streams = [eng.submit(GenerationRequest(list(range(3 + i, 43 + i)), 60)) for i in range(3)]   # 3 x 6 pages
+    eng.run_to_completion(streams)
+    text = ServerMetrics(eng).render().decode()
+    count = eng.stats()["preemptions"]
     assert count > 0 and f"phi4_serve_preemptions_total {float(count)}" in text
 
 

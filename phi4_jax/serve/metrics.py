@@ -60,7 +60,7 @@ class _EngineCollector:
             yield GaugeMetricFamily(f"{PREFIX}_{key}", doc, value=float(stats.get(key, 0)))
         yield CounterMetricFamily(f"{PREFIX}_prefix_cache_hits", "prompt prefixes found in the KV cache",
                                   value=float(stats.get("prefix_cache_hits", 0)))
-        yield CounterMetricFamily(f"{PREFIX}_preemptions", "running requests sent back to the queue for lack of KV pages",
+        yield CounterMetricFamily(f"{PREFIX}_preemptions", "running requests requeued for lack of KV pages",
                                   value=float(stats.get("preemptions", 0)))
         yield CounterMetricFamily(f"{PREFIX}_engine_tokens_generated", "tokens the engine generated",
                                   value=float(stats.get("tokens_generated", 0)))
