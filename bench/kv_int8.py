@@ -19,7 +19,6 @@ one 16K-token sequence of phi-4 14B: no memory is allocated.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 
@@ -27,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench.decode import bench_pair, hf_runner, update_section  # noqa: E402
+from bench._report import add_decode_comparison_args, publish, run_heading  # noqa: E402
+from bench.decode import bench_pair, hf_runner  # noqa: E402
 from bench.machine_info import describe_machine  # noqa: E402
 from bench.random_models import SIZES, random_model_pair  # noqa: E402
 
@@ -41,12 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=512, help="prefilled tokens for the logits check (default 512)")
     p.add_argument("--chunk", type=int, default=128)
     p.add_argument("--decode-steps", type=int, default=16)
-    p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--hf-threads", type=int, default=1)
-    p.add_argument("--write", metavar="BENCHMARKS_MD", default=None)
+    add_decode_comparison_args(p)
     return p.parse_args(argv)
 
 
@@ -145,10 +140,9 @@ def main(argv=None) -> int:
         print(f"{name}: decode {tps:.1f} tokens/s", flush=True)
     big = cache_bytes_14b()
 
-    command = "python bench/kv_int8.py " + " ".join(argv if argv is not None else sys.argv[1:])
     n_checked = len(range(0, args.seq_len, args.chunk)) + args.decode_steps
     lines = [
-        f"### int8 KV cache: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, `{command.strip()}`",
+        run_heading(__file__, argv, "int8 KV cache: "),
         "",
         f"Machine: {describe_machine(with_load=True)}; jax {jax.__version__} ({jax.default_backend()}), torch "
         f"{torch.__version__} ({args.hf_threads} thread(s)). Model: random phi-4-shaped Phi3ForCausalLM, "
@@ -183,10 +177,8 @@ def main(argv=None) -> int:
         f"| int8 | {i8_pages / 2**30:.3f} GiB | {i8_cache / 2**30:.3f} GiB | {2**30 * 16384 // i8_cache} "
         f"({bf_cache / i8_cache:.2f}x) |",
     ]
-    text = "\n".join(lines)
-    print(text)
+    publish(lines, args.write, "Quantized inference", "quant-kv-int8")
     if args.write:
-        update_section(args.write, "Quantized inference", "quant-kv-int8", append=text)
         print(f"appended to {args.write}")
     return 0
 

@@ -16,7 +16,6 @@ libtpu, set ALLOW_MULTIPLE_LIBTPU_LOAD=1.)
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import math
 import os
@@ -27,6 +26,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from bench._report import gib, publish, run_heading  # noqa: E402
 
 
 def compile_step(attention_impl, devices, args):
@@ -102,9 +103,7 @@ def main(argv=None) -> int:
         rows.append((impl, mem, seconds, hlo.count('custom_call_target="tpu_custom_call"'),
                      pool_copies_in_layer_loop(hlo, math.prod(local)), 2 * math.prod(local) * 2))
         print(rows[-1], flush=True)
-    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
-    command = "python bench/paged_tpu_compile.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, `{command.strip()}`", "",
+    lines = [run_heading(__file__, argv), "",
              f"TPU compiler (libtpu, jax {jax.__version__}) for {args.topology} ({devices[0].device_kind}), mesh "
              f"{args.mesh}, `serving_rules` (pool split over kv heads). {args.model} bf16, the engine's step "
              f"decoding {args.batch} sequences, block tables for {args.context} tokens in {args.page_size}-token "
@@ -116,12 +115,7 @@ def main(argv=None) -> int:
         name = {"xla": "XLA gather reference", "pallas_tpu": "Pallas TPU kernel in shard_map"}[impl]
         lines.append(f"| {name} | {gib(mem.arguments)} | {gib(mem.aliased)} | {gib(mem.temporaries)} | {kernels_} "
                      f"| {copies} | {seconds:.1f} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        from bench.decode import update_section
-
-        update_section(args.write, "Paged attention", "paged-attention", append=text)
+    publish(lines, args.write, "Paged attention", "paged-attention")
     return 0
 
 

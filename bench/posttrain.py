@@ -22,7 +22,6 @@ is taken by a `TrainerCallback` from step begin to step end (its data collation 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -33,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench.decode import update_section  # noqa: E402
+from bench._report import publish, run_heading  # noqa: E402
 from bench.machine_info import describe_machine  # noqa: E402
 from bench.random_models import SIZES, random_model_pair  # noqa: E402
 
@@ -231,8 +230,7 @@ def main(argv=None) -> int:
             theirs = trl_side(kind, hf, sft, dpo, args)
             results[kind] = {"phi4_jax": mine, "trl": theirs}
             print(kind, json.dumps(results[kind]), flush=True)
-    command = "python bench/posttrain.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, `{command.strip()}`", "",
+    lines = [run_heading(__file__, argv), "",
              f"Machine: {describe_machine(with_load=True)}; jax {jax.__version__}, torch {torch.__version__} "
              f"({torch.get_num_threads()} threads), trl {trl.__version__}. Model `{args.size}` "
              f"({sum(x.size for x in jax.tree.leaves(params)) / 1e6:.1f}M parameters), float32, AdamW lr {args.lr}; "
@@ -247,10 +245,7 @@ def main(argv=None) -> int:
                      f"{m['tokens_per_s'] / t['tokens_per_s']:.2f}x | "
                      f"{m['seconds']:.2f} ({m['tokens_per_step']:,.0f}) | "
                      f"{t['seconds']:.2f} ({t['tokens_per_step']:,.0f}) | {m['compile_s']:.1f} s |")
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        update_section(args.write, SECTION_HEADING, SECTION_KEY, intro=SECTION_INTRO, append=table)
+    publish(lines, args.write, SECTION_HEADING, SECTION_KEY, intro=SECTION_INTRO)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

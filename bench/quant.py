@@ -16,7 +16,6 @@ variants and transformers' float32 generate alternating in the same run.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 
@@ -24,7 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench.decode import bench_pair, hf_runner, ours_runner, update_section  # noqa: E402
+from bench._report import add_decode_comparison_args, publish, run_heading  # noqa: E402
+from bench.decode import bench_pair, hf_runner, ours_runner  # noqa: E402
 from bench.machine_info import describe_machine  # noqa: E402
 from bench.random_models import SIZES, random_model_pair  # noqa: E402
 
@@ -44,12 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--size", choices=sorted(SIZES), default="87m")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--hf-threads", type=int, default=1)
-    p.add_argument("--write", metavar="BENCHMARKS_MD", default=None)
+    add_decode_comparison_args(p)
     return p.parse_args(argv)
 
 
@@ -112,9 +107,8 @@ def main(argv=None) -> int:
     for name, tps in speed.items():
         print(f"{name}: decode {tps:.1f} tokens/s", flush=True)
 
-    command = "python bench/quant.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
-        f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, `{command.strip()}`",
+        run_heading(__file__, argv),
         "",
         f"Machine: {describe_machine(with_load=True)}; jax {jax.__version__} ({jax.default_backend()}), torch "
         f"{torch.__version__} ({args.hf_threads} thread(s)). Model: random phi-4-shaped Phi3ForCausalLM, "
@@ -132,10 +126,8 @@ def main(argv=None) -> int:
                      f"| {speed[name]:.1f} | {speed[name] / speed['fp32']:.2f}x |")
     lines.append(f"| transformers fp32 | | | | | | {speed['transformers fp32']:.1f} "
                  f"| {speed['transformers fp32'] / speed['fp32']:.2f}x |")
-    text = "\n".join(lines)
-    print(text)
+    publish(lines, args.write, "Quantized inference", "quant", intro=INTRO)
     if args.write:
-        update_section(args.write, "Quantized inference", "quant", intro=INTRO, append=text)
         print(f"appended to {args.write}")
     return 0
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import math
 import os
 import re
@@ -45,6 +44,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from bench._report import publish, run_heading  # noqa: E402
 
 K_IN, N_OUT = 5120, 17920
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
@@ -498,8 +499,7 @@ def main(argv=None) -> int:
             step_lines += [f"| {device.device_kind} " + line for line in
                            decode_step_rows(topology, device, 8, args.context)
                            + decode_step_rows(topology, device, 4, args.context)]
-    command = "python bench/quant_tpu_matmul.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, `{command.strip()}`", "",
+    lines = [run_heading(__file__, argv), "",
              f"TPU compiler: libtpu {metadata.version('libtpu')}, jax {jax.__version__}, compile-only devices "
              f"({args.topologies}; first chip), on this CPU machine: compiled, not run. x [B, {K_IN}] bf16 times "
              f"W [{K_IN}, {N_OUT}] (phi-4's gate projection); columns as in the script's docstring.", ""]
@@ -513,12 +513,7 @@ def main(argv=None) -> int:
                   "| chip | weights | matmuls | arguments GB | HBM GB | HBM / arguments | temporaries "
                   "| weight-sized intermediates in HBM | in VMEM | compile |",
                   "|---|---|---|---:|---:|---:|---:|---|---:|---:|", *step_lines]
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        from bench.decode import update_section
-
-        update_section(args.write, "Quantized inference", "quant-tpu-matmul", append=text)
+    publish(lines, args.write, "Quantized inference", "quant-tpu-matmul")
     return 0
 
 

@@ -13,13 +13,14 @@ ALLOW_MULTIPLE_LIBTPU_LOAD=1.)
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from bench._report import gib, publish, run_heading  # noqa: E402
 
 V5E_HBM = int(15.75 * 2**30)  # what the compiler reports as available on a v5e chip (16 GB)
 
@@ -61,9 +62,7 @@ def main(argv=None) -> int:
         rows.append((name, ma.argument_size_in_bytes, ma.output_size_in_bytes - ma.alias_size_in_bytes,
                      ma.temp_size_in_bytes, total))
         print(rows[-1], flush=True)
-    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
-    command = "python bench/quant_tpu_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, `{command.strip()}`", "",
+    lines = [run_heading(__file__, argv), "",
              f"TPU compiler (libtpu, jax {jax.__version__}) for one chip of {args.topology} ({device.device_kind}), "
              f"{args.model} {args.quantize} (load_model's defaults), bf16 scales and cache, {args.context}-token "
              f"cache, XLA attention. The chip has {gib(V5E_HBM)} of HBM.", "",
@@ -72,12 +71,7 @@ def main(argv=None) -> int:
     for name, arg, out, temp, total in rows:
         lines.append(f"| {name} | {gib(arg)} | {gib(out)} | {gib(temp)} | **{gib(total)}** "
                      f"| {'yes' if total <= V5E_HBM else 'no'} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        from bench.decode import update_section
-
-        update_section(args.write, "Quantized inference", "quant-tpu", append=text)
+    publish(lines, args.write, "Quantized inference", "quant-tpu")
     return 0
 
 

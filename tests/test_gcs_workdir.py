@@ -5,10 +5,9 @@ resume with another config is refused, and a bucket that does not exist is refus
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
+from killed_run import run_train
 
 from phi4_jax import paths
 from phi4_jax.train import loop as trainer
@@ -22,31 +21,6 @@ SMALL = ["model.num_layers=1", "model.hidden_size=64", "model.intermediate_size=
          "train.loss_chunk=32", "train.steps=6", "checkpoint.save_every=2", "checkpoint.keep=5",
          "optimizer.warmup_steps=2", "demo.sample_prompts=[]"]
 CLI_ARGS = ["--no-progress"] + [a for item in SMALL for a in ("--set", item)]
-
-# train.py's main, with the jitted step wrapped so that the process SIGKILLs itself as it starts step 5: steps
-# 1-4 ran, checkpoints 2 and 4 were started (4 possibly still being written), nothing ran past that.
-KILLED_AT_STEP_5 = """
-import os, signal, sys
-from phi4_jax.train import loop
-real = loop.make_train_step
-def make(*args, **kwargs):
-    step, calls = real(*args, **kwargs), [0]
-    def wrapped(state, batch):
-        calls[0] += 1
-        if calls[0] == 5:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return step(state, batch)
-    return wrapped
-loop.make_train_step = make
-from phi4_jax.cli.train import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def _run(cmd, env):
-    return subprocess.run([sys.executable, *cmd], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
-                          text=True, timeout=600)
-
 
 def _tensorboard_scalars(logdir, tag):
     """(step, value) of a scalar as TensorBoard itself reads the run (its fsspec reader for gs://)."""
@@ -64,13 +38,13 @@ def test_train_on_gcs_killed_and_resumed_exactly(gcs, tmp_path):
     reference = trainer.train(load_train_config(DEMO, SMALL), str(tmp_path / "ref"), progress=False)
     want = [(r["step"], r["loss"]) for r in trainer.read_metrics(reference["metrics_path"])]
 
-    killed = _run(["-c", KILLED_AT_STEP_5, "--workdir", workdir, *CLI_ARGS], gcs.env)
+    killed = run_train(["--workdir", workdir, *CLI_ARGS], gcs.env, kill_at_step=5)   # steps 1-4 ran
     assert killed.returncode == -9, killed.stderr[-3000:]
     saved = {int(os.path.basename(p)) for p in paths.glob(f"{workdir}/checkpoints/*")
              if os.path.basename(p).isdigit()}
     assert 2 in saved and max(saved) <= 4
 
-    resumed = _run(["train.py", "--workdir", workdir, *CLI_ARGS], gcs.env)
+    resumed = run_train(["--workdir", workdir, *CLI_ARGS], gcs.env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {workdir}/checkpoints at step" in resumed.stdout
     got = [(r["step"], r["loss"]) for r in trainer.read_metrics(f"{workdir}/metrics.jsonl")]
@@ -94,8 +68,7 @@ def test_train_on_gcs_killed_and_resumed_exactly(gcs, tmp_path):
 
     # a resume with another config is refused and changes nothing in the bucket
     before = {p: paths.read_bytes(p) for p in (f"{workdir}/metrics.jsonl", f"{workdir}/config.json")}
-    changed = _run(["train.py", "--workdir", workdir, *CLI_ARGS, "--steps", "8", "--set", "optimizer.lr=1e-2"],
-                   gcs.env)
+    changed = run_train(["--workdir", workdir, *CLI_ARGS, "--steps", "8", "--set", "optimizer.lr=1e-2"], gcs.env)
     assert changed.returncode == 2
     assert "different config" in changed.stderr and "optimizer.lr: 0.003 -> 0.01" in changed.stderr
     assert {p: paths.read_bytes(p) for p in before} == before

@@ -5,9 +5,11 @@ with the adapter model's logits."""
 
 import json
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import torch
 
@@ -19,7 +21,7 @@ from phi4_jax.model.decoder import forward
 from phi4_jax.model.linear import linear
 from phi4_jax.posttrain.lora import LoraWeight, adapter_specs, attach, init_adapters, merge_params, restore_lora_run
 from phi4_jax.posttrain.merge_lora import merge_main
-from phi4_jax.train.checkpoints import TrainCheckpointError
+from phi4_jax.train.checkpoints import TrainCheckpointer, TrainCheckpointError, _DataIteratorState
 from phi4_jax.train.config import TrainConfigError, build_train_config
 from phi4_jax.train.loop import read_metrics, train
 from phi4_jax.train.step import init_params
@@ -88,7 +90,16 @@ def _dir_bytes(path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def test_lora_sft_run_merges_and_exports_to_transformers(tmp_path):
+def _save_with_the_base(self, step, state, data_iterator, *, force=False, base_reference=None):
+    """`TrainCheckpointer.save` as it was before LoRA checkpoints left out their frozen base."""
+    if not force and not self.due(step):
+        return False
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=grain.checkpoint.CheckpointSave(_DataIteratorState(data_iterator)))
+    return self.manager.save(step, args=args, force=True)
+
+
+def test_lora_sft_run_merges_and_exports_to_transformers(tmp_path, monkeypatch):
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": [
         {"role": "user", "content": f"Question: What is {i} plus 1?"},
@@ -106,11 +117,18 @@ def test_lora_sft_run_merges_and_exports_to_transformers(tmp_path):
     logs = []   # resume to step 3: adapters, their AdamW moments and the step restore; the base is reloaded
     out = train(lora_config(str(data), steps=3), str(tmp_path / "run"), progress=False, log=logs.append, mesh=mesh)
     assert out["last_step"] == 3 and any("resumed" in line and "step 2" in line for line in logs), logs
-    # the resumed step 3 has the loss of an uninterrupted 3-step run
+    # the resumed step 3 has the loss of an uninterrupted 3-step run, which saves as versions before adapters-only
+    # checkpoints did (the whole state, base included, and no base reference)
+    monkeypatch.setattr(TrainCheckpointer, "save", _save_with_the_base)
     train(lora_config(str(data), steps=3), str(tmp_path / "straight"), **quiet)
+    monkeypatch.undo()
     resumed, straight = (read_metrics(str(tmp_path / d / "metrics.jsonl"))[-1] for d in ("run", "straight"))
     assert resumed["step"] == straight["step"] == 3
     np.testing.assert_allclose(resumed["loss"], straight["loss"], rtol=1e-6)
+    # resuming that checkpoint is refused by name, not by Orbax's tree-structure mismatch
+    with pytest.raises(TrainCheckpointError, match=r"checkpoint step 3 in .*straight/checkpoints has no reference "
+                       r"to its LoRA base weights \(saved by an older version that stored the base itself"):
+        train(lora_config(str(data), steps=4), str(tmp_path / "straight"), **quiet)
     state = out["state"]
     # only the adapters are trained and carry AdamW moments; the base is frozen
     assert set(state["params"]["layers"]) == set(cfg.lora.targets)
@@ -138,10 +156,12 @@ def test_lora_sft_run_merges_and_exports_to_transformers(tmp_path):
     with torch.no_grad():
         hf_logits = hf(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(hf_logits, adapted, rtol=1e-4, atol=1e-4)
-    # last (it rewrites the run's config.json): another base (here another seed's init) is refused on resume
+    # another base (here another seed's init) is refused on resume, and the run's config.json stays as it was
+    saved_config = (tmp_path / "run" / "config.json").read_bytes()
     with pytest.raises(TrainCheckpointError, match="trained on base weights .* now gives different weights"):
         train(lora_config(str(data), steps=4, seed=1), str(tmp_path / "run"),
               allow_config_change=True, **quiet)
+    assert (tmp_path / "run" / "config.json").read_bytes() == saved_config
 
 
 def test_lora_config_errors():

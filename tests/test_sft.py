@@ -74,8 +74,11 @@ def test_sft_file_mask_matches_the_chat_template_and_skips_are_counted(tmp_path,
 
 def test_sft_bad_lines_name_file_and_line(tmp_path, phi4_tokenizer):
     bad_json = write_jsonl(tmp_path / "a.jsonl", [{"messages": CONVERSATION}, "{not json"])
-    with pytest.raises(DataError, match=r"a\.jsonl:2: invalid JSON"):
+    with pytest.raises(DataError, match=r"a\.jsonl:2: not valid JSON \(Expecting property name .* at column 2\)"):
         read_sft_examples(bad_json, phi4_tokenizer, 256, progress=False)
+    not_object = write_jsonl(tmp_path / "e.jsonl", [[1, 2]])
+    with pytest.raises(DataError, match=r"e\.jsonl:1: expected a JSON object, got list"):
+        read_sft_examples(not_object, phi4_tokenizer, 256, progress=False)
     bad_role = write_jsonl(tmp_path / "b.jsonl", [{"messages": [{"role": "robot", "content": "x"}]}])
     with pytest.raises(DataError, match=r"b\.jsonl:1: malformed messages"):
         read_sft_examples(bad_role, phi4_tokenizer, 256, progress=False)

@@ -1,6 +1,7 @@
 """Training data: sources, document tokenizing, mixing, packing, and the demo's synthetic corpus.
 
 - `sources`: random-access sources (jsonl, text, parquet, pre-tokenized npy or shards) and `open_source`.
+- `jsonl`: `jsonl_objects`, a JSONL file's objects located as FILE:LINE, a bad line raised or skipped and counted.
 - `tokenizing`: document tokenizers (phi-4 BPE; the demo's compact renumbering).
 - `pipeline`: the grain pipeline: tokenize -> weighted mixture -> host shard -> pack -> batch, checkpointable.
 - `shards`: pre-tokenized corpora (ArrayRecord shards + manifest): writing on several processes, reading;

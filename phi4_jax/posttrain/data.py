@@ -29,12 +29,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import glob
-import json
 import os
 
 import grain
 import numpy as np
 
+from phi4_jax.data.jsonl import jsonl_objects
 from phi4_jax.data.sources import DataError
 from phi4_jax.posttrain.sft import SFTExampleError, encode_sft_example, turn_tokens
 from phi4_jax.special_tokens import IM_END_ID
@@ -62,23 +62,13 @@ class SkipReport:
 
 
 def jsonl_records(pattern: str, what: str):
-    """Yields ("file:line", record dict) for every non-blank line of the files matching `pattern`."""
+    """Yields ("file:line", record dict) for every non-blank line of the files matching `pattern`; a line that is not
+    a JSON object raises DataError naming it (`phi4_jax.data.jsonl.jsonl_objects`)."""
     files = sorted(glob.glob(os.path.expanduser(pattern)))
     if not files:
         raise DataError(f"{what}: no files match {pattern!r}")
     for path in files:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: invalid JSON ({e})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-                yield where, record
+        yield from jsonl_objects(path)   # a bad line raises DataError naming it
 
 
 def _progress(iterable, desc: str, progress: bool):

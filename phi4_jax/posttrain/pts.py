@@ -439,27 +439,19 @@ class Problem:
 def read_problems(path: str, oracle: str | None) -> tuple[list[Problem], list[str]]:
     """(valid problems, one message per skipped line naming FILE:LINE and the problem); raises PTSError when the file
     is missing or holds no valid problem."""
+    from phi4_jax.data.jsonl import jsonl_objects
     from phi4_jax.posttrain.oracles import ProblemError, check_problem
 
     if not os.path.isfile(path):
         raise PTSError(f"problems file {path!r} does not exist")
     problems, skipped = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as e:
-                skipped.append(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
-                continue
-            try:
-                check_problem(data, where, oracle)
-            except ProblemError as e:
-                skipped.append(str(e))
-                continue
-            problems.append(Problem(where, data, digest("problem", data, oracle)))
+    for where, data in jsonl_objects(path, skipped=skipped):   # a line that is not a JSON object: skipped
+        try:
+            check_problem(data, where, oracle)
+        except ProblemError as e:
+            skipped.append(str(e))
+            continue
+        problems.append(Problem(where, data, digest("problem", data, oracle)))
     if not problems:
         detail = f"; first problem: {skipped[0]}" if skipped else ""
         raise PTSError(f"{path}: no usable problems ({len(skipped)} skipped{detail})")

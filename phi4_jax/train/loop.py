@@ -200,7 +200,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
     """Runs (or resumes) training to `cfg.train.steps`; returns {"state", "tokenizer", "last_step", ...}.
 
     `mesh`: a prebuilt `jax.sharding.Mesh` (e.g. over a subset of devices) instead of `cfg.mesh`.
-    Resuming checks the config against WORKDIR/config.json (`check_resume_config`; `allow_config_change`).
+    Resuming checks the config against WORKDIR/config.json (`check_resume_config`; `allow_config_change`); the
+    file is (re)written only after the state is restored or created, so a refused resume leaves it as it was.
     `workdir` may be a cloud URL; it is checked writable (StorageError) before anything is set up or written.
     """
     clock = StepClock()   # the run's wall time (goodput's denominator) starts now
@@ -218,8 +219,6 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
         except TrainConfigError:
             ckpt.close()
             raise
-    if is_main:
-        paths.write_atomic(paths.join(workdir, "config.json"), config_json(cfg))
 
     try:
         dataset = run_batches(cfg, tokenizer, mesh, built, log=log, progress=progress and is_main)
@@ -230,11 +229,15 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
     base_reference = None   # LoRA: what checkpoints store instead of the frozen base weights
     try:
         if start is not None:
-            state, start = ckpt.restore(built.abstract_state, data_it)
-            if built.frozen_base is not None:
-                state["frozen"], base_reference = built.frozen_base.reload(
+            frozen = None
+            if built.frozen_base is not None:   # first: a checkpoint without a base reference (an old one that
+                # held the base itself) gets reload's clear error, not a tree-structure mismatch from Orbax
+                frozen, base_reference = built.frozen_base.reload(
                     ckpt.base_reference(start), jax.random.key(loop.seed), loop.init_from,
                     where=f"checkpoint step {start} in {ckpt.directory}")
+            state, start = ckpt.restore(built.abstract_state, data_it, step=start)
+            if frozen is not None:
+                state["frozen"] = frozen
             log(f"resumed from {ckpt.directory} at step {start}")
         else:
             state = built.create_state(jax.random.key(loop.seed), init_from=loop.init_from)
@@ -243,6 +246,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, m
                 base_reference = built.frozen_base.reference(state["frozen"], loop.init_from)
             if loop.init_from:
                 log(f"initialized parameters from {loop.init_from}")
+        if is_main:   # only once the state came back: a refused resume leaves the run's config.json as it was
+            paths.write_atomic(paths.join(workdir, "config.json"), config_json(cfg))
         writer = MetricsWriter(workdir, start_step=start) if is_main else None
     except BaseException:
         data_it.close()
