@@ -80,6 +80,8 @@ def parse_args(argv=None):
                    default=[dpo_setting("lr=1e-4")], help="DPO settings (each run once per --dpo-seeds seed)")
     p.add_argument("--dpo-seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="DPO data-order seeds (data.shuffle_seed), one DPO run and measurement each")
+    p.add_argument("--no-control", dest="control", action="store_false",
+                   help="skip the control DPO run on the pairs other than the habit's")
     p.add_argument("--write", default=None, metavar="BENCHMARKS.md")
     return p.parse_args(argv)
 
@@ -154,11 +156,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
     total_start = time.perf_counter()
+    demo_seconds = planted_seconds = None
     if not has_checkpoint(args.demo_workdir):
         print(f"training the demo model into {args.demo_workdir}", flush=True)
-        run_logged([sys.executable, os.path.join(ROOT, "train.py"), "--workdir", args.demo_workdir, "--no-progress"],
+        demo_seconds = run_logged([sys.executable, os.path.join(ROOT, "train.py"), "--workdir", args.demo_workdir, "--no-progress"],
                    "python train.py")
-    planted_seconds = None
     if not has_checkpoint(args.planted_workdir):
         print(f"continuing it with the planted habit into {args.planted_workdir}", flush=True)
         planted_seconds = run_logged([
@@ -210,7 +212,7 @@ def main(argv=None) -> int:
     estimates = sum(1 for _ in open(os.path.join(cache, "estimates.jsonl")))
     rollouts = estimates * args.rollouts
     # the pairs PTS found at the habit's choice: right after "Answer:", the habit's first token rejected
-    at_habit = [p for p in pairs if p["position"] == 0 and policy.decode(p["rejected_ids"]) == habit_text]
+    at_habit = [p for p in pairs if p["position"] == 0 and p["rejected"] == habit_text]   # (the ids are phi-4's)
     first_position = sum(p["position"] == 0 for p in pairs)
     pts_problems = len({p["problem"] for p in pairs})
     chosen_there = sorted({p["chosen"] for p in at_habit})
@@ -222,45 +224,56 @@ def main(argv=None) -> int:
           f"({first_position} pairs at that position; pairs from {pts_problems} problems)")
     print("\n".join(examples), flush=True)
 
-    steps = max(1, math.ceil(args.dpo_epochs * len(pairs) / args.dpo_batch))
+    jobs = [(f"all {len(pairs)}", pairs_path, len(pairs), setting, seed)
+            for setting in args.dpo for seed in args.dpo_seeds]
+    if args.control:   # the same DPO on the pairs PTS found elsewhere: what the habit's pairs add
+        control_path = os.path.join(args.workdir, "pairs-without-habit.jsonl")
+        rest = [p for p in pairs if p not in at_habit]
+        with open(control_path, "w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in rest)
+        jobs.append((f"control: {len(rest)} others", control_path, len(rest), args.dpo[0], args.dpo_seeds[0]))
     dpo_rows = []
-    for setting in args.dpo:   # each setting and seed: DPO from the planted model, then the same held-out measurement
-        for seed in args.dpo_seeds:
-            name = "-".join(f"{k}{v:g}" for k, v in setting.items()) + f"-seed{seed}"
-            workdir = f"{dpo_dir}-{name}"
-            shutil.rmtree(workdir, ignore_errors=True)
-            dpo_seconds = run_logged([
-                sys.executable, os.path.join(ROOT, "train.py"), "--config",
-                os.path.join(ROOT, "configs", "demo-dpo.toml"), "--workdir", workdir, "--no-progress",
-                "--set", f"train.init_from={os.path.abspath(args.planted_workdir)}",
-                "--set", f"data.dpo_files={os.path.abspath(pairs_path)}", "--set", f"train.steps={steps}",
-                "--set", f"train.global_batch={args.dpo_batch}", "--set", f"checkpoint.save_every={steps}",
-                "--set", f"data.shuffle_seed={seed}",
-                *[x for k, v in setting.items() for x in ("--set", f"{DPO_KEYS[k]}={v!r}")]], f"DPO {name}")
-            last = json.loads(open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()[-1])
-            wins, guesses = outcomes(load_policy(workdir), held, **measure)
-            after, after_se = rate_and_error(wins, args.samples)
-            change, change_se = paired_change(base, wins, args.samples)
-            guess_after = sum(guesses) / (args.samples * len(held))
-            dpo_rows.append((setting, seed, dpo_seconds, last, after, after_se, change, change_se, guess_after))
-            print(f"DPO {name}: {steps} steps in {dpo_seconds:.0f} s, last loss {last['loss']:.3f}, reward accuracy "
-                  f"{last['rewards/accuracies']:.2f}; held-out success rate {before:.3f} -> {after:.3f} ± "
-                  f"{after_se:.3f} (change {change:+.3f} ± {change_se:.3f}), samples starting with {habit_text!r} "
-                  f"{guess_before:.3f} -> {guess_after:.3f}", flush=True)
+    for label, path, n_pairs, setting, seed in jobs:   # DPO from the planted model, then the same measurement
+        steps = max(1, math.ceil(args.dpo_epochs * n_pairs / args.dpo_batch))
+        name = "-".join(f"{k}{v:g}" for k, v in setting.items()) + f"-seed{seed}" + ("-control" * (path != pairs_path))
+        workdir = f"{dpo_dir}-{name}"
+        shutil.rmtree(workdir, ignore_errors=True)
+        dpo_seconds = run_logged([
+            sys.executable, os.path.join(ROOT, "train.py"), "--config",
+            os.path.join(ROOT, "configs", "demo-dpo.toml"), "--workdir", workdir, "--no-progress",
+            "--set", f"train.init_from={os.path.abspath(args.planted_workdir)}",
+            "--set", f"data.dpo_files={os.path.abspath(path)}", "--set", f"train.steps={steps}",
+            "--set", f"train.global_batch={args.dpo_batch}", "--set", f"checkpoint.save_every={steps}",
+            "--set", f"data.shuffle_seed={seed}",
+            *[x for k, v in setting.items() for x in ("--set", f"{DPO_KEYS[k]}={v!r}")]], f"DPO {name}")
+        last = json.loads(open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()[-1])
+        wins, guesses = outcomes(load_policy(workdir), held, **measure)
+        after, after_se = rate_and_error(wins, args.samples)
+        change, change_se = paired_change(base, wins, args.samples)
+        guess_after = sum(guesses) / (args.samples * len(held))
+        dpo_rows.append((label, steps, setting, seed, dpo_seconds, last, after, after_se, change, change_se,
+                         guess_after))
+        print(f"DPO {name} (pairs: {label}): {steps} steps in {dpo_seconds:.0f} s, last loss {last['loss']:.3f}, "
+              f"reward accuracy {last['rewards/accuracies']:.2f}; held-out success rate {before:.3f} -> {after:.3f} "
+              f"± {after_se:.3f} (change {change:+.3f} ± {change_se:.3f}), samples starting with {habit_text!r} "
+              f"{guess_before:.3f} -> {guess_after:.3f}", flush=True)
     total_seconds = time.perf_counter() - total_start
     print(f"total {total_seconds:.0f} s", flush=True)
 
     if args.write:
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         cmd = "python bench/pts_demo.py " + " ".join(a for a in (argv or sys.argv[1:]))
-        changes = [row[6] for row in dpo_rows]
+        main_rows = [row for row in dpo_rows if row[0].startswith("all")]
+        changes = [row[8] for row in main_rows]
+        z = [row[8] / max(row[9], 1e-9) for row in main_rows]
         body = "\n".join([
             "`bench/pts_demo.py`: PTS end to end on CPU (see its docstring), on a demo model with a **planted** "
             "pivotal habit.",
             "",
-            f"Run {date}, `{cmd.strip()}`, on {describe_machine()}; {total_seconds:.0f} s in all"
-            + (f" (the planted continued pretraining included: {planted_seconds:.0f} s)." if planted_seconds else
-               " (the planted model was already trained)."),
+            f"Run {date}, `{cmd.strip()}`, on {describe_machine()}; {total_seconds:.0f} s in all ("
+            + ("the demo trained first: " + f"{demo_seconds:.0f} s; " if demo_seconds else "the demo already trained; ")
+            + (f"the planted continued pretraining: {planted_seconds:.0f} s)." if planted_seconds else
+               "the planted model already trained)."),
             "",
             "Why planted: on the plain `python train.py` demo, DPO on PTS pairs moved the held-out success rate by less "
             "than a standard error (best +0.020 ± 0.018, 10 settings; git history of this section): its clean pairs "
@@ -284,23 +297,26 @@ def main(argv=None) -> int:
             f"- PTS found the habit on its own: **{len(at_habit)} of the {len(pairs)} pairs** (from "
             f"{len({p['problem'] for p in at_habit})} of the {len(pts_set)} problems) are at the first token after "
             f"\"Answer:\" with {habit_text!r} rejected (chosen: {', '.join(repr(c) for c in chosen_there) or '-'}); "
-            "the rest are per-sum tokens. Examples:",
+            f"of the other {len(pairs) - len(at_habit)}, {first_position - len(at_habit)} are at that token with "
+            f"another rejected one and {len(pairs) - first_position} later in the solution (mostly the number said). "
+            "Examples:",
             *[f"  - {e}" for e in examples],
-            f"- DPO on the {len(pairs)} pairs from the planted model (`configs/demo-dpo.toml`, sigmoid loss, "
-            f"{steps} steps of {args.dpo_batch} pairs = {args.dpo_epochs:g} epochs), once per setting and data-order "
-            "seed (`data.shuffle_seed`), then the held-out success rate with the same problems, samples and sampling "
-            "seeds as before; the change is the mean per-problem change with its standard error over the problems:",
+            f"- DPO from the planted model (`configs/demo-dpo.toml`, sigmoid loss, {args.dpo_epochs:g} epochs of "
+            f"{args.dpo_batch} pairs a step) on all {len(pairs)} pairs, once per setting and data-order seed "
+            "(`data.shuffle_seed`)" + (", and as a control on the pairs other than the habit's" if args.control else "")
+            + "; then the held-out success rate with the same problems, samples and sampling seeds as before. The "
+            "change is the mean per-problem change with its standard error over the problems (paired):",
             "",
-            "| DPO lr | beta | rpo_alpha | data seed | seconds | last loss | reward accuracy | held-out before | after "
-            f"| change | samples starting with {habit_text!r} |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-            *[f"| {st['lr']:g} | {st['beta']:g} | {st['rpo_alpha']:g} | {seed} | {sec:.0f} | {last['loss']:.3f} | "
-              f"{last['rewards/accuracies']:.2f} | {before:.3f} | **{after:.3f}** ± {ase:.3f} | {ch:+.3f} ± {chse:.3f} "
-              f"| {guess_before:.3f} -> {ga:.3f} |"
-              for st, seed, sec, last, after, ase, ch, chse, ga in dpo_rows],
+            "| pairs | steps | DPO lr | beta | rpo_alpha | data seed | seconds | last loss | reward accuracy | held-out "
+            f"before | after | change | samples starting with {habit_text!r} |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            *[f"| {label} | {steps} | {st['lr']:g} | {st['beta']:g} | {st['rpo_alpha']:g} | {seed} | {sec:.0f} | "
+              f"{last['loss']:.3f} | {last['rewards/accuracies']:.2f} | {before:.3f} | **{after:.3f}** ± {ase:.3f} | "
+              f"{ch:+.3f} ± {chse:.3f} | {guess_before:.3f} -> {ga:.3f} |"
+              for label, steps, st, seed, sec, last, after, ase, ch, chse, ga in dpo_rows],
             "",
-            f"Mean change over the {len(changes)} DPO runs: {sum(changes) / len(changes):+.3f} (smallest "
-            f"{min(changes):+.3f}, largest {max(changes):+.3f}).",
+            f"Over the {len(main_rows)} DPO runs on all pairs the change is {min(changes):+.3f} to {max(changes):+.3f} "
+            f"(mean {sum(changes) / len(changes):+.3f}), each {min(z):.1f} or more of its standard errors.",
         ])
         update_section(args.write, "Pivotal Token Search", "pts-demo", replace=body)
     return 0
