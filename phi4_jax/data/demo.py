@@ -3,7 +3,9 @@
 Five generators of short, templated, learnable documents. Document `index` of a generator is a pure
 function of (seed, index), so the data is deterministic, needs no download and supports random access
 (grain shuffles and shards it like any other source). The demo mixes them 40/15/15/20/10, like the
-phi-4 pretraining mixture (synthetic / web rewrites / web / code / acquired).
+phi-4 pretraining mixture (synthetic / web rewrites / web / code / acquired). `PLANTED` holds generators outside
+that mixture: `arithmetic_guessing`, the sums with a planted guessing habit for the Pivotal Token Search demo
+(configs/demo-pts.toml).
 """
 
 from __future__ import annotations
