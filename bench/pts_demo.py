@@ -81,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--dpo-seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="DPO data-order seeds (data.shuffle_seed), one DPO run and measurement each")
     p.add_argument("--no-control", dest="control", action="store_false",
-                   help="skip the control DPO run on the pairs other than the habit's")
+                   help="skip the control DPO run on the pairs after the first token (none at the habit's choice)")
     p.add_argument("--write", default=None, metavar="BENCHMARKS.md")
     return p.parse_args(argv)
 
@@ -146,6 +146,24 @@ def run_logged(command: list[str], what: str) -> float:
         print(run.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"{what} failed (exit {run.returncode}): {' '.join(command)}")
     return time.perf_counter() - start
+
+
+def span(values) -> str:
+    """"0.001" or "0.001-0.003": the range of some rates."""
+    lo, hi = f"{min(values := list(values)):.3f}", f"{max(values):.3f}"
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def control_note(row, space_pairs: int, n_pairs: int, guess_before: float) -> str:
+    """What the control run (no pair at the decision token) says, from its row."""
+    change, change_se, guess_after = row[8], row[9], row[10]
+    if change < 2 * change_se:
+        return (f"The control, with no pair at the decision, does not raise the success rate beyond noise "
+                f"({change:+.3f} ± {change_se:.3f}): the gain comes from the pairs at the habit's choice.")
+    return (f"The control, with no pair at the decision, keeps a small part of the gain ({change:+.3f} ± "
+            f"{change_se:.3f}; guesses {guess_before:.3f} -> {guess_after:.3f}): {space_pairs} of its {n_pairs} pairs "
+            "prefer `' '` (the token that starts a worked sum) later in a solution, which in this 0.85M-parameter "
+            "model likely raises it after \"Answer:\" too; the pairs at the decision give the rest.")
 
 
 def has_checkpoint(workdir: str) -> bool:
@@ -226,12 +244,13 @@ def main(argv=None) -> int:
 
     jobs = [(f"all {len(pairs)}", pairs_path, len(pairs), setting, seed)
             for setting in args.dpo for seed in args.dpo_seeds]
-    if args.control:   # the same DPO on the pairs PTS found elsewhere: what the habit's pairs add
-        control_path = os.path.join(args.workdir, "pairs-without-habit.jsonl")
-        rest = [p for p in pairs if p not in at_habit]
+    if args.control:   # the same DPO without any pair at the decision token: what those pairs add
+        control_path = os.path.join(args.workdir, "pairs-after-the-decision.jsonl")
+        rest = [p for p in pairs if p["position"] > 0]
         with open(control_path, "w") as f:
             f.writelines(json.dumps(p) + "\n" for p in rest)
-        jobs.append((f"control: {len(rest)} others", control_path, len(rest), args.dpo[0], args.dpo_seeds[0]))
+        rest_space = sum(p["chosen"] == " " for p in rest)
+        jobs.append((f"control: the {len(rest)} later ones", control_path, len(rest), args.dpo[0], args.dpo_seeds[0]))
     dpo_rows = []
     for label, path, n_pairs, setting, seed in jobs:   # DPO from the planted model, then the same measurement
         steps = max(1, math.ceil(args.dpo_epochs * n_pairs / args.dpo_batch))
@@ -266,6 +285,8 @@ def main(argv=None) -> int:
         main_rows = [row for row in dpo_rows if row[0].startswith("all")]
         changes = [row[8] for row in main_rows]
         z = [row[8] / max(row[9], 1e-9) for row in main_rows]
+        spread = [abs(a[6] - b[6]) * args.samples * len(held) for a in main_rows for b in main_rows] or [0]
+        spread = [round(x) for x in spread]
         body = "\n".join([
             "`bench/pts_demo.py`: PTS end to end on CPU (see its docstring), on a demo model with a **planted** "
             "pivotal habit.",
@@ -297,13 +318,13 @@ def main(argv=None) -> int:
             f"- PTS found the habit on its own: **{len(at_habit)} of the {len(pairs)} pairs** (from "
             f"{len({p['problem'] for p in at_habit})} of the {len(pts_set)} problems) are at the first token after "
             f"\"Answer:\" with {habit_text!r} rejected (chosen: {', '.join(repr(c) for c in chosen_there) or '-'}); "
-            f"of the other {len(pairs) - len(at_habit)}, {first_position - len(at_habit)} are at that token with "
-            f"another rejected one and {len(pairs) - first_position} later in the solution (mostly the number said). "
-            "Examples:",
+            f"other pairs at that token: {first_position - len(at_habit)}; later in the solution: "
+            f"{len(pairs) - first_position} (mostly the number said). Examples:",
             *[f"  - {e}" for e in examples],
             f"- DPO from the planted model (`configs/demo-dpo.toml`, sigmoid loss, {args.dpo_epochs:g} epochs of "
             f"{args.dpo_batch} pairs a step) on all {len(pairs)} pairs, once per setting and data-order seed "
-            "(`data.shuffle_seed`)" + (", and as a control on the pairs other than the habit's" if args.control else "")
+            "(`data.shuffle_seed`)" + (", and as a control on the pairs after the first token only (none at the "
+                                       "habit's choice)" if args.control else "")
             + "; then the held-out success rate with the same problems, samples and sampling seeds as before. The "
             "change is the mean per-problem change with its standard error over the problems (paired):",
             "",
@@ -316,7 +337,16 @@ def main(argv=None) -> int:
               for label, steps, st, seed, sec, last, after, ase, ch, chse, ga in dpo_rows],
             "",
             f"Over the {len(main_rows)} DPO runs on all pairs the change is {min(changes):+.3f} to {max(changes):+.3f} "
-            f"(mean {sum(changes) / len(changes):+.3f}), each {min(z):.1f} or more of its standard errors.",
+            f"(mean {sum(changes) / len(changes):+.3f}), each {min(z):.1f} or more of its standard errors; the "
+            f"data orders end in slightly different models (last loss {min(r[5]['loss'] for r in main_rows):.3f} to "
+            f"{max(r[5]['loss'] for r in main_rows):.3f}) that solve the same held-out samples within "
+            f"{max(spread)} of {args.samples * len(held)}.",
+            "",
+            "What it shows: PTS isolates a decision shared by every problem without being told where it is (the first "
+            "token after \"Answer:\", guessing against working the sum), and DPO on those single-token pairs "
+            f"transfers to held-out sums: the held-out samples that start with {habit_text!r} fall from "
+            f"{guess_before:.3f} to {span(r[10] for r in main_rows)}, and the success rate rises with them.",
+            *(["", control_note(dpo_rows[-1], rest_space, len(rest), guess_before)] if args.control else []),
         ])
         update_section(args.write, "Pivotal Token Search", "pts-demo", replace=body)
     return 0
