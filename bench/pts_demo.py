@@ -14,7 +14,8 @@ samples per problem, and how many of them start with the habit's first token; (5
 PTS set (a subprocess: the real CLI), pairs counted, the ones against the habit's first token counted, a few shown;
 (6) DPO on the pairs from the planted model (`python train.py --config configs/demo-dpo.toml` with
 `train.init_from` the planted model, `data.dpo_files` the pairs, `--dpo-epochs` passes over them), once per `--dpo`
-setting and data-order seed (`data.shuffle_seed`, `--dpo-seeds`); (7) the held-out success rate of each DPO model,
+setting and data-order seed (`data.shuffle_seed`, `--dpo-seeds`), and once as a control on the pairs after the first
+token only (none at the habit's choice; `--no-control` skips it); (7) the held-out success rate of each DPO model,
 with the same problems, samples and seeds as (4), and its change with a paired standard error (per-problem
 differences: the same problems and sampling seeds before and after).
 """
