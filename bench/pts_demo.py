@@ -302,7 +302,7 @@ def main(argv=None) -> int:
             "were the sum token of one PTS problem (`'15'` after \"9 plus 6 is\"), a fact that does not transfer to "
             "other sums, and its failures at T=1.4 were junk tokens from the other demo documents. This bench on the "
             "plain demo at T=1.0 (`--planted-workdir runs/demo`, 2026-12-01 20:04 UTC) does no better: 0.851 held-out "
-            "success, 12 of 40 problems in band, 19 pairs (sum tokens), and DPO on them lowers success by "
+            "success, 12 of 40 problems in band, 19 pairs (15 of them at the sum token), and DPO on them lowers success by "
             "0.096 ± 0.046 (3 data-order seeds alike). The PTS paper's "
             "pivotal tokens are shared decisions (guessing instead of computing), so the demo now has one by "
             f"construction: `configs/demo-pts.toml` continues the demo for {planted_steps} steps on the demo mixture "
