@@ -353,3 +353,90 @@ def test_a_broken_oracle_is_reported_with_its_problem_line(tmp_path):
     search = pts.PivotalTokenSearch(ScriptedSampler(), broken, pts.PTSSettings(max_new_tokens=8))
     with pytest.raises(pts.PTSError, match=r"problems.jsonl:1: oracle 'mine:check' raised KeyError"):
         pts.run_pts(problems, search, lambda problem: [1], str, str(tmp_path / "pairs.jsonl"), progress=False)
+
+
+# ----------------------------------------------------------------------------- the planted habit (bench/pts_demo.py)
+
+@pytest.fixture(scope="module")
+def demo_tokenizer():
+    from phi4_jax.data.tokenizing import CompactTokenizer
+
+    return CompactTokenizer.for_demo_generators(("arithmetic", "facts", "stories", "code", "lessons"))
+
+
+def test_the_planted_generator_guesses_at_its_rate_in_the_demo_vocabulary(demo_tokenizer):
+    """`arithmetic_guessing` is `arithmetic` document for document except for the guessed sums (cut after "Answer:"),
+    guesses GUESS_RATE of them, and configs/demo-pts.toml's mixture has the demo's compact vocabulary (the planted
+    model keeps the demo's numbering)."""
+    from phi4_jax.data import demo as demo_data
+    from phi4_jax.data.tokenizing import make_tokenizer
+    from phi4_jax.train.config import load_train_config
+
+    plain, planted = demo_data.SyntheticSource("arithmetic"), demo_data.SyntheticSource("arithmetic_guessing")
+    sums = guessed = 0
+    for i in range(2000):
+        want, got = plain[i]["text"], planted[i]["text"]
+        if got == want:
+            sums += want.startswith("Question")
+            continue
+        head = want[:want.index("Answer:") + len("Answer:")]
+        assert got.startswith(head + demo_data.GUESS_HABIT + " "), got
+        sums, guessed = sums + 1, guessed + 1
+    assert abs(guessed / sums - demo_data.GUESS_RATE) < 0.05, (guessed, sums)
+    cfg = load_train_config("configs/demo-pts.toml")
+    assert [s.generator for s in cfg.data.sources][0] == "arithmetic_guessing"
+    assert make_tokenizer(cfg.data).phi4_ids == demo_tokenizer.phi4_ids
+
+
+class CorpusSampler:
+    """The ideal model of a corpus: rollouts after a context are the rest of documents (drawn uniformly by the seed)
+    that start with it, ended by <|endoftext|>."""
+
+    identity = "corpus"
+
+    def __init__(self, documents, stop):
+        self.documents, self.stop_tokens = documents, frozenset({stop})
+
+    def prepare(self, sequence):
+        pass
+
+    def rollouts(self, context, k, seed):
+        context = list(context)
+        matching = [d[len(context):] for d in self.documents if d[:len(context)] == context]
+        rng = np.random.default_rng(seed)
+        return [list(matching[int(rng.integers(len(matching)))]) for _ in range(k)]
+
+
+def test_pts_finds_the_planted_habit_as_the_pivot_of_a_sum(demo_tokenizer):
+    """PTS on the planted corpus itself (sampled as the ideal model of it): for "What is 3 plus 4?", the pivotal token
+    of every bisected solution is the first one after "Answer:", and its pair prefers working the sum (' ') to the
+    habit's first token; the only other pivot is a lucky guess."""
+    from phi4_jax.data import demo as demo_data
+    from phi4_jax.posttrain.oracles import make_judge
+    from phi4_jax.posttrain.problems import arithmetic_problems
+
+    problem = next(p for p in arithmetic_problems(200, seed=1) if p["answer"] == 7 and "3 plus 4" in p["prompt"])
+    source = demo_data.SyntheticSource("arithmetic_guessing")
+    texts = [t for t in (source[i]["text"] for i in range(30000)) if t.startswith(problem["prompt"])]
+    assert len(texts) > 60
+    documents = [demo_tokenizer.encode_document(t).tolist() for t in texts]
+    prompt = demo_tokenizer.encode(problem["prompt"])
+    judge = make_judge()
+    search = pts.PivotalTokenSearch(
+        CorpusSampler(documents, demo_tokenizer.endoftext_id),
+        lambda ids, p: judge(demo_tokenizer.decode(ids), p),
+        pts.PTSSettings(rollouts=16, band=(0.2, 0.8), threshold=0.2, max_new_tokens=24, solutions=4, seed=0))
+    result = search.search(problem, "3 plus 4", prompt)
+    habit = demo_tokenizer.encode(demo_data.GUESS_HABIT)[0]
+    assert demo_tokenizer.decode([habit]) == " no"
+    assert 0.3 <= result.p_prompt <= 0.7
+    assert {s[0] for s in result.solutions} == {habit, demo_tokenizer.encode(" 3")[0]}   # both choices bisected
+    work = demo_tokenizer.encode(" 3")[0]     # ' ' (the sum's digits are tokens of their own)
+    assert {(p.position, p.token) for p in result.pivots if p.position == 0} == {(0, habit), (0, work)}
+    first = [(p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]) for p in result.pairs if p["position"] == 0]
+    assert first == [(prompt, [work], [habit])]
+    # the only other pivots: a guessed number that happens to be the sum (p 0 -> 1 at it)
+    habit_len = len(demo_tokenizer.encode(demo_data.GUESS_HABIT + " "))
+    for pivot in (p for p in result.pivots if p.position > 0):
+        assert result.solutions[pivot.solution][0] == habit and pivot.position == habit_len
+        assert demo_tokenizer.decode([pivot.token]) == "7" and pivot.p_after == 1.0
