@@ -365,9 +365,6 @@ def _new_pages(*, config, num_pages, page_size, dtype, shard, per_layer=False):
         return init_pages(config, num_pages, page_size, dtype)
 
 
-_per_layer_params = jax.jit(per_layer_params)
-
-
 @functools.cache
 def _key_data_shape() -> tuple[int, ...]:
     """The shape of one PRNG key's data under the default implementation."""
@@ -451,7 +448,7 @@ class ContinuousBatchingEngine:
         # stacked pool.
         self.per_layer = (per_layer_decode(self.params, self.config, self.shard) and not is_int8(self.cache_dtype)
                           and paged_implementation(self.config) != "pallas_gpu")
-        self.step_params = _per_layer_params(self.params) if self.per_layer else self.params
+        self.step_params = per_layer_params(self.params) if self.per_layer else self.params
         self.pages: PagedKV = _new_pages(config=self.config, num_pages=num_pages, page_size=self.page_size,
                                          dtype=self.cache_dtype, shard=self.shard, per_layer=self.per_layer)
 

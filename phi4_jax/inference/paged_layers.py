@@ -4,8 +4,9 @@ Why: `paged_cache.paged_extend` scans the layers over the stacked [layers, ...] 
 XLA:CPU copies every dynamic slice of a stacked weight before the matmul that reads it, so a memory-bound decode
 step reads and writes each weight once more than it multiplies by it (the profile in BENCHMARKS.md's Decode
 section; `per_layer_decode` says when the layout is used). Here each layer's weights are arrays of their
-own with q/k/v and gate/up concatenated (`decoder.fuse_projections`: fewer, larger matmuls), built once when the
-engine is made (`per_layer_params`), and each layer's pages are an array of their own,
+own with q/k/v and gate/up concatenated (`decoder.fuse_projections`: fewer, larger matmuls) and every matrix
+kept 2-D, the lm_head also transposed (`cpu_weights`: XLA:CPU's dots copy or run slower otherwise), built once
+when the engine is made (`per_layer_params`), and each layer's pages are an array of their own,
 ``[num_pages, page_size, kv_heads, head_dim]`` (`PagedKV` whose k and v are tuples, one array per layer). The
 step is unrolled over the layers (`paged_extend_per_layer`), so nothing is sliced out of a stacked array.
 
@@ -13,7 +14,10 @@ Page layout: the attention gathers a sequence's pages through its block table (`
 path). A heads-first pool ([num_pages, kv_heads, page_size, head_dim], gathered and transposed to
 [B, kv_heads, tokens, head_dim] for the dots, as the dense per-layer cache is kept) measured no faster than this
 token-major one on the 87M-shaped model at batch 1 and 8 (interleaved runs, within the noise of a shared machine;
-BENCHMARKS.md's Serving section), so the pool keeps the kernels' own page layout.
+BENCHMARKS.md's Serving section), so the pool keeps the kernels' own page layout. XLA:CPU copies the gathered
+pages into the dots' order ([B, kv_heads, tokens, head_dim], the values [B, kv_heads, head_dim, tokens]) every
+layer and step; attending by multiply-and-reduce over the gathered pages as they come instead (no such copies)
+measured the same step time (BENCHMARKS.md's Decode section), so the attention stays the kernels' XLA path.
 
 Same math and contract as `paged_extend` (the layer math is the model's own `decoder_block`); the engine tests
 (tests/test_batching.py) run it on CPU against transformers' greedy answers and `generate`, and the mesh and
@@ -28,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
+from phi4_jax.inference.cpu_weights import cpu_layer, cpu_lm_head
 from phi4_jax.inference.paged_cache import PagedKV, paged_implementation, paged_write_targets
 from phi4_jax.model.config import Phi4Config
 from phi4_jax.model.decoder import decoder_block, embed_tokens, fuse_projections, logits_from_hidden, rms_norm, rope
@@ -38,8 +43,9 @@ PER_LAYER_MAX_MEMORY_FRACTION = 0.25   # of physical memory: the most a second c
 def per_layer_decode(params, config: Phi4Config, shard) -> bool:
     """Whether the engine keeps the per-layer layout (see the module docstring): on the CPU backend, unsharded,
     with XLA's paged attention (not a Pallas kernel), plain array weights, and when the copy of the layer weights
-    takes at most `PER_LAYER_MAX_MEMORY_FRACTION` of physical memory. GPUs and TPUs fuse the slice into the
-    matmul, and a sharded or large model keeps the stacked layout (no second copy of the weights)."""
+    and the lm_head's transposed copy take at most `PER_LAYER_MAX_MEMORY_FRACTION` of physical memory. GPUs and
+    TPUs fuse the slice into the matmul, and a sharded or large model keeps the stacked layout (no second copy of
+    the weights)."""
     if shard is not None or config.kernel_interpret or paged_implementation(config) in ("pallas", "pallas_gpu"):
         return False
     layers = jax.tree.leaves(params["layers"])
@@ -47,7 +53,8 @@ def per_layer_decode(params, config: Phi4Config, shard) -> bool:
         return False
     if any(d.platform != "cpu" for w in layers for d in w.devices()):
         return False
-    layer_bytes = sum(w.size * w.dtype.itemsize for w in layers)
+    copied = layers + ([params["lm_head"]] if isinstance(params["lm_head"], jax.Array) else [])
+    layer_bytes = sum(w.size * w.dtype.itemsize for w in copied)
     try:
         physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -56,11 +63,21 @@ def per_layer_decode(params, config: Phi4Config, shard) -> bool:
 
 
 def per_layer_params(params):
-    """The model's params with the stacked layers as a list of per-layer dicts, q/k/v and gate/up fused (a copy
-    of the layer weights; the embedding, final norm and lm_head are shared, not copied)."""
-    n = jax.tree.leaves(params["layers"])[0].shape[0]
-    layers = [fuse_projections(jax.tree.map(lambda w, i=i: w[i], params["layers"])) for i in range(n)]
-    return dict(params, layers=layers)
+    """The model's params with the stacked layers as a list of per-layer dicts, q/k/v and gate/up fused, in the
+    CPU weight layout (`cpu_weights`): a copy of the layer weights and a transposed copy of the lm_head, made in
+    one compiled program (`_copies`); the embedding, the final norm and the lm_head's own array are the model's,
+    not copied."""
+    layers, head_rows = _copies(params["layers"], params["lm_head"])
+    head = params["lm_head"] if head_rows is None else cpu_lm_head(params["lm_head"], head_rows)
+    return dict(params, layers=layers, lm_head=head)
+
+
+@jax.jit
+def _copies(stacked_layers, lm_head):
+    """(per-layer dicts in the CPU layout, the lm_head transposed or None when it is a weight object)."""
+    n = jax.tree.leaves(stacked_layers)[0].shape[0]
+    layers = [cpu_layer(fuse_projections(jax.tree.map(lambda w, i=i: w[i], stacked_layers))) for i in range(n)]
+    return layers, (jnp.transpose(lm_head) if isinstance(lm_head, jax.Array) else None)
 
 
 def init_pages_per_layer(config: Phi4Config, num_pages: int, page_size: int, dtype=None) -> PagedKV:

@@ -1,0 +1,101 @@
+"""The serving engine's CPU weight layout: every matrix as a 2-D array, the lm_head also stored transposed.
+
+`MatrixWeight` plugs into the model through `model.linear`'s weight-object hook (``linear_einsum``), so the layer
+math stays the model's own `decoder_block`; `cpu_layer` and `cpu_lm_head` make the engine's copy
+(`paged_layers.per_layer_params`).
+
+Why (XLA:CPU, jax 0.10.2; profiles and numbers in BENCHMARKS.md's Decode section):
+- A weight with two contracted axes (o_proj [Hq, D, E]) made XLA:CPU permute it to [D, Hq, E] and copy it before
+  every decode step's dot (a `copy_bitcast_fusion` per layer and step), and the attention output with it. As a
+  [Hq * D, E] matrix, with x flattened to [M, Hq * D], the product is one dot with nothing copied.
+- For a wide output (the lm_head: [E, vocab]) and more than one row, XLA:CPU's dot is faster with the weight
+  stored [N, K] (PyTorch's [out, in]), computed as ``W_t [N, K] . x [M, K]`` contracting K on both (output
+  [N, M], then the small result transposed); for one row the [K, N] layout is as fast or faster. So the lm_head
+  keeps both: ``matrix`` (the model's own array, shared, not copied) for one-row products and ``rows`` (a copy)
+  for more. The layer matrices were measured either way round in both layouts (shape- and row-count-dependent,
+  within the noise for the 87M benchmark's), so they stay [K, N] only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# Every matrix in a per-layer layer dict and how many leading axes of it are contracted (its "in" axes).
+IN_AXES = {"qkv_proj": 1, "q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2,
+           "gate_up_proj": 1, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
+_EINSUM_KWARGS = ("preferred_element_type", "precision")
+
+
+class MatrixWeightError(ValueError):
+    """A product a `MatrixWeight` cannot compute (an einsum that is not x[..., in] times W[in, out])."""
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["matrix", "rows"],
+                   meta_fields=["in_shape", "out_shape"])
+@dataclasses.dataclass(frozen=True)
+class MatrixWeight:
+    """A matrix W of our [*in_shape, *out_shape] layout as `matrix` [K, N] (K = prod(in_shape), N =
+    prod(out_shape)) and/or `rows` [N, K] (transposed; None when not kept). ``linear_einsum`` computes
+    ``einsum(equation, x, W)``: from `rows` when x has more than one row (or there is no `matrix`), else from
+    `matrix`."""
+    matrix: Any
+    rows: Any
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, w, n_in: int, *, matrix: bool = True, rows: bool = False) -> "MatrixWeight":
+        """W [*in, *out] (its first `n_in` axes contracted), kept as `matrix` (a reshape of w) and/or `rows`
+        (a transposed copy)."""
+        if not (matrix or rows):
+            raise MatrixWeightError("a MatrixWeight needs the matrix, the rows, or both")
+        in_shape, out_shape = tuple(w.shape[:n_in]), tuple(w.shape[n_in:])
+        m = w.reshape(math.prod(in_shape), math.prod(out_shape))
+        return cls(m if matrix else None, jnp.transpose(m) if rows else None, in_shape, out_shape)
+
+    def linear_einsum(self, equation: str, x, compute_dtype, **einsum_kwargs):
+        """``einsum(equation, x, W)`` for an equation that contracts x's trailing axes with W's `in` axes and
+        appends W's `out` axes to x's others (every product in `decoder`), as one 2-D dot of x [M, K]."""
+        lhs, out = equation.replace(" ", "").split("->")
+        xs, ws = lhs.split(",")
+        n_in = len(self.in_shape)
+        w_in, w_out = ws[:n_in], ws[n_in:]
+        if (len(ws) != n_in + len(self.out_shape) or not xs.endswith(w_in)
+                or out != xs[:len(xs) - n_in] + w_out):
+            raise MatrixWeightError(f"einsum {equation!r} is not x[..., in] @ W[in, out] for a weight of input "
+                                    f"shape {self.in_shape} and output shape {self.out_shape}")
+        unknown = sorted(set(einsum_kwargs) - set(_EINSUM_KWARGS))
+        if unknown:
+            raise MatrixWeightError(f"einsum arguments {unknown} are not supported by MatrixWeight")
+        if tuple(x.shape[x.ndim - n_in:]) != self.in_shape:
+            raise MatrixWeightError(f"einsum {equation!r}: x's contracted axes {tuple(x.shape[x.ndim - n_in:])} "
+                                    f"do not match the weight's input shape {self.in_shape}")
+        lead = tuple(x.shape[:x.ndim - n_in])
+        x2 = x.reshape(math.prod(lead), math.prod(self.in_shape)).astype(compute_dtype)
+        kw = {k: einsum_kwargs.get(k) for k in _EINSUM_KWARGS}
+        if self.rows is not None and (self.matrix is None or x2.shape[0] > 1):
+            y = jnp.transpose(jax.lax.dot_general(self.rows.astype(compute_dtype), x2, (((1,), (1,)), ((), ())),
+                                                  **kw))                                         # [N, M] -> [M, N]
+        else:
+            y = jax.lax.dot_general(x2, self.matrix.astype(compute_dtype), (((1,), (0,)), ((), ())), **kw)
+        return y.reshape(lead + self.out_shape)
+
+
+def cpu_layer(layer):
+    """One unstacked layer dict (`paged_layers.per_layer_params`) with every plain matrix as a `MatrixWeight`
+    [K, N] (a reshape, no transposed copy). Norms stay as they are; weight objects (quantized, LoRA) are left
+    alone."""
+    return {name: (MatrixWeight.of(w, IN_AXES[name]) if name in IN_AXES and isinstance(w, jax.Array) else w)
+            for name, w in layer.items()}
+
+
+def cpu_lm_head(lm_head, rows):
+    """The lm_head [E, vocab] as a `MatrixWeight` with both layouts: `matrix` is lm_head itself (not copied) and
+    `rows` its transpose [vocab, E] (``jnp.transpose(lm_head)``, made by the caller, under its jit)."""
+    return MatrixWeight(lm_head, rows, tuple(lm_head.shape[:1]), tuple(lm_head.shape[1:]))
