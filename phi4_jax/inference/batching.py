@@ -45,10 +45,11 @@ program of the 87M-shaped bench model, hidden 384, 6 layers, vocab 100352, minim
 2933 prompt tokens/s, [1, 256] 3971, [1, 512] 1652, two requests' chunks in one program [2, 128] 2879, [4, 64] 2423;
 with the 8K vocabulary (15 runs) [1, 128] 3956, [1, 256] 4267, [1, 512] 1075, [2, 128] 4118. So a larger chunk
 pays up to 256 tokens (the lm_head and the per-step work are paid once per chunk) and not beyond (XLA:CPU is
-several times slower per token at 512): DEFAULT_MAX_PREFILL_CHUNK is 256. Several requests' chunks in one program
-cost what the same chunks cost one after another (a prefill's cost is its tokens, whichever request they belong
-to) and would multiply the compiled shapes by prefill row buckets, so a step prefills one request's chunk; requests
-whose prefill is done decode together.
+several times slower per token at 512): max_prefill_chunk defaults to IDLE_CHUNK_FACTOR (2) x prefill_chunk, 256
+for the CLI's and `generate`'s 128 (a larger default would also add prefill programs to compile). Several
+requests' chunks in one program cost what the same chunks cost one after another (a prefill's cost is its tokens,
+whichever request they belong to) and would multiply the compiled shapes by prefill row buckets, so a step
+prefills one request's chunk; requests whose prefill is done decode together.
 
 Sampling follows `sampling.sample_rows` with per-request settings (temperature, top_k, top_p) and keys: the k-th
 new token of a request with seed s is drawn with key fold_in(key(s), k), as `generate(..., seed=[s])` draws it (a
@@ -114,7 +115,7 @@ from phi4_jax.model.decoder import hidden_states, logits_from_hidden
 
 MAX_TOP_LOGPROBS = 20            # the most alternatives a request may ask for (the OpenAI API's limit)
 MIN_CHUNK_BUCKET = 16
-DEFAULT_MAX_PREFILL_CHUNK = 256  # the chunk while nothing decodes (measured: see the module docstring)
+IDLE_CHUNK_FACTOR = 2           # max_prefill_chunk's default, times prefill_chunk (see the module docstring)
 DEFAULT_PAGE_SIZE = 16
 MIN_PROMPT_LOGPROBS_BUCKET = 32
 PROMPT_LOGPROBS_ROWS = 128      # prompt positions whose [rows, vocab] log-softmax exists at once
@@ -405,8 +406,8 @@ class ContinuousBatchingEngine:
         where the backend reports it, else enough pages for max_batch requests of max_context tokens).
       prefill_chunk: most prompt tokens prefilled per engine step while some request decodes (at most
         max_context): bounds how long a prefill holds up the running streams.
-      max_prefill_chunk: most prompt tokens prefilled per engine step while no request decodes (default: the
-        larger of prefill_chunk and DEFAULT_MAX_PREFILL_CHUNK; at most max_context).
+      max_prefill_chunk: most prompt tokens prefilled per engine step while no request decodes (default:
+        IDLE_CHUNK_FACTOR x prefill_chunk; at least prefill_chunk, at most max_context).
       max_queue: most requests waiting for a slot; `submit` raises QueueFullError beyond it.
       mesh: a jax Mesh to shard the page pool (kv heads) and activations over (rules: `serving_rules(rules)`); the
         model's parameters should be sharded on it already (`load_model(..., mesh=...)`).
@@ -803,10 +804,10 @@ class ContinuousBatchingEngine:
         return row
 
     def _max_prefill_chunk(self, value) -> int:
-        """max_prefill_chunk as the engine takes it: default max(prefill_chunk, DEFAULT_MAX_PREFILL_CHUNK), at
-        least prefill_chunk, capped at max_context."""
+        """max_prefill_chunk as the engine takes it: default IDLE_CHUNK_FACTOR x prefill_chunk, at least
+        prefill_chunk, capped at max_context."""
         if value is None:
-            value = max(self.prefill_chunk, DEFAULT_MAX_PREFILL_CHUNK)
+            value = IDLE_CHUNK_FACTOR * self.prefill_chunk
         check_integer(value, "max_prefill_chunk", GenerationError)
         if value < self.prefill_chunk:
             raise GenerationError(f"max_prefill_chunk must be >= prefill_chunk ({self.prefill_chunk}), got {value}")
@@ -862,7 +863,8 @@ class ContinuousBatchingEngine:
         row bucket (`row_buckets`) at each table width, and each prefill-chunk bucket [1, size] (`_chunk_buckets`)
         at each width that holds the chunk. So len(row_buckets) x len(table_widths) decode programs and at most
         len(_chunk_buckets) x len(table_widths) prefill programs: for max_batch 8, max_context 16384 and pages of
-        16 tokens, 4 x 7 + 5 x 7 = 63 (35 before row buckets and the larger idle chunk); 77 for max_batch 32."""
+        16 tokens (prefill_chunk 128, max_prefill_chunk 256), 4 x 7 + 5 x 7 = 63 (35 before row buckets and the
+        idle chunk); 77 for max_batch 32."""
         decode = [(rows, 1, w) for rows in self.row_buckets() for w in self.table_widths()]
         prefill = [(1, size, w) for size in self._chunk_buckets() for w in self.table_widths()
                    if w >= self._width(size)]
