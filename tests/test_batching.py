@@ -255,8 +255,9 @@ def test_decode_program_is_sized_to_the_running_rows(engine, converted, prompts,
     """One request decodes in the one-row program; a step's n decoding requests run the smallest row bucket that
     holds them, in its first rows; prefill chunks are IDLE_CHUNK tokens while nothing decodes, CHUNK while some
     request does. Answers stay the single-request ones."""
-    fresh = [310] + prompts[2][1:]          # 300 tokens none of whose pages is in the prefix cache
-    want = phi4_jax.generate(converted[0], [fresh], max_new_tokens=NEW, stop_tokens=[])[0]
+    fresh, joining = ([first] + prompts[2][1:] for first in (310, 309))   # 300 tokens, no page in the prefix cache
+    want, want_joining = (phi4_jax.generate(converted[0], [p], max_new_tokens=NEW, stop_tokens=[])[0]
+                          for p in (fresh, joining))
     steps, shapes = record_steps(engine, monkeypatch)
     cache_size = batching.engine_step._cache_size()
     assert run(engine, GenerationRequest(fresh, NEW))[0] == want
@@ -267,8 +268,8 @@ def test_decode_program_is_sized_to_the_running_rows(engine, converted, prompts,
     assert len(decode_shapes) == NEW - 1 and {rows for rows, _, _ in decode_shapes} == {1}
 
     steps.clear()
-    streams = [engine.submit(GenerationRequest(prompts[i], NEW)) for i in (0, 2, 3, 1)]
-    assert [[e.token_id for e in s] for s in streams] == [references[i] for i in (0, 2, 3, 1)]
+    streams = [engine.submit(GenerationRequest(p, NEW)) for p in (prompts[0], joining, prompts[3], prompts[1])]
+    assert [[e.token_id for e in s] for s in streams] == [references[0], want_joining, references[3], references[1]]
     assert wait_until(lambda: engine._pending is None)
     monkeypatch.undo()
     assert batching.engine_step._cache_size() == cache_size             # no new program
