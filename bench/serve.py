@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     engine = ContinuousBatchingEngine(model, max_batch=args.max_batch, max_context=max_context,
                                       prefill_chunk=128, max_queue=max(clients) * 2)
     start = time.perf_counter()
-    engine.start()
+    engine.start(progress=True)
     warmup_s = time.perf_counter() - start
     rows = []
     with serve_in_thread(create_app(engine, Tokenizer(), "bench")) as url:

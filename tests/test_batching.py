@@ -16,6 +16,7 @@ import pytest
 from hf_models import convert_tiny_phi3, hf_logits
 
 import phi4_jax
+from phi4_jax.inference import batching
 from phi4_jax.inference.batching import ContinuousBatchingEngine, GenerationRequest
 from phi4_jax.inference.errors import ContextLengthError, GenerationError, QueueFullError
 
@@ -23,6 +24,7 @@ PAGE = 16
 MAX_BATCH = 3
 MAX_CONTEXT = 512
 CHUNK = 64
+IDLE_CHUNK = 128      # max_prefill_chunk: the chunk while nothing decodes
 NEW = 20
 
 
@@ -36,7 +38,7 @@ def converted(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(converted):
     eng = ContinuousBatchingEngine(converted[0], max_batch=MAX_BATCH, max_context=MAX_CONTEXT, page_size=PAGE,
-                                   prefill_chunk=CHUNK)
+                                   prefill_chunk=CHUNK, max_prefill_chunk=IDLE_CHUNK)
     eng.start()
     yield eng
     eng.shutdown()
@@ -45,7 +47,7 @@ def engine(converted):
 @pytest.fixture(scope="module")
 def prompts():
     rng = np.random.default_rng(11)
-    return [rng.integers(3, 311, n).tolist() for n in (3, 29, 300, 70, 45)]   # 300: five prefill chunks
+    return [rng.integers(3, 311, n).tolist() for n in (3, 29, 300, 70, 45)]   # 300: 3-5 prefill chunks
 
 
 @pytest.fixture(scope="module")
@@ -203,14 +205,37 @@ def test_logprobs_match_transformers(engine, converted, prompts):
         assert [i for i, _ in echo[s].top_logprobs] == np.argsort(-logp[s - 1])[:2].tolist()
 
 
-def test_no_recompilation_after_warmup(engine, prompts):
-    """New prompt lengths, budgets, sampling settings, logprobs and prefix hits compile nothing new."""
+def record_steps(engine, monkeypatch) -> list:
+    """Records (prefill chunk or None, decode rows, decoding requests) of every step `engine` dispatches from now
+    on, and the shape (rows, tokens, table width) of every program it runs."""
+    steps, shapes = [], []
+    plan, dispatch = engine._plan, engine._dispatch
+
+    def record_plan():
+        step = plan()
+        if step is not None:
+            steps.append((step.chunk, len(step.decoding), sum(r is not None for r in step.decoding), step))
+        return step
+
+    def record_dispatch(rows, tokens, *args):
+        shapes.append((len(rows), tokens.shape[1], args[-1]))
+        return dispatch(rows, tokens, *args)
+
+    monkeypatch.setattr(engine, "_plan", record_plan)
+    monkeypatch.setattr(engine, "_dispatch", record_dispatch)
+    return steps, shapes
+
+
+def test_no_recompilation_after_warmup(engine, prompts, monkeypatch):
+    """New prompt lengths, budgets, sampling settings, logprobs and prefix hits compile nothing new, and the steps
+    ran every decode row bucket (1, 2 and 3 requests decoding), each a shape `program_shapes` lists."""
     compiles = []
 
     def listener(event, duration, **kwargs):
         if event == "/jax/core/compile/backend_compile_duration":
             compiles.append(event)
 
+    steps, shapes = record_steps(engine, monkeypatch)
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         streams = [engine.submit(GenerationRequest(p[:n], k, temperature=t, top_p=tp, seed=s, logprobs=lp))
@@ -220,9 +245,77 @@ def test_no_recompilation_after_warmup(engine, prompts):
                                                  (prompts[2], 250, 4, 0.0, 1.0, None, None)]]
         for s in streams:
             assert len(list(s)) > 0
+        assert wait_until(lambda: engine._pending is None)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
+    assert engine.row_buckets() == [1, 2, 3]
+    assert {rows for _, rows, _, _ in steps} == {0, 1, 2, 3}
+    assert set(shapes) <= set(engine.program_shapes())
+
+
+def test_decode_program_is_sized_to_the_running_rows(engine, converted, prompts, references, monkeypatch):
+    """One request decodes in the one-row program; a step's n decoding requests run the smallest row bucket that
+    holds them, in its first rows; prefill chunks are IDLE_CHUNK tokens while nothing decodes, CHUNK while some
+    request does. Answers stay the single-request ones."""
+    fresh, joining = ([first] + prompts[2][1:] for first in (310, 309))   # 300 tokens, no page in the prefix cache
+    want, want_joining = (phi4_jax.generate(converted[0], [p], max_new_tokens=NEW, stop_tokens=[])[0]
+                          for p in (fresh, joining))
+    steps, shapes = record_steps(engine, monkeypatch)
+    cache_size = batching.engine_step._cache_size()
+    assert run(engine, GenerationRequest(fresh, NEW))[0] == want
+    assert wait_until(lambda: engine._pending is None)
+    alone = list(steps)
+    assert [chunk for chunk, _, _, _ in alone if chunk is not None] == [128, 128, 300 - 256]
+    decode_shapes = [s for s in shapes if s[1] == 1]
+    assert len(decode_shapes) == NEW - 1 and {rows for rows, _, _ in decode_shapes} == {1}
+
+    steps.clear()
+    streams = [engine.submit(GenerationRequest(p, NEW)) for p in (prompts[0], joining, prompts[3], prompts[1])]
+    assert [[e.token_id for e in s] for s in streams] == [references[0], want_joining, references[3], references[1]]
+    assert wait_until(lambda: engine._pending is None)
+    monkeypatch.undo()
+    assert batching.engine_step._cache_size() == cache_size             # no new program
+    for chunk, rows, decoding, step in alone + steps:
+        assert rows == (next(b for b in engine.row_buckets() if b >= decoding) if decoding else 0)
+        assert all(r is not None for r in step.decoding[:decoding])     # the first rows, then idle ones
+        assert not any(step.decoding[decoding:])
+        if chunk is not None:
+            assert chunk <= (CHUNK if decoding else IDLE_CHUNK)
+    assert {rows for _, rows, _, _ in steps} >= {1, 2, 3}
+    assert any(chunk == CHUNK and decoding for chunk, _, decoding, _ in steps)   # a long prompt joined mid-stream
+
+
+def test_seeded_sampling_does_not_depend_on_the_row(engine, converted, prompts, references, monkeypatch):
+    """A seeded sampled request draws its k-th token with fold_in(key(seed), k) whichever row it sits in: alone,
+    and among requests joining and leaving (which move it between rows and row buckets), its tokens are the same,
+    and they are that definition applied to transformers' logits (temperature 0.8, no top-k/top-p)."""
+    model, hf_model = converted
+    seed, temperature = 77, 0.8
+    sampled = dict(temperature=temperature, seed=seed)
+    alone = [e.token_id for e in engine.submit(GenerationRequest(prompts[3], NEW, **sampled))]
+    seq = prompts[3] + alone
+    logits = hf_logits(hf_model, [seq])[0, len(prompts[3]) - 1:-1] / temperature
+    want = [int(jax.random.categorical(jax.random.fold_in(jax.random.key(seed), k), jnp.asarray(row)))
+            for k, row in enumerate(logits)]
+    assert alone == want
+
+    steps, _ = record_steps(engine, monkeypatch)
+    first = engine.submit(GenerationRequest(prompts[0], 6))                  # leaves early: the others move up
+    got_first = [next(first).token_id]
+    other = engine.submit(GenerationRequest(prompts[1], NEW, temperature=1.1, top_p=0.7, seed=5))
+    target = engine.submit(GenerationRequest(prompts[3], NEW, **sampled))
+    late = engine.submit(GenerationRequest(prompts[4], 8))                  # waits for a slot, joins mid-stream
+    got = [e.token_id for e in target]
+    assert got_first + [e.token_id for e in first] == references[0][:6]
+    assert [e.token_id for e in late] == references[4][:8]
+    list(other)
+    assert wait_until(lambda: engine._pending is None)
+    monkeypatch.undo()
+    assert got == alone
+    places = {(step.decoding.index(r), rows) for _, rows, _, step in steps for r in step.decoding
+              if r is not None and r.stream is target}
+    assert len({row for row, _ in places}) >= 2 and len({rows for _, rows in places}) >= 2, places
 
 
 # ----------------------------------------------------------------------------- limits and bad input
@@ -385,7 +478,8 @@ def test_next_step_is_dispatched_before_the_previous_tokens_are_fetched(engine, 
     for positions, width in widths:
         assert width == (256 // PAGE if positions <= 256 else MAX_CONTEXT // PAGE), positions
     assert {w for _, w in widths} == {256 // PAGE, MAX_CONTEXT // PAGE}
-    assert len(engine.program_shapes()) == 2 + 3 * 2   # decode at 2 widths, 3 chunk buckets at 2 widths
+    # decode: 3 row buckets at 2 widths; prefill: 4 chunk buckets (16, 32, 64, 128) at 2 widths
+    assert len(engine.program_shapes()) == 3 * 2 + 4 * 2
 
 
 # ----------------------------------------------------------------------------- pages on demand, preemption

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     engine = ContinuousBatchingEngine(model, max_batch=args.max_batch, max_context=max_context,
                                       prefill_chunk=128, max_queue=args.max_queue, cache_dtype=args.kv_cache_dtype)
     print("compiling the engine's programs ...", file=sys.stderr, flush=True)
-    engine.start()
+    engine.start(progress=True)
     try:
         engine.warmup_prompt_logprobs(progress=True)   # so echo + logprobs (lm-eval) compiles nothing
         app = create_app(engine, tokenizer, name, max_context=max_context)

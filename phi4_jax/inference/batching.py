@@ -9,22 +9,30 @@ async) of `TokenEvent`s. A background thread (`start()`) runs the step loop; eac
    served) into free slots while the pool has pages for their prompt: the longest cached prefix of the prompt's
    full pages is taken from the prefix cache (not prefilled again), and pages for the rest of the prompt are taken
    (pages for new tokens come one at a time, as the request needs them);
-2. prefills one chunk (at most `prefill_chunk` tokens, padded to a bucket: powers of two from 16, and
-   `prefill_chunk`) of the oldest request still prefilling; the chunk that ends its prompt samples its first token;
-3. runs one decode step for every request that is decoding: one token per slot, all slots in one program.
+2. prefills one chunk of the oldest request still prefilling: at most `prefill_chunk` tokens while some request
+   decodes (so running streams wait at most one chunk per token), at most `max_prefill_chunk` while none does,
+   padded to a bucket (powers of two from 16, `prefill_chunk` and `max_prefill_chunk`); the chunk that ends its
+   prompt samples its first token;
+3. runs one decode step for every request that is decoding, one token each, in one program sized to them (row
+   buckets: powers of two up to max_batch, and max_batch): the n decoding requests take the first n rows of the
+   smallest bucket that holds them, so one request runs a one-row program, not max_batch rows. A request's row may
+   change from step to step (its keys/values are in the shared page pool, reached through its block table; its
+   sampling key and step go with it).
 
 So new requests join and finished ones leave the running batch at token granularity, and a long prompt does not
-starve running streams (they advance every step). Every program has a fixed shape (the decode step [max_batch,
-1]; a prefill chunk [1, bucket]; block tables [*, width] with the width bucketed: powers of two of pages from
+starve running streams (they advance every step). Every program has a fixed shape (the decode step [row bucket,
+1]; a prefill chunk [1, chunk bucket]; block tables [*, width] with the width bucketed: powers of two of pages from
 MIN_TABLE_TOKENS' worth up to max_context / page_size, the narrowest that holds the step's positions, so attention
-costs the pages in use, not max_context), sampling settings are per-slot arrays, so nothing recompiles per request
-(`start` compiles every shape in `program_shapes` first).
+costs the pages in use, not max_context), sampling settings are per-row arrays, so nothing recompiles per request
+(`start` compiles every shape in `program_shapes` first: row buckets x table widths decode programs plus chunk
+buckets x table widths prefill programs).
 
 Dispatch-ahead: step k+1 is dispatched before step k's tokens are fetched. Its decode rows take their input token
-from step k's sampled tokens still on the device (`engine_step`'s `feed`), so the host only uploads block tables
-and settings and reads each step's tokens (with their logprobs, one transfer) one step behind, for streaming and
-stop checks. The host knows each request's positions and budget ahead; only a stop token is learned late: a
-request that stopped at step k has had step k+1 computed, whose token is dropped (never streamed) and whose
+from step k's sampled tokens still on the device (`engine_step`'s `feed`; every program returns them padded to
+max_batch, so the fed-token inputs have one shape whatever the rows of either step), so the host only uploads
+block tables and settings and reads each step's tokens (with their logprobs, one transfer) one step behind, for
+streaming and stop checks. The host knows each request's positions and budget ahead; only a stop token is learned
+late: a request that stopped at step k has had step k+1 computed, whose token is dropped (never streamed) and whose
 key/value went into its own page past what the prefix cache holds; its slot and pages are freed when step k is
 read. Cancelling frees them at once the same way (later steps are queued after the in-flight one).
 
@@ -34,9 +42,16 @@ on a mesh; see `paged_cache.attend_pages`). On the CPU
 backend (`paged_layers.per_layer_decode`'s rule) the engine keeps its own per-layer copy of the layer weights and a
 per-layer page pool, made once at construction (`paged_layers`), and runs `paged_layers.paged_extend_per_layer`.
 
-One prefill chunk per step: chunks of several waiting requests in one program would multiply the compiled shapes
-(rows x chunk buckets x table widths) while on a CPU a prefill's cost grows with its tokens whichever request they
-belong to, so it would save dispatches, not compute; requests whose prefill is done decode together.
+Prefill chunk sizes and one chunk per step, measured on the CPU backend (2 shared cores, load 10-13; a prefill
+program of the 87M-shaped bench model, hidden 384, 6 layers, vocab 100352, minimum of 9 interleaved runs): [1, 128]
+2933 prompt tokens/s, [1, 256] 3971, [1, 512] 1652, two requests' chunks in one program [2, 128] 2879, [4, 64] 2423;
+with the 8K vocabulary (15 runs) [1, 128] 3956, [1, 256] 4267, [1, 512] 1075, [2, 128] 4118. So a larger chunk
+pays up to 256 tokens (the lm_head and the per-step work are paid once per chunk) and not beyond (XLA:CPU is
+several times slower per token at 512): max_prefill_chunk defaults to IDLE_CHUNK_FACTOR (2) x prefill_chunk, 256
+for the CLI's and `generate`'s 128 (a larger default would also add prefill programs to compile). Several
+requests' chunks in one program cost what the same chunks cost one after another (a prefill's cost is its tokens,
+whichever request they belong to) and would multiply the compiled shapes by prefill row buckets, so a step
+prefills one request's chunk; requests whose prefill is done decode together.
 
 Sampling follows `sampling.sample_rows` with per-request settings (temperature, top_k, top_p) and keys: the k-th
 new token of a request with seed s is drawn with key fold_in(key(s), k), as `generate(..., seed=[s])` draws it (a
@@ -114,6 +129,7 @@ from phi4_jax.model.decoder import hidden_states, logits_from_hidden
 
 MAX_TOP_LOGPROBS = 20            # the most alternatives a request may ask for (the OpenAI API's limit)
 MIN_CHUNK_BUCKET = 16
+IDLE_CHUNK_FACTOR = 2           # max_prefill_chunk's default, times prefill_chunk (see the module docstring)
 DEFAULT_PAGE_SIZE = 16
 MIN_PROMPT_LOGPROBS_BUCKET = 32
 PROMPT_LOGPROBS_ROWS = 128      # prompt positions whose [rows, vocab] log-softmax exists at once
@@ -294,7 +310,8 @@ class _Pending:
     decoding: list                    # the decode step's rows (None: idle)
     p_out: Any                        # device outputs of the prefill chunk / the decode step (or None)
     d_out: Any
-    carry: tuple                      # its sampled tokens as the next step reads them: (decode [B], prefill [1])
+    carry: tuple                      # its sampled tokens as the next step reads them: (decode, prefill), each
+                                      # [max_batch] whatever the step's rows (`engine_step`)
 
 
 # ----------------------------------------------------------------------------- the compiled programs
@@ -302,12 +319,14 @@ class _Pending:
 @functools.partial(jax.jit, static_argnames=("config", "top_k", "shard"), donate_argnames=("pages",))
 def engine_step(params, pages, tokens, feed, prev_decode, prev_prefill, start, n_new, block_tables, keys, steps,
                 temperature, sample_top_k, top_p, want_logprobs, *, config, top_k, shard):
-    """`paged_extend` and sample (`sample_rows`; keys: PRNG key data [B, ...]): returns (pages, token [B], its
-    logprob [B], top-k ids [B, k], logprobs [B, k]).
+    """`paged_extend` and sample (`sample_rows`; keys: PRNG key data [B, ...]): returns (pages, tokens [C], the
+    sampled token's logprob [B], top-k ids [B, k], logprobs [B, k]). tokens[:B] are the B rows' sampled tokens,
+    zero-padded to C = len(prev_decode) (the engine's max_batch), so that the next step's fed-token inputs have one
+    shape whatever this step's rows (no program shape multiplies by the previous step's).
 
     Row b's first token is tokens[b, 0] where feed[b] < 0, else entry feed[b] of the previous step's sampled tokens
-    (still on the device: the host has not fetched them yet): its decode step's prev_decode [max_batch], then its
-    prefill chunk's prev_prefill [1]. Params in the per-layer layout (a list of layers,
+    (still on the device: the host has not fetched them yet): its decode step's prev_decode [C], then its prefill
+    chunk's prev_prefill. Params in the per-layer layout (a list of layers,
     `paged_layers.per_layer_params`) take `paged_extend_per_layer`, stacked ones `paged_extend`. The logprobs are
     computed only when `want_logprobs` (a traced bool: some row asked for them), else zeros."""
     with mesh_rules_context(shard):
@@ -316,6 +335,7 @@ def engine_step(params, pages, tokens, feed, prev_decode, prev_prefill, start, n
         extend = paged_extend_per_layer if isinstance(params["layers"], list) else paged_extend
         pages, logits = extend(params, pages, tokens, start, n_new, block_tables, config)
         token = sample_rows(logits, jax.random.wrap_key_data(keys), steps, temperature, sample_top_k, top_p)
+        padded = jnp.zeros(prev_decode.shape, jnp.int32).at[:token.shape[0]].set(token)
 
         def logprobs():
             logp = jax.nn.log_softmax(logits, axis=-1)
@@ -327,7 +347,7 @@ def engine_step(params, pages, tokens, feed, prev_decode, prev_prefill, start, n
             b = logits.shape[0]
             return (jnp.zeros((b,), jnp.float32), jnp.zeros((b, top_k), jnp.int32), jnp.zeros((b, top_k), jnp.float32))
 
-        return pages, token, *jax.lax.cond(want_logprobs, logprobs, none)
+        return pages, padded, *jax.lax.cond(want_logprobs, logprobs, none)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "top_k", "rows", "shard"))
@@ -397,7 +417,10 @@ class ContinuousBatchingEngine:
       page_size: tokens per KV page.
       kv_cache_bytes: the page pool's size in bytes (default: KV_MEMORY_FRACTION of the device's free memory
         where the backend reports it, else enough pages for max_batch requests of max_context tokens).
-      prefill_chunk: most prompt tokens prefilled per engine step (at most max_context).
+      prefill_chunk: most prompt tokens prefilled per engine step while some request decodes (at most
+        max_context): bounds how long a prefill holds up the running streams.
+      max_prefill_chunk: most prompt tokens prefilled per engine step while no request decodes (default:
+        IDLE_CHUNK_FACTOR x prefill_chunk; at least prefill_chunk, at most max_context).
       max_queue: most requests waiting for a slot; `submit` raises QueueFullError beyond it.
       mesh: a jax Mesh to shard the page pool (kv heads) and activations over (rules: `serving_rules(rules)`); the
         model's parameters should be sharded on it already (`load_model(..., mesh=...)`).
@@ -408,7 +431,7 @@ class ContinuousBatchingEngine:
     """
 
     def __init__(self, model, *, max_batch=8, max_context=None, page_size=DEFAULT_PAGE_SIZE, kv_cache_bytes=None,
-                 prefill_chunk=128, max_queue=64, mesh=None, rules=None, cache_dtype=None):
+                 prefill_chunk=128, max_queue=64, mesh=None, rules=None, cache_dtype=None, max_prefill_chunk=None):
         self.params, self.config = model_params_config(model)
         limit = self.config.max_position_embeddings
         for name, value in (("max_batch", max_batch), ("page_size", page_size), ("prefill_chunk", prefill_chunk),
@@ -425,6 +448,7 @@ class ContinuousBatchingEngine:
         self.max_batch, self.max_context, self.page_size = int(max_batch), int(max_context), int(page_size)
         # A chunk never needs to be longer than the context (a longer one would pad every prefill past it).
         self.prefill_chunk, self.max_queue = min(int(prefill_chunk), self.max_context), int(max_queue)
+        self.max_prefill_chunk = self._max_prefill_chunk(max_prefill_chunk)
         self.table_width = -(-self.max_context // self.page_size)
         self.top_k = min(MAX_TOP_LOGPROBS, self.config.vocab_size)
         self.shard = None if mesh is None else MeshRules(mesh, hashable_rules(serving_rules(rules)))
@@ -473,15 +497,17 @@ class ContinuousBatchingEngine:
         # in their place would compile each program a second time.
         placement = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None
                      else jax.local_devices()[0])
-        self._zero_carry = jax.device_put((np.zeros((self.max_batch,), np.int32), np.zeros((1,), np.int32)),
-                                          placement)
+        self._zero_carry = jax.device_put((np.zeros((self.max_batch,), np.int32),) * 2, placement)
+        if mesh is None:   # a fresh pool is uncommitted, a step's output pool committed: the first program
+            self.pages = jax.device_put(self.pages, placement)   # warmed up would compile again on the first step
 
     # -- public API --
-    def start(self) -> "ContinuousBatchingEngine":
-        """Compiles every program shape, then runs the step loop in a background thread."""
+    def start(self, progress: bool = False) -> "ContinuousBatchingEngine":
+        """Compiles every program shape (`warmup`; a tqdm bar with `progress`), then runs the step loop in a
+        background thread."""
         if self._thread is not None:
             raise GenerationError("the engine is already started")
-        self.warmup()
+        self.warmup(progress)
         self._thread = threading.Thread(target=self._loop, name="phi4-engine", daemon=True)
         self._thread.start()
         return self
@@ -859,12 +885,45 @@ class ContinuousBatchingEngine:
             row[:len(pages)] = pages
         return row
 
+    def _max_prefill_chunk(self, value) -> int:
+        """max_prefill_chunk as the engine takes it: default IDLE_CHUNK_FACTOR x prefill_chunk, at least
+        prefill_chunk, capped at max_context."""
+        if value is None:
+            value = IDLE_CHUNK_FACTOR * self.prefill_chunk
+        check_integer(value, "max_prefill_chunk", GenerationError)
+        if value < self.prefill_chunk:
+            raise GenerationError(f"max_prefill_chunk must be >= prefill_chunk ({self.prefill_chunk}), got {value}")
+        return min(int(value), self.max_context)
+
     def _chunk_buckets(self) -> list[int]:
-        sizes, size = [], MIN_CHUNK_BUCKET
-        while size < self.prefill_chunk:
-            sizes.append(size)
+        """The prefill chunk lengths a step may take (a chunk is padded to the smallest that holds it): powers of
+        two from MIN_CHUNK_BUCKET, prefill_chunk and max_prefill_chunk."""
+        sizes, size = {self.prefill_chunk, self.max_prefill_chunk}, MIN_CHUNK_BUCKET
+        while size < self.max_prefill_chunk:
+            sizes.add(size)
             size *= 2
-        return sizes + [self.prefill_chunk]
+        return sorted(sizes)
+
+    def row_buckets(self) -> list[int]:
+        """The decode step's row counts: powers of two below max_batch, and max_batch. A step's decoding requests
+        take the first rows of the smallest bucket that holds them (`_decode_rows`), so one request runs a
+        one-row program, not max_batch rows."""
+        rows, n = [], 1
+        while n < self.max_batch:
+            rows.append(n)
+            n *= 2
+        return rows + [self.max_batch]
+
+    def _decode_rows(self, decoding) -> list:
+        """The decode step's rows for the decoding requests among `decoding` (one entry per slot, None where the
+        slot does not decode): those requests in slot order, then idle rows (None) up to the smallest row bucket
+        that holds them; [] when none decodes. A request's row may change from step to step: its keys/values
+        live in the shared page pool, found through its block table, and its sampling key and step go with it."""
+        active = [r for r in decoding if r is not None]
+        if not active:
+            return []
+        rows = next(n for n in self.row_buckets() if n >= len(active))
+        return active + [None] * (rows - len(active))
 
     def table_widths(self) -> list[int]:
         """The block-table widths (pages) a step may take: powers of two from MIN_TABLE_TOKENS' worth of pages,
@@ -882,16 +941,20 @@ class ContinuousBatchingEngine:
         return next(w for w in self.table_widths() if w >= pages)
 
     def program_shapes(self) -> list[tuple[int, int, int]]:
-        """(rows, new tokens, table width) of every program `warmup` compiles: the decode step [max_batch, 1] at
-        each table width, and each prefill-chunk bucket [1, size] at each width that holds the chunk."""
-        decode = [(self.max_batch, 1, w) for w in self.table_widths()]
+        """(rows, new tokens, table width) of every program `warmup` compiles: the decode step [rows, 1] for each
+        row bucket (`row_buckets`) at each table width, and each prefill-chunk bucket [1, size] (`_chunk_buckets`)
+        at each width that holds the chunk. So len(row_buckets) x len(table_widths) decode programs and at most
+        len(_chunk_buckets) x len(table_widths) prefill programs: for max_batch 8, max_context 16384 and pages of
+        16 tokens (prefill_chunk 128, max_prefill_chunk 256), 4 x 7 + 5 x 7 = 63 (35 before row buckets and the
+        idle chunk); 77 for max_batch 32."""
+        decode = [(rows, 1, w) for rows in self.row_buckets() for w in self.table_widths()]
         prefill = [(1, size, w) for size in self._chunk_buckets() for w in self.table_widths()
                    if w >= self._width(size)]
         return decode + prefill
 
     def _dispatch(self, rows, tokens, feed, carry, start, n_new, steps, width):
         """Dispatches one `engine_step` over rows (None: an idle row) with block tables `width` pages wide;
-        returns its device outputs (token, logprob, top-k ids, top-k logprobs)."""
+        returns its device outputs (tokens [max_batch], logprob, top-k ids, top-k logprobs)."""
         tables = np.stack([self._table(r, width) for r in rows])
         keys = np.stack([r.key if r is not None else np.zeros(_key_data_shape(), np.uint32) for r in rows])
         temp = np.array([r.temperature if r is not None else 0.0 for r in rows], np.float32)
@@ -903,13 +966,18 @@ class ContinuousBatchingEngine:
                                         top_k=self.top_k, shard=self.shard)
         return outs
 
-    def warmup(self) -> None:
-        """Compiles every program `program_shapes` lists (idle rows: nothing is written)."""
+    def warmup(self, progress: bool = False) -> None:
+        """Compiles every program `program_shapes` lists (idle rows: nothing is written; a tqdm bar with
+        `progress`), and the seed -> key conversion of a seeded request."""
         if self._warm:
             return
-        outs = []
+        outs = [jax.random.key_data(jax.random.key(np.uint32(0)))]
         carry = self._carry(None, None)
-        for rows, size, width in self.program_shapes():
+        shapes = self.program_shapes()
+        if progress:
+            from tqdm.auto import tqdm
+            shapes = tqdm(shapes, desc="compiling engine programs", unit="program", dynamic_ncols=True)
+        for rows, size, width in shapes:
             zeros = np.zeros(rows, np.int32)
             outs.append(self._dispatch([None] * rows, np.zeros((rows, size), np.int32), zeros - 1, carry, zeros,
                                        zeros, zeros, width))
@@ -918,8 +986,9 @@ class ContinuousBatchingEngine:
 
     def _plan(self) -> _Pending | None:
         """Under the lock: gives decoding requests their next page (`_grow_pages`, preempting when short), admits
-        waiting requests and dispatches the next step (at most one prefill chunk and one
-        decode step for every decoding slot), advancing the requests' dispatched counters. A slot whose previous
+        waiting requests and dispatches the next step (at most one prefill chunk, longer
+        when nothing decodes, and one decode step over the decoding requests in the smallest row bucket that holds
+        them: `_decode_rows`), advancing the requests' dispatched counters. A slot whose previous
         token is still on the device (the step before, not fetched yet) is fed from there. None: nothing to do."""
         self._grow_pages()
         self._admit()
@@ -938,8 +1007,9 @@ class ContinuousBatchingEngine:
             return -1
 
         p_out = chunk = None
+        rows = self._decode_rows(decoding)
         if prefill is not None:
-            chunk = min(self.prefill_chunk, len(prefill.prompt) - prefill.fed)
+            chunk = min(self.prefill_chunk if rows else self.max_prefill_chunk, len(prefill.prompt) - prefill.fed)
             size = next(s for s in self._chunk_buckets() if s >= chunk)
             p_tokens = np.zeros((1, size), np.int32)
             p_tokens[0, :chunk] = prefill.prompt[prefill.fed:prefill.fed + chunk]
@@ -951,23 +1021,23 @@ class ContinuousBatchingEngine:
             if prefill.fed == len(prefill.prompt):
                 prefill.sampled, prefill.source = prefill.sampled + 1, (step_id, self.max_batch)
         d_out = None
-        if any(r is not None for r in decoding):
-            active = [r for r in decoding if r is not None]
-            d_tokens = np.array([[r.last_token if r is not None else 0] for r in decoding], np.int32)
-            feed = np.array([feed_from(r) if r is not None else -1 for r in decoding], np.int32)
-            start = np.array([r.fed if r is not None else 0 for r in decoding], np.int32)
-            n_new = np.array([r is not None for r in decoding], np.int32)
-            steps = np.array([r.sampled if r is not None else 0 for r in decoding], np.int32)
-            d_out = self._dispatch(decoding, d_tokens, feed, carry, start, n_new, steps,
+        if rows:
+            active = [r for r in rows if r is not None]
+            d_tokens = np.array([[r.last_token if r is not None else 0] for r in rows], np.int32)
+            feed = np.array([feed_from(r) if r is not None else -1 for r in rows], np.int32)
+            start = np.array([r.fed if r is not None else 0 for r in rows], np.int32)
+            n_new = np.array([r is not None for r in rows], np.int32)
+            steps = np.array([r.sampled if r is not None else 0 for r in rows], np.int32)
+            d_out = self._dispatch(rows, d_tokens, feed, carry, start, n_new, steps,
                                    self._width(max(r.fed for r in active) + 1))
-            for b, r in enumerate(decoding):
-                if r is not None:
-                    r.fed, r.sampled, r.source = r.fed + 1, r.sampled + 1, (step_id, b)
-        return _Pending(step_id, prefill, chunk, decoding, p_out, d_out, self._carry(p_out, d_out))
+            for b, r in enumerate(active):
+                r.fed, r.sampled, r.source = r.fed + 1, r.sampled + 1, (step_id, b)
+        return _Pending(step_id, prefill, chunk, rows, p_out, d_out, self._carry(p_out, d_out))
 
     def _carry(self, p_out, d_out) -> tuple:
-        """A step's sampled tokens as the next step reads them (decode rows [max_batch], prefill row [1]); zeros
-        for a program the step did not run."""
+        """A step's sampled tokens as the next step reads them (decode rows, prefill row: each [max_batch], padded
+        by `engine_step`, so every program takes fed tokens of one shape); zeros for a program the step did not
+        run."""
         return (d_out[0] if d_out is not None else self._zero_carry[0],
                 p_out[0] if p_out is not None else self._zero_carry[1])
 
