@@ -492,6 +492,7 @@ class ContinuousBatchingEngine:
         self._warm = False
         self._order = itertools.count()
         self._step_ids = itertools.count()
+        self._steps = 0
         self._pending: _Pending | None = None     # the step dispatched last, its tokens not fetched yet
         # Placed like a step's token outputs (committed to the device / replicated on the mesh): a host array
         # in their place would compile each program a second time.
@@ -662,7 +663,7 @@ class ContinuousBatchingEngine:
     def stats(self) -> dict:
         """Counters for monitoring: queue_length, running, pages_in_use, pages_total, prefix_cache_hits (pages
         taken from the prefix cache), preemptions (running requests sent back to the queue for lack of pages),
-        tokens_generated and prefill_tokens (cumulative), max_batch."""
+        tokens_generated, prefill_tokens and steps (engine steps dispatched; cumulative), max_batch."""
         with self._lock:
             self._free_dropped_held()
             return {
@@ -676,6 +677,7 @@ class ContinuousBatchingEngine:
                 "preemptions": self._preemptions,
                 "prefill_tokens": self._prefill_tokens,
                 "tokens_generated": self._tokens_generated,
+                "steps": self._steps,
             }
 
     # -- validation --
@@ -999,6 +1001,7 @@ class ContinuousBatchingEngine:
         if prefill is None and all(r is None for r in decoding):
             return None
         pending, step_id = self._pending, next(self._step_ids)
+        self._steps += 1
         carry = pending.carry if pending is not None else self._carry(None, None)
 
         def feed_from(req: _Running) -> int:
