@@ -555,8 +555,10 @@ def test_idle_chat_session_is_evicted_for_another_one(converted):
     next turn reuses what the prefix cache still holds of its conversation (its head: pages are freed last page
     first) and answers as transformers' greedy generate."""
     from phi4_jax.inference.chat_session import ChatSession
+    from phi4_jax.model.decoder import model_from_params
 
-    model, hf_model = converted
+    # a model object of its own: `shared_engine` (one engine per model) then sizes the engine for these sessions
+    model, hf_model = model_from_params(converted[0].config, converted[0].params), converted[1]
     rng = np.random.default_rng(41)
     first, second = ChatSession(model, max_context=128, stop_tokens=[]), ChatSession(model, max_context=128,
                                                                                     stop_tokens=[])
