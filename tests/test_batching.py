@@ -513,7 +513,9 @@ def test_dropped_chat_session_releases_its_pages(converted):
 def test_held_sequence_is_evicted_before_a_running_request_is_preempted(small_pool_engine, converted, monkeypatch):
     """A request growing into the pages a HeldSequence holds evicts it (`held_evictions`) instead of preempting
     itself; resuming the evicted sequence answers the same as resuming it from its held pages, and as transformers'
-    greedy generate."""
+    greedy generate. The server's Prometheus text counts the eviction."""
+    from phi4_jax.serve.metrics import ServerMetrics
+
     eng, hf_model = small_pool_engine, converted[1]
     rng = np.random.default_rng(31)
     prompt, extra = rng.integers(3, 311, 40).tolist(), rng.integers(3, 311, 10).tolist()
@@ -536,9 +538,12 @@ def test_held_sequence_is_evicted_before_a_running_request_is_preempted(small_po
     assert again == answer and eng.stats()["pages_in_use"] == 3 and not held.evicted
     seen = record_preemptions(eng, monkeypatch)
     grower = eng.submit(GenerationRequest(rng.integers(3, 311, 40).tolist(), 60))   # 7 of the 8 pages at its end
-    eng.run_to_completion([grower])
+    steps = iter(range(200))      # it needs ~65 steps; preempting itself instead would loop for ever
+    eng.run_to_completion([grower], on_step=lambda: next(steps))
     assert grower.finish_reason == "length" and seen == []
     assert held.evicted and held.pages is None and eng.stats()["held_evictions"] == before + 1
+    text = ServerMetrics(eng).render().decode()
+    assert f"phi4_serve_held_evictions_total {float(before + 1)}" in text
     resumed = eng.submit(GenerationRequest(follow, 12), resume=held)
     eng.run_to_completion([resumed])
     assert [e.token_id for e in resumed] == want
@@ -626,25 +631,32 @@ def test_preempted_request_requeued_past_max_queue_and_counted_by_submit(one_wai
     assert_no_leak(eng)
 
 
-def test_request_cancelled_while_waiting_after_preemption(small_pool_engine, monkeypatch):
-    """A preempted request cancelled before it is re-admitted leaves the queue at once, its stream ends "cancelled"
-    after the tokens it had streamed (nothing more comes, also from its step that was in flight), nothing leaks."""
-    eng = small_pool_engine
+def test_request_cancelled_while_waiting_after_preemption(one_waiting_engine, monkeypatch):
+    """A preempted request waiting alone fills a max_queue=1 queue (a submit is refused); cancelled before it is
+    re-admitted, it leaves the queue at once, its stream ends "cancelled" after the tokens it had streamed (nothing
+    more comes, also from its step that was in flight), and nothing leaks."""
+    eng = one_waiting_engine
     rng = np.random.default_rng(61)
     seen = record_preemptions(eng, monkeypatch)
     older = eng.submit(GenerationRequest(rng.integers(3, 311, 40).tolist(), 80))    # all 8 pages at its end
-    newer = eng.submit(GenerationRequest(rng.integers(3, 311, 20).tolist(), 60))
-    cancelled = []
+    second = GenerationRequest(rng.integers(3, 311, 20).tolist(), 60)
+    streams, cancelled = [older], []
 
     def on_step(engine):
+        if len(streams) == 1 and engine.stats()["queue_length"] == 0:      # submitted once the older one is admitted
+            streams.append(engine.submit(second))
+        newer = streams[-1]
         if seen and engine.stats()["queue_length"] == 1 and not cancelled:     # preempted, not re-admitted
             assert not newer.finished
+            with pytest.raises(QueueFullError):
+                engine.submit(GenerationRequest([5, 6, 7], 1))
             streamed = newer.take_ready()
             newer.cancel()
             cancelled.append(streamed)
             assert engine.stats()["queue_length"] == 0
 
-    drive(eng, [older, newer], on_step)
+    drive(eng, streams, on_step)
+    newer = streams[1]
     assert newer.finish_reason == "cancelled" and list(newer) == []
     assert cancelled and len(cancelled[0]) == seen[-1][1] == newer.completion_tokens > 0
     assert older.finish_reason == "length" and older.completion_tokens == 80
@@ -668,8 +680,11 @@ def test_mixed_workload_leaks_no_page(small_pool_engine):
     evicted = [s.held for s in (holds[2], resumed) if s.held.evicted]
     for held in evicted:
         eng.run_to_completion([eng.submit(GenerationRequest(held.tokens + [5], 3), resume=held)])
-    eng.release_soon(resumed.held)
+    last = eng.submit(GenerationRequest([3, 4, 5, 6], 4), hold=True)
+    eng.run_to_completion([last])
+    eng.release_soon(last.held)             # as a dropped ChatSession's finalizer does
     eng.release(holds[2].held)
+    eng.release(resumed.held)
     stats = eng.stats()
     assert to_cancel.finish_reason == "cancelled" and stats["preemptions"] > start["preemptions"]
     assert stats["held_evictions"] > start["held_evictions"] and evicted
