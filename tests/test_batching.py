@@ -600,3 +600,187 @@ def test_dropped_chat_session_releases_its_pages(converted):
         gc.collect()                               # the finalizer must not wait for the lock
         assert engine.pool.pages_in_use > 0        # not freed yet: the lock is held
     assert engine.stats()["pages_in_use"] == 0
+
+
+# ----------------------------------------------------------------------------- held sequences evicted, queue limit
+
+def test_held_sequence_is_evicted_before_a_running_request_is_preempted(small_pool_engine, converted, monkeypatch):
+    """A request growing into the pages a HeldSequence holds evicts it (`held_evictions`) instead of preempting
+    itself; resuming the evicted sequence answers the same as resuming it from its held pages, and as transformers'
+    greedy generate. The server's Prometheus text counts the eviction."""
+    from phi4_jax.serve.metrics import ServerMetrics
+
+    eng, hf_model = small_pool_engine, converted[1]
+    rng = np.random.default_rng(31)
+    prompt, extra = rng.integers(3, 311, 40).tolist(), rng.integers(3, 311, 10).tolist()
+
+    def first_turn():
+        stream = eng.submit(GenerationRequest(prompt, 8), hold=True)
+        eng.run_to_completion([stream])
+        return [e.token_id for e in stream], stream.held
+
+    answer, held = first_turn()
+    follow = prompt + answer + extra
+    before = eng.stats()["held_evictions"]
+    kept = eng.submit(GenerationRequest(follow, 12), resume=held)
+    eng.run_to_completion([kept])
+    want = [e.token_id for e in kept]
+    assert kept.cached_tokens == len(held.tokens) == 47 and eng.stats()["held_evictions"] == before
+    assert want == hf_greedy(hf_model, follow, 12)
+
+    again, held = first_turn()
+    assert again == answer and eng.stats()["pages_in_use"] == 3 and not held.evicted
+    seen = record_preemptions(eng, monkeypatch)
+    grower = eng.submit(GenerationRequest(rng.integers(3, 311, 40).tolist(), 60))   # 7 of the 8 pages at its end
+    steps = iter(range(200))      # it needs ~65 steps; preempting itself instead would loop for ever
+    eng.run_to_completion([grower], on_step=lambda: next(steps))
+    assert grower.finish_reason == "length" and seen == []
+    assert held.evicted and held.pages is None and eng.stats()["held_evictions"] == before + 1
+    text = ServerMetrics(eng).render().decode()
+    assert f"phi4_serve_held_evictions_total {float(before + 1)}" in text
+    resumed = eng.submit(GenerationRequest(follow, 12), resume=held)
+    eng.run_to_completion([resumed])
+    assert [e.token_id for e in resumed] == want
+    assert not held.evicted       # used up
+    with pytest.raises(GenerationError, match="resume must be"):
+        eng.submit(GenerationRequest(follow, 1), resume=held)
+    assert_no_leak(eng)
+    assert eng._held == {}
+
+
+def test_idle_chat_session_is_evicted_for_another_one(converted):
+    """Two ChatSessions on one batch-1 engine whose pool holds one max_context sequence: the second session's turn
+    evicts the idle first session's held pages (before, it was refused or got a second engine); the first session's
+    next turn reuses what the prefix cache still holds of its conversation (its head: pages are freed last page
+    first) and answers as transformers' greedy generate."""
+    from phi4_jax.inference.chat_session import ChatSession
+    from phi4_jax.model.decoder import model_from_params
+
+    # a model object of its own: `shared_engine` (one engine per model) then sizes the engine for these sessions
+    model, hf_model = model_from_params(converted[0].config, converted[0].params), converted[1]
+    rng = np.random.default_rng(41)
+    first, second = ChatSession(model, max_context=128, stop_tokens=[]), ChatSession(model, max_context=128,
+                                                                                    stop_tokens=[])
+    prompt = rng.integers(3, 311, 60).tolist()
+    assert first.generate(prompt, max_new_tokens=5) == hf_greedy(hf_model, prompt, 5)
+    engine = first._engine
+    assert first.cached_length == 64 and engine.stats()["pages_in_use"] == 4 == engine.pool.pages_total // 2
+    before = engine.stats()["held_evictions"]
+    other = rng.integers(3, 311, 70).tolist()                # 5 pages: more than the 4 free ones
+    assert second.generate(other, max_new_tokens=5) == hf_greedy(hf_model, other, 5)
+    assert second._engine is engine and engine.stats()["held_evictions"] == before + 1
+    assert first.cached_length == 0
+    conversation = first.tokens + rng.integers(3, 311, 10).tolist()
+    assert first.generate(conversation, max_new_tokens=8) == hf_greedy(hf_model, conversation, 8)
+    assert first.last_turn["reused"] == 48 and not first.last_turn["rebuilt"]   # 3 of its 4 pages were still cached
+    first.reset()
+    second.reset()
+    assert engine.stats()["pages_in_use"] == 0
+
+
+@pytest.fixture(scope="module")
+def one_waiting_engine(converted):
+    """`small_pool_engine`'s sizes (so its compiled programs) with max_queue=1."""
+    from phi4_jax.inference.paged_cache import page_bytes
+
+    model = converted[0]
+    return ContinuousBatchingEngine(model, max_batch=4, max_context=128, page_size=PAGE, prefill_chunk=32,
+                                    max_queue=1, kv_cache_bytes=(SMALL_POOL + 1) * page_bytes(model.config, PAGE))
+
+
+def drive(engine, streams, on_step):
+    """`run_to_completion` with `on_step(engine)` after each step."""
+    engine.run_to_completion(streams, on_step=lambda: on_step(engine))
+
+
+def test_preempted_request_requeued_past_max_queue_and_counted_by_submit(one_waiting_engine, small_pool_engine,
+                                                                          monkeypatch):
+    """max_queue=1: a request preempted while another waits goes back to the queue anyway (2 waiting: it was
+    accepted), a submit then sees the queue full (QueueFullError), and every answer equals its single-request
+    answer."""
+    eng = one_waiting_engine
+    rng = np.random.default_rng(51)
+    requests = [GenerationRequest(rng.integers(3, 311, n).tolist(), budget) for n, budget in ((40, 60), (20, 60),
+                                                                                              (100, 10))]
+    alone = []
+    for request in requests:
+        stream = small_pool_engine.submit(request)
+        small_pool_engine.run_to_completion([stream])
+        alone.append([e.token_id for e in stream])
+    seen = record_preemptions(eng, monkeypatch)
+    streams, refused = [eng.submit(requests[0])], []
+
+    def on_step(engine):
+        stats = engine.stats()
+        if stats["queue_length"] == 0 and len(streams) < 3:      # A, then B once A is admitted, then C
+            streams.append(engine.submit(requests[len(streams)]))
+        elif stats["queue_length"] == 2 and not refused:         # B preempted while C waits
+            with pytest.raises(QueueFullError):
+                engine.submit(GenerationRequest([5, 6, 7], 1))
+            refused.append(stats)
+
+    drive(eng, streams, on_step)     # runs until the streams added on the way are finished too
+    assert len(streams) == 3 and refused and seen and all(stream is streams[1] for stream, _, _ in seen)
+    assert [[e.token_id for e in s] for s in streams] == alone
+    assert_no_leak(eng)
+
+
+def test_request_cancelled_while_waiting_after_preemption(one_waiting_engine, monkeypatch):
+    """A preempted request waiting alone fills a max_queue=1 queue (a submit is refused); cancelled before it is
+    re-admitted, it leaves the queue at once, its stream ends "cancelled" after the tokens it had streamed (nothing
+    more comes, also from its step that was in flight), and nothing leaks."""
+    eng = one_waiting_engine
+    rng = np.random.default_rng(61)
+    seen = record_preemptions(eng, monkeypatch)
+    older = eng.submit(GenerationRequest(rng.integers(3, 311, 40).tolist(), 80))    # all 8 pages at its end
+    second = GenerationRequest(rng.integers(3, 311, 20).tolist(), 60)
+    streams, cancelled = [older], []
+
+    def on_step(engine):
+        if len(streams) == 1 and engine.stats()["queue_length"] == 0:      # submitted once the older one is admitted
+            streams.append(engine.submit(second))
+        newer = streams[-1]
+        if seen and engine.stats()["queue_length"] == 1 and not cancelled:     # preempted, not re-admitted
+            assert not newer.finished
+            with pytest.raises(QueueFullError):
+                engine.submit(GenerationRequest([5, 6, 7], 1))
+            streamed = newer.take_ready()
+            newer.cancel()
+            cancelled.append(streamed)
+            assert engine.stats()["queue_length"] == 0
+
+    drive(eng, streams, on_step)
+    newer = streams[1]
+    assert newer.finish_reason == "cancelled" and list(newer) == []
+    assert cancelled and len(cancelled[0]) == seen[-1][1] == newer.completion_tokens > 0
+    assert older.finish_reason == "length" and older.completion_tokens == 80
+    assert_no_leak(eng)
+
+
+def test_mixed_workload_leaks_no_page(small_pool_engine):
+    """Held (released, resumed, evicted, evicted then resumed), cancelled, preempted and finished requests together:
+    afterwards no page is in use (only the prefix cache keeps pages) and no reference count is left."""
+    eng = small_pool_engine
+    rng = np.random.default_rng(71)
+    start = eng.stats()
+    holds = [eng.submit(GenerationRequest(rng.integers(3, 311, n).tolist(), 6), hold=True) for n in (20, 33, 18)]
+    plain = [eng.submit(GenerationRequest(rng.integers(3, 311, n).tolist(), 50)) for n in (40, 25, 30)]
+    to_cancel = eng.submit(GenerationRequest(rng.integers(3, 311, 30).tolist(), 50))
+    drive(eng, holds + plain, lambda engine: to_cancel.cancel() if plain[2].completion_tokens > 3 else None)
+    resume = holds[0].held
+    resumed = eng.submit(GenerationRequest(resume.tokens + [7, 8, 9], 30), hold=True, resume=resume)
+    eng.run_to_completion([resumed] + [eng.submit(GenerationRequest(rng.integers(3, 311, 50).tolist(), 60))])
+    eng.release(holds[1].held)
+    evicted = [s.held for s in (holds[2], resumed) if s.held.evicted]
+    for held in evicted:
+        eng.run_to_completion([eng.submit(GenerationRequest(held.tokens + [5], 3), resume=held)])
+    last = eng.submit(GenerationRequest([3, 4, 5, 6], 4), hold=True)
+    eng.run_to_completion([last])
+    eng.release_soon(last.held)             # as a dropped ChatSession's finalizer does
+    eng.release(holds[2].held)
+    eng.release(resumed.held)
+    stats = eng.stats()
+    assert to_cancel.finish_reason == "cancelled" and stats["preemptions"] > start["preemptions"]
+    assert stats["held_evictions"] > start["held_evictions"] and evicted
+    assert stats["pages_cached"] > 0 and eng._held == {}
+    assert_no_leak(eng)

@@ -72,8 +72,18 @@ token is still drawn with fold_in(key, k), so seeded and greedy output equal an 
 still in flight (dispatch-ahead) is dropped when fetched (`_Running.dropped_through`): its token is sampled again
 by the recompute, and the key/value it wrote went past the positions the prefix cache holds. The oldest running
 request is never preempted for a newer one, and a request whose prompt + max_new_tokens cannot fit the pool
-alone is refused at submit, so the pool never deadlocks on running requests (pages held by `HeldSequence`s are
-not preempted). `stats()["preemptions"]` counts them.
+alone is refused at submit, so the pool never deadlocks on running requests. `stats()["preemptions"]` counts them.
+A preempted request was accepted, so it goes back to the queue even when `max_queue` requests wait already (the
+queue may then exceed max_queue by at most max_batch); `submit` counts it like any waiting request, so a queue
+that is full with preempted requests refuses new ones (QueueFullError).
+
+Held sequences are evictable: when the pool has no page for a request's admission or growth, the `HeldSequence`s
+(those a caller holds and those waiting to be resumed) are evicted least recently used (held) first, before any
+running request is preempted: their full pages stay in the prefix cache (registered when their request ended) and
+all their pages are freed; the HeldSequence is marked `evicted`. Resuming an evicted one takes its prompt's full
+pages from the prefix cache where they were not reused meanwhile and prefills the rest (the same tokens as a resume
+from the held pages). So idle held conversations (`ChatSession`s between turns) never keep new requests out.
+`stats()["held_evictions"]` counts them.
 
 A request ends when it samples one of its `stop_token_ids` (that token is its last event; finish_reason
 "stop"), after `max_new_tokens` tokens or when the context is full ("length"), or when cancelled ("cancelled":
@@ -83,6 +93,7 @@ its slot and pages are freed at once, and its full pages stay in the prefix cach
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import itertools
 import os
@@ -156,10 +167,13 @@ class GenerationRequest:
 @dataclass
 class HeldSequence:
     """The pages a finished `hold=True` request kept: `tokens` are the ids whose keys/values they hold, in order.
-    Pass it to `submit(..., resume=held)` to continue the sequence, or to `release` to free the pages."""
+    Pass it to `submit(..., resume=held)` to continue the sequence, or to `release` to free the pages. When the pool
+    runs short the engine may evict it (`evicted` True, `pages` None): a resume then prefills what the prefix cache
+    no longer holds. Resumed or released, it is used up (`pages` None, `evicted` False)."""
     engine: "ContinuousBatchingEngine"
     tokens: list[int]
-    pages: list[int]
+    pages: list[int] | None
+    evicted: bool = False
 
 
 @dataclass
@@ -486,7 +500,9 @@ class ContinuousBatchingEngine:
         self._error: BaseException | None = None
         self._prefix_cache_hits = 0
         self._preemptions = 0
-        self._dropped_held: deque[list[int]] = deque()   # pages of `release_soon`, freed at the next admission
+        self._held: dict[int, HeldSequence] = {}        # id -> the evictable held sequences, least recently held first
+        self._held_evictions = 0
+        self._dropped_held: deque[tuple] = deque()      # (held, pages) of `release_soon`, freed at the next admission
         self._prefill_tokens = 0
         self._tokens_generated = 0
         self._warm = False
@@ -533,18 +549,21 @@ class ContinuousBatchingEngine:
     def submit(self, request: GenerationRequest, *, hold: bool = False,
                resume: HeldSequence | None = None) -> RequestStream:
         """Queues a request; returns its stream. Raises GenerationError for bad settings, ContextLengthError when
-        the prompt leaves no room for a new token, QueueFullError when max_queue requests are waiting.
+        the prompt leaves no room for a new token, QueueFullError when max_queue requests are waiting (preempted
+        ones included).
 
         hold: keep the request's pages when it ends with "stop" or "length" (`stream.held`, a `HeldSequence`;
           a cancelled request frees them). resume: a `HeldSequence` of this engine to continue: the request keeps
           the pages of the longest common prefix of `resume.tokens` and its prompt (all but the prompt's last
-          token) and prefills only the rest; its other pages are freed (`resume` is used up either way).
+          token) and prefills only the rest; its other pages are freed (`resume` is used up either way). An
+          evicted `resume` is accepted: the request takes its prompt's pages from the prefix cache instead.
         """
         req = self._validate(request)
         req.hold = bool(hold)
         with self._lock:
             if resume is not None:
-                if not isinstance(resume, HeldSequence) or resume.engine is not self or resume.pages is None:
+                if (not isinstance(resume, HeldSequence) or resume.engine is not self
+                        or (resume.pages is None and not resume.evicted)):
                     raise GenerationError("resume must be a HeldSequence of this engine that was not resumed or "
                                           "released already")
                 req.resume = resume
@@ -556,8 +575,8 @@ class ContinuousBatchingEngine:
                 raise QueueFullError(f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue}); "
                                      "retry later")
             if resume is not None:
-                req.resume = HeldSequence(self, resume.tokens, resume.pages)
-                resume.pages = None
+                pages = self._unhold(resume)
+                req.resume = None if pages is None else self._new_held(resume.tokens, pages)
             self._waiting.append(req)
             self._wake.notify_all()
         return req.stream
@@ -566,9 +585,8 @@ class ContinuousBatchingEngine:
         """Frees the pages of a `HeldSequence` (their full pages stay in the prefix cache); a no-op when it was
         released or resumed already."""
         with self._lock:
-            if held.engine is self and held.pages is not None:
-                self.pool.release(held.pages)
-                held.pages = None
+            if held.engine is self:
+                self.pool.release(self._unhold(held) or [])
 
     def release_soon(self, held: HeldSequence) -> None:
         """`release` without waiting for the engine's lock, for finalizers (a garbage collection may run them on any
@@ -579,7 +597,7 @@ class ContinuousBatchingEngine:
         pages, held.pages = held.pages, None
         if pages is None:
             return
-        self._dropped_held.append(pages)          # deque.append is atomic: no lock needed
+        self._dropped_held.append((held, pages))  # deque.append is atomic: no lock needed
         if self._lock.acquire(blocking=False):
             try:
                 self._free_dropped_held()
@@ -587,9 +605,56 @@ class ContinuousBatchingEngine:
             finally:
                 self._lock.release()
 
+    def reclaimable_pages(self) -> int:
+        """Pages a new request can get: the pool's free and evictable ones plus those only `HeldSequence`s hold
+        (evicted for it when needed)."""
+        with self._lock:
+            self._free_dropped_held()
+            held = collections.Counter(page for h in self._held.values() if h.pages is not None for page in h.pages)
+            return self.pool.available() + sum(self.pool.refcount[page] == n for page, n in held.items())
+
     def _free_dropped_held(self) -> None:
         while self._dropped_held:
-            self.pool.release(self._dropped_held.popleft())
+            held, pages = self._dropped_held.popleft()
+            if self._held.get(id(held)) is held:
+                del self._held[id(held)]
+            self.pool.release(pages)
+
+    def _new_held(self, tokens: list[int], pages: list[int]) -> HeldSequence:
+        """A HeldSequence of `pages`, registered as the most recently held (evicted last)."""
+        held = HeldSequence(self, tokens, pages)
+        self._held[id(held)] = held
+        return held
+
+    def _unhold(self, held: HeldSequence) -> list[int] | None:
+        """Uses a HeldSequence up: returns the pages it held (None when evicted, released or resumed already; the
+        caller frees or keeps them) and forgets it."""
+        if self._held.get(id(held)) is held:
+            del self._held[id(held)]
+        pages, held.pages, held.evicted = held.pages, None, False
+        return pages
+
+    def _evict_held(self) -> bool:
+        """Evicts the least recently held HeldSequence (see the module docstring): frees its pages (its full ones
+        were put in the prefix cache when its request ended), last page first so that the prefix cache reuses its
+        tail before its head (a resume keeps the longest cached prefix), and marks it evicted. False when none is
+        left."""
+        while self._held:
+            held = self._held.pop(next(iter(self._held)))
+            pages, held.pages = held.pages, None
+            if pages is not None:               # None: released by `release_soon` meanwhile
+                held.evicted = True
+                self.pool.release(pages[::-1])
+                self._held_evictions += 1
+                return True
+        return False
+
+    def _allocate(self, n: int) -> list[int] | None:
+        """n fresh pages, evicting held sequences (least recently held first) while the pool has too few; None (and
+        nothing taken) when it has too few with none held."""
+        while (pages := self.pool.allocate(n)) is None and self._evict_held():
+            pass
+        return pages
 
     def run_to_completion(self, streams, on_step=None) -> None:
         """Runs engine steps on the caller's thread until every stream in `streams` has finished (for an engine
@@ -663,7 +728,8 @@ class ContinuousBatchingEngine:
     def stats(self) -> dict:
         """Counters for monitoring: queue_length, running, pages_in_use, pages_total, prefix_cache_hits (pages
         taken from the prefix cache), preemptions (running requests sent back to the queue for lack of pages),
-        tokens_generated, prefill_tokens and steps (engine steps dispatched; cumulative), max_batch."""
+        held_evictions (`HeldSequence`s evicted for lack of pages), tokens_generated, prefill_tokens and steps (engine
+        steps dispatched; cumulative), max_batch."""
         with self._lock:
             self._free_dropped_held()
             return {
@@ -675,6 +741,7 @@ class ContinuousBatchingEngine:
                 "pages_cached": self.pool.pages_cached,
                 "prefix_cache_hits": self._prefix_cache_hits,
                 "preemptions": self._preemptions,
+                "held_evictions": self._held_evictions,
                 "prefill_tokens": self._prefill_tokens,
                 "tokens_generated": self._tokens_generated,
                 "steps": self._steps,
@@ -743,15 +810,14 @@ class ContinuousBatchingEngine:
         """Finishes a request: its full written pages go to the prefix cache, its pages and slot are freed (or held:
         `submit(hold=True)`)."""
         if req.resume is not None:              # ended before admission: its held pages are freed
-            self.pool.release(req.resume.pages)
+            self.pool.release(self._unhold(req.resume) or [])
             req.resume = None
         if req.pages is not None:
             self._register_pages(req)
             if req.hold and reason != "cancelled":
                 written = -(-req.kv_len // self.page_size)
                 self.pool.release(req.pages[written:])
-                req.stream.held = HeldSequence(self, (req.prompt + req.generated_ids)[:req.kv_len],
-                                               req.pages[:written])
+                req.stream.held = self._new_held((req.prompt + req.generated_ids)[:req.kv_len], req.pages[:written])
             else:
                 self.pool.release(req.pages)
             req.pages = None
@@ -775,13 +841,14 @@ class ContinuousBatchingEngine:
         tokens and its prompt but the last token; the held pages past them are freed. A page it will write into
         (the prefix ends inside it) leaves the prefix cache, or, when another request shares it, is not kept."""
         held, req.resume = req.resume, None
+        held_pages = self._unhold(held)
         keep = 0
         for old, new in zip(held.tokens, req.prompt[:-1]):
             if old != new:
                 break
             keep += 1
-        kept = held.pages[:-(-keep // self.page_size)]
-        self.pool.release(held.pages[len(kept):])
+        kept = held_pages[:-(-keep // self.page_size)]
+        self.pool.release(held_pages[len(kept):])
         if keep % self.page_size and self.pool.refcount[kept[-1]] > 1:
             self.pool.release(kept[-1:])
             kept, keep = kept[:-1], len(kept[:-1]) * self.page_size
@@ -791,27 +858,29 @@ class ContinuousBatchingEngine:
 
     def _admit(self) -> None:
         """Admits waiting requests, first come first served, into free slots while the pool has pages for the part of
-        their prompt the prefix cache (or their held pages) does not hold; the head of the queue waits otherwise."""
+        their prompt the prefix cache (or their held pages) does not hold, evicting held sequences when short; the
+        head of the queue waits otherwise (a resumed one keeps its pages as an evictable HeldSequence meanwhile)."""
         self._free_dropped_held()
         while self._waiting and None in self._slots:
             req = self._waiting[0]
             from_cache = 0
-            if req.resume is not None:
+            if req.resume is not None and req.resume.evicted:
+                self._unhold(req.resume)
+                req.resume = None
+            resumed = req.resume is not None
+            if resumed:
                 shared, cached = self._resumed_pages(req)
-                req.pages = shared                 # held by the request from now on, admitted or waiting
-            elif req.pages is not None:            # resumed earlier, still waiting for pages
-                shared, cached = req.pages, req.kv_len
             else:
                 cacheable = (len(req.prompt) - 1) // self.page_size    # keep >= 1 prompt token to prefill
                 shared = self.pool.match_prefix(page_digests(req.prompt, self.page_size, cacheable))
                 cached, from_cache = len(shared) * self.page_size, len(shared)
             needed = -(-len(req.prompt) // self.page_size) - len(shared)
-            fresh = self.pool.allocate(needed)
+            fresh = self._allocate(needed)
             if fresh is None:
-                if req.pages is None:
-                    self.pool.release(shared)
+                if resumed:                     # its kept pages are held (evictable) while it waits
+                    req.resume = self._new_held(req.prompt[:cached], shared)
                 else:
-                    req.kv_len = cached
+                    self.pool.release(shared)
                 return                          # wait for pages to be freed
             self._waiting.popleft()
             req.slot = self._slots.index(None)
@@ -830,11 +899,11 @@ class ContinuousBatchingEngine:
     def _grow_pages(self) -> None:
         """Gives each request that decodes in the next step the page its next position (`fed`) falls in when it has
         none yet, oldest request first; while the pool has no page, preempts the running request submitted last
-        (`_preempt`, possibly the one that needs the page). The oldest running request thus always gets its page:
-        alone it fits the pool (`_validate`), unless `HeldSequence`s hold the rest."""
+        (`_preempt`, possibly the one that needs the page), after evicting every `HeldSequence` (`_allocate`). The
+        oldest running request thus always gets its page: alone it fits the pool (`_validate`)."""
         for req in sorted((r for r in self._slots if self._decodes_next(r)), key=lambda r: r.order):
             while req.slot >= 0 and len(req.pages) <= req.fed // self.page_size:
-                page = self.pool.allocate(1)
+                page = self._allocate(1)
                 if page is not None:
                     req.pages += page
                 else:

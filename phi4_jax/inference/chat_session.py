@@ -41,7 +41,9 @@ class ChatSession:
     last token) and the held tokens is kept, so a re-tokenized earlier answer that differs from the generated ids
     is recomputed from the first differing token on, and a conversation whose oldest turns were dropped keeps only
     what still matches (e.g. the system prompt). When nothing matches, the turn may still take pages from the
-    engine's prefix cache.
+    engine's prefix cache. An idle session's held pages are evicted when the engine needs pages for other
+    requests (least recently held first); its next turn then takes what the prefix cache still holds of the
+    conversation and prefills the rest (the same answer).
 
     The session's engine (`engine.shared_engine`, batch 1, sized for `max_context` tokens) is chosen on the first
     turn and kept. Greedy answers equal `generate`'s full prefill (up to float rounding in the logits). After a
@@ -85,8 +87,9 @@ class ChatSession:
 
     @property
     def cached_length(self) -> int:
-        """How many tokens the held pages hold."""
-        return 0 if self._held is None else len(self._held.tokens)
+        """How many tokens the held pages hold (0 once the engine evicted them)."""
+        held = self._held
+        return 0 if held is None or held.pages is None else len(held.tokens)
 
     def reset(self) -> None:
         """Forgets the conversation and frees its pages (the PRNG key is kept). A session dropped without it (garbage

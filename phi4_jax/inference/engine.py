@@ -5,7 +5,8 @@ requests on a `batching.ContinuousBatchingEngine`, driven on the caller's thread
 server's requests run on its background thread. `shared_engine` keeps one engine per model (weakly: it goes with
 the model), sized for the calls it served: max_batch and max_context are powers of two (>= 1 and >= 32) covering
 the largest call so far, and its page pool holds exactly max_batch sequences of max_context tokens. A call that
-fits reuses it (and the prefix cache in it); one that does not gets a larger engine. Engines of the same sizes
+fits (pages that only idle `HeldSequence`s hold count as free: the engine evicts them) reuses it (and the prefix
+cache in it); one that does not gets a larger engine. Engines of the same sizes
 share their compiled programs (`batching.engine_step` is a module-level jit), so a new prompt length or token count
 does not recompile.
 
@@ -168,7 +169,7 @@ def _same_params(a, b) -> bool:
 def _fits(engine, params, batch: int, context: int) -> bool:
     pages = batch * -(-context // engine.page_size)
     return (engine._thread is None and engine._error is None and engine.max_batch >= batch
-            and engine.max_context >= context and engine.pool.available() >= pages
+            and engine.max_context >= context and engine.reclaimable_pages() >= pages
             and _same_params(engine.params, params))
 
 

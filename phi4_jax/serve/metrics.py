@@ -62,6 +62,8 @@ class _EngineCollector:
                                   value=float(stats.get("prefix_cache_hits", 0)))
         yield CounterMetricFamily(f"{PREFIX}_preemptions", "running requests requeued for lack of KV pages",
                                   value=float(stats.get("preemptions", 0)))
+        yield CounterMetricFamily(f"{PREFIX}_held_evictions", "held sequences (idle chat turns) evicted for KV pages",
+                                  value=float(stats.get("held_evictions", 0)))
         yield CounterMetricFamily(f"{PREFIX}_engine_tokens_generated", "tokens the engine generated",
                                   value=float(stats.get("tokens_generated", 0)))
         yield GaugeMetricFamily(f"{PREFIX}_tokens_per_second",
