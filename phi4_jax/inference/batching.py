@@ -507,8 +507,7 @@ class ContinuousBatchingEngine:
         self._tokens_generated = 0
         self._warm = False
         self._order = itertools.count()
-        self._step_ids = itertools.count()
-        self._steps = 0
+        self._steps = 0                 # engine steps dispatched; the next step's id
         self._pending: _Pending | None = None     # the step dispatched last, its tokens not fetched yet
         # Placed like a step's token outputs (committed to the device / replicated on the mesh): a host array
         # in their place would compile each program a second time.
@@ -1069,7 +1068,7 @@ class ContinuousBatchingEngine:
         prefill = prefilling[0] if prefilling else None
         if prefill is None and all(r is None for r in decoding):
             return None
-        pending, step_id = self._pending, next(self._step_ids)
+        pending, step_id = self._pending, self._steps
         self._steps += 1
         carry = pending.carry if pending is not None else self._carry(None, None)
 
