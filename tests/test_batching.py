@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compile_events import recorded_compiles
 from hf_models import convert_tiny_phi3, hf_logits
 
 import phi4_jax
-from phi4_jax.inference import batching
 from phi4_jax.inference.batching import ContinuousBatchingEngine, GenerationRequest
 from phi4_jax.inference.errors import ContextLengthError, GenerationError, QueueFullError
 
@@ -229,15 +229,8 @@ def record_steps(engine, monkeypatch) -> list:
 def test_no_recompilation_after_warmup(engine, prompts, monkeypatch):
     """New prompt lengths, budgets, sampling settings, logprobs and prefix hits compile nothing new, and the steps
     ran every decode row bucket (1, 2 and 3 requests decoding), each a shape `program_shapes` lists."""
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
     steps, shapes = record_steps(engine, monkeypatch)
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with recorded_compiles() as compiles:
         streams = [engine.submit(GenerationRequest(p[:n], k, temperature=t, top_p=tp, seed=s, logprobs=lp))
                    for p, n, k, t, tp, s, lp in [(prompts[2], 97, 5, 0.0, 1.0, None, None),
                                                  (prompts[3], 41, 9, 0.7, 0.5, 1, 2),
@@ -246,8 +239,6 @@ def test_no_recompilation_after_warmup(engine, prompts, monkeypatch):
         for s in streams:
             assert len(list(s)) > 0
         assert wait_until(lambda: engine._pending is None)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
     assert engine.row_buckets() == [1, 2, 3]
     assert {rows for _, rows, _, _ in steps} == {0, 1, 2, 3}
@@ -262,20 +253,20 @@ def test_decode_program_is_sized_to_the_running_rows(engine, converted, prompts,
     want, want_joining = (phi4_jax.generate(converted[0], [p], max_new_tokens=NEW, stop_tokens=[])[0]
                           for p in (fresh, joining))
     steps, shapes = record_steps(engine, monkeypatch)
-    cache_size = batching.engine_step._cache_size()
-    assert run(engine, GenerationRequest(fresh, NEW))[0] == want
-    assert wait_until(lambda: engine._pending is None)
-    alone = list(steps)
-    assert [chunk for chunk, _, _, _ in alone if chunk is not None] == [128, 128, 300 - 256]
-    decode_shapes = [s for s in shapes if s[1] == 1]
-    assert len(decode_shapes) == NEW - 1 and {rows for rows, _, _ in decode_shapes} == {1}
+    with recorded_compiles() as compiles:
+        assert run(engine, GenerationRequest(fresh, NEW))[0] == want
+        assert wait_until(lambda: engine._pending is None)
+        alone = list(steps)
+        assert [chunk for chunk, _, _, _ in alone if chunk is not None] == [128, 128, 300 - 256]
+        decode_shapes = [s for s in shapes if s[1] == 1]
+        assert len(decode_shapes) == NEW - 1 and {rows for rows, _, _ in decode_shapes} == {1}
 
-    steps.clear()
-    streams = [engine.submit(GenerationRequest(p, NEW)) for p in (prompts[0], joining, prompts[3], prompts[1])]
-    assert [[e.token_id for e in s] for s in streams] == [references[0], want_joining, references[3], references[1]]
-    assert wait_until(lambda: engine._pending is None)
+        steps.clear()
+        streams = [engine.submit(GenerationRequest(p, NEW)) for p in (prompts[0], joining, prompts[3], prompts[1])]
+        assert [[e.token_id for e in s] for s in streams] == [references[0], want_joining, references[3], references[1]]
+        assert wait_until(lambda: engine._pending is None)
     monkeypatch.undo()
-    assert batching.engine_step._cache_size() == cache_size             # no new program
+    assert compiles == []                                                # no new program
     for chunk, rows, decoding, step in alone + steps:
         assert rows == (next(b for b in engine.row_buckets() if b >= decoding) if decoding else 0)
         assert all(r is not None for r in step.decoding[:decoding])     # the first rows, then idle ones

@@ -107,6 +107,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phi4_jax.checks import check_integer, is_integer
+from phi4_jax.inference.compile_ahead import compile_ahead
 from phi4_jax.inference.engine import (
     MeshRules,
     bucket,
@@ -1025,33 +1026,35 @@ class ContinuousBatchingEngine:
     def _dispatch(self, rows, tokens, feed, carry, start, n_new, steps, width):
         """Dispatches one `engine_step` over rows (None: an idle row) with block tables `width` pages wide;
         returns its device outputs (tokens [max_batch], logprob, top-k ids, top-k logprobs)."""
+        args, kwargs = self._step_args(rows, tokens, feed, carry, start, n_new, steps, width)
+        self.pages, *outs = engine_step(*args, **kwargs)
+        return outs
+
+    def _step_args(self, rows, tokens, feed, carry, start, n_new, steps, width) -> tuple[tuple, dict]:
+        """The (args, kwargs) of `_dispatch`'s `engine_step` call (also what `warmup` compiles it for)."""
         tables = np.stack([self._table(r, width) for r in rows])
         keys = np.stack([r.key if r is not None else np.zeros(_key_data_shape(), np.uint32) for r in rows])
         temp = np.array([r.temperature if r is not None else 0.0 for r in rows], np.float32)
         top_k = np.array([r.top_k if r is not None else 0 for r in rows], np.int32)
         top_p = np.array([r.top_p if r is not None else 1.0 for r in rows], np.float32)
         want_logprobs = np.bool_(any(r is not None and r.logprobs is not None for r in rows))
-        self.pages, *outs = engine_step(self.step_params, self.pages, tokens, feed, *carry, start, n_new, tables,
-                                        keys, steps, temp, top_k, top_p, want_logprobs, config=self.config,
-                                        top_k=self.top_k, shard=self.shard)
-        return outs
+        return ((self.step_params, self.pages, tokens, feed, *carry, start, n_new, tables, keys, steps, temp, top_k,
+                 top_p, want_logprobs), dict(config=self.config, top_k=self.top_k, shard=self.shard))
 
-    def warmup(self, progress: bool = False) -> None:
-        """Compiles every program `program_shapes` lists (idle rows: nothing is written; a tqdm bar with
-        `progress`), and the seed -> key conversion of a seeded request."""
+    def warmup(self, progress: bool = False, workers: int | None = None) -> None:
+        """Compiles every program `program_shapes` lists ahead of time, without running them (`compile_ahead`:
+        lowered here, compiled concurrently on `workers` threads, default one per core; a tqdm bar with `progress`),
+        with the arguments `_dispatch` passes, so the steps that follow compile nothing; and the seed -> key
+        conversion of a seeded request."""
         if self._warm:
             return
-        outs = [jax.random.key_data(jax.random.key(np.uint32(0)))]
-        carry = self._carry(None, None)
-        shapes = self.program_shapes()
-        if progress:
-            from tqdm.auto import tqdm
-            shapes = tqdm(shapes, desc="compiling engine programs", unit="program", dynamic_ncols=True)
-        for rows, size, width in shapes:
+        jax.block_until_ready(jax.random.key_data(jax.random.key(np.uint32(0))))
+        carry, calls = self._carry(None, None), []
+        for rows, size, width in self.program_shapes():
             zeros = np.zeros(rows, np.int32)
-            outs.append(self._dispatch([None] * rows, np.zeros((rows, size), np.int32), zeros - 1, carry, zeros,
-                                       zeros, zeros, width))
-        jax.block_until_ready(outs)
+            calls.append(self._step_args([None] * rows, np.zeros((rows, size), np.int32), zeros - 1, carry, zeros,
+                                         zeros, zeros, width))
+        compile_ahead(engine_step, calls, workers=workers, progress=progress, desc="compiling engine programs")
         self._warm = True
 
     def _plan(self) -> _Pending | None:

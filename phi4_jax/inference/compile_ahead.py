@@ -1,0 +1,53 @@
+"""Compiling a jitted function for many argument shapes ahead of time, concurrently, without running it.
+
+`compile_ahead(jitted, calls)` lowers `jitted(*args, **kwargs)` for each call on the caller's thread (tracing is
+Python: it holds the GIL) and hands each lowered program to a thread pool as soon as it is lowered, where XLA compiles
+it (XLA releases the GIL while it compiles, so compiles overlap each other and the next lowering). Nothing runs: no
+device memory is touched and donated arguments stay alive, so programs that donate a shared buffer (the engine's
+page pool) compile side by side. The compiled executables land in jit's own caches (JAX's lowering and compilation
+caches are keyed by the traced program and argument shardings), so a later call of `jitted` with arguments of the
+same shapes, dtypes and placements compiles nothing: pass the arguments the real calls pass (arrays, or
+`jax.ShapeDtypeStruct`s with the same shardings).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+
+def default_workers(n_programs: int) -> int:
+    """Compile threads: one per CPU core (XLA's compiles are mostly single-threaded), at most one per program."""
+    return max(1, min(n_programs, os.cpu_count() or 1))
+
+
+def compile_ahead(jitted, calls, *, workers: int | None = None, progress: bool = False,
+                  desc: str = "compiling programs") -> list:
+    """Compiles `jitted` for each (args, kwargs) in `calls` (lowered here, compiled on `workers` threads; default
+    `default_workers`); a tqdm bar counting compiled programs with `progress`. Returns the `jax.stages.Compiled`
+    executables in the order of `calls`; the first error (a lowering's or a compile's) propagates once the
+    compiles already started have finished."""
+    calls = list(calls)
+    workers = default_workers(len(calls)) if workers is None else int(workers)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(calls), desc=desc, unit="program", dynamic_ncols=True)
+    futures = []
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compile") as pool:
+            for args, kwargs in calls:
+                if any(f.done() and f.exception() is not None for f in futures):
+                    break
+                lowered = jitted.lower(*args, **kwargs)
+                future = pool.submit(lowered.compile)
+                if bar is not None:
+                    future.add_done_callback(lambda _: bar.update(1))
+                futures.append(future)
+            wait(futures, return_when=FIRST_EXCEPTION)
+    finally:
+        if bar is not None:
+            bar.close()
+    return [f.result() for f in futures]
