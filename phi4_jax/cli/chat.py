@@ -7,7 +7,8 @@ multi-turn chat in the phi-4 chat format, an optional system prompt (`--system`)
 prompt exits; Ctrl-C during an answer stops that answer. `--quantize int8|int4` (and `--group-size`) loads the
 weights quantized (`load_model(..., quantize=...)`) and `--kv-cache-dtype int8` keeps the KV cache in int8;
 `--checkpoint` may also be a llama.cpp phi3 ``.gguf`` file, whose
-Q8_0 / Q4_0 / Q4_K blocks run as they are.
+Q8_0 / Q4_0 / Q4_K blocks run as they are. `--compile-cache [DIR]` keeps compiled programs on disk, so the next start
+loads them instead of compiling (`phi4_jax.inference.compile_cache`).
 
 The conversation's KV pages are kept between turns (`phi4_jax.inference.chat_session.ChatSession`, on the model's
 serving engine, sized for --max-context): each answer prefills only the new tokens (the previous answer's tail and
@@ -43,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     add_model_arguments(p)
+    add_compile_cache_argument(p)
     args = p.parse_args(argv)
     if args.max_context < 2:
         p.error(f"--max-context must be at least 2, got {args.max_context}")
@@ -69,6 +71,28 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
                    help="KV cache dtype (default: the compute dtype); int8 stores keys/values in int8 with a float32 "
                         "scale per token and kv head: about half the bytes of bfloat16")
+
+
+def add_compile_cache_argument(p: argparse.ArgumentParser) -> None:
+    """--compile-cache [DIR]: JAX's persistent compilation cache (shared with `python -m phi4_jax.serve`)."""
+    from phi4_jax.inference.compile_cache import default_compile_cache_dir
+
+    p.add_argument("--compile-cache", nargs="?", const=default_compile_cache_dir(), default=None, metavar="DIR",
+                   help="keep compiled programs in DIR so the next start loads them instead of compiling (JAX's "
+                        f"persistent compilation cache; off by default; no DIR: {default_compile_cache_dir()})")
+
+
+def use_compile_cache_of(args) -> None:
+    """Turns on the compilation cache `--compile-cache` names (before anything compiles); ChatError when the
+    directory cannot be created or written."""
+    if args.compile_cache is None:
+        return
+    from phi4_jax.inference.compile_cache import DEFAULT_MAX_BYTES, CompileCacheError, use_compile_cache
+
+    try:
+        use_compile_cache(args.compile_cache, max_bytes=DEFAULT_MAX_BYTES)
+    except CompileCacheError as e:
+        raise ChatError(str(e)) from None
 
 
 def load(checkpoint: str, dtype: str | None, quantize: str | None = None, group_size: int | None = None,
@@ -178,6 +202,7 @@ def _report(stats: dict) -> None:
 
 
 def run(args) -> int:
+    use_compile_cache_of(args)
     model, tokenizer = load(args.checkpoint, args.dtype, args.quantize, args.group_size,
                             check_tokenizer=not args.no_tokenizer_check)
     max_context = min(args.max_context, model.config.max_position_embeddings)

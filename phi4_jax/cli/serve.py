@@ -3,7 +3,9 @@
 Loads the model, starts the continuous-batching engine (`phi4_jax.inference.batching`; every program, prompt
 log-probs included, is compiled before the first request) and serves
 `phi4_jax.serve.create_app` with uvicorn on --host/--port (127.0.0.1:8000 by default: only this machine can
-connect unless you pass another host). Ctrl-C stops the server and the engine.
+connect unless you pass another host). Ctrl-C stops the server and the engine. `--compile-cache [DIR]` keeps the
+compiled programs on disk (JAX's persistent compilation cache, `phi4_jax.inference.compile_cache`), so a restart loads
+them instead of compiling them again.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import argparse
 import os
 import sys
 
-from phi4_jax.cli.chat import ChatError, add_model_arguments, load
+from phi4_jax.cli.chat import ChatError, add_compile_cache_argument, add_model_arguments, load, use_compile_cache_of
 
 EXIT_USAGE = 2
 
@@ -31,6 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before the "
                                                            "server answers 429 (default 64)")
     add_model_arguments(p)
+    add_compile_cache_argument(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = p.parse_args(argv)
     if not 0 < args.port < 65536:
@@ -46,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        use_compile_cache_of(args)
         model, tokenizer = load(args.checkpoint, args.dtype, args.quantize, args.group_size,
                                 check_tokenizer=not args.no_tokenizer_check)
     except ChatError as e:
