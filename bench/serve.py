@@ -10,6 +10,9 @@ no stop token in the vocabulary, so every answer has exactly that length) one af
 sends C * --requests-per-client requests. Reported: generated tokens/s (all completion tokens over the run's wall
 time) and time to first token (request sent -> first streamed token, median and 90th percentile).
 
+Start-up: the engine's start (every program compiled) in fresh processes, on one compile thread, the default
+threads, and a second start with `--compile-cache` (`bench/serve_startup.py`; skip with --no-startup).
+
 Peer, same run, same weights and prompts: transformers' `generate` answering the same requests one at a time
 (batch 1, KV cache), i.e. what a server without batching does, with the fastest of --hf-threads torch threads.
 """
@@ -32,6 +35,7 @@ if ROOT not in sys.path:
 from bench.decode import update_section  # noqa: E402
 from bench.machine_info import describe_machine  # noqa: E402
 from bench.random_models import SIZES, random_model_pair  # noqa: E402
+from bench.serve_startup import startup_table, startup_times  # noqa: E402
 
 INTRO = """`bench/serve.py`: generated tokens/s and time to first token of the OpenAI-compatible server
 (`python -m phi4_jax.serve`'s app and engine, in process on 127.0.0.1) at 1, 8 and 32 concurrent streaming clients,
@@ -50,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--hf-requests", type=int, default=4, help="requests timed for the transformers peer")
     p.add_argument("--hf-threads", default=f"1,{os.cpu_count()}")
     p.add_argument("--write", metavar="BENCHMARKS_MD", default=None)
+    p.add_argument("--no-startup", action="store_true", help="skip the start-up runs (bench/serve_startup.py)")
     args = p.parse_args(argv)
     for name in ("requests_per_client", "prompt_len", "new_tokens", "max_batch", "hf_requests"):
         if getattr(args, name) < 1:
@@ -164,6 +169,8 @@ def main(argv=None) -> int:
     hf_rate, hf_threads = hf_sequential(hf, prompts, args.new_tokens, args.hf_requests,
                                         [int(t) for t in args.hf_threads.split(",")])
     print(f"transformers generate, one request at a time: {hf_rate:.1f} tokens/s ({hf_threads} torch threads)")
+    startup = [] if args.no_startup else startup_table(startup_times(args.size, args.max_batch, max_context))
+    print("\n".join(startup))
 
     if args.write:
         hidden, layers, heads, kv, _, vocab = SIZES[args.size]
@@ -183,6 +190,9 @@ def main(argv=None) -> int:
                          f"{r['tokens_per_s'] / hf_rate:.2f}x | {r['ttft_median'] * 1e3:.0f} ms | "
                          f"{r['ttft_p90'] * 1e3:.0f} ms |")
         lines.append(f"| transformers, 1 at a time | {args.hf_requests} | {hf_rate:.1f} | 1.00x | | |")
+        if startup:
+            lines += ["", "Start-up (bench/serve_startup.py, same model and engine, each start a fresh process):", "",
+                      *startup]
         update_section(args.write, "Serving", "serve", intro=INTRO, append="\n".join(lines))
         print(f"appended to {args.write}")
     return 0

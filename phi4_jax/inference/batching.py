@@ -1043,7 +1043,7 @@ class ContinuousBatchingEngine:
 
     def warmup(self, progress: bool = False, workers: int | None = None) -> None:
         """Compiles every program `program_shapes` lists ahead of time, without running them (`compile_ahead`:
-        lowered here, compiled concurrently on `workers` threads, default one per core; a tqdm bar with `progress`),
+        lowered here, compiled concurrently on `workers` threads, default `compile_ahead.default_workers`; a tqdm bar with `progress`),
         with the arguments `_dispatch` passes, so the steps that follow compile nothing; and the seed -> key
         conversion of a seeded request."""
         if self._warm:

@@ -15,10 +15,14 @@ from __future__ import annotations
 import os
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
+# Each compile holds its own compiler memory (GBs for a 14B TPU program): not one thread per core of a 200-core host.
+MAX_DEFAULT_WORKERS = 8
+
 
 def default_workers(n_programs: int) -> int:
-    """Compile threads: one per CPU core (XLA's compiles are mostly single-threaded), at most one per program."""
-    return max(1, min(n_programs, os.cpu_count() or 1))
+    """Compile threads: one per CPU core (XLA's compiles are mostly single-threaded), at most MAX_DEFAULT_WORKERS and
+    one per program."""
+    return max(1, min(n_programs, os.cpu_count() or 1, MAX_DEFAULT_WORKERS))
 
 
 def compile_ahead(jitted, calls, *, workers: int | None = None, progress: bool = False,
