@@ -1,5 +1,6 @@
 """The serving engine's start-up time, each start in a fresh process: compiled ahead of time on one thread, on one
-thread per core (the default), and a second start with `--compile-cache` (JAX's persistent compilation cache).
+thread per core, on the default threads, and a second start with `--compile-cache` (JAX's persistent compilation
+cache).
 
     python bench/serve_startup.py --size 87m --max-batch 32 --max-context 128
 
@@ -77,19 +78,21 @@ def one_start(args) -> dict:
 
 
 def startup_times(size: str, max_batch: int, max_context: int, prefill_chunk: int = 128) -> list[dict]:
-    """Four starts, each in a fresh process: (label, result of `one_start`) for one compile thread, one per core,
-    one per core writing a new compile cache, and a second start reading that cache."""
-    base = [sys.executable, os.path.abspath(__file__), "--one", "--size", size, "--max-batch", str(max_batch),
-            "--max-context", str(max_context), "--prefill-chunk", str(prefill_chunk)]
+    """Engine starts, each in a fresh process: (label, result of `one_start`) on one compile thread, on one per core
+    and on the default number (`compile_ahead.default_workers`), then a default start writing a new compile cache
+    and a second start reading it."""
     from phi4_jax.inference.compile_ahead import default_workers
 
-    threads = default_workers(10**6)
+    base = [sys.executable, os.path.abspath(__file__), "--one", "--size", size, "--max-batch", str(max_batch),
+            "--max-context", str(max_context), "--prefill-chunk", str(prefill_chunk)]
+    default = default_workers(10**6)
+    runs = [(f"cold, {n} compile thread{'s' * (n > 1)}{' (default)' * (n == default)}", ["--workers", str(n)])
+            for n in sorted({1, os.cpu_count() or 1, default})]
     rows = []
     with tempfile.TemporaryDirectory(prefix="phi4_jax_compile_cache_") as cache:
-        for label, extra in [("cold, 1 compile thread", ["--workers", "1"]),
-                             (f"cold, {threads} compile threads (default)", []),
-                             (f"cold, {threads} compile threads, writing --compile-cache", ["--compile-cache", cache]),
-                             ("second start, reading --compile-cache", ["--compile-cache", cache])]:
+        runs += [("cold, default threads, writing --compile-cache", ["--compile-cache", cache]),
+                 ("second start, reading --compile-cache", ["--compile-cache", cache])]
+        for label, extra in runs:
             proc = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True, timeout=1800)
             if proc.returncode != 0:
                 raise RuntimeError(f"start-up run {label!r} failed: {proc.stderr[-2000:]}")

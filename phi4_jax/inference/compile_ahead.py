@@ -2,7 +2,8 @@
 
 `compile_ahead(jitted, calls)` lowers `jitted(*args, **kwargs)` for each call on the caller's thread (tracing is
 Python: it holds the GIL) and hands each lowered program to a thread pool as soon as it is lowered, where XLA compiles
-it (XLA releases the GIL while it compiles, so compiles overlap each other and the next lowering). Nothing runs: no
+it (XLA releases the GIL while it compiles, so compiles overlap each other and the next lowering; how many at
+once: `default_workers`). Nothing runs: no
 device memory is touched and donated arguments stay alive, so programs that donate a shared buffer (the engine's
 page pool) compile side by side. The compiled executables land in jit's own caches (JAX's lowering and compilation
 caches are keyed by the traced program and argument shardings), so a later call of `jitted` with arguments of the
@@ -20,9 +21,10 @@ MAX_DEFAULT_WORKERS = 8
 
 
 def default_workers(n_programs: int) -> int:
-    """Compile threads: one per CPU core (XLA's compiles are mostly single-threaded), at most MAX_DEFAULT_WORKERS and
-    one per program."""
-    return max(1, min(n_programs, os.cpu_count() or 1, MAX_DEFAULT_WORKERS))
+    """Compile threads: one per two CPU cores, at most MAX_DEFAULT_WORKERS and one per program. One XLA:CPU compile
+    already spreads its code generation over about three threads (measured), so on a 2-core machine a second
+    compile thread only competes with the first (bench/serve_startup.py: 0.74-0.89x of one thread there)."""
+    return max(1, min(n_programs, (os.cpu_count() or 1) // 2, MAX_DEFAULT_WORKERS))
 
 
 def compile_ahead(jitted, calls, *, workers: int | None = None, progress: bool = False,
