@@ -5,7 +5,6 @@ import contextlib
 import jax
 
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"   # every XLA compile (also a persistent-cache load)
-CACHE_MISS = "/jax/compilation_cache/cache_misses"              # a compile the persistent cache did not hold
 
 
 @contextlib.contextmanager

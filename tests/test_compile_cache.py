@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from compile_events import recorded_compiles
+from compile_events import BACKEND_COMPILE, recorded_compiles
 from test_chat_cli import ENV, ROOT, SYSTEM, make_chat_checkpoint
 
 import phi4_jax
@@ -31,17 +31,16 @@ def test_compile_ahead_compiles_on_threads_without_running_and_later_calls_reuse
     """Three shapes of a function that donates its input: compiled off the caller's thread, the donated array is
     untouched (nothing ran), and calling the function afterwards with those shapes compiles nothing."""
 
-    @jax.jit
-    def step(pool, x):
+    def add_and_double(pool, x):
         return pool + x.sum(), x * 2
 
-    step = jax.jit(step.__wrapped__, donate_argnums=0)
+    step = jax.jit(add_and_double, donate_argnums=0)
     pool = jnp.zeros((4,), jnp.float32)
     inputs = [np.ones((n, 3), np.float32) for n in (1, 2, 4)]
     threads = []
 
     def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration" and "step" in kwargs.get("fun_name", ""):
+        if event == BACKEND_COMPILE and "add_and_double" in kwargs.get("fun_name", ""):
             threads.append(threading.current_thread().name)
 
     jax.monitoring.register_event_duration_secs_listener(listener)
