@@ -182,8 +182,8 @@ def test_prefix_cache_skips_shared_pages(engine, converted, prompts):
 
 
 def test_logprobs_match_transformers(engine, converted, prompts):
-    """Each new token's logprob and top-k alternatives, and `prompt_logprobs`, are log_softmax of transformers'
-    logits at that position."""
+    """Each new token's logprob and top-k alternatives, and a request's `prompt_logprobs` (max_new_tokens 0: the
+    prompt scored, nothing generated), are log_softmax of transformers' logits at that position."""
     _, hf_model = converted
     prompt = prompts[1]
     events = list(engine.submit(GenerationRequest(prompt, 6, logprobs=3)))
@@ -197,7 +197,9 @@ def test_logprobs_match_transformers(engine, converted, prompts):
         ids = [i for i, _ in event.top_logprobs]
         assert ids == np.argsort(-row)[:3].tolist()
         np.testing.assert_allclose([v for _, v in event.top_logprobs], row[ids], atol=1e-4)
-    echo = engine.prompt_logprobs(seq, top_k=2)
+    scored = engine.submit(GenerationRequest(seq, 0, prompt_logprobs=2))
+    assert list(scored) == [] and scored.finish_reason == "length"
+    echo = scored.prompt_logprobs
     assert echo[0] is None and len(echo) == len(seq)
     for s in range(1, len(seq)):
         assert echo[s].token_id == seq[s]
@@ -217,9 +219,9 @@ def record_steps(engine, monkeypatch) -> list:
             steps.append((step.chunk, len(step.decoding), sum(r is not None for r in step.decoding), step))
         return step
 
-    def record_dispatch(rows, tokens, *args):
+    def record_dispatch(rows, tokens, *args, **kwargs):
         shapes.append((len(rows), tokens.shape[1], args[-1]))
-        return dispatch(rows, tokens, *args)
+        return dispatch(rows, tokens, *args, **kwargs)
 
     monkeypatch.setattr(engine, "_plan", record_plan)
     monkeypatch.setattr(engine, "_dispatch", record_dispatch)
