@@ -207,6 +207,56 @@ def test_logprobs_match_transformers(engine, converted, prompts):
         assert [i for i, _ in echo[s].top_logprobs] == np.argsort(-logp[s - 1])[:2].tolist()
 
 
+def test_prompt_logprobs_run_in_prefill_chunks_beside_decodes(engine, converted, prompts, references, monkeypatch):
+    """A request scoring a 300-token prompt (several chunks, CHUNK tokens while another request decodes) gets each
+    position's logprob and top-3 ids equal to transformers' log-softmax; its chunks run in the same engine steps as
+    the other request's decode rows, whose answer is unchanged; nothing compiles (the prefill programs carry the
+    scoring output). It takes no page from the prefix cache, but registers its own: a later generation with the same
+    prompt takes them (and answers as transformers does)."""
+    _, hf_model = converted
+    prompt = np.random.default_rng(31).integers(3, 311, 300).tolist()
+    logits = hf_logits(hf_model, [prompt])[0].astype(np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+        -1, keepdims=True)
+    run(engine, GenerationRequest(prompt[:2 * PAGE + 5], 1))      # two of its pages are in the prefix cache
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    steps, _ = record_steps(engine, monkeypatch)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        decoding = engine.submit(GenerationRequest(prompts[3], NEW))
+        answer = [next(decoding).token_id]                         # decoding when the scoring request arrives
+        hits = engine.stats()["prefix_cache_hits"]
+        scored = engine.submit(GenerationRequest(prompt, 2, prompt_logprobs=3))
+        new = [e.token_id for e in scored]
+        answer += [e.token_id for e in decoding]
+        assert engine.stats()["prefix_cache_hits"] == hits          # scoring needs every position: none from cache
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    assert answer == references[3] and new == hf_greedy(hf_model, prompt, 2)
+    events = scored.prompt_logprobs
+    assert len(events) == len(prompt) and events[0] is None
+    assert [e.token_id for e in events[1:]] == prompt[1:]
+    np.testing.assert_allclose([e.logprob for e in events[1:]], [logp[s - 1, prompt[s]] for s in range(1, 300)],
+                               atol=1e-4)
+    for s in range(1, 300):
+        assert [i for i, _ in events[s].top_logprobs] == np.argsort(-logp[s - 1], kind="stable")[:3].tolist()
+        np.testing.assert_allclose([v for _, v in events[s].top_logprobs], np.sort(logp[s - 1])[::-1][:3], atol=1e-4)
+    chunks = [(chunk, decoding_rows) for chunk, _, decoding_rows, step in steps
+              if step.prefill is not None and step.prefill.stream is scored]
+    assert len(chunks) >= 3 and sum(c for c, _ in chunks) == len(prompt)
+    assert sum(rows > 0 and c == CHUNK for c, rows in chunks) >= 1     # prefilled beside the other's decode rows
+
+    hits = engine.stats()["prefix_cache_hits"]
+    again, _ = run(engine, GenerationRequest(prompt, 2))
+    assert engine.stats()["prefix_cache_hits"] - hits == (len(prompt) - 1) // PAGE and again == new
+
+
 def record_steps(engine, monkeypatch) -> list:
     """Records (prefill chunk or None, decode rows, decoding requests) of every step `engine` dispatches from now
     on, and the shape (rows, tokens, table width) of every program it runs."""

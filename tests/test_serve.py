@@ -54,7 +54,6 @@ def served(tmp_path_factory):
     model, tokenizer = phi4_jax.load_model(checkpoint), phi4_jax.Tokenizer()
     engine = ContinuousBatchingEngine(model, max_batch=8, max_context=MAX_CONTEXT, prefill_chunk=16, max_queue=64)
     engine.start()
-    engine.warmup_prompt_logprobs()  # as `python -m phi4_jax.serve` does
     recorder = RecordingEngine(engine)
     try:
         with serve_in_thread(create_app(recorder, tokenizer, MODEL)) as base_url:

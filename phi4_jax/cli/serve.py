@@ -1,7 +1,7 @@
 """Serve a converted Phi-4 checkpoint over an OpenAI-compatible HTTP API: `python -m phi4_jax.serve --checkpoint DIR`.
 
-Loads the model, starts the continuous-batching engine (`phi4_jax.inference.batching`; every program, prompt
-log-probs included, is compiled before the first request) and serves
+Loads the model, starts the continuous-batching engine (`phi4_jax.inference.batching`; every program is compiled
+before the first request; echo + logprobs, lm-eval's log-likelihood requests, run in the same programs) and serves
 `phi4_jax.serve.create_app` with uvicorn on --host/--port (127.0.0.1:8000 by default: only this machine can
 connect unless you pass another host). Ctrl-C stops the server and the engine.
 """
@@ -63,7 +63,6 @@ def main(argv=None) -> int:
     print("compiling the engine's programs ...", file=sys.stderr, flush=True)
     engine.start(progress=True)
     try:
-        engine.warmup_prompt_logprobs(progress=True)   # so echo + logprobs (lm-eval) compiles nothing
         app = create_app(engine, tokenizer, name, max_context=max_context)
         print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
