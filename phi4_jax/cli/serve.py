@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
     engine = ContinuousBatchingEngine(model, max_batch=args.max_batch, max_context=max_context,
                                       prefill_chunk=128, max_queue=args.max_queue, cache_dtype=args.kv_cache_dtype)
+    del model   # the engine holds what it runs on (on CPU, its per-layer copy: the stacked layers are freed)
     print("compiling the engine's programs ...", file=sys.stderr, flush=True)
     engine.start(progress=True)
     try:

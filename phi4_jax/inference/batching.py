@@ -85,6 +85,18 @@ pages from the prefix cache where they were not reused meanwhile and prefills th
 from the held pages). So idle held conversations (`ChatSession`s between turns) never keep new requests out.
 `stats()["held_evictions"]` counts them.
 
+Prompt logprobs (`GenerationRequest.prompt_logprobs`: echo + logprobs, lm-evaluation-harness's log-likelihood) are
+computed by the request's own prefill chunks, queued, admitted and interleaved with running decodes like any
+request: every prefill program also returns, at each position of its chunk, the logprob of the next prompt token
+and the top-k there (`position_logprobs`: the lm_head, log-softmax and top-k over the chunk's final hidden states,
+PROMPT_LOGPROBS_ROWS positions at a time), under a conditional taken only for a chunk whose request asked, so other
+prefills pay a skipped branch and nothing compiles per request (the warm-up compiles the branch with the prefill
+programs); decode programs are unchanged. The host fetches those outputs only for such chunks
+(`RequestStream.prompt_logprobs`, complete before the request's first token event, or its end when it asked for no
+new token: max_new_tokens 0). As vLLM does, such a request takes no prompt page from the prefix cache (it needs
+every position's logits), but its full pages are registered as usual, so a later request with the same prefix
+reuses them.
+
 A request ends when it samples one of its `stop_token_ids` (that token is its last event; finish_reason
 "stop"), after `max_new_tokens` tokens or when the context is full ("length"), or when cancelled ("cancelled":
 its slot and pages are freed at once, and its full pages stay in the prefix cache).
@@ -98,6 +110,7 @@ import functools
 import itertools
 import os
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -507,6 +520,10 @@ class ContinuousBatchingEngine:
         self.per_layer = (per_layer_decode(self.params, self.config, self.shard) and not is_int8(self.cache_dtype)
                           and paged_implementation(self.config) != "pallas_gpu")
         self.step_params = per_layer_params(self.params) if self.per_layer else self.params
+        self._layer_refs = None
+        if self.per_layer:      # nothing runs on the stacked layers any more: keep no second copy of them alive
+            self._layer_refs = [weakref.ref(w) for w in jax.tree.leaves(self.params["layers"])]
+            self.params = dict(self.params, layers=None)
         self.pages: PagedKV = _new_pages(config=self.config, num_pages=num_pages, page_size=self.page_size,
                                          dtype=self.cache_dtype, shard=self.shard, per_layer=self.per_layer)
 
@@ -727,6 +744,18 @@ class ContinuousBatchingEngine:
             events[start + t + 1] = TokenEvent(req.prompt[start + t + 1], float(token_logp[t]), top)
         if start + chunk == len(req.prompt):
             req.scoring = False
+
+    def serves(self, params) -> bool:
+        """Whether this engine was built from `params` (the same arrays). An engine on the per-layer layout keeps
+        only weak references to the model's stacked layer weights (`params["layers"]` is None: the model holds them,
+        or nothing does and they are freed)."""
+        def same(a, b):
+            return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+        if self._layer_refs is None:
+            return same(jax.tree.leaves(self.params), jax.tree.leaves(params))
+        return (same(jax.tree.leaves(self.params), jax.tree.leaves(dict(params, layers=None)))
+                and same([r() for r in self._layer_refs], jax.tree.leaves(params["layers"])))
 
     def stats(self) -> dict:
         """Counters for monitoring: queue_length, running, pages_in_use, pages_total, prefix_cache_hits (pages
