@@ -7,7 +7,9 @@ started engine (module-scoped) serves every test that generates, so its programs
 """
 
 import asyncio
+import gc
 import threading
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -257,6 +259,26 @@ def test_prompt_logprobs_run_in_prefill_chunks_beside_decodes(engine, converted,
     assert engine.stats()["prefix_cache_hits"] - hits == (len(prompt) - 1) // PAGE and again == new
 
 
+def test_cpu_layout_engine_keeps_no_second_copy_of_the_layer_weights(converted):
+    """On the CPU layout the engine runs on its per-layer copy and keeps no reference to the model's stacked layer
+    weights: dropping the model frees them (so `python -m phi4_jax.serve` holds one copy of the layers); `serves`
+    still tells the engine's own params (by identity) from other arrays, so `generate` reuses its cached engine."""
+    from phi4_jax.inference.engine import shared_engine
+    from phi4_jax.model.decoder import model_from_params
+
+    model0 = converted[0]
+    model = model_from_params(model0.config, jax.tree.map(jnp.copy, model0.params))
+    eng = ContinuousBatchingEngine(model, max_batch=1, max_context=64, page_size=PAGE)
+    assert eng.per_layer and eng.params["layers"] is None
+    assert eng.serves(model.params) and not eng.serves(model0.params)
+    assert shared_engine(model, batch=1, context=64) is shared_engine(model, batch=1, context=64)
+    stacked = [weakref.ref(w) for w in jax.tree.leaves(model.params["layers"])]
+    del model
+    gc.collect()
+    assert all(ref() is None for ref in stacked)
+    assert eng.step_params["layers"] and not eng.serves(model0.params)
+
+
 def record_steps(engine, monkeypatch) -> list:
     """Records (prefill chunk or None, decode rows, decoding requests) of every step `engine` dispatches from now
     on, and the shape (rows, tokens, table width) of every program it runs."""
@@ -269,9 +291,9 @@ def record_steps(engine, monkeypatch) -> list:
             steps.append((step.chunk, len(step.decoding), sum(r is not None for r in step.decoding), step))
         return step
 
-    def record_dispatch(rows, tokens, *args, **kwargs):
+    def record_dispatch(rows, tokens, *args):
         shapes.append((len(rows), tokens.shape[1], args[-1]))
-        return dispatch(rows, tokens, *args, **kwargs)
+        return dispatch(rows, tokens, *args)
 
     monkeypatch.setattr(engine, "_plan", record_plan)
     monkeypatch.setattr(engine, "_dispatch", record_dispatch)
@@ -594,6 +616,33 @@ def test_pool_too_small_preempts_and_answers_equal_single_requests(small_pool_en
     assert all(s.finish_reason == "length" and s.completion_tokens == n for s, n in zip(streams, budgets))
     assert eng.stats()["preemptions"] == len(seen) > 0
     assert any(generated > 0 and in_flight for _, generated, in_flight in seen)   # mid-stream, a step in flight
+    assert_no_leak(eng)
+
+
+def test_request_scoring_its_prompt_preempted_in_prefill_scores_it_again(small_pool_engine, converted, monkeypatch):
+    """A request scoring its 80-token prompt is preempted after its first prefill chunk (the older request decoding
+    beside it needs the page): its in-flight chunk is dropped, and re-admitted it prefills and scores the whole
+    prompt again (nothing from the prefix cache), so its prompt logprobs and tokens equal its unpreempted run's and
+    transformers' log-softmax; no page leaks."""
+    eng, hf_model = small_pool_engine, converted[1]
+    rng = np.random.default_rng(41)
+    older, scored = rng.integers(3, 311, 47).tolist(), rng.integers(3, 311, 80).tolist()   # 3 + 5 pages: the pool
+    alone = eng.submit(GenerationRequest(scored, 4, prompt_logprobs=2))
+    eng.run_to_completion([alone])
+    seen = record_preemptions(eng, monkeypatch)
+    streams = [eng.submit(GenerationRequest(older, 30)), eng.submit(GenerationRequest(scored, 4, prompt_logprobs=2))]
+    eng.run_to_completion(streams)
+    assert [(s is streams[1], generated) for s, generated, _ in seen] == [(True, 0)]   # preempted in its prefill
+    assert [e.token_id for e in streams[1]] == [e.token_id for e in alone] == hf_greedy(hf_model, scored, 4)
+    logits = hf_logits(hf_model, [scored])[0].astype(np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    for events in (alone.prompt_logprobs, streams[1].prompt_logprobs):
+        assert events[0] is None and [e.token_id for e in events[1:]] == scored[1:]
+        np.testing.assert_allclose([e.logprob for e in events[1:]], [logp[s - 1, scored[s]] for s in range(1, 80)],
+                                   atol=1e-4)
+        assert [[i for i, _ in e.top_logprobs] for e in events[1:]] == [
+            np.argsort(-logp[s - 1], kind="stable")[:2].tolist() for s in range(1, 80)]
     assert_no_leak(eng)
 
 

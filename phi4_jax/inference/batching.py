@@ -1062,20 +1062,23 @@ class ContinuousBatchingEngine:
                    if w >= self._width(size)]
         return decode + prefill
 
-    def _dispatch(self, rows, tokens, feed, carry, start, n_new, steps, width, targets=None):
+    def _dispatch(self, rows, tokens, feed, carry, start, n_new, steps, width):
         """Dispatches one `engine_step` over rows (None: an idle row) with block tables `width` pages wide;
-        returns its device outputs (tokens [max_batch], logprob, top-k ids, top-k logprobs), and with `targets`
-        (a prefill chunk of a request that scores its prompt: `_prompt_targets`) the chunk's prompt logprobs
-        (`position_logprobs`). Every program with more than one new token per row (the prefill chunks) carries the
-        prompt-logprobs output, computed only when `targets` is given, so scoring compiles nothing of its own."""
+        returns its device outputs (tokens [max_batch], logprob, top-k ids, top-k logprobs), and for the prefill
+        chunk of a request that scores its prompt (`_Running.scoring`; dispatched before its `fed` advances) the
+        chunk's prompt logprobs (`position_logprobs`). Every program with more than one new token per row (the
+        prefill chunks) carries the prompt-logprobs output, computed only for such a chunk, so scoring compiles
+        nothing of its own."""
         tables = np.stack([self._table(r, width) for r in rows])
         keys = np.stack([r.key if r is not None else np.zeros(_key_data_shape(), np.uint32) for r in rows])
         temp = np.array([r.temperature if r is not None else 0.0 for r in rows], np.float32)
         top_k = np.array([r.top_k if r is not None else 0 for r in rows], np.int32)
         top_p = np.array([r.top_p if r is not None else 1.0 for r in rows], np.float32)
         want_logprobs = np.bool_(any(r is not None and r.logprobs is not None for r in rows))
-        prompt = {}
-        if tokens.shape[1] > 1:
+        prompt, targets = {}, None
+        if len(rows) == 1 and rows[0] is not None and rows[0].scoring and rows[0].fed < len(rows[0].prompt):
+            targets = self._prompt_targets(rows[0], int(n_new[0]), tokens.shape[1])
+        if tokens.shape[1] > 1 or targets is not None:
             prompt = dict(targets=np.zeros_like(tokens) if targets is None else targets,
                           want_prompt_logprobs=np.bool_(targets is not None))
         self.pages, *outs = engine_step(self.step_params, self.pages, tokens, feed, *carry, start, n_new, tables,
@@ -1132,10 +1135,9 @@ class ContinuousBatchingEngine:
             p_tokens = np.zeros((1, size), np.int32)
             p_tokens[0, :chunk] = prefill.prompt[prefill.fed:prefill.fed + chunk]
             start = np.array([prefill.fed], np.int32)
-            targets = self._prompt_targets(prefill, chunk, size) if prefill.scoring else None
             p_out = self._dispatch([prefill], p_tokens, np.full(1, -1, np.int32), carry, start,
                                    np.array([chunk], np.int32), np.array([prefill.sampled], np.int32),
-                                   self._width(max(prefill.fed + chunk, size)), targets=targets)
+                                   self._width(max(prefill.fed + chunk, size)))
             prefill.fed += chunk
             if prefill.fed == len(prefill.prompt):
                 prefill.sampled, prefill.source = prefill.sampled + 1, (step_id, self.max_batch)
