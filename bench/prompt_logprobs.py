@@ -20,6 +20,7 @@ same weights (the peer), each over the process's resident set before it.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import os
 import sys
@@ -34,10 +35,10 @@ from bench.machine_info import describe_machine  # noqa: E402
 from bench.random_models import SIZES, random_model_pair  # noqa: E402
 
 TOP = 5
-INTRO = """`bench/prompt_logprobs.py`: echo + logprobs (lm-eval's log-likelihood requests) scored by the serving engine's
-own prefill chunks, against transformers' forward + log_softmax + top-5 over the same prompts (same random weights,
-same run), the same prefills without scoring, and the engine's resident memory with and without the model's stacked
-layer weights kept alive. Each run appends a table below."""
+INTRO = """`bench/prompt_logprobs.py`: echo + logprobs (lm-eval's log-likelihood requests) scored by the serving
+engine's own prefill chunks, against transformers' forward + log_softmax + top-5 over the same prompts (same random
+weights, same run), the same prefills without scoring, and the engine's resident memory with and without the model's
+stacked layer weights kept alive. Each run appends a table below."""
 
 
 def parse_args(argv=None):
@@ -63,7 +64,13 @@ def rss_bytes() -> int:
 
 
 def settled_rss() -> int:
+    """VmRSS after a garbage collection and glibc's malloc_trim (freed heap memory handed back to the system, so
+    that what is freed shows; without it the allocator may keep freed arrays' pages)."""
     gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     return rss_bytes()
 
 

@@ -40,7 +40,9 @@ The layer math is the model's own (`paged_cache.paged_extend`), attending with `
 Pallas TPU kernel for attention_impl "pallas_tpu" or on a TPU, the Pallas GPU kernel for "pallas_gpu", in shard_map
 on a mesh; see `paged_cache.attend_pages`). On the CPU
 backend (`paged_layers.per_layer_decode`'s rule) the engine keeps its own per-layer copy of the layer weights and a
-per-layer page pool, made once at construction (`paged_layers`), and runs `paged_layers.paged_extend_per_layer`.
+per-layer page pool, made once at construction (`paged_layers`), and runs `paged_layers.paged_extend_per_layer`;
+it keeps no reference to the model's stacked layer weights (only weak ones, for `serves`), so a caller that drops
+the model holds one copy of the layers, not two.
 
 Prefill chunk sizes and one chunk per step, measured on the CPU backend (2 shared cores, load 10-13; a prefill
 program of the 87M-shaped bench model, hidden 384, 6 layers, vocab 100352, minimum of 9 interleaved runs): [1, 128]

@@ -7,12 +7,13 @@ and vLLM's tokenizer routes (GET /tokenizer_info, POST /tokenize, POST /detokeni
 Each choice is one engine request (`n` choices per prompt); streamed responses are server-sent events ending in
 `data: [DONE]`. Log-probs: /v1/completions `logprobs: k` (OpenAI's tokens / token_logprobs / top_logprobs /
 text_offset; with `echo`, each choice's engine request also scores its prompt (`GenerationRequest.prompt_logprobs`:
-its own prefill chunks compute them, queued and batched like any request; `max_tokens` 0 scores the prompt only), and
-a streamed echo sends the prompt's text and log-probs as each choice's first chunk, once its prompt is scored) and /v1/chat/completions `logprobs: true,
-top_logprobs: k` (content[j] = {token, logprob, bytes, top_logprobs}, in each streamed chunk for its tokens).
-A client that goes away mid-stream cancels its engine requests at once (the response's `finally`), as does a stop
-string matched on the decoded text. Bad requests get OpenAI-style JSON errors (4xx; 429 when the
-engine queue is full); anything unexpected is logged and answered with a plain 500 JSON error, never a traceback.
+its own prefill chunks compute them, queued and batched like any request; `max_tokens` 0 scores the prompt only),
+and a streamed echo sends the prompt's text and log-probs as each choice's first chunk, once its prompt is scored)
+and /v1/chat/completions `logprobs: true, top_logprobs: k` (content[j] = {token, logprob, bytes, top_logprobs}, in
+each streamed chunk for its tokens). A client that goes away mid-stream cancels its engine requests at once (the
+response's `finally`), as does a stop string matched on the decoded text. Bad requests get OpenAI-style JSON errors
+(4xx; 429 when the engine queue is full); anything unexpected is logged and answered with a plain 500 JSON error,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -353,7 +354,6 @@ class Server:
                 entry["logprobs"] = token_entries(self.tokenizer, events + choice.events)
             out.append(entry)
         return JSONResponse({**base(out), "usage": self.usage(prompts, choices)})
-
 
     async def chat_completions(self, request: Request):
         body = await read_json(request)
