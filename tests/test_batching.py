@@ -664,6 +664,58 @@ def test_held_sequence_is_evicted_before_a_running_request_is_preempted(small_po
     assert eng._held == {}
 
 
+def test_held_sequence_released_soon_while_the_engine_evicts_it(small_pool_engine, converted, monkeypatch):
+    """A HeldSequence whose `release_soon` (a dropped ChatSession's finalizer, on another thread) is in flight when
+    the engine, mid-step and holding its lock, looks for one to evict: the finalizer has taken the pages but cannot
+    free them (the lock is held), so the eviction skips it (not counted as evicted) and the pages are freed at the
+    next admission. Deterministic: the finalizer runs to its end on a thread the test joins, at the engine's first
+    eviction, under the engine's lock. Afterwards no page leaks, no registry entry is left, and the request that
+    needed the pages answers as transformers' greedy generate. Then the other order: release_soon after an eviction
+    frees nothing twice."""
+    import threading
+
+    eng, hf_model = small_pool_engine, converted[1]
+    assert_no_leak(eng)
+    rng = np.random.default_rng(41)
+    first = eng.submit(GenerationRequest(rng.integers(3, 311, 40).tolist(), 8), hold=True)
+    eng.run_to_completion([first])
+    held, before = first.held, eng.stats()
+    assert held.pages is not None and before["pages_in_use"] == 3
+
+    evict, calls = eng._evict_held, []
+
+    def evict_while_released(*args):
+        if not calls:
+            assert eng._lock.locked() and held.pages is not None
+            finalizer = threading.Thread(target=eng.release_soon, args=(held,))
+            finalizer.start()
+            finalizer.join()                    # it cannot take the lock: the pages wait in _dropped_held
+            assert held.pages is None and len(eng._dropped_held) == 1 and id(held) in eng._held
+        calls.append(evict(*args))
+        return calls[-1]
+
+    monkeypatch.setattr(eng, "_evict_held", evict_while_released)
+    prompt = rng.integers(3, 311, 40).tolist()
+    grower = eng.submit(GenerationRequest(prompt, 60))   # 7 of the 8 pages at its end: it needs the held ones
+    steps = iter(range(400))
+    eng.run_to_completion([grower], on_step=lambda: next(steps))
+    assert calls and calls[0] is False          # nothing to evict: the only held sequence was being released
+    assert [e.token_id for e in grower] == hf_greedy(hf_model, prompt, 60)
+    after = eng.stats()
+    assert after["held_evictions"] == before["held_evictions"] and not held.evicted
+    assert eng._held == {} and not eng._dropped_held
+    assert_no_leak(eng)
+
+    monkeypatch.setattr(eng, "_evict_held", evict)
+    second = eng.submit(GenerationRequest(rng.integers(3, 311, 40).tolist(), 8), hold=True)
+    eng.run_to_completion([second])
+    with eng._lock:
+        assert eng._evict_held() and second.held.evicted
+        eng.release_soon(second.held)           # the finalizer after the eviction: nothing left to free
+    assert eng._held == {} and not eng._dropped_held
+    assert_no_leak(eng)
+
+
 def test_idle_chat_session_is_evicted_for_another_one(converted):
     """Two ChatSessions on one batch-1 engine whose pool holds one max_context sequence: the second session's turn
     evicts the idle first session's held pages (before, it was refused or got a second engine); the first session's
