@@ -7,7 +7,9 @@ started engine (module-scoped) serves every test that generates, so its programs
 """
 
 import asyncio
+import gc
 import threading
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -182,8 +184,8 @@ def test_prefix_cache_skips_shared_pages(engine, converted, prompts):
 
 
 def test_logprobs_match_transformers(engine, converted, prompts):
-    """Each new token's logprob and top-k alternatives, and `prompt_logprobs`, are log_softmax of transformers'
-    logits at that position."""
+    """Each new token's logprob and top-k alternatives, and a request's `prompt_logprobs` (max_new_tokens 0: the
+    prompt scored, nothing generated), are log_softmax of transformers' logits at that position."""
     _, hf_model = converted
     prompt = prompts[1]
     events = list(engine.submit(GenerationRequest(prompt, 6, logprobs=3)))
@@ -197,12 +199,84 @@ def test_logprobs_match_transformers(engine, converted, prompts):
         ids = [i for i, _ in event.top_logprobs]
         assert ids == np.argsort(-row)[:3].tolist()
         np.testing.assert_allclose([v for _, v in event.top_logprobs], row[ids], atol=1e-4)
-    echo = engine.prompt_logprobs(seq, top_k=2)
+    scored = engine.submit(GenerationRequest(seq, 0, prompt_logprobs=2))
+    assert list(scored) == [] and scored.finish_reason == "length"
+    echo = scored.prompt_logprobs
     assert echo[0] is None and len(echo) == len(seq)
     for s in range(1, len(seq)):
         assert echo[s].token_id == seq[s]
         np.testing.assert_allclose(echo[s].logprob, logp[s - 1, seq[s]], atol=1e-4)
         assert [i for i, _ in echo[s].top_logprobs] == np.argsort(-logp[s - 1])[:2].tolist()
+
+
+def test_prompt_logprobs_run_in_prefill_chunks_beside_decodes(engine, converted, prompts, references, monkeypatch):
+    """A request scoring a 300-token prompt (several chunks, CHUNK tokens while another request decodes) gets each
+    position's logprob and top-3 ids equal to transformers' log-softmax; its chunks run in the same engine steps as
+    the other request's decode rows, whose answer is unchanged; nothing compiles (the prefill programs carry the
+    scoring output). It takes no page from the prefix cache, but registers its own: a later generation with the same
+    prompt takes them (and answers as transformers does)."""
+    _, hf_model = converted
+    prompt = np.random.default_rng(31).integers(3, 311, 300).tolist()
+    logits = hf_logits(hf_model, [prompt])[0].astype(np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+        -1, keepdims=True)
+    run(engine, GenerationRequest(prompt[:2 * PAGE + 5], 1))      # two of its pages are in the prefix cache
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    steps, _ = record_steps(engine, monkeypatch)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        decoding = engine.submit(GenerationRequest(prompts[3], NEW))
+        answer = [next(decoding).token_id]                         # decoding when the scoring request arrives
+        hits = engine.stats()["prefix_cache_hits"]
+        scored = engine.submit(GenerationRequest(prompt, 2, prompt_logprobs=3))
+        new = [e.token_id for e in scored]
+        answer += [e.token_id for e in decoding]
+        assert engine.stats()["prefix_cache_hits"] == hits          # scoring needs every position: none from cache
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    assert answer == references[3] and new == hf_greedy(hf_model, prompt, 2)
+    events = scored.prompt_logprobs
+    assert len(events) == len(prompt) and events[0] is None
+    assert [e.token_id for e in events[1:]] == prompt[1:]
+    np.testing.assert_allclose([e.logprob for e in events[1:]], [logp[s - 1, prompt[s]] for s in range(1, 300)],
+                               atol=1e-4)
+    for s in range(1, 300):
+        assert [i for i, _ in events[s].top_logprobs] == np.argsort(-logp[s - 1], kind="stable")[:3].tolist()
+        np.testing.assert_allclose([v for _, v in events[s].top_logprobs], np.sort(logp[s - 1])[::-1][:3], atol=1e-4)
+    chunks = [(chunk, decoding_rows) for chunk, _, decoding_rows, step in steps
+              if step.prefill is not None and step.prefill.stream is scored]
+    assert len(chunks) >= 3 and sum(c for c, _ in chunks) == len(prompt)
+    assert sum(rows > 0 and c == CHUNK for c, rows in chunks) >= 1     # prefilled beside the other's decode rows
+
+    hits = engine.stats()["prefix_cache_hits"]
+    again, _ = run(engine, GenerationRequest(prompt, 2))
+    assert engine.stats()["prefix_cache_hits"] - hits == (len(prompt) - 1) // PAGE and again == new
+
+
+def test_cpu_layout_engine_keeps_no_second_copy_of_the_layer_weights(converted):
+    """On the CPU layout the engine runs on its per-layer copy and keeps no reference to the model's stacked layer
+    weights: dropping the model frees them (so `python -m phi4_jax.serve` holds one copy of the layers); `serves`
+    still tells the engine's own params (by identity) from other arrays, so `generate` reuses its cached engine."""
+    from phi4_jax.inference.engine import shared_engine
+    from phi4_jax.model.decoder import model_from_params
+
+    model0 = converted[0]
+    model = model_from_params(model0.config, jax.tree.map(jnp.copy, model0.params))
+    eng = ContinuousBatchingEngine(model, max_batch=1, max_context=64, page_size=PAGE)
+    assert eng.per_layer and eng.params["layers"] is None
+    assert eng.serves(model.params) and not eng.serves(model0.params)
+    assert shared_engine(model, batch=1, context=64) is shared_engine(model, batch=1, context=64)
+    stacked = [weakref.ref(w) for w in jax.tree.leaves(model.params["layers"])]
+    del model
+    gc.collect()
+    assert all(ref() is None for ref in stacked)
+    assert eng.step_params["layers"] and not eng.serves(model0.params)
 
 
 def record_steps(engine, monkeypatch) -> list:
@@ -556,6 +630,33 @@ def test_pool_too_small_preempts_and_answers_equal_single_requests(small_pool_en
     assert after["prefill_tokens"] - mid["prefill_tokens"] == sum(map(len, prompts)) + len(streamed_then_preempted)
     recomputed = after["recomputed_tokens"] - mid["recomputed_tokens"]
     assert 0 < recomputed <= sum(stream.prompt_tokens + generated for stream, generated, _ in seen)
+    assert_no_leak(eng)
+
+
+def test_request_scoring_its_prompt_preempted_in_prefill_scores_it_again(small_pool_engine, converted, monkeypatch):
+    """A request scoring its 80-token prompt is preempted after its first prefill chunk (the older request decoding
+    beside it needs the page): its in-flight chunk is dropped, and re-admitted it prefills and scores the whole
+    prompt again (nothing from the prefix cache), so its prompt logprobs and tokens equal its unpreempted run's and
+    transformers' log-softmax; no page leaks."""
+    eng, hf_model = small_pool_engine, converted[1]
+    rng = np.random.default_rng(41)
+    older, scored = rng.integers(3, 311, 47).tolist(), rng.integers(3, 311, 80).tolist()   # 3 + 5 pages: the pool
+    alone = eng.submit(GenerationRequest(scored, 4, prompt_logprobs=2))
+    eng.run_to_completion([alone])
+    seen = record_preemptions(eng, monkeypatch)
+    streams = [eng.submit(GenerationRequest(older, 30)), eng.submit(GenerationRequest(scored, 4, prompt_logprobs=2))]
+    eng.run_to_completion(streams)
+    assert [(s is streams[1], generated) for s, generated, _ in seen] == [(True, 0)]   # preempted in its prefill
+    assert [e.token_id for e in streams[1]] == [e.token_id for e in alone] == hf_greedy(hf_model, scored, 4)
+    logits = hf_logits(hf_model, [scored])[0].astype(np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    for events in (alone.prompt_logprobs, streams[1].prompt_logprobs):
+        assert events[0] is None and [e.token_id for e in events[1:]] == scored[1:]
+        np.testing.assert_allclose([e.logprob for e in events[1:]], [logp[s - 1, scored[s]] for s in range(1, 80)],
+                                   atol=1e-4)
+        assert [[i for i, _ in e.top_logprobs] for e in events[1:]] == [
+            np.argsort(-logp[s - 1], kind="stable")[:2].tolist() for s in range(1, 80)]
     assert_no_leak(eng)
 
 

@@ -54,7 +54,6 @@ def served(tmp_path_factory):
     model, tokenizer = phi4_jax.load_model(checkpoint), phi4_jax.Tokenizer()
     engine = ContinuousBatchingEngine(model, max_batch=8, max_context=MAX_CONTEXT, prefill_chunk=16, max_queue=64)
     engine.start()
-    engine.warmup_prompt_logprobs()  # as `python -m phi4_jax.serve` does
     recorder = RecordingEngine(engine)
     try:
         with serve_in_thread(create_app(recorder, tokenizer, MODEL)) as base_url:
@@ -552,42 +551,132 @@ def test_completions_echo_with_stream(served, hf_model):
     np.testing.assert_allclose(chunks[0].logprobs.token_logprobs[1:], first.logprobs.token_logprobs[1:], atol=1e-6)
 
 
-def test_prompt_logprobs_chunked_warmed_up_and_equal_transformers(served, hf_model):
-    """`ContinuousBatchingEngine.prompt_logprobs` equals transformers' log-softmax over a 300-token prompt (three
-    row chunks); after `warmup_prompt_logprobs` no prompt length compiles anything; and the compiled program
-    never holds [S, vocab] float32 logits (its scratch memory is below one such array)."""
-    from phi4_jax.inference import batching
+def expected_top(tokenizer, row, chosen, k):
+    """The `top_logprobs` entry of one position from a float64 log-softmax row, built as OpenAI's completions shape
+    names it: the top-k tokens' texts (most likely first) and the chosen token's, each with its logprob."""
+    entry = {tokenizer.decode_bytes([int(t)]).decode("utf-8", errors="replace"): row[t] for t in np.argsort(-row)[:k]}
+    entry.setdefault(tokenizer.decode_bytes([int(chosen)]).decode("utf-8", errors="replace"), row[chosen])
+    return entry
 
-    engine = served["engine"]
-    rng = np.random.default_rng(3)
-    prompt = rng.integers(0, 100256, 300).tolist()
-    logp = hf_log_softmax(hf_model, prompt)
 
+def assert_echo_equals_transformers(tokenizer, logprobs, ids, logp, k):
+    """Echoed prompt log-probs (OpenAI completions shape) equal transformers' at every prompt position."""
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    np.testing.assert_allclose(logprobs.token_logprobs[1:len(ids)], [logp[s - 1, ids[s]] for s in range(1, len(ids))],
+                               atol=1e-4)
+    for s in range(1, len(ids)):
+        want = expected_top(tokenizer, logp[s - 1], ids[s], k)
+        got = logprobs.top_logprobs[s]
+        assert list(got) == list(want), s
+        np.testing.assert_allclose(list(got.values()), list(want.values()), atol=1e-4)
+
+
+def test_echo_logprobs_over_several_chunks_equal_transformers_and_fill_the_prefix_cache(served, hf_model):
+    """echo + logprobs through the openai client, two prompts in one request and n = 2 (a 300-token one prefilled
+    in ten chunks, and a short one): every choice's prompt log-probs and top-4 equal transformers' log-softmax at
+    every position, nothing compiles (scoring runs in the warmed-up prefill programs), and its greedy token is
+    transformers'. Scoring takes nothing from the prefix cache, but its pages serve a later generation request
+    with the same prompt (`prefix_cache_hits` grows by the prompt's full pages)."""
+    client, tokenizer, engine = served["client"], served["tokenizer"], served["engine"]
+    long_ids = np.random.default_rng(3).integers(0, 100256, 300).tolist()
+    short_ids = tokenizer.encode("The capital of France is Paris, and the capital of Italy is")
+    logps = [hf_log_softmax(hf_model, ids) for ids in (long_ids, short_ids)]
     compiles = []
 
     def listener(event, duration, **kwargs):
         if event == "/jax/core/compile/backend_compile_duration":
             compiles.append(event)
 
+    hits = engine.stats()["prefix_cache_hits"]
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        events = engine.prompt_logprobs(prompt, top_k=4)
-        for n in (2, 40, 70, 200, MAX_CONTEXT):      # every padded length (32 .. MAX_CONTEXT)
-            assert len(engine.prompt_logprobs(rng.integers(0, 100256, n).tolist())) == n
+        reply = client.completions.create(model=MODEL, prompt=[long_ids, short_ids], max_tokens=1, n=2, temperature=0,
+                                          echo=True, logprobs=4, extra_body={"stop_token_ids": []})
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
-    assert events[0] is None and [e.token_id for e in events[1:]] == prompt[1:]
-    np.testing.assert_allclose([e.logprob for e in events[1:]], [logp[s - 1, prompt[s]] for s in range(1, 300)],
-                               atol=1e-4)
-    for s in (1, 127, 128, 129, 299):
-        assert [i for i, _ in events[s].top_logprobs] == np.argsort(-logp[s - 1])[:4].tolist()
+    assert engine.stats()["prefix_cache_hits"] == hits
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    for choice in reply.choices:
+        ids, logp = (long_ids, logps[0]) if choice.index < 2 else (short_ids, logps[1])
+        assert len(choice.logprobs.token_logprobs) == len(ids) + 1
+        assert_echo_equals_transformers(tokenizer, choice.logprobs, ids, logp, 4)
+        assert choice.text == tokenizer.decode(ids) + tokenizer.decode([int(np.argmax(logp[-1]))])
 
-    length, vocab = MAX_CONTEXT, engine.config.vocab_size
-    compiled = batching.prompt_logprobs_program.lower(
-        engine.params, np.zeros((1, length), np.int32), config=engine.config, top_k=engine.top_k, rows=32,
-        shard=None).compile()
-    assert compiled.memory_analysis().temp_size_in_bytes < length * vocab * 4
+    hits = engine.stats()["prefix_cache_hits"]
+    again = client.completions.create(model=MODEL, prompt=long_ids, max_tokens=1, temperature=0,
+                                      extra_body={"stop_token_ids": []})
+    assert engine.stats()["prefix_cache_hits"] - hits == (len(long_ids) - 1) // engine.page_size
+    assert again.choices[0].text == tokenizer.decode([int(np.argmax(logps[0][-1]))])
+
+
+def test_concurrent_echo_logprobs_and_a_streaming_chat_share_engine_steps(served, hf_model, monkeypatch):
+    """Four echo + logprobs requests (max_tokens 1 and 0, as lm-eval's loglikelihood sends) sent while a chat
+    streams: each answers transformers' log-probs, the chat streams its single-request answer, and together they
+    take fewer engine steps than one after another (the prompts are prefilled in the steps that decode the chat;
+    counted in `stats()["steps"]`, not wall time)."""
+    client, tokenizer, engine = served["client"], served["tokenizer"], served["engine"]
+    messages = chat_messages("Tell me a long story about the sea.")
+    _, expected = reference(served, tokenizer.encode_chat(messages), NEW)
+    texts = [f"Question {i}: what is {i} plus {i}? Think about it, step by step, and answer. " * 2 for i in range(4)]
+    ids = [tokenizer.encode(t) for t in texts]
+    logps = [hf_log_softmax(hf_model, p) for p in ids]
+
+    def echo(i):
+        return client.completions.create(model=MODEL, prompt=texts[i], max_tokens=i % 2, temperature=0, echo=True,
+                                         logprobs=2).choices[0]
+
+    def chat():
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=NEW, temperature=0,
+                                              stream=True)
+
+    def check(echoes, chat_text):
+        assert chat_text == expected
+        for i, choice in enumerate(echoes):
+            assert len(choice.logprobs.token_logprobs) == len(ids[i]) + i % 2
+            assert_echo_equals_transformers(tokenizer, choice.logprobs, ids[i], logps[i], 2)
+
+    steps0 = wait_until_idle(engine)["steps"]
+    alone = "".join(c.choices[0].delta.content or "" for c in chat() if c.choices)
+    one_by_one = [echo(i) for i in range(4)]
+    steps1 = wait_until_idle(engine)["steps"]
+    check(one_by_one, alone)
+
+    # The chat is decoding when the echo requests arrive: once it streams its first text, the engine's next step
+    # waits (bounded) until the four are queued, so a slow client thread cannot make them miss the chat.
+    recorder, step, paused, queued = served["recorder"], engine._step, threading.Event(), threading.Event()
+
+    def gated_step():
+        if paused.is_set():
+            queued.wait(timeout=60)
+        return step()
+
+    monkeypatch.setattr(engine, "_step", gated_step)
+    submitted = len(recorder.requests)
+    stream = chat()
+    pieces = []
+    for c in stream:
+        pieces.append(c.choices[0].delta.content or "" if c.choices else "")
+        if "".join(pieces):
+            break
+    paused.set()
+    results = [None] * 4
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, echo(i))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for _ in range(6000):
+        if len(recorder.requests) - submitted == 5 and engine.stats()["queue_length"] == 4:
+            break
+        time.sleep(0.01)
+    else:
+        raise AssertionError(f"the echo requests were not queued: {engine.stats()}")
+    queued.set()
+    pieces += [c.choices[0].delta.content or "" for c in stream if c.choices]
+    for t in threads:
+        t.join(timeout=120)
+    steps2 = wait_until_idle(engine)["steps"]
+    check(results, "".join(pieces))
+    assert steps2 - steps1 < steps1 - steps0, (steps2 - steps1, steps1 - steps0)
 
 
 # ----------------------------------------------------------------------------- requests wait for KV pages

@@ -1,7 +1,7 @@
 """Serve a converted Phi-4 checkpoint over an OpenAI-compatible HTTP API: `python -m phi4_jax.serve --checkpoint DIR`.
 
-Loads the model, starts the continuous-batching engine (`phi4_jax.inference.batching`; every program, prompt
-log-probs included, is compiled before the first request) and serves
+Loads the model, starts the continuous-batching engine (`phi4_jax.inference.batching`; every program is compiled
+before the first request; echo + logprobs, lm-eval's log-likelihood requests, run in the same programs) and serves
 `phi4_jax.serve.create_app` with uvicorn on --host/--port (127.0.0.1:8000 by default: only this machine can
 connect unless you pass another host). Ctrl-C stops the server and the engine.
 """
@@ -60,10 +60,10 @@ def main(argv=None) -> int:
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
     engine = ContinuousBatchingEngine(model, max_batch=args.max_batch, max_context=max_context,
                                       prefill_chunk=128, max_queue=args.max_queue, cache_dtype=args.kv_cache_dtype)
+    del model   # the engine holds what it runs on (on CPU, its per-layer copy: the stacked layers are freed)
     print("compiling the engine's programs ...", file=sys.stderr, flush=True)
     engine.start(progress=True)
     try:
-        engine.warmup_prompt_logprobs(progress=True)   # so echo + logprobs (lm-eval) compiles nothing
         app = create_app(engine, tokenizer, name, max_context=max_context)
         print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -40,7 +40,9 @@ The layer math is the model's own (`paged_cache.paged_extend`), attending with `
 Pallas TPU kernel for attention_impl "pallas_tpu" or on a TPU, the Pallas GPU kernel for "pallas_gpu", in shard_map
 on a mesh; see `paged_cache.attend_pages`). On the CPU
 backend (`paged_layers.per_layer_decode`'s rule) the engine keeps its own per-layer copy of the layer weights and a
-per-layer page pool, made once at construction (`paged_layers`), and runs `paged_layers.paged_extend_per_layer`.
+per-layer page pool, made once at construction (`paged_layers`), and runs `paged_layers.paged_extend_per_layer`;
+it keeps no reference to the model's stacked layer weights (only weak ones, for `serves`), so a caller that drops
+the model holds one copy of the layers, not two.
 
 Prefill chunk sizes and one chunk per step, measured on the CPU backend (2 shared cores, load 10-13; a prefill
 program of the 87M-shaped bench model, hidden 384, 6 layers, vocab 100352, minimum of 9 interleaved runs): [1, 128]
@@ -86,6 +88,18 @@ pages from the prefix cache where they were not reused meanwhile and prefills th
 from the held pages). So idle held conversations (`ChatSession`s between turns) never keep new requests out.
 `stats()["held_evictions"]` counts them.
 
+Prompt logprobs (`GenerationRequest.prompt_logprobs`: echo + logprobs, lm-evaluation-harness's log-likelihood) are
+computed by the request's own prefill chunks, queued, admitted and interleaved with running decodes like any
+request: every prefill program also returns, at each position of its chunk, the logprob of the next prompt token
+and the top-k there (`position_logprobs`: the lm_head, log-softmax and top-k over the chunk's final hidden states,
+PROMPT_LOGPROBS_ROWS positions at a time), under a conditional taken only for a chunk whose request asked, so other
+prefills pay a skipped branch and nothing compiles per request (the warm-up compiles the branch with the prefill
+programs); decode programs are unchanged. The host fetches those outputs only for such chunks
+(`RequestStream.prompt_logprobs`, complete before the request's first token event, or its end when it asked for no
+new token: max_new_tokens 0). As vLLM does, such a request takes no prompt page from the prefix cache (it needs
+every position's logits), but its full pages are registered as usual, so a later request with the same prefix
+reuses them.
+
 A request ends when it samples one of its `stop_token_ids` (that token is its last event; finish_reason
 "stop"), after `max_new_tokens` tokens or when the context is full ("length"), or when cancelled ("cancelled":
 its slot and pages are freed at once, and its full pages stay in the prefix cache).
@@ -99,6 +113,7 @@ import functools
 import itertools
 import os
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,7 +125,6 @@ import numpy as np
 from phi4_jax.checks import check_integer, is_integer
 from phi4_jax.inference.engine import (
     MeshRules,
-    bucket,
     hashable_rules,
     mesh_rules_context,
     model_params_config,
@@ -137,14 +151,13 @@ from phi4_jax.inference.paged_layers import (
 )
 from phi4_jax.inference.sampling import sample_rows
 from phi4_jax.model import sharding
-from phi4_jax.model.decoder import hidden_states, logits_from_hidden
+from phi4_jax.model.decoder import logits_from_hidden
 
 MAX_TOP_LOGPROBS = 20            # the most alternatives a request may ask for (the OpenAI API's limit)
 MIN_CHUNK_BUCKET = 16
 IDLE_CHUNK_FACTOR = 2           # max_prefill_chunk's default, times prefill_chunk (see the module docstring)
 DEFAULT_PAGE_SIZE = 16
-MIN_PROMPT_LOGPROBS_BUCKET = 32
-PROMPT_LOGPROBS_ROWS = 128      # prompt positions whose [rows, vocab] log-softmax exists at once
+PROMPT_LOGPROBS_ROWS = 128      # prompt positions whose [rows, vocab] log-softmax exists at once (prefill)
 MIN_TABLE_TOKENS = 256           # the narrowest block-table bucket covers at least this many positions
 KV_MEMORY_FRACTION = 0.8         # of the device's free memory, when it reports one and no budget is given
 FINISH_REASONS = ("stop", "length", "cancelled")
@@ -153,7 +166,10 @@ FINISH_REASONS = ("stop", "length", "cancelled")
 @dataclass
 class GenerationRequest:
     """One completion to generate. `logprobs`: None for none; k >= 0 for the sampled token's logprob plus the
-    top-k alternatives' (k <= MAX_TOP_LOGPROBS)."""
+    top-k alternatives' (k <= MAX_TOP_LOGPROBS). `prompt_logprobs`: None, or k >= 0 for each prompt token's
+    logprob given the tokens before it plus the top-k alternatives there (`RequestStream.prompt_logprobs`; computed
+    by the request's own prefill chunks, see the module docstring); with it, max_new_tokens may be 0 (score the
+    prompt only)."""
     prompt_ids: list[int]
     max_new_tokens: int
     temperature: float = 0.0
@@ -163,6 +179,7 @@ class GenerationRequest:
     logprobs: int | None = None
     top_k: int | None = None
     key: Any = None    # PRNG key data (`jax.random.key_data` of one key) to sample with instead of key(seed)
+    prompt_logprobs: int | None = None   # k >= 0: score the prompt too (`RequestStream.prompt_logprobs`)
 
 
 @dataclass
@@ -203,6 +220,9 @@ class RequestStream:
         self.completion_tokens = 0
         self.cached_tokens = 0                 # prompt tokens not prefilled (resumed or from the prefix cache)
         self.held: HeldSequence | None = None  # a hold=True request's pages, once it ended with "stop" or "length"
+        # With GenerationRequest.prompt_logprobs: one entry per prompt token (None for the first: nothing predicts
+        # it), a TokenEvent for each other, all filled before the first token event (or the end, for 0 new tokens).
+        self.prompt_logprobs: list[TokenEvent | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -315,6 +335,8 @@ class _Running:
     preempted: int = 0                # times preempted (its prompt then holds the tokens streamed before)
     dropped_through: int = -1         # results of steps up to this id are dropped (dispatched before a preemption)
     written_before: int = 0           # positions written before a preemption: prefilling them again is recomputation
+    prompt_top_k: int = 0             # alternatives per prompt position when scoring the prompt
+    scoring: bool = False             # its prefill chunks still owe prompt logprobs (`_score_prompt`)
 
 
 @dataclass
@@ -334,7 +356,8 @@ class _Pending:
 
 @functools.partial(jax.jit, static_argnames=("config", "top_k", "shard"), donate_argnames=("pages",))
 def engine_step(params, pages, tokens, feed, prev_decode, prev_prefill, start, n_new, block_tables, keys, steps,
-                temperature, sample_top_k, top_p, want_logprobs, *, config, top_k, shard):
+                temperature, sample_top_k, top_p, want_logprobs, targets=None, want_prompt_logprobs=None, *, config,
+                top_k, shard):
     """`paged_extend` and sample (`sample_rows`; keys: PRNG key data [B, ...]): returns (pages, tokens [C], the
     sampled token's logprob [B], top-k ids [B, k], logprobs [B, k]). tokens[:B] are the B rows' sampled tokens,
     zero-padded to C = len(prev_decode) (the engine's max_batch), so that the next step's fed-token inputs have one
@@ -344,12 +367,23 @@ def engine_step(params, pages, tokens, feed, prev_decode, prev_prefill, start, n
     (still on the device: the host has not fetched them yet): its decode step's prev_decode [C], then its prefill
     chunk's prev_prefill. Params in the per-layer layout (a list of layers,
     `paged_layers.per_layer_params`) take `paged_extend_per_layer`, stacked ones `paged_extend`. The logprobs are
-    computed only when `want_logprobs` (a traced bool: some row asked for them), else zeros."""
+    computed only when `want_logprobs` (a traced bool: some row asked for them), else zeros.
+
+    With `targets` [1, T] (prefill programs; the token after each position), three more outputs: row 0's
+    `position_logprobs` at every position of the chunk, computed only when `want_prompt_logprobs` (a traced bool:
+    the chunk's request scores its prompt), else zeros."""
     with mesh_rules_context(shard):
         fed = jnp.take(jnp.concatenate([prev_decode, prev_prefill]), jnp.maximum(feed, 0), mode="clip")
         tokens = tokens.at[:, 0].set(jnp.where(feed >= 0, fed, tokens[:, 0]))
         extend = paged_extend_per_layer if isinstance(params["layers"], list) else paged_extend
-        pages, logits = extend(params, pages, tokens, start, n_new, block_tables, config)
+        prompt_out = ()
+        if targets is None:
+            pages, logits = extend(params, pages, tokens, start, n_new, block_tables, config)
+        else:
+            pages, logits, hidden = extend(params, pages, tokens, start, n_new, block_tables, config,
+                                           return_hidden=True)
+            prompt_out = position_logprobs(params, hidden[0], targets[0], want_prompt_logprobs, config=config,
+                                           top_k=top_k)
         token = sample_rows(logits, jax.random.wrap_key_data(keys), steps, temperature, sample_top_k, top_p)
         padded = jnp.zeros(prev_decode.shape, jnp.int32).at[:token.shape[0]].set(token)
 
@@ -363,24 +397,20 @@ def engine_step(params, pages, tokens, feed, prev_decode, prev_prefill, start, n
             b = logits.shape[0]
             return (jnp.zeros((b,), jnp.float32), jnp.zeros((b, top_k), jnp.int32), jnp.zeros((b, top_k), jnp.float32))
 
-        return pages, padded, *jax.lax.cond(want_logprobs, logprobs, none)
+        return pages, padded, *jax.lax.cond(want_logprobs, logprobs, none), *prompt_out
 
 
-@functools.partial(jax.jit, static_argnames=("config", "top_k", "rows", "shard"))
-def prompt_logprobs_program(params, tokens, *, config, top_k, rows, shard):
-    """For tokens [1, S]: the logprob of token s+1 given 0..s [S-1] and the top-k (ids, logprobs) [S-1, k] there.
+def position_logprobs(params, hidden, targets, want, *, config, top_k, rows=PROMPT_LOGPROBS_ROWS):
+    """For final-normed hidden states [T, E] and the token after each position, targets [T]: (the logprob of
+    targets[t] at position t [T], the top-k ids [T, k] and logprobs [T, k] there), computed only when `want` (a
+    traced bool; else zeros, at the cost of a conditional). The lm_head, log-softmax and top-k run `rows` positions
+    at a time (`lax.map`), so float32 logits exist for [rows, vocab] at once, never [T, vocab]."""
+    n, rows = hidden.shape[0], min(rows, hidden.shape[0])
 
-    The model runs once over the whole prompt up to its final hidden states [S, E]; the lm_head, log-softmax and
-    top-k then run `rows` positions at a time (`lax.map`), so float32 logits exist for [rows, vocab] at once, never
-    [S, vocab], and only the per-position results are returned."""
-    with mesh_rules_context(shard):
-        h = hidden_states(params, tokens, config)[0, :-1]                              # [S-1, E]
-        targets = tokens[0, 1:]
-        n = h.shape[0]
-        rows = min(rows, n)
+    def compute():
         pad = -n % rows
-        h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, rows, h.shape[-1])
-        targets = jnp.pad(targets, (0, pad)).reshape(-1, rows)
+        h = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, rows, hidden.shape[-1])
+        t = jnp.pad(targets, (0, pad)).reshape(-1, rows)
 
         def chunk(xs):
             h_i, t_i = xs
@@ -389,8 +419,13 @@ def prompt_logprobs_program(params, tokens, *, config, top_k, rows, shard):
             top_logp, top_ids = jax.lax.top_k(logp, top_k)
             return token_logp, top_ids.astype(jnp.int32), top_logp
 
-        token_logp, top_ids, top_logp = jax.lax.map(chunk, (h, targets))
+        token_logp, top_ids, top_logp = jax.lax.map(chunk, (h, t))
         return token_logp.reshape(-1)[:n], top_ids.reshape(-1, top_k)[:n], top_logp.reshape(-1, top_k)[:n]
+
+    def none():
+        return jnp.zeros((n,), jnp.float32), jnp.zeros((n, top_k), jnp.int32), jnp.zeros((n, top_k), jnp.float32)
+
+    return jax.lax.cond(want, compute, none)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_pages", "page_size", "dtype", "shard", "per_layer"))
@@ -489,6 +524,10 @@ class ContinuousBatchingEngine:
         self.per_layer = (per_layer_decode(self.params, self.config, self.shard) and not is_int8(self.cache_dtype)
                           and paged_implementation(self.config) != "pallas_gpu")
         self.step_params = per_layer_params(self.params) if self.per_layer else self.params
+        self._layer_refs = None
+        if self.per_layer:      # nothing runs on the stacked layers any more: keep no second copy of them alive
+            self._layer_refs = [weakref.ref(w) for w in jax.tree.leaves(self.params["layers"])]
+            self.params = dict(self.params, layers=None)
         self.pages: PagedKV = _new_pages(config=self.config, num_pages=num_pages, page_size=self.page_size,
                                          dtype=self.cache_dtype, shard=self.shard, per_layer=self.per_layer)
 
@@ -562,6 +601,9 @@ class ContinuousBatchingEngine:
         """
         req = self._validate(request)
         req.hold = bool(hold)
+        if resume is not None and req.scoring:
+            raise GenerationError("a request that scores its prompt (prompt_logprobs) cannot resume a HeldSequence: "
+                                  "it prefills its whole prompt")
         with self._lock:
             if resume is not None:
                 if (not isinstance(resume, HeldSequence) or resume.engine is not self
@@ -687,45 +729,38 @@ class ContinuousBatchingEngine:
                     self._error = error
             raise
 
-    def prompt_logprobs(self, prompt_ids, top_k: int = 0) -> list[TokenEvent | None]:
-        """The logprob of each prompt token given the ones before it (None for the first), with the top_k
-        alternatives at each position. Runs `prompt_logprobs_program` on the caller's thread, on the prompt padded
-        to a bucket (`prompt_logprobs_lengths`; `warmup_prompt_logprobs` compiles them all)."""
-        prompt = validate_prompts([prompt_ids], self.config)[0]
-        self._check_context(len(prompt), 0)
-        self._check_top_k(top_k)
-        length = min(bucket(len(prompt), MIN_PROMPT_LOGPROBS_BUCKET), self.max_context)
-        tokens = np.zeros((1, length), np.int32)
-        tokens[0, :len(prompt)] = prompt
-        token_logp, top_ids, top_logp = jax.device_get(self._prompt_logprobs_dispatch(tokens))
-        out: list[TokenEvent | None] = [None]
-        for s in range(len(prompt) - 1):
-            top = [(int(i), float(v)) for i, v in zip(top_ids[s, :top_k], top_logp[s, :top_k])]
-            out.append(TokenEvent(prompt[s + 1], float(token_logp[s]), top))
-        return out
+    def _prompt_targets(self, req: _Running, chunk: int, size: int) -> np.ndarray:
+        """The token after each position of `req`'s next prefill chunk ([1, size]; 0 past the prompt's last token and
+        in the padding), for a request that scores its prompt."""
+        targets = np.zeros((1, size), np.int32)
+        after = req.prompt[req.fed + 1:req.fed + chunk + 1]
+        targets[0, :len(after)] = after
+        return targets
 
-    def prompt_logprobs_lengths(self) -> list[int]:
-        """The padded prompt lengths `prompt_logprobs` runs at: powers of two from MIN_PROMPT_LOGPROBS_BUCKET,
-        capped at max_context."""
-        lengths = [min(MIN_PROMPT_LOGPROBS_BUCKET, self.max_context)]
-        while lengths[-1] < self.max_context:
-            lengths.append(min(2 * lengths[-1], self.max_context))
-        return lengths
+    def _score_prompt(self, req: _Running, start: int, chunk: int, outs) -> None:
+        """Records a fetched prefill chunk's prompt logprobs (`position_logprobs`: position start + t predicts
+        prompt token start + t + 1) in the request's stream; the chunk that ends the prompt ends the scoring, so a
+        recompute after a preemption in decode does not score again (a preemption in prefill scores the same
+        positions again, writing the same entries)."""
+        token_logp, top_ids, top_logp = outs
+        k, events = req.prompt_top_k, req.stream.prompt_logprobs
+        for t in range(min(chunk, len(events) - 1 - start)):
+            top = [(int(i), float(v)) for i, v in zip(top_ids[t, :k], top_logp[t, :k])]
+            events[start + t + 1] = TokenEvent(req.prompt[start + t + 1], float(token_logp[t]), top)
+        if start + chunk == len(req.prompt):
+            req.scoring = False
 
-    def warmup_prompt_logprobs(self, progress: bool = False) -> None:
-        """Compiles `prompt_logprobs` for every padded length (`prompt_logprobs_lengths`; a tqdm bar with
-        `progress`), so no request compiles. A server that answers echo + logprobs (lm-evaluation-harness's
-        loglikelihood) calls it once."""
-        lengths = self.prompt_logprobs_lengths()
-        if progress:
-            from tqdm.auto import tqdm
-            lengths = tqdm(lengths, desc="compiling prompt logprobs", unit="length", dynamic_ncols=True)
-        for length in lengths:
-            jax.block_until_ready(self._prompt_logprobs_dispatch(np.zeros((1, length), np.int32)))
+    def serves(self, params) -> bool:
+        """Whether this engine was built from `params` (the same arrays). An engine on the per-layer layout keeps
+        only weak references to the model's stacked layer weights (`params["layers"]` is None: the model holds them,
+        or nothing does and they are freed)."""
+        def same(a, b):
+            return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
-    def _prompt_logprobs_dispatch(self, tokens: np.ndarray):
-        return prompt_logprobs_program(self.params, tokens, config=self.config, top_k=self.top_k,
-                                       rows=PROMPT_LOGPROBS_ROWS, shard=self.shard)
+        if self._layer_refs is None:
+            return same(jax.tree.leaves(self.params), jax.tree.leaves(params))
+        return (same(jax.tree.leaves(self.params), jax.tree.leaves(dict(params, layers=None)))
+                and same([r() for r in self._layer_refs], jax.tree.leaves(params["layers"])))
 
     def stats(self) -> dict:
         """Counters for monitoring: queue_length, running, pages_in_use, pages_total, prefix_cache_hits (pages
@@ -768,20 +803,21 @@ class ContinuousBatchingEngine:
             raise GenerationError(f"submit takes a GenerationRequest, got {type(request).__name__}")
         r = request
         prompt = validate_prompts([r.prompt_ids], self.config)[0]
-        validate_sampling(r.max_new_tokens, r.temperature, r.top_k, r.top_p)
-        if r.max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be >= 1, got {r.max_new_tokens}")
+        least = 0 if r.prompt_logprobs is not None else 1    # scoring the prompt alone generates nothing
+        check_integer(r.max_new_tokens, "max_new_tokens", GenerationError, minimum=least)
+        validate_sampling(max(int(r.max_new_tokens), 1), r.temperature, r.top_k, r.top_p)
         if r.top_p is None:
             raise GenerationError("top_p must be in (0, 1], got None")
-        self._check_context(len(prompt), 1)
-        if r.logprobs is not None:
-            self._check_top_k(r.logprobs)
+        self._check_context(len(prompt), min(1, r.max_new_tokens))
+        for k in (r.logprobs, r.prompt_logprobs):
+            if k is not None:
+                self._check_top_k(k)
         if r.seed is not None and not is_integer(r.seed):
             raise GenerationError(f"seed must be an integer or None, got {r.seed!r}")
         if isinstance(r.stop_token_ids, (str, bytes)) or not all(is_integer(t) for t in r.stop_token_ids):
             raise GenerationError(f"stop_token_ids must be integer token ids, got {r.stop_token_ids!r}")
         budget = min(int(r.max_new_tokens), self.max_context - len(prompt))
-        needed = -(-(len(prompt) + budget - 1) // self.page_size)
+        needed = -(-(len(prompt) + max(budget, 1) - 1) // self.page_size)
         if needed > self.pool.pages_total:
             raise GenerationError(
                 f"the request needs {needed} KV pages ({len(prompt)} prompt + {budget} new tokens) but the cache "
@@ -797,9 +833,13 @@ class ContinuousBatchingEngine:
         top_k = 0 if r.top_k is None else int(r.top_k)
         if top_k < 0:
             raise GenerationError(f"top_k must be >= 0 or None, got {r.top_k}")
-        return _Running(RequestStream(self, len(prompt)), prompt, budget, key, float(r.temperature), top_k,
-                        float(r.top_p), frozenset(int(t) for t in r.stop_token_ids), r.logprobs,
-                        next(self._order))
+        req = _Running(RequestStream(self, len(prompt)), prompt, budget, key, float(r.temperature), top_k,
+                       float(r.top_p), frozenset(int(t) for t in r.stop_token_ids), r.logprobs,
+                       next(self._order))
+        if r.prompt_logprobs is not None:
+            req.prompt_top_k, req.scoring = int(r.prompt_logprobs), True
+            req.stream.prompt_logprobs = [None] * len(prompt)
+        return req
 
     # -- bookkeeping (under the lock) --
     def _cancel(self, stream: RequestStream) -> None:
@@ -876,6 +916,8 @@ class ContinuousBatchingEngine:
                 shared, cached = self._resumed_pages(req)
             else:
                 cacheable = (len(req.prompt) - 1) // self.page_size    # keep >= 1 prompt token to prefill
+                if req.scoring:                 # every prompt position's logits are needed: prefill them all
+                    cacheable = 0
                 shared = self.pool.match_prefix(page_digests(req.prompt, self.page_size, cacheable))
                 cached, from_cache = len(shared) * self.page_size, len(shared)
             needed = -(-len(req.prompt) // self.page_size) - len(shared)
@@ -1037,17 +1079,27 @@ class ContinuousBatchingEngine:
 
     def _dispatch(self, rows, tokens, feed, carry, start, n_new, steps, width):
         """Dispatches one `engine_step` over rows (None: an idle row) with block tables `width` pages wide;
-        returns its device outputs (tokens [max_batch], logprob, top-k ids, top-k logprobs)."""
+        returns its device outputs (tokens [max_batch], logprob, top-k ids, top-k logprobs), and for the prefill
+        chunk of a request that scores its prompt (`_Running.scoring`; dispatched before its `fed` advances) the
+        chunk's prompt logprobs (`position_logprobs`). Every program with more than one new token per row (the
+        prefill chunks) carries the prompt-logprobs output, computed only for such a chunk, so scoring compiles
+        nothing of its own."""
         tables = np.stack([self._table(r, width) for r in rows])
         keys = np.stack([r.key if r is not None else np.zeros(_key_data_shape(), np.uint32) for r in rows])
         temp = np.array([r.temperature if r is not None else 0.0 for r in rows], np.float32)
         top_k = np.array([r.top_k if r is not None else 0 for r in rows], np.int32)
         top_p = np.array([r.top_p if r is not None else 1.0 for r in rows], np.float32)
         want_logprobs = np.bool_(any(r is not None and r.logprobs is not None for r in rows))
+        prompt, targets = {}, None
+        if len(rows) == 1 and rows[0] is not None and rows[0].scoring and rows[0].fed < len(rows[0].prompt):
+            targets = self._prompt_targets(rows[0], int(n_new[0]), tokens.shape[1])
+        if tokens.shape[1] > 1 or targets is not None:
+            prompt = dict(targets=np.zeros_like(tokens) if targets is None else targets,
+                          want_prompt_logprobs=np.bool_(targets is not None))
         self.pages, *outs = engine_step(self.step_params, self.pages, tokens, feed, *carry, start, n_new, tables,
-                                        keys, steps, temp, top_k, top_p, want_logprobs, config=self.config,
+                                        keys, steps, temp, top_k, top_p, want_logprobs, **prompt, config=self.config,
                                         top_k=self.top_k, shard=self.shard)
-        return outs
+        return outs if targets is not None else outs[:4]
 
     def warmup(self, progress: bool = False) -> None:
         """Compiles every program `program_shapes` lists (idle rows: nothing is written; a tqdm bar with
@@ -1135,9 +1187,13 @@ class ContinuousBatchingEngine:
             prefill = step.prefill
             if prefill is not None and self._current(prefill, step):
                 self._count_prefill(prefill, step.chunk)
+                if len(p_out) > 4:
+                    self._score_prompt(prefill, prefill.kv_len, step.chunk, p_out[4:])
                 prefill.kv_len += step.chunk
                 self._register_pages(prefill)
-                if prefill.kv_len == len(prefill.prompt):
+                if prefill.kv_len == len(prefill.prompt) and prefill.budget == 0:
+                    self._end(prefill, "length")         # scored its prompt; generates nothing
+                elif prefill.kv_len == len(prefill.prompt):
                     self._emit(prefill, int(p_out[0][0]), p_out[1][0], p_out[2][0], p_out[3][0])
             if d_out is not None:
                 for b, req in enumerate(step.decoding):

@@ -151,7 +151,7 @@ def shared_engine(model, *, batch: int, context: int, mesh=None, rules=None, cac
         old = engines.get(key)
         if old is not None and _fits(old, params, need_batch, need_context):
             return old
-        if old is not None and _same_params(old.params, params):
+        if old is not None and old.serves(params):
             need_batch, need_context = max(need_batch, old.max_batch), max(need_context, old.max_context)
         engine = ContinuousBatchingEngine(
             model, max_batch=need_batch, max_context=need_context, kv_cache_bytes=_exact_pool_bytes(
@@ -161,16 +161,11 @@ def shared_engine(model, *, batch: int, context: int, mesh=None, rules=None, cac
         return engine
 
 
-def _same_params(a, b) -> bool:
-    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(leaves_a) == len(leaves_b) and all(x is y for x, y in zip(leaves_a, leaves_b))
-
-
 def _fits(engine, params, batch: int, context: int) -> bool:
     pages = batch * -(-context // engine.page_size)
     return (engine._thread is None and engine._error is None and engine.max_batch >= batch
             and engine.max_context >= context and engine.reclaimable_pages() >= pages
-            and _same_params(engine.params, params))
+            and engine.serves(params))
 
 
 def _exact_pool_bytes(config: Phi4Config, batch: int, context: int, cache_dtype) -> int:

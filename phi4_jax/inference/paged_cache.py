@@ -119,14 +119,16 @@ def attend_pages(q, pool: PagedKV, block_tables, lengths, layer, config: Phi4Con
     return kernels.paged_attention(q, pool.k, pool.v, block_tables, lengths, **kwargs)
 
 
-def paged_extend(params, pages: PagedKV, tokens, start, n_new, block_tables, config: Phi4Config):
+def paged_extend(params, pages: PagedKV, tokens, start, n_new, block_tables, config: Phi4Config,
+                 return_hidden: bool = False):
     """Feeds tokens [B, T] after each sequence's first start[b] positions; returns (pages, logits [B, vocab]).
 
     Sequence b has n_new[b] real tokens (right-padded to T) at positions start[b] + t, whose keys/values are
     written into its pages (block_tables [B, W]; quantized with their scales in an int8 pool, `write_pages`);
     padding is not written. Queries attend with `kernels.paged_attention` (causal among the new tokens;
     implementation and mesh: `attend_pages`). The float32 logits are those at each sequence's last real new token
-    (meaningless where n_new[b] = 0). The layer math is the model's own `decoder_block`.
+    (meaningless where n_new[b] = 0); with `return_hidden`, (pages, logits, every position's final-normed hidden
+    state [B, T, E]). The layer math is the model's own `decoder_block`.
     """
     b, t = tokens.shape
     num_pages, page_size = pages.k.shape[1], pages.k.shape[2]
@@ -157,7 +159,10 @@ def paged_extend(params, pages: PagedKV, tokens, start, n_new, block_tables, con
     if pool.k_scale is not None:
         pages = pages._replace(k_scale=sharding.constrain(pool.k_scale, SCALE_AXES),
                                v_scale=sharding.constrain(pool.v_scale, SCALE_AXES))
-    return pages, logits_from_hidden(params, h, config)
+    logits = logits_from_hidden(params, h, config)
+    if return_hidden:   # also every position's final-normed hidden state [B, T, E] (prompt logprobs)
+        return pages, logits, rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    return pages, logits
 
 
 # ----------------------------------------------------------------------------- the host-side allocator

@@ -88,9 +88,11 @@ def init_pages_per_layer(config: Phi4Config, num_pages: int, page_size: int, dty
     return PagedKV(zeros(), zeros())
 
 
-def paged_extend_per_layer(params, pages: PagedKV, tokens, start, n_new, block_tables, config: Phi4Config):
+def paged_extend_per_layer(params, pages: PagedKV, tokens, start, n_new, block_tables, config: Phi4Config,
+                           return_hidden: bool = False):
     """`paged_cache.paged_extend` for per-layer params (`per_layer_params`) and pages (`init_pages_per_layer`):
-    returns (pages, float32 logits [B, vocab] at each sequence's last real new token)."""
+    returns (pages, float32 logits [B, vocab] at each sequence's last real new token), and with `return_hidden`
+    every position's final-normed hidden state [B, T, E] after them."""
     num_pages, page_size = pages.k[0].shape[:2]
     positions, page, row = paged_write_targets(tokens, start, n_new, block_tables, page_size, num_pages)
     attend_lengths = start + tokens.shape[1]                                       # query t sits at start + t
@@ -111,4 +113,7 @@ def paged_extend_per_layer(params, pages: PagedKV, tokens, start, n_new, block_t
         vs.append(v_pages)
     last = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]   # [B, E]
     h = rms_norm(last, params["final_norm"], config.rms_norm_eps)
-    return PagedKV(tuple(ks), tuple(vs)), logits_from_hidden(params, h, config)
+    logits = logits_from_hidden(params, h, config)
+    if return_hidden:   # also every position's final-normed hidden state [B, T, E] (prompt logprobs)
+        return PagedKV(tuple(ks), tuple(vs)), logits, rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    return PagedKV(tuple(ks), tuple(vs)), logits

@@ -6,12 +6,14 @@ and vLLM's tokenizer routes (GET /tokenizer_info, POST /tokenize, POST /detokeni
 
 Each choice is one engine request (`n` choices per prompt); streamed responses are server-sent events ending in
 `data: [DONE]`. Log-probs: /v1/completions `logprobs: k` (OpenAI's tokens / token_logprobs / top_logprobs /
-text_offset; with `echo`, the prompt's own come from `ContinuousBatchingEngine.prompt_logprobs`, and a streamed echo
-sends the prompt's text and log-probs as each choice's first chunk) and /v1/chat/completions `logprobs: true,
-top_logprobs: k` (content[j] = {token, logprob, bytes, top_logprobs}, in each streamed chunk for its tokens).
-A client that goes away mid-stream cancels its engine requests at once (the response's `finally`), as does a stop
-string matched on the decoded text. Bad requests get OpenAI-style JSON errors (4xx; 429 when the
-engine queue is full); anything unexpected is logged and answered with a plain 500 JSON error, never a traceback.
+text_offset; with `echo`, each choice's engine request also scores its prompt (`GenerationRequest.prompt_logprobs`:
+its own prefill chunks compute them, queued and batched like any request; `max_tokens` 0 scores the prompt only),
+and a streamed echo sends the prompt's text and log-probs as each choice's first chunk, once its prompt is scored)
+and /v1/chat/completions `logprobs: true, top_logprobs: k` (content[j] = {token, logprob, bytes, top_logprobs}, in
+each streamed chunk for its tokens). A client that goes away mid-stream cancels its engine requests at once (the
+response's `finally`), as does a stop string matched on the decoded text. Bad requests get OpenAI-style JSON errors
+(4xx; 429 when the engine queue is full); anything unexpected is logged and answered with a plain 500 JSON error,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -153,8 +155,6 @@ class Server:
         self.stop_ids = tuple(t for t in tokenizer.stop_ids if t < self.vocab_size)
         self.metrics = ServerMetrics(engine)
         self.created = int(time.time())
-        # One prompt log-probs forward at a time: each holds activations for its whole (padded) prompt.
-        self.prompt_logprobs_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ request pieces
     def check_model(self, body: dict) -> None:
@@ -181,8 +181,10 @@ class Server:
                           "messages" if default is None else "prompt", "context_length_exceeded")
         return room if wanted is None else wanted
 
-    def submit(self, prompts: list[list[int]], budgets: list[int], sampling: Sampling) -> list[Choice]:
-        """One engine request per prompt and choice; on any refusal, cancels those already submitted."""
+    def submit(self, prompts: list[list[int]], budgets: list[int], sampling: Sampling,
+               prompt_logprobs: int | None = None) -> list[Choice]:
+        """One engine request per prompt and choice (scoring its prompt with top-`prompt_logprobs` alternatives when
+        that is given; a budget of 0 then still scores it); on any refusal, cancels those already submitted."""
         choices = []
         stop_ids = tuple(sorted(set(self.stop_ids) | set(sampling.stop_token_ids)))
         try:
@@ -190,13 +192,13 @@ class Server:
                 for j in range(sampling.n):
                     index = p * sampling.n + j
                     text = CompletionText(self.tokenizer, stop_strings=sampling.stop_strings, stop_token_ids=stop_ids)
-                    if budget == 0:
+                    if budget == 0 and prompt_logprobs is None:
                         choices.append(Choice(index, None, text))
                         continue
                     request = GenerationRequest(
                         prompt_ids=list(prompt), max_new_tokens=budget, temperature=sampling.temperature,
                         top_p=sampling.top_p, seed=None if sampling.seed is None else sampling.seed + index,
-                        stop_token_ids=stop_ids, logprobs=sampling.logprobs)
+                        stop_token_ids=stop_ids, logprobs=sampling.logprobs, prompt_logprobs=prompt_logprobs)
                     choices.append(Choice(index, self.engine.submit(request), text))
         except BaseException:
             cancel(choices)
@@ -240,7 +242,8 @@ class Server:
 
     def stream(self, choices: list[Choice], chunk, usage_chunk, first_chunk=None) -> _StreamResponse:
         """SSE of `chunk(choice, piece, event, finish_reason)` dicts as the choices advance (each choice's
-        `first_chunk(choice)` before its tokens, when given), then the usage chunk (when asked for) and [DONE]."""
+        `first_chunk(choice)` before its tokens, when given: at once, or, for a request that scores its prompt, when
+        the prompt is scored), then the usage chunk (when asked for) and [DONE]."""
         queue: asyncio.Queue = asyncio.Queue()
         tasks = []
         failures = []
@@ -250,10 +253,24 @@ class Server:
             await queue.put(chunk(choice, piece, event, None))
 
         async def run(choice):
+            # A choice that scores its prompt sends its first chunk with its first token (or at its end): the
+            # engine has scored the whole prompt by then.
+            first = first_chunk
+
+            async def first_then_piece(choice, piece, event):
+                nonlocal first
+                if first is not None:
+                    await queue.put(first(choice))
+                    first = None
+                await on_piece(choice, piece, event)
+
             try:
-                if first_chunk is not None:
-                    await queue.put(first_chunk(choice))
-                await self.run_choice(choice, on_piece)
+                if first is not None and getattr(choice.stream, "prompt_logprobs", None) is None:
+                    await queue.put(first(choice))
+                    first = None
+                await self.run_choice(choice, first_then_piece)
+                if first is not None:
+                    await queue.put(first(choice))
                 await queue.put(chunk(choice, "", None, choice.finish_reason))
             except Exception as e:  # noqa: BLE001 - reported in the stream below
                 failures.append(e)
@@ -296,11 +313,7 @@ class Server:
         sampling = parse_sampling(body, allow_zero_tokens=echo, logprobs=logprobs)
         prompts = [self.tokenizer.encode(p) if isinstance(p, str) else p for p in parse_prompts(body)]
         budgets = [self.budget(p, sampling, COMPLETIONS_DEFAULT_MAX_TOKENS) for p in prompts]
-        prompt_events = None
-        if echo and logprobs is not None:
-            async with self.prompt_logprobs_lock:
-                prompt_events = [await asyncio.to_thread(self.prompt_logprobs, p, logprobs) for p in prompts]
-        choices = self.submit(prompts, budgets, sampling)
+        choices = self.submit(prompts, budgets, sampling, logprobs if echo else None)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def base(choices_json):
@@ -323,7 +336,7 @@ class Server:
 
             def prompt_chunk(choice):
                 p = choice.index // sampling.n
-                lp = None if prompt_events is None else token_entries(self.tokenizer, prompt_events[p])
+                lp = None if logprobs is None else token_entries(self.tokenizer, prompt_events(prompts[p], choice))
                 return base([{"index": choice.index, "text": echoed[p], "logprobs": lp, "finish_reason": None}])
 
             usage = (lambda: {**base([]), "usage": self.usage(prompts, choices)}) if sampling.include_usage else None
@@ -337,15 +350,10 @@ class Server:
             entry = {"index": choice.index, "text": prefix + choice.text.text, "logprobs": None,
                      "finish_reason": choice.finish_reason}
             if logprobs is not None:
-                events = list(prompt_events[choice.index // sampling.n]) if echo else []
+                events = prompt_events(prompt, choice) if echo else []
                 entry["logprobs"] = token_entries(self.tokenizer, events + choice.events)
             out.append(entry)
         return JSONResponse({**base(out), "usage": self.usage(prompts, choices)})
-
-    def prompt_logprobs(self, prompt: list[int], top_k: int) -> list[tuple]:
-        """(token_id, logprob, top) for each prompt token (None for the first: nothing predicts it)."""
-        events = self.engine.prompt_logprobs(prompt, top_k=top_k)
-        return [(t, None, None) if e is None else (t, e.logprob, e.top_logprobs) for t, e in zip(prompt, events)]
 
     async def chat_completions(self, request: Request):
         body = await read_json(request)
@@ -430,6 +438,13 @@ class Server:
 
     async def metrics_text(self, request: Request):
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+
+def prompt_events(prompt: list[int], choice: Choice) -> list[tuple]:
+    """(token_id, logprob, top) for each token of the prompt of a choice whose request scored it (logprob None for
+    the first: nothing predicts it; and for any the engine did not score, as when it was cancelled first)."""
+    return [(t, None, None) if e is None else (t, e.logprob, e.top_logprobs)
+            for t, e in zip(prompt, choice.stream.prompt_logprobs)]
 
 
 def cancel(choices: list[Choice]) -> None:
