@@ -23,7 +23,6 @@ against what one TPU v5p host (4 chips) consumes training phi-4 14B at 4K.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import random
@@ -35,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench.decode import update_section  # noqa: E402
+from bench._report import publish, run_heading  # noqa: E402
 from bench.machine_info import describe_machine  # noqa: E402
 
 MFU_TARGET = 0.55            # DESIGN.md: training at >= 55% MFU
@@ -134,17 +133,12 @@ def main(argv=None) -> int:
     rows.append((f"target: one TPU v5p host, 14B at {args.seq_len} ({MFU_TARGET:.0%} MFU x 4 x 459 TFLOP/s "
                  f"/ {flops / 1e9:.1f} GFLOP per token)", target))
 
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = " ".join(["python bench/data_pipeline.py", *argv])
-    lines = [f"### {date}, `{command}`", "",
+    lines = [run_heading(__file__, argv), "",
              f"Machine: {machine}. Corpus: {args.docs} jsonl documents, {n_tokens:,} phi-4 tokens; "
              f"{args.workers} tokenizer processes; batches of {args.host_batch} x {args.seq_len}.", "",
              "| what | tokens/s | vs one v5p host |", "|---|---:|---:|"]
     lines += [f"| {name} | {rate:,.0f} | {rate / target:.1f}x |" for name, rate in rows]
-    markdown = "\n".join(lines) + "\n"
-    print(markdown)
-    if args.write:
-        update_section(args.write, SECTION_HEADING, SECTION_KEY, intro=SECTION_INTRO, append=markdown)
+    publish(lines, args.write, SECTION_HEADING, SECTION_KEY, intro=SECTION_INTRO)
     return 0
 
 

@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from bench._report import update_section  # noqa: E402
 from bench.machine_info import describe_machine  # noqa: E402
 from bench.random_models import SIZES, random_model_pair  # noqa: E402
 
@@ -170,27 +171,6 @@ and the layers' ~300 ops come on top. At 8 rows 2x needs ~17 ms against the lm_h
 
 On a GPU (not available to this work so far), the 14B-shaped decode against the memory-bandwidth bound belongs
 to the [evidence] issue."""
-
-
-def update_section(path: str, heading: str, key: str, *, intro: str = "", append: str | None = None,
-                   replace: str | None = None) -> None:
-    """Edits the `<!-- key:begin -->...<!-- key:end -->` block of BENCHMARKS.md's `## heading` section.
-
-    `append` adds text at the end of the block, `replace` replaces the block's body; the section (heading,
-    `intro`, markers) is created at the end of the file if absent. Other sections are left untouched.
-    """
-    content = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
-    if begin not in content or end not in content:
-        content = content.rstrip("\n") + f"\n\n## {heading}\n\n{begin}\n{intro.strip()}\n{end}\n"
-    head, rest = content.split(begin, 1)
-    body, tail = rest.split(end, 1)
-    if replace is not None:
-        body = "\n" + replace.strip() + "\n"
-    if append is not None:
-        body = body.rstrip("\n") + "\n\n" + append.strip() + "\n"
-    with open(path, "w") as f:
-        f.write(head + begin + body + end + tail)
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,6 @@ random bf16 N(0, 0.02) made on the device.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,6 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from bench._report import write_json  # noqa: E402
 from bench.roofline import copy_bandwidth  # noqa: E402
 from phi4_jax.inference.kv_cache import KVCache, decode_step  # noqa: E402
 from phi4_jax.model.config import get_preset  # noqa: E402
@@ -142,9 +142,7 @@ def main(argv=None) -> int:
         print(f"{args.model} bf16 batch {r['batch']} context {r['context']}: {r['tokens_per_s']:.1f} tokens/s, "
               f"bound {r['bound_tokens_per_s']:.1f} tokens/s ({100 * r['fraction_of_bound']:.1f}% of the "
               f"bound at {bandwidth / 1e9:.0f} GB/s)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.json, result)
     return 0
 
 

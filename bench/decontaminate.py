@@ -13,7 +13,6 @@ over the whole file (reading, matching, writing).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
@@ -27,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench.decode import update_section  # noqa: E402
+from bench._report import run_command, run_date, update_section  # noqa: E402
 from bench.machine_info import describe_machine  # noqa: E402
 
 
@@ -122,9 +121,7 @@ def main(argv=None) -> int:
         table.append(f"| {name} | {workers} | {seconds:.1f} | {args.documents / seconds:,.0f} |")
     print("\n".join(table))
     if args.write:
-        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        cmd = ("python bench/decontaminate.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-        body = "\n".join([f"Run {date}, `{cmd}`, on {describe_machine()}.", "",
+        body = "\n".join([f"Run {run_date()}, `{run_command(__file__, argv)}`, on {describe_machine()}.", "",
                           f"{args.documents:,} JSONL documents ({size_mb:.0f} MB), 700 evaluation items; "
                           f"{len(peer_removed)} documents removed by both methods (the same ones).", "", *table])
         update_section(args.write, "Decontamination", "decontaminate",

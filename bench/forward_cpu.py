@@ -20,8 +20,6 @@ whole process (Python start and imports included on both sides) and its peak RSS
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import shutil
 import statistics
@@ -34,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from bench._report import run_command, run_date, update_section, write_json  # noqa: E402
 from bench.machine_info import describe_machine  # noqa: E402
 from bench.random_models import SIZES, random_model_pair  # noqa: E402
 
@@ -170,18 +169,6 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_section(path: str, markdown: str) -> None:
-    """Appends `markdown` inside this script's `<!-- key:begin/end -->` block of BENCHMARKS.md (created if absent)."""
-    content = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    begin, end = f"<!-- {SECTION_KEY}:begin -->", f"<!-- {SECTION_KEY}:end -->"
-    if begin not in content or end not in content:
-        content = content.rstrip("\n") + f"\n\n## {SECTION_HEADING}\n\n{begin}\n{SECTION_INTRO}\n{end}\n"
-    head, rest = content.split(begin, 1)
-    body, tail = rest.split(end, 1)
-    with open(path, "w") as f:
-        f.write(head + begin + body.rstrip("\n") + "\n\n" + markdown.strip() + "\n" + end + tail)
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -208,19 +195,16 @@ def main(argv=None) -> int:
     if not args.no_conversion:
         with tempfile.TemporaryDirectory(prefix="phi4_convert_bench_") as workdir:
             conversion_rows = bench_conversion(hf, args.convert_repeats, workdir)
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": "python bench/forward_cpu.py " + " ".join(argv), "machine": machine_description,
+    meta = {"date": run_date(), "command": run_command(__file__, argv), "machine": machine_description,
             "jax_version": jax.__version__, "torch_version": torch.__version__,
             "transformers_version": transformers.__version__, "threads": args.threads,
             "num_params": config.num_params, "size": args.size}
     result = {"meta": meta, "forward": forward_rows, "conversion": conversion_rows}
     markdown = to_markdown(result)
     print(markdown)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.json, result)
     if args.write:
-        update_section(args.write, markdown)
+        update_section(args.write, SECTION_HEADING, SECTION_KEY, intro=SECTION_INTRO, append=markdown)
     return 0
 
 

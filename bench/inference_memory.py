@@ -173,7 +173,7 @@ def main(argv=None) -> int:
         text = quantized_report(m, args.context, args.batch, args.dtype, args.quantize, args.budget_gb)
         print(text)
         if args.write:
-            from bench.decode import update_section
+            from bench._report import update_section
 
             update_section(args.write, "Quantized inference", f"quant-memory-{args.quantize}", replace=text)
             print(f"wrote the 'Quantized inference' memory block of {args.write}")
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     text = report(m, args.context, args.batch, args.dtype)
     print(text)
     if args.write:
-        from bench.decode import update_section
+        from bench._report import update_section
 
         update_section(args.write, "Inference memory", "inference-memory", replace=text)
         print(f"wrote the 'Inference memory' section of {args.write}")

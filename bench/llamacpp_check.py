@@ -30,7 +30,6 @@ back from that GGUF to ours (so both sides run exactly the weights the file hold
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
 import sys
@@ -44,7 +43,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench.decode import seconds, update_section  # noqa: E402
+from bench._report import publish, run_heading  # noqa: E402
+from bench.decode import seconds  # noqa: E402
 from bench.machine_info import describe_machine  # noqa: E402
 
 # name: (hidden, layers, heads, kv_heads, intermediate); vocabulary 100352 always
@@ -212,9 +212,8 @@ def main(argv=None) -> int:
         prompt = np.random.default_rng(0).integers(0, 100256, args.prompt_len).tolist()
         rows = [check_type(work, ours_ckpt, t, args, prompt) for t in args.types.split(",")]
     hidden, layers, heads, kv, inter = SIZES[args.size]
-    command = "python bench/llamacpp_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
-        f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, `{command.strip()}`",
+        run_heading(__file__, argv),
         "",
         f"Machine: {describe_machine(with_load=True)}; llama-cpp-python {llama_cpp.__version__} (CPU build: "
         f"{llama_cpp.llama_print_system_info().decode().strip(' |')}), jax {jax.__version__} (XLA's default threads, float32 on the file's weights). "
@@ -239,11 +238,7 @@ def main(argv=None) -> int:
                      f"| {r['forced']}/{n} | {r['agree']}/{n}{split} | {speeds[best]:.1f} ({best}; {others}) "
                      f"| {r['ours_tps']:.1f} | {_fmt(r['kept_tps'], '.1f')} | {_fmt(r['kept_err'], '.1e')} "
                      f"| {_fmt(r['ours_q_tps'], '.1f')} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        update_section(args.write, "GGUF and llama.cpp", "gguf-llamacpp", intro=INTRO, append=text)
-        print(f"appended to {args.write}")
+    publish(lines, args.write, "GGUF and llama.cpp", "gguf-llamacpp", intro=INTRO)
     ok = all(r["tokenize_ok"] == len(TEXTS) for r in rows)
     return 0 if ok else 1
 

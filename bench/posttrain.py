@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench._report import publish, run_heading  # noqa: E402
+from bench._report import publish, run_heading, write_json  # noqa: E402
 from bench.machine_info import describe_machine  # noqa: E402
 from bench.random_models import SIZES, random_model_pair  # noqa: E402
 
@@ -246,9 +246,7 @@ def main(argv=None) -> int:
                      f"{m['seconds']:.2f} ({m['tokens_per_step']:,.0f}) | "
                      f"{t['seconds']:.2f} ({t['tokens_per_step']:,.0f}) | {m['compile_s']:.1f} s |")
     publish(lines, args.write, SECTION_HEADING, SECTION_KEY, intro=SECTION_INTRO)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    write_json(args.json, results)
     return 0
 
 

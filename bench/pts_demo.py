@@ -23,7 +23,6 @@ differences: the same problems and sampling seeds before and after).
 from __future__ import annotations
 
 import argparse
-import datetime
 import glob
 import json
 import math
@@ -37,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench.decode import update_section  # noqa: E402
+from bench._report import run_command, run_date, update_section  # noqa: E402
 from bench.machine_info import describe_machine  # noqa: E402
 
 DPO_KEYS = {"lr": "optimizer.lr", "beta": "dpo.beta", "rpo_alpha": "dpo.rpo_alpha"}
@@ -281,8 +280,6 @@ def main(argv=None) -> int:
     print(f"total {total_seconds:.0f} s", flush=True)
 
     if args.write:
-        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        cmd = "python bench/pts_demo.py " + " ".join(a for a in (argv or sys.argv[1:]))
         main_rows = [row for row in dpo_rows if row[0].startswith("all")]
         changes = [row[8] for row in main_rows]
         z = [row[8] / max(row[9], 1e-9) for row in main_rows]
@@ -292,7 +289,7 @@ def main(argv=None) -> int:
             "`bench/pts_demo.py`: PTS end to end on CPU (see its docstring), on a demo model with a **planted** "
             "pivotal habit.",
             "",
-            f"Run {date}, `{cmd.strip()}`, on {describe_machine()}; {total_seconds:.0f} s in all ("
+            f"Run {run_date()}, `{run_command(__file__, argv)}`, on {describe_machine()}; {total_seconds:.0f} s in all ("
             + ("the demo trained first: " + f"{demo_seconds:.0f} s; " if demo_seconds else "the demo already trained; ")
             + (f"the planted continued pretraining: {planted_seconds:.0f} s)." if planted_seconds else
                "the planted model already trained)."),

@@ -14,7 +14,6 @@ zeros (hardware and compilers can shortcut zeros).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,6 +25,8 @@ if ROOT not in sys.path:
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+from bench._report import write_json  # noqa: E402
 
 
 def median_seconds_per_call(fn, args, *, warmup=2, repeats=5, calls=10):
@@ -101,9 +102,7 @@ def main(argv=None) -> int:
     print(f"{result['device']['device_kind']}: copy {result['copy']['gb_per_s']:.1f} GB/s "
           f"({result['copy']['buffer_bytes'] / 2**20:.0f} MiB buffer), bf16 matmul "
           f"{result['matmul_bf16']['tflops']:.2f} TFLOP/s (n={args.matmul_n})")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.json, result)
     return 0
 
 

@@ -21,7 +21,6 @@ H100 NVL 835.5; others from `phi4_jax.train.mfu.PEAK_FLOPS`); unknown (a CPU) le
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -36,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from bench._report import write_json  # noqa: E402
 from phi4_jax.model import sharding  # noqa: E402
 from phi4_jax.model.config import get_preset  # noqa: E402
 from phi4_jax.train.config import OptimizerConfig  # noqa: E402
@@ -184,9 +184,7 @@ def main(argv=None) -> int:
     print(f"{result['model']} seq {result['seq']} batch {result['batch']} remat {result['remat']}: "
           f"{1e3 * result['median_step_s']:.1f} ms/step, {result['tokens_per_s']:.0f} tokens/s, "
           f"{result['achieved_tflops']:.2f} TFLOP/s, MFU {mfu}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.json, result)
     return 0
 
 

@@ -591,25 +591,39 @@ def test_pool_too_small_preempts_and_answers_equal_single_requests(small_pool_en
     """Six concurrent greedy requests whose prompts + max_new_tokens need three times the pool: requests are
     admitted on their prompt's pages, grow a page at a time, and the newest running one is preempted when the pool
     runs out (also with a step of it in flight) and recomputed later; each answer equals its single-request answer
-    (on the same engine, never preempted) and transformers' greedy generate, and no page leaks."""
+    (on the same engine, never preempted) and transformers' greedy generate, and no page leaks.
+
+    Counters: prefill_tokens counts each position prefilled for the first time, recomputed_tokens the positions a
+    preempted request had written and prefills again. With nothing cached, the prompts' positions are all first
+    prefills, plus, per preemption after k > 0 streamed tokens, the k-th token's position (streamed, never written
+    yet); counted once per (request, k): a request preempted again before streaming more prefills it only once."""
     eng, hf_model = small_pool_engine, converted[1]
     rng = np.random.default_rng(21)
     prompts = [rng.integers(3, 311, n).tolist() for n in (5, 20, 33, 50, 12, 40)]
     budgets = [40, 45, 30, 39, 50, 35]
-    alone = []
+    alone, before = [], eng.stats()
     for p, n in zip(prompts, budgets):
         stream = eng.submit(GenerationRequest(p, n))
         eng.run_to_completion([stream])
         alone.append([e.token_id for e in stream])
-    assert eng.stats()["preemptions"] == 0
+    mid = eng.stats()
+    assert mid["preemptions"] == mid["recomputed_tokens"] == 0
+    assert mid["prefill_tokens"] - before["prefill_tokens"] == sum(map(len, prompts))
     assert alone == [hf_greedy(hf_model, p, n) for p, n in zip(prompts, budgets)]
+    with eng._lock:   # empty the prefix cache: the requests below find none of the pages written above
+        eng.pool.release(eng.pool.allocate(eng.pool.available()))
     seen = record_preemptions(eng, monkeypatch)
     streams = [eng.submit(GenerationRequest(p, n)) for p, n in zip(prompts, budgets)]
     eng.run_to_completion(streams)
     assert [[e.token_id for e in s] for s in streams] == alone
     assert all(s.finish_reason == "length" and s.completion_tokens == n for s, n in zip(streams, budgets))
-    assert eng.stats()["preemptions"] == len(seen) > 0
+    after = eng.stats()
+    assert after["preemptions"] == len(seen) > 0
     assert any(generated > 0 and in_flight for _, generated, in_flight in seen)   # mid-stream, a step in flight
+    streamed_then_preempted = {(id(stream), generated) for stream, generated, _ in seen if generated > 0}
+    assert after["prefill_tokens"] - mid["prefill_tokens"] == sum(map(len, prompts)) + len(streamed_then_preempted)
+    recomputed = after["recomputed_tokens"] - mid["recomputed_tokens"]
+    assert 0 < recomputed <= sum(stream.prompt_tokens + generated for stream, generated, _ in seen)
     assert_no_leak(eng)
 
 
@@ -668,8 +682,10 @@ def test_metrics_and_stats_report_preemptions(small_pool_engine):
     streams = [eng.submit(GenerationRequest(list(range(3 + i, 43 + i)), 60)) for i in range(3)]   # 3 x 6 pages
     eng.run_to_completion(streams)
     text = ServerMetrics(eng).render().decode()
-    count = eng.stats()["preemptions"]
+    stats = eng.stats()
+    count, recomputed = stats["preemptions"], stats["recomputed_tokens"]
     assert count > 0 and f"phi4_serve_preemptions_total {float(count)}" in text
+    assert recomputed > 0 and f"phi4_serve_recomputed_tokens_total {float(recomputed)}" in text
 
 
 def test_dropped_chat_session_releases_its_pages(converted):
@@ -741,6 +757,58 @@ def test_held_sequence_is_evicted_before_a_running_request_is_preempted(small_po
         eng.submit(GenerationRequest(follow, 1), resume=held)
     assert_no_leak(eng)
     assert eng._held == {}
+
+
+def test_held_sequence_released_soon_while_the_engine_evicts_it(small_pool_engine, converted, monkeypatch):
+    """A HeldSequence whose `release_soon` (a dropped ChatSession's finalizer, on another thread) is in flight when
+    the engine, mid-step and holding its lock, looks for one to evict: the finalizer has taken the pages but cannot
+    free them (the lock is held), so the eviction skips it (not counted as evicted) and the pages are freed at the
+    next admission. Deterministic: the finalizer runs to its end on a thread the test joins, at the engine's first
+    eviction, under the engine's lock. Afterwards no page leaks, no registry entry is left, and the request that
+    needed the pages answers as transformers' greedy generate. Then the other order: release_soon after an eviction
+    frees nothing twice."""
+    import threading
+
+    eng, hf_model = small_pool_engine, converted[1]
+    assert_no_leak(eng)
+    rng = np.random.default_rng(41)
+    first = eng.submit(GenerationRequest(rng.integers(3, 311, 40).tolist(), 8), hold=True)
+    eng.run_to_completion([first])
+    held, before = first.held, eng.stats()
+    assert held.pages is not None and before["pages_in_use"] == 3
+
+    evict, calls = eng._evict_held, []
+
+    def evict_while_released(*args):
+        if not calls:
+            assert eng._lock.locked() and held.pages is not None
+            finalizer = threading.Thread(target=eng.release_soon, args=(held,))
+            finalizer.start()
+            finalizer.join()                    # it cannot take the lock: the pages wait in _dropped_held
+            assert held.pages is None and len(eng._dropped_held) == 1 and id(held) in eng._held
+        calls.append(evict(*args))
+        return calls[-1]
+
+    monkeypatch.setattr(eng, "_evict_held", evict_while_released)
+    prompt = rng.integers(3, 311, 40).tolist()
+    grower = eng.submit(GenerationRequest(prompt, 60))   # 7 of the 8 pages at its end: it needs the held ones
+    steps = iter(range(400))
+    eng.run_to_completion([grower], on_step=lambda: next(steps))
+    assert calls and calls[0] is False          # nothing to evict: the only held sequence was being released
+    assert [e.token_id for e in grower] == hf_greedy(hf_model, prompt, 60)
+    after = eng.stats()
+    assert after["held_evictions"] == before["held_evictions"] and not held.evicted
+    assert eng._held == {} and not eng._dropped_held
+    assert_no_leak(eng)
+
+    monkeypatch.setattr(eng, "_evict_held", evict)
+    second = eng.submit(GenerationRequest(rng.integers(3, 311, 40).tolist(), 8), hold=True)
+    eng.run_to_completion([second])
+    with eng._lock:
+        assert eng._evict_held() and second.held.evicted
+        eng.release_soon(second.held)           # the finalizer after the eviction: nothing left to free
+    assert eng._held == {} and not eng._dropped_held
+    assert_no_leak(eng)
 
 
 def test_idle_chat_session_is_evicted_for_another_one(converted):

@@ -221,8 +221,11 @@ def test_gguf_with_phi4_tokenizer_reads_back_exactly(work, phi4_vocab_model, phi
 # ----------------------------------------------------------------------------- the embedded-tokenizer check
 
 def _copy_gguf(src, dst, edits):
-    """A copy of GGUF `src` with metadata `edits` ({key: new value, or None to drop it}), via the gguf package."""
-    reader = gguf.GGUFReader(src)
+    """A copy of GGUF `src` with metadata `edits` ({key: new value, or None to drop it}), via the gguf package (read
+    with the converter's faster reader: phi-4's 300,000 metadata values)."""
+    from phi4_jax.checkpoint.gguf_convert import _open_reader
+
+    _, reader = _open_reader(src)
     writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":

@@ -440,3 +440,31 @@ def test_pts_finds_the_planted_habit_as_the_pivot_of_a_sum(demo_tokenizer):
     for pivot in (p for p in result.pivots if p.position > 0):
         assert result.solutions[pivot.solution][0] == habit and pivot.position == habit_len
         assert demo_tokenizer.decode([pivot.token]) == "7" and pivot.p_after == 1.0
+
+
+def test_a_special_token_in_a_pair_is_written_as_its_text(tmp_path):
+    """The demo's compact tokenizer leaves <|endoftext|> out of its text, so a pair rejecting it had an empty
+    "rejected". Every text field now equals tiktoken's decoding (phi-4's special tokens included) of the phi-4 ids
+    written beside it; the scripted BAD token stands for the compact <|endoftext|> (id 1), the others for words."""
+    from phi4_jax.data.tokenizing import CompactTokenizer
+    from phi4_jax.special_tokens import ENDOFTEXT_ID
+    from phi4_jax.tokenizer import Tokenizer
+
+    encoding = Tokenizer().encoding   # the peer: tiktoken's Encoding with phi-4's special tokens
+    words = encoding.encode_ordinary(" a b c d e f g h i j k l m n o p q r s t u v w x y z 0 1 2 3 4 5 6 7 8 9")
+    compact = CompactTokenizer(words)
+    to_compact = {t: 3 + t % (compact.vocab_size - 3) for t in range(40)}   # scripted id -> a compact word id
+    to_compact[BAD] = compact.endoftext_id
+    assert compact.decode([compact.endoftext_id]) == ""   # what made the field empty
+
+    problems, _ = pts.read_problems(_problems_file(tmp_path, 1), None)
+    out = str(tmp_path / "pairs.jsonl")
+    pts.run_pts(problems, scripted_search(), lambda problem: [1],
+                lambda ids: compact.decode([to_compact[t] for t in ids]), out, progress=False,
+                output_ids=lambda ids: [compact.phi4_ids[to_compact[t]] for t in ids])
+    rows = [json.loads(line) for line in open(out)]
+    assert [r["rejected_ids"] for r in rows if r["rejected_ids"] == [ENDOFTEXT_ID]], rows
+    for r in rows:
+        assert r["chosen"] == encoding.decode(r["chosen_ids"]) and r["rejected"] == encoding.decode(r["rejected_ids"])
+        assert r["prompt"] == "p0" + encoding.decode(r["prompt_ids"][1:])
+    assert {r["rejected"] for r in rows} >= {"<|endoftext|>"}

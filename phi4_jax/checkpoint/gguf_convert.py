@@ -21,6 +21,7 @@ when complete. A ``--keep-quantized`` checkpoint's int8 / int4 groups of 32 beco
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -94,12 +95,33 @@ def _field(reader, key: str, path: Path, required: bool = True):
     return field.contents()
 
 
+@functools.lru_cache(maxsize=1)
+def _reader_class(gguf):
+    """`gguf.GGUFReader` slicing a plain ndarray view of its memory map instead of the `np.memmap` itself. The reader
+    takes one slice per metadata value (a phi-4 GGUF holds ~300,000: its tokens, token types and merges), and every
+    slice of an `np.memmap` runs Python (`np.memmap.__array_finalize__`), so this parses such a file ~3x faster; the
+    arrays it gives are still views of the mapped file. A gguf package without the `_get` hook gets its own reader."""
+    if not callable(getattr(gguf.GGUFReader, "_get", None)):
+        return gguf.GGUFReader
+
+    class PlainSliceReader(gguf.GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            plain = self.__dict__.get("_plain")
+            if plain is None:   # `data` (the np.memmap) is set before the first `_get`
+                plain = self._plain = self.data.view(np.ndarray)
+            count = int(count)
+            arr = plain[offset:offset + np.dtype(dtype).itemsize * count].view(dtype=dtype)[:count]
+            return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+    return PlainSliceReader
+
+
 def _open_reader(path: Path):
     gguf = _gguf()
     if not path.is_file():
         raise ConversionError(f"GGUF file {str(path)!r} does not exist")
     try:
-        reader = gguf.GGUFReader(path)  # maps every tensor's bytes: a cut file fails here
+        reader = _reader_class(gguf)(path)  # maps every tensor's bytes: a cut file fails here
     except Exception as e:  # the reader raises ValueError/KeyError/IndexError on corrupt or cut files
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConversionError(f"{path.name}: truncated or corrupt GGUF file ({msg})") from None

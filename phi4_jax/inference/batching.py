@@ -74,7 +74,8 @@ token is still drawn with fold_in(key, k), so seeded and greedy output equal an 
 still in flight (dispatch-ahead) is dropped when fetched (`_Running.dropped_through`): its token is sampled again
 by the recompute, and the key/value it wrote went past the positions the prefix cache holds. The oldest running
 request is never preempted for a newer one, and a request whose prompt + max_new_tokens cannot fit the pool
-alone is refused at submit, so the pool never deadlocks on running requests. `stats()["preemptions"]` counts them.
+alone is refused at submit, so the pool never deadlocks on running requests. `stats()["preemptions"]` counts them,
+`stats()["recomputed_tokens"]` the positions they prefill again (apart from `prefill_tokens`, the first prefills).
 A preempted request was accepted, so it goes back to the queue even when `max_queue` requests wait already (the
 queue may then exceed max_queue by at most max_batch); `submit` counts it like any waiting request, so a queue
 that is full with preempted requests refuses new ones (QueueFullError).
@@ -334,6 +335,7 @@ class _Running:
     source: tuple | None = None       # (step id, index in that step's token carry) of its newest sampled token
     preempted: int = 0                # times preempted (its prompt then holds the tokens streamed before)
     dropped_through: int = -1         # results of steps up to this id are dropped (dispatched before a preemption)
+    written_before: int = 0           # positions written before a preemption: prefilling them again is recomputation
     prompt_top_k: int = 0             # alternatives per prompt position when scoring the prompt
     scoring: bool = False             # its prefill chunks still owe prompt logprobs (`_score_prompt`)
 
@@ -544,6 +546,7 @@ class ContinuousBatchingEngine:
         self._held_evictions = 0
         self._dropped_held: deque[tuple] = deque()      # (held, pages) of `release_soon`, freed at the next admission
         self._prefill_tokens = 0
+        self._recomputed_tokens = 0     # prompt positions prefilled again after a preemption (not in _prefill_tokens)
         self._tokens_generated = 0
         self._warm = False
         self._order = itertools.count()
@@ -763,8 +766,9 @@ class ContinuousBatchingEngine:
     def stats(self) -> dict:
         """Counters for monitoring: queue_length, running, pages_in_use, pages_total, prefix_cache_hits (pages
         taken from the prefix cache), preemptions (running requests sent back to the queue for lack of pages),
-        held_evictions (`HeldSequence`s evicted for lack of pages), tokens_generated, prefill_tokens and steps (engine
-        steps dispatched; cumulative), max_batch."""
+        held_evictions (`HeldSequence`s evicted for lack of pages), tokens_generated, prefill_tokens (positions
+        prefilled for the first time), recomputed_tokens (positions a preempted request prefilled again) and steps
+        (engine steps dispatched; cumulative), max_batch."""
         with self._lock:
             self._free_dropped_held()
             return {
@@ -778,6 +782,7 @@ class ContinuousBatchingEngine:
                 "preemptions": self._preemptions,
                 "held_evictions": self._held_evictions,
                 "prefill_tokens": self._prefill_tokens,
+                "recomputed_tokens": self._recomputed_tokens,
                 "tokens_generated": self._tokens_generated,
                 "steps": self._steps,
             }
@@ -957,6 +962,7 @@ class ContinuousBatchingEngine:
         continues at step `generated` (`_plan` samples the first token after a prefill at step `sampled`), and the
         results of its steps in flight are dropped when fetched (`_current`)."""
         self._register_pages(req)
+        req.written_before = max(req.written_before, req.kv_len)
         self.pool.release(req.pages)
         self._slots[req.slot] = None
         req.pages, req.slot, req.source = None, -1, None
@@ -967,6 +973,13 @@ class ContinuousBatchingEngine:
         req.preempted += 1
         self._preemptions += 1
         self._waiting.appendleft(req)
+
+    def _count_prefill(self, req: _Running, chunk: int) -> None:
+        """Counts a fetched prefill chunk (positions kv_len .. kv_len + chunk): the positions a preempted request had
+        written before (`written_before`) as recomputed_tokens, the others as prefill_tokens."""
+        again = max(0, min(req.kv_len + chunk, req.written_before) - req.kv_len)
+        self._recomputed_tokens += again
+        self._prefill_tokens += chunk - again
 
     def _current(self, req: _Running, step: _Pending) -> bool:
         """Whether a fetched step's result for `req` still counts: the request has not ended, and the step was not
@@ -1176,10 +1189,10 @@ class ContinuousBatchingEngine:
         with self._lock:
             prefill = step.prefill
             if prefill is not None and self._current(prefill, step):
+                self._count_prefill(prefill, step.chunk)
                 if len(p_out) > 4:
                     self._score_prompt(prefill, prefill.kv_len, step.chunk, p_out[4:])
                 prefill.kv_len += step.chunk
-                self._prefill_tokens += step.chunk
                 self._register_pages(prefill)
                 if prefill.kv_len == len(prefill.prompt) and prefill.budget == 0:
                     self._end(prefill, "length")         # scored its prompt; generates nothing

@@ -59,6 +59,9 @@ from phi4_jax.inference.engine import (
 )
 from phi4_jax.model.decoder import hidden_states, logits_from_hidden
 from phi4_jax.posttrain.oracles import OracleError
+from phi4_jax.special_tokens import SPECIAL_TOKENS
+
+SPECIAL_TEXT = {token_id: text for text, token_id in SPECIAL_TOKENS.items()}   # phi-4 id -> e.g. "<|endoftext|>"
 
 
 class PTSError(ValueError):
@@ -471,20 +474,38 @@ def prompt_ids(problem: Problem, encode_text: Callable[[str], list[int]],
 
 def pair_record(problem: Problem, pair: dict, decode: Callable[[list[int]], str], prompt_len: int,
                 output_ids: Callable[[list[int]], list[int]] = list) -> dict:
-    """One JSONL line of the output: the DPO fields (prompt as messages or text, chosen and rejected text) and the
+    """One JSONL line of the output: the DPO fields (prompt as messages or text, chosen and rejected text; special
+    tokens as their text, `pair_text`) and the
     ids, written as `output_ids` maps them (phi-4 ids for the DPO reader; it raises UnmappedTokenError for an id it
     cannot map)."""
     ids = {k: [int(t) for t in output_ids(pair[k])] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
-    prefix_text = decode(pair["prompt_ids"][prompt_len:])
+    prefix_text = pair_text(pair["prompt_ids"][prompt_len:], ids["prompt_ids"][prompt_len:], decode)
     if "messages" in problem.data:
         prompt = list(problem.data["messages"]) + [{"role": "assistant", "content": prefix_text}]
     else:
         prompt = problem.data["prompt"] + prefix_text
-    return {"prompt": prompt, "chosen": decode(pair["chosen_ids"]), "rejected": decode(pair["rejected_ids"]),
+    return {"prompt": prompt, "chosen": pair_text(pair["chosen_ids"], ids["chosen_ids"], decode),
+            "rejected": pair_text(pair["rejected_ids"], ids["rejected_ids"], decode),
             **ids,
             "problem": problem.where, "problem_key": problem.key, "position": pair["position"],
             "p_before": pair["p_before"], "p_chosen": pair["p_chosen"], "p_rejected": pair["p_rejected"],
             "alternative_from": pair.get("alternative_from", "rollouts")}
+
+
+def pair_text(model_ids: Sequence[int], phi4_ids: Sequence[int], decode: Callable[[list[int]], str]) -> str:
+    """The text of a pair's tokens (`model_ids`, written as `phi4_ids`): `decode`'s text, with each phi-4 special
+    token as its own text (e.g. ``<|endoftext|>``), which a tokenizer that leaves special tokens out of its text (the
+    demo's compact one) would write as nothing."""
+    pieces, run = [], []
+    for model_id, phi4_id in zip(model_ids, phi4_ids):
+        if phi4_id in SPECIAL_TEXT:
+            pieces += [decode(run)] if run else []
+            pieces.append(SPECIAL_TEXT[phi4_id])
+            run = []
+        else:
+            run.append(int(model_id))
+    pieces += [decode(run)] if run else []
+    return "".join(pieces)
 
 
 def pair_identity(record: dict) -> tuple:

@@ -62,6 +62,8 @@ class _EngineCollector:
                                   value=float(stats.get("prefix_cache_hits", 0)))
         yield CounterMetricFamily(f"{PREFIX}_preemptions", "running requests requeued for lack of KV pages",
                                   value=float(stats.get("preemptions", 0)))
+        yield CounterMetricFamily(f"{PREFIX}_recomputed_tokens", "prompt tokens prefilled again after a preemption",
+                                  value=float(stats.get("recomputed_tokens", 0)))
         yield CounterMetricFamily(f"{PREFIX}_held_evictions", "held sequences (idle chat turns) evicted for KV pages",
                                   value=float(stats.get("held_evictions", 0)))
         yield CounterMetricFamily(f"{PREFIX}_engine_tokens_generated", "tokens the engine generated",
