@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench.decode import update_section  # noqa: E402
+from bench._report import update_section  # noqa: E402
 from bench.machine_info import describe_machine  # noqa: E402
 from bench.random_models import SIZES, random_model_pair  # noqa: E402
 from bench.serve_startup import startup_table, startup_times  # noqa: E402
