@@ -30,6 +30,9 @@ import jax.numpy as jnp
 IN_AXES = {"qkv_proj": 1, "q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2,
            "gate_up_proj": 1, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
 _EINSUM_KWARGS = ("preferred_element_type", "precision")
+# 16-bit float products of fewer rows are padded to this many: XLA:CPU's bfloat16 dot of 1 row is ~2x slower than
+# of 8 (and than float32's), at 8 rows it is faster than float32's (BENCHMARKS.md's Decode section).
+MIN_ROWS_16BIT = 8
 
 
 class MatrixWeightError(ValueError):
@@ -79,12 +82,17 @@ class MatrixWeight:
         lead = tuple(x.shape[:x.ndim - n_in])
         x2 = x.reshape(math.prod(lead), math.prod(self.in_shape)).astype(compute_dtype)
         kw = {k: einsum_kwargs.get(k) for k in _EINSUM_KWARGS}
-        if self.rows is not None and (self.matrix is None or x2.shape[0] > 1):
+        out_dtype = kw["preferred_element_type"] or jnp.dtype(compute_dtype)
+        kw["preferred_element_type"] = jnp.promote_types(out_dtype, jnp.float32)   # accumulate in float32 at least
+        m = x2.shape[0]
+        if jnp.dtype(compute_dtype).itemsize < 4 and m < MIN_ROWS_16BIT:
+            x2 = jnp.pad(x2, ((0, MIN_ROWS_16BIT - m), (0, 0)))
+        if self.rows is not None and (self.matrix is None or m > 1):
             y = jnp.transpose(jax.lax.dot_general(self.rows.astype(compute_dtype), x2, (((1,), (1,)), ((), ())),
                                                   **kw))                                         # [N, M] -> [M, N]
         else:
             y = jax.lax.dot_general(x2, self.matrix.astype(compute_dtype), (((1,), (0,)), ((), ())), **kw)
-        return y.reshape(lead + self.out_shape)
+        return y[:m].astype(out_dtype).reshape(lead + self.out_shape)
 
 
 def cpu_layer(layer):

@@ -26,7 +26,10 @@ Pallas-kernel engine tests run the stacked `paged_extend`.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -80,18 +83,49 @@ def _copies(stacked_layers, lm_head):
     return layers, (jnp.transpose(lm_head) if isinstance(lm_head, jax.Array) else None)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["bits"], meta_fields=["dtype"])
+@dataclasses.dataclass(frozen=True)
+class PageBits:
+    """One layer's pages of a 16-bit float dtype (bfloat16, float16), kept as their uint16 bits. XLA:CPU widens a
+    16-bit float scatter's whole operand to float32 and back (two copies of the layer's whole pool every step, the
+    largest ops of a bfloat16 step), and materializes a bitcast around a scatter as a copy too; an integer scatter
+    it does in place, and a bitcast read fuses into the attention's gather (`float_pages`, `write_rows`)."""
+    bits: Any
+    dtype: str
+
+
+def float_pages(pages):
+    """One layer's pages as floats: the array itself, or a `PageBits`' bits reinterpreted (fused into the gather)."""
+    if isinstance(pages, PageBits):
+        return jax.lax.bitcast_convert_type(pages.bits, jnp.dtype(pages.dtype))
+    return pages
+
+
+def write_rows(pages, page, row, values):
+    """``pages.at[page, row].set(values)`` (targets past the pool dropped) for one layer's float or `PageBits`
+    pages."""
+    if isinstance(pages, PageBits):
+        bits = jax.lax.bitcast_convert_type(values.astype(pages.dtype), jnp.uint16)
+        return PageBits(pages.bits.at[page, row].set(bits, mode="drop"), pages.dtype)
+    return pages.at[page, row].set(values.astype(pages.dtype), mode="drop")
+
+
 def init_pages_per_layer(config: Phi4Config, num_pages: int, page_size: int, dtype=None) -> PagedKV:
-    """A zeroed page pool in the per-layer layout (see the module docstring)."""
+    """A zeroed page pool in the per-layer layout (see the module docstring): a tuple of one array per layer for
+    keys and for values, `PageBits` for a 16-bit float dtype."""
     shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
     dtype = jnp.dtype(dtype or config.compute_dtype)
-    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))  # noqa: E731
-    return PagedKV(zeros(), zeros())
+    if dtype.itemsize == 2:
+        layer = lambda: PageBits(jnp.zeros(shape, jnp.uint16), dtype.name)  # noqa: E731
+    else:
+        layer = lambda: jnp.zeros(shape, dtype)  # noqa: E731
+    return PagedKV(tuple(layer() for _ in range(config.num_layers)), tuple(layer() for _ in range(config.num_layers)))
 
 
 def paged_extend_per_layer(params, pages: PagedKV, tokens, start, n_new, block_tables, config: Phi4Config):
     """`paged_cache.paged_extend` for per-layer params (`per_layer_params`) and pages (`init_pages_per_layer`):
     returns (pages, float32 logits [B, vocab] at each sequence's last real new token)."""
-    num_pages, page_size = pages.k[0].shape[:2]
+    num_pages, page_size = float_pages(pages.k[0]).shape[:2]
     positions, page, row = paged_write_targets(tokens, start, n_new, block_tables, page_size, num_pages)
     attend_lengths = start + tokens.shape[1]                                       # query t sits at start + t
     x = embed_tokens(params, tokens, config)
@@ -100,9 +134,9 @@ def paged_extend_per_layer(params, pages: PagedKV, tokens, start, n_new, block_t
         def attend(q, k, v, k_pages=k_pages, v_pages=v_pages):
             q = rope(q, positions, config)
             k = rope(k, positions, config)
-            k_pages = k_pages.at[page, row].set(k.astype(k_pages.dtype), mode="drop")
-            v_pages = v_pages.at[page, row].set(v.astype(v_pages.dtype), mode="drop")
-            out = kernels.paged_attention(q.astype(k_pages.dtype), k_pages, v_pages, block_tables, attend_lengths,
+            k_pages, v_pages = write_rows(k_pages, page, row, k), write_rows(v_pages, page, row, v)
+            k_read, v_read = float_pages(k_pages), float_pages(v_pages)
+            out = kernels.paged_attention(q.astype(k_read.dtype), k_read, v_read, block_tables, attend_lengths,
                                           implementation="xla")
             return out, (k_pages, v_pages)
 
@@ -112,3 +146,4 @@ def paged_extend_per_layer(params, pages: PagedKV, tokens, start, n_new, block_t
     last = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]   # [B, E]
     h = rms_norm(last, params["final_norm"], config.rms_norm_eps)
     return PagedKV(tuple(ks), tuple(vs)), logits_from_hidden(params, h, config)
+
