@@ -41,6 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (median is reported)")
     p.add_argument("--hf-threads", default=f"1,{os.cpu_count()}",
                    help="torch thread counts to measure; the fastest is compared (XLA uses all cores)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="both sides' weights and compute: float32, or bfloat16 (phi-4's checkpoint dtype; transformers "
+                        "in torch.bfloat16, phi4_jax with bfloat16 params, compute and KV cache)")
     p.add_argument("--write", metavar="BENCHMARKS_MD", default=None,
                    help="append the results to this file's 'Decode' section")
     return p.parse_args(argv)
@@ -90,6 +93,25 @@ def hf_runner(model, prompts, threads: int):
                                  use_cache=True, pad_token_id=0)
         assert out.shape[1] == ids.shape[1] + n
     return run
+
+
+def greedy_agreement(model, hf, prompts, new_tokens: int) -> int:
+    """How many leading greedy tokens phi4_jax.generate and transformers' generate agree on, the least over the
+    rows (new_tokens when all agree). In float32 they should agree throughout; in bfloat16 the two sides round
+    different sums (summation order, fused ops), so an argmax between near-tied logits can flip after some tokens."""
+    import numpy as np
+    import torch
+
+    import phi4_jax
+
+    ours = np.asarray(phi4_jax.generate(model, prompts, max_new_tokens=new_tokens, stop_tokens=[]))
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor(prompts), attention_mask=torch.ones(len(prompts), len(prompts[0]),
+                                                                              dtype=torch.long),
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                             pad_token_id=0)[:, len(prompts[0]):].numpy()
+    differ = ours != theirs
+    return int(min(row.argmax() if row.any() else new_tokens for row in differ))
 
 
 def seconds(fn, *args) -> float:
@@ -207,18 +229,18 @@ def main(argv=None) -> int:
         "",
         f"Machine: {describe_machine(with_load=True)}; jax {jax.__version__} ({jax.default_backend()}, XLA's default "
         f"threads), torch {torch.__version__} (measured with {args.hf_threads} threads; the table compares the "
-        f"fastest, the others are listed). Models: random phi-4-shaped Phi3ForCausalLM, float32 on both sides; "
+        f"fastest, the others are listed). Models: random phi-4-shaped Phi3ForCausalLM, {args.dtype} on both sides; "
         f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, median of {args.repeats}.",
         "",
         "| model | batch | phi4_jax decode tok/s | transformers decode tok/s (best threads; others) | speed-up "
         "| engine decode tok/s (speed-up) | phi4_jax prefill tok/s "
         "| transformers prefill tok/s | phi4_jax first token: cold (incl. compile) / warm "
-        "| transformers first token: first call / warm |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| transformers first token: first call / warm | greedy tokens equal to transformers' |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     hf_threads = [int(t) for t in args.hf_threads.split(",")]
     for size in args.sizes.split(","):
-        hf, params, config = random_model_pair(size)
+        hf, params, config = random_model_pair(size, args.dtype)
         ours = model_from_params(config, params)
         model_name = (f"{config.num_params / 1e6:.0f}M: hidden {config.hidden_size}, {config.num_layers} layers, "
                       f"{config.num_heads}/{config.num_kv_heads} heads, vocab {config.vocab_size}")
@@ -230,6 +252,8 @@ def main(argv=None) -> int:
             runners.update({th: hf_runner(hf, prompts, th) for th in hf_threads})
             times = bench_pair(runners, args.new_tokens, args.repeats)
             engine.shutdown()
+            torch.set_num_threads(max(hf_threads))
+            agree = greedy_agreement(ours, hf, prompts, args.new_tokens)
             decode = {name: batch * (args.new_tokens - 1) / (tn - t1) for name, (_, t1, tn) in times.items()}
             best = max(hf_threads, key=lambda th: decode[th])
             e_dec = decode["engine"]
@@ -240,11 +264,13 @@ def main(argv=None) -> int:
             print(f"{size} batch {batch}: decode {o_dec:.1f} (engine {e_dec:.1f}) vs {h_dec:.1f} tokens/s "
                   f"({o_dec / h_dec:.2f}x, engine {e_dec / h_dec:.2f}x; "
                   f"transformers {best} threads; {others or '-'}); prefill {o_pre:.0f} vs {h_pre:.0f} tokens/s; "
-                  f"first token {o_cold:.2f}s cold / {o_1 * 1e3:.0f} ms warm vs {h_cold:.2f}s / {h_1 * 1e3:.0f} ms",
+                  f"first token {o_cold:.2f}s cold / {o_1 * 1e3:.0f} ms warm vs {h_cold:.2f}s / {h_1 * 1e3:.0f} ms; "
+                  f"greedy tokens equal for {agree} of {args.new_tokens}",
                   flush=True)
             lines.append(f"| {model_name} | {batch} | {o_dec:.1f} | {h_dec:.1f} ({best} threads; {others or '-'}) "
                          f"| **{o_dec / h_dec:.2f}x** | {e_dec:.1f} (**{e_dec / h_dec:.2f}x**) | {o_pre:.0f} | {h_pre:.0f} | "
-                         f"{o_cold:.2f} s / {o_1 * 1e3:.0f} ms | {h_cold:.2f} s / {h_1 * 1e3:.0f} ms |")
+                         f"{o_cold:.2f} s / {o_1 * 1e3:.0f} ms | {h_cold:.2f} s / {h_1 * 1e3:.0f} ms "
+                         f"| {agree} of {args.new_tokens} |")
     text = "\n".join(lines)
     print(text)
     if args.write:

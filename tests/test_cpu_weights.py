@@ -6,6 +6,8 @@ The engine runs its per-layer CPU step on these weights, so its greedy tokens an
 the end-to-end peer checks; `test_engine_runs_on_the_cpu_layout` makes sure those tests do exercise it.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,3 +91,27 @@ def test_engine_runs_on_the_cpu_layout():
         mine = head.matrix if name == "lm_head" else engine.step_params[name]
         assert mine.unsafe_buffer_pointer() == engine.params[name].unsafe_buffer_pointer()
     assert cpu_layer({"o_proj": layer["o_proj"]})["o_proj"] is layer["o_proj"]   # weight objects are left alone
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+def test_bf16_products_pad_to_8_rows_and_round_once(rows):
+    """A 16-bit product of fewer than `MIN_ROWS_16BIT` rows is computed as one of that many (XLA:CPU's 1-row
+    bfloat16 dot is slow), accumulated in float32 and rounded once to bfloat16: equal to float64 NumPy of the same
+    bfloat16 inputs within one bfloat16 rounding of the result; the preferred float32 output stays float32."""
+    from phi4_jax.inference.cpu_weights import MIN_ROWS_16BIT
+
+    rng = np.random.default_rng(rows)
+    x = jnp.asarray(rng.standard_normal((rows, 1, 512)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((512, 48)), jnp.bfloat16)
+    weight = MatrixWeight.of(w, 1)
+    want = numpy_einsum("bse,ef->bsf", x, w)
+    fn = jax.jit(lambda x, weight: weight.linear_einsum("bse,ef->bsf", x, jnp.bfloat16))
+    got = fn(x, weight)
+    assert got.shape == want.shape and got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2 ** -8, atol=1e-6)
+    wide = jax.jit(lambda x, weight: weight.linear_einsum("bse,ef->bsf", x, jnp.bfloat16,
+                                                          preferred_element_type=jnp.float32))(x, weight)
+    assert wide.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(wide, np.float64), want, rtol=1e-5, atol=1e-4)
+    dot_rows = [int(m) for m in re.findall(r"dot_general.*?tensor<(\d+)x512xbf16>", fn.lower(x, weight).as_text())]
+    assert dot_rows == [max(rows, MIN_ROWS_16BIT)]
