@@ -113,5 +113,6 @@ def test_bf16_products_pad_to_8_rows_and_round_once(rows):
                                                           preferred_element_type=jnp.float32))(x, weight)
     assert wide.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(wide, np.float64), want, rtol=1e-5, atol=1e-4)
-    dot_rows = [int(m) for m in re.findall(r"dot_general.*?tensor<(\d+)x512xbf16>", fn.lower(x, weight).as_text())]
+    compiled = fn.lower(x, weight).compile().as_text()    # after XLA's simplifier, which could undo the padding
+    dot_rows = [int(m) for m in re.findall(r"= f32\[(\d+),48\]\S* dot\(", compiled)]
     assert dot_rows == [max(rows, MIN_ROWS_16BIT)]
