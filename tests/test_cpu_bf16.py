@@ -5,7 +5,8 @@ A tiny random Phi3ForCausalLM in float32 is the peer: our bfloat16 per-layer pat
 `init_pages_per_layer`'s `PageBits` pool, `paged_extend_per_layer`), fed two sequences of different lengths (the
 longer over 512 tokens) in 128-token prefill chunks and then one token at a time, must give logits as close to
 transformers' float32 logits as transformers' own bfloat16 model does (within 2x its error), at the end of each
-prompt and at every decode step. The float32 path's exact greedy equality with transformers is covered by
+prompt and at every decode step (two rows, then one: the one-row lm_head product runs on its float32 copy). The
+float32 path's exact greedy equality with transformers is covered by
 tests/test_batching.py, tests/test_one_path.py and tests/test_generation*.py.
 """
 
@@ -54,6 +55,8 @@ def test_bf16_cpu_decode_agrees_with_transformers_float32(models):
     assert all(isinstance(p, PageBits) and p.bits.dtype == jnp.uint16 and p.dtype == "bfloat16"
                for p in pages.k + pages.v)
     step_params = per_layer_params(params)
+    head = step_params["lm_head"]
+    assert head.one_row_float32 and head.matrix.dtype == jnp.float32 and head.rows.dtype == jnp.bfloat16
     extend = jax.jit(paged_extend_per_layer, static_argnames="config", donate_argnums=1)
 
     # The compiled step never materializes a layer's pool in another dtype (XLA:CPU widened a bf16 scatter's pool
@@ -77,17 +80,18 @@ def test_bf16_cpu_decode_agrees_with_transformers_float32(models):
         for b, n in enumerate(LENGTHS):
             if c < n <= c + CHUNK:
                 ours[b].append(np.asarray(logits[b]))
-    for i in range(DECODE):
-        tokens = np.array([[s[n + i]] for s, n in zip(seqs, LENGTHS)], np.int32)
-        pages, logits = extend(step_params, pages, tokens, np.array(LENGTHS, np.int32) + i, np.ones(2, np.int32),
-                               tables, config=config)
-        for b in range(2):
+    for i in range(DECODE):   # both rows, then row 0 alone (one-row products: the lm_head's float32 matrix)
+        rows = 2 if i < DECODE // 2 else 1
+        tokens = np.array([[s[n + i]] for s, n in zip(seqs, LENGTHS)], np.int32)[:rows]
+        pages, logits = extend(step_params, pages, tokens, np.array(LENGTHS, np.int32)[:rows] + i,
+                               np.ones(rows, np.int32), tables[:rows], config=config)
+        for b in range(rows):
             ours[b].append(np.asarray(logits[b]))
 
     for b, n in enumerate(LENGTHS):
-        want = hf_logits(hf, seqs[b][None])[0, n - 1:]                     # float32 peer
-        theirs_bf16 = hf_logits(hf_bf16, seqs[b][None])[0, n - 1:]          # transformers' own bfloat16 error
         got = np.stack(ours[b])
+        want = hf_logits(hf, seqs[b][None])[0, n - 1:n - 1 + len(got)]                 # float32 peer
+        theirs_bf16 = hf_logits(hf_bf16, seqs[b][None])[0, n - 1:n - 1 + len(got)]     # transformers' own bf16 error
         assert got.shape == want.shape and np.isfinite(got).all()
         bf16_err = np.abs(theirs_bf16 - want).max()
         assert 0 < bf16_err < 0.5 * np.abs(want).max()

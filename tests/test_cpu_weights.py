@@ -116,3 +116,25 @@ def test_bf16_products_pad_to_8_rows_and_round_once(rows):
     compiled = fn.lower(x, weight).compile().as_text()    # after XLA's simplifier, which could undo the padding
     dot_rows = [int(m) for m in re.findall(r"= f32\[(\d+),48\]\S* dot\(", compiled)]
     assert dot_rows == [max(rows, MIN_ROWS_16BIT)]
+
+
+def test_one_row_float32_lm_head():
+    """A 16-bit lm_head keeps a float32 `matrix` (`cpu_lm_head(..., one_row=...)`): a one-row product is one
+    float32 dot of that matrix (x widened), several rows one bfloat16 dot of `rows`; both equal float64 NumPy of
+    the bfloat16 inputs (float32 output, as the lm_head asks)."""
+    from phi4_jax.inference.cpu_weights import cpu_lm_head
+
+    rng = np.random.default_rng(7)
+    w = jnp.asarray(rng.standard_normal((256, 96)), jnp.bfloat16)
+    head = cpu_lm_head(w, jnp.transpose(w), w.astype(jnp.float32))
+    for rows, dot_dtype in ((1, "f32"), (3, "bf16")):
+        x = jnp.asarray(rng.standard_normal((rows, 256)), jnp.bfloat16)
+        fn = jax.jit(lambda x, head: head.linear_einsum("...e,ev->...v", x, jnp.bfloat16,
+                                                         preferred_element_type=jnp.float32))
+        got = fn(x, head)
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got, np.float64), numpy_einsum("...e,ev->...v", x, w), rtol=1e-5,
+                                   atol=1e-4)
+        operands = re.findall(r"dot_general.*: \(tensor<\d+x\d+x(\w+)>, tensor<\d+x\d+x(\w+)>\)",
+                              fn.lower(x, head).as_text())
+        assert len(operands) == 1 and set(operands[0]) == {dot_dtype}, operands

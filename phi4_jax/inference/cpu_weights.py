@@ -40,17 +40,19 @@ class MatrixWeightError(ValueError):
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["matrix", "rows"],
-                   meta_fields=["in_shape", "out_shape"])
+                   meta_fields=["in_shape", "out_shape", "one_row_float32"])
 @dataclasses.dataclass(frozen=True)
 class MatrixWeight:
     """A matrix W of our [*in_shape, *out_shape] layout as `matrix` [K, N] (K = prod(in_shape), N =
     prod(out_shape)) and/or `rows` [N, K] (transposed; None when not kept). ``linear_einsum`` computes
     ``einsum(equation, x, W)``: from `rows` when x has more than one row (or there is no `matrix`), else from
-    `matrix`."""
+    `matrix`. With `one_row_float32` (a 16-bit lm_head's float32 `matrix`, `cpu_lm_head`), one-row products are
+    computed in float32 from `matrix`."""
     matrix: Any
     rows: Any
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
+    one_row_float32: bool = False
 
     @classmethod
     def of(cls, w, n_in: int, *, matrix: bool = True, rows: bool = False) -> "MatrixWeight":
@@ -80,18 +82,23 @@ class MatrixWeight:
             raise MatrixWeightError(f"einsum {equation!r}: x's contracted axes {tuple(x.shape[x.ndim - n_in:])} "
                                     f"do not match the weight's input shape {self.in_shape}")
         lead = tuple(x.shape[:x.ndim - n_in])
-        x2 = x.reshape(math.prod(lead), math.prod(self.in_shape)).astype(compute_dtype)
+        x2 = x.reshape(math.prod(lead), math.prod(self.in_shape))
         kw = {k: einsum_kwargs.get(k) for k in _EINSUM_KWARGS}
         out_dtype = kw["preferred_element_type"] or jnp.dtype(compute_dtype)
         kw["preferred_element_type"] = jnp.promote_types(out_dtype, jnp.float32)   # accumulate in float32 at least
         m = x2.shape[0]
-        if jnp.dtype(compute_dtype).itemsize < 4 and m < MIN_ROWS_16BIT:
+        use_rows = self.rows is not None and (self.matrix is None or m > 1)
+        dtype = jnp.dtype(compute_dtype)
+        if self.one_row_float32 and m == 1:
+            dtype = jnp.dtype(jnp.float32)
+        x2 = x2.astype(dtype)
+        if dtype.itemsize < 4 and m < MIN_ROWS_16BIT:
             x2 = jnp.pad(x2, ((0, MIN_ROWS_16BIT - m), (0, 0)))
-        if self.rows is not None and (self.matrix is None or m > 1):
-            y = jnp.transpose(jax.lax.dot_general(self.rows.astype(compute_dtype), x2, (((1,), (1,)), ((), ())),
+        if use_rows:
+            y = jnp.transpose(jax.lax.dot_general(self.rows.astype(dtype), x2, (((1,), (1,)), ((), ())),
                                                   **kw))                                         # [N, M] -> [M, N]
         else:
-            y = jax.lax.dot_general(x2, self.matrix.astype(compute_dtype), (((1,), (0,)), ((), ())), **kw)
+            y = jax.lax.dot_general(x2, self.matrix.astype(dtype), (((1,), (0,)), ((), ())), **kw)
         return y[:m].astype(out_dtype).reshape(lead + self.out_shape)
 
 
@@ -103,7 +110,19 @@ def cpu_layer(layer):
             for name, w in layer.items()}
 
 
-def cpu_lm_head(lm_head, rows):
+def cpu_lm_head(lm_head, rows, one_row=None):
     """The lm_head [E, vocab] as a `MatrixWeight` with both layouts: `matrix` is lm_head itself (not copied) and
-    `rows` its transpose [vocab, E] (``jnp.transpose(lm_head)``, made by the caller, under its jit)."""
-    return MatrixWeight(lm_head, rows, tuple(lm_head.shape[:1]), tuple(lm_head.shape[1:]))
+    `rows` its transpose [vocab, E] (``jnp.transpose(lm_head)``, made by the caller, under its jit). For a 16-bit
+    lm_head the caller also passes `one_row`, its float32 copy, which becomes `matrix` (`one_row_float32`): one-row
+    products then run in float32 (x and the 16-bit weights widened exactly, so the same products and float32 sums
+    as a bfloat16 dot accumulating in float32), because XLA:CPU's one-row bfloat16 dot, even padded to 8 rows, is
+    slower than its float32 one over twice the bytes (BENCHMARKS.md's Decode section)."""
+    if one_row is None:
+        return MatrixWeight(lm_head, rows, tuple(lm_head.shape[:1]), tuple(lm_head.shape[1:]))
+    return MatrixWeight(one_row, rows, tuple(lm_head.shape[:1]), tuple(lm_head.shape[1:]), one_row_float32=True)
+
+
+def widened_lm_head(lm_head) -> bool:
+    """Whether `cpu_lm_head` keeps a float32 copy of this lm_head for one-row products (a 16-bit float array)."""
+    return (isinstance(lm_head, jax.Array) and jnp.issubdtype(lm_head.dtype, jnp.floating)
+            and lm_head.dtype.itemsize == 2)

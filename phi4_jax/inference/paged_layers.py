@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from phi4_jax.inference.cpu_weights import cpu_layer, cpu_lm_head
+from phi4_jax.inference.cpu_weights import cpu_layer, cpu_lm_head, widened_lm_head
 from phi4_jax.inference.paged_cache import PagedKV, paged_implementation, paged_write_targets
 from phi4_jax.model.config import Phi4Config
 from phi4_jax.model.decoder import decoder_block, embed_tokens, fuse_projections, logits_from_hidden, rms_norm, rope
@@ -58,6 +58,8 @@ def per_layer_decode(params, config: Phi4Config, shard) -> bool:
         return False
     copied = layers + ([params["lm_head"]] if isinstance(params["lm_head"], jax.Array) else [])
     layer_bytes = sum(w.size * w.dtype.itemsize for w in copied)
+    if widened_lm_head(params["lm_head"]):
+        layer_bytes += params["lm_head"].size * 4                  # its float32 copy for one-row products
     try:
         physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -67,20 +69,22 @@ def per_layer_decode(params, config: Phi4Config, shard) -> bool:
 
 def per_layer_params(params):
     """The model's params with the stacked layers as a list of per-layer dicts, q/k/v and gate/up fused, in the
-    CPU weight layout (`cpu_weights`): a copy of the layer weights and a transposed copy of the lm_head, made in
-    one compiled program (`_copies`); the embedding, the final norm and the lm_head's own array are the model's,
-    not copied."""
-    layers, head_rows = _copies(params["layers"], params["lm_head"])
-    head = params["lm_head"] if head_rows is None else cpu_lm_head(params["lm_head"], head_rows)
+    CPU weight layout (`cpu_weights`): a copy of the layer weights and a transposed copy of the lm_head (and, for a
+    16-bit lm_head, its float32 copy for one-row products), made in one compiled program (`_copies`); the
+    embedding, the final norm and the lm_head's own array are the model's, not copied."""
+    layers, head_rows, head_f32 = _copies(params["layers"], params["lm_head"])
+    head = params["lm_head"] if head_rows is None else cpu_lm_head(params["lm_head"], head_rows, head_f32)
     return dict(params, layers=layers, lm_head=head)
 
 
 @jax.jit
 def _copies(stacked_layers, lm_head):
-    """(per-layer dicts in the CPU layout, the lm_head transposed or None when it is a weight object)."""
+    """(per-layer dicts in the CPU layout, the lm_head transposed or None when it is a weight object, its float32
+    copy when it is 16-bit (`cpu_weights.cpu_lm_head`) or None)."""
     n = jax.tree.leaves(stacked_layers)[0].shape[0]
     layers = [cpu_layer(fuse_projections(jax.tree.map(lambda w, i=i: w[i], stacked_layers))) for i in range(n)]
-    return layers, (jnp.transpose(lm_head) if isinstance(lm_head, jax.Array) else None)
+    return (layers, (jnp.transpose(lm_head) if isinstance(lm_head, jax.Array) else None),
+            lm_head.astype(jnp.float32) if widened_lm_head(lm_head) else None)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["bits"], meta_fields=["dtype"])
