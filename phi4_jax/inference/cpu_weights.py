@@ -14,6 +14,11 @@ Why (XLA:CPU, jax 0.10.2; profiles and numbers in BENCHMARKS.md's Decode section
   keeps both: ``matrix`` (the model's own array, shared, not copied) for one-row products and ``rows`` (a copy)
   for more. The layer matrices were measured either way round in both layouts (shape- and row-count-dependent,
   within the noise for the 87M benchmark's), so they stay [K, N] only.
+- 16-bit (bfloat16) products: XLA:CPU's bfloat16 dot of one row is about 2x slower than of 8 rows (and than its
+  float32 dot), while at 8 rows it beats float32; so products of fewer than `MIN_ROWS_16BIT` rows are padded to
+  that many, and every product accumulates in float32 (rounded once to the compute dtype). A 16-bit lm_head's
+  one-row product, still slower padded than float32 over twice the bytes, runs in float32 on a float32 copy
+  (`cpu_lm_head`).
 """
 
 from __future__ import annotations

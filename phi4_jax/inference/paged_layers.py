@@ -11,13 +11,15 @@ when the engine is made (`per_layer_params`), and each layer's pages are an arra
 step is unrolled over the layers (`paged_extend_per_layer`), so nothing is sliced out of a stacked array.
 
 Page layout: the attention gathers a sequence's pages through its block table (`kernels.paged_attention`'s XLA
-path). A heads-first pool ([num_pages, kv_heads, page_size, head_dim], gathered and transposed to
-[B, kv_heads, tokens, head_dim] for the dots, as the dense per-layer cache is kept) measured no faster than this
-token-major one on the 87M-shaped model at batch 1 and 8 (interleaved runs, within the noise of a shared machine;
-BENCHMARKS.md's Serving section), so the pool keeps the kernels' own page layout. XLA:CPU copies the gathered
-pages into the dots' order ([B, kv_heads, tokens, head_dim], the values [B, kv_heads, head_dim, tokens]) every
-layer and step; attending by multiply-and-reduce over the gathered pages as they come instead (no such copies)
-measured the same step time (BENCHMARKS.md's Decode section), so the attention stays the kernels' XLA path.
+path). XLA:CPU fuses that gather into a copy of the pages in the attention dots' order (keys [B, kv_heads, tokens,
+head_dim], values [B, kv_heads, head_dim, tokens]: the `transpose_copy_fusion`s of the profile), so the gather
+and the "transposes" are one copy. A heads-first pool (keys [num_pages, kv_heads, page_size, head_dim], values
+[num_pages, kv_heads, head_dim, page_size], read by an attention written for it) turns them into block copies
+with no element transposes in the optimized HLO, but the step measured no faster (BENCHMARKS.md's Decode
+section), and attending by multiply-and-reduce over the gathered pages as they come (no copies) neither, so the
+pool keeps the kernels' own token-major layout and the attention stays the kernels' XLA path. A 16-bit pool
+(bfloat16, float16) is kept as its uint16 bits (`PageBits`): XLA:CPU widens a 16-bit float scatter's whole
+operand to float32 and back, two copies of the layer's whole pool every step.
 
 Same math and contract as `paged_extend` (the layer math is the model's own `decoder_block`); the engine tests
 (tests/test_batching.py) run it on CPU against transformers' greedy answers and `generate`, and the mesh and
