@@ -13,7 +13,9 @@ tokens/s = batch * prompt_len / t_1. Time to first token is also measured on the
 for phi4_jax includes compiling the prefill. The serving engine (`ContinuousBatchingEngine`, compiled before
 timing) is timed the same way in the same rotation, answering the batch as concurrent requests ("engine decode").
 Last, one more greedy generation on each side gives how many leading tokens agree (the least over the rows):
-all of them in float32; in bfloat16 the sides round different sums, so a near-tie can flip after some tokens.
+in float32 all of them unless a near-tie flips (2026-12-01 23:45: one row of 8 parted after 38 tokens where
+transformers' top two logits were 5.5e-6 apart); in bfloat16 the sides round different sums, so near-ties flip
+after a few tokens.
 
     python bench/decode.py --dtype bfloat16      # both sides in bfloat16 (phi-4's checkpoint dtype)
 """
@@ -101,8 +103,8 @@ def hf_runner(model, prompts, threads: int):
 
 def greedy_agreement(model, hf, prompts, new_tokens: int) -> int:
     """How many leading greedy tokens phi4_jax.generate and transformers' generate agree on, the least over the
-    rows (new_tokens when all agree). In float32 they should agree throughout; in bfloat16 the two sides round
-    different sums (summation order, fused ops), so an argmax between near-tied logits can flip after some tokens."""
+    rows (new_tokens when all agree). In float32 they agree unless two logits are tied within float32 rounding;
+    in bfloat16 the two sides round different sums (summation order, fused ops), so near-ties flip much sooner."""
     import numpy as np
     import torch
 
