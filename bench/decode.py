@@ -4,7 +4,7 @@
     python bench/decode.py --write BENCHMARKS.md # also append the results to the "Decode" section
 
 One random Phi3ForCausalLM is built in transformers and converted in memory, so both sides run the same
-weights in float32. transformers runs at each of `--hf-threads` torch thread counts (on a loaded machine,
+weights in float32 (with `--dtype bfloat16`, both rounded to bfloat16 and computed in it). transformers runs at each of `--hf-threads` torch thread counts (on a loaded machine,
 torch's OpenMP threads can be far slower with more threads) and the fastest is compared. For batch 1 and
 batch 8 (equal-length prompts), after a warm-up call, each side generates 1 token (prefill + first token)
 and N tokens with stop tokens off (every sequence runs to N), the sides alternating so that machine load
@@ -12,6 +12,12 @@ hits all alike; with t_1 and t_N the medians, decode tokens/s = batch * (N - 1) 
 tokens/s = batch * prompt_len / t_1. Time to first token is also measured on the very first call, which
 for phi4_jax includes compiling the prefill. The serving engine (`ContinuousBatchingEngine`, compiled before
 timing) is timed the same way in the same rotation, answering the batch as concurrent requests ("engine decode").
+Last, one more greedy generation on each side gives how many leading tokens agree (the least over the rows):
+in float32 all of them unless a near-tie flips (2026-12-01 23:45: one row of 8 parted after 38 tokens where
+transformers' top two logits were 5.5e-6 apart); in bfloat16 the sides round different sums, so near-ties flip
+after a few tokens.
+
+    python bench/decode.py --dtype bfloat16      # both sides in bfloat16 (phi-4's checkpoint dtype)
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (median is reported)")
     p.add_argument("--hf-threads", default=f"1,{os.cpu_count()}",
                    help="torch thread counts to measure; the fastest is compared (XLA uses all cores)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="both sides' weights and compute: float32, or bfloat16 (phi-4's checkpoint dtype; transformers "
+                        "in torch.bfloat16, phi4_jax with bfloat16 params, compute and KV cache)")
     p.add_argument("--write", metavar="BENCHMARKS_MD", default=None,
                    help="append the results to this file's 'Decode' section")
     return p.parse_args(argv)
@@ -93,6 +102,25 @@ def hf_runner(model, prompts, threads: int):
     return run
 
 
+def greedy_agreement(model, hf, prompts, new_tokens: int) -> int:
+    """How many leading greedy tokens phi4_jax.generate and transformers' generate agree on, the least over the
+    rows (new_tokens when all agree). In float32 they agree unless two logits are tied within float32 rounding;
+    in bfloat16 the two sides round different sums (summation order, fused ops), so near-ties flip much sooner."""
+    import numpy as np
+    import torch
+
+    import phi4_jax
+
+    ours = np.asarray(phi4_jax.generate(model, prompts, max_new_tokens=new_tokens, stop_tokens=[]))
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor(prompts), attention_mask=torch.ones(len(prompts), len(prompts[0]),
+                                                                              dtype=torch.long),
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                             pad_token_id=0)[:, len(prompts[0]):].numpy()
+    differ = ours != theirs
+    return int(min(row.argmax() if row.any() else new_tokens for row in differ))
+
+
 def seconds(fn, *args) -> float:
     start = time.perf_counter()
     fn(*args)
@@ -114,63 +142,12 @@ def bench_pair(runners: dict, new_tokens: int, repeats: int) -> dict:
 
 
 DECODE_INTRO = """`bench/decode.py`: decode tokens/s of `phi4_jax.generate` (the serving engine's paged KV cache and step,
-driven on the caller's thread; before the one-decode-path change, a contiguous KV cache and an on-device loop) against
-transformers' `generate` (its KV cache), same random phi-4-shaped model and weights, float32 on both sides, same
-machine and run; phi-4-shaped layers (hidden 384, 6 layers, 6/2 heads) with an 8K and with phi-4's 100K
-vocabulary, batch 1 and 8, 256 new tokens, after a warm-up; torch at 1 and at all cores, the faster compared; also
-prefill tokens/s and time to first token (phi4_jax's first call includes compiling the prefill). Goal on CPU:
-decode at least 2x transformers. Each run appends a table below.
-
-Earlier profile (2026-12-01, the contiguous decode loop that preceded the engine): under `lax.scan` over the
-stacked [layers, ...] weights XLA:CPU copies each dynamic slice of a stacked weight before the matmul that reads
-it (`dynamic-slice_bitcast_fusion`: about 40% of a batch-1 step; static slices of an unrolled loop are copied too),
-hence the per-layer layout the engine keeps on CPU (`paged_layers`: one array per layer, q/k/v and gate/up
-concatenated, the layers unrolled); it is skipped on a mesh, with a Pallas kernel, on accelerators and when the
-copy would take more than a quarter of physical memory.
-
-Where the time went (2026-12-01 19:40-20:35 UTC, `jax.profiler` traces of the serving engine's compiled decode
-step: 87M-shaped layers with the 8K vocabulary, 8 rows, context 384; taken with other jobs on the machine, load ~6,
-so the absolute times are inflated): before this change the step was 430 ops summing to 21.5 ms of op time over
-XLA:CPU's threads. The dots (YNNPACK fusions, 49) took 11.8 ms (gate/up 3.7, o_proj and down 3.1, the lm_head 2.3,
-q/k/v 1.0, attention 1.5); XLA:CPU's copies of each layer's gathered pages into the attention dots' order (keys
-[B, Hkv, C, D], values [B, Hkv, D, C]: two `transpose_copy_fusion`s a layer) 6.8 ms; and a copy of every layer's
-o_proj weight each step (2.1 ms): for the product contracting two axes ([B, Hq, D] x [Hq, D, E]) XLA:CPU
-permuted the weight to [D, Hq, E] before the dot. The change (`inference/cpu_weights.py`, built once with the
-engine's per-layer copy in `paged_layers.per_layer_params`): every matrix is a 2-D `MatrixWeight` [K, N] and x is
-flattened to [M, K], so each product is one dot with nothing permuted; the lm_head is also kept transposed,
-[vocab, E], and products of more than one row use that (XLA:CPU's dot with the weight as [N, K] rows,
-`dot_general(W_t, x)` contracting K on both sides, was faster there: the 100K lm_head at 8 rows 10.6 vs 12.8 ms
-on a quiet machine earlier today, and the whole 100K step at 8 rows 37.7 vs 43.3 ms CPU time at load 9); one row
-keeps the [E, vocab] array, which was as fast or faster there (100K: 15.4 vs 16.1 ms a step). After: 418 ops,
-19.0 ms of op time in the same trace run (the o_proj copies are gone: 0.07 ms of `copy_bitcast_fusion` left).
-Also fixed: the per-layer copy used to duplicate the embedding and the lm_head (a jit returns copies of arrays
-passed through it); now only the layers and the lm_head's transpose are copied. What is left: the dots (11.6 ms
-of op time) and the gathered pages' transposes (6.6 ms). Same-process A/B of the whole compiled step, the layout
-before against after, alternating (`python bench/decode_step.py`), under the latest table.
-
-Tried and not kept: (a) attention by multiply-and-reduce over the gathered pages as they come (no transposes, 12
-fewer ops): the same step time, twice (CPU-time p10 at 8 rows, 8K: 16.22 vs 16.26 ms, load 6.5, and 14.51 vs
-14.49 ms, load 10; at 1 row 4.09 vs 4.11 ms): the gathers, unfused, then cost what the transposes did; (b) the layer matrices transposed too: slower at 8 rows for these
-shapes ([384, 2304] 0.31 vs 0.25 ms, [1152, 384] 0.22 vs 0.09 ms CPU time), and for larger matrices either way
-round by shape and row count (0.44x-1.7x for 16-64 MiB matrices at 1, 8 and 16 rows); (c) other dot libraries
-(`compile(compiler_options=...)` with `xla_cpu_experimental_ynn_fusion_type=""`, XNNPACK or oneDNN dots): no
-consistent gain (the 8K lm_head at 8 rows, wall / CPU ms: YNNPACK 0.76 / 0.81, XLA's own 0.51 / 0.92, XNNPACK
-0.68 / 0.68, oneDNN 6.1 / 3.3; the transposed layout without YNNPACK 4.2-7.4); (d) the lm_head
-split into 2 or 4 dots over its vocabulary (so the two cores take one each): no consistent gain within the noise
-(load 9-11; slices of one array are copied first, so only separate arrays can be tried).
-
-Where 2x is out of reach on this machine: (1) 8K vocabulary, 8 rows: transformers' step (2 threads, quiet
-machine: 935 tokens/s in the 18:01 table) is 8.6 ms, so 2x needs at most 4.3 ms; the dots alone, timed one
-at a time, take 3.8 ms (YNNPACK at 8 rows, per layer q/k/v 0.09 + o 0.07 + gate/up 0.25 + down 0.12 ms, x 6 layers, + the lm_head 0.6
-ms; load 6), before attention and the ~300 other ops. These weights (55 MB) sit in the 480 MB L3, so the bound is
-XLA:CPU's small-batch float32 dot (14-57 GFLOP/s on these shapes), not memory bandwidth. (2) 100K vocabulary: the
-lm_head is 154 MB of float32 and the step reads 196 MB of weights; at 1 row transformers' step is ~11.9 ms, so 2x
-needs ~6 ms, i.e. ~33 GB/s sustained over the whole step, while the lm_head dot alone reaches ~35 GB/s (4.4 ms)
-and the layers' ~300 ops come on top. At 8 rows 2x needs ~17 ms against the lm_head's 10.6 ms plus the layers'
-~4-5 ms: within reach only on a quiet machine, if at all (the quiet-machine rerun after merging will say).
-
-On a GPU (not available to this work so far), the 14B-shaped decode against the memory-bandwidth bound belongs
-to the [evidence] issue."""
+driven on the caller's thread) and of the serving engine itself against transformers' `generate` (its KV cache),
+same random phi-4-shaped model and weights, float32 on both sides (or, with `--dtype bfloat16`, bfloat16 on both
+sides), same machine and run; phi-4-shaped layers (hidden 384, 6 layers, 6/2 heads) with an 8K and with phi-4's
+100K vocabulary, batch 1 and 8, 256 new tokens, after a warm-up; torch at 1 and at all cores, the faster compared;
+also prefill tokens/s, time to first token (phi4_jax's first call includes compiling the prefill) and how many
+greedy tokens equal transformers'. Goal on CPU: decode at least 2x transformers. Each run appends a table below."""
 
 
 def main(argv=None) -> int:
@@ -187,18 +164,18 @@ def main(argv=None) -> int:
         "",
         f"Machine: {describe_machine(with_load=True)}; jax {jax.__version__} ({jax.default_backend()}, XLA's default "
         f"threads), torch {torch.__version__} (measured with {args.hf_threads} threads; the table compares the "
-        f"fastest, the others are listed). Models: random phi-4-shaped Phi3ForCausalLM, float32 on both sides; "
+        f"fastest, the others are listed). Models: random phi-4-shaped Phi3ForCausalLM, {args.dtype} on both sides; "
         f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, median of {args.repeats}.",
         "",
         "| model | batch | phi4_jax decode tok/s | transformers decode tok/s (best threads; others) | speed-up "
         "| engine decode tok/s (speed-up) | phi4_jax prefill tok/s "
         "| transformers prefill tok/s | phi4_jax first token: cold (incl. compile) / warm "
-        "| transformers first token: first call / warm |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| transformers first token: first call / warm | greedy tokens equal to transformers' |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     hf_threads = [int(t) for t in args.hf_threads.split(",")]
     for size in args.sizes.split(","):
-        hf, params, config = random_model_pair(size)
+        hf, params, config = random_model_pair(size, args.dtype)
         ours = model_from_params(config, params)
         model_name = (f"{config.num_params / 1e6:.0f}M: hidden {config.hidden_size}, {config.num_layers} layers, "
                       f"{config.num_heads}/{config.num_kv_heads} heads, vocab {config.vocab_size}")
@@ -210,6 +187,8 @@ def main(argv=None) -> int:
             runners.update({th: hf_runner(hf, prompts, th) for th in hf_threads})
             times = bench_pair(runners, args.new_tokens, args.repeats)
             engine.shutdown()
+            torch.set_num_threads(max(hf_threads))
+            agree = greedy_agreement(ours, hf, prompts, args.new_tokens)
             decode = {name: batch * (args.new_tokens - 1) / (tn - t1) for name, (_, t1, tn) in times.items()}
             best = max(hf_threads, key=lambda th: decode[th])
             e_dec = decode["engine"]
@@ -220,11 +199,13 @@ def main(argv=None) -> int:
             print(f"{size} batch {batch}: decode {o_dec:.1f} (engine {e_dec:.1f}) vs {h_dec:.1f} tokens/s "
                   f"({o_dec / h_dec:.2f}x, engine {e_dec / h_dec:.2f}x; "
                   f"transformers {best} threads; {others or '-'}); prefill {o_pre:.0f} vs {h_pre:.0f} tokens/s; "
-                  f"first token {o_cold:.2f}s cold / {o_1 * 1e3:.0f} ms warm vs {h_cold:.2f}s / {h_1 * 1e3:.0f} ms",
+                  f"first token {o_cold:.2f}s cold / {o_1 * 1e3:.0f} ms warm vs {h_cold:.2f}s / {h_1 * 1e3:.0f} ms; "
+                  f"greedy tokens equal for {agree} of {args.new_tokens}",
                   flush=True)
             lines.append(f"| {model_name} | {batch} | {o_dec:.1f} | {h_dec:.1f} ({best} threads; {others or '-'}) "
                          f"| **{o_dec / h_dec:.2f}x** | {e_dec:.1f} (**{e_dec / h_dec:.2f}x**) | {o_pre:.0f} | {h_pre:.0f} | "
-                         f"{o_cold:.2f} s / {o_1 * 1e3:.0f} ms | {h_cold:.2f} s / {h_1 * 1e3:.0f} ms |")
+                         f"{o_cold:.2f} s / {o_1 * 1e3:.0f} ms | {h_cold:.2f} s / {h_1 * 1e3:.0f} ms "
+                         f"| {agree} of {args.new_tokens} |")
     text = "\n".join(lines)
     print(text)
     if args.write:

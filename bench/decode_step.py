@@ -1,15 +1,19 @@
-"""The serving engine's compiled CPU decode step, weight layout A/B, alternating in one process.
+"""The serving engine's compiled CPU decode step, A/B of layouts and dtypes, alternating in one process.
 
     python bench/decode_step.py --sizes 87m-8k,87m --batches 1,8
+    python bench/decode_step.py --variants plain,cpu     # the weight-layout A/B of 2026-12-01 20:29
 
-For each model and batch, one engine (`ContinuousBatchingEngine`, max_batch = the batch) is built and its decode
+For each model and batch, engines (`ContinuousBatchingEngine`, max_batch = the batch) are built and their decode
 step (`engine_step`: every row decoding one token at position ~250 of a 384-token context, greedy) is timed
-directly, with no host loop around it, on two weight layouts of the same weights: "plain" (per-layer arrays with
-q/k/v and gate/up fused: the engine's CPU layout before `cpu_weights`) and "cpu" (the engine's `per_layer_params`:
-`MatrixWeight`s, the lm_head also transposed). The two alternate in rounds, so machine load hits both alike; the
-table reports the median and 10th-percentile wall time and the median process CPU time (both threads; less
-sensitive to other jobs on the machine than wall time) per step, the load average, and whether both layouts
-chose the same tokens. The end-to-end comparison with transformers is bench/decode.py.
+directly, with no host loop around it, for each variant of the same random weights:
+- "plain": float32, per-layer arrays with q/k/v and gate/up fused (the engine's CPU layout before `cpu_weights`);
+- "cpu": float32, the engine's own `per_layer_params` (`MatrixWeight`s, the lm_head also transposed);
+- "cpu-bf16": the same in bfloat16 (params, compute and pages; the pool kept as uint16 bits, `PageBits`);
+- "cpu-bf16-array-pool": as "cpu-bf16" but the pool as plain bfloat16 arrays (the pool before `PageBits`).
+The variants alternate in rounds, so machine load hits all alike; the table reports the median and 10th-percentile
+wall time and the median process CPU time (both threads; less sensitive to other jobs on the machine than wall
+time) per step, the load average, and whether the variant chose the same tokens as the first one of its dtype.
+The end-to-end comparison with transformers is bench/decode.py.
 """
 
 from __future__ import annotations
@@ -26,12 +30,15 @@ if ROOT not in sys.path:
 
 from bench.random_models import SIZES, random_model_pair  # noqa: E402
 
+VARIANTS = ("plain", "cpu", "cpu-bf16", "cpu-bf16-array-pool")
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="87m-8k,87m", help=f"comma-separated model sizes from {sorted(SIZES)}")
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--rounds", type=int, default=20, help="alternating rounds of 5 steps per layout")
+    p.add_argument("--variants", default="cpu,cpu-bf16,cpu-bf16-array-pool", help=f"comma-separated, from {VARIANTS}")
+    p.add_argument("--rounds", type=int, default=20, help="alternating rounds of 5 steps per variant")
     return p.parse_args(argv)
 
 
@@ -45,6 +52,17 @@ def plain_layout(params, config):
     return dict(params, layers=layers)
 
 
+def array_pool(pages):
+    """A `PageBits` pool (`init_pages_per_layer`, 16-bit) as plain arrays of its float dtype (the pool before
+    `PageBits`; `paged_extend_per_layer` reads and writes either)."""
+    import jax
+
+    from phi4_jax.inference.paged_cache import PagedKV
+    from phi4_jax.inference.paged_layers import float_pages
+
+    return PagedKV(*(tuple(jax.jit(float_pages)(p) for p in side) for side in (pages.k, pages.v)))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
@@ -53,15 +71,30 @@ def main(argv=None) -> int:
     from phi4_jax.inference.batching import ContinuousBatchingEngine, engine_step
     from phi4_jax.model.decoder import model_from_params
 
-    print("| model | batch | layout | wall median ms | wall p10 ms | CPU median ms | load (1 min) | same tokens |")
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {VARIANTS}")
+    print("| model | batch | variant | wall median ms | wall p10 ms | CPU median ms | load (1 min) | same tokens |")
     print("|---|---:|---|---:|---:|---:|---:|---|")
     for size in args.sizes.split(","):
-        _, params, config = random_model_pair(size)
-        model = model_from_params(config, params)
+        dtypes = sorted({"bfloat16" if "bf16" in v else "float32" for v in variants})
+        models = {}
+        for dtype in dtypes:
+            _, params, config = random_model_pair(size, dtype)
+            models[dtype] = model_from_params(config, params)
         for batch in [int(b) for b in args.batches.split(",")]:
-            engine = ContinuousBatchingEngine(model, max_batch=batch, max_context=384, prefill_chunk=128)
-            layouts = {"plain": jax.jit(plain_layout, static_argnums=1)(model.params, config),
-                       "cpu": engine.step_params}
+            engines = {dtype: ContinuousBatchingEngine(model, max_batch=batch, max_context=384, prefill_chunk=128)
+                       for dtype, model in models.items()}
+            runs = {}   # variant: [engine, params, pages]
+            for name in variants:
+                engine = engines["bfloat16" if "bf16" in name else "float32"]
+                step_params = (jax.jit(plain_layout, static_argnums=1)(engine.params, engine.config)
+                               if name == "plain" else engine.step_params)
+                pages = array_pool(engine.pages) if name.endswith("array-pool") else jax.tree.map(
+                    lambda a: a.copy(), engine.pages)
+                runs[name] = [engine, step_params, pages]
+            engine = next(iter(engines.values()))
             width = engine._width(300)
             tables = np.arange(1, 1 + batch * width, dtype=np.int32).reshape(batch, width)
             inputs = jax.device_put(dict(
@@ -73,27 +106,32 @@ def main(argv=None) -> int:
                 sample_top_k=np.zeros(batch, np.int32), top_p=np.ones(batch, np.float32),
                 want_logprobs=np.bool_(False)))
 
-            def step(layout):
-                engine.pages, token, *_ = engine_step(layouts[layout], engine.pages, **inputs, config=engine.config,
-                                                      top_k=engine.top_k, shard=None)
+            def step(name):
+                run = runs[name]
+                run[2], token, *_ = engine_step(run[1], run[2], **inputs, config=run[0].config, top_k=run[0].top_k,
+                                                shard=None)
                 return jax.block_until_ready(token)
 
-            tokens = {name: np.asarray([step(name) for _ in range(3)][-1]) for name in layouts}   # compile + warm
-            wall = {name: [] for name in layouts}
-            cpu = {name: [] for name in layouts}
+            tokens = {name: np.asarray([step(name) for _ in range(3)][-1]) for name in runs}   # compile + warm
+            wall = {name: [] for name in runs}
+            cpu = {name: [] for name in runs}
             for _ in range(args.rounds):
-                for name in layouts:
+                for name in runs:
                     for _ in range(5):
                         c, s = time.process_time(), time.perf_counter()
                         step(name)
                         wall[name].append(time.perf_counter() - s)
                         cpu[name].append(time.process_time() - c)
-            same = bool((tokens["plain"] == tokens["cpu"]).all())
-            for name in layouts:
+            first = {}
+            for name in runs:
+                first.setdefault(runs[name][0].config.compute_dtype, name)
+            for name in runs:
+                same = bool((tokens[name] == tokens[first[runs[name][0].config.compute_dtype]]).all())
                 print(f"| {size} | {batch} | {name} | {statistics.median(wall[name]) * 1e3:.2f} "
                       f"| {np.percentile(wall[name], 10) * 1e3:.2f} | {statistics.median(cpu[name]) * 1e3:.2f} "
                       f"| {os.getloadavg()[0]:.1f} | {same} |", flush=True)
-            engine.shutdown()
+            for engine in engines.values():
+                engine.shutdown()
     return 0
 
 

@@ -10,8 +10,10 @@ SIZES = {
 }
 
 
-def random_model_pair(size: str):
-    """(transformers Phi3ForCausalLM in eval mode, our float32 params as jax arrays, our Phi4Config)."""
+def random_model_pair(size: str, dtype: str = "float32"):
+    """(transformers Phi3ForCausalLM in eval mode, our params as jax arrays, our Phi4Config): the same random
+    weights, made in float32 and, for `dtype` "bfloat16", rounded to bfloat16 on both sides (transformers' weights
+    and ours; our config then computes in bfloat16)."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -27,8 +29,8 @@ def random_model_pair(size: str):
                            bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.05)
     torch.manual_seed(0)
     hf = Phi3ForCausalLM(hf_config).eval()
-    config = Phi4Config.from_hf_dict(hf_config.to_dict(), param_dtype="float32", compute_dtype="float32",
+    config = Phi4Config.from_hf_dict(hf_config.to_dict(), param_dtype=dtype, compute_dtype=dtype,
                                      remat_policy="none")
     state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    params = jax.tree.map(jnp.asarray, params_from_hf_state_dict(state, config))
-    return hf, params, config
+    params = jax.tree.map(lambda w: jnp.asarray(w).astype(dtype), params_from_hf_state_dict(state, config))
+    return hf.to(getattr(torch, dtype)), params, config

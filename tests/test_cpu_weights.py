@@ -6,6 +6,8 @@ The engine runs its per-layer CPU step on these weights, so its greedy tokens an
 the end-to-end peer checks; `test_engine_runs_on_the_cpu_layout` makes sure those tests do exercise it.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,3 +91,50 @@ def test_engine_runs_on_the_cpu_layout():
         mine = head.matrix if name == "lm_head" else engine.step_params[name]
         assert mine.unsafe_buffer_pointer() == engine.params[name].unsafe_buffer_pointer()
     assert cpu_layer({"o_proj": layer["o_proj"]})["o_proj"] is layer["o_proj"]   # weight objects are left alone
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+def test_bf16_products_pad_to_8_rows_and_round_once(rows):
+    """A 16-bit product of fewer than `MIN_ROWS_16BIT` rows is computed as one of that many (XLA:CPU's 1-row
+    bfloat16 dot is slow), accumulated in float32 and rounded once to bfloat16: equal to float64 NumPy of the same
+    bfloat16 inputs within one bfloat16 rounding of the result; the preferred float32 output stays float32."""
+    from phi4_jax.inference.cpu_weights import MIN_ROWS_16BIT
+
+    rng = np.random.default_rng(rows)
+    x = jnp.asarray(rng.standard_normal((rows, 1, 512)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((512, 48)), jnp.bfloat16)
+    weight = MatrixWeight.of(w, 1)
+    want = numpy_einsum("bse,ef->bsf", x, w)
+    fn = jax.jit(lambda x, weight: weight.linear_einsum("bse,ef->bsf", x, jnp.bfloat16))
+    got = fn(x, weight)
+    assert got.shape == want.shape and got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2 ** -8, atol=1e-6)
+    wide = jax.jit(lambda x, weight: weight.linear_einsum("bse,ef->bsf", x, jnp.bfloat16,
+                                                          preferred_element_type=jnp.float32))(x, weight)
+    assert wide.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(wide, np.float64), want, rtol=1e-5, atol=1e-4)
+    compiled = fn.lower(x, weight).compile().as_text()    # after XLA's simplifier, which could undo the padding
+    dot_rows = [int(m) for m in re.findall(r"= f32\[(\d+),48\]\S* dot\(", compiled)]
+    assert dot_rows == [max(rows, MIN_ROWS_16BIT)]
+
+
+def test_one_row_float32_lm_head():
+    """A 16-bit lm_head keeps a float32 `matrix` (`cpu_lm_head(..., one_row=...)`): a one-row product is one
+    float32 dot of that matrix (x widened), several rows one bfloat16 dot of `rows`; both equal float64 NumPy of
+    the bfloat16 inputs (float32 output, as the lm_head asks)."""
+    from phi4_jax.inference.cpu_weights import cpu_lm_head
+
+    rng = np.random.default_rng(7)
+    w = jnp.asarray(rng.standard_normal((256, 96)), jnp.bfloat16)
+    head = cpu_lm_head(w, jnp.transpose(w), w.astype(jnp.float32))
+    for rows, dot_dtype in ((1, "f32"), (3, "bf16")):
+        x = jnp.asarray(rng.standard_normal((rows, 256)), jnp.bfloat16)
+        fn = jax.jit(lambda x, head: head.linear_einsum("...e,ev->...v", x, jnp.bfloat16,
+                                                         preferred_element_type=jnp.float32))
+        got = fn(x, head)
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got, np.float64), numpy_einsum("...e,ev->...v", x, w), rtol=1e-5,
+                                   atol=1e-4)
+        operands = re.findall(r"dot_general.*: \(tensor<\d+x\d+x(\w+)>, tensor<\d+x\d+x(\w+)>\)",
+                              fn.lower(x, head).as_text())
+        assert len(operands) == 1 and set(operands[0]) == {dot_dtype}, operands

@@ -14,6 +14,11 @@ Why (XLA:CPU, jax 0.10.2; profiles and numbers in BENCHMARKS.md's Decode section
   keeps both: ``matrix`` (the model's own array, shared, not copied) for one-row products and ``rows`` (a copy)
   for more. The layer matrices were measured either way round in both layouts (shape- and row-count-dependent,
   within the noise for the 87M benchmark's), so they stay [K, N] only.
+- 16-bit (bfloat16) products: XLA:CPU's bfloat16 dot of one row is about 2x slower than of 8 rows (and than its
+  float32 dot), while at 8 rows it beats float32; so products of fewer than `MIN_ROWS_16BIT` rows are padded to
+  that many, and every product accumulates in float32 (rounded once to the compute dtype). A 16-bit lm_head's
+  one-row product, still slower padded than float32 over twice the bytes, runs in float32 on a float32 copy
+  (`cpu_lm_head`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ import jax.numpy as jnp
 IN_AXES = {"qkv_proj": 1, "q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2,
            "gate_up_proj": 1, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
 _EINSUM_KWARGS = ("preferred_element_type", "precision")
+# 16-bit float products of fewer rows are padded to this many: XLA:CPU's bfloat16 dot of 1 row is ~2x slower than
+# of 8 (and than float32's), at 8 rows it is faster than float32's (BENCHMARKS.md's Decode section).
+MIN_ROWS_16BIT = 8
 
 
 class MatrixWeightError(ValueError):
@@ -37,17 +45,19 @@ class MatrixWeightError(ValueError):
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["matrix", "rows"],
-                   meta_fields=["in_shape", "out_shape"])
+                   meta_fields=["in_shape", "out_shape", "one_row_float32"])
 @dataclasses.dataclass(frozen=True)
 class MatrixWeight:
     """A matrix W of our [*in_shape, *out_shape] layout as `matrix` [K, N] (K = prod(in_shape), N =
     prod(out_shape)) and/or `rows` [N, K] (transposed; None when not kept). ``linear_einsum`` computes
     ``einsum(equation, x, W)``: from `rows` when x has more than one row (or there is no `matrix`), else from
-    `matrix`."""
+    `matrix`. With `one_row_float32` (a 16-bit lm_head's float32 `matrix`, `cpu_lm_head`), one-row products are
+    computed in float32 from `matrix`."""
     matrix: Any
     rows: Any
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
+    one_row_float32: bool = False
 
     @classmethod
     def of(cls, w, n_in: int, *, matrix: bool = True, rows: bool = False) -> "MatrixWeight":
@@ -77,14 +87,24 @@ class MatrixWeight:
             raise MatrixWeightError(f"einsum {equation!r}: x's contracted axes {tuple(x.shape[x.ndim - n_in:])} "
                                     f"do not match the weight's input shape {self.in_shape}")
         lead = tuple(x.shape[:x.ndim - n_in])
-        x2 = x.reshape(math.prod(lead), math.prod(self.in_shape)).astype(compute_dtype)
+        x2 = x.reshape(math.prod(lead), math.prod(self.in_shape))
         kw = {k: einsum_kwargs.get(k) for k in _EINSUM_KWARGS}
-        if self.rows is not None and (self.matrix is None or x2.shape[0] > 1):
-            y = jnp.transpose(jax.lax.dot_general(self.rows.astype(compute_dtype), x2, (((1,), (1,)), ((), ())),
+        out_dtype = kw["preferred_element_type"] or jnp.dtype(compute_dtype)
+        kw["preferred_element_type"] = jnp.promote_types(out_dtype, jnp.float32)   # accumulate in float32 at least
+        m = x2.shape[0]
+        use_rows = self.rows is not None and (self.matrix is None or m > 1)
+        dtype = jnp.dtype(compute_dtype)
+        if self.one_row_float32 and m == 1:
+            dtype = jnp.dtype(jnp.float32)
+        x2 = x2.astype(dtype)
+        if dtype.itemsize < 4 and m < MIN_ROWS_16BIT:
+            x2 = jnp.pad(x2, ((0, MIN_ROWS_16BIT - m), (0, 0)))
+        if use_rows:
+            y = jnp.transpose(jax.lax.dot_general(self.rows.astype(dtype), x2, (((1,), (1,)), ((), ())),
                                                   **kw))                                         # [N, M] -> [M, N]
         else:
-            y = jax.lax.dot_general(x2, self.matrix.astype(compute_dtype), (((1,), (0,)), ((), ())), **kw)
-        return y.reshape(lead + self.out_shape)
+            y = jax.lax.dot_general(x2, self.matrix.astype(dtype), (((1,), (0,)), ((), ())), **kw)
+        return y[:m].astype(out_dtype).reshape(lead + self.out_shape)
 
 
 def cpu_layer(layer):
@@ -95,7 +115,19 @@ def cpu_layer(layer):
             for name, w in layer.items()}
 
 
-def cpu_lm_head(lm_head, rows):
+def cpu_lm_head(lm_head, rows, one_row=None):
     """The lm_head [E, vocab] as a `MatrixWeight` with both layouts: `matrix` is lm_head itself (not copied) and
-    `rows` its transpose [vocab, E] (``jnp.transpose(lm_head)``, made by the caller, under its jit)."""
-    return MatrixWeight(lm_head, rows, tuple(lm_head.shape[:1]), tuple(lm_head.shape[1:]))
+    `rows` its transpose [vocab, E] (``jnp.transpose(lm_head)``, made by the caller, under its jit). For a 16-bit
+    lm_head the caller also passes `one_row`, its float32 copy, which becomes `matrix` (`one_row_float32`): one-row
+    products then run in float32 (x and the 16-bit weights widened exactly, so the same products and float32 sums
+    as a bfloat16 dot accumulating in float32), because XLA:CPU's one-row bfloat16 dot, even padded to 8 rows, is
+    slower than its float32 one over twice the bytes (BENCHMARKS.md's Decode section)."""
+    if one_row is None:
+        return MatrixWeight(lm_head, rows, tuple(lm_head.shape[:1]), tuple(lm_head.shape[1:]))
+    return MatrixWeight(one_row, rows, tuple(lm_head.shape[:1]), tuple(lm_head.shape[1:]), one_row_float32=True)
+
+
+def widened_lm_head(lm_head) -> bool:
+    """Whether `cpu_lm_head` keeps a float32 copy of this lm_head for one-row products (a 16-bit float array)."""
+    return (isinstance(lm_head, jax.Array) and jnp.issubdtype(lm_head.dtype, jnp.floating)
+            and lm_head.dtype.itemsize == 2)

@@ -11,13 +11,15 @@ when the engine is made (`per_layer_params`), and each layer's pages are an arra
 step is unrolled over the layers (`paged_extend_per_layer`), so nothing is sliced out of a stacked array.
 
 Page layout: the attention gathers a sequence's pages through its block table (`kernels.paged_attention`'s XLA
-path). A heads-first pool ([num_pages, kv_heads, page_size, head_dim], gathered and transposed to
-[B, kv_heads, tokens, head_dim] for the dots, as the dense per-layer cache is kept) measured no faster than this
-token-major one on the 87M-shaped model at batch 1 and 8 (interleaved runs, within the noise of a shared machine;
-BENCHMARKS.md's Serving section), so the pool keeps the kernels' own page layout. XLA:CPU copies the gathered
-pages into the dots' order ([B, kv_heads, tokens, head_dim], the values [B, kv_heads, head_dim, tokens]) every
-layer and step; attending by multiply-and-reduce over the gathered pages as they come instead (no such copies)
-measured the same step time (BENCHMARKS.md's Decode section), so the attention stays the kernels' XLA path.
+path). XLA:CPU fuses that gather into a copy of the pages in the attention dots' order (keys [B, kv_heads, tokens,
+head_dim], values [B, kv_heads, head_dim, tokens]: the `transpose_copy_fusion`s of the profile), so the gather
+and the "transposes" are one copy. A heads-first pool (keys [num_pages, kv_heads, page_size, head_dim], values
+[num_pages, kv_heads, head_dim, page_size], read by an attention written for it) turns them into block copies
+with no element transposes in the optimized HLO, but the step measured no faster (BENCHMARKS.md's Decode
+section), and attending by multiply-and-reduce over the gathered pages as they come (no copies) neither, so the
+pool keeps the kernels' own token-major layout and the attention stays the kernels' XLA path. A 16-bit pool
+(bfloat16, float16) is kept as its uint16 bits (`PageBits`): XLA:CPU widens a 16-bit float scatter's whole
+operand to float32 and back, two copies of the layer's whole pool every step.
 
 Same math and contract as `paged_extend` (the layer math is the model's own `decoder_block`); the engine tests
 (tests/test_batching.py) run it on CPU against transformers' greedy answers and `generate`, and the mesh and
@@ -26,13 +28,16 @@ Pallas-kernel engine tests run the stacked `paged_extend`.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 import kernels
-from phi4_jax.inference.cpu_weights import cpu_layer, cpu_lm_head
+from phi4_jax.inference.cpu_weights import cpu_layer, cpu_lm_head, widened_lm_head
 from phi4_jax.inference.paged_cache import PagedKV, paged_implementation, paged_write_targets
 from phi4_jax.model.config import Phi4Config
 from phi4_jax.model.decoder import decoder_block, embed_tokens, fuse_projections, logits_from_hidden, rms_norm, rope
@@ -55,6 +60,8 @@ def per_layer_decode(params, config: Phi4Config, shard) -> bool:
         return False
     copied = layers + ([params["lm_head"]] if isinstance(params["lm_head"], jax.Array) else [])
     layer_bytes = sum(w.size * w.dtype.itemsize for w in copied)
+    if widened_lm_head(params["lm_head"]):
+        layer_bytes += params["lm_head"].size * 4                  # its float32 copy for one-row products
     try:
         physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -64,28 +71,61 @@ def per_layer_decode(params, config: Phi4Config, shard) -> bool:
 
 def per_layer_params(params):
     """The model's params with the stacked layers as a list of per-layer dicts, q/k/v and gate/up fused, in the
-    CPU weight layout (`cpu_weights`): a copy of the layer weights and a transposed copy of the lm_head, made in
-    one compiled program (`_copies`); the embedding, the final norm and the lm_head's own array are the model's,
-    not copied."""
-    layers, head_rows = _copies(params["layers"], params["lm_head"])
-    head = params["lm_head"] if head_rows is None else cpu_lm_head(params["lm_head"], head_rows)
+    CPU weight layout (`cpu_weights`): a copy of the layer weights and a transposed copy of the lm_head (and, for a
+    16-bit lm_head, its float32 copy for one-row products), made in one compiled program (`_copies`); the
+    embedding, the final norm and the lm_head's own array are the model's, not copied."""
+    layers, head_rows, head_f32 = _copies(params["layers"], params["lm_head"])
+    head = params["lm_head"] if head_rows is None else cpu_lm_head(params["lm_head"], head_rows, head_f32)
     return dict(params, layers=layers, lm_head=head)
 
 
 @jax.jit
 def _copies(stacked_layers, lm_head):
-    """(per-layer dicts in the CPU layout, the lm_head transposed or None when it is a weight object)."""
+    """(per-layer dicts in the CPU layout, the lm_head transposed or None when it is a weight object, its float32
+    copy when it is 16-bit (`cpu_weights.cpu_lm_head`) or None)."""
     n = jax.tree.leaves(stacked_layers)[0].shape[0]
     layers = [cpu_layer(fuse_projections(jax.tree.map(lambda w, i=i: w[i], stacked_layers))) for i in range(n)]
-    return layers, (jnp.transpose(lm_head) if isinstance(lm_head, jax.Array) else None)
+    return (layers, (jnp.transpose(lm_head) if isinstance(lm_head, jax.Array) else None),
+            lm_head.astype(jnp.float32) if widened_lm_head(lm_head) else None)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["bits"], meta_fields=["dtype"])
+@dataclasses.dataclass(frozen=True)
+class PageBits:
+    """One layer's pages of a 16-bit float dtype (bfloat16, float16), kept as their uint16 bits. XLA:CPU widens a
+    16-bit float scatter's whole operand to float32 and back (two copies of the layer's whole pool every step, the
+    largest ops of a bfloat16 step), and materializes a bitcast around a scatter as a copy too; an integer scatter
+    it does in place, and a bitcast read fuses into the attention's gather (`float_pages`, `write_rows`)."""
+    bits: Any
+    dtype: str
+
+
+def float_pages(pages):
+    """One layer's pages as floats: the array itself, or a `PageBits`' bits reinterpreted (fused into the gather)."""
+    if isinstance(pages, PageBits):
+        return jax.lax.bitcast_convert_type(pages.bits, jnp.dtype(pages.dtype))
+    return pages
+
+
+def write_rows(pages, page, row, values):
+    """``pages.at[page, row].set(values)`` (targets past the pool dropped) for one layer's float or `PageBits`
+    pages."""
+    if isinstance(pages, PageBits):
+        bits = jax.lax.bitcast_convert_type(values.astype(pages.dtype), jnp.uint16)
+        return PageBits(pages.bits.at[page, row].set(bits, mode="drop"), pages.dtype)
+    return pages.at[page, row].set(values.astype(pages.dtype), mode="drop")
 
 
 def init_pages_per_layer(config: Phi4Config, num_pages: int, page_size: int, dtype=None) -> PagedKV:
-    """A zeroed page pool in the per-layer layout (see the module docstring)."""
+    """A zeroed page pool in the per-layer layout (see the module docstring): a tuple of one array per layer for
+    keys and for values, `PageBits` for a 16-bit float dtype."""
     shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
     dtype = jnp.dtype(dtype or config.compute_dtype)
-    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))  # noqa: E731
-    return PagedKV(zeros(), zeros())
+    if dtype.itemsize == 2:
+        layer = lambda: PageBits(jnp.zeros(shape, jnp.uint16), dtype.name)  # noqa: E731
+    else:
+        layer = lambda: jnp.zeros(shape, dtype)  # noqa: E731
+    return PagedKV(tuple(layer() for _ in range(config.num_layers)), tuple(layer() for _ in range(config.num_layers)))
 
 
 def paged_extend_per_layer(params, pages: PagedKV, tokens, start, n_new, block_tables, config: Phi4Config,
@@ -93,7 +133,7 @@ def paged_extend_per_layer(params, pages: PagedKV, tokens, start, n_new, block_t
     """`paged_cache.paged_extend` for per-layer params (`per_layer_params`) and pages (`init_pages_per_layer`):
     returns (pages, float32 logits [B, vocab] at each sequence's last real new token), and with `return_hidden`
     every position's final-normed hidden state [B, T, E] after them."""
-    num_pages, page_size = pages.k[0].shape[:2]
+    num_pages, page_size = float_pages(pages.k[0]).shape[:2]
     positions, page, row = paged_write_targets(tokens, start, n_new, block_tables, page_size, num_pages)
     attend_lengths = start + tokens.shape[1]                                       # query t sits at start + t
     x = embed_tokens(params, tokens, config)
@@ -102,9 +142,9 @@ def paged_extend_per_layer(params, pages: PagedKV, tokens, start, n_new, block_t
         def attend(q, k, v, k_pages=k_pages, v_pages=v_pages):
             q = rope(q, positions, config)
             k = rope(k, positions, config)
-            k_pages = k_pages.at[page, row].set(k.astype(k_pages.dtype), mode="drop")
-            v_pages = v_pages.at[page, row].set(v.astype(v_pages.dtype), mode="drop")
-            out = kernels.paged_attention(q.astype(k_pages.dtype), k_pages, v_pages, block_tables, attend_lengths,
+            k_pages, v_pages = write_rows(k_pages, page, row, k), write_rows(v_pages, page, row, v)
+            k_read, v_read = float_pages(k_pages), float_pages(v_pages)
+            out = kernels.paged_attention(q.astype(k_read.dtype), k_read, v_read, block_tables, attend_lengths,
                                           implementation="xla")
             return out, (k_pages, v_pages)
 
