@@ -89,7 +89,8 @@ def main(argv=None) -> int:
             runs = {}   # variant: [engine, params, pages]
             for name in variants:
                 engine = engines["bfloat16" if "bf16" in name else "float32"]
-                step_params = (jax.jit(plain_layout, static_argnums=1)(engine.params, engine.config)
+                step_params = (jax.jit(plain_layout, static_argnums=1)(
+                    models["bfloat16" if "bf16" in name else "float32"].params, engine.config)
                                if name == "plain" else engine.step_params)
                 pages = array_pool(engine.pages) if name.endswith("array-pool") else jax.tree.map(
                     lambda a: a.copy(), engine.pages)

@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--max-context", type=int, default=128)
     p.add_argument("--prefill-chunk", type=int, default=128)
     p.add_argument("--one", action="store_true", help="time one start in this process (what each child runs)")
-    p.add_argument("--workers", type=int, default=None, 
+    p.add_argument("--workers", type=int, default=None,
                    help="with --one: compile threads (default: compile_ahead.default_workers)")
     p.add_argument("--compile-cache", default=None, metavar="DIR", help="with --one: the persistent cache")
     return p.parse_args(argv)

@@ -398,6 +398,8 @@ def test_queue_full_context_and_bad_requests(converted):
         eng.submit(GenerationRequest(list(range(3, 67)), 4))
     for bad, match in [(dict(max_new_tokens=0), "max_new_tokens"), (dict(top_p=0.0), "top_p"),
                        (dict(temperature=-1.0), "temperature"), (dict(logprobs=21), "logprobs"),
+                       (dict(prompt_logprobs=21), "prompt_logprobs must be in"),
+                       (dict(prompt_logprobs=-1), "prompt_logprobs"),
                        (dict(prompt_ids=[1, 400]), "outside the vocabulary"), (dict(prompt_ids=[]), "empty")]:
         kwargs = {"prompt_ids": [5, 6], "max_new_tokens": 3, **bad}
         with pytest.raises(GenerationError, match=match):
@@ -784,7 +786,8 @@ def test_held_sequence_released_soon_while_the_engine_evicts_it(small_pool_engin
             assert eng._lock.locked() and held.pages is not None
             finalizer = threading.Thread(target=eng.release_soon, args=(held,))
             finalizer.start()
-            finalizer.join()                    # it cannot take the lock: the pages wait in _dropped_held
+            finalizer.join(timeout=30)          # it cannot take the lock: the pages wait in _dropped_held
+            assert not finalizer.is_alive(), "release_soon blocked on the engine's lock"
             assert held.pages is None and len(eng._dropped_held) == 1 and id(held) in eng._held
         calls.append(evict(*args))
         return calls[-1]

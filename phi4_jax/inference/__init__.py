@@ -12,6 +12,9 @@
   through `model.linear`.
 - `batching`: the engine, `ContinuousBatchingEngine` (continuous batching, chunked prefill, streams), the one decode
   path: the server runs it on a background thread, `generate` / `ChatSession` / PTS on the caller's.
+- `compile_ahead`: compiling a jitted function's programs ahead of time (lowered, compiled on a thread pool,
+  nothing run), what the engine's `warmup` uses.
+- `compile_cache`: `use_compile_cache`, JAX's persistent compilation cache for the serve and chat CLIs.
 - `errors`: `GenerationError`, `ContextLengthError`, `QueueFullError`, `EngineError`.
 
 May import: `phi4_jax.model`, `phi4_jax.special_tokens`, `phi4_jax.checks`, `kernels`. Not training or data code.

@@ -794,10 +794,10 @@ class ContinuousBatchingEngine:
                 f"the prompt has {prompt_len} tokens; with room for {extra} new token(s) that exceeds the engine's "
                 f"max_context of {self.max_context} tokens; shorten the prompt")
 
-    def _check_top_k(self, k) -> None:
-        check_integer(k, "logprobs", GenerationError, minimum=0)
+    def _check_top_k(self, k, name: str = "logprobs") -> None:
+        check_integer(k, name, GenerationError, minimum=0)
         if not 0 <= k <= self.top_k:
-            raise GenerationError(f"logprobs must be in [0, {self.top_k}], got {k}")
+            raise GenerationError(f"{name} must be in [0, {self.top_k}], got {k}")
 
     def _validate(self, request: GenerationRequest) -> _Running:
         if not isinstance(request, GenerationRequest):
@@ -810,9 +810,9 @@ class ContinuousBatchingEngine:
         if r.top_p is None:
             raise GenerationError("top_p must be in (0, 1], got None")
         self._check_context(len(prompt), min(1, r.max_new_tokens))
-        for k in (r.logprobs, r.prompt_logprobs):
+        for name, k in (("logprobs", r.logprobs), ("prompt_logprobs", r.prompt_logprobs)):
             if k is not None:
-                self._check_top_k(k)
+                self._check_top_k(k, name)
         if r.seed is not None and not is_integer(r.seed):
             raise GenerationError(f"seed must be an integer or None, got {r.seed!r}")
         if isinstance(r.stop_token_ids, (str, bytes)) or not all(is_integer(t) for t in r.stop_token_ids):

@@ -20,19 +20,27 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 MAX_DEFAULT_WORKERS = 8
 
 
+def _usable_cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def default_workers(n_programs: int) -> int:
     """Compile threads: one per two CPU cores, at most MAX_DEFAULT_WORKERS and one per program. One XLA:CPU compile
     already spreads its code generation over about three threads (measured), so on a 2-core machine a second
     compile thread only competes with the first (bench/serve_startup.py: 0.74-0.89x of one thread there)."""
-    return max(1, min(n_programs, (os.cpu_count() or 1) // 2, MAX_DEFAULT_WORKERS))
+    return max(1, min(n_programs, _usable_cores() // 2, MAX_DEFAULT_WORKERS))
 
 
 def compile_ahead(jitted, calls, *, workers: int | None = None, progress: bool = False,
                   desc: str = "compiling programs") -> list:
     """Compiles `jitted` for each (args, kwargs) in `calls` (lowered here, compiled on `workers` threads; default
     `default_workers`); a tqdm bar counting compiled programs with `progress`. Returns the `jax.stages.Compiled`
-    executables in the order of `calls`; the first error (a lowering's or a compile's) propagates once the
-    compiles already started have finished."""
+    executables in the order of `calls`; the first error (a lowering's or a compile's, or a KeyboardInterrupt)
+    cancels the compiles not yet started and propagates once those already running have finished."""
     calls = list(calls)
     workers = default_workers(len(calls)) if workers is None else int(workers)
     if workers < 1:
@@ -44,16 +52,22 @@ def compile_ahead(jitted, calls, *, workers: int | None = None, progress: bool =
     futures = []
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compile") as pool:
-            for args, kwargs in calls:
-                if any(f.done() and f.exception() is not None for f in futures):
-                    break
-                lowered = jitted.lower(*args, **kwargs)
-                future = pool.submit(lowered.compile)
-                if bar is not None:
-                    future.add_done_callback(lambda _: bar.update(1))
-                futures.append(future)
-            wait(futures, return_when=FIRST_EXCEPTION)
+            try:
+                for args, kwargs in calls:
+                    if any(f.done() and f.exception() is not None for f in futures):
+                        break
+                    lowered = jitted.lower(*args, **kwargs)
+                    future = pool.submit(lowered.compile)
+                    if bar is not None:
+                        future.add_done_callback(lambda _: bar.update(1))
+                    futures.append(future)
+                wait(futures, return_when=FIRST_EXCEPTION)
+            finally:   # after an error (or Ctrl-C) the queued compiles never start; the pool then waits for the rest
+                pool.shutdown(wait=False, cancel_futures=True)
     finally:
         if bar is not None:
             bar.close()
+    failed = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
+    if failed:
+        raise failed[0]
     return [f.result() for f in futures]
