@@ -267,6 +267,7 @@ def run_kernel_tests(stage: Stage, args, work: str, timeout: float, log, targets
         skip = pinned + [c["nodeid"] for c in cases]
         wd_log = os.path.join(work, f"kernels-{len(runs)}.jsonl")
         cmd = [sys.executable, "-m", "pytest", *targets, "-q", "-p", "no:cacheprovider", "-rfEs",
+               "-o", "faulthandler_timeout=0",   # pyproject's would replace the watchdog's timer (pytest_watchdog)
                "-p", "bench.pytest_watchdog", "--watchdog-log", wd_log,
                "--watchdog-timeout", f"{min(per_test_timeout, left):.0f}",
                *[a for f in KERNEL_TESTS_FIRST for a in ("--watchdog-first", f)],

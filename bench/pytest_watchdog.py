@@ -7,7 +7,8 @@ and every outcome written the moment it is known.
 - `--watchdog-timeout S`: each test runs under `faulthandler.dump_traceback_later(S, exit=True)`, a C-level
   watchdog that prints every thread's stack and ends the process even while a compiler or kernel holds the
   GIL. The caller (bench/gpu_suite.py) then sees a "start" with no "end" for that test, records it as
-  timed out, and starts pytest again without it and without the tests already done.
+  timed out, and starts pytest again without it and without the tests already done. faulthandler has one such
+  timer, so pytest's own `faulthandler_timeout` must be 0 (`-o faulthandler_timeout=0`; refused otherwise).
 - `--watchdog-first ID` (repeatable): tests whose node id is ID, or starts with "ID[" (its parameter cases),
   run first, in the order given; the rest keep pytest's order. ID may also begin with the test file's
   absolute path instead of the path in the node id.
@@ -73,6 +74,11 @@ _LOG: _Log | None = None
 
 def pytest_configure(config):
     global _LOG
+    if config.getoption("watchdog_timeout") and float(config.getini("faulthandler_timeout") or 0) > 0:
+        # faulthandler has one timer: pytest's faulthandler plugin (set up inside this plugin's wrapper) would
+        # replace the watchdog's exit=True timer with its own, and a hanging test would never be ended.
+        raise pytest.UsageError("--watchdog-timeout needs pytest's faulthandler_timeout off: add "
+                                "-o faulthandler_timeout=0 (the project's pyproject.toml sets it)")
     _LOG = config._watchdog = _Log(config.getoption("watchdog_log"))
 
 
