@@ -388,17 +388,22 @@ def engine_step(params, pages, tokens, feed, prev_decode, prev_prefill, start, n
         token = sample_rows(logits, jax.random.wrap_key_data(keys), steps, temperature, sample_top_k, top_p)
         padded = jnp.zeros(prev_decode.shape, jnp.int32).at[:token.shape[0]].set(token)
 
-        def logprobs():
-            logp = jax.nn.log_softmax(logits, axis=-1)
-            token_logp = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
-            top_logp, top_ids = jax.lax.top_k(logp, top_k)
-            return token_logp, top_ids.astype(jnp.int32), top_logp
+        chosen = jax.lax.cond(want_logprobs, lambda: token_logprobs(logits, token, top_k),
+                              lambda: no_logprobs(logits.shape[0], top_k))
+        return pages, padded, *chosen, *prompt_out
 
-        def none():
-            b = logits.shape[0]
-            return (jnp.zeros((b,), jnp.float32), jnp.zeros((b, top_k), jnp.int32), jnp.zeros((b, top_k), jnp.float32))
 
-        return pages, padded, *jax.lax.cond(want_logprobs, logprobs, none), *prompt_out
+def token_logprobs(logits, token, top_k: int):
+    """For logits [N, V] and a token per row [N]: (its logprob [N], the top-k ids [N, k] and logprobs [N, k])."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    token_logp = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+    top_logp, top_ids = jax.lax.top_k(logp, top_k)
+    return token_logp, top_ids.astype(jnp.int32), top_logp
+
+
+def no_logprobs(n: int, top_k: int):
+    """`token_logprobs`' shapes, zeros: the branch taken when nothing asked for logprobs."""
+    return jnp.zeros((n,), jnp.float32), jnp.zeros((n, top_k), jnp.int32), jnp.zeros((n, top_k), jnp.float32)
 
 
 def position_logprobs(params, hidden, targets, want, *, config, top_k, rows=PROMPT_LOGPROBS_ROWS):
@@ -413,20 +418,14 @@ def position_logprobs(params, hidden, targets, want, *, config, top_k, rows=PROM
         h = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, rows, hidden.shape[-1])
         t = jnp.pad(targets, (0, pad)).reshape(-1, rows)
 
-        def chunk(xs):
+        def chunk(xs):   # [rows, V] float32 logits at a time
             h_i, t_i = xs
-            logp = jax.nn.log_softmax(logits_from_hidden(params, h_i, config), axis=-1)  # [rows, V]
-            token_logp = jnp.take_along_axis(logp, t_i[:, None], axis=-1)[:, 0]
-            top_logp, top_ids = jax.lax.top_k(logp, top_k)
-            return token_logp, top_ids.astype(jnp.int32), top_logp
+            return token_logprobs(logits_from_hidden(params, h_i, config), t_i, top_k)
 
         token_logp, top_ids, top_logp = jax.lax.map(chunk, (h, t))
         return token_logp.reshape(-1)[:n], top_ids.reshape(-1, top_k)[:n], top_logp.reshape(-1, top_k)[:n]
 
-    def none():
-        return jnp.zeros((n,), jnp.float32), jnp.zeros((n, top_k), jnp.int32), jnp.zeros((n, top_k), jnp.float32)
-
-    return jax.lax.cond(want, compute, none)
+    return jax.lax.cond(want, compute, lambda: no_logprobs(n, top_k))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_pages", "page_size", "dtype", "shard", "per_layer"))
