@@ -1,0 +1,215 @@
+"""Native CPU kernels for the serving engine's decode step: C++ through XLA's FFI (`jax.ffi`), built on first use.
+
+Why: on the CPU backend a decode step is a few hundred small ops (products of 1-8 rows, a paged attention) and
+XLA:CPU pays for each: its dots of a few rows reach a fraction of what the cores do, its bfloat16 dots of few rows
+are slower than its float32 ones, and its paged attention must first gather every sequence's pages into a copy
+(BENCHMARKS.md's Decode section has the profiles). The kernels here do those products and that attention directly:
+
+- `packed_matmul(x, panels, n)`: y [M, n] float32 = x [M, K] . W for a weight packed once by `pack_matrix` into
+  64-column panels [P, K, 64] (float32 or bfloat16 bits), each panel streamed contiguously once per 8 rows, the
+  rows' sums in registers, panels split among the threads (matmul.cc);
+- `paged_attention(q, k_pages, v_pages, block_tables, lengths, sm_scale=None)`: `kernels.paged_attention`'s
+  contract read in place from the pages (no gathered copy), float32 or bfloat16-bits pages (paged_attention.cc).
+
+Build: the first `load()` compiles every ``*.cc`` here with the system C++ compiler (``$CXX`` or g++/c++),
+``-O3 -march=native`` against jaxlib's FFI headers (`jax.ffi.include_dir()`), into one shared library cached under
+``$XDG_CACHE_HOME/phi4_jax/cpu_kernels/<key>/`` (default ~/.cache), the key hashing the sources, the compiler's
+version, the flags, jaxlib's version and this CPU's feature flags, so a changed source or another machine builds
+its own (a few seconds, once). The library is written to a temporary file and renamed, so concurrent first uses
+(pytest workers) never load a partial file. The kernels use XLA's own intra-op thread pool.
+
+Nothing is required: when no compiler is found, the build fails, the CPU is not x86-64/aarch64 with 16-lane
+vectors' worth of registers, or ``PHI4_JAX_NATIVE_CPU=0`` is set, `available()` is False, `unavailable_reason()`
+says why (logged once as a warning, except when disabled on purpose), and callers keep their XLA path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).resolve().parent
+LIBRARY_NAME = "phi4_cpu_kernels.so"
+CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-w")
+DISABLE_ENV = "PHI4_JAX_NATIVE_CPU"
+PANEL = 64                      # columns per packed panel (matmul.cc's kPanel)
+# FFI target name -> the handler symbol the library exports.
+TARGETS = {"phi4_cpu_packed_matmul": "Phi4CpuPackedMatmul",
+           "phi4_cpu_paged_attention": "Phi4CpuPagedAttention"}
+
+_lock = threading.Lock()
+_state: dict = {}               # "ok": bool, "reason": str | None, "path": Path | None, "targets": set[str]
+
+
+class NativeKernelError(RuntimeError):
+    """A native CPU kernel called while the library is unavailable, or called with arguments it cannot take."""
+
+
+def _sources() -> list[Path]:
+    return sorted(SOURCE_DIR.glob("*.cc")) + sorted(SOURCE_DIR.glob("*.h"))
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def cache_root() -> Path:
+    """$XDG_CACHE_HOME/phi4_jax/cpu_kernels (default ~/.cache/phi4_jax/cpu_kernels)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "phi4_jax" / "cpu_kernels"
+
+
+def _build_key(cxx: str) -> str:
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    h = hashlib.sha256()
+    for part in (version, " ".join(CXX_FLAGS), jax.ffi.include_dir(), jax.__version__, _cpu_flags(),
+                 platform.machine()):
+        h.update(part.encode() + b"\0")
+    for src in _sources():
+        h.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
+    return h.hexdigest()[:20]
+
+
+def _build() -> Path:
+    """The shared library's path, compiled if not cached (raises NativeKernelError with the compiler's output)."""
+    cxx = _compiler()
+    if cxx is None:
+        raise NativeKernelError("no C++ compiler found ($CXX, g++, c++ or clang++)")
+    target_dir = cache_root() / _build_key(cxx)
+    lib = target_dir / LIBRARY_NAME
+    if lib.exists():
+        return lib
+    try:
+        target_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NativeKernelError(f"cannot create the kernel cache directory {target_dir}: {e}") from e
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target_dir)
+    os.close(fd)
+    cmd = [cxx, *CXX_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, sorted(SOURCE_DIR.glob("*.cc"))), "-o", tmp]
+    log.info("building the native CPU kernels: %s", " ".join(cmd))
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise NativeKernelError(f"the C++ compiler could not run: {e}") from e
+    if done.returncode != 0:
+        Path(tmp).unlink(missing_ok=True)
+        tail = (done.stderr or done.stdout).strip()[-2000:]
+        raise NativeKernelError(f"compiling the native CPU kernels failed ({' '.join(cmd)}):\n{tail}")
+    os.replace(tmp, lib)
+    return lib
+
+
+def load() -> bool:
+    """Builds (once per source/compiler/CPU, cached on disk) and registers the kernels; True when they can be used.
+    Thread-safe; later calls return the first call's answer."""
+    with _lock:
+        if "ok" in _state:
+            return _state["ok"]
+        _state.update(ok=False, reason=None, path=None, targets=set())
+        if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+            _state["reason"] = f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}"
+            return False
+        if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
+            _state["reason"] = f"no native CPU kernels for {platform.machine()}"
+            log.warning("native CPU kernels unavailable (%s); using XLA's ops", _state["reason"])
+            return False
+        try:
+            path = _build()
+            lib = ctypes.cdll.LoadLibrary(str(path))
+            for name, symbol in TARGETS.items():
+                if hasattr(lib, symbol):
+                    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+                    _state["targets"].add(name)
+        except (NativeKernelError, OSError, subprocess.SubprocessError) as e:
+            _state["reason"] = str(e)
+            log.warning("native CPU kernels unavailable; using XLA's ops: %s", e)
+            return False
+        _state.update(ok=True, path=path)
+        return True
+
+
+def available(target: str | None = None) -> bool:
+    """Whether the kernels (or the one FFI `target`) can be used in this process (builds them on first call)."""
+    return load() and (target is None or target in _state["targets"])
+
+
+def unavailable_reason() -> str | None:
+    """Why `available()` is False (None when it is True)."""
+    load()
+    return _state["reason"]
+
+
+def library_path() -> Path | None:
+    """The loaded shared library (None when unavailable)."""
+    load()
+    return _state["path"]
+
+
+def _require(target: str) -> None:
+    if not available(target):
+        raise NativeKernelError(f"native CPU kernel {target!r} unavailable: "
+                                f"{unavailable_reason() or 'not in the built library'}")
+
+
+def pack_matrix(w):
+    """W [K, N] (float32, or bfloat16) -> panels [ceil(N / 64), K, 64] for `packed_matmul`: float32 stays float32,
+    bfloat16 becomes its uint16 bits. Columns past N are zero. Traceable (runs under jit)."""
+    if w.ndim != 2:
+        raise NativeKernelError(f"pack_matrix takes a [K, N] matrix, got shape {tuple(w.shape)}")
+    dtype = jnp.dtype(w.dtype)
+    if dtype == jnp.bfloat16:
+        w = jax.lax.bitcast_convert_type(w, jnp.uint16)
+    elif dtype != jnp.float32:
+        raise NativeKernelError(f"pack_matrix takes float32 or bfloat16 weights, got {dtype}")
+    k, n = w.shape
+    p = -(-n // PANEL)
+    w = jnp.pad(w, ((0, 0), (0, p * PANEL - n)))
+    return jnp.transpose(w.reshape(k, p, PANEL), (1, 0, 2))
+
+
+def packed_matmul(x, panels, n: int):
+    """x [M, K] float32 . W -> [M, n] float32, for W packed by `pack_matrix` (float32 or bfloat16 bits); every
+    product and sum in float32 (bfloat16 weights widened exactly)."""
+    _require("phi4_cpu_packed_matmul")
+    if x.ndim != 2 or panels.ndim != 3 or panels.shape[1] != x.shape[1] or panels.shape[2] != PANEL:
+        raise NativeKernelError(f"packed_matmul: x must be [M, K] and panels [P, K, {PANEL}]; got x "
+                                f"{tuple(x.shape)}, panels {tuple(panels.shape)}")
+    if panels.shape[0] != -(-n // PANEL):
+        raise NativeKernelError(f"packed_matmul: {panels.shape[0]} panels do not hold {n} columns")
+    if jnp.dtype(panels.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.uint16)):
+        raise NativeKernelError(f"packed_matmul: panels must be float32 or uint16 (bfloat16 bits), got "
+                                f"{panels.dtype}")
+    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+    return jax.ffi.ffi_call("phi4_cpu_packed_matmul", out)(x.astype(jnp.float32), panels)
+
+
+__all__ = ["NativeKernelError", "PANEL", "available", "cache_root", "library_path", "load", "pack_matrix",
+           "packed_matmul", "unavailable_reason"]
