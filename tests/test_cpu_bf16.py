@@ -40,8 +40,13 @@ def models():
     return hf, hf_bf16, params, config
 
 
-def test_bf16_cpu_decode_agrees_with_transformers_float32(models):
+@pytest.mark.parametrize("native", [False, True], ids=["xla", "native"])
+def test_bf16_cpu_decode_agrees_with_transformers_float32(models, native):
+    from kernels import cpu_native
     from phi4_jax.inference import paged_layers as pl
+
+    if native and not cpu_native.available():
+        pytest.skip(f"native CPU kernels unavailable: {cpu_native.unavailable_reason()}")
 
     PageBits, init_pages_per_layer = pl.PageBits, pl.init_pages_per_layer
     paged_extend_per_layer, per_layer_params = pl.paged_extend_per_layer, pl.per_layer_params
@@ -54,9 +59,13 @@ def test_bf16_cpu_decode_agrees_with_transformers_float32(models):
     pages = init_pages_per_layer(config, 2 * width + 1, PAGE)
     assert all(isinstance(p, PageBits) and p.bits.dtype == jnp.uint16 and p.dtype == "bfloat16"
                for p in pages.k + pages.v)
-    step_params = per_layer_params(params)
+    step_params = per_layer_params(params, native=native)
     head = step_params["lm_head"]
-    assert head.one_row_float32 and head.matrix.dtype == jnp.float32 and head.rows.dtype == jnp.bfloat16
+    if native:    # bfloat16 panels serve one row too: no float32 copy, no transposed copy
+        assert not head.one_row_float32 and head.panels.dtype == jnp.uint16 and head.rows is None
+        assert head.matrix.dtype == jnp.bfloat16
+    else:
+        assert head.one_row_float32 and head.matrix.dtype == jnp.float32 and head.rows.dtype == jnp.bfloat16
     extend = jax.jit(paged_extend_per_layer, static_argnames="config", donate_argnums=1)
 
     # The compiled step never materializes a layer's pool in another dtype (XLA:CPU widened a bf16 scatter's pool

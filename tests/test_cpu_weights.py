@@ -72,25 +72,31 @@ def test_products_it_cannot_compute_are_refused():
 
 
 def test_engine_runs_on_the_cpu_layout():
-    """On the CPU backend the engine's per-layer params are `MatrixWeight`s (the lm_head with both layouts,
-    its `matrix` the model's own array), so the engine tests against transformers run this layout."""
+    """On the CPU backend the engine's per-layer params are `MatrixWeight`s, so the engine tests against
+    transformers run this layout. Without the native kernels (`native=False`, as where they cannot build) the
+    matrices are [K, N] arrays and the lm_head has both layouts, its `matrix` the model's own array (with them:
+    tests/test_cpu_native_matmul.py)."""
     from phi4_jax.inference.batching import ContinuousBatchingEngine
+    from phi4_jax.inference.paged_layers import per_layer_params
     from phi4_jax.model.config import get_preset
     from phi4_jax.model.decoder import Phi4ForCausalLM
 
     model = Phi4ForCausalLM(get_preset("tiny", vocab_size=256, num_layers=1))
     engine = ContinuousBatchingEngine(model, max_batch=2, max_context=64)
     assert engine.per_layer
-    layer = engine.step_params["layers"][0]
-    assert all(isinstance(layer[n], MatrixWeight) for n in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+    for step_params in (engine.step_params, per_layer_params(engine.params | {"layers": model.params["layers"]},
+                                                             native=False)):
+        layer = step_params["layers"][0]
+        assert all(isinstance(layer[n], MatrixWeight) for n in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+        head = step_params["lm_head"]
+        for name in ("lm_head", "embed"):   # the model's own arrays, not copies
+            mine = head.matrix if name == "lm_head" else step_params[name]
+            assert mine.unsafe_buffer_pointer() == engine.params[name].unsafe_buffer_pointer()
+        assert cpu_layer({"o_proj": layer["o_proj"]})["o_proj"] is layer["o_proj"]   # weight objects left alone
     assert layer["o_proj"].matrix.shape == (4 * 16, 64) and layer["o_proj"].rows is None
-    head = engine.step_params["lm_head"]
-    assert isinstance(head, MatrixWeight) and head.rows.shape == (256, 64)
+    assert layer["o_proj"].panels is None
+    assert isinstance(head, MatrixWeight) and head.rows.shape == (256, 64) and head.panels is None
     np.testing.assert_array_equal(np.asarray(head.rows), np.asarray(model.params["lm_head"]).T)
-    for name in ("lm_head", "embed"):   # the model's own arrays, not copies
-        mine = head.matrix if name == "lm_head" else engine.step_params[name]
-        assert mine.unsafe_buffer_pointer() == engine.params[name].unsafe_buffer_pointer()
-    assert cpu_layer({"o_proj": layer["o_proj"]})["o_proj"] is layer["o_proj"]   # weight objects are left alone
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 9])

