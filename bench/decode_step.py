@@ -7,7 +7,10 @@ For each model and batch, engines (`ContinuousBatchingEngine`, max_batch = the b
 step (`engine_step`: every row decoding one token at position ~250 of a 384-token context, greedy) is timed
 directly, with no host loop around it, for each variant of the same random weights:
 - "plain": float32, per-layer arrays with q/k/v and gate/up fused (the engine's CPU layout before `cpu_weights`);
-- "cpu": float32, the engine's own `per_layer_params` (`MatrixWeight`s, the lm_head also transposed);
+- "cpu": float32, the engine's own `per_layer_params` (`MatrixWeight`s: native packed panels where
+  `kernels.cpu_native` builds, else [K, N] matrices and the lm_head also transposed);
+- "cpu-xla": as "cpu" with XLA's dots only (`per_layer_params(native=False)`: the layout where the native
+  kernels cannot build); "cpu-bf16-xla" likewise in bfloat16;
 - "cpu-bf16": the same in bfloat16 (params, compute and pages; the pool kept as uint16 bits, `PageBits`);
 - "cpu-bf16-array-pool": as "cpu-bf16" but the pool as plain bfloat16 arrays (the pool before `PageBits`).
 The variants alternate in rounds, so machine load hits all alike; the table reports the median and 10th-percentile
@@ -30,7 +33,7 @@ if ROOT not in sys.path:
 
 from bench.random_models import SIZES, random_model_pair  # noqa: E402
 
-VARIANTS = ("plain", "cpu", "cpu-bf16", "cpu-bf16-array-pool")
+VARIANTS = ("plain", "cpu", "cpu-xla", "cpu-bf16", "cpu-bf16-xla", "cpu-bf16-array-pool")
 
 
 def parse_args(argv=None):
@@ -69,6 +72,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     from phi4_jax.inference.batching import ContinuousBatchingEngine, engine_step
+    from phi4_jax.inference.paged_layers import per_layer_params
     from phi4_jax.model.decoder import model_from_params
 
     variants = args.variants.split(",")
@@ -89,9 +93,13 @@ def main(argv=None) -> int:
             runs = {}   # variant: [engine, params, pages]
             for name in variants:
                 engine = engines["bfloat16" if "bf16" in name else "float32"]
-                step_params = (jax.jit(plain_layout, static_argnums=1)(
-                    models["bfloat16" if "bf16" in name else "float32"].params, engine.config)
-                               if name == "plain" else engine.step_params)
+                params = models["bfloat16" if "bf16" in name else "float32"].params
+                if name == "plain":
+                    step_params = jax.jit(plain_layout, static_argnums=1)(params, engine.config)
+                elif name.endswith("-xla"):
+                    step_params = per_layer_params(params, native=False)
+                else:
+                    step_params = engine.step_params
                 pages = array_pool(engine.pages) if name.endswith("array-pool") else jax.tree.map(
                     lambda a: a.copy(), engine.pages)
                 runs[name] = [engine, step_params, pages]
