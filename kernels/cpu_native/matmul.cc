@@ -11,7 +11,7 @@ namespace phi4_cpu {
 namespace {
 
 constexpr int kPanel = 64;
-constexpr int kPrefetchRows = 16;   // the panel row this many rows ahead is prefetched (measured 8-32: same)
+constexpr int kPrefetchRows = 48;   // the panel row this many rows ahead is prefetched (16-48 measured within 15%)
 
 template <int R, int CV, typename W>
 void panel_columns(const float* x, int64_t K, const W* panel, float* y, int64_t ldy, int64_t ncols) {
