@@ -9,7 +9,9 @@ are slower than its float32 ones, and its paged attention must first gather ever
   64-column panels [P, K, 64] (float32 or bfloat16 bits), each panel streamed contiguously once per 8 rows, the
   rows' sums in registers, panels split among the threads (matmul.cc);
 - `paged_attention(q, k_pages, v_pages, block_tables, lengths, sm_scale=None)`: `kernels.paged_attention`'s
-  contract read in place from the pages (no gathered copy), float32 or bfloat16-bits pages (paged_attention.cc).
+  contract read in place from the pages (no gathered copy), float32 or bfloat16-bits pages (paged_attention.cc);
+- `argmax(x)`: jnp.argmax(x, axis=-1) of float32 [B, V] logits, the greedy token (XLA:CPU's argmax reads a 100K
+  vocabulary at ~1 GB/s) (argmax.cc).
 
 Build: the first `load()` compiles every ``*.cc`` here with the system C++ compiler (``$CXX`` or g++/c++),
 ``-O3 -march=native`` against jaxlib's FFI headers (`jax.ffi.include_dir()`), into one shared library cached under
@@ -48,7 +50,8 @@ DISABLE_ENV = "PHI4_JAX_NATIVE_CPU"
 PANEL = 64                      # columns per packed panel (matmul.cc's kPanel)
 # FFI target name -> the handler symbol the library exports.
 TARGETS = {"phi4_cpu_packed_matmul": "Phi4CpuPackedMatmul",
-           "phi4_cpu_paged_attention": "Phi4CpuPagedAttention"}
+           "phi4_cpu_paged_attention": "Phi4CpuPagedAttention",
+           "phi4_cpu_argmax": "Phi4CpuArgmax"}
 
 _lock = threading.Lock()
 _state: dict = {}               # "ok": bool, "reason": str | None, "path": Path | None, "targets": set[str]
@@ -211,5 +214,14 @@ def packed_matmul(x, panels, n: int):
     return jax.ffi.ffi_call("phi4_cpu_packed_matmul", out)(x.astype(jnp.float32), panels)
 
 
-__all__ = ["NativeKernelError", "PANEL", "available", "cache_root", "library_path", "load", "pack_matrix",
+def argmax(x):
+    """jnp.argmax(x, axis=-1).astype(int32) for float32 x [B, V] (the first index of the largest value, or of the
+    first NaN in a row that has one)."""
+    _require("phi4_cpu_argmax")
+    if x.ndim != 2 or x.shape[1] < 1 or jnp.dtype(x.dtype) != jnp.float32:
+        raise NativeKernelError(f"argmax takes float32 [B, V] with V >= 1, got {x.dtype}{list(x.shape)}")
+    return jax.ffi.ffi_call("phi4_cpu_argmax", jax.ShapeDtypeStruct(x.shape[:1], jnp.int32))(x)
+
+
+__all__ = ["NativeKernelError", "PANEL", "argmax", "available", "cache_root", "library_path", "load", "pack_matrix",
            "packed_matmul", "unavailable_reason"]

@@ -19,6 +19,7 @@ namespace ffi = xla::ffi;
 typedef float f32x16 __attribute__((vector_size(64), aligned(4)));
 typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));   // a comparison's lanes: 0 or -1
 
 inline f32x16 load16(const float* p) { return *reinterpret_cast<const f32x16*>(p); }
 
@@ -39,6 +40,12 @@ inline float load1(const uint16_t* p) {
   float f;
   std::memcpy(&f, &w, sizeof(f));
   return f;
+}
+
+inline bool any_lane(i32x16 mask) {
+  int32_t r = 0;
+  for (int i = 0; i < 16; ++i) r |= mask[i];
+  return r != 0;
 }
 
 inline float hsum(f32x16 v) {

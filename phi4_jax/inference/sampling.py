@@ -16,17 +16,18 @@ import numpy as np
 from phi4_jax.inference.errors import GenerationError
 
 
-def sample_rows(logits, keys, steps, temperature, top_k, top_p):
+def sample_rows(logits, keys, steps, temperature, top_k, top_p, argmax=None):
     """Next token per row of float32 logits [B, V], each row with its own settings.
 
     Row b is greedy (argmax) where temperature[b] == 0; else it is drawn with key fold_in(keys[b], steps[b]) (keys:
     typed PRNG keys [B]) from softmax(logits[b] / temperature[b]) restricted to the top_k[b] most likely tokens
     (`top_k_mask`; 0 = no limit) and then to the nucleus of mass top_p[b] of what is left (`top_p_mask`; 1 = no
     limit). The passes over the vocabulary that top-k and top-p need run only when some row uses them
-    (`lax.cond`): an all-greedy batch costs one argmax.
+    (`lax.cond`): an all-greedy batch costs one argmax: `argmax` (float32 [B, V] -> int32 [B], jnp.argmax's
+    answer; the CPU engine passes `kernels.cpu_native.argmax`) or jnp.argmax.
     """
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = (jnp.argmax(logits, axis=-1) if argmax is None else argmax(logits)).astype(jnp.int32)
     top_k = jnp.asarray(top_k, jnp.int32)
     top_p = jnp.asarray(top_p, jnp.float32)
 

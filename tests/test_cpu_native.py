@@ -1,5 +1,5 @@
-"""The native CPU packed matmul (kernels.cpu_native: `pack_matrix`, `packed_matmul`) against float64 NumPy, its
-errors, its build and its fallback; `MatrixWeight`s with panels (phi4_jax.inference.cpu_weights) route products
+"""The native CPU kernels' build and fallback (kernels.cpu_native), the packed matmul (`pack_matrix`,
+`packed_matmul`) against float64 NumPy and the greedy `argmax` against NumPy's, with their errors; `MatrixWeight`s with panels (phi4_jax.inference.cpu_weights) route products
 of few rows to it. The engine's greedy tokens against transformers (tests/test_batching.py, test_cpu_bf16.py) run
 on it end to end wherever it builds."""
 
@@ -90,6 +90,28 @@ def test_a_failing_compiler_is_reported_not_raised(monkeypatch, tmp_path, caplog
 
 
 @needs_native
+@pytest.mark.parametrize("b,v", [(1, 1), (3, 5), (2, 16), (8, 17), (4, 100), (8, 8195)])
+def test_argmax_equals_numpy(b, v):
+    """First index of the largest value; ties, infinities, all -inf rows and NaN (the first NaN wins, as in NumPy
+    and jnp.argmax) included."""
+    rng = np.random.default_rng(b * v)
+    x = rng.standard_normal((b, v)).astype(np.float32)
+    x[0, rng.integers(v, size=3)] = 7.0                       # a tie: the first of them
+    if b > 1:
+        x[1] = -np.inf                                       # all -inf: index 0
+    if b > 2:
+        x[2, v // 2] = np.inf
+    if b > 3:
+        x[3, rng.integers(v, size=2)] = np.nan               # the first NaN
+    got = np.asarray(jax.jit(cpu_native.argmax)(jnp.asarray(x)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
+    with pytest.raises(cpu_native.NativeKernelError, match="float32 \\[B, V\\]"):
+        cpu_native.argmax(jnp.asarray(x, jnp.bfloat16))
+
+
+@needs_native
 @pytest.mark.parametrize("rows", [1, 8, 9])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_matrix_weight_routes_few_rows_to_the_panels(rows, dtype):
@@ -116,8 +138,8 @@ def test_matrix_weight_routes_few_rows_to_the_panels(rows, dtype):
 @needs_native
 def test_engine_weights_are_packed():
     """The CPU engine's per-layer weights and lm_head carry native panels (float32: panels only, no transposed
-    lm_head copy; the lm_head's `matrix` is the model's own array), and its compiled decode step calls the
-    native matmul."""
+    lm_head copy; the lm_head's `matrix` is the model's own array), its decode step calls the native matmul, and
+    its greedy sampling the native argmax."""
     from phi4_jax.inference.batching import ContinuousBatchingEngine
     from phi4_jax.inference.cpu_weights import MatrixWeight
     from phi4_jax.model.config import get_preset
@@ -142,3 +164,9 @@ def test_engine_weights_are_packed():
         jnp.ones(2, jnp.int32), jnp.zeros((2, width), jnp.int32), config=model.config).as_text()
     calls = re.findall(r"phi4_cpu_packed_matmul", text)
     assert len(calls) == 5, len(calls)      # q/k/v, o, gate/up, down (1 layer) and the lm_head
+    from phi4_jax.inference.batching import engine_step
+
+    args, kwargs = engine._step_args([None, None], np.zeros((2, 1), np.int32), np.full(2, -1, np.int32),
+                                     engine._carry(None, None), np.zeros(2, np.int32),
+                                     np.ones(2, np.int32), np.zeros(2, np.int32), width)
+    assert "phi4_cpu_argmax" in engine_step.lower(*args, **kwargs).as_text()
