@@ -217,7 +217,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_scale=None
     (bfloat16 bits), block_tables [B, W] and lengths [B] integer (int32 in the kernel) -> [B, T, Hq, D] float32.
     Softmax and sums in float32; D must be a multiple of 16. Page ids outside the pool are clamped into it; a row
     that sees no position (lengths[b] < T, outside the contract) comes out as zeros."""
-    import numpy as np   # the scale attribute's type (here, so the module's own imports stay the lead's)
+    # numpy for the scale attribute's type (imported here, so the module's own imports stay the lead's)
+    import numpy as np
 
     _require("phi4_cpu_paged_attention")
     shapes = (f"q {tuple(q.shape)}, k_pages {tuple(k_pages.shape)}, v_pages {tuple(v_pages.shape)}, "
