@@ -128,8 +128,9 @@ def test_chunk_of_new_tokens_is_causal(native):
 
 
 def test_one_sequence_one_kv_head_splits_a_long_chunk(native):
-    """B = 1, Hkv = 1: the work units are chunks of the new tokens only (both threads must get some)."""
-    check(native, make_case(4, batch_lengths=(70,), t=40, hq=4, hkv=1, d=16, page=8, width=9, num_pages=12))
+    """B = 1, Hkv = 1: the work units are chunks of the new tokens only (both threads must get some); head_dim
+    128."""
+    check(native, make_case(4, batch_lengths=(70,), t=40, hq=4, hkv=1, d=128, page=8, width=9, num_pages=12))
 
 
 def test_table_entries_outside_the_pool_are_clamped(native):
@@ -141,8 +142,8 @@ def test_table_entries_outside_the_pool_are_clamped(native):
 
 def test_lengths_outside_the_contract(native):
     """lengths < T (a row that sees no position: zeros, the rows after it see 1, 2, .. positions) and lengths past
-    the table's capacity (every position the table holds is seen)."""
-    q, k, v, tables, _ = make_case(6, batch_lengths=(8, 8), t=3, hq=4, hkv=2, d=16, page=4, width=2, num_pages=6,
+    the table's capacity (every position the table holds is seen); head_dim 48 (the kernel's generic loop)."""
+    q, k, v, tables, _ = make_case(6, batch_lengths=(8, 8), t=3, hq=4, hkv=2, d=48, page=4, width=2, num_pages=6,
                                    poison=False)
     lengths = np.array([1, 50], np.int32)
     got = check(native, (q, k, v, tables, lengths))

@@ -75,23 +75,36 @@ inline f32x16 exp16(f32x16 x) {
   return under ? f32x16{} : y;
 }
 
-inline float hmax(f32x16 v) {
-  float m = v[0];
-  for (int i = 1; i < 16; ++i) m = v[i] > m ? v[i] : m;
-  return m;
+// Max / sum of the 16 lanes by halving (the lanes' order of the sum is fixed: deterministic).
+inline float hmax16(f32x16 v) {
+  v = v > __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7)
+          ? v : __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v = v > __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11)
+          ? v : __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v = v > __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13)
+          ? v : __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  return v[0] > v[1] ? v[0] : v[1];
+}
+
+inline float hsum16(f32x16 v) {
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  return v[0] + v[1];
 }
 
 struct Shape {
   int64_t B, T, Hq, D, N, P, Hkv, W, group;
 };
 
-// One unit: sequence b, kv head h, new tokens t0 .. t1 - 1. Scratch (`scratch_floats`): rows * D floats of
+// One unit: sequence b, kv head h, new tokens t0 .. t1 - 1; NV = D / 16 when it is a compile-time constant (the
+// loops over head_dim unroll and a row's query stays in registers), else 0 (read from s.D). Scratch (`scratch_floats`): rows * D floats of
 // queries and of accumulators, 2 * kBlock * D floats of widened keys and values, and 2 * rows of running max/sum.
-template <typename E>
+template <int NV, typename E>
 void attend_unit(const Shape& s, const float* q, const E* kp, const E* vp, const int32_t* tables,
                  const int32_t* lengths, float sm_scale, float* out, int64_t b, int64_t h, int64_t t0, int64_t t1,
                  float* scratch) {
-  const int64_t D = s.D, group = s.group, rows = group * (t1 - t0), nv = D / 16;
+  const int64_t nv = NV > 0 ? NV : s.D / 16, D = 16 * nv, group = s.group, rows = group * (t1 - t0);
   float* qs = scratch;                 // [rows, D] scaled queries, row r = (t - t0) * group + g
   float* acc = qs + rows * D;          // [rows, D]
   float* kb = acc + rows * D;          // [kBlock, D]
@@ -118,15 +131,16 @@ void attend_unit(const Shape& s, const float* q, const E* kp, const E* vp, const
   const int32_t* table = tables + b * s.W;
   for (int64_t c0 = 0; c0 < n_max; c0 += kBlock) {
     const int64_t nk = std::min<int64_t>(kBlock, n_max - c0);
+    int64_t entry = c0 / s.P, row = c0 - entry * s.P;        // key c0 + j: table entry, row in its page
     for (int64_t j = 0; j < kBlock; ++j) {
       if (j < nk) {
-        const int64_t c = c0 + j;
-        const int64_t page = std::min<int64_t>(std::max<int32_t>(table[c / s.P], 0), s.N - 1);
-        const int64_t off = ((page * s.P + c % s.P) * s.Hkv + h) * D;
+        const int64_t page = std::min<int64_t>(std::max<int32_t>(table[entry], 0), s.N - 1);
+        const int64_t off = ((page * s.P + row) * s.Hkv + h) * D;
         for (int64_t v = 0; v < nv; ++v) {
           store16(kb + j * D + 16 * v, load16(kp + off + 16 * v));
           store16(vb + j * D + 16 * v, load16(vp + off + 16 * v));
         }
+        if (++row == s.P) row = 0, ++entry;
       } else {
         for (int64_t v = 0; v < nv; ++v) store16(kb + j * D + 16 * v, f32x16{});
       }
@@ -148,10 +162,10 @@ void attend_unit(const Shape& s, const float* q, const E* kp, const E* vp, const
       for (int j = 0; j < kBlock; ++j) lane[j] = j;
       const i32x16 live = lane < int32_t(valid);
       scores = live ? scores : f32x16{} - std::numeric_limits<float>::infinity();
-      const float m_new = std::max(m[r], hmax(scores));
+      const float m_new = std::max(m[r], hmax16(scores));
       const f32x16 p = live ? exp16(scores - m_new) : f32x16{};
       const float corr = std::exp(m[r] - m_new);     // 0 on the first visible block (m = -inf)
-      l[r] = l[r] * corr + [&] { float t = 0.f; for (int j = 0; j < kBlock; ++j) t += p[j]; return t; }();
+      l[r] = l[r] * corr + hsum16(p);
       m[r] = m_new;
       float* ar = acc + r * D;
       for (int64_t v = 0; v < nv; ++v) {
@@ -168,6 +182,19 @@ void attend_unit(const Shape& s, const float* q, const E* kp, const E* vp, const
       float* dst = out + ((b * s.T + t) * s.Hq + h * group + g) * D;
       for (int64_t v = 0; v < nv; ++v) store16(dst + 16 * v, load16(acc + r * D + 16 * v) * inv);
     }
+}
+
+// attend_unit with head_dim's vector count fixed at compile time for the usual head sizes (16, 32, 64, 128).
+template <typename E>
+void unit(const Shape& s, const float* q, const E* kp, const E* vp, const int32_t* tables, const int32_t* lengths,
+          float sm_scale, float* out, int64_t b, int64_t h, int64_t t0, int64_t t1, float* scratch) {
+  switch (s.D / 16) {
+    case 1: return attend_unit<1>(s, q, kp, vp, tables, lengths, sm_scale, out, b, h, t0, t1, scratch);
+    case 2: return attend_unit<2>(s, q, kp, vp, tables, lengths, sm_scale, out, b, h, t0, t1, scratch);
+    case 4: return attend_unit<4>(s, q, kp, vp, tables, lengths, sm_scale, out, b, h, t0, t1, scratch);
+    case 8: return attend_unit<8>(s, q, kp, vp, tables, lengths, sm_scale, out, b, h, t0, t1, scratch);
+    default: return attend_unit<0>(s, q, kp, vp, tables, lengths, sm_scale, out, b, h, t0, t1, scratch);
+  }
 }
 
 ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_pages,
@@ -227,11 +254,11 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
       const int64_t b = u / (s.Hkv * chunks), h = (u / chunks) % s.Hkv, c = u % chunks;
       const int64_t t0 = c * chunk, t1 = std::min(s.T, t0 + chunk);
       if (bits16) {
-        attend_unit(s, qp, k_pages.typed_data<uint16_t>(), v_pages.typed_data<uint16_t>(), tp, lp, sm_scale, op, b,
-                    h, t0, t1, scratch.data());
+        unit(s, qp, k_pages.typed_data<uint16_t>(), v_pages.typed_data<uint16_t>(), tp, lp, sm_scale, op, b, h, t0,
+             t1, scratch.data());
       } else {
-        attend_unit(s, qp, k_pages.typed_data<float>(), v_pages.typed_data<float>(), tp, lp, sm_scale, op, b, h, t0,
-                    t1, scratch.data());
+        unit(s, qp, k_pages.typed_data<float>(), v_pages.typed_data<float>(), tp, lp, sm_scale, op, b, h, t0, t1,
+             scratch.data());
       }
     }
   });
