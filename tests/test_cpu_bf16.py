@@ -7,8 +7,8 @@ longer over 512 tokens) in 128-token prefill chunks and then one token at a time
 transformers' float32 logits as transformers' own bfloat16 model does (within 2x its error), at the end of each
 prompt and at every decode step (two rows, then one: the one-row lm_head product runs on its float32 copy). It runs
 twice: head_dim 12 (the XLA paged attention) and head_dim 16 (the native CPU kernel, kernels/cpu_native, whose custom
-call the compiled step must contain where the kernel is available). The float32 path's exact greedy equality with transformers is covered by
-tests/test_batching.py, tests/test_one_path.py and tests/test_generation*.py.
+call the compiled step must contain where the kernel is available). The float32 path's exact greedy equality with
+transformers is covered by tests/test_batching.py, tests/test_one_path.py and tests/test_generation*.py.
 """
 
 import dataclasses

@@ -98,8 +98,8 @@ struct Shape {
 };
 
 // One unit: sequence b, kv head h, new tokens t0 .. t1 - 1; NV = D / 16 when it is a compile-time constant (the
-// loops over head_dim unroll and a row's query stays in registers), else 0 (read from s.D). Scratch (`scratch_floats`): rows * D floats of
-// queries and of accumulators, 2 * kBlock * D floats of widened keys and values, and 2 * rows of running max/sum.
+// loops over head_dim unroll), else 0 (read from s.D). Scratch (`scratch_floats`): rows * D floats of queries and of
+// accumulators, 2 * kBlock * D floats of widened keys and values, and 2 * rows of running max and sum.
 template <int NV, typename E>
 void attend_unit(const Shape& s, const float* q, const E* kp, const E* vp, const int32_t* tables,
                  const int32_t* lengths, float sm_scale, float* out, int64_t b, int64_t h, int64_t t0, int64_t t1,
