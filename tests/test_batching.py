@@ -33,7 +33,7 @@ NEW = 20
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("batching")
-    dst, hf_model = convert_tiny_phi3(root, seed=5)
+    dst, hf_model = convert_tiny_phi3(root, seed=5, hidden=96)   # head_dim 16: the native CPU paged attention
     return phi4_jax.load_model(dst, dtype=jnp.float32), hf_model
 
 
@@ -317,6 +317,27 @@ def test_no_recompilation_after_warmup(engine, prompts, monkeypatch):
     assert engine.row_buckets() == [1, 2, 3]
     assert {rows for _, rows, _, _ in steps} == {0, 1, 2, 3}
     assert set(shapes) <= set(engine.program_shapes())
+
+
+def test_cpu_step_attends_with_the_native_kernel(engine):
+    """On the CPU the engine's step calls the native paged attention (kernels/cpu_native), one call per layer, so
+    the engine tests here run it against transformers; a silent fall-back to the XLA gather would fail this."""
+    from kernels import cpu_native
+    from phi4_jax.inference.batching import engine_step
+
+    if not cpu_native.available("phi4_cpu_paged_attention"):
+        pytest.skip(f"native CPU kernels unavailable: {cpu_native.unavailable_reason()}")
+    rows, width = 2, engine.table_width
+    key = jax.random.key_data(jax.random.key(0))
+    text = engine_step.lower(
+        engine.step_params, engine.pages, tokens=jnp.zeros((rows, 1), jnp.int32), feed=jnp.full(rows, -1, jnp.int32),
+        prev_decode=jnp.zeros(MAX_BATCH, jnp.int32), prev_prefill=jnp.zeros(1, jnp.int32),
+        start=jnp.full(rows, 20, jnp.int32), n_new=jnp.ones(rows, jnp.int32),
+        block_tables=jnp.zeros((rows, width), jnp.int32), keys=jnp.zeros((rows,) + key.shape, key.dtype),
+        steps=jnp.zeros(rows, jnp.int32), temperature=jnp.zeros(rows, jnp.float32),
+        sample_top_k=jnp.zeros(rows, jnp.int32), top_p=jnp.ones(rows, jnp.float32), want_logprobs=False,
+        config=engine.config, top_k=engine.top_k, shard=None).as_text()
+    assert engine.per_layer and text.count("phi4_cpu_paged_attention") == engine.config.num_layers
 
 
 def test_decode_program_is_sized_to_the_running_rows(engine, converted, prompts, references, monkeypatch):

@@ -5,9 +5,10 @@ A tiny random Phi3ForCausalLM in float32 is the peer: our bfloat16 per-layer pat
 `init_pages_per_layer`'s `PageBits` pool, `paged_extend_per_layer`), fed two sequences of different lengths (the
 longer over 512 tokens) in 128-token prefill chunks and then one token at a time, must give logits as close to
 transformers' float32 logits as transformers' own bfloat16 model does (within 2x its error), at the end of each
-prompt and at every decode step (two rows, then one: the one-row lm_head product runs on its float32 copy). The
-float32 path's exact greedy equality with transformers is covered by
-tests/test_batching.py, tests/test_one_path.py and tests/test_generation*.py.
+prompt and at every decode step (two rows, then one: the one-row lm_head product runs on its float32 copy). It runs
+twice: head_dim 12 (the XLA paged attention) and head_dim 16 (the native CPU kernel, kernels/cpu_native, whose custom
+call the compiled step must contain where the kernel is available). The float32 path's exact greedy equality with
+transformers is covered by tests/test_batching.py, tests/test_one_path.py and tests/test_generation*.py.
 """
 
 import dataclasses
@@ -18,40 +19,40 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels import cpu_native
 from tests.hf_models import hf_logits, make_tiny_phi3_model
 
 PAGE, CHUNK, DECODE = 16, 128, 4
 LENGTHS = (520, 300)   # prompt lengths of the two rows
 
 
-@pytest.fixture(scope="module")
-def models():
+@pytest.fixture(scope="module", params=[72, 96], ids=["head_dim12-xla", "head_dim16-native"])
+def models(request):
+    """Head dim 12 takes the XLA paged attention, 16 the native CPU kernel where it is available."""
     import torch
 
     from phi4_jax.checkpoint.hf_mapping import params_from_hf_state_dict
     from phi4_jax.model.config import Phi4Config
 
-    hf = make_tiny_phi3_model()
+    hf = make_tiny_phi3_model(hidden=request.param)
     config = Phi4Config.from_hf_dict(hf.config.to_dict(), param_dtype="bfloat16", compute_dtype="bfloat16",
                                      remat_policy="none")
     state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     params = jax.tree.map(lambda w: jnp.asarray(w).astype(jnp.bfloat16), params_from_hf_state_dict(state, config))
-    hf_bf16 = make_tiny_phi3_model().to(torch.bfloat16)
+    hf_bf16 = make_tiny_phi3_model(hidden=request.param).to(torch.bfloat16)
     return hf, hf_bf16, params, config
 
 
-@pytest.mark.parametrize("native", [False, True], ids=["xla", "native"])
-def test_bf16_cpu_decode_agrees_with_transformers_float32(models, native):
-    from kernels import cpu_native
+def test_bf16_cpu_decode_agrees_with_transformers_float32(models):
+    """Head dim 12: XLA's ops throughout (`per_layer_params(native=False)`, XLA's paged attention); head dim 16:
+    the native kernels where they build (packed bfloat16 products, the native paged attention)."""
     from phi4_jax.inference import paged_layers as pl
-
-    if native and not cpu_native.available():
-        pytest.skip(f"native CPU kernels unavailable: {cpu_native.unavailable_reason()}")
 
     PageBits, init_pages_per_layer = pl.PageBits, pl.init_pages_per_layer
     paged_extend_per_layer, per_layer_params = pl.paged_extend_per_layer, pl.per_layer_params
 
     hf, hf_bf16, params, config = models
+    native = config.head_dim % 16 == 0 and cpu_native.available()
     rng = np.random.default_rng(0)
     seqs = [rng.integers(3, config.vocab_size, n + DECODE) for n in LENGTHS]
     width = -(-(max(LENGTHS) + DECODE) // PAGE)
@@ -77,6 +78,7 @@ def test_bf16_cpu_decode_agrees_with_transformers_float32(models, native):
     entry = hlo[hlo.index("\nENTRY "):]
     whole_pools = re.findall(rf"= (\w+){pool}", entry)
     assert len(whole_pools) >= 4 * config.num_layers and set(whole_pools) == {"u16"}, whole_pools
+    assert entry.count("phi4_cpu_paged_attention") == (config.num_layers if native else 0)
 
     ours = {b: [] for b in range(2)}    # logits at positions LENGTHS[b] - 1 + i, i = 0..DECODE
     for c in range(0, max(LENGTHS), CHUNK):

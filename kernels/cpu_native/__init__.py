@@ -40,6 +40,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,50 @@ def packed_matmul(x, panels, n: int):
     return jax.ffi.ffi_call("phi4_cpu_packed_matmul", out)(x.astype(jnp.float32), panels)
 
 
+def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_scale=None):
+    """`kernels.paged_attention`'s contract for one layer's pool, read in place (paged_attention.cc): q [B, T, Hq, D]
+    (any float dtype, read as float32), k_pages and v_pages [num_pages, page_size, Hkv, D] float32 or uint16
+    (bfloat16 bits), block_tables [B, W] and lengths [B] integer (int32 in the kernel) -> [B, T, Hq, D] float32.
+    Softmax and sums in float32; D must be a multiple of 16. Page ids outside the pool are clamped into it; a row
+    that sees no position (lengths[b] < T, outside the contract) comes out as zeros."""
+    _require("phi4_cpu_paged_attention")
+    shapes = (f"q {tuple(q.shape)}, k_pages {tuple(k_pages.shape)}, v_pages {tuple(v_pages.shape)}, "
+              f"block_tables {tuple(block_tables.shape)}, lengths {tuple(lengths.shape)}")
+    if q.ndim != 4 or k_pages.ndim != 4:
+        raise NativeKernelError(f"paged_attention: q must be [batch, new_tokens, heads, head_dim] and the pages "
+                                f"[num_pages, page_size, kv_heads, head_dim]; got {shapes}")
+    if tuple(k_pages.shape) != tuple(v_pages.shape) or jnp.dtype(k_pages.dtype) != jnp.dtype(v_pages.dtype):
+        raise NativeKernelError(f"paged_attention: k_pages and v_pages differ: {k_pages.dtype}"
+                                f"{list(k_pages.shape)} vs {v_pages.dtype}{list(v_pages.shape)}")
+    if jnp.dtype(k_pages.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.uint16)):
+        raise NativeKernelError(f"paged_attention: pages must be float32 or uint16 (bfloat16 bits: "
+                                f"jax.lax.bitcast_convert_type(pages, jnp.uint16)), got {k_pages.dtype}")
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise NativeKernelError(f"paged_attention: q must be a float array, got {q.dtype}")
+    b, _, hq, d = q.shape
+    num_pages, page_size, hkv, kd = k_pages.shape
+    if kd != d:
+        raise NativeKernelError(f"paged_attention: q and the pages disagree in head_dim: {shapes}")
+    if d % 16:
+        raise NativeKernelError(f"paged_attention: head_dim must be a multiple of 16, got {d}")
+    if hkv < 1 or hq % hkv:
+        raise NativeKernelError(f"paged_attention: query heads ({hq}) must be a multiple of kv heads ({hkv})")
+    if num_pages < 1 or page_size < 1:
+        raise NativeKernelError(f"paged_attention: the page pool is empty: k_pages {tuple(k_pages.shape)}")
+    for name, a, want in (("block_tables", block_tables, 2), ("lengths", lengths, 1)):
+        if a.ndim != want or a.shape[0] != b or not jnp.issubdtype(a.dtype, jnp.integer):
+            raise NativeKernelError(f"paged_attention: {name} must be integer with {want} dims and batch {b} "
+                                    f"first, got {a.dtype}{list(a.shape)}")
+    if block_tables.shape[1] < 1:
+        raise NativeKernelError(f"paged_attention: block_tables must hold at least one page per sequence, got "
+                                f"{list(block_tables.shape)}")
+    scale = d ** -0.5 if sm_scale is None else float(sm_scale)
+    out = jax.ShapeDtypeStruct(tuple(q.shape), jnp.float32)
+    return jax.ffi.ffi_call("phi4_cpu_paged_attention", out)(
+        q.astype(jnp.float32), k_pages, v_pages, block_tables.astype(jnp.int32), lengths.astype(jnp.int32),
+        sm_scale=np.float32(scale))
+
+
 def argmax(x):
     """jnp.argmax(x, axis=-1).astype(int32) for float32 x [B, V] (the first index of the largest value, or of the
     first NaN in a row that has one)."""
@@ -224,4 +269,4 @@ def argmax(x):
 
 
 __all__ = ["NativeKernelError", "PANEL", "argmax", "available", "cache_root", "library_path", "load", "pack_matrix",
-           "packed_matmul", "unavailable_reason"]
+           "packed_matmul", "paged_attention", "unavailable_reason"]

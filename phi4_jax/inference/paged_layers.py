@@ -10,14 +10,13 @@ when the engine is made (`per_layer_params`), and each layer's pages are an arra
 ``[num_pages, page_size, kv_heads, head_dim]`` (`PagedKV` whose k and v are tuples, one array per layer). The
 step is unrolled over the layers (`paged_extend_per_layer`), so nothing is sliced out of a stacked array.
 
-Page layout: the attention gathers a sequence's pages through its block table (`kernels.paged_attention`'s XLA
-path). XLA:CPU fuses that gather into a copy of the pages in the attention dots' order (keys [B, kv_heads, tokens,
-head_dim], values [B, kv_heads, head_dim, tokens]: the `transpose_copy_fusion`s of the profile), so the gather
-and the "transposes" are one copy. A heads-first pool (keys [num_pages, kv_heads, page_size, head_dim], values
-[num_pages, kv_heads, head_dim, page_size], read by an attention written for it) turns them into block copies
-with no element transposes in the optimized HLO, but the step measured no faster (BENCHMARKS.md's Decode
-section), and attending by multiply-and-reduce over the gathered pages as they come (no copies) neither, so the
-pool keeps the kernels' own token-major layout and the attention stays the kernels' XLA path. A 16-bit pool
+Attention (`attend_layer_pages`): `kernels.cpu_native.paged_attention`, a native CPU kernel that reads each
+sequence's pages in place through its block table (no gathered copy), for float32 pages and bfloat16 ones (their
+uint16 bits as the pool keeps them) when the kernel is available and head_dim is a multiple of 16. Otherwise the
+kernels' XLA path, which gathers the pages first: XLA:CPU fuses that gather into a copy of the pages in the
+attention dots' order (keys [B, kv_heads, tokens, head_dim], values [B, kv_heads, head_dim, tokens]: the
+`transpose_copy_fusion`s of BENCHMARKS.md's Decode profile), about 4 ms of a 13 ms 8-row step. Either way the pool
+keeps the kernels' own token-major layout, ``[num_pages, page_size, kv_heads, head_dim]``. A 16-bit pool
 (bfloat16, float16) is kept as its uint16 bits (`PageBits`): XLA:CPU widens a 16-bit float scatter's whole
 operand to float32 and back, two copies of the layer's whole pool every step.
 
@@ -143,6 +142,32 @@ def write_rows(pages, page, row, values):
     return pages.at[page, row].set(values.astype(pages.dtype), mode="drop")
 
 
+def native_pages(pages):
+    """The array `kernels.cpu_native.paged_attention` reads for one layer's pages (float32 pages, or a bfloat16
+    `PageBits`' bits), or None when that kernel cannot take them (another dtype, head_dim not a multiple of 16, or
+    the native kernel unavailable in this process)."""
+    if isinstance(pages, PageBits):
+        array = pages.bits if jnp.dtype(pages.dtype) == jnp.bfloat16 else None
+    else:
+        array = pages if jnp.dtype(pages.dtype) == jnp.float32 else None
+    if array is None or array.shape[-1] % 16 or not cpu_native.available("phi4_cpu_paged_attention"):
+        return None
+    return array
+
+
+def attend_layer_pages(q, k_pages, v_pages, block_tables, lengths):
+    """`kernels.paged_attention` of q [B, T, Hq, D] over one layer's pages, in the pages' float dtype: the native
+    CPU kernel reading the pages in place where `native_pages` allows (q rounded to the page dtype first, as the
+    XLA path's dots read it), else the XLA path (a gather of every sequence's pages)."""
+    k_native, v_native = native_pages(k_pages), native_pages(v_pages)
+    dtype = float_pages(k_pages).dtype
+    if k_native is not None and v_native is not None:
+        out = cpu_native.paged_attention(q.astype(dtype), k_native, v_native, block_tables, lengths)
+        return out.astype(dtype)
+    return kernels.paged_attention(q.astype(dtype), float_pages(k_pages), float_pages(v_pages), block_tables,
+                                   lengths, implementation="xla")
+
+
 def init_pages_per_layer(config: Phi4Config, num_pages: int, page_size: int, dtype=None) -> PagedKV:
     """A zeroed page pool in the per-layer layout (see the module docstring): a tuple of one array per layer for
     keys and for values, `PageBits` for a 16-bit float dtype."""
@@ -170,10 +195,7 @@ def paged_extend_per_layer(params, pages: PagedKV, tokens, start, n_new, block_t
             q = rope(q, positions, config)
             k = rope(k, positions, config)
             k_pages, v_pages = write_rows(k_pages, page, row, k), write_rows(v_pages, page, row, v)
-            k_read, v_read = float_pages(k_pages), float_pages(v_pages)
-            out = kernels.paged_attention(q.astype(k_read.dtype), k_read, v_read, block_tables, attend_lengths,
-                                          implementation="xla")
-            return out, (k_pages, v_pages)
+            return attend_layer_pages(q, k_pages, v_pages, block_tables, attend_lengths), (k_pages, v_pages)
 
         x, (k_pages, v_pages) = decoder_block(layer, x, config, attend)
         ks.append(k_pages)
