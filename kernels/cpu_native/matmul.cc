@@ -52,8 +52,9 @@ void one_panel(const float* x, int64_t K, const W* panels, float* y, int64_t N, 
 
 template <typename W>
 void panel_range(const float* x, int64_t M, int64_t K, const W* panels, int64_t N, float* y, int64_t p0,
-                 int64_t p1) {
-  for (int64_t p = p0; p < p1; ++p) {
+                 int64_t p1, bool reverse) {
+  for (int64_t i = p0; i < p1; ++i) {
+    const int64_t p = reverse ? p0 + p1 - 1 - i : i;
     for (int64_t m = 0; m < M; m += 8) {
       const float* xm = x + m * K;
       float* ym = y + m * N;
@@ -71,6 +72,18 @@ void panel_range(const float* x, int64_t M, int64_t K, const W* panels, int64_t 
   }
 }
 
+// Each weight is read in the opposite panel order from its previous product (a flag per weight, by its address):
+// a decode step reads more weight bytes than the last-level cache holds (phi-4-shaped 100K lm_head: 154 MB in
+// float32), and a cache keeping the most recent lines then still holds the end of the previous pass, which the
+// reversed pass reads first; in one order every pass would miss throughout. Each output column is the same sum
+// in either order (bit-identical results).
+std::atomic<uint8_t> g_reverse[4096];
+
+bool next_reverse(const void* weight) {
+  const uintptr_t slot = (reinterpret_cast<uintptr_t>(weight) >> 6) % 4096;
+  return (g_reverse[slot].fetch_xor(1, std::memory_order_relaxed) & 1) != 0;
+}
+
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer panels,
                         ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions();
@@ -85,14 +98,15 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyB
   if (!bf16 && panels.element_type() != ffi::F32)
     return ffi::Error::InvalidArgument("packed_matmul: panels must be float32 or bfloat16 bits (uint16)");
   const int64_t parts = parts_for(pool, P);
+  const bool reverse = next_reverse(panels.untyped_data());
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
   parallel_for(pool, parts, [&](int64_t i) {
     const int64_t p0 = P * i / parts, p1 = P * (i + 1) / parts;
     if (bf16) {
-      panel_range(xp, M, K, panels.typed_data<uint16_t>(), N, yp, p0, p1);
+      panel_range(xp, M, K, panels.typed_data<uint16_t>(), N, yp, p0, p1, reverse);
     } else {
-      panel_range(xp, M, K, panels.typed_data<float>(), N, yp, p0, p1);
+      panel_range(xp, M, K, panels.typed_data<float>(), N, yp, p0, p1, reverse);
     }
   });
   return ffi::Error::Success();
