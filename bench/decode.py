@@ -147,7 +147,40 @@ same random phi-4-shaped model and weights, float32 on both sides (or, with `--d
 sides), same machine and run; phi-4-shaped layers (hidden 384, 6 layers, 6/2 heads) with an 8K and with phi-4's
 100K vocabulary, batch 1 and 8, 256 new tokens, after a warm-up; torch at 1 and at all cores, the faster compared;
 also prefill tokens/s, time to first token (phi4_jax's first call includes compiling the prefill) and how many
-greedy tokens equal transformers'. Goal on CPU: decode at least 2x transformers. Each run appends a table below."""
+greedy tokens equal transformers'. Goal on CPU: decode at least 2x transformers. Since 2026-12-02 also the bytes of
+weights a decode step reads (every matrix once, the embedding only for the batch's rows) and the tokens/s that
+torch's read rate over a buffer larger than the last-level cache (`torch.sum`, all threads, measured in the same
+run) would allow for them: a DRAM bound, which a model whose weights fit the cache exceeds. Each run appends a
+table below."""
+
+BANDWIDTH_BUFFER_BYTES = 1 << 30    # larger than any last-level cache this runs on
+
+
+def read_bandwidth(threads: int, nbytes: int = BANDWIDTH_BUFFER_BYTES, calls: int = 7) -> float:
+    """Bytes per second torch reads with `threads` threads: the median of `calls` sums over an nbytes float32
+    buffer (after one warm-up), a peer's measure of the machine's memory read rate."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    x.sum()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - start)
+    return nbytes / sorted(times)[calls // 2]
+
+
+def weight_bytes_per_step(params, batch: int) -> int:
+    """Bytes of weights a decode step reads: every parameter once but the embedding, of which only the batch's
+    rows."""
+    import jax
+
+    total = sum(w.size * w.dtype.itemsize for w in jax.tree.leaves(
+        {k: v for k, v in params.items() if k != "embed"}))
+    embed = params["embed"]
+    return total + batch * embed.shape[-1] * embed.dtype.itemsize
 
 
 def main(argv=None) -> int:
@@ -156,8 +189,13 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
+    from kernels import cpu_native
     from phi4_jax.model.decoder import model_from_params
 
+    hf_threads = [int(t) for t in args.hf_threads.split(",")]
+    bandwidth = read_bandwidth(max(hf_threads))
+    native = ("native CPU kernels (kernels/cpu_native)" if cpu_native.available()
+              else f"XLA's ops (native CPU kernels unavailable: {cpu_native.unavailable_reason()})")
     command = "python bench/decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, `{command.strip()}`",
@@ -165,15 +203,17 @@ def main(argv=None) -> int:
         f"Machine: {describe_machine(with_load=True)}; jax {jax.__version__} ({jax.default_backend()}, XLA's default "
         f"threads), torch {torch.__version__} (measured with {args.hf_threads} threads; the table compares the "
         f"fastest, the others are listed). Models: random phi-4-shaped Phi3ForCausalLM, {args.dtype} on both sides; "
-        f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, median of {args.repeats}.",
+        f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, median of {args.repeats}. "
+        f"phi4_jax ran {native}. torch's read rate: {bandwidth / 1e9:.1f} GB/s ({max(hf_threads)} threads, "
+        f"{BANDWIDTH_BUFFER_BYTES >> 20} MiB buffer).",
         "",
         "| model | batch | phi4_jax decode tok/s | transformers decode tok/s (best threads; others) | speed-up "
         "| engine decode tok/s (speed-up) | phi4_jax prefill tok/s "
         "| transformers prefill tok/s | phi4_jax first token: cold (incl. compile) / warm "
-        "| transformers first token: first call / warm | greedy tokens equal to transformers' |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| transformers first token: first call / warm | greedy tokens equal to transformers' "
+        "| weights read per step / DRAM bound |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    hf_threads = [int(t) for t in args.hf_threads.split(",")]
     for size in args.sizes.split(","):
         hf, params, config = random_model_pair(size, args.dtype)
         ours = model_from_params(config, params)
@@ -196,6 +236,8 @@ def main(argv=None) -> int:
             o_dec, h_dec = decode["ours"], decode[best]
             others = ", ".join(f"{decode[th]:.1f} with {th} threads" for th in hf_threads if th != best)
             o_pre, h_pre = batch * args.prompt_len / o_1, batch * args.prompt_len / h_1
+            step_bytes = weight_bytes_per_step(params, batch)
+            bound = batch * bandwidth / step_bytes
             print(f"{size} batch {batch}: decode {o_dec:.1f} (engine {e_dec:.1f}) vs {h_dec:.1f} tokens/s "
                   f"({o_dec / h_dec:.2f}x, engine {e_dec / h_dec:.2f}x; "
                   f"transformers {best} threads; {others or '-'}); prefill {o_pre:.0f} vs {h_pre:.0f} tokens/s; "
@@ -205,7 +247,7 @@ def main(argv=None) -> int:
             lines.append(f"| {model_name} | {batch} | {o_dec:.1f} | {h_dec:.1f} ({best} threads; {others or '-'}) "
                          f"| **{o_dec / h_dec:.2f}x** | {e_dec:.1f} (**{e_dec / h_dec:.2f}x**) | {o_pre:.0f} | {h_pre:.0f} | "
                          f"{o_cold:.2f} s / {o_1 * 1e3:.0f} ms | {h_cold:.2f} s / {h_1 * 1e3:.0f} ms "
-                         f"| {agree} of {args.new_tokens} |")
+                         f"| {agree} of {args.new_tokens} | {step_bytes / 1e6:.0f} MB / {bound:.0f} tok/s |")
     text = "\n".join(lines)
     print(text)
     if args.write:
