@@ -13,7 +13,9 @@ Public entry points (the project's contract):
   inside `shard_map` on a mesh (kernels.sharded), with context parallelism over the sequence axis
   (kernels.context_parallel)
 
-Also, imported from its module: `kernels.dequant_matmul.dequant_matmul` (int8 / int4 weights times activations
+Also, imported from its module: `kernels.cpu_native` (C++ kernels through XLA's FFI for the CPU serving engine's
+decode step: a packed-panel matmul, paged attention read in place, greedy argmax; built with the machine's C++
+compiler on first use, absent without one) and `kernels.dequant_matmul.dequant_matmul` (int8 / int4 weights times activations
 for decode, a Pallas TPU kernel that dequantizes in VMEM; `phi4_jax.quant.tpu_kernel` routes to it, opt-in).
 
 This package never imports `phi4_jax`: the model depends on the kernels, not the reverse.

@@ -43,6 +43,9 @@ of an int8 block: its layout pass aborts), and head h's step uses row h of each 
 8. `interpret=True` runs it in the TPU interpreter on a CPU. `implementation=None` picks it on a TPU when the
 shapes allow, the reference elsewhere.
 
+On the CPU, the serving engine's per-layer path reads the pages in place with a native kernel instead
+(`kernels.cpu_native.paged_attention`, C++ through XLA's FFI; same contract, float32 or bfloat16-bits pages).
+
 `implementation="pallas_gpu"` is the GPU kernel (Pallas on Triton, reading the pages in place with a split-K
 online softmax): `kernels.paged_attention_gpu`. It is opt-in: the GPU default stays the reference until a
 hardware run is recorded (kernels.dispatch's HARDWARE_RUNS rule).

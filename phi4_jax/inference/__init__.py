@@ -8,8 +8,8 @@
 - `kv_quant`: the int8 KV cache's number format (`quantize_kv`) and the one check of a `cache_dtype`.
 - `paged_cache`: the paged KV cache (`PagedKV`, `paged_extend`) and its allocator with prefix caching (`PagePool`).
 - `paged_layers`: the paged cache and the weights in a per-layer layout, for the engine on the CPU backend.
-- `cpu_weights`: that layout's weight class (`MatrixWeight`: 2-D matrices, the lm_head also transposed), plugged in
-  through `model.linear`.
+- `cpu_weights`: that layout's weight class (`MatrixWeight`: panels for `kernels.cpu_native`'s matmul where it
+  builds, else 2-D matrices with the lm_head also transposed), plugged in through `model.linear`.
 - `batching`: the engine, `ContinuousBatchingEngine` (continuous batching, chunked prefill, streams), the one decode
   path: the server runs it on a background thread, `generate` / `ChatSession` / PTS on the caller's.
 - `compile_ahead`: compiling a jitted function's programs ahead of time (lowered, compiled on a thread pool,

@@ -4,9 +4,10 @@ Why: `paged_cache.paged_extend` scans the layers over the stacked [layers, ...] 
 XLA:CPU copies every dynamic slice of a stacked weight before the matmul that reads it, so a memory-bound decode
 step reads and writes each weight once more than it multiplies by it (the profile in BENCHMARKS.md's Decode
 section; `per_layer_decode` says when the layout is used). Here each layer's weights are arrays of their
-own with q/k/v and gate/up concatenated (`decoder.fuse_projections`: fewer, larger matmuls) and every matrix
-kept 2-D, the lm_head also transposed (`cpu_weights`: XLA:CPU's dots copy or run slower otherwise), built once
-when the engine is made (`per_layer_params`), and each layer's pages are an array of their own,
+own with q/k/v and gate/up concatenated (`decoder.fuse_projections`: fewer, larger matmuls), every matrix a
+`cpu_weights.MatrixWeight`: packed into panels for the native matmul (`kernels.cpu_native`) where it builds, else
+2-D with the lm_head also transposed (XLA:CPU's dots copy or run slower otherwise), built once when the engine is
+made (`per_layer_params`), and each layer's pages are an array of their own,
 ``[num_pages, page_size, kv_heads, head_dim]`` (`PagedKV` whose k and v are tuples, one array per layer). The
 step is unrolled over the layers (`paged_extend_per_layer`), so nothing is sliced out of a stacked array.
 
@@ -55,7 +56,9 @@ PER_LAYER_MAX_MEMORY_FRACTION = 0.25   # of physical memory: the most a second c
 def per_layer_decode(params, config: Phi4Config, shard) -> bool:
     """Whether the engine keeps the per-layer layout (see the module docstring): on the CPU backend, unsharded,
     with XLA's paged attention (not a Pallas kernel), plain array weights, and when the copy of the layer weights
-    and the lm_head's transposed copy take at most `PER_LAYER_MAX_MEMORY_FRACTION` of physical memory. GPUs and
+    (twice for 16-bit weights with native panels: panels and matrix) and the lm_head's panels or transposed copy
+    (and a 16-bit one's float32 copy without native panels) take at most `PER_LAYER_MAX_MEMORY_FRACTION` of
+    physical memory. GPUs and
     TPUs fuse the slice into the matmul, and a sharded or large model keeps the stacked layout (no second copy of
     the weights)."""
     if shard is not None or config.kernel_interpret or paged_implementation(config) in ("pallas", "pallas_gpu"):
