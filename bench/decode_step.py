@@ -9,8 +9,9 @@ directly, with no host loop around it, for each variant of the same random weigh
 - "plain": float32, per-layer arrays with q/k/v and gate/up fused (the engine's CPU layout before `cpu_weights`);
 - "cpu": float32, the engine's own `per_layer_params` (`MatrixWeight`s: native packed panels where
   `kernels.cpu_native` builds, else [K, N] matrices and the lm_head also transposed);
-- "cpu-xla": as "cpu" with XLA's dots only (`per_layer_params(native=False)`: the layout where the native
-  kernels cannot build); "cpu-bf16-xla" likewise in bfloat16;
+- "cpu-xla": as "cpu" with XLA's dots for the weight products (`per_layer_params(native=False)`); the native paged
+  attention and argmax stay (they follow the library's availability: run with PHI4_JAX_NATIVE_CPU=0 for XLA's
+  ops throughout); "cpu-bf16-xla" likewise in bfloat16;
 - "cpu-bf16": the same in bfloat16 (params, compute and pages; the pool kept as uint16 bits, `PageBits`);
 - "cpu-bf16-array-pool": as "cpu-bf16" but the pool as plain bfloat16 arrays (the pool before `PageBits`).
 The variants alternate in rounds, so machine load hits all alike; the table reports the median and 10th-percentile

@@ -1,8 +1,10 @@
 """The native CPU kernels' build and fallback (kernels.cpu_native), the packed matmul (`pack_matrix`,
-`packed_matmul`) against float64 NumPy and the greedy `argmax` against NumPy's, with their errors; `MatrixWeight`s with panels (phi4_jax.inference.cpu_weights) route products
+`packed_matmul`) against float64 NumPy and the greedy `argmax` against NumPy's, with their errors;
+`MatrixWeight`s with panels (phi4_jax.inference.cpu_weights) route products
 of few rows to it. The engine's greedy tokens against transformers (tests/test_batching.py, test_cpu_bf16.py) run
 on it end to end wherever it builds."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -23,6 +25,8 @@ def test_builds_where_a_compiler_exists():
     """CI has g++: the kernels must build there, so the tests below cannot all skip silently."""
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("no C++ compiler on this machine")
+    if os.environ.get(cpu_native.DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        pytest.skip(f"native CPU kernels disabled on purpose ({cpu_native.DISABLE_ENV})")
     assert cpu_native.available("phi4_cpu_packed_matmul"), cpu_native.unavailable_reason()
     assert cpu_native.library_path().is_file()
 
@@ -68,7 +72,7 @@ def test_disabled_by_environment_falls_back():
     code = ("from kernels import cpu_native; from phi4_jax.inference.cpu_weights import native_matmul_available; "
             "print(cpu_native.available(), native_matmul_available(), '|', cpu_native.unavailable_reason())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "PHI4_JAX_NATIVE_CPU": "0", "JAX_PLATFORMS": "cpu"})
+                         env={**os.environ, "PHI4_JAX_NATIVE_CPU": "0", "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False False | disabled by PHI4_JAX_NATIVE_CPU=0", out.stdout
 
@@ -123,7 +127,7 @@ def test_matrix_weight_routes_few_rows_to_the_panels(rows, dtype):
     rng = np.random.default_rng(rows)
     x = jnp.asarray(rng.standard_normal((rows, 1, 5, 8)), jnp.float32).astype(dtype)
     w = jnp.asarray(rng.standard_normal((5, 8, 24)), jnp.float32).astype(dtype)
-    weight = MatrixWeight.packed(w, 2, matrix=dtype == "bfloat16")
+    weight = MatrixWeight.packed(w, 2, dtype=jnp.dtype(dtype), matrix=dtype == "bfloat16")
     fn = jax.jit(lambda x, weight: weight.linear_einsum("bshd,hde->bse", x, jnp.dtype(dtype),
                                                         preferred_element_type=jnp.float32))
     got = fn(x, weight)
@@ -170,3 +174,53 @@ def test_engine_weights_are_packed():
                                      engine._carry(None, None), np.zeros(2, np.int32),
                                      np.ones(2, np.int32), np.zeros(2, np.int32), width)
     assert "phi4_cpu_argmax" in engine_step.lower(*args, **kwargs).as_text()
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 8, 9])
+def test_float32_weights_computing_in_bfloat16_round_like_xla(rows):
+    """float32 weights with a bfloat16 compute dtype (a training checkpoint served as is): `per_layer_params` packs
+    them rounded to bfloat16 (`panel_dtype`), so every product equals XLA's dot of the model's own layer in that
+    dtype (weights and x rounded once, float32 sums) whichever path it takes (panels, or the kept float32 matrix
+    for more rows): float64 NumPy of the rounded inputs is the reference."""
+    from phi4_jax.inference.cpu_weights import panel_dtype
+    from phi4_jax.inference.paged_layers import per_layer_params
+
+    assert panel_dtype(jnp.float32, jnp.bfloat16) == jnp.bfloat16 and panel_dtype(jnp.float32, jnp.float32) == jnp.float32
+    rng = np.random.default_rng(rows)
+    stacked = {"gate_up_proj": jnp.asarray(rng.standard_normal((1, 64, 2, 48)), jnp.float32)}
+    head = jnp.asarray(rng.standard_normal((64, 100)), jnp.float32)
+    step = per_layer_params({"layers": stacked, "lm_head": head}, native=True, compute_dtype="bfloat16")
+    weight = step["layers"][0]["gate_up_proj"]
+    assert weight.panels.dtype == jnp.uint16 and step["lm_head"].panels.dtype == jnp.uint16
+    x = jnp.asarray(rng.standard_normal((rows, 1, 64)), jnp.float32)       # wider than the compute dtype
+    got = jax.jit(lambda x, w: w.linear_einsum("bse,efh->bsfh", x, jnp.bfloat16,
+                                               preferred_element_type=jnp.float32))(x, weight)
+    rounded = lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)  # noqa: E731
+    want = np.einsum("bse,efh->bsfh", rounded(x), rounded(stacked["gate_up_proj"][0]))
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-4)
+    logits = jax.jit(lambda x, w: w.linear_einsum("...e,ev->...v", x, jnp.bfloat16,
+                                                  preferred_element_type=jnp.float32))(x[:, 0], step["lm_head"])
+    np.testing.assert_allclose(np.asarray(logits, np.float64), rounded(x[:, 0]) @ rounded(head), rtol=1e-5,
+                               atol=1e-4)
+
+
+@needs_native
+def test_16bit_matrices_are_dropped_when_memory_is_short(monkeypatch):
+    """When the bfloat16 panels' [K, N] copies would break the memory rule, `per_layer_params` keeps the panels
+    only (prefill runs on them too) instead of leaving the per-layer layout, and products still equal NumPy."""
+    from phi4_jax.inference import paged_layers
+
+    rng = np.random.default_rng(0)
+    stacked = {"down_proj": jnp.asarray(rng.standard_normal((1, 96, 64)), jnp.bfloat16)}
+    params = {"layers": stacked, "lm_head": jnp.asarray(rng.standard_normal((64, 80)), jnp.bfloat16)}
+    small = paged_layers.copy_bytes(params, True, "bfloat16", keep_matrix=False)
+    assert paged_layers.copy_bytes(params, True, "bfloat16", keep_matrix=True) == small + 96 * 64 * 2
+    monkeypatch.setattr(paged_layers, "_memory_allows", lambda nbytes: nbytes <= small)
+    step = paged_layers.per_layer_params(params, native=True, compute_dtype="bfloat16")
+    weight = step["layers"][0]["down_proj"]
+    assert weight.matrix is None and weight.panels is not None
+    x = jnp.asarray(rng.standard_normal((12, 96)), jnp.bfloat16)            # 12 rows: prefill-sized
+    got = weight.linear_einsum("bf,fe->be", x, jnp.bfloat16, preferred_element_type=jnp.float32)
+    want = _bf16_as_float64(x) @ _bf16_as_float64(stacked["down_proj"][0])
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-4)

@@ -75,7 +75,7 @@ def test_engine_runs_on_the_cpu_layout():
     """On the CPU backend the engine's per-layer params are `MatrixWeight`s, so the engine tests against
     transformers run this layout. Without the native kernels (`native=False`, as where they cannot build) the
     matrices are [K, N] arrays and the lm_head has both layouts, its `matrix` the model's own array (with them:
-    tests/test_cpu_native_matmul.py)."""
+    tests/test_cpu_native.py)."""
     from phi4_jax.inference.batching import ContinuousBatchingEngine
     from phi4_jax.inference.paged_layers import per_layer_params
     from phi4_jax.model.config import get_preset

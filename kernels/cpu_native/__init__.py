@@ -16,12 +16,13 @@ are slower than its float32 ones, and its paged attention must first gather ever
 Build: the first `load()` compiles every ``*.cc`` here with the system C++ compiler (``$CXX`` or g++/c++),
 ``-O3 -march=native`` against jaxlib's FFI headers (`jax.ffi.include_dir()`), into one shared library cached under
 ``$XDG_CACHE_HOME/phi4_jax/cpu_kernels/<key>/`` (default ~/.cache), the key hashing the sources, the compiler's
-version, the flags, jaxlib's version and this CPU's feature flags, so a changed source or another machine builds
-its own (a few seconds, once). The library is written to a temporary file and renamed, so concurrent first uses
+version, the flags, jax's and jaxlib's versions, the FFI header and this CPU's feature flags, so a changed source
+or another machine builds its own (a few seconds, once); where that directory cannot be written, a per-user one
+under the temporary directory. The library is written to a temporary file and renamed, so concurrent first uses
 (pytest workers) never load a partial file. The kernels use XLA's own intra-op thread pool.
 
-Nothing is required: when no compiler is found, the build fails, the CPU is not x86-64/aarch64 with 16-lane
-vectors' worth of registers, or ``PHI4_JAX_NATIVE_CPU=0`` is set, `available()` is False, `unavailable_reason()`
+Nothing is required: when no compiler is found, the build fails, the CPU is not x86-64 or aarch64, or
+``PHI4_JAX_NATIVE_CPU=0`` is set, `available()` is False, `unavailable_reason()`
 says why (logged once as a warning, except when disabled on purpose), and callers keep their XLA path.
 """
 
@@ -93,9 +94,14 @@ def cache_root() -> Path:
 def _build_key(cxx: str) -> str:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     h = hashlib.sha256()
-    for part in (version, " ".join(CXX_FLAGS), jax.ffi.include_dir(), jax.__version__, _cpu_flags(),
-                 platform.machine()):
+    import jaxlib
+
+    ffi_header = Path(jax.ffi.include_dir()) / "xla" / "ffi" / "api" / "ffi.h"
+    header = ffi_header.read_bytes() if ffi_header.exists() else b""
+    for part in (version, " ".join(CXX_FLAGS), jax.ffi.include_dir(), jax.__version__,
+                 getattr(jaxlib, "__version__", ""), _cpu_flags(), platform.machine()):
         h.update(part.encode() + b"\0")
+    h.update(header)
     for src in _sources():
         h.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
     return h.hexdigest()[:20]
@@ -106,14 +112,24 @@ def _build() -> Path:
     cxx = _compiler()
     if cxx is None:
         raise NativeKernelError("no C++ compiler found ($CXX, g++, c++ or clang++)")
-    target_dir = cache_root() / _build_key(cxx)
+    key = _build_key(cxx)
+    roots = [cache_root(), Path(tempfile.gettempdir()) / f"phi4_jax-{os.getuid()}" / "cpu_kernels"]
+    for root in roots:
+        if (root / key / LIBRARY_NAME).exists():
+            return root / key / LIBRARY_NAME
+    errors = []
+    for root in roots:    # the user's cache directory, else (read-only home) a per-user temporary one
+        target_dir = root / key
+        try:
+            target_dir.mkdir(parents=True, exist_ok=True)
+            if os.access(target_dir, os.W_OK):
+                break
+            errors.append(f"{target_dir}: not writable")
+        except OSError as e:
+            errors.append(f"{target_dir}: {e}")
+    else:
+        raise NativeKernelError(f"no writable kernel cache directory: {'; '.join(errors)}")
     lib = target_dir / LIBRARY_NAME
-    if lib.exists():
-        return lib
-    try:
-        target_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise NativeKernelError(f"cannot create the kernel cache directory {target_dir}: {e}") from e
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target_dir)
     os.close(fd)
     cmd = [cxx, *CXX_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, sorted(SOURCE_DIR.glob("*.cc"))), "-o", tmp]

@@ -49,6 +49,8 @@ ffi::Error Argmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuff
   const auto xd = x.dimensions();
   if (xd.size() != 2 || xd[1] < 1) return ffi::Error::InvalidArgument("argmax: x must be [B, V] with V >= 1");
   const int64_t B = xd[0], V = xd[1];
+  const auto od = out->dimensions();
+  if (od.size() != 1 || od[0] != B) return ffi::Error::InvalidArgument("argmax: the output must be [B] for x [B, V]");
   const float* xp = x.typed_data();
   int32_t* op = out->typed_data();
   const int64_t parts = V * B >= (1 << 16) ? parts_for(pool, B) : 1;

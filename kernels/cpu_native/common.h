@@ -8,6 +8,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <thread>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -89,7 +90,15 @@ void parallel_for(ffi::ThreadPool& pool, int64_t parts, F&& f) {
   job->body = std::forward<F>(f);
   for (int64_t i = 1; i < parts; ++i) pool.Schedule([job] { job->run(); });
   job->run();
-  while (job->done.load(std::memory_order_acquire) < parts) spin_pause();
+  // Spin briefly (parts finish within microseconds of each other), then yield: a participant descheduled mid-part
+  // (another process on the cores) must not cost the caller its whole time slice.
+  for (int spins = 0; job->done.load(std::memory_order_acquire) < parts; ++spins) {
+    if (spins < 4096) {
+      spin_pause();
+    } else {
+      std::this_thread::yield();
+    }
+  }
 }
 
 // How many parts to split work of `units` independent units into: the pool's threads plus the caller, capped.

@@ -528,7 +528,8 @@ class ContinuousBatchingEngine:
         # stacked pool.
         self.per_layer = (per_layer_decode(self.params, self.config, self.shard) and not is_int8(self.cache_dtype)
                           and paged_implementation(self.config) != "pallas_gpu")
-        self.step_params = per_layer_params(self.params) if self.per_layer else self.params
+        self.step_params = (per_layer_params(self.params, compute_dtype=self.config.compute_dtype) if self.per_layer
+                            else self.params)
         self._layer_refs = None
         if self.per_layer:      # nothing runs on the stacked layers any more: keep no second copy of them alive
             self._layer_refs = [weakref.ref(w) for w in jax.tree.leaves(self.params["layers"])]

@@ -20,14 +20,15 @@ Why (XLA:CPU, jax 0.10.2; profiles and numbers in BENCHMARKS.md's Decode section
   one-row product, still slower padded than float32 over twice the bytes, runs in float32 on a float32 copy
   (`cpu_lm_head`).
 - Native products (`kernels.cpu_native`, C++ through XLA's FFI, when it builds on this machine): every float32 or
-  bfloat16 matrix is also packed into 64-column panels (`pack_matrix`) and products of few rows run in
+  bfloat16 matrix is also packed into 64-column panels (`pack_matrix`; in bfloat16 when the model computes in
+  bfloat16, `panel_dtype`) and products of few rows run in
   `packed_matmul`, which streams each panel once with the rows' sums in registers: XLA:CPU's dots of 1-8 rows
   reach a fraction of that, and its bfloat16 dots of few rows are slower than float32 (100K lm_head, 8 rows:
   bfloat16 ~25 ms in XLA, ~4 ms packed; BENCHMARKS.md). float32 weights are then kept as panels only (the packed
   product was as fast as XLA's dot up to 512 rows: prefill too), so neither the [K, N] copy nor the lm_head's
-  transposed copy is made; bfloat16 weights keep the [K, N] matrix too, for products of more than
-  `NATIVE_MAX_ROWS_16BIT` rows (XLA:CPU's bfloat16 dot is far faster for prefill), and a bfloat16 lm_head needs no
-  float32 copy.
+  transposed copy is made; with bfloat16 panels the [K, N] matrix is kept too (memory permitting:
+  `paged_layers.per_layer_params`), for products of more than `NATIVE_MAX_ROWS_16BIT` rows (XLA:CPU's bfloat16
+  dot is far faster for prefill), and a bfloat16 lm_head needs no float32 copy.
 """
 
 from __future__ import annotations
@@ -87,12 +88,13 @@ class MatrixWeight:
         return cls(m if matrix else None, jnp.transpose(m) if rows else None, in_shape, out_shape)
 
     @classmethod
-    def packed(cls, w, n_in: int, *, matrix: bool) -> "MatrixWeight":
-        """W [*in, *out] (float32 or bfloat16) as native `panels`, with its [K, N] `matrix` too when asked (a
-        bfloat16 weight's products of more than `NATIVE_MAX_ROWS_16BIT` rows use it)."""
+    def packed(cls, w, n_in: int, *, dtype, matrix: bool) -> "MatrixWeight":
+        """W [*in, *out] (float32 or bfloat16) as native `panels` packed in `dtype` (`panel_dtype`), with its
+        [K, N] `matrix` too when asked (bfloat16 panels' products of more than `NATIVE_MAX_ROWS_16BIT` rows use
+        it)."""
         in_shape, out_shape = tuple(w.shape[:n_in]), tuple(w.shape[n_in:])
         m = w.reshape(math.prod(in_shape), math.prod(out_shape))
-        return cls(m if matrix else None, None, in_shape, out_shape, panels=cpu_native.pack_matrix(m))
+        return cls(m if matrix else None, None, in_shape, out_shape, panels=cpu_native.pack_matrix(m.astype(dtype)))
 
     def _native_rows(self, m: int, dtype) -> bool:
         """Whether a product of `m` rows in `dtype` runs on the panels."""
@@ -100,8 +102,7 @@ class MatrixWeight:
             return False
         if self.matrix is None and self.rows is None:
             return True
-        float32_panels = jnp.dtype(self.panels.dtype) == jnp.float32
-        if float32_panels:    # a narrower compute dtype rounds the weights: XLA's dot of the matrix does that
+        if jnp.dtype(self.panels.dtype) == jnp.float32:   # (packed for a float32 compute dtype: `panel_dtype`)
             return jnp.dtype(dtype) == jnp.float32
         return m <= NATIVE_MAX_ROWS_16BIT
 
@@ -154,21 +155,28 @@ def native_matmul_available() -> bool:
     return cpu_native.available("phi4_cpu_packed_matmul")
 
 
-def native_products(dtype, native: bool) -> bool:
-    """Whether a weight of `dtype` gets native panels when `native` products are on: float32 or bfloat16."""
-    return native and jnp.dtype(dtype).name in PANEL_DTYPES
+def panel_dtype(weight_dtype, compute_dtype, native: bool = True):
+    """The dtype a weight's native panels are packed in, or None when it gets none (`native` off, or a weight
+    neither float32 nor bfloat16): bfloat16 when the products compute in bfloat16 (a float32 weight rounded once,
+    as XLA's dot of it in that dtype would read it), else the weight's own dtype (bfloat16 weights widen exactly)."""
+    if not native or jnp.dtype(weight_dtype).name not in PANEL_DTYPES:
+        return None
+    if jnp.dtype(compute_dtype) == jnp.bfloat16:
+        return jnp.dtype(jnp.bfloat16)
+    return jnp.dtype(weight_dtype)
 
 
-def cpu_layer(layer, native: bool = False):
+def cpu_layer(layer, native: bool = False, compute_dtype=jnp.float32, keep_matrix: bool = True):
     """One unstacked layer dict (`paged_layers.per_layer_params`) with every plain matrix as a `MatrixWeight`:
-    with `native`, panels where `native_products` (float32: panels only; bfloat16: panels and the [K, N] matrix),
-    else the [K, N] matrix (a reshape, no transposed copy). Norms stay as they are; weight objects (quantized,
-    LoRA) are left alone."""
+    with `native`, panels in `panel_dtype` (float32 panels only; bfloat16 panels with the [K, N] matrix too when
+    `keep_matrix`: XLA's bfloat16 dot runs the products of more rows, prefill), else the [K, N] matrix (a
+    reshape, no transposed copy). Norms stay as they are; weight objects (quantized, LoRA) are left alone."""
     def weight(name, w):
         if name not in IN_AXES or not isinstance(w, jax.Array):
             return w
-        if native_products(w.dtype, native):
-            return MatrixWeight.packed(w, IN_AXES[name], matrix=jnp.dtype(w.dtype).itemsize < 4)
+        dtype = panel_dtype(w.dtype, compute_dtype, native)
+        if dtype is not None:
+            return MatrixWeight.packed(w, IN_AXES[name], dtype=dtype, matrix=keep_matrix and dtype.itemsize < 4)
         return MatrixWeight.of(w, IN_AXES[name])
     return {name: weight(name, w) for name, w in layer.items()}
 

@@ -43,7 +43,7 @@ from phi4_jax.inference.cpu_weights import (
     cpu_lm_head,
     cpu_lm_head_packed,
     native_matmul_available,
-    native_products,
+    panel_dtype,
     widened_lm_head,
 )
 from phi4_jax.inference.paged_cache import PagedKV, paged_implementation, paged_write_targets
@@ -55,10 +55,8 @@ PER_LAYER_MAX_MEMORY_FRACTION = 0.25   # of physical memory: the most a second c
 
 def per_layer_decode(params, config: Phi4Config, shard) -> bool:
     """Whether the engine keeps the per-layer layout (see the module docstring): on the CPU backend, unsharded,
-    with XLA's paged attention (not a Pallas kernel), plain array weights, and when the copy of the layer weights
-    (twice for 16-bit weights with native panels: panels and matrix) and the lm_head's panels or transposed copy
-    (and a 16-bit one's float32 copy without native panels) take at most `PER_LAYER_MAX_MEMORY_FRACTION` of
-    physical memory. GPUs and
+    with XLA's paged attention (not a Pallas kernel), plain array weights, and when its smallest form (`copy_bytes`
+    without bfloat16 panels' matrices) takes at most `PER_LAYER_MAX_MEMORY_FRACTION` of physical memory. GPUs and
     TPUs fuse the slice into the matmul, and a sharded or large model keeps the stacked layout (no second copy of
     the weights)."""
     if shard is not None or config.kernel_interpret or paged_implementation(config) in ("pallas", "pallas_gpu"):
@@ -68,31 +66,55 @@ def per_layer_decode(params, config: Phi4Config, shard) -> bool:
         return False
     if any(d.platform != "cpu" for w in layers for d in w.devices()):
         return False
-    native = native_matmul_available()
-    # a 16-bit layer weight with native panels also keeps its [K, N] copy (cpu_weights.cpu_layer)
-    layer_bytes = sum(w.size * w.dtype.itemsize * (2 if native_products(w.dtype, native) and w.dtype.itemsize < 4
-                                                   else 1) for w in layers)
+    return _memory_allows(copy_bytes(params, native_matmul_available(), config.compute_dtype, keep_matrix=False))
+
+
+def copy_bytes(params, native: bool, compute_dtype, keep_matrix: bool) -> int:
+    """Bytes `per_layer_params` copies: each layer matrix as panels in `cpu_weights.panel_dtype` (and, for 16-bit
+    panels with `keep_matrix`, its [K, N] copy too) or as a [K, N] copy, and the lm_head's panels, or its transposed
+    copy (and a 16-bit one's float32 copy) without them."""
+    total = 0
+    for w in jax.tree.leaves(params["layers"]):
+        dtype = panel_dtype(w.dtype, compute_dtype, native)
+        if dtype is None:
+            total += w.size * w.dtype.itemsize
+        else:
+            matrix = w.size * w.dtype.itemsize if keep_matrix and dtype.itemsize < 4 else 0
+            total += w.size * dtype.itemsize + matrix
     head = params["lm_head"]
     if isinstance(head, jax.Array):
-        layer_bytes += head.size * head.dtype.itemsize                 # its transposed copy, or its panels
-        if widened_lm_head(head) and not native_products(head.dtype, native):
-            layer_bytes += head.size * 4                               # its float32 copy for one-row products
+        dtype = panel_dtype(head.dtype, compute_dtype, native)
+        if dtype is not None:
+            total += head.size * dtype.itemsize
+        else:
+            total += head.size * head.dtype.itemsize + (head.size * 4 if widened_lm_head(head) else 0)
+    return total
+
+
+def _memory_allows(nbytes: int) -> bool:
     try:
         physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return False
-    return layer_bytes <= PER_LAYER_MAX_MEMORY_FRACTION * physical
+    return nbytes <= PER_LAYER_MAX_MEMORY_FRACTION * physical
 
 
-def per_layer_params(params, native: bool | None = None):
+def per_layer_params(params, native: bool | None = None, compute_dtype=None, keep_matrix: bool | None = None):
     """The model's params with the stacked layers as a list of per-layer dicts, q/k/v and gate/up fused, in the
     CPU weight layout (`cpu_weights`), made in one compiled program (`_copies`): the layer weights copied (as
-    native panels where `cpu_weights.native_products`), and the lm_head packed into panels, or else transposed
-    (and, for a 16-bit lm_head, widened to float32 for one-row products); the embedding, the final norm and the
-    lm_head's own array are the model's, not copied. `native` (default: `cpu_weights.native_matmul_available()`)
-    turns the native panels on or off."""
+    native panels in `cpu_weights.panel_dtype` where `native`), and the lm_head packed into panels, or else
+    transposed (and, for a 16-bit lm_head, widened to float32 for one-row products); the embedding, the final norm
+    and the lm_head's own array are the model's, not copied. `native` defaults to
+    `cpu_weights.native_matmul_available()`, `compute_dtype` (the products' dtype) to the layer weights' own, and
+    `keep_matrix` (bfloat16 panels' [K, N] copies, for prefill) to whether that copy too fits the memory rule of
+    `per_layer_decode`; without it prefill runs on the panels too."""
     native = native_matmul_available() if native is None else bool(native)
-    layers, head = _copies(params["layers"], params["lm_head"], native)
+    if compute_dtype is None:
+        compute_dtype = jax.tree.leaves(params["layers"])[0].dtype
+    compute = jnp.dtype(compute_dtype).name
+    if keep_matrix is None:
+        keep_matrix = _memory_allows(copy_bytes(params, native, compute, keep_matrix=True))
+    layers, head = _copies(params["layers"], params["lm_head"], native, compute, bool(keep_matrix))
     lm_head = params["lm_head"]
     if "panels" in head:
         lm_head = cpu_lm_head_packed(lm_head, head["panels"])
@@ -101,17 +123,18 @@ def per_layer_params(params, native: bool | None = None):
     return dict(params, layers=layers, lm_head=lm_head)
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _copies(stacked_layers, lm_head, native: bool):
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _copies(stacked_layers, lm_head, native: bool, compute_dtype: str, keep_matrix: bool):
     """(per-layer dicts in the CPU layout, the lm_head's copies: {"panels"} when packed natively, {"rows"} its
     transpose (and "float32" for a 16-bit one, `cpu_weights.cpu_lm_head`), {} for a weight object)."""
     n = jax.tree.leaves(stacked_layers)[0].shape[0]
-    layers = [cpu_layer(fuse_projections(jax.tree.map(lambda w, i=i: w[i], stacked_layers)), native)
-              for i in range(n)]
+    layers = [cpu_layer(fuse_projections(jax.tree.map(lambda w, i=i: w[i], stacked_layers)), native, compute_dtype,
+                        keep_matrix) for i in range(n)]
     if not isinstance(lm_head, jax.Array):
         return layers, {}
-    if native_products(lm_head.dtype, native):
-        return layers, {"panels": cpu_native.pack_matrix(lm_head)}
+    dtype = panel_dtype(lm_head.dtype, compute_dtype, native)
+    if dtype is not None:
+        return layers, {"panels": cpu_native.pack_matrix(lm_head.astype(dtype))}
     head = {"rows": jnp.transpose(lm_head)}
     if widened_lm_head(lm_head):
         head["float32"] = lm_head.astype(jnp.float32)
