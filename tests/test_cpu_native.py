@@ -224,3 +224,17 @@ def test_16bit_matrices_are_dropped_when_memory_is_short(monkeypatch):
     got = weight.linear_einsum("bf,fe->be", x, jnp.bfloat16, preferred_element_type=jnp.float32)
     want = _bf16_as_float64(x) @ _bf16_as_float64(stacked["down_proj"][0])
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-4)
+
+
+def test_engine_without_native_kernels_equals_transformers():
+    """The fallback end to end: with PHI4_JAX_NATIVE_CPU=0 (as on a machine with no C++ compiler) the CPU engine
+    runs XLA's ops throughout, and its concurrent greedy answers and logprobs still equal transformers' (two
+    tests of tests/test_batching.py, run in a child pytest with the variable set)."""
+    tests = ["tests/test_batching.py::test_concurrent_greedy_equals_transformers_and_generate",
+             "tests/test_batching.py::test_logprobs_match_transformers"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+                         capture_output=True, text=True, timeout=900, cwd=root,
+                         env={**os.environ, cpu_native.DISABLE_ENV: "0", "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "2 passed" in out.stdout, out.stdout[-2000:]
