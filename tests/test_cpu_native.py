@@ -238,3 +238,29 @@ def test_engine_without_native_kernels_equals_transformers():
                          env={**os.environ, cpu_native.DISABLE_ENV: "0", "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "2 passed" in out.stdout, out.stdout[-2000:]
+
+
+@needs_native
+def test_sampling_with_the_native_argmax_draws_what_categorical_draws():
+    """`sample_rows(argmax=cpu_native.argmax)` (the CPU engine's) gives the tokens of jax.random.categorical over
+    the same restricted, scaled logits with the same keys (its argmax(gumbel + logits) formula), for greedy,
+    temperature, top-k and top-p rows mixed."""
+    from phi4_jax.inference.sampling import sample_rows, top_k_mask, top_p_mask
+
+    b, v = 6, 3000
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.standard_normal((b, v)) * 3, jnp.float32)
+    keys = jax.random.split(jax.random.key(7), b)
+    steps = jnp.arange(b, dtype=jnp.int32) * 5
+    temperature = jnp.asarray([0.0, 0.7, 1.0, 1.3, 0.9, 0.5], jnp.float32)
+    top_k = jnp.asarray([0, 0, 50, 0, 7, 0], jnp.int32)
+    top_p = jnp.asarray([1.0, 1.0, 1.0, 0.8, 0.9, 0.95], jnp.float32)
+    got = jax.jit(lambda *a: sample_rows(*a, argmax=cpu_native.argmax))(logits, keys, steps, temperature, top_k,
+                                                                         top_p)
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    scaled = jnp.where(top_k_mask(scaled, top_k), scaled, -jnp.inf)
+    scaled = jnp.where(top_p_mask(scaled, top_p), scaled, -jnp.inf)
+    drawn = jax.vmap(jax.random.categorical)(jax.vmap(jax.random.fold_in)(keys, steps), scaled)
+    want = np.where(np.asarray(temperature) > 0, np.asarray(drawn), np.asarray(logits).argmax(-1))
+    np.testing.assert_array_equal(np.asarray(got), want)
+    assert len(set(np.asarray(got)[1:].tolist())) > 1      # the draws are not all one token

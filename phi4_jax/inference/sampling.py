@@ -24,10 +24,12 @@ def sample_rows(logits, keys, steps, temperature, top_k, top_p, argmax=None):
     (`top_k_mask`; 0 = no limit) and then to the nucleus of mass top_p[b] of what is left (`top_p_mask`; 1 = no
     limit). The passes over the vocabulary that top-k and top-p need run only when some row uses them
     (`lax.cond`): an all-greedy batch costs one argmax: `argmax` (float32 [B, V] -> int32 [B], jnp.argmax's
-    answer; the CPU engine passes `kernels.cpu_native.argmax`) or jnp.argmax.
+    answer; the CPU engine passes `kernels.cpu_native.argmax`) or jnp.argmax, which also picks the sampled rows'
+    draws (jax.random.categorical's own formula, so the same draws either way).
     """
     logits = logits.astype(jnp.float32)
-    greedy = (jnp.argmax(logits, axis=-1) if argmax is None else argmax(logits)).astype(jnp.int32)
+    pick = (lambda x: jnp.argmax(x, axis=-1)) if argmax is None else argmax   # noqa: E731
+    greedy = pick(logits).astype(jnp.int32)
     top_k = jnp.asarray(top_k, jnp.int32)
     top_p = jnp.asarray(top_p, jnp.float32)
 
@@ -39,7 +41,9 @@ def sample_rows(logits, keys, steps, temperature, top_k, top_p, argmax=None):
         scaled = restrict(scaled, (temperature > 0) & (top_k > 0), top_k_mask, top_k)
         scaled = restrict(scaled, (temperature > 0) & (top_p < 1.0), top_p_mask, top_p)
         step_keys = jax.vmap(jax.random.fold_in)(keys, steps)
-        drawn = jax.vmap(jax.random.categorical)(step_keys, scaled).astype(jnp.int32)
+        # jax.random.categorical(key, row) is argmax(gumbel(key, row.shape) + row): the same draw, with `argmax`
+        noise = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[-1:], scaled.dtype))(step_keys)
+        drawn = pick(noise + scaled).astype(jnp.int32)
         return jnp.where(temperature > 0, drawn, greedy)
 
     return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
