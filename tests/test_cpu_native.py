@@ -187,6 +187,7 @@ def test_float32_weights_computing_in_bfloat16_round_like_xla(rows):
     from phi4_jax.inference.paged_layers import per_layer_params
 
     assert panel_dtype(jnp.float32, jnp.bfloat16) == jnp.bfloat16 and panel_dtype(jnp.float32, jnp.float32) == jnp.float32
+    assert panel_dtype(jnp.float32, jnp.float16) is None and panel_dtype(jnp.float16, jnp.float32) is None
     rng = np.random.default_rng(rows)
     stacked = {"gate_up_proj": jnp.asarray(rng.standard_normal((1, 64, 2, 48)), jnp.float32)}
     head = jnp.asarray(rng.standard_normal((64, 100)), jnp.float32)

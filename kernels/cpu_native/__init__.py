@@ -35,12 +35,14 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 log = logging.getLogger(__name__)
@@ -94,8 +96,6 @@ def cache_root() -> Path:
 def _build_key(cxx: str) -> str:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     h = hashlib.sha256()
-    import jaxlib
-
     ffi_header = Path(jax.ffi.include_dir()) / "xla" / "ffi" / "api" / "ffi.h"
     header = ffi_header.read_bytes() if ffi_header.exists() else b""
     for part in (version, " ".join(CXX_FLAGS), jax.ffi.include_dir(), jax.__version__,
@@ -134,6 +134,8 @@ def _build() -> Path:
     os.close(fd)
     cmd = [cxx, *CXX_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, sorted(SOURCE_DIR.glob("*.cc"))), "-o", tmp]
     log.info("building the native CPU kernels: %s", " ".join(cmd))
+    # once per machine and source, ~10-20 s on 2 cores: say so rather than pause silently
+    print(f"phi4_jax: building the native CPU kernels into {target_dir} (once) ...", file=sys.stderr, flush=True)
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as e:

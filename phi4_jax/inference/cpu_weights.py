@@ -156,10 +156,12 @@ def native_matmul_available() -> bool:
 
 
 def panel_dtype(weight_dtype, compute_dtype, native: bool = True):
-    """The dtype a weight's native panels are packed in, or None when it gets none (`native` off, or a weight
-    neither float32 nor bfloat16): bfloat16 when the products compute in bfloat16 (a float32 weight rounded once,
-    as XLA's dot of it in that dtype would read it), else the weight's own dtype (bfloat16 weights widen exactly)."""
-    if not native or jnp.dtype(weight_dtype).name not in PANEL_DTYPES:
+    """The dtype a weight's native panels are packed in, or None when it gets none (`native` off, or a weight or
+    compute dtype neither float32 nor bfloat16): bfloat16 when the products compute in bfloat16 (a float32 weight
+    rounded once, as XLA's dot of it in that dtype would read it), else the weight's own dtype (bfloat16 weights
+    widen exactly)."""
+    if (not native or jnp.dtype(weight_dtype).name not in PANEL_DTYPES
+            or jnp.dtype(compute_dtype).name not in PANEL_DTYPES):
         return None
     if jnp.dtype(compute_dtype) == jnp.bfloat16:
         return jnp.dtype(jnp.bfloat16)
