@@ -149,6 +149,11 @@ def _build() -> Path:
     return lib
 
 
+def disabled_on_purpose() -> bool:
+    """Whether ``PHI4_JAX_NATIVE_CPU`` turns the kernels off (0, false, no, off)."""
+    return os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def load() -> bool:
     """Builds (once per source/compiler/CPU, cached on disk) and registers the kernels; True when they can be used.
     Thread-safe; later calls return the first call's answer."""
@@ -156,7 +161,7 @@ def load() -> bool:
         if "ok" in _state:
             return _state["ok"]
         _state.update(ok=False, reason=None, path=None, targets=set())
-        if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        if disabled_on_purpose():
             _state["reason"] = f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}"
             return False
         if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
@@ -286,5 +291,5 @@ def argmax(x):
     return jax.ffi.ffi_call("phi4_cpu_argmax", jax.ShapeDtypeStruct(x.shape[:1], jnp.int32))(x)
 
 
-__all__ = ["NativeKernelError", "PANEL", "argmax", "available", "cache_root", "library_path", "load", "pack_matrix",
-           "packed_matmul", "paged_attention", "unavailable_reason"]
+__all__ = ["NativeKernelError", "PANEL", "argmax", "available", "cache_root", "disabled_on_purpose", "library_path",
+           "load", "pack_matrix", "packed_matmul", "paged_attention", "unavailable_reason"]

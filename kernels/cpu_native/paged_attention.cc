@@ -25,8 +25,6 @@ namespace {
 constexpr int kBlock = 16;          // keys per block: one 16-lane vector of scores per row
 constexpr int64_t kMaxRows = 32;    // query rows per work unit (group * tokens) when the group allows
 
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-
 // Lane j of the result = the sum of the 16 lanes of a[j] (a transposing add tree: 15 shuffle pairs).
 inline f32x16 reduce16x16(const f32x16* a) {
   f32x16 r1[8], r2[4], r3[2];
@@ -75,7 +73,7 @@ inline f32x16 exp16(f32x16 x) {
   return under ? f32x16{} : y;
 }
 
-// Max / sum of the 16 lanes by halving (the lanes' order of the sum is fixed: deterministic).
+// The max of the 16 lanes by halving (common.h's hsum16 sums them).
 inline float hmax16(f32x16 v) {
   v = v > __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7)
           ? v : __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
@@ -84,13 +82,6 @@ inline float hmax16(f32x16 v) {
   v = v > __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13)
           ? v : __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
   return v[0] > v[1] ? v[0] : v[1];
-}
-
-inline float hsum16(f32x16 v) {
-  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  return v[0] + v[1];
 }
 
 struct Shape {
