@@ -305,11 +305,11 @@ def test_no_recompilation_after_warmup(engine, prompts, monkeypatch):
     ran every decode row bucket (1, 2 and 3 requests decoding), each a shape `program_shapes` lists."""
     steps, shapes = record_steps(engine, monkeypatch)
     with recorded_compiles() as compiles:
-        streams = [engine.submit(GenerationRequest(p[:n], k, temperature=t, top_p=tp, seed=s, logprobs=lp))
-                   for p, n, k, t, tp, s, lp in [(prompts[2], 97, 5, 0.0, 1.0, None, None),
-                                                 (prompts[3], 41, 9, 0.7, 0.5, 1, 2),
-                                                 (prompts[4], 17, 3, 1.3, 1.0, None, 0),
-                                                 (prompts[2], 250, 4, 0.0, 1.0, None, None)]]
+        streams = engine.submit_many([GenerationRequest(p[:n], k, temperature=t, top_p=tp, seed=s, logprobs=lp)
+                                      for p, n, k, t, tp, s, lp in [(prompts[2], 97, 5, 0.0, 1.0, None, None),
+                                                                    (prompts[3], 41, 9, 0.7, 0.5, 1, 2),
+                                                                    (prompts[4], 17, 3, 1.3, 1.0, None, 0),
+                                                                    (prompts[2], 250, 4, 0.0, 1.0, None, None)]])
         for s in streams:
             assert len(list(s)) > 0
         assert wait_until(lambda: engine._pending is None)
@@ -357,7 +357,7 @@ def test_decode_program_is_sized_to_the_running_rows(engine, converted, prompts,
         assert len(decode_shapes) == NEW - 1 and {rows for rows, _, _ in decode_shapes} == {1}
 
         steps.clear()
-        streams = [engine.submit(GenerationRequest(p, NEW)) for p in (prompts[0], joining, prompts[3], prompts[1])]
+        streams = engine.submit_many([GenerationRequest(p, NEW) for p in (prompts[0], joining, prompts[3], prompts[1])])
         assert [[e.token_id for e in s] for s in streams] == [references[0], want_joining, references[3], references[1]]
         assert wait_until(lambda: engine._pending is None)
     monkeypatch.undo()
@@ -389,9 +389,9 @@ def test_seeded_sampling_does_not_depend_on_the_row(engine, converted, prompts, 
     steps, _ = record_steps(engine, monkeypatch)
     first = engine.submit(GenerationRequest(prompts[0], 6))                  # leaves early: the others move up
     got_first = [next(first).token_id]
-    other = engine.submit(GenerationRequest(prompts[1], NEW, temperature=1.1, top_p=0.7, seed=5))
-    target = engine.submit(GenerationRequest(prompts[3], NEW, **sampled))
-    late = engine.submit(GenerationRequest(prompts[4], 8))                  # waits for a slot, joins mid-stream
+    other, target, late = engine.submit_many([                              # late waits for a slot, joins mid-stream
+        GenerationRequest(prompts[1], NEW, temperature=1.1, top_p=0.7, seed=5),
+        GenerationRequest(prompts[3], NEW, **sampled), GenerationRequest(prompts[4], 8)])
     got = [e.token_id for e in target]
     assert got_first + [e.token_id for e in first] == references[0][:6]
     assert [e.token_id for e in late] == references[4][:8]
@@ -429,6 +429,26 @@ def test_queue_full_context_and_bad_requests(converted):
     assert eng.stats()["queue_length"] == 1 and waiting[0].finish_reason == "cancelled"
     eng.shutdown()
     assert waiting[1].finish_reason == "cancelled" and list(waiting[1]) == []
+
+
+def test_submit_many_queues_all_or_none(converted):
+    """`submit_many` checks every request before queueing any: a bad one, or a queue without room for all of them,
+    leaves the queue as it was; more requests than max_queue is a GenerationError (no wait would fix it)."""
+    eng = ContinuousBatchingEngine(converted[0], max_batch=2, max_context=64, page_size=8, max_queue=3)
+    good = GenerationRequest([5, 6, 7], 4)
+    with pytest.raises(GenerationError, match="top_p"):
+        eng.submit_many([good, GenerationRequest([5, 6], 3, top_p=0.0)])
+    assert eng.stats()["queue_length"] == 0
+    first = eng.submit_many([good, good])
+    with pytest.raises(QueueFullError, match=r"2 requests are waiting \(max_queue=3\) and 2 were submitted together"):
+        eng.submit_many([good, good])
+    assert eng.stats()["queue_length"] == 2
+    with pytest.raises(GenerationError, match="4 requests submitted together exceed the engine's queue"):
+        eng.submit_many([good] * 4)
+    last = eng.submit_many([good])
+    assert eng.stats()["queue_length"] == 3
+    eng.shutdown()
+    assert all(s.finish_reason == "cancelled" for s in first + last)
 
 
 def test_engine_on_a_mesh_equals_single_device_generate():

@@ -40,9 +40,9 @@ class RecordingEngine:
     def __init__(self, engine):
         self.engine, self.requests = engine, []
 
-    def submit(self, request):
-        self.requests.append(request)
-        return self.engine.submit(request)
+    def submit_many(self, requests):
+        self.requests.extend(requests)
+        return self.engine.submit_many(requests)
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
@@ -273,7 +273,7 @@ class RefusingEngine:
     def __init__(self, config, error):
         self.config, self.error = config, error
 
-    def submit(self, request):
+    def submit_many(self, requests):
         raise self.error
 
     def stats(self):

@@ -115,6 +115,7 @@ import os
 import threading
 import weakref
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -617,19 +618,40 @@ class ContinuousBatchingEngine:
                     raise GenerationError("resume must be a HeldSequence of this engine that was not resumed or "
                                           "released already")
                 req.resume = resume
-            if self._error is not None:
-                raise EngineError(f"the serving engine failed: {self._error}")
-            if self._stopping:
-                raise EngineError("the serving engine is shut down")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFullError(f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue}); "
-                                     "retry later")
+            self._check_room(1)
             if resume is not None:
                 pages = self._unhold(resume)
                 req.resume = None if pages is None else self._new_held(resume.tokens, pages)
             self._waiting.append(req)
             self._wake.notify_all()
         return req.stream
+
+    def submit_many(self, requests: Sequence[GenerationRequest], *, hold: bool = False) -> list[RequestStream]:
+        """Queues `requests` together, in order, and returns their streams: every request is checked first and
+        they join the queue at once (one step plans with all of them), or none does. Raises as `submit`; the
+        queue must have room for all of them (QueueFullError otherwise; GenerationError when there are more
+        than max_queue, which no wait would fix). `hold` as `submit`'s, for each."""
+        reqs = [self._validate(request) for request in requests]
+        if len(reqs) > self.max_queue:
+            raise GenerationError(f"{len(reqs)} requests submitted together exceed the engine's queue "
+                                  f"(max_queue={self.max_queue})")
+        for req in reqs:
+            req.hold = bool(hold)
+        with self._lock:
+            self._check_room(len(reqs))
+            self._waiting.extend(reqs)
+            self._wake.notify_all()
+        return [req.stream for req in reqs]
+
+    def _check_room(self, n: int) -> None:
+        """Raises unless `n` more requests may join the queue now (under the lock)."""
+        if self._error is not None:
+            raise EngineError(f"the serving engine failed: {self._error}")
+        if self._stopping:
+            raise EngineError("the serving engine is shut down")
+        if len(self._waiting) + n > self.max_queue:
+            raise QueueFullError(f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue})"
+                                 + (f" and {n} were submitted together" if n > 1 else "") + "; retry later")
 
     def release(self, held: HeldSequence) -> None:
         """Frees the pages of a `HeldSequence` (their full pages stay in the prefix cache); a no-op when it was

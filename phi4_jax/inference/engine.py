@@ -235,22 +235,9 @@ def generate(model, prompts, *, max_new_tokens, temperature=0.0, top_k=None, top
     engine = shared_engine(model, batch=len(prompts), context=max(len(p) + b for p, b in zip(prompts, budgets)),
                            mesh=mesh, rules=rules, cache_dtype=cache_dtype)
     sampling = request_sampling(temperature, top_k, top_p)
-    return run_streams(engine, submit_all(engine, [GenerationRequest(p, b, stop_token_ids=stops, key=k, **sampling)
-                                                   for p, b, k in zip(prompts, budgets, keys)]), callback)
-
-
-def submit_all(engine, requests) -> list:
-    """Submits every request (`engine.submit`) and returns their streams; if one is refused, the ones already
-    queued are cancelled before the error propagates."""
-    streams = []
-    try:
-        for request in requests:
-            streams.append(engine.submit(request))
-    except BaseException:
-        for stream in streams:
-            stream.cancel()
-        raise
-    return streams
+    requests = [GenerationRequest(p, b, stop_token_ids=stops, key=k, **sampling)
+                for p, b, k in zip(prompts, budgets, keys)]
+    return run_streams(engine, engine.submit_many(requests), callback)
 
 
 def request_sampling(temperature, top_k, top_p) -> dict:

@@ -55,7 +55,6 @@ from phi4_jax.inference.engine import (
     model_params_config,
     run_streams,
     shared_engine,
-    submit_all,
 )
 from phi4_jax.model.decoder import hidden_states, logits_from_hidden
 from phi4_jax.posttrain.oracles import OracleError
@@ -396,7 +395,7 @@ class ModelSampler:
         engine = self._engine
         budget = min(self.max_new_tokens, self.config.max_position_embeddings - len(context))
         stops = tuple(sorted(self.stop_tokens))
-        return run_streams(engine, submit_all(engine, [
+        return run_streams(engine, engine.submit_many([
             GenerationRequest(context, budget, temperature=self.temperature, seed=int(seed) + j, stop_token_ids=stops)
             for j in range(k)]))
 

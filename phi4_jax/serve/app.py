@@ -184,26 +184,23 @@ class Server:
     def submit(self, prompts: list[list[int]], budgets: list[int], sampling: Sampling,
                prompt_logprobs: int | None = None) -> list[Choice]:
         """One engine request per prompt and choice (scoring its prompt with top-`prompt_logprobs` alternatives when
-        that is given; a budget of 0 then still scores it); on any refusal, cancels those already submitted."""
-        choices = []
+        that is given; a budget of 0 then still scores it), submitted together: all join the engine's queue at once,
+        or none does (the engine's refusal propagates)."""
         stop_ids = tuple(sorted(set(self.stop_ids) | set(sampling.stop_token_ids)))
-        try:
-            for p, (prompt, budget) in enumerate(zip(prompts, budgets)):
-                for j in range(sampling.n):
-                    index = p * sampling.n + j
-                    text = CompletionText(self.tokenizer, stop_strings=sampling.stop_strings, stop_token_ids=stop_ids)
-                    if budget == 0 and prompt_logprobs is None:
-                        choices.append(Choice(index, None, text))
-                        continue
-                    request = GenerationRequest(
-                        prompt_ids=list(prompt), max_new_tokens=budget, temperature=sampling.temperature,
-                        top_p=sampling.top_p, seed=None if sampling.seed is None else sampling.seed + index,
-                        stop_token_ids=stop_ids, logprobs=sampling.logprobs, prompt_logprobs=prompt_logprobs)
-                    choices.append(Choice(index, self.engine.submit(request), text))
-        except BaseException:
-            cancel(choices)
-            raise
-        return choices
+        texts, requests = [], {}
+        for p, (prompt, budget) in enumerate(zip(prompts, budgets)):
+            for j in range(sampling.n):
+                index = p * sampling.n + j
+                texts.append(CompletionText(self.tokenizer, stop_strings=sampling.stop_strings,
+                                            stop_token_ids=stop_ids))
+                if budget == 0 and prompt_logprobs is None:
+                    continue                              # echo only: nothing to generate or score
+                requests[index] = GenerationRequest(
+                    prompt_ids=list(prompt), max_new_tokens=budget, temperature=sampling.temperature,
+                    top_p=sampling.top_p, seed=None if sampling.seed is None else sampling.seed + index,
+                    stop_token_ids=stop_ids, logprobs=sampling.logprobs, prompt_logprobs=prompt_logprobs)
+        streams = dict(zip(requests, self.engine.submit_many(list(requests.values()))))
+        return [Choice(index, streams.get(index), text) for index, text in enumerate(texts)]
 
     def usage(self, prompts: list[list[int]], choices: list[Choice]) -> dict:
         prompt_tokens = sum(len(p) for p in prompts)
