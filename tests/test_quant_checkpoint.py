@@ -197,3 +197,65 @@ def test_to_gguf_requantizes_other_kept_tensors_with_a_note(work, caplog):
         assert t.tensor_type == gguf.GGMLQuantizationType[kind.upper()], name
         bound = _block_bound(w, kind) + 1e-6 * np.max(np.abs(w))  # + the Q4_K offsets' float32 rounding
         assert np.all(np.abs(got - w) <= bound), name
+
+
+@pytest.mark.parametrize("target", [4096, 64 << 20])
+def test_keep_quantized_writes_only_whole_chunks(kept, tmp_path, monkeypatch, target):
+    """Every TensorStore write of a --keep-quantized conversion covers whole chunks of its array, at the default
+    chunk target and at a small one that splits the embedding and lm_head (int8 values, scales) into chunks of
+    other row counts than the conversion's row blocks: `ParamArrayWriter` buffers a chunk until its rows are all
+    there. (A write of part of a chunk makes TensorStore read, decode, merge and re-encode that chunk: with one
+    25 MB chunk per 100K-vocabulary lm_head and the row blocks cut for a small target, a conversion once took
+    10 minutes.) The checkpoint still holds what the file holds."""
+    from phi4_jax.checkpoint import store
+
+    src = kept["Q8_0"][0]
+    monkeypatch.setattr(store, "CHUNK_TARGET_BYTES", target)
+    writes, init = [], store.ParamArrayWriter.__init__
+
+    class Recorded:
+        def __init__(self, arr, path):
+            self.arr, self.path = arr, path
+
+        def __getattr__(self, name):
+            return getattr(self.arr, name)
+
+        def __getitem__(self, index):
+            view = self.arr[index]
+            path = self.path
+
+            class Write:
+                def write(self, value, **kwargs):
+                    writes.append((path, index))
+                    return view.write(value, **kwargs)
+            return Write()
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self._arrays = {path: Recorded(arr, path) for path, arr in self._arrays.items()}
+
+    monkeypatch.setattr(store.ParamArrayWriter, "__init__", recording_init)
+    chunks, shapes, axes = {}, {}, {}
+    write = store.ParamArrayWriter.write
+
+    def remember(self, path, value, index=()):
+        chunks[path], shapes[path], axes[path] = self.chunks[path], self.specs[path][0], self.split_axes[path]
+        return write(self, path, value, index)
+
+    monkeypatch.setattr(store.ParamArrayWriter, "write", remember)
+    assert cli_main(src, tmp_path / "kept", "--keep-quantized") == 0
+    split = 0
+    for path, index in writes:
+        axis, shape, chunk = axes[path], shapes[path], chunks[path]
+        if axis >= len(shape) or axis >= len(index) or isinstance(index[axis], int):
+            continue
+        start, stop, _ = index[axis].indices(shape[axis])
+        assert start % chunk[axis] == 0 and (stop - start == chunk[axis] or stop == shape[axis]), (path, index)
+        split += chunk[axis] < shape[axis]
+    if target == 4096:
+        assert split > 0                              # the small target really cuts arrays into several chunks
+    model = phi4_jax.load_model(tmp_path / "kept")
+    reference = phi4_jax.load_model(kept["Q8_0"][1])
+    for (p, ours), (_, theirs) in zip(_leaves(model.params).items(), _leaves(reference.params).items()):
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(p))

@@ -27,8 +27,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from phi4_jax.checkpoint import store as _store
 from phi4_jax.checkpoint.store import (
-    CHUNK_TARGET_BYTES,
     CONFIG_FILE,
     META_KEY,
     CheckpointError,
@@ -87,8 +87,10 @@ def _row_index(name: str, n0: int | None, n1: int | None) -> tuple:
 
 
 def row_blocks(n: int, row_bytes: int) -> list[tuple[int, int]]:
-    """[n0, n1) blocks of output rows of about CHUNK_TARGET_BYTES each."""
-    step = max(1, CHUNK_TARGET_BYTES // max(1, row_bytes))
+    """[n0, n1) blocks of output rows of about `store.CHUNK_TARGET_BYTES` each (read at each call, as the
+    writer's `chunk_shape` reads it: a block smaller than the chunk it lands in makes every write of it read,
+    decode, merge and re-encode that whole chunk)."""
+    step = max(1, _store.CHUNK_TARGET_BYTES // max(1, row_bytes))
     return [(a, min(n, a + step)) for a in range(0, n, step)]
 
 

@@ -171,7 +171,11 @@ class ParamArrayWriter:
     chunk shape. Call `write(path, value, index)` as pieces arrive (a layer of a stacked parameter, a block of
     a whole one), then `finish()` to write Orbax's metadata. A write is copied (and cast) one block of
     chunks at a time and waited for, so it holds at most one chunk-block copy of `value` besides `value`
-    itself, and nothing is kept between writes. Writes aligned to whole chunks never read anything back.
+    itself. Only whole chunks are written: the rows of a piece that covers part of a chunk are kept in that
+    chunk's buffer until the pieces that follow complete it (a partial write would make TensorStore read,
+    decode, merge and re-encode the chunk each time, quadratic in the pieces), so nothing is ever read back
+    and at most one buffered chunk per array and layer is held between writes; `finish()` writes any chunk
+    left incomplete.
     """
 
     def __init__(self, params_dir: str | os.PathLike, specs: dict[tuple[str, ...], tuple[tuple[int, ...], Any]],
@@ -184,6 +188,8 @@ class ParamArrayWriter:
         self.split_axes = {path: (split_axes or {}).get(path, 1 if path[0] == "layers" else 0) for path in specs}
         self.chunks: dict[tuple[str, ...], tuple[int, ...]] = {}
         self._arrays = {}
+        # (path, index but the split axis, chunk start) -> [chunk buffer, [(start, stop) of its rows written]]
+        self._partial: dict[tuple, list] = {}
         if compression not in ("zstd", None, "none"):
             raise CheckpointError(f"unknown compression {compression!r}: use 'zstd' or 'none'")
         compressor = {"id": "zstd", "level": 1} if compression == "zstd" else None
@@ -222,12 +228,45 @@ class ParamArrayWriter:
                        value[(slice(None),) * value_axis + (slice(a - start, b - start),)])
                       for a, b in zip(bounds[:-1], bounds[1:])]
         for block_index, block in blocks:
+            if axis < len(shape) and not isinstance(index[axis], int):
+                a, b, _ = block_index[axis].indices(shape[axis])
+                step = self.chunks[path][axis]
+                c0 = a // step * step
+                c1 = min(c0 + step, shape[axis])
+                if (a, b) != (c0, c1):
+                    self._buffer(path, block_index, axis, value_axis, block, a, b, c0, c1, dtype)
+                    continue
             block = contiguous_copy(block, dtype)
             arr[block_index].write(block, can_reference_source_data_indefinitely=True).result()
             del block
 
+    def _buffer(self, path, block_index, axis, value_axis, block, a, b, c0, c1, dtype) -> None:
+        """Copies rows [a, b) of the chunk starting at c0 into its buffer; writes the chunk once it is complete."""
+        key = (path, tuple((i.start, i.stop) if isinstance(i, slice) else i for i in block_index[:axis]) +
+               tuple((i.start, i.stop) if isinstance(i, slice) else i for i in block_index[axis + 1:]), c0)
+        if key not in self._partial:
+            buffer_shape = list(block.shape)
+            buffer_shape[value_axis] = c1 - c0
+            self._partial[key] = [np.zeros(buffer_shape, dtype), [], block_index[:axis] + (slice(c0, c1),) +
+                                  block_index[axis + 1:], value_axis]
+        buffer, done, chunk_index, _ = self._partial[key]
+        buffer[(slice(None),) * value_axis + (slice(a - c0, b - c0),)] = block
+        done.append((a, b))
+        if sum(hi - lo for lo, hi in done) >= c1 - c0:
+            del self._partial[key]
+            self._arrays[path][chunk_index].write(buffer, can_reference_source_data_indefinitely=True).result()
+
     def finish(self) -> None:
-        """Writes Orbax's metadata. (Files are not fsynced here: `atomic_directory` fsyncs the whole output.)"""
+        """Writes any chunk some rows of which were written but not all (those rows only), then Orbax's metadata.
+        (Files are not fsynced here: `atomic_directory` fsyncs the whole output.)"""
+        for key, (buffer, done, chunk_index, value_axis) in list(self._partial.items()):
+            path, c0 = key[0], key[2]
+            axis = self.split_axes[path]
+            for a, b in sorted(done):
+                rows = chunk_index[:axis] + (slice(a, b),) + chunk_index[axis + 1:]
+                part = buffer[(slice(None),) * value_axis + (slice(a - c0, b - c0),)]
+                self._arrays[path][rows].write(part).result()
+            del self._partial[key]
         write_pytree_metadata(self.dir, list(self.specs))
 
 
