@@ -51,12 +51,35 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="both sides' weights and compute: float32, or bfloat16 (phi-4's checkpoint dtype; transformers "
                         "in torch.bfloat16, phi4_jax with bfloat16 params, compute and KV cache)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sample at this temperature on both sides (0: greedy, the default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus sampling (1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="with --temperature: top-k sampling (0: off)")
     p.add_argument("--write", metavar="BENCHMARKS_MD", default=None,
                    help="append the results to this file's 'Decode' section")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        p.error("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
+    if args.temperature == 0 and (args.top_p < 1 or args.top_k > 0):
+        p.error("--top-p and --top-k need a sampling --temperature above 0")
+    return args
 
 
-def ours_runner(model, prompts):
+def sampling_kwargs(args) -> dict:
+    """phi4_jax's sampling arguments (`generate`'s and `GenerationRequest`'s) for the command line's settings."""
+    if args.temperature == 0:
+        return {}
+    return {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k or None}
+
+
+def hf_sampling_kwargs(args) -> dict:
+    """transformers' `generate` arguments for the same settings (its top_k defaults to 50: 0 turns it off)."""
+    if args.temperature == 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+
+
+def ours_runner(model, prompts, sampling: dict):
     """Each call's prompts differ from the last call's in their first token: `generate` runs on the model's engine,
     whose prefix cache would otherwise skip the prefill of a repeated prompt (prefill would look faster than it is)."""
     import phi4_jax
@@ -66,12 +89,12 @@ def ours_runner(model, prompts):
     def run(n):
         calls[0] += 1
         fresh = [[(p[0] + calls[0]) % 1000 + 3] + p[1:] for p in prompts]
-        out = phi4_jax.generate(model, fresh, max_new_tokens=n, stop_tokens=[])
+        out = phi4_jax.generate(model, fresh, max_new_tokens=n, stop_tokens=[], seed=calls[0], **sampling)
         assert all(len(o) == n for o in out)
     return run
 
 
-def engine_runner(model, prompts, new_tokens: int):
+def engine_runner(model, prompts, new_tokens: int, sampling: dict):
     """(run, engine): the serving engine (`ContinuousBatchingEngine`, max_batch = the batch) answering the prompts
     as concurrent requests. Each call changes the prompts' first token, so no call reuses another's prefix cache."""
     from phi4_jax.inference.batching import ContinuousBatchingEngine, GenerationRequest
@@ -81,13 +104,15 @@ def engine_runner(model, prompts, new_tokens: int):
     calls = iter(range(1, 1 << 30))
 
     def run(n):
-        first = 3 + next(calls) % (model.config.vocab_size - 3)
-        streams = [engine.submit(GenerationRequest([first] + list(p[1:]), n)) for p in prompts]
+        call = next(calls)
+        first = 3 + call % (model.config.vocab_size - 3)
+        streams = engine.submit_many([GenerationRequest([first] + list(p[1:]), n, seed=call * len(prompts) + i,
+                                                        **sampling) for i, p in enumerate(prompts)])
         assert all(len(list(s)) == n for s in streams)
     return run, engine
 
 
-def hf_runner(model, prompts, threads: int):
+def hf_runner(model, prompts, threads: int, sampling: dict):
     import torch
 
     ids = torch.tensor(prompts)
@@ -96,8 +121,8 @@ def hf_runner(model, prompts, threads: int):
     def run(n):
         torch.set_num_threads(threads)
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                 use_cache=True, pad_token_id=0)
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, use_cache=True,
+                                 pad_token_id=0, **sampling)
         assert out.shape[1] == ids.shape[1] + n
     return run
 
@@ -197,13 +222,16 @@ def main(argv=None) -> int:
     native = ("native CPU kernels (kernels/cpu_native)" if cpu_native.available()
               else f"XLA's ops (native CPU kernels unavailable: {cpu_native.unavailable_reason()})")
     command = "python bench/decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    decoding = ("greedy" if args.temperature == 0 else
+                f"sampled on both sides at temperature {args.temperature}, top_p {args.top_p}, top_k "
+                f"{args.top_k or 'off'} (transformers: do_sample with its top-k/top-p warpers)")
     lines = [
         f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, `{command.strip()}`",
         "",
         f"Machine: {describe_machine(with_load=True)}; jax {jax.__version__} ({jax.default_backend()}, XLA's default "
         f"threads), torch {torch.__version__} (measured with {args.hf_threads} threads; the table compares the "
         f"fastest, the others are listed). Models: random phi-4-shaped Phi3ForCausalLM, {args.dtype} on both sides; "
-        f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, median of {args.repeats}. "
+        f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, {decoding}, median of {args.repeats}. "
         f"phi4_jax ran {native}. torch's read rate: {bandwidth / 1e9:.1f} GB/s ({max(hf_threads)} threads, "
         f"{BANDWIDTH_BUFFER_BYTES >> 20} MiB buffer).",
         "",
@@ -222,13 +250,14 @@ def main(argv=None) -> int:
         rng = np.random.default_rng(0)
         for batch in [int(b) for b in args.batches.split(",")]:
             prompts = rng.integers(3, config.vocab_size, (batch, args.prompt_len)).tolist()
-            engine_run, engine = engine_runner(ours, prompts, args.new_tokens)
-            runners = {"ours": ours_runner(ours, prompts), "engine": engine_run}
-            runners.update({th: hf_runner(hf, prompts, th) for th in hf_threads})
+            engine_run, engine = engine_runner(ours, prompts, args.new_tokens, sampling_kwargs(args))
+            runners = {"ours": ours_runner(ours, prompts, sampling_kwargs(args)), "engine": engine_run}
+            runners.update({th: hf_runner(hf, prompts, th, hf_sampling_kwargs(args)) for th in hf_threads})
             times = bench_pair(runners, args.new_tokens, args.repeats)
             engine.shutdown()
             torch.set_num_threads(max(hf_threads))
-            agree = greedy_agreement(ours, hf, prompts, args.new_tokens)
+            agree = (f"{greedy_agreement(ours, hf, prompts, args.new_tokens)} of {args.new_tokens}"
+                     if args.temperature == 0 else "n/a (sampled)")
             decode = {name: batch * (args.new_tokens - 1) / (tn - t1) for name, (_, t1, tn) in times.items()}
             best = max(hf_threads, key=lambda th: decode[th])
             e_dec = decode["engine"]
@@ -242,12 +271,12 @@ def main(argv=None) -> int:
                   f"({o_dec / h_dec:.2f}x, engine {e_dec / h_dec:.2f}x; "
                   f"transformers {best} threads; {others or '-'}); prefill {o_pre:.0f} vs {h_pre:.0f} tokens/s; "
                   f"first token {o_cold:.2f}s cold / {o_1 * 1e3:.0f} ms warm vs {h_cold:.2f}s / {h_1 * 1e3:.0f} ms; "
-                  f"greedy tokens equal for {agree} of {args.new_tokens}",
+                  f"greedy tokens equal: {agree}",
                   flush=True)
             lines.append(f"| {model_name} | {batch} | {o_dec:.1f} | {h_dec:.1f} ({best} threads; {others or '-'}) "
                          f"| **{o_dec / h_dec:.2f}x** | {e_dec:.1f} (**{e_dec / h_dec:.2f}x**) | {o_pre:.0f} | {h_pre:.0f} | "
                          f"{o_cold:.2f} s / {o_1 * 1e3:.0f} ms | {h_cold:.2f} s / {h_1 * 1e3:.0f} ms "
-                         f"| {agree} of {args.new_tokens} | {step_bytes / 1e6:.0f} MB / {bound:.0f} tok/s |")
+                         f"| {agree} | {step_bytes / 1e6:.0f} MB / {bound:.0f} tok/s |")
     text = "\n".join(lines)
     print(text)
     if args.write:

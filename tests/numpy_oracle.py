@@ -18,6 +18,11 @@ as against the pure-JAX references, so a mistake shared by a kernel and its refe
 - `dequant_matmul(x, values, scales, bits=..., group_size=...)`: x @ W.T with W[n, k] = q[n, k] *
   scales[n, k // group_size], q the int8 values or, for 4 bits, byte j's low nibble (k = 2j) and high nibble
   (k = 2j + 1), each read as a 4-bit two's complement number.
+- `top_k_kept(logits, k)`: a row's k largest logits by a float64 sort, every value tied with the k-th largest
+  kept; k <= 0 or >= V keeps all.
+- `nucleus(logits, top_p)`: the top-p (nucleus) of one row by the sorted definition: float64 softmax, tokens in
+  descending order, each kept while the mass before it is below top_p (top_p >= 1 keeps all); returns the kept
+  mask and each token's preceding mass (to tell the tokens decided within rounding of top_p).
 Inputs may be JAX or NumPy arrays of any float dtype; everything is computed in float64.
 """
 
@@ -187,3 +192,20 @@ def dequant_matmul(x, values, scales, *, bits: int, group_size: int) -> np.ndarr
         q = v.astype(np.int64)
     s = np.repeat(_f64(scales), group_size, axis=1)
     return _f64(x) @ (q * s).T
+
+
+def top_k_kept(logits, k: int) -> np.ndarray:
+    row = _f64(logits)
+    if k <= 0 or k >= row.shape[-1]:
+        return np.ones(row.shape, bool)
+    return row >= np.sort(row)[-k]
+
+
+def nucleus(logits, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    row = _f64(logits)
+    order = np.argsort(-row, kind="stable")
+    probs = np.exp(row - row.max())
+    probs /= probs.sum()
+    before = np.empty_like(probs)
+    before[order] = np.cumsum(probs[order]) - probs[order]
+    return (before < top_p) | (top_p >= 1.0), before

@@ -13,6 +13,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_oracle
 import pytest
 
 from kernels import cpu_native
@@ -143,7 +144,7 @@ def test_matrix_weight_routes_few_rows_to_the_panels(rows, dtype):
 def test_engine_weights_are_packed():
     """The CPU engine's per-layer weights and lm_head carry native panels (float32: panels only, no transposed
     lm_head copy; the lm_head's `matrix` is the model's own array), its decode step calls the native matmul, and
-    its greedy sampling the native argmax."""
+    its sampling the native argmax and top-k/top-p filter."""
     from phi4_jax.inference.batching import ContinuousBatchingEngine
     from phi4_jax.inference.cpu_weights import MatrixWeight
     from phi4_jax.model.config import get_preset
@@ -173,7 +174,8 @@ def test_engine_weights_are_packed():
     args, kwargs = engine._step_args([None, None], np.zeros((2, 1), np.int32), np.full(2, -1, np.int32),
                                      engine._carry(None, None), np.zeros(2, np.int32),
                                      np.ones(2, np.int32), np.zeros(2, np.int32), width)
-    assert "phi4_cpu_argmax" in engine_step.lower(*args, **kwargs).as_text()
+    step_text = engine_step.lower(*args, **kwargs).as_text()
+    assert "phi4_cpu_argmax" in step_text and "phi4_cpu_sampling_filter" in step_text
 
 
 @needs_native
@@ -243,9 +245,9 @@ def test_engine_without_native_kernels_equals_transformers():
 
 @needs_native
 def test_sampling_with_the_native_argmax_draws_what_categorical_draws():
-    """`sample_rows(argmax=cpu_native.argmax)` (the CPU engine's) gives the tokens of jax.random.categorical over
-    the same restricted, scaled logits with the same keys (its argmax(gumbel + logits) formula), for greedy,
-    temperature, top-k and top-p rows mixed."""
+    """`sample_rows` with the native argmax and top-k/top-p filter (the CPU engine's) gives the tokens of
+    jax.random.categorical over the logits scaled and restricted by the XLA masks, with the same keys (its
+    argmax(gumbel + logits) formula), for greedy, temperature, top-k and top-p rows mixed."""
     from phi4_jax.inference.sampling import sample_rows, top_k_mask, top_p_mask
 
     b, v = 6, 3000
@@ -256,8 +258,8 @@ def test_sampling_with_the_native_argmax_draws_what_categorical_draws():
     temperature = jnp.asarray([0.0, 0.7, 1.0, 1.3, 0.9, 0.5], jnp.float32)
     top_k = jnp.asarray([0, 0, 50, 0, 7, 0], jnp.int32)
     top_p = jnp.asarray([1.0, 1.0, 1.0, 0.8, 0.9, 0.95], jnp.float32)
-    got = jax.jit(lambda *a: sample_rows(*a, argmax=cpu_native.argmax))(logits, keys, steps, temperature, top_k,
-                                                                         top_p)
+    native = jax.jit(lambda *a: sample_rows(*a, argmax=cpu_native.argmax, restrict=cpu_native.sampling_filter))
+    got = native(logits, keys, steps, temperature, top_k, top_p)
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
     scaled = jnp.where(top_k_mask(scaled, top_k), scaled, -jnp.inf)
     scaled = jnp.where(top_p_mask(scaled, top_p), scaled, -jnp.inf)
@@ -265,3 +267,58 @@ def test_sampling_with_the_native_argmax_draws_what_categorical_draws():
     want = np.where(np.asarray(temperature) > 0, np.asarray(drawn), np.asarray(logits).argmax(-1))
     np.testing.assert_array_equal(np.asarray(got), want)
     assert len(set(np.asarray(got)[1:].tolist())) > 1      # the draws are not all one token
+
+
+@needs_native
+def test_sampling_filter_top_k_is_the_sorted_definition():
+    """Each row keeps its k largest logits (float64 sort; every value tied with the k-th kept; -inf entries; k 0
+    and k >= V keep all), and the mask is XLA's `top_k_mask` exactly."""
+    from phi4_jax.inference.sampling import top_k_mask
+
+    rng = np.random.default_rng(1)
+    logits = (rng.normal(size=(7, 3001)) * 3.0).astype(np.float32)
+    logits[1, :10] = -np.inf
+    logits[2, 100:104] = np.sort(logits[2])[-5]                     # ties at the 5th largest value
+    logits[5, 7] = -0.0
+    logits[5, 9] = 0.0
+    ks = np.array([1, 17, 5, 0, 3000, 3001, 40], np.int32)
+    got = np.isfinite(np.asarray(jax.jit(cpu_native.sampling_filter)(logits, ks, np.ones(7, np.float32))))
+    for b, k in enumerate(ks):
+        np.testing.assert_array_equal(got[b], numpy_oracle.top_k_kept(logits[b], k) & np.isfinite(logits[b]),
+                                      err_msg=f"row {b}, k {k}")
+    assert got[2].sum() == 4 + 1 + 4
+    np.testing.assert_array_equal(got, np.asarray(top_k_mask(jnp.asarray(logits), jnp.asarray(ks))) &
+                                  np.isfinite(logits))
+    kept = np.asarray(jax.jit(cpu_native.sampling_filter)(logits, ks, np.ones(7, np.float32)))
+    np.testing.assert_array_equal(kept[got], logits[got])          # kept logits pass through unchanged
+
+
+@needs_native
+@pytest.mark.parametrize("scale", [0.01, 1.0, 4.0, 30.0])   # flat ... peaked (one token above top_p)
+def test_sampling_filter_top_p_is_the_sorted_definition(scale):
+    """Each row's nucleus by the sorted float64 definition (every token not within rounding of the boundary
+    decided the same way), alone and after a top-k cut (the nucleus of what the top-k left)."""
+    rng = np.random.default_rng(int(scale * 100))
+    logits = (rng.normal(size=(6, 5003)) * scale).astype(np.float32)
+    fn = jax.jit(cpu_native.sampling_filter)
+    for top_p in (0.05, 0.3, 0.6, 0.9, 0.999, 1.0):
+        for k in (0, 300):
+            got = np.isfinite(np.asarray(fn(logits, np.full(6, k, np.int32), np.full(6, top_p, np.float32))))
+            for b in range(6):
+                row = np.where(numpy_oracle.top_k_kept(logits[b], k), logits[b], -np.inf)
+                want, before = numpy_oracle.nucleus(row, top_p)
+                want &= np.isfinite(row)
+                decided = np.abs(before - top_p) > 1e-5
+                assert got[b].any()
+                np.testing.assert_array_equal(got[b][decided], want[decided],
+                                              err_msg=f"scale {scale} top_p {top_p} k {k} row {b}")
+
+
+@needs_native
+def test_sampling_filter_refuses_bad_arguments():
+    x = jnp.zeros((2, 5), jnp.float32)
+    for args, match in [((x.astype(jnp.bfloat16), [0, 0], [1.0, 1.0]), "float32"),
+                        ((x[:, :0], [0, 0], [1.0, 1.0]), "V >= 1"),
+                        ((x, [0], [1.0, 1.0]), r"top_k and top_p of shape \(2,\)")]:
+        with pytest.raises(cpu_native.NativeKernelError, match=match):
+            cpu_native.sampling_filter(*(jnp.asarray(a) for a in args))

@@ -8,6 +8,7 @@ and loaded with `phi4_jax.load_model` (module-scoped, so every compiled program 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_oracle
 import pytest
 from hf_models import convert_tiny_phi3
 
@@ -131,23 +132,38 @@ def _allowed(logits, top_k, top_p):
     return set(keep.tolist())
 
 
-def _draw_rows(logits, steps, temperature, top_k, top_p):
-    """`sampling.sample_rows` at each of `steps` (one setting per row) -> drawn tokens [steps, B]."""
+def _draw_rows(logits, steps, temperature, top_k, top_p, native=False):
+    """`sampling.sample_rows` at each of `steps` (one setting per row) -> drawn tokens [steps, B]; with `native`,
+    with the CPU engine's native argmax and top-k/top-p filter (kernels/cpu_native)."""
     b = logits.shape[0]
     keys = sampling.sequence_keys(0, b)
     rows = lambda value, dtype: jnp.broadcast_to(jnp.asarray(value, dtype), (b,))  # noqa: E731
+    kernels = {}
+    if native:
+        from kernels import cpu_native
+
+        kernels = {"argmax": cpu_native.argmax, "restrict": cpu_native.sampling_filter}
     draw = jax.jit(jax.vmap(lambda s: sampling.sample_rows(
         logits, keys, jnp.full((b,), s, jnp.int32), rows(temperature, jnp.float32), rows(top_k, jnp.int32),
-        rows(top_p, jnp.float32))))
+        rows(top_p, jnp.float32), **kernels)))
     return np.asarray(draw(jnp.arange(steps)))
 
 
+def _native_available() -> bool:
+    from kernels import cpu_native
+
+    return cpu_native.available("phi4_cpu_sampling_filter")
+
+
+@pytest.mark.parametrize("native", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not _native_available(), reason="native CPU kernels unavailable"))], ids=["xla", "native"])
 @pytest.mark.parametrize("top_k,top_p", [(7, None), (None, 0.6), (12, 0.5), ((1, 7, 0, 64), (1.0, 0.5, 0.3, 1.0))])
-def test_top_k_top_p_never_emit_excluded_tokens(top_k, top_p):
-    """Per-row settings (the last case mixes them in one batch, as the engine's rows do)."""
+def test_top_k_top_p_never_emit_excluded_tokens(top_k, top_p, native):
+    """Per-row settings (the last case mixes them in one batch, as the engine's rows do), with XLA's masks and with
+    the CPU engine's native filter."""
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(4, 64)) * 2.0, jnp.float32)
-    drawn = _draw_rows(logits, 400, 1.0, 0 if top_k is None else top_k, 1.0 if top_p is None else top_p)
+    drawn = _draw_rows(logits, 400, 1.0, 0 if top_k is None else top_k, 1.0 if top_p is None else top_p, native)
     for b in range(4):
         k = top_k[b] if isinstance(top_k, tuple) else top_k
         p = top_p[b] if isinstance(top_p, tuple) else top_p
@@ -157,7 +173,7 @@ def test_top_k_top_p_never_emit_excluded_tokens(top_k, top_p):
         assert len(seen) >= min(2, len(allowed))
     # temperature 0 rows are greedy whatever their top_k / top_p
     greedy = _draw_rows(logits, 3, jnp.asarray([0.0, 1.0, 0.0, 1.0]), 0 if top_k is None else top_k,
-                        1.0 if top_p is None else top_p)
+                        1.0 if top_p is None else top_p, native)
     np.testing.assert_array_equal(greedy[:, [0, 2]], np.broadcast_to(np.argmax(np.asarray(logits), -1)[[0, 2]], (3, 2)))
 
 
@@ -170,19 +186,8 @@ def test_top_k_mask_equals_sorted_definition():
     ks = np.array([1, 17, 5, 0, 2999], np.int32)
     got = np.asarray(jax.jit(sampling.top_k_mask)(jnp.asarray(logits), jnp.asarray(ks)))
     for b, k in enumerate(ks):
-        want = np.ones(logits.shape[1], bool) if k == 0 else logits[b] >= np.sort(logits[b].astype(np.float64))[-k]
-        np.testing.assert_array_equal(got[b], want, err_msg=f"row {b}, k {k}")
+        np.testing.assert_array_equal(got[b], numpy_oracle.top_k_kept(logits[b], k), err_msg=f"row {b}, k {k}")
     assert got[2].sum() == 4 + 1 + 4                                # the 4 larger, the 5th and its 4 copies
-
-
-def _nucleus_reference(logits, top_p):
-    """float64 NumPy top-p by the sorted definition: (kept mask, each token's mass before it in that order)."""
-    order = np.argsort(-logits, kind="stable")
-    probs = np.exp(logits.astype(np.float64) - logits.max())
-    probs /= probs.sum()
-    before = np.empty_like(probs)
-    before[order] = np.cumsum(probs[order]) - probs[order]
-    return (before < top_p) | (top_p >= 1.0), before
 
 
 @pytest.mark.parametrize("scale", [0.01, 1.0, 4.0, 30.0])  # flat ... peaked (one token above top_p)
@@ -193,7 +198,7 @@ def test_top_p_mask_equals_sorted_definition(scale):
     for top_p in (0.05, 0.3, 0.6, 0.9, 0.999, 1.0):
         got = np.asarray(mask_fn(jnp.asarray(logits), np.float32(top_p)))
         for b in range(logits.shape[0]):
-            want, before = _nucleus_reference(logits[b], top_p)
+            want, before = numpy_oracle.nucleus(logits[b], top_p)
             # float32 sums differ from the float64 reference only for a token whose preceding mass is top_p
             # within rounding; every other token must be decided the same way
             decided = np.abs(before - top_p) > 1e-5
@@ -202,7 +207,7 @@ def test_top_p_mask_equals_sorted_definition(scale):
     # sampling with top_p alone draws only nucleus tokens, and both sides of a wide nucleus
     drawn = _draw_rows(jnp.asarray(logits), 200, 1.0, 0, 0.6)
     for b in range(logits.shape[0]):
-        allowed = np.flatnonzero(_nucleus_reference(logits[b], 0.6)[0])
+        allowed = np.flatnonzero(numpy_oracle.nucleus(logits[b], 0.6)[0])
         assert set(drawn[:, b].tolist()) <= set(allowed.tolist())
         assert len(set(drawn[:, b].tolist())) >= min(2, len(allowed))
 

@@ -11,7 +11,10 @@ are slower than its float32 ones, and its paged attention must first gather ever
 - `paged_attention(q, k_pages, v_pages, block_tables, lengths, sm_scale=None)`: `kernels.paged_attention`'s
   contract read in place from the pages (no gathered copy), float32 or bfloat16-bits pages (paged_attention.cc);
 - `argmax(x)`: jnp.argmax(x, axis=-1) of float32 [B, V] logits, the greedy token (XLA:CPU's argmax reads a 100K
-  vocabulary at ~1 GB/s) (argmax.cc).
+  vocabulary at ~1 GB/s) (argmax.cc);
+- `sampling_filter(x, top_k, top_p)`: the sampled rows' top-k and nucleus restriction of float32 [B, V] logits
+  (`phi4_jax.inference.sampling`'s `top_k_mask` and `top_p_mask` definitions and threshold searches, each row's
+  passes over its own cached copy instead of XLA's 31-32 reductions over [B, V]) (sampling_filter.cc).
 
 Build: the first `load()` compiles every ``*.cc`` here with the system C++ compiler (``$CXX`` or g++/c++),
 ``-O3 -march=native`` against jaxlib's FFI headers (`jax.ffi.include_dir()`), into one shared library cached under
@@ -55,7 +58,8 @@ PANEL = 64                      # columns per packed panel (matmul.cc's kPanel)
 # FFI target name -> the handler symbol the library exports.
 TARGETS = {"phi4_cpu_packed_matmul": "Phi4CpuPackedMatmul",
            "phi4_cpu_paged_attention": "Phi4CpuPagedAttention",
-           "phi4_cpu_argmax": "Phi4CpuArgmax"}
+           "phi4_cpu_argmax": "Phi4CpuArgmax",
+           "phi4_cpu_sampling_filter": "Phi4CpuSamplingFilter"}
 
 _lock = threading.Lock()
 _state: dict = {}               # "ok": bool, "reason": str | None, "path": Path | None, "targets": set[str]
@@ -288,8 +292,26 @@ def argmax(x):
     _require("phi4_cpu_argmax")
     if x.ndim != 2 or x.shape[1] < 1 or jnp.dtype(x.dtype) != jnp.float32:
         raise NativeKernelError(f"argmax takes float32 [B, V] with V >= 1, got {x.dtype}{list(x.shape)}")
-    return jax.ffi.ffi_call("phi4_cpu_argmax", jax.ShapeDtypeStruct(x.shape[:1], jnp.int32))(x)
+    return jax.ffi.ffi_call("phi4_cpu_argmax", jax.ShapeDtypeStruct(x.shape[:1], jnp.int32),
+                            vmap_method="sequential")(x)
+
+
+def sampling_filter(x, top_k, top_p):
+    """float32 logits x [B, V] with each row b restricted to its top_k[b] largest values (0 or >= V: all; ties with
+    the k-th largest kept) and then to the nucleus of mass top_p[b] of the rest (>= 1: all); other entries -inf.
+    `sampling.top_k_mask`'s answer exactly; `sampling.top_p_mask`'s up to rounding-level ties with top_p (its own
+    float32 softmax and sums)."""
+    _require("phi4_cpu_sampling_filter")
+    if x.ndim != 2 or x.shape[1] < 1 or jnp.dtype(x.dtype) != jnp.float32:
+        raise NativeKernelError(f"sampling_filter takes float32 [B, V] with V >= 1, got {x.dtype}{list(x.shape)}")
+    rows = x.shape[:1]
+    if tuple(jnp.shape(top_k)) != rows or tuple(jnp.shape(top_p)) != rows:
+        raise NativeKernelError(f"sampling_filter takes top_k and top_p of shape {rows}, got "
+                                f"{tuple(jnp.shape(top_k))} and {tuple(jnp.shape(top_p))}")
+    return jax.ffi.ffi_call("phi4_cpu_sampling_filter", jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                            vmap_method="sequential")(
+        x, jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, jnp.float32))
 
 
 __all__ = ["NativeKernelError", "PANEL", "argmax", "available", "cache_root", "disabled_on_purpose", "library_path",
-           "load", "pack_matrix", "packed_matmul", "paged_attention", "unavailable_reason"]
+           "load", "pack_matrix", "packed_matmul", "paged_attention", "sampling_filter", "unavailable_reason"]

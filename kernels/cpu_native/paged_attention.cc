@@ -47,32 +47,6 @@ inline f32x16 reduce16x16(const f32x16* a) {
          __builtin_shufflevector(r3[0], r3[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
-// exp of 16 lanes (Cephes' expf: range reduction by ln 2 in two parts, a degree-6 polynomial; ~1 ulp on
-// [-87, 88]); lanes below -87.3 give 0.
-inline f32x16 exp16(f32x16 x) {
-  const f32x16 lo = f32x16{} - 87.3365448f, hi = f32x16{} + 88.3762626f;
-  const i32x16 under = x < lo;
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  const f32x16 z = x * 1.44269504088896341f + 0.5f;
-  i32x16 n = __builtin_convertvector(z, i32x16);                       // truncates toward zero
-  n += __builtin_convertvector(n, f32x16) > z;                         // floor (a true lane is -1)
-  const f32x16 fn = __builtin_convertvector(n, f32x16);
-  x = x - fn * 0.693359375f;
-  x = x - fn * -2.12194440e-4f;
-  f32x16 y = x * 1.9875691500e-4f + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * (x * x) + x + 1.0f;
-  const i32x16 bits = (n + 127) << 23;
-  f32x16 scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  y *= scale;
-  return under ? f32x16{} : y;
-}
-
 // The max of the 16 lanes by halving (common.h's hsum16 sums them).
 inline float hmax16(f32x16 v) {
   v = v > __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7)

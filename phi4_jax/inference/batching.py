@@ -2,7 +2,7 @@
 
 `ContinuousBatchingEngine(model, ...)` owns a page pool (`paged_cache`) and a fixed number of decode slots
 (`max_batch`). `submit(GenerationRequest)` queues a request and returns its `RequestStream`, an iterator (sync or
-async) of `TokenEvent`s. A background thread (`start()`) runs the step loop; each engine step
+async) of `TokenEvent`s; `submit_many` queues several together (all or none; the same step plans with all). A background thread (`start()`) runs the step loop; each engine step
 
 1. gives every request that decodes this step the page its next position needs, when it crosses a page boundary
    (`_grow_pages`; preempting when the pool has none, below), then admits waiting requests (first come, first
@@ -387,11 +387,14 @@ def engine_step(params, pages, tokens, feed, prev_decode, prev_prefill, start, n
                                            return_hidden=True)
             prompt_out = position_logprobs(params, hidden[0], targets[0], want_prompt_logprobs, config=config,
                                            top_k=top_k)
-        # the CPU layout's greedy argmax is native where it builds (XLA:CPU's reads the vocabulary at ~1 GB/s)
-        argmax = (cpu_native.argmax if extend is paged_extend_per_layer and cpu_native.available("phi4_cpu_argmax")
-                  else None)
+        # the CPU layout's greedy argmax and top-k/top-p restriction are native where they build (XLA:CPU's argmax
+        # reads the vocabulary at ~1 GB/s; its masks are 31-32 reductions over [B, V] each)
+        native = extend is paged_extend_per_layer
+        argmax = cpu_native.argmax if native and cpu_native.available("phi4_cpu_argmax") else None
+        restrict = (cpu_native.sampling_filter if native and cpu_native.available("phi4_cpu_sampling_filter")
+                    else None)
         token = sample_rows(logits, jax.random.wrap_key_data(keys), steps, temperature, sample_top_k, top_p,
-                            argmax=argmax)
+                            argmax=argmax, restrict=restrict)
         padded = jnp.zeros(prev_decode.shape, jnp.int32).at[:token.shape[0]].set(token)
 
         chosen = jax.lax.cond(want_logprobs, lambda: token_logprobs(logits, token, top_k),

@@ -16,7 +16,7 @@ import numpy as np
 from phi4_jax.inference.errors import GenerationError
 
 
-def sample_rows(logits, keys, steps, temperature, top_k, top_p, argmax=None):
+def sample_rows(logits, keys, steps, temperature, top_k, top_p, argmax=None, restrict=None):
     """Next token per row of float32 logits [B, V], each row with its own settings.
 
     Row b is greedy (argmax) where temperature[b] == 0; else it is drawn with key fold_in(keys[b], steps[b]) (keys:
@@ -25,7 +25,10 @@ def sample_rows(logits, keys, steps, temperature, top_k, top_p, argmax=None):
     limit). The passes over the vocabulary that top-k and top-p need run only when some row uses them
     (`lax.cond`): an all-greedy batch costs one argmax: `argmax` (float32 [B, V] -> int32 [B], jnp.argmax's
     answer; the CPU engine passes `kernels.cpu_native.argmax`) or jnp.argmax, which also picks the sampled rows'
-    draws (jax.random.categorical's own formula, so the same draws either way).
+    draws (jax.random.categorical's own formula, so the same draws either way). `restrict` (logits [B, V], top_k
+    [B], top_p [B] -> logits with the tokens outside each row's top-k and then nucleus at -inf; the CPU engine
+    passes `kernels.cpu_native.sampling_filter`) replaces the two masks' passes, in one call when any row uses
+    either.
     """
     logits = logits.astype(jnp.float32)
     pick = (lambda x: jnp.argmax(x, axis=-1)) if argmax is None else argmax   # noqa: E731
@@ -33,13 +36,17 @@ def sample_rows(logits, keys, steps, temperature, top_k, top_p, argmax=None):
     top_k = jnp.asarray(top_k, jnp.int32)
     top_p = jnp.asarray(top_p, jnp.float32)
 
-    def restrict(x, needed, mask_fn, setting):
+    def masked(x, needed, mask_fn, setting):
         return jax.lax.cond(jnp.any(needed), lambda: jnp.where(mask_fn(x, setting), x, -jnp.inf), lambda: x)
 
     def sampled():
         scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-        scaled = restrict(scaled, (temperature > 0) & (top_k > 0), top_k_mask, top_k)
-        scaled = restrict(scaled, (temperature > 0) & (top_p < 1.0), top_p_mask, top_p)
+        if restrict is None:
+            scaled = masked(scaled, (temperature > 0) & (top_k > 0), top_k_mask, top_k)
+            scaled = masked(scaled, (temperature > 0) & (top_p < 1.0), top_p_mask, top_p)
+        else:
+            k, p = jnp.where(temperature > 0, top_k, 0), jnp.where(temperature > 0, top_p, 1.0)
+            scaled = jax.lax.cond(jnp.any((k > 0) | (p < 1.0)), lambda: restrict(scaled, k, p), lambda: scaled)
         step_keys = jax.vmap(jax.random.fold_in)(keys, steps)
         # jax.random.categorical(key, row) is argmax(gumbel(key, row.shape) + row): the same draw, with `argmax`
         noise = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[-1:], scaled.dtype))(step_keys)
