@@ -13,9 +13,12 @@ directly, with no host loop around it, for each variant of the same random weigh
   attention and argmax stay (they follow the library's availability: run with PHI4_JAX_NATIVE_CPU=0 for XLA's
   ops throughout); "cpu-bf16-xla" likewise in bfloat16;
 - "cpu-bf16": the same in bfloat16 (params, compute and pages; the pool kept as uint16 bits, `PageBits`);
-- "cpu-bf16-array-pool": as "cpu-bf16" but the pool as plain bfloat16 arrays (the pool before `PageBits`).
-The variants alternate in rounds, so machine load hits all alike; the table reports the median and 10th-percentile
-wall time and the median process CPU time (both threads; less sensitive to other jobs on the machine than wall
+- "cpu-bf16-array-pool": as "cpu-bf16" but the pool as plain bfloat16 arrays (the pool before `PageBits`);
+- "cpu-xla-masks": as "cpu" with XLA's top-k/top-p masks instead of the native filter (`sampling_filter`), for
+  sampled steps (`--temperature 0.8 --top-p 0.9`): the step compiled separately with the filter unavailable.
+With `--temperature` (and `--top-p`, `--top-k`) every row samples with those settings instead of taking the
+greedy token. The variants alternate in rounds, so machine load hits all alike; the table reports the median and
+10th-percentile wall time and the median process CPU time (both threads; less sensitive to other jobs on the machine than wall
 time) per step, the load average, and whether the variant chose the same tokens as the first one of its dtype.
 The end-to-end comparison with transformers is bench/decode.py.
 """
@@ -34,7 +37,7 @@ if ROOT not in sys.path:
 
 from bench.random_models import SIZES, random_model_pair  # noqa: E402
 
-VARIANTS = ("plain", "cpu", "cpu-xla", "cpu-bf16", "cpu-bf16-xla", "cpu-bf16-array-pool")
+VARIANTS = ("plain", "cpu", "cpu-xla", "cpu-bf16", "cpu-bf16-xla", "cpu-bf16-array-pool", "cpu-xla-masks")
 
 
 def parse_args(argv=None):
@@ -43,7 +46,40 @@ def parse_args(argv=None):
     p.add_argument("--batches", default="1,8")
     p.add_argument("--variants", default="cpu,cpu-bf16,cpu-bf16-array-pool", help=f"comma-separated, from {VARIANTS}")
     p.add_argument("--rounds", type=int, default=20, help="alternating rounds of 5 steps per variant")
+    p.add_argument("--temperature", type=float, default=0.0, help="every row samples at this temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
     return p.parse_args(argv)
+
+
+def step_without_native_filter():
+    """`engine_step` compiled on its own with the native top-k/top-p filter reported unavailable while it traces
+    (so its sampled rows use XLA's masks); the native matmul, attention and argmax stay."""
+    import functools
+    import inspect
+
+    import jax
+
+    from kernels import cpu_native
+    from phi4_jax.inference import batching
+
+    original = batching.engine_step.__wrapped__
+
+    def traced_again(*args, **kwargs):   # a new function: jit's trace cache would hand back engine_step's program
+        return original(*args, **kwargs)
+
+    traced_again.__signature__ = inspect.signature(original)
+    fn = jax.jit(traced_again, static_argnames=("config", "top_k", "shard"), donate_argnames=("pages",))
+    available = cpu_native.available
+
+    @functools.wraps(fn)
+    def step(*args, **kwargs):
+        cpu_native.available = lambda target=None: target != "phi4_cpu_sampling_filter" and available(target)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            cpu_native.available = available
+    return step
 
 
 def plain_layout(params, config):
@@ -112,14 +148,16 @@ def main(argv=None) -> int:
                 prev_decode=np.zeros(batch, np.int32), prev_prefill=np.zeros(1, np.int32),
                 start=np.full(batch, 250, np.int32), n_new=np.ones(batch, np.int32), block_tables=tables,
                 keys=np.zeros((batch,) + tuple(jax.random.key_data(jax.random.key(0)).shape), np.uint32),
-                steps=np.zeros(batch, np.int32), temperature=np.zeros(batch, np.float32),
-                sample_top_k=np.zeros(batch, np.int32), top_p=np.ones(batch, np.float32),
+                steps=np.zeros(batch, np.int32), temperature=np.full(batch, args.temperature, np.float32),
+                sample_top_k=np.full(batch, args.top_k, np.int32), top_p=np.full(batch, args.top_p, np.float32),
                 want_logprobs=np.bool_(False)))
+
+            masks_step = step_without_native_filter() if "cpu-xla-masks" in runs else None
 
             def step(name):
                 run = runs[name]
-                run[2], token, *_ = engine_step(run[1], run[2], **inputs, config=run[0].config, top_k=run[0].top_k,
-                                                shard=None)
+                fn = masks_step if name == "cpu-xla-masks" else engine_step
+                run[2], token, *_ = fn(run[1], run[2], **inputs, config=run[0].config, top_k=run[0].top_k, shard=None)
                 return jax.block_until_ready(token)
 
             tokens = {name: np.asarray([step(name) for _ in range(3)][-1]) for name in runs}   # compile + warm

@@ -2,7 +2,8 @@
 
 `ContinuousBatchingEngine(model, ...)` owns a page pool (`paged_cache`) and a fixed number of decode slots
 (`max_batch`). `submit(GenerationRequest)` queues a request and returns its `RequestStream`, an iterator (sync or
-async) of `TokenEvent`s; `submit_many` queues several together (all or none; the same step plans with all). A background thread (`start()`) runs the step loop; each engine step
+async) of `TokenEvent`s; `submit_many` queues several together (all or none; the same step plans with all).
+A background thread (`start()`) runs the step loop; each engine step
 
 1. gives every request that decodes this step the page its next position needs, when it crosses a page boundary
    (`_grow_pages`; preempting when the pool has none, below), then admits waiting requests (first come, first
