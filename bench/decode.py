@@ -12,8 +12,8 @@ hits all alike; with t_1 and t_N the medians, decode tokens/s = batch * (N - 1) 
 tokens/s = batch * prompt_len / t_1. Time to first token is also measured on the very first call, which
 for phi4_jax includes compiling the prefill. The serving engine (`ContinuousBatchingEngine`, compiled before
 timing) is timed the same way in the same rotation, answering the batch as concurrent requests ("engine decode").
-Last, one more greedy generation on each side gives how many leading tokens agree (the least over the rows):
-in float32 all of them unless a near-tie flips (2026-12-01 23:45: one row of 8 parted after 38 tokens where
+Last (greedy runs only), one more greedy generation on each side gives how many leading tokens agree (the least
+over the rows): in float32 all of them unless a near-tie flips (2026-12-01 23:45: one row of 8 parted after 38 tokens where
 transformers' top two logits were 5.5e-6 apart); in bfloat16 the sides round different sums, so near-ties flip
 after a few tokens.
 

@@ -10,7 +10,7 @@ directly, with no host loop around it, for each variant of the same random weigh
 - "cpu": float32, the engine's own `per_layer_params` (`MatrixWeight`s: native packed panels where
   `kernels.cpu_native` builds, else [K, N] matrices and the lm_head also transposed);
 - "cpu-xla": as "cpu" with XLA's dots for the weight products (`per_layer_params(native=False)`); the native paged
-  attention and argmax stay (they follow the library's availability: run with PHI4_JAX_NATIVE_CPU=0 for XLA's
+  attention, argmax and top-k/top-p filter stay (they follow the library's availability: run with PHI4_JAX_NATIVE_CPU=0 for XLA's
   ops throughout); "cpu-bf16-xla" likewise in bfloat16;
 - "cpu-bf16": the same in bfloat16 (params, compute and pages; the pool kept as uint16 bits, `PageBits`);
 - "cpu-bf16-array-pool": as "cpu-bf16" but the pool as plain bfloat16 arrays (the pool before `PageBits`);

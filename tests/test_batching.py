@@ -433,7 +433,8 @@ def test_queue_full_context_and_bad_requests(converted):
 
 def test_submit_many_queues_all_or_none(converted):
     """`submit_many` checks every request before queueing any: a bad one, or a queue without room for all of them,
-    leaves the queue as it was; more requests than max_queue is a GenerationError (no wait would fix it)."""
+    leaves the queue as it was; more requests than max_queue is a GenerationError (no wait would fix it); an empty
+    list queues nothing and raises nothing."""
     eng = ContinuousBatchingEngine(converted[0], max_batch=2, max_context=64, page_size=8, max_queue=3)
     good = GenerationRequest([5, 6, 7], 4)
     with pytest.raises(GenerationError, match="top_p"):
@@ -449,6 +450,7 @@ def test_submit_many_queues_all_or_none(converted):
     assert eng.stats()["queue_length"] == 3
     eng.shutdown()
     assert all(s.finish_reason == "cancelled" for s in first + last)
+    assert eng.submit_many([]) == []                         # nothing to queue: no error even when shut down
 
 
 def test_engine_on_a_mesh_equals_single_device_generate():

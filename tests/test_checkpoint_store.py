@@ -173,3 +173,65 @@ def test_load_model_reads_config_json_once(sources, monkeypatch):
     reads.clear()
     restore_params(old_ckpt)
     assert len(reads) == 1, reads
+
+
+def test_param_writer_buffers_pieces_into_whole_chunks(tmp_path, monkeypatch):
+    """`ParamArrayWriter` given pieces that do not line up with its chunks (uneven blocks, the other axes as
+    slice(None) or as explicit bounds, a stacked array's layers, rows written twice) writes only whole chunks;
+    a chunk left incomplete is written at `finish()` with the rows it got (the rest stays the fill value). What
+    the arrays hold is checked against NumPy."""
+    import tensorstore as ts
+
+    from phi4_jax.checkpoint import store
+
+    monkeypatch.setattr(store, "CHUNK_TARGET_BYTES", 10 * 8 * 4)     # 10 rows of 8 float32 values a chunk
+    rng = np.random.default_rng(0)
+    whole = rng.standard_normal((35, 8)).astype(np.float32)
+    stacked = rng.standard_normal((2, 24, 8)).astype(np.float32)
+    short = rng.standard_normal((20, 8)).astype(np.float32)
+    specs = {("embed",): ((35, 8), np.float32), ("layers", "w"): ((2, 24, 8), np.float32),
+             ("short",): ((20, 8), np.float32)}
+    writer = store.ParamArrayWriter(tmp_path / "params", specs)
+    assert writer.chunks[("embed",)] == (9, 8) and writer.chunks[("layers", "w")] == (1, 8, 8)
+    writes = []
+    arrays = writer._arrays
+
+    class Recorded:
+        def __init__(self, arr, path):
+            self.arr, self.path = arr, path
+
+        def __getattr__(self, name):
+            return getattr(self.arr, name)
+
+        def __getitem__(self, index):
+            writes.append((self.path, index))
+            return self.arr[index]
+
+    writer._arrays = {path: Recorded(arr, path) for path, arr in arrays.items()}
+    for a, b in [(0, 4), (4, 13), (13, 14), (14, 30), (30, 35)]:
+        other = slice(None) if a % 2 else slice(0, 8)
+        writer.write(("embed",), whole[a:b], (slice(a, b), other))
+    writer.write(("embed",), np.zeros((3, 8), np.float32), (slice(2, 5),))   # overwritten below: the last write wins
+    writer.write(("embed",), whole[0:9], (slice(0, 9),))
+    for layer in range(2):
+        for a, b in [(0, 7), (7, 15), (15, 24)]:
+            writer.write(("layers", "w"), stacked[layer, a:b], (layer, slice(a, b)))
+    writer.write(("short",), short[0:13], (slice(0, 13),))                  # rows 13-19 never arrive
+    writer.finish()
+    for path, index in writes:
+        shape, chunks = specs[path][0], writer.chunks[path]
+        axis = writer.split_axes[path]
+        start, stop, _ = index[axis].indices(shape[axis])
+        if path != ("short",) or start < 10:
+            assert start % chunks[axis] == 0 and (stop - start == chunks[axis] or stop == shape[axis]), (path, index)
+    assert (("short",), (slice(10, 13), slice(None))) in [(p, tuple(i)) for p, i in writes]   # the incomplete one
+
+    def read(name):
+        return ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / "params" / name)}}
+                       ).result().read().result()
+
+    np.testing.assert_array_equal(read("embed"), whole)
+    np.testing.assert_array_equal(read("layers.w"), stacked)
+    want = short.copy()
+    want[13:] = 0
+    np.testing.assert_array_equal(read("short"), want)

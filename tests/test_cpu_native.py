@@ -271,22 +271,23 @@ def test_sampling_with_the_native_argmax_draws_what_categorical_draws():
 
 @needs_native
 def test_sampling_filter_top_k_is_the_sorted_definition():
-    """Each row keeps its k largest logits (float64 sort; every value tied with the k-th kept; -inf entries; k 0
-    and k >= V keep all), and the mask is XLA's `top_k_mask` exactly."""
+    """Each row keeps its k largest logits (float64 sort; every value tied with the k-th kept, -0.0 with +0.0 too;
+    -inf entries; k 0 and k >= V keep all), and the mask is XLA's `top_k_mask` exactly."""
     from phi4_jax.inference.sampling import top_k_mask
 
     rng = np.random.default_rng(1)
     logits = (rng.normal(size=(7, 3001)) * 3.0).astype(np.float32)
     logits[1, :10] = -np.inf
     logits[2, 100:104] = np.sort(logits[2])[-5]                     # ties at the 5th largest value
-    logits[5, 7] = -0.0
-    logits[5, 9] = 0.0
-    ks = np.array([1, 17, 5, 0, 3000, 3001, 40], np.int32)
+    logits[5] = -np.abs(logits[5]) - 1.0                            # the 4th largest is zero, three times:
+    logits[5, :3] = [3.0, 2.0, 1.0]                                 # -0.0 ties +0.0 (they compare equal)
+    logits[5, [7, 9, 11]] = [-0.0, 0.0, -0.0]
+    ks = np.array([1, 17, 5, 0, 3000, 4, 40], np.int32)
     got = np.isfinite(np.asarray(jax.jit(cpu_native.sampling_filter)(logits, ks, np.ones(7, np.float32))))
     for b, k in enumerate(ks):
         np.testing.assert_array_equal(got[b], numpy_oracle.top_k_kept(logits[b], k) & np.isfinite(logits[b]),
                                       err_msg=f"row {b}, k {k}")
-    assert got[2].sum() == 4 + 1 + 4
+    assert got[2].sum() == 4 + 1 + 4 and got[5].sum() == 3 + 3
     np.testing.assert_array_equal(got, np.asarray(top_k_mask(jnp.asarray(logits), jnp.asarray(ks))) &
                                   np.isfinite(logits))
     kept = np.asarray(jax.jit(cpu_native.sampling_filter)(logits, ks, np.ones(7, np.float32)))

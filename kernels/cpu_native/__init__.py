@@ -300,7 +300,7 @@ def sampling_filter(x, top_k, top_p):
     """float32 logits x [B, V] with each row b restricted to its top_k[b] largest values (0 or >= V: all; ties with
     the k-th largest kept) and then to the nucleus of mass top_p[b] of the rest (>= 1: all); other entries -inf.
     `sampling.top_k_mask`'s answer exactly; `sampling.top_p_mask`'s up to rounding-level ties with top_p (its own
-    float32 softmax and sums)."""
+    float32 softmax and sums), except a row holding +inf, kept whole here (XLA's softmax makes it NaN)."""
     _require("phi4_cpu_sampling_filter")
     if x.ndim != 2 or x.shape[1] < 1 or jnp.dtype(x.dtype) != jnp.float32:
         raise NativeKernelError(f"sampling_filter takes float32 [B, V] with V >= 1, got {x.dtype}{list(x.shape)}")

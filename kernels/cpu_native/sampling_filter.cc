@@ -3,14 +3,17 @@
 // kept), then, of what is left, the nucleus of mass top_p[b] (>= 1: all). The same definitions as
 // phi4_jax/inference/sampling.py's top_k_mask and top_p_mask, with the same exact threshold searches:
 //   - top-k: the k-th largest value is the largest 32-bit order-preserving key t with count(key >= t) >= k, found
-//     by halving [0, max key] (32 counting passes over the row, in cache); the answer is exactly XLA's.
+//     by halving [0, max key] (32 counting passes over the row, in cache; -0.0 and +0.0 one key); the answer is
+//     exactly XLA's.
 //   - top-p: probabilities p = exp(x - max) / sum, then tau = the smallest non-negative float32 whose mass above
 //     (the sum of p_i > tau) is below top_p, by halving over the float's bits (31 passes); the nucleus is p >= tau.
 //     The sums here are float32 lanes added into a double per block, XLA's are its own reduction order, and the
 //     exponentials a polynomial (common.h's exp16): a token whose inclusion is decided by a rounding-level tie
-//     with top_p may differ from the XLA path, never a token clearly inside or outside the nucleus.
+//     with top_p may differ from the XLA path, never a token clearly inside or outside the nucleus. A row holding
+//     +inf is kept whole here (XLA's softmax turns it into NaN, which masks every token).
 // XLA:CPU runs each pass as a separate reduction over [B, V] (~10 ms for top-p over 8 rows of a 100K vocabulary);
 // here a row's passes read its key/probability copy from cache. Rows are split among the threads.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -23,6 +26,7 @@ namespace {
 typedef uint32_t u32x16u __attribute__((vector_size(64), aligned(4)));
 
 inline uint32_t ordered_key(float f) {
+  if (f == 0.0f) f = 0.0f;                                // -0.0 and +0.0 compare equal: one key
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof(bits));
   return bits >= 0x80000000u ? ~bits : (bits | 0x80000000u);
@@ -69,7 +73,7 @@ void filter_row(const float* x, int64_t V, int32_t k, float top_p, float* out, s
       hi = keys[i] > hi ? keys[i] : hi;
     }
     for (int it = 0; it < 32 && lo < hi; ++it) {       // invariant: count(keys >= lo) >= k
-      const uint32_t mid = lo + (hi - lo + 1) / 2;
+      const uint32_t mid = hi - (hi - lo) / 2;        // the upper middle, without lo + hi + 1 wrapping
       if (count_at_least(keys.data(), V, mid) >= k) lo = mid; else hi = mid - 1;
     }
     for (int64_t i = 0; i < V; ++i)
@@ -78,18 +82,22 @@ void filter_row(const float* x, int64_t V, int32_t k, float top_p, float* out, s
   if (!(top_p < 1.0f)) return;
   float m = -INFINITY;
   for (int64_t i = 0; i < V; ++i) m = out[i] > m ? out[i] : m;
-  if (!std::isfinite(m)) return;                          // a row of NaN/inf: nothing meaningful to cut
+  if (!std::isfinite(m)) return;   // +inf in the row (XLA's softmax makes it NaN and masks all): keep the row
   probs.resize(V);
   float* p = probs.data();
   const f32x16 mv = f32x16{} + m;
-  f32x16 acc{};
+  double sum = 0.0;
   int64_t i = 0;
-  for (; i + 16 <= V; i += 16) {
-    const f32x16 e = exp16(load16(out + i) - mv);
-    store16(p + i, e);
-    acc += e;
+  while (i + 16 <= V) {                                   // float32 lanes per block of 4096, blocks in double
+    f32x16 acc{};
+    const int64_t end = std::min<int64_t>(V - V % 16, i + 4096);
+    for (; i < end; i += 16) {
+      const f32x16 e = exp16(load16(out + i) - mv);
+      store16(p + i, e);
+      acc += e;
+    }
+    sum += hsum16(acc);
   }
-  double sum = hsum16(acc);
   for (; i < V; ++i) {
     p[i] = std::exp(out[i] - m);
     sum += p[i];

@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -173,9 +174,9 @@ class ParamArrayWriter:
     chunks at a time and waited for, so it holds at most one chunk-block copy of `value` besides `value`
     itself. Only whole chunks are written: the rows of a piece that covers part of a chunk are kept in that
     chunk's buffer until the pieces that follow complete it (a partial write would make TensorStore read,
-    decode, merge and re-encode the chunk each time, quadratic in the pieces), so nothing is ever read back
-    and at most one buffered chunk per array and layer is held between writes; `finish()` writes any chunk
-    left incomplete.
+    decode, merge and re-encode the chunk each time, quadratic in the pieces), so at most one buffered chunk
+    per array and layer is held between writes, and nothing is read back unless a chunk is left incomplete:
+    `finish()` writes the rows it got (reading the chunk back once).
     """
 
     def __init__(self, params_dir: str | os.PathLike, specs: dict[tuple[str, ...], tuple[tuple[int, ...], Any]],
@@ -188,8 +189,8 @@ class ParamArrayWriter:
         self.split_axes = {path: (split_axes or {}).get(path, 1 if path[0] == "layers" else 0) for path in specs}
         self.chunks: dict[tuple[str, ...], tuple[int, ...]] = {}
         self._arrays = {}
-        # (path, index but the split axis, chunk start) -> [chunk buffer, [(start, stop) of its rows written]]
-        self._partial: dict[tuple, list] = {}
+        # (path, index but the split axis, chunk start) -> _PartialChunk: the rows written so far of a chunk
+        self._partial: dict[tuple, _PartialChunk] = {}
         if compression not in ("zstd", None, "none"):
             raise CheckpointError(f"unknown compression {compression!r}: use 'zstd' or 'none'")
         compressor = {"id": "zstd", "level": 1} if compression == "zstd" else None
@@ -233,41 +234,61 @@ class ParamArrayWriter:
                 step = self.chunks[path][axis]
                 c0 = a // step * step
                 c1 = min(c0 + step, shape[axis])
+                key = (path, self._region(block_index, axis, shape), c0)
                 if (a, b) != (c0, c1):
-                    self._buffer(path, block_index, axis, value_axis, block, a, b, c0, c1, dtype)
+                    self._buffer(key, path, block_index, axis, value_axis, block, a, b, c0, c1, dtype)
                     continue
+                self._partial.pop(key, None)   # a whole-chunk write replaces rows buffered for that chunk
             block = contiguous_copy(block, dtype)
             arr[block_index].write(block, can_reference_source_data_indefinitely=True).result()
             del block
 
-    def _buffer(self, path, block_index, axis, value_axis, block, a, b, c0, c1, dtype) -> None:
-        """Copies rows [a, b) of the chunk starting at c0 into its buffer; writes the chunk once it is complete."""
-        key = (path, tuple((i.start, i.stop) if isinstance(i, slice) else i for i in block_index[:axis]) +
-               tuple((i.start, i.stop) if isinstance(i, slice) else i for i in block_index[axis + 1:]), c0)
-        if key not in self._partial:
+    @staticmethod
+    def _region(block_index: tuple, axis: int, shape: tuple[int, ...]) -> tuple:
+        """The block's index on every axis but the split one, normalized (slice(None) == slice(0, n))."""
+        return tuple(i if isinstance(i, int) else i.indices(n)[:2]
+                     for d, (i, n) in enumerate(zip(block_index, shape)) if d != axis)
+
+    def _buffer(self, key, path, block_index, axis, value_axis, block, a, b, c0, c1, dtype) -> None:
+        """Copies rows [a, b) of the chunk starting at c0 into its buffer; writes the chunk once every row of it
+        has been written (rows written again replace the earlier ones)."""
+        chunk = self._partial.get(key)
+        if chunk is None:
             buffer_shape = list(block.shape)
             buffer_shape[value_axis] = c1 - c0
-            self._partial[key] = [np.zeros(buffer_shape, dtype), [], block_index[:axis] + (slice(c0, c1),) +
-                                  block_index[axis + 1:], value_axis]
-        buffer, done, chunk_index, _ = self._partial[key]
-        buffer[(slice(None),) * value_axis + (slice(a - c0, b - c0),)] = block
-        done.append((a, b))
-        if sum(hi - lo for lo, hi in done) >= c1 - c0:
+            chunk = self._partial[key] = _PartialChunk(
+                np.zeros(buffer_shape, dtype), np.zeros(c1 - c0, bool),
+                block_index[:axis] + (slice(c0, c1),) + block_index[axis + 1:], value_axis, c0)
+        chunk.buffer[(slice(None),) * value_axis + (slice(a - c0, b - c0),)] = block
+        chunk.written[a - c0:b - c0] = True
+        if chunk.written.all():
             del self._partial[key]
-            self._arrays[path][chunk_index].write(buffer, can_reference_source_data_indefinitely=True).result()
+            self._arrays[path][chunk.index].write(chunk.buffer, can_reference_source_data_indefinitely=True).result()
 
     def finish(self) -> None:
-        """Writes any chunk some rows of which were written but not all (those rows only), then Orbax's metadata.
-        (Files are not fsynced here: `atomic_directory` fsyncs the whole output.)"""
-        for key, (buffer, done, chunk_index, value_axis) in list(self._partial.items()):
-            path, c0 = key[0], key[2]
+        """Writes the rows written of any chunk left incomplete (only those: each such write reads the chunk back),
+        then Orbax's metadata. (Files are not fsynced here: `atomic_directory` fsyncs the whole output.)"""
+        for key, chunk in list(self._partial.items()):
+            path = key[0]
             axis = self.split_axes[path]
-            for a, b in sorted(done):
-                rows = chunk_index[:axis] + (slice(a, b),) + chunk_index[axis + 1:]
-                part = buffer[(slice(None),) * value_axis + (slice(a - c0, b - c0),)]
-                self._arrays[path][rows].write(part).result()
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], chunk.written.astype(np.int8), [0]])))
+            for a, b in zip(edges[::2], edges[1::2]):   # each run of written rows
+                rows = chunk.index[:axis] + (slice(chunk.c0 + a, chunk.c0 + b),) + chunk.index[axis + 1:]
+                self._arrays[path][rows].write(chunk.buffer[(slice(None),) * chunk.value_axis + (slice(a, b),)]
+                                               ).result()
             del self._partial[key]
         write_pytree_metadata(self.dir, list(self.specs))
+
+
+@dataclass
+class _PartialChunk:
+    """A chunk some rows of which `ParamArrayWriter.write` got: its buffer, which rows are written, where it goes
+    (`index`), the split axis's position in the buffer and the chunk's first row."""
+    buffer: np.ndarray
+    written: np.ndarray
+    index: tuple
+    value_axis: int
+    c0: int
 
 
 def write_pytree_metadata(params_dir: str | os.PathLike, paths: list[tuple[str, ...]]) -> None:

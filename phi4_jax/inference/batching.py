@@ -636,6 +636,8 @@ class ContinuousBatchingEngine:
         queue must have room for all of them (QueueFullError otherwise; GenerationError when there are more
         than max_queue, which no wait would fix). `hold` as `submit`'s, for each."""
         reqs = [self._validate(request) for request in requests]
+        if not reqs:
+            return []
         if len(reqs) > self.max_queue:
             raise GenerationError(f"{len(reqs)} requests submitted together exceed the engine's queue "
                                   f"(max_queue={self.max_queue})")

@@ -57,8 +57,10 @@ def sample_rows(logits, keys, steps, temperature, top_k, top_p, argmax=None, res
 
 
 def _ordered_bits(x):
-    """uint32 keys of float32 x that order like the numbers (-inf smallest, +inf largest)."""
-    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    """uint32 keys of float32 x that order like the numbers (-inf smallest, +inf largest; -0.0 and +0.0 one key,
+    as they compare equal)."""
+    x = x.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, jnp.float32(0), x), jnp.uint32)
     negative = bits >= jnp.uint32(0x80000000)
     return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
 
@@ -75,7 +77,7 @@ def top_k_mask(logits, top_k):
 
     def halve(_, bounds):                                  # invariant: count(keys >= lo) >= k
         lo, hi = bounds
-        mid = lo + (hi - lo + 1) // 2
+        mid = hi - (hi - lo) // 2                          # the upper middle, without lo + hi + 1 wrapping
         enough = jnp.sum(keys >= mid[:, None], axis=-1) >= k
         return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
 

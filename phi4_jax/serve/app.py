@@ -199,7 +199,7 @@ class Server:
                     prompt_ids=list(prompt), max_new_tokens=budget, temperature=sampling.temperature,
                     top_p=sampling.top_p, seed=None if sampling.seed is None else sampling.seed + index,
                     stop_token_ids=stop_ids, logprobs=sampling.logprobs, prompt_logprobs=prompt_logprobs)
-        streams = dict(zip(requests, self.engine.submit_many(list(requests.values()))))
+        streams = dict(zip(requests, self.engine.submit_many(list(requests.values())))) if requests else {}
         return [Choice(index, streams.get(index), text) for index, text in enumerate(texts)]
 
     def usage(self, prompts: list[list[int]], choices: list[Choice]) -> dict:
