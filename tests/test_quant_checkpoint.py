@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from hf_models import hf_logits, make_tiny_phi3_model
 from test_convert import cli_main, hf_tensors
+from writer_probe import misaligned, record_array_writes
 
 import phi4_jax
 from phi4_jax.checkpoint.hf_mapping import params_from_hf_state_dict
@@ -211,30 +212,7 @@ def test_keep_quantized_writes_only_whole_chunks(kept, tmp_path, monkeypatch, ta
 
     src = kept["Q8_0"][0]
     monkeypatch.setattr(store, "CHUNK_TARGET_BYTES", target)
-    writes, init = [], store.ParamArrayWriter.__init__
-
-    class Recorded:
-        def __init__(self, arr, path):
-            self.arr, self.path = arr, path
-
-        def __getattr__(self, name):
-            return getattr(self.arr, name)
-
-        def __getitem__(self, index):
-            view = self.arr[index]
-            path = self.path
-
-            class Write:
-                def write(self, value, **kwargs):
-                    writes.append((path, index))
-                    return view.write(value, **kwargs)
-            return Write()
-
-    def recording_init(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self._arrays = {path: Recorded(arr, path) for path, arr in self._arrays.items()}
-
-    monkeypatch.setattr(store.ParamArrayWriter, "__init__", recording_init)
+    writes = record_array_writes(monkeypatch)
     chunks, shapes, axes, pieces = {}, {}, {}, []
     write = store.ParamArrayWriter.write
 
@@ -245,26 +223,11 @@ def test_keep_quantized_writes_only_whole_chunks(kept, tmp_path, monkeypatch, ta
 
     monkeypatch.setattr(store.ParamArrayWriter, "write", remember)
     assert cli_main(src, tmp_path / "kept", "--keep-quantized") == 0
-    def misaligned(path, index):
-        axis, shape, chunk = axes[path], shapes[path], chunks[path]
-        if axis >= len(shape) or axis >= len(index) or isinstance(index[axis], int):
-            return False
-        start, stop, _ = index[axis].indices(shape[axis])
-        return start % chunk[axis] != 0 or (stop - start != chunk[axis] and stop != shape[axis])
-
-    assert not any(misaligned(path, index) for path, index in writes)
-    if target == 4096:   # the conversion's row blocks do not line up with these chunks: the writer buffered them
-        assert any(misaligned(path, index) for path, index in pieces)
-    split = 0
+    assert writes
     for path, index in writes:
-        axis, shape, chunk = axes[path], shapes[path], chunks[path]
-        if axis >= len(shape) or axis >= len(index) or isinstance(index[axis], int):
-            continue
-        start, stop, _ = index[axis].indices(shape[axis])
-        assert start % chunk[axis] == 0 and (stop - start == chunk[axis] or stop == shape[axis]), (path, index)
-        split += chunk[axis] < shape[axis]
-    if target == 4096:
-        assert split > 0                              # the small target really cuts arrays into several chunks
+        assert not misaligned(shapes[path], chunks[path], axes[path], index), (path, index)
+    if target == 4096:   # the conversion's row blocks do not line up with these chunks: the writer buffered them
+        assert any(misaligned(shapes[path], chunks[path], axes[path], index) for path, index in pieces)
     model = phi4_jax.load_model(tmp_path / "kept")
     reference = phi4_jax.load_model(kept["Q8_0"][1])
     for (p, ours), (_, theirs) in zip(_leaves(model.params).items(), _leaves(reference.params).items()):
