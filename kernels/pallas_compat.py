@@ -33,14 +33,29 @@ def tpu_target(device_kind: str = "TPU v5p", num_cores: int = 1):
     return jax.sharding.use_abstract_mesh(mesh)
 
 
+# `interpret=HLO_INTERPRET`: a Mosaic TPU kernel's body lowered to ordinary XLA ops (JAX's HLO interpreter).
+HLO_INTERPRET = "hlo"
+
+
 def tpu_interpret_params(interpret, *, detect_races: bool = False):
     """Maps the public `interpret` flag to what `pl.pallas_call(interpret=...)` needs for a Mosaic TPU kernel.
 
-    False -> False (compile with Mosaic; a TPU must be present); True -> `pltpu.InterpretParams()` (the TPU
-    interpreter, which simulates VMEM, DMAs and semaphores on CPU); an `InterpretParams` is passed through.
+    - False -> False: compile with Mosaic (a TPU must be present).
+    - True -> `pltpu.InterpretParams()`: the TPU interpreter, which simulates VMEM, DMAs and semaphores on a CPU
+      (and detects races when asked). It runs the kernel as Python callbacks that synchronize every device of an
+      enclosing shard_map, so in a multi-device program it can deadlock (see `kernels.sharded`).
+    - An `InterpretParams` is passed through.
+    - `HLO_INTERPRET` ("hlo") -> True: JAX's HLO interpreter, which lowers the kernel body to ordinary XLA ops (a
+      loop over the grid, scratch as arrays). Same arithmetic, no callbacks, no cross-device synchronization: what
+      `kernels.sharded` uses on a mesh. It does not simulate DMA timing and cannot detect races.
     """
     if isinstance(interpret, pltpu.InterpretParams):
         return interpret
+    if isinstance(interpret, str):
+        if interpret != HLO_INTERPRET:
+            raise AttentionConfigError(f"interpret={interpret!r}: use a bool, a pltpu.InterpretParams or "
+                                       f"{HLO_INTERPRET!r}")
+        return True
     if interpret:
         return pltpu.InterpretParams(detect_races=detect_races)
     if not on_tpu():

@@ -23,12 +23,25 @@ split over; this package does not know any rules table: the caller (phi4_jax) de
 mesh, or when every named axis has size 1, a wrapper is a plain call. A mesh that cannot split the inputs gets an
 `AttentionConfigError` naming the axis and the sizes.
 
-Interpret mode on simulated CPU devices: the Pallas TPU interpreter synchronizes all devices of the shard_map
-in Python (a `threading.Barrier` over the devices), so the CPU client must run every device at once; its thread
-pool has os.cpu_count() threads unless the `NPROC` environment variable says otherwise, and with fewer than
-2 x devices threads the program deadlocks. Importing this module therefore sets NPROC (if unset and JAX has not
-started) when XLA_FLAGS asks for several simulated host devices, and the wrappers raise instead of hanging
-when the pool is too small.
+Interpret mode on a mesh. Inside one multi-device XLA program, XLA:CPU runs each device's operations in dataflow
+order, so two operations that do not depend on each other (an interpreted kernel of one layer and a gradient
+reduce-scatter of another) can run in different orders on different devices. JAX's TPU and Mosaic GPU
+interpreters run a kernel as Python callbacks that wait for every device of the shard_map (a `threading.Barrier`);
+a device that went into an XLA collective first waits there for the others, which wait in the barrier for it: a
+deadlock (seen as a hang in a sharded train step, 1 run in ~8 on a loaded 2-core machine). Therefore:
+
+- `interpret=True` for a Mosaic TPU kernel (flash attention "pallas_tpu", paged attention "pallas") on a mesh of
+  more than one device becomes `interpret="hlo"` (`kernels.pallas_compat.HLO_INTERPRET`): the same kernel body
+  lowered to ordinary XLA ops, with no callbacks and no barrier, and faster. Pass a `pltpu.InterpretParams` to get
+  the TPU interpreter anyway (only safe in a program with no collective outside the kernels' own data flow).
+- The backend-neutral Pallas kernels (RoPE, decode attention, the Triton paged kernel) are interpreted that way
+  already.
+- The Mosaic GPU kernel ("pallas_gpu") has only its callback interpreter, so the risk stays with it on a mesh.
+  A callback interpreter also needs the CPU client to run every device at once: its thread pool has
+  os.cpu_count() threads unless the `NPROC` environment variable says otherwise, and with fewer than 2 x devices
+  threads the program deadlocks. Importing this module therefore sets NPROC (if unset and JAX has not started)
+  when XLA_FLAGS asks for several simulated host devices, and the wrappers raise instead of hanging when the pool
+  is too small.
 """
 
 from __future__ import annotations
@@ -39,6 +52,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 from kernels import context_parallel
@@ -52,6 +66,7 @@ from kernels.dispatch import (
     flash_attention_rope,
 )
 from kernels.paged_attention import paged_attention
+from kernels.pallas_compat import HLO_INTERPRET
 
 PALLAS_ATTENTION = ("pallas_tpu", "pallas_gpu")
 _SIMULATED_DEVICES = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
@@ -132,8 +147,22 @@ def _is_trivial(mesh, *axes) -> bool:
     return all(_size(mesh, a) == 1 for a in axes)
 
 
-def _check_interpret_threads(mesh, implementation, interpret):
-    if not interpret or implementation not in PALLAS_ATTENTION + ("pallas",):
+def _mesh_interpret(interpret):
+    """A Mosaic TPU kernel's interpret mode inside a multi-device shard_map: True -> HLO_INTERPRET (see the module
+    docstring); False, an explicit `pltpu.InterpretParams` or "hlo" unchanged."""
+    return HLO_INTERPRET if interpret is True else interpret
+
+
+def _uses_callback_interpreter(kernel: str, interpret) -> bool:
+    """Whether the kernel ("tpu": a Mosaic TPU kernel; "gpu": the Mosaic GPU kernel) runs in an interpreter made of
+    Python callbacks that synchronize the devices (after `_mesh_interpret`)."""
+    if kernel == "gpu":
+        return bool(interpret)
+    return isinstance(interpret, pltpu.InterpretParams)
+
+
+def _check_interpret_threads(mesh, callback_interpreter: bool):
+    if not callback_interpreter:
         return
     devices = mesh.devices.flat
     n = mesh.devices.size
@@ -207,7 +236,10 @@ def sharded_flash_attention(q, k, v, *, mesh, batch_axes=None, seq_axes=None, q_
         "q_head_axes": (q_head_axes, [("query heads", hq)]),
         "kv_head_axes": (kv_head_axes, [("kv heads", hkv)]),
     })
-    _check_interpret_threads(mesh, implementation, interpret)
+    if implementation == "pallas_tpu":
+        interpret = _mesh_interpret(interpret)    # read by local_attention and the body below
+    _check_interpret_threads(mesh, implementation in PALLAS_ATTENTION and _uses_callback_interpreter(
+        "gpu" if implementation == "pallas_gpu" else "tpu", interpret))
     if n_ctx > 1 and implementation == "cudnn" and segment_ids is not None:
         raise AttentionConfigError("implementation='cudnn' does not support segment_ids")
 
@@ -250,8 +282,6 @@ def sharded_apply_rope(x, positions, *, mesh, batch_axes=None, seq_axes=None, he
     _check_axes(mesh, {"batch_axes": (batch_axes, [("batch", b)]),
                        "seq_axes": (seq_axes, [("sequence length", s)]),
                        "head_axes": (head_axes, [("heads", h)])})
-    impl = implementation if implementation is not None else ("pallas" if interpret else "xla")
-    _check_interpret_threads(mesh, impl, interpret)
     xspec = P(_entry(batch_axes), _entry(seq_axes), _entry(head_axes), None)
     return _shard_map(rope, mesh, (xspec, P(_entry(batch_axes), _entry(seq_axes))), xspec)(x, positions)
 
@@ -271,8 +301,6 @@ def sharded_decode_attention(q, k_cache, v_cache, lengths, *, mesh, batch_axes=N
     _check_axes(mesh, {"batch_axes": (batch_axes, [("batch", b)]),
                        "q_head_axes": (q_head_axes, [("query heads", hq)]),
                        "kv_head_axes": (kv_head_axes, [("kv heads", k_cache.shape[2])])})
-    impl = implementation if implementation is not None else ("pallas" if interpret else "xla")
-    _check_interpret_threads(mesh, impl, interpret)
     qspec = P(_entry(batch_axes), None, _entry(q_head_axes), None)
     cspec = P(_entry(batch_axes), None, _entry(kv_head_axes), None)
     return _shard_map(decode, mesh, (qspec, cspec, cspec, P(_entry(batch_axes))), qspec)(
@@ -305,7 +333,10 @@ def sharded_paged_attention(q, k_pages, v_pages, block_tables, lengths, *, mesh,
     _check_axes(mesh, {"batch_axes": (batch_axes, [("batch", b)]),
                        "q_head_axes": (q_head_axes, [("query heads", hq)]),
                        "kv_head_axes": (kv_head_axes, [("kv heads", k_pages.shape[-2])])})
-    _check_interpret_threads(mesh, implementation if implementation is not None else "pallas", interpret)
+    if implementation in (None, "pallas"):           # the Mosaic TPU kernel (None picks it when interpreting)
+        interpret = _mesh_interpret(interpret)       # read by paged() below
+    _check_interpret_threads(mesh, implementation in (None, "pallas") and _uses_callback_interpreter("tpu",
+                                                                                                      interpret))
     lead = (None,) * (k_pages.ndim - 2)                      # [layers,] pages, page rows: never split
     pspec = P(*lead, _entry(kv_head_axes), None)
     sspec = P(*lead[:-1], _entry(kv_head_axes), None)       # scales: [layers,] pages, kv heads, page rows

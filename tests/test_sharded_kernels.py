@@ -1,22 +1,28 @@
 """The kernels on a mesh (kernels.sharded, kernels.context_parallel) against the single-device reference.
 
-8 simulated CPU devices (tests/conftest.py), Pallas kernels in interpret mode. Each case compares the sharded
-wrapper, forward and gradients of a random cotangent, with `kernels.attention_naive` (after the XLA RoPE reference)
-on one device, on packed documents whose segments cross the shard boundaries and RoPE positions that restart per
-document. With pallas_tpu the traced program must contain the Pallas TPU kernels (forward, dq, dk/dv): under
-context parallelism they are the per-shard attention, with each shard's query offset. Tolerances: float32 throughout, so 2e-5 (max abs, outputs O(1)) for the XLA and Pallas TPU paths; the
-Pallas GPU kernel feeds its matmuls bf16 on purpose (see kernels/flash_attention_gpu.py): 3e-2 relative.
+8 simulated CPU devices (tests/conftest.py), Pallas kernels in interpret mode (on a mesh the Mosaic TPU kernels
+are interpreted as XLA ops, "hlo": kernels/sharded.py says why). Each case compares the sharded wrapper, forward
+and gradients of a random cotangent, with `kernels.attention_naive` (after the XLA RoPE reference) on one device,
+on packed documents whose segments cross the shard boundaries and RoPE positions that restart per document. With
+pallas_tpu the traced program must contain the Pallas TPU kernels (forward, dq, dk/dv): under context parallelism
+they are the per-shard attention, with each shard's query offset. Tolerances: float32 throughout, so 2e-5 (max
+abs, outputs O(1)) for the XLA and Pallas TPU paths; the Pallas GPU kernel feeds its matmuls bf16 on purpose (see
+kernels/flash_attention_gpu.py): 3e-2 relative.
 """
+
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 from kernel_mode import interpret_for
 
 import kernels
 from kernels import mosaic_gpu_interpret
 from kernels.context_parallel import attention_with_offset, zigzag_inverse, zigzag_order
+from kernels.pallas_compat import HLO_INTERPRET, tpu_interpret_params
 from kernels.rope_reference import apply_rope_reference
 from phi4_jax.model import sharding
 
@@ -145,6 +151,55 @@ def _pallas_kernel_names(fn, *args):
 
     walk(jax.make_jaxpr(fn)(*args).jaxpr)
     return names
+
+
+def _python_callbacks(fn, *args) -> int:
+    """How many Python-callback custom calls fn's lowered program (StableHLO text) contains."""
+    return len(re.findall(r"python_cpu_callback", jax.jit(fn).lower(*args).as_text()))
+
+
+def test_interpreted_tpu_kernels_on_a_mesh_have_no_cross_device_callbacks():
+    # The TPU interpreter runs a kernel as Python callbacks that wait for every device; XLA:CPU may run an unrelated
+    # collective first on one device, and the program deadlocks (kernels/sharded.py). On a mesh, interpret=True
+    # therefore lowers the same kernels as XLA ops ("hlo"): no callbacks, for flash attention (forward and
+    # backward) and the paged kernel. An explicit InterpretParams still gets the TPU interpreter, as does a
+    # one-device call.
+    _need_8()
+    mesh = sharding.build_mesh("data=2,context=2,tensor=2")
+    q, k, v, w, seg, pos = _inputs(4, 64, 4, 2, 128)
+
+    def flash(interpret, mesh=mesh):
+        return lambda q, k, v: jnp.sum(w * kernels.sharded_flash_attention(
+            q, k, v, mesh=mesh, segment_ids=seg, positions=pos, rope_theta=THETA, implementation="pallas_tpu",
+            interpret=interpret, block_size=16, **AXES))
+
+    grads = lambda f: jax.grad(f, argnums=(0, 1, 2))  # noqa: E731
+    assert _python_callbacks(grads(flash(True)), q, k, v) == 0
+    assert "flash_attention_tpu_dkv" in _pallas_kernel_names(grads(flash(True)), q, k, v)
+    assert _python_callbacks(grads(flash(pltpu.InterpretParams())), q, k, v) > 0
+    assert _python_callbacks(flash(True, mesh=None), q, k, v) > 0
+
+    pages = jax.random.normal(jax.random.key(3), (6, 16, 2, 128), jnp.float32)
+    tables = jnp.array([[0, 1, 2], [3, 4, 5], [1, 0, 2], [5, 4, 3]], jnp.int32)
+    lengths = jnp.array([40, 3, 17, 48], jnp.int32)
+
+    def paged(interpret):
+        return lambda q: kernels.sharded_paged_attention(
+            q, pages, pages, tables, lengths, mesh=mesh, batch_axes=("data", "fsdp"), q_head_axes="tensor",
+            kv_head_axes="tensor", interpret=interpret)
+
+    q1 = q[:, :1]
+    assert _python_callbacks(paged(True), q1) == 0
+    assert _python_callbacks(paged(pltpu.InterpretParams()), q1) > 0
+    np.testing.assert_allclose(jax.jit(paged(True))(q1),
+                               kernels.paged_attention_reference(q1, pages, pages, tables, lengths), atol=2e-5)
+
+
+def test_hlo_interpret_mode_names():
+    assert tpu_interpret_params(HLO_INTERPRET) is True
+    assert isinstance(tpu_interpret_params(True), pltpu.InterpretParams)
+    with pytest.raises(kernels.AttentionConfigError, match="'tpu'.*a bool, a pltpu.InterpretParams or 'hlo'"):
+        tpu_interpret_params("tpu")
 
 
 @pytest.mark.skip(reason="too slow for CI: the Mosaic GPU interpreter on 4 shards, forward and backward, ran past "
