@@ -41,7 +41,8 @@ with N. In VMEM:
 Shapes on TPU: block_n must divide N and be a multiple of 128; block_k must divide K, be a multiple of
 group_size (groups) and of 128 (256 for int4, whose packed block is block_k / 2 lanes). M is any size up to
 `MAX_X_BYTES` of x (the whole batch is one block: this is a decode kernel; prefill-sized M belongs to XLA).
-`interpret=True` runs it in the TPU interpreter on a CPU (`kernels.pallas_compat.tpu_interpret_params`).
+`interpret=True` runs it in the TPU interpreter on a CPU, `interpret="hlo"` as XLA ops
+(`kernels.pallas_compat.tpu_interpret_params`).
 
 `dequant_matmul_reference` is the XLA statement of the same math (dequantize, then one matmul in x's dtype with
 float32 accumulation).

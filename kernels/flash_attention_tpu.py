@@ -593,7 +593,8 @@ def flash_attention_tpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
 
     q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D], segment_ids [B, Sq] int or None (0 = padding), rope None or
     (positions [B, S] int, theta) to rotate q and k inside the kernel. `interpret=True` (or a
-    `pltpu.InterpretParams`) runs the kernels in the TPU interpreter on CPU. Returns [B, Sq, Hq, D].
+    `pltpu.InterpretParams`) runs the kernels in the TPU interpreter on CPU, `interpret="hlo"` as XLA ops
+    (`kernels.pallas_compat.tpu_interpret_params`; what `kernels.sharded` uses on a mesh). Returns [B, Sq, Hq, D].
 
     By default q and k/v are one sequence (Sq == Sk). A query chunk of a longer key sequence (context
     parallelism) passes `q_start`, the keys' index of its first query (an int >= 0 or a traced int32 scalar,

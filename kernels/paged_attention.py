@@ -40,7 +40,8 @@ an online softmax (float32 running max, sum and accumulator per head in VMEM scr
 writes the normalized output of every head. With int8 pages the page's (Hkv, page_size) k and v scale tiles come
 in with the same page index, the int8 block is widened to q's dtype in VMEM (Mosaic cannot take one head's slice
 of an int8 block: its layout pass aborts), and head h's step uses row h of each scale tile as above. On TPU it needs head_dim a multiple of 128 and page_size a multiple of
-8. `interpret=True` runs it in the TPU interpreter on a CPU. `implementation=None` picks it on a TPU when the
+8. `interpret=True` runs it in the TPU interpreter on a CPU (`interpret="hlo"`: as XLA ops, see
+`kernels.pallas_compat.tpu_interpret_params`). `implementation=None` picks it on a TPU when the
 shapes allow, the reference elsewhere.
 
 On the CPU, the serving engine's per-layer path reads the pages in place with a native kernel instead
