@@ -299,21 +299,20 @@ def test_kernel_mode_switch(monkeypatch):
         kernel_mode.interpret_for("gpu")
 
 
-@pytest.mark.parametrize("code, status", [
-    ("import time; print('working', flush=True); time.sleep(60)", "timeout"),
-    ("raise SystemExit('stage crashed')", "failed"),
-    ("pass", "failed"),                                   # exit 0 but no result file
-    ("import json, sys; json.dump({'x': 1}, open(sys.argv[1], 'w'))", "ok"),
+@pytest.mark.parametrize("code, status, deadline", [
+    ("import time; print('working', flush=True); time.sleep(600)", "timeout", 5.0),
+    ("raise SystemExit('stage crashed')", "failed", 120.0),
+    ("pass", "failed", 120.0),                             # exit 0 but no result file
+    ("import json, sys; json.dump({'x': 1}, open(sys.argv[1], 'w'))", "ok", 120.0),
 ])
-def test_a_hanging_or_crashing_stage_is_contained(tmp_path, code, status):
-    """Each stage is a subprocess with a deadline: a hang is killed, a crash recorded, and the suite goes on."""
+def test_a_hanging_or_crashing_stage_is_contained(tmp_path, code, status, deadline):
+    """Each stage is a subprocess with a deadline: a hang is killed, a crash recorded, and the suite goes on.
+    (Deadlines are generous where the stage must finish: a loaded CI machine can take seconds to start Python.)"""
     result = str(tmp_path / "result.json")
     args = argparse.Namespace(smoke=True, platforms="")
     stage = gpu_suite.Stage("train_mfu", 2, 2, "test stage")
-    t0 = time.perf_counter()
-    record = gpu_suite.run_stage(stage, args, str(tmp_path), 2.0, lambda text: None,
+    record = gpu_suite.run_stage(stage, args, str(tmp_path), deadline, lambda text: None,
                                  command=([sys.executable, "-c", code, result], result))
-    assert time.perf_counter() - t0 < 30
     assert record["status"] == status, record
     if status == "timeout":
         assert record["returncode"] is None and "working" in record["log_tail"]

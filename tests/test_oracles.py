@@ -59,9 +59,11 @@ SQUARE_TESTS = "assert square(3) == 9\nassert square(-2) == 4\n"
 def test_python_runs_the_last_code_block_against_the_tests():
     good = "Here:\n```python\ndef square(x):\n    return x * x\n```\n"
     bad = "```python\ndef square(x):\n    return x + x\n```"
-    assert judge(good, problem("python", tests=SQUARE_TESTS))
+    # A generous time limit for the runs that must pass: a loaded CI machine can take seconds to start Python.
+    assert judge(good, problem("python", tests=SQUARE_TESTS, timeout=60))
     assert not judge(bad, problem("python", tests=SQUARE_TESTS))
-    assert judge("def square(x):\n    return x ** 2\n", problem("python", tests=SQUARE_TESTS))   # no fence: all of it
+    assert judge("def square(x):\n    return x ** 2\n",                                          # no fence: all of it
+                 problem("python", tests=SQUARE_TESTS, timeout=60))
 
 
 def test_python_timeout_kills_the_process_group(tmp_path):
@@ -81,7 +83,7 @@ def test_python_cpu_and_memory_limits():
     assert not run_python_tests(spin, "pass", timeout=1)
     hog = "x = bytearray(400 * 2**20)\nx[-1] = 1\n"
     assert not run_python_tests(hog, "pass", memory_mb=200)
-    assert run_python_tests(hog, "pass", memory_mb=2000)       # the limit, not the code, failed it above
+    assert run_python_tests(hog, "pass", memory_mb=2000, timeout=60)  # the limit, not the code, failed it above
 
 
 def test_user_callable_oracle(tmp_path, monkeypatch):

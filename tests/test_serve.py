@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
+from engine_gate import StepGate
 from hf_models import hf_logits
 from test_chat_cli import make_chat_checkpoint
 
@@ -35,14 +36,17 @@ SYSTEM = "You are a terse assistant."
 
 
 class RecordingEngine:
-    """The real engine, recording the requests the server submits (to see the prompt ids it built)."""
+    """The real engine, recording the requests the server submits (to see the prompt ids it built) and, for those
+    the engine took, their streams (`accepted`: (request, stream) pairs)."""
 
     def __init__(self, engine):
-        self.engine, self.requests = engine, []
+        self.engine, self.requests, self.accepted = engine, [], []
 
     def submit_many(self, requests):
         self.requests.extend(requests)
-        return self.engine.submit_many(requests)
+        streams = self.engine.submit_many(requests)
+        self.accepted.extend(zip(requests, streams))
+        return streams
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
@@ -151,7 +155,7 @@ def test_stop_strings_and_stop_token_ids(served):
 
 # ----------------------------------------------------------------------------- concurrency and disconnects
 
-def test_concurrent_requests_equal_single_answers_and_overlap(served):
+def test_concurrent_requests_equal_single_answers_and_overlap(served, monkeypatch):
     client, tokenizer = served["client"], served["tokenizer"]
     prompts = [tokenizer.encode(f"Request number {i}: tell me a story. " + "And then? " * (i // 2)) for i in range(8)]
     budgets = [10 + 2 * i for i in range(8)]
@@ -165,12 +169,17 @@ def test_concurrent_requests_equal_single_answers_and_overlap(served):
     steps0 = engine.stats()["steps"]
     one_by_one = [ask(i) for i in range(8)]
     steps1 = engine.stats()["steps"]
+    # The engine waits until all 8 are queued (client threads on a loaded machine arrive over many steps), then
+    # admits them together (max_batch 8).
     results = [None] * 8
     threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(i))) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    with StepGate(engine, monkeypatch) as gate:
+        gate.close()
+        for t in threads:
+            t.start()
+        gate.wait_for(lambda stats: stats["queue_length"] == 8, "the 8 concurrent requests to queue")
+        gate.open()
+    join_all(threads)
     steps2 = engine.stats()["steps"]
     assert one_by_one == expected
     assert results == expected
@@ -181,7 +190,13 @@ def test_concurrent_requests_equal_single_answers_and_overlap(served):
     assert steps2 - steps1 < 0.5 * (steps1 - steps0), (steps2 - steps1, steps1 - steps0)
 
 
-def wait_until_idle(engine, timeout_s=20.0):
+def join_all(threads, timeout_s=120.0):
+    for t in threads:
+        t.join(timeout=timeout_s)
+        assert not t.is_alive(), f"a client thread did not finish within {timeout_s:.0f} s"
+
+
+def wait_until_idle(engine, timeout_s=120.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         stats = engine.stats()
@@ -192,8 +207,9 @@ def wait_until_idle(engine, timeout_s=20.0):
 
 
 def test_disconnect_mid_stream_frees_the_slot(served):
-    engine, tokenizer = served["engine"], served["tokenizer"]
-    before = wait_until_idle(engine)["tokens_generated"]
+    engine, tokenizer, recorder = served["engine"], served["tokenizer"], served["recorder"]
+    wait_until_idle(engine)
+    accepted = len(recorder.accepted)
     messages = chat_messages("Keep talking.")
     _, expected = reference(served, tokenizer.encode_chat(messages))
     other = {}
@@ -214,9 +230,14 @@ def test_disconnect_mid_stream_frees_the_slot(served):
             thread.start()
             assert received and engine.stats()["running"] >= 1
         # the response is closed: the client went away mid-stream
-    thread.join(timeout=120)
-    generated = wait_until_idle(engine)["tokens_generated"] - before
-    assert generated < NEW + 100, f"the abandoned request ran on ({generated} tokens) instead of being cancelled"
+    join_all([thread])
+    wait_until_idle(engine)            # nothing runs on: no slot, no page in use
+    abandoned = [stream for request, stream in recorder.accepted[accepted:]
+                 if request.max_new_tokens == MAX_CONTEXT - 8]
+    assert len(abandoned) == 1
+    # Cancelled, not run to its budget (how many tokens it made before the server noticed depends on the machine).
+    assert abandoned[0].finish_reason == "cancelled"
+    assert abandoned[0].completion_tokens < MAX_CONTEXT - 8
     assert other["text"] == expected
 
 
@@ -642,38 +663,24 @@ def test_concurrent_echo_logprobs_and_a_streaming_chat_share_engine_steps(served
     steps1 = wait_until_idle(engine)["steps"]
     check(one_by_one, alone)
 
-    # The chat is decoding when the echo requests arrive: once it streams its first text, the engine's next step
-    # waits (bounded) until the four are queued, so a slow client thread cannot make them miss the chat.
-    recorder, step, paused, queued = served["recorder"], engine._step, threading.Event(), threading.Event()
-
-    def gated_step():
-        if paused.is_set():
-            queued.wait(timeout=60)
-        return step()
-
-    monkeypatch.setattr(engine, "_step", gated_step)
-    submitted = len(recorder.requests)
-    stream = chat()
-    pieces = []
-    for c in stream:
-        pieces.append(c.choices[0].delta.content or "" if c.choices else "")
-        if "".join(pieces):
-            break
-    paused.set()
-    results = [None] * 4
+    # The chat is decoding when the echo requests arrive: the engine stops before its next step once the chat has
+    # made a token, and goes on when the four are queued, so slow client threads cannot make them miss the chat.
+    recorder, pieces, results = served["recorder"], [], [None] * 4
+    chat_thread = threading.Thread(target=lambda: pieces.extend(c.choices[0].delta.content or "" for c in chat()
+                                                                if c.choices))
     threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, echo(i))) for i in range(4)]
-    for t in threads:
-        t.start()
-    for _ in range(6000):
-        if len(recorder.requests) - submitted == 5 and engine.stats()["queue_length"] == 4:
-            break
-        time.sleep(0.01)
-    else:
-        raise AssertionError(f"the echo requests were not queued: {engine.stats()}")
-    queued.set()
-    pieces += [c.choices[0].delta.content or "" for c in stream if c.choices]
-    for t in threads:
-        t.join(timeout=120)
+    with StepGate(engine, monkeypatch) as gate:
+        base, submitted = engine.stats()["tokens_generated"], len(recorder.requests)
+        gate.close(when=lambda stats: stats["tokens_generated"] > base)
+        chat_thread.start()
+        held = gate.wait_held("the chat's first token")
+        assert held["running"] == 1 and held["tokens_generated"] - base < NEW // 2, held
+        for t in threads:
+            t.start()
+        gate.wait_for(lambda stats: len(recorder.requests) - submitted == 5 and stats["queue_length"] == 4,
+                      "the four echo requests to queue beside the chat")
+        gate.open()
+    join_all(threads + [chat_thread])
     steps2 = wait_until_idle(engine)["steps"]
     check(results, "".join(pieces))
     assert steps2 - steps1 < steps1 - steps0, (steps2 - steps1, steps1 - steps0)
@@ -681,7 +688,7 @@ def test_concurrent_echo_logprobs_and_a_streaming_chat_share_engine_steps(served
 
 # ----------------------------------------------------------------------------- requests wait for KV pages
 
-def test_requests_wait_for_free_pages(served):
+def test_requests_wait_for_free_pages(served, monkeypatch):
     """With a page pool that holds one whole request at a time, concurrent requests queue for pages (none fails;
     two run at once on their prompt pages and the newer is preempted when the pool runs out, see
     tests/test_batching.py) and each answer equals its single-request answer, with no page left in use; a request
@@ -694,33 +701,31 @@ def test_requests_wait_for_free_pages(served):
     prompts = [tokenizer.encode(f"Waiting request {i}: " + "more words here " * 7) for i in range(3)]
     assert all(25 <= len(p) < 32 for p in prompts)       # 25 + 24 new tokens -> 3 of the 4 pages each
     expected = [text for _, text in references(served, prompts, [NEW] * 3)]
-    seen, done = [], threading.Event()
-
-    def watch():
-        while not done.is_set():
-            seen.append(engine.stats())
-            time.sleep(0.002)
+    seen = []
 
     engine.start()
     try:
         with serve_in_thread(create_app(engine, tokenizer, MODEL)) as url:
             client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
             results = [None] * 3
-            threads = [threading.Thread(target=watch)] + [threading.Thread(target=lambda i=i: results.__setitem__(
+            threads = [threading.Thread(target=lambda i=i: results.__setitem__(
                 i, client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=NEW, temperature=0)))
                 for i in range(3)]
-            for t in threads:
-                t.start()
-            for t in threads[1:]:
-                t.join(timeout=120)
-            done.set()
-            threads[0].join()
+            # All three queued before the first step (2 prompt pages each, 4 in the pool): one must wait.
+            with StepGate(engine, monkeypatch, observe=seen.append) as gate:
+                gate.close()
+                for t in threads:
+                    t.start()
+                gate.wait_for(lambda stats: stats["queue_length"] == 3, "the three requests to queue")
+                gate.open()
+            join_all(threads)
             assert [r.choices[0].text for r in results] == expected
-            assert max(s["queue_length"] for s in seen) >= 1 and max(s["running"] for s in seen) <= 2
+            # seen: the stats before each step. One request waited while others ran, never more than two at once.
+            assert any(s["running"] >= 1 and s["queue_length"] >= 1 for s in seen)
+            assert max(s["running"] for s in seen) <= 2
             assert engine.stats()["pages_in_use"] == 0
             response = httpx.post(url + "/v1/completions", timeout=60,
                                   json={"model": MODEL, "prompt": prompts[0], "max_tokens": 60})
             assert response.status_code == 400 and "needs 6 KV pages" in error_of(response)["message"]
     finally:
-        done.set()
         engine.shutdown()
