@@ -6,9 +6,14 @@ closed the engine thread waits before its next step; the test waits until the en
 (`wait_for`: a predicate on `engine.stats()`), then opens the gate:
 
     with StepGate(engine, monkeypatch) as gate:
-        gate.close()                   # or gate.close(when=lambda stats: stats["tokens_generated"] > base)
-        ... start client threads ...
-        gate.wait_for(lambda stats: stats["queue_length"] == 8, "the 8 requests queued")
+        gate.start_together(client_threads, "the 8 requests")   # close, start, wait for the queue, open
+
+or, step by step:
+
+    with StepGate(engine, monkeypatch) as gate:
+        gate.close(when=lambda stats: stats["tokens_generated"] > base)   # or close() now
+        ... start a client thread; gate.wait_held(...); start others ...
+        gate.wait_for(lambda stats: stats["queue_length"] == 4, "the 4 requests queued")
         gate.open()
 
 Leaving the `with` block opens the gate (an assertion that failed in between does not leave the engine waiting),
@@ -53,6 +58,15 @@ class StepGate:
     def open(self) -> None:
         self._open.set()
         assert not self.timed_out, f"the engine waited at the gate for over {self.timeout:.0f} s"
+
+    def start_together(self, threads, what: str) -> None:
+        """Starts `threads` (each submits one request) with the gate closed, waits until the engine's queue holds
+        one request per thread, then opens the gate: the engine plans its next step with all of them."""
+        self.close()
+        for t in threads:
+            t.start()
+        self.wait_for(lambda stats: stats["queue_length"] == len(threads), f"{what} to queue")
+        self.open()
 
     def wait_held(self, what: str) -> dict:
         """Waits until the engine thread is at the gate; returns the engine's stats then."""

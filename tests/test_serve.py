@@ -174,11 +174,7 @@ def test_concurrent_requests_equal_single_answers_and_overlap(served, monkeypatc
     results = [None] * 8
     threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(i))) for i in range(8)]
     with StepGate(engine, monkeypatch) as gate:
-        gate.close()
-        for t in threads:
-            t.start()
-        gate.wait_for(lambda stats: stats["queue_length"] == 8, "the 8 concurrent requests to queue")
-        gate.open()
+        gate.start_together(threads, "the 8 concurrent requests")
     join_all(threads)
     steps2 = engine.stats()["steps"]
     assert one_by_one == expected
@@ -713,11 +709,7 @@ def test_requests_wait_for_free_pages(served, monkeypatch):
                 for i in range(3)]
             # All three queued before the first step (2 prompt pages each, 4 in the pool): one must wait.
             with StepGate(engine, monkeypatch, observe=seen.append) as gate:
-                gate.close()
-                for t in threads:
-                    t.start()
-                gate.wait_for(lambda stats: stats["queue_length"] == 3, "the three requests to queue")
-                gate.open()
+                gate.start_together(threads, "the three requests")
             join_all(threads)
             assert [r.choices[0].text for r in results] == expected
             # seen: the stats before each step. One request waited while others ran, never more than two at once.
