@@ -30,6 +30,18 @@ import time
 DEFAULT_TIMEOUT_S = 120.0
 
 
+def wait_for_stats(engine, predicate, what: str, timeout: float = DEFAULT_TIMEOUT_S) -> dict:
+    """Polls `engine.stats()` until `predicate(stats)` and returns those stats; fails naming `what` after `timeout`
+    seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = engine.stats()
+        if predicate(stats):
+            return stats
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}: {engine.stats()}")
+
+
 class StepGate:
     def __init__(self, engine, monkeypatch, timeout: float = DEFAULT_TIMEOUT_S, observe=None):
         self.engine, self.timeout, self.observe = engine, timeout, observe
@@ -74,19 +86,14 @@ class StepGate:
         return self.engine.stats()
 
     def wait_for(self, predicate, what: str) -> dict:
-        """Polls `engine.stats()` until `predicate(stats)`; fails naming `what` after `timeout` seconds."""
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            stats = self.engine.stats()
-            if predicate(stats):
-                return stats
-            time.sleep(0.01)
-        raise AssertionError(f"timed out waiting for {what}: {self.engine.stats()}")
+        """`wait_for_stats` with this gate's timeout."""
+        return wait_for_stats(self.engine, predicate, what, self.timeout)
 
     def _gated_step(self):
+        stats = self.engine.stats() if (self.observe is not None or self._close_when is not None) else None
         if self.observe is not None:
-            self.observe(self.engine.stats())
-        if self._close_when is not None and self._close_when(self.engine.stats()):
+            self.observe(stats)
+        if self._close_when is not None and self._close_when(stats):
             self._close_when = None
             self._open.clear()
         if not self._open.is_set():

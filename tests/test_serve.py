@@ -9,7 +9,6 @@ model's Phi3ForCausalLM, saved before conversion).
 
 import json
 import threading
-import time
 
 import httpx
 import jax
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
-from engine_gate import StepGate
+from engine_gate import StepGate, wait_for_stats
 from hf_models import hf_logits
 from test_chat_cli import make_chat_checkpoint
 
@@ -192,14 +191,9 @@ def join_all(threads, timeout_s=120.0):
         assert not t.is_alive(), f"a client thread did not finish within {timeout_s:.0f} s"
 
 
-def wait_until_idle(engine, timeout_s=120.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        stats = engine.stats()
-        if stats["running"] == 0 and stats["queue_length"] == 0 and stats["pages_in_use"] == 0:
-            return stats
-        time.sleep(0.02)
-    raise AssertionError(f"the engine did not go idle: {engine.stats()}")
+def wait_until_idle(engine):
+    return wait_for_stats(engine, lambda s: s["running"] == 0 and s["queue_length"] == 0 and s["pages_in_use"] == 0,
+                          "the engine to go idle")
 
 
 def test_disconnect_mid_stream_frees_the_slot(served):
